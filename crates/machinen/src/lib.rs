@@ -1,0 +1,16 @@
+//! machinen: Linux microVMs that can be frozen, moved, resumed and forked.
+//!
+//! The library drives one supervisor process (`machinen-vmm`) per VM over a
+//! unix control socket; the supervisor owns QEMU and the session with the
+//! guest agent. See `docs/architecture.md` in the repository.
+
+pub mod assets;
+pub mod error;
+pub mod image;
+pub mod initramfs;
+pub mod paths;
+pub mod progress;
+pub mod registry;
+
+pub use error::{Error, ErrorCode, Failure, Result};
+pub use paths::Paths;

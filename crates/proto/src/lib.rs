@@ -1,0 +1,537 @@
+//! The machinen wire protocol, version 1.
+//!
+//! Two links speak it:
+//!
+//! * **host ↔ guest agent**: one virtio-serial port named
+//!   [`AGENT_PORT_NAME`] carries one [yamux] session. The host (the per-VM
+//!   supervisor) is the yamux *client*, the agent the *server*. Every
+//!   operation (an exec, a file transfer, a port-forward connection) is its
+//!   own yamux stream.
+//! * **client ↔ supervisor**: a unix control socket. Each client connection
+//!   carries exactly one operation, like one yamux stream does.
+//!
+//! Both links carry the same [`Frame`]s, so the supervisor forwards an exec
+//! by splicing the client connection onto a fresh agent stream after the first
+//! frame.
+//!
+//! # Encoding
+//!
+//! A frame is `len: u32 big-endian` followed by `len` bytes: one tag byte and
+//! the body. Control bodies are UTF-8 JSON (serde); data bodies are raw bytes.
+//! `len` is bounded by [`MAX_FRAME_LEN`]; a reader refuses a larger length
+//! before allocating anything, and a truncated frame is an error, not a hang
+//! or a panic. Unknown tags are an error ([`DecodeError::UnknownTag`]).
+//!
+//! # Message sequence
+//!
+//! Session start (agent link, on the first yamux stream the host opens):
+//!
+//! ```text
+//! host  -> agent : Hello { version, role: "host" }
+//! agent -> host  : HelloAck { version, agent_version, kernel, boot_id }
+//! ```
+//!
+//! A peer that receives a `Hello` with a different major `version` answers
+//! `Error { code: "PROTOCOL_VERSION_MISMATCH" }` and closes the stream.
+//!
+//! Exec (one stream per command, on either link):
+//!
+//! ```text
+//! client -> peer : Request(Exec { argv, env, cwd, tty })
+//! peer -> client : Started { pid }            | Error { code, message }
+//! client -> peer : Stdin(bytes)* StdinEof?    (any time, interleaved)
+//! peer -> client : Stdout(bytes)* Stderr(bytes)*
+//! peer -> client : Exit { code, signal }      (last frame; stream closes)
+//! ```
+//!
+//! Control requests (client ↔ supervisor only): `Request(Status)` →
+//! `Response(Status{..})`; `Request(Stop { force })` → `Response(Stopping)`,
+//! then the supervisor shuts the VM down and exits.
+//!
+//! Versioning: [`PROTOCOL_VERSION`] is bumped on any incompatible change to a
+//! frame tag or a body. New optional JSON fields are compatible (serde
+//! defaults), new tags are not.
+//!
+//! [yamux]: https://docs.rs/yamux
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Incompatible protocol changes bump this.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const AGENT_PORT_NAME: &str = "org.machinen.agent";
+
+/// Largest accepted frame (tag + body), in bytes.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Largest data chunk a sender puts into one `Stdin`/`Stdout`/`Stderr`/`Data`
+/// frame. Well below [`MAX_FRAME_LEN`] so a frame never needs splitting.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Frame tags. Stable on the wire: never renumber.
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const HELLO_ACK: u8 = 2;
+    pub const REQUEST: u8 = 3;
+    pub const RESPONSE: u8 = 4;
+    pub const STARTED: u8 = 5;
+    pub const STDIN: u8 = 6;
+    pub const STDIN_EOF: u8 = 7;
+    pub const STDOUT: u8 = 8;
+    pub const STDERR: u8 = 9;
+    pub const EXIT: u8 = 10;
+    pub const ERROR: u8 = 11;
+    pub const RESIZE: u8 = 12;
+    pub const SIGNAL: u8 = 13;
+    pub const DATA: u8 = 14;
+    pub const EOF: u8 = 15;
+}
+
+/// First frame of a session, sent by the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Free-form identity of the sender, for logs.
+    #[serde(default)]
+    pub role: String,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub version: u32,
+    /// The agent's crate version.
+    pub agent_version: String,
+    /// `uname -r` of the guest.
+    #[serde(default)]
+    pub kernel: String,
+    /// `/proc/sys/kernel/random/boot_id` of the guest.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// Run a program in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment, applied over the agent's default environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute); `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Allocate a pseudo-terminal (stdout carries the merged output).
+    #[serde(default)]
+    pub tty: bool,
+    /// Initial window size when `tty`.
+    #[serde(default)]
+    pub winsize: Option<WinSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// First frame of a stream: what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Run a program (agent link and control link).
+    Exec(ExecRequest),
+    /// Liveness probe; answered with `Response(Pong)`.
+    Ping,
+    /// Supervisor state (control link).
+    Status,
+    /// Shut the VM down (control link). `force` skips the graceful path.
+    Stop {
+        #[serde(default)]
+        force: bool,
+    },
+    /// Flush guest filesystems and power off (agent link).
+    Poweroff,
+}
+
+/// Answer to a [`Request`] that is not an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    Pong,
+    Status(VmStatus),
+    Stopping,
+}
+
+/// What the supervisor knows about its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// `starting`, `running`, `stopping`.
+    pub state: String,
+    pub supervisor_pid: u32,
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
+    #[serde(default)]
+    pub agent: Option<HelloAck>,
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when the process exited normally.
+    pub code: Option<i32>,
+    /// Signal number when the process was killed by a signal.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Shell convention: the exit code, or `128 + signal`.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// An error reported by the peer. `code` is a stable `ErrorCode` name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Request(Request),
+    Response(Response),
+    Started { pid: u32 },
+    Stdin(Vec<u8>),
+    StdinEof,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+    Error(WireError),
+    Resize(WinSize),
+    Signal(i32),
+    Data(Vec<u8>),
+    Eof,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StartedBody {
+    pid: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignalBody {
+    signal: i32,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame length {len} exceeds the limit of {max} bytes")]
+    TooLong { len: usize, max: usize },
+    #[error("empty frame (no tag byte)")]
+    Empty,
+    #[error("unknown frame tag {tag}")]
+    UnknownTag { tag: u8 },
+    #[error("malformed body of a frame with tag {tag}")]
+    Body {
+        tag: u8,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o on the protocol stream")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame")]
+    Decode(#[from] DecodeError),
+    #[error("frame body of {len} bytes exceeds the limit of {max} bytes")]
+    Oversized { len: usize, max: usize },
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail: no maps with non-string
+    // keys, no custom serialisers.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn from_json<'a, T: Deserialize<'a>>(tag: u8, body: &'a [u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(body).map_err(|source| DecodeError::Body { tag, source })
+}
+
+impl Frame {
+    /// Tag and body of this frame.
+    fn parts(&self) -> (u8, std::borrow::Cow<'_, [u8]>) {
+        use std::borrow::Cow::{Borrowed, Owned};
+        match self {
+            Frame::Hello(h) => (tag::HELLO, Owned(json(h))),
+            Frame::HelloAck(h) => (tag::HELLO_ACK, Owned(json(h))),
+            Frame::Request(r) => (tag::REQUEST, Owned(json(r))),
+            Frame::Response(r) => (tag::RESPONSE, Owned(json(r))),
+            Frame::Started { pid } => (tag::STARTED, Owned(json(&StartedBody { pid: *pid }))),
+            Frame::Stdin(b) => (tag::STDIN, Borrowed(b)),
+            Frame::StdinEof => (tag::STDIN_EOF, Borrowed(&[])),
+            Frame::Stdout(b) => (tag::STDOUT, Borrowed(b)),
+            Frame::Stderr(b) => (tag::STDERR, Borrowed(b)),
+            Frame::Exit(e) => (tag::EXIT, Owned(json(e))),
+            Frame::Error(e) => (tag::ERROR, Owned(json(e))),
+            Frame::Resize(w) => (tag::RESIZE, Owned(json(w))),
+            Frame::Signal(s) => (tag::SIGNAL, Owned(json(&SignalBody { signal: *s }))),
+            Frame::Data(b) => (tag::DATA, Borrowed(b)),
+            Frame::Eof => (tag::EOF, Borrowed(&[])),
+        }
+    }
+
+    /// Encode into `len | tag | body`.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let (tag, body) = self.parts();
+        let len = body.len() + 1;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::Oversized { len, max: MAX_FRAME_LEN });
+        }
+        let mut out = Vec::with_capacity(4 + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.push(tag);
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decode one frame's tag and body (the part after the length prefix).
+    pub fn decode_body(tag: u8, body: &[u8]) -> Result<Frame, DecodeError> {
+        Ok(match tag {
+            tag::HELLO => Frame::Hello(from_json(tag, body)?),
+            tag::HELLO_ACK => Frame::HelloAck(from_json(tag, body)?),
+            tag::REQUEST => Frame::Request(from_json(tag, body)?),
+            tag::RESPONSE => Frame::Response(from_json(tag, body)?),
+            tag::STARTED => Frame::Started { pid: from_json::<StartedBody>(tag, body)?.pid },
+            tag::STDIN => Frame::Stdin(body.to_vec()),
+            tag::STDIN_EOF => Frame::StdinEof,
+            tag::STDOUT => Frame::Stdout(body.to_vec()),
+            tag::STDERR => Frame::Stderr(body.to_vec()),
+            tag::EXIT => Frame::Exit(from_json(tag, body)?),
+            tag::ERROR => Frame::Error(from_json(tag, body)?),
+            tag::RESIZE => Frame::Resize(from_json(tag, body)?),
+            tag::SIGNAL => Frame::Signal(from_json::<SignalBody>(tag, body)?.signal),
+            tag::DATA => Frame::Data(body.to_vec()),
+            tag::EOF => Frame::Eof,
+            tag => return Err(DecodeError::UnknownTag { tag }),
+        })
+    }
+
+    /// Decode the first frame in `buf`. Returns the frame and the number of
+    /// bytes it used, or `Ok(None)` when `buf` holds only part of a frame.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        check_len(len)?;
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = Frame::decode_body(buf[4], &buf[5..4 + len])?;
+        Ok(Some((frame, 4 + len)))
+    }
+}
+
+fn check_len(len: usize) -> Result<(), DecodeError> {
+    if len == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong { len, max: MAX_FRAME_LEN });
+    }
+    Ok(())
+}
+
+/// Read one frame. `Ok(None)` on a clean end of stream before a frame starts.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    let mut len_buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len_buf[got..]).await?;
+        if n == 0 {
+            return if got == 0 { Ok(None) } else { Err(DecodeError::Truncated.into()) };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len_buf) as usize;
+    check_len(len)?;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Decode(DecodeError::Truncated)
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    Ok(Some(Frame::decode_body(buf[0], &buf[1..])?))
+}
+
+/// Write one frame (no flush of the underlying stream's buffers beyond
+/// `write_all`; call `flush` when latency matters).
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), FrameError> {
+    let bytes = frame.encode()?;
+    w.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Write one frame and flush.
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), FrameError> {
+    write_frame(w, frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello { version: PROTOCOL_VERSION, role: "host".into() }),
+            Frame::HelloAck(HelloAck {
+                version: 1,
+                agent_version: "0.1.0".into(),
+                kernel: "6.1.0".into(),
+                boot_id: "abc".into(),
+            }),
+            Frame::Request(Request::Exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b=c".into())],
+                cwd: Some("/tmp".into()),
+                tty: true,
+                winsize: Some(WinSize { rows: 24, cols: 80 }),
+            })),
+            Frame::Request(Request::Ping),
+            Frame::Request(Request::Status),
+            Frame::Request(Request::Stop { force: true }),
+            Frame::Request(Request::Poweroff),
+            Frame::Response(Response::Pong),
+            Frame::Response(Response::Stopping),
+            Frame::Response(Response::Status(VmStatus {
+                state: "running".into(),
+                supervisor_pid: 7,
+                qemu_pid: Some(8),
+                agent: None,
+            })),
+            Frame::Started { pid: 42 },
+            Frame::Stdin(vec![0, 1, 2, 255]),
+            Frame::StdinEof,
+            Frame::Stdout(b"out".to_vec()),
+            Frame::Stderr(Vec::new()),
+            Frame::Exit(ExitStatus { code: None, signal: Some(9) }),
+            Frame::Error(WireError { code: "EXEC_SPAWN_FAILED".into(), message: "no such file".into() }),
+            Frame::Resize(WinSize { rows: 50, cols: 132 }),
+            Frame::Signal(2),
+            Frame::Data(vec![9; 1000]),
+            Frame::Eof,
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in all_frames() {
+            let bytes = f.encode().expect("encode");
+            let (back, used) = Frame::decode(&bytes).expect("decode").expect("complete");
+            assert_eq!(used, bytes.len());
+            assert_eq!(back, f);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_frame_round_trips_through_a_stream() {
+        let frames = all_frames();
+        let mut buf = Vec::new();
+        for f in &frames {
+            write_frame(&mut buf, f).await.expect("write");
+        }
+        let mut r = &buf[..];
+        for f in &frames {
+            assert_eq!(read_frame(&mut r).await.expect("read").as_ref(), Some(f));
+        }
+        assert!(read_frame(&mut r).await.expect("eof").is_none());
+    }
+
+    #[test]
+    fn partial_frames_ask_for_more() {
+        let bytes = Frame::Stdout(b"hello".to_vec()).encode().expect("encode");
+        for cut in 0..bytes.len() {
+            assert!(Frame::decode(&bytes[..cut]).expect("no error").is_none(), "cut at {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error() {
+        let bytes = Frame::Stdout(b"hello".to_vec()).encode().expect("encode");
+        for cut in 1..bytes.len() {
+            let mut r = &bytes[..cut];
+            let err = read_frame(&mut r).await.expect_err("truncated");
+            assert!(matches!(err, FrameError::Decode(DecodeError::Truncated)), "cut {cut}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocating() {
+        // Claims 4 GiB; must fail on the length alone.
+        let mut r = &[0xff, 0xff, 0xff, 0xff, 1][..];
+        let err = read_frame(&mut r).await.expect_err("too long");
+        assert!(matches!(err, FrameError::Decode(DecodeError::TooLong { .. })));
+        assert!(matches!(Frame::decode(&[0xff; 8]), Err(DecodeError::TooLong { .. })));
+    }
+
+    #[test]
+    fn oversized_body_is_refused_on_encode() {
+        let err = Frame::Data(vec![0; MAX_FRAME_LEN]).encode().expect_err("too big");
+        assert!(matches!(err, FrameError::Oversized { .. }));
+        assert!(Frame::Data(vec![0; MAX_FRAME_LEN - 1]).encode().is_ok());
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        assert!(matches!(Frame::decode(&[0, 0, 0, 0]), Err(DecodeError::Empty)));
+        assert!(matches!(Frame::decode(&[0, 0, 0, 1, 200]), Err(DecodeError::UnknownTag { tag: 200 })));
+        let bad_json = [0, 0, 0, 3, tag::REQUEST, b'{', b'x'];
+        assert!(matches!(Frame::decode(&bad_json), Err(DecodeError::Body { .. })));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic fuzz pass; the cargo-fuzz target goes deeper.
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8).collect();
+            if buf.len() >= 4 {
+                buf[0] = 0;
+                buf[1] = 0;
+            }
+            let _ = Frame::decode(&buf);
+        }
+    }
+
+    #[test]
+    fn shell_code_follows_convention() {
+        assert_eq!(ExitStatus { code: Some(3), signal: None }.shell_code(), 3);
+        assert_eq!(ExitStatus { code: None, signal: Some(9) }.shell_code(), 137);
+    }
+}
