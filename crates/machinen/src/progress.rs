@@ -53,9 +53,9 @@ impl Step {
     }
 
     /// Finish the step, leaving a final line on the terminal.
-    pub fn done(self, msg: impl Into<String>) {
+    pub fn done(mut self, msg: impl Into<String>) {
         let msg = msg.into();
-        match self.bar {
+        match self.bar.take() {
             Some(b) => b.finish_with_message(msg),
             None => tracing::info!("{msg}"),
         }
