@@ -5,12 +5,16 @@
 //! guest agent. See `docs/architecture.md` in the repository.
 
 pub mod assets;
+pub mod binaries;
 pub mod error;
 pub mod image;
 pub mod initramfs;
 pub mod paths;
 pub mod progress;
 pub mod registry;
+pub mod spec;
+pub mod vm;
 
 pub use error::{Error, ErrorCode, Failure, Result};
 pub use paths::Paths;
+pub use vm::{attach, boot, gc, list, BootOptions, ExecOptions, ExecOutput, GcReport, StopReport, Vm, VmInfo};

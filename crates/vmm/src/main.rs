@@ -1,1 +1,45 @@
-fn main() {}
+//! `machinen-vmm --spec <vm-dir>/spec.json`: the per-VM supervisor.
+//!
+//! Started by the machinen library, never by hand. It prints one ready line
+//! on stdout (see `machinen::spec::ReadyLine`) and logs to stderr.
+
+mod agent;
+mod control;
+mod engine;
+mod supervisor;
+
+use std::path::PathBuf;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MACHINEN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let mut args = std::env::args_os().skip(1);
+    let spec_path = match (args.next(), args.next()) {
+        (Some(flag), Some(p)) if flag == "--spec" => PathBuf::from(p),
+        _ => {
+            eprintln!("usage: machinen-vmm --spec <vm-dir>/spec.json (started by machinen, not by hand)");
+            std::process::exit(2);
+        }
+    };
+    let spec = match machinen::spec::VmSpec::load(&spec_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("machinen-vmm: cannot read {}: {e}", spec_path.display());
+            std::process::exit(2);
+        }
+    };
+    // One thread: QEMU's parent-death signal is tied to the spawning thread,
+    // which must therefore live as long as the process.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("machinen-vmm: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(supervisor::run(spec));
+    std::process::exit(code);
+}

@@ -1,0 +1,100 @@
+//! What the library hands a supervisor: everything needed to start one VM.
+//!
+//! Written as `spec.json` into the VM's registry directory; the supervisor
+//! (`machinen-vmm --spec <path>`) reads it. Both sides are built from this
+//! one definition, so the file format cannot drift.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Files inside a VM's registry directory.
+pub mod files {
+    pub const SPEC: &str = "spec.json";
+    pub const CONTROL: &str = "control.sock";
+    pub const QMP: &str = "qmp.sock";
+    pub const AGENT: &str = "agent.sock";
+    pub const CONSOLE: &str = "console.log";
+    pub const VMM_LOG: &str = "vmm.log";
+    pub const DISK: &str = "disk.qcow2";
+}
+
+/// One VM to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: String,
+    pub name: String,
+    /// The VM's registry directory (sockets, logs, disk overlay live here).
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Per-VM copy-on-write root disk (qcow2 over the cached image).
+    pub disk: PathBuf,
+    /// The rootfs tarball the disk came from (shown by `ls`).
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// `kvm`, `hvf`, `tcg`; `None` = probe.
+    #[serde(default)]
+    pub accel: Option<String>,
+    /// QEMU binary; `None` = `qemu-system-<arch>` from `PATH`.
+    #[serde(default)]
+    pub qemu: Option<PathBuf>,
+    /// How long to wait for the guest agent's first answer.
+    pub boot_timeout_ms: u64,
+    /// Whether the VM outlives the process that started it.
+    pub detached: bool,
+    /// Verbose guest agent logs on the console.
+    #[serde(default)]
+    pub debug: bool,
+    /// Unix time (ms) the VM was created.
+    pub created_at_ms: u64,
+}
+
+impl VmSpec {
+    pub fn path_in(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn load(path: &Path) -> std::io::Result<VmSpec> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The single line a supervisor prints on stdout once the VM is ready (or
+/// could not start). The launcher waits for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReadyLine {
+    Ready {
+        supervisor_pid: u32,
+        qemu_pid: u32,
+        accel: String,
+        boot_ms: u64,
+    },
+    Failed {
+        code: String,
+        message: String,
+        #[serde(default)]
+        hint: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_round_trips() {
+        for l in [
+            ReadyLine::Ready { supervisor_pid: 1, qemu_pid: 2, accel: "tcg".into(), boot_ms: 3 },
+            ReadyLine::Failed { code: "BOOT_TIMEOUT".into(), message: "m".into(), hint: None },
+        ] {
+            let s = serde_json::to_string(&l).expect("ser");
+            assert!(!s.contains('\n'));
+            assert_eq!(serde_json::from_str::<ReadyLine>(&s).expect("de"), l);
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! Booting VMs and talking to them: [`boot`], [`attach`], [`Vm`].
+//!
+//! A VM is a supervisor process (`machinen-vmm`) plus its QEMU child. The
+//! library starts the supervisor, waits for its ready line, and afterwards
+//! talks to it over the VM's control socket. A foreground VM (not
+//! `detached`) lives as long as its [`Vm`] handle: the supervisor watches the
+//! pipe the handle holds and stops the VM when it closes, even if this
+//! process is killed.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use machinen_proto::{self as proto, ExecRequest, ExitStatus, Frame, Request, Response};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::error::{fail, Error, ErrorCode, Failure, Result};
+use crate::paths::Paths;
+use crate::progress::ProgressMode;
+use crate::registry::{self, Registry, RegistryEntry};
+use crate::spec::{files, ReadyLine, VmSpec};
+use crate::{assets, binaries, image, initramfs};
+
+/// Smallest and largest accepted guest memory, MiB.
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 1024 * 1024;
+
+/// Options for [`boot`].
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Rootfs tarball; `None` boots the installed Debian base.
+    pub image: Option<PathBuf>,
+    /// Unique among live VMs; generated when `None`.
+    pub name: Option<String>,
+    /// Guest RAM ceiling in MiB; `None` = [`default_memory_mib`].
+    pub memory_mib: Option<u32>,
+    pub cpus: u32,
+    /// Keep running after this process exits.
+    pub detached: bool,
+    /// Upper bound on boot-to-agent-ready.
+    pub boot_timeout: Duration,
+    /// `kvm`, `hvf`, `tcg`; `None` = probe (`MACHINEN_ACCEL` also overrides).
+    pub accel: Option<String>,
+    /// Verbose guest agent logging on the console.
+    pub debug: bool,
+    pub progress: ProgressMode,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            image: None,
+            name: None,
+            memory_mib: None,
+            cpus: 1,
+            detached: false,
+            boot_timeout: Duration::from_secs(120),
+            accel: None,
+            debug: false,
+            progress: ProgressMode::Auto,
+        }
+    }
+}
+
+/// `min(host RAM / 2, 4096)` with a floor of 512, like the original runtime.
+/// The ceiling costs little until the guest touches pages.
+pub fn default_memory_mib() -> u32 {
+    let host_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| (kb / 1024) as u32)
+        .unwrap_or(1024);
+    (host_mib / 2).clamp(512, 4096)
+}
+
+/// Check a memory size.
+pub fn validate_memory_mib(mib: u32) -> Result<u32, Failure> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+        return Err(fail(ErrorCode::BootMemoryInvalid, format!("memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"))
+            .hint("pass --memory as a whole number of MiB, e.g. --memory 1024"));
+    }
+    Ok(mib)
+}
+
+/// What `boot` and `ls` report about a VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub id: String,
+    pub pid: u32,
+    pub qemu_pid: Option<u32>,
+    pub state: String,
+    pub image: Option<PathBuf>,
+    pub ports: Vec<registry::PortForward>,
+    pub forked_from: Option<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: String,
+    pub created_at_ms: u64,
+    pub uptime_ms: u64,
+    pub control_socket: PathBuf,
+    pub console_log: Option<PathBuf>,
+}
+
+impl From<&RegistryEntry> for VmInfo {
+    fn from(e: &RegistryEntry) -> VmInfo {
+        VmInfo {
+            name: e.name.clone(),
+            id: e.id.clone(),
+            pid: e.supervisor_pid,
+            qemu_pid: e.qemu_pid,
+            state: e.state.clone(),
+            image: e.image.clone(),
+            ports: e.ports.clone(),
+            forked_from: e.forked_from.clone(),
+            memory_mib: e.memory_mib,
+            cpus: e.cpus,
+            accel: e.accel.clone(),
+            created_at_ms: e.created_at_ms,
+            uptime_ms: registry::now_ms().saturating_sub(e.created_at_ms),
+            control_socket: e.control_socket.clone(),
+            console_log: e.console_log.clone(),
+        }
+    }
+}
+
+/// A handle to a running VM.
+#[derive(Debug)]
+pub struct Vm {
+    info: VmInfo,
+    /// Foreground VMs: the supervisor and the pipe that keeps it alive.
+    owned: Option<tokio::process::Child>,
+    /// Milliseconds from `boot()` entry to agent-ready, when booted here.
+    boot_ms: Option<u64>,
+}
+
+/// Output of [`Vm::exec`].
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Options for one command run in the guest.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+}
+
+/// Check `KEY=VALUE` environment pairs and a working directory.
+pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
+    if opts.argv.is_empty() {
+        return Err(fail(ErrorCode::BootArgsInvalid, "no command given").hint("put the command after `--`, e.g. `-- uname -a`"));
+    }
+    for (k, _) in &opts.env {
+        let ok = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(fail(ErrorCode::BootArgsInvalid, format!("invalid environment variable name {k:?}"))
+                .hint("names are letters, digits and '_', not starting with a digit (--env KEY=VALUE)"));
+        }
+    }
+    if let Some(cwd) = &opts.cwd {
+        if !cwd.starts_with('/') {
+            return Err(fail(ErrorCode::BootArgsInvalid, format!("working directory {cwd:?} is not absolute")).hint("pass --cwd as an absolute guest path, e.g. --cwd /root"));
+        }
+    }
+    Ok(())
+}
+
+/// Parse `KEY=VALUE`.
+pub fn parse_env_pair(s: &str) -> Result<(String, String), Failure> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(fail(ErrorCode::BootArgsInvalid, format!("--env {s:?} is not KEY=VALUE"))),
+    }
+}
+
+fn generated_name() -> String {
+    use rand::Rng;
+    let n: u32 = rand::thread_rng().gen();
+    format!("vm-{:06x}", n & 0xff_ffff)
+}
+
+/// Boot a VM and wait until its guest agent answers.
+pub async fn boot(opts: BootOptions) -> Result<Vm> {
+    let t0 = std::time::Instant::now();
+    let paths = Paths::from_env()?;
+    let memory_mib = validate_memory_mib(opts.memory_mib.unwrap_or_else(default_memory_mib))?;
+    if opts.cpus == 0 || opts.cpus > 64 {
+        return Err(fail(ErrorCode::BootArgsInvalid, format!("cpus must be between 1 and 64, got {}", opts.cpus)).into());
+    }
+    let name = opts.name.clone().unwrap_or_else(generated_name);
+    registry::validate_name(&name)?;
+    let assets = assets::resolve(&paths)?;
+    let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
+    let progress = opts.progress;
+    // Image conversion and initramfs packing are blocking file work.
+    let (img, initrd) = {
+        let paths = paths.clone();
+        let tarball = tarball.clone();
+        let agent = binaries::agent()?;
+        let assets = assets.clone();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let img = image::ensure_rootfs_image(&paths, &tarball, progress)?;
+            let initrd = initramfs::ensure_initramfs(&paths, &assets, &agent)?;
+            Ok((img, initrd))
+        })
+        .await
+        .map_err(|e| fail(ErrorCode::Io, "image preparation task failed").source(e))??
+    };
+    let vmm = binaries::vmm()?;
+    let reg = Registry::new(&paths.registry);
+
+    let lock = reg.lock()?;
+    let claim = reg.claim(&lock, &name)?;
+    let spec = VmSpec {
+        id: claim.id.clone(),
+        name: name.clone(),
+        dir: claim.dir.clone(),
+        kernel: assets.kernel.clone(),
+        initrd,
+        disk: claim.dir.join(files::DISK),
+        image: Some(tarball.clone()),
+        memory_mib,
+        cpus: opts.cpus,
+        accel: opts.accel.clone(),
+        qemu: std::env::var_os("MACHINEN_QEMU").map(PathBuf::from),
+        boot_timeout_ms: opts.boot_timeout.as_millis() as u64,
+        detached: opts.detached,
+        debug: opts.debug,
+        created_at_ms: registry::now_ms(),
+    };
+    let control = spec.path_in(files::CONTROL);
+    if control.as_os_str().len() > 107 {
+        let _ = reg.remove(&claim.id);
+        return Err(fail(ErrorCode::RegistryIo, format!("socket path {} is longer than unix sockets allow", control.display()))
+            .hint("use a shorter MACHINEN_REGISTRY_DIR")
+            .into());
+    }
+    let child = match spawn_supervisor(&vmm, &spec, &img.path) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    let entry = RegistryEntry {
+        id: spec.id.clone(),
+        name: name.clone(),
+        state: "starting".into(),
+        supervisor_pid: pid,
+        supervisor_start: registry::process_start_time(pid).unwrap_or(0),
+        qemu_pid: None,
+        qemu_start: None,
+        control_socket: control,
+        console_log: Some(spec.path_in(files::CONSOLE)),
+        image: Some(tarball),
+        disk: Some(spec.disk.clone()),
+        ports: vec![],
+        forked_from: None,
+        memory_mib,
+        cpus: opts.cpus,
+        accel: String::new(),
+        detached: opts.detached,
+        created_at_ms: spec.created_at_ms,
+    };
+    if let Err(e) = reg.write(&entry) {
+        drop(child);
+        let _ = reg.remove(&claim.id);
+        return Err(e.into());
+    }
+    drop(lock);
+
+    let mut child = child;
+    let ready = wait_ready(&mut child, &spec, opts.boot_timeout + Duration::from_secs(30)).await;
+    match ready {
+        Ok(ReadyLine::Ready { qemu_pid, accel, .. }) => {
+            let mut info = VmInfo::from(&entry);
+            info.qemu_pid = Some(qemu_pid);
+            info.accel = accel;
+            info.state = "running".into();
+            let owned = if opts.detached { None } else { Some(child) };
+            Ok(Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) })
+        }
+        Ok(ReadyLine::Failed { code, message, hint }) => {
+            let _ = child.wait().await;
+            let _ = reg.remove(&claim.id);
+            let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::BootEngineFailed);
+            let mut f = fail(code, message);
+            f.hint = hint;
+            Err(f.into())
+        }
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let _ = reg.remove(&claim.id);
+            Err(e)
+        }
+    }
+}
+
+fn spawn_supervisor(vmm: &Path, spec: &VmSpec, base_image: &Path) -> Result<tokio::process::Child> {
+    image::create_overlay(base_image, &spec.disk)?;
+    let spec_path = spec.path_in(files::SPEC);
+    let bytes = serde_json::to_vec_pretty(spec).map_err(|e| fail(ErrorCode::Io, "cannot encode the VM spec").source(e))?;
+    registry::write_atomic(&spec_path, &bytes)
+        .map_err(|e| fail(ErrorCode::RegistryIo, format!("cannot write {}", spec_path.display())).source(e))?;
+    let log = std::fs::File::create(spec.path_in(files::VMM_LOG))
+        .map_err(|e| fail(ErrorCode::RegistryIo, "cannot create the supervisor log").source(e))?;
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.arg("--spec")
+        .arg(&spec_path)
+        .stdin(if spec.detached { Stdio::null() } else { Stdio::piped() })
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid() is async-signal-safe; it detaches the supervisor from
+    // our terminal so a Ctrl-C aimed at the CLI does not hit it directly (a
+    // foreground VM still stops through the stdin pipe).
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| fail(ErrorCode::BootVmmMissing, format!("cannot start {}", vmm.display())).source(e).into())
+}
+
+async fn wait_ready(child: &mut tokio::process::Child, spec: &VmSpec, timeout: Duration) -> Result<ReadyLine> {
+    let stdout = child.stdout.take().ok_or_else(|| fail(ErrorCode::Io, "supervisor stdout is not a pipe"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    match tokio::time::timeout(timeout, lines.next_line()).await {
+        Ok(Ok(Some(line))) => serde_json::from_str(&line)
+            .map_err(|e| fail(ErrorCode::BootEngineFailed, format!("unreadable ready line from the supervisor: {line:?}")).source(e).into()),
+        Ok(_) => {
+            let log = std::fs::read_to_string(spec.path_in(files::VMM_LOG)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(fail(ErrorCode::BootEngineFailed, format!("the supervisor exited during start-up\n{}", tail.join("\n"))).into())
+        }
+        Err(_) => Err(fail(ErrorCode::BootTimeout, format!("the VM was not ready within {} s", timeout.as_secs()))
+            .hint("a loaded host boots slowly under TCG: raise --boot-timeout")
+            .into()),
+    }
+}
+
+/// Connect to a live VM by name or pid.
+pub async fn attach(target: &str) -> Result<Vm> {
+    let paths = Paths::from_env()?;
+    let entry = Registry::new(&paths.registry).find(target)?;
+    Ok(Vm { info: VmInfo::from(&entry), owned: None, boot_ms: None })
+}
+
+/// Map an error frame from the agent or supervisor to a library error.
+fn wire_error(e: proto::WireError) -> Error {
+    let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::ExecFailed);
+    let hint = match code {
+        ErrorCode::ExecCommandNotFound => Some("check the command name, or install it in the image".to_string()),
+        ErrorCode::ExecVsockUnavailable => Some("the VM may be starting or stopping; `machinen ls` shows its state".into()),
+        _ => None,
+    };
+    let mut f = fail(code, e.message);
+    f.hint = hint;
+    f.into()
+}
+
+fn protocol_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    fail(ErrorCode::ProtocolError, format!("talking to the VM failed while {what}")).source(e).into()
+}
+
+impl Vm {
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Supervisor pid (what `ls` shows as PID).
+    pub fn pid(&self) -> u32 {
+        self.info.pid
+    }
+
+    /// Time from `boot()` entry to agent-ready, when this handle booted the VM.
+    pub fn boot_ms(&self) -> Option<u64> {
+        self.boot_ms
+    }
+
+    async fn connect(&self) -> Result<UnixStream> {
+        UnixStream::connect(&self.info.control_socket).await.map_err(|e| {
+            fail(ErrorCode::ExecVsockUnavailable, format!("cannot reach the supervisor of VM {:?}", self.info.name))
+                .source(e)
+                .hint("the VM may have stopped; `machinen ls` lists live VMs")
+                .into()
+        })
+    }
+
+    /// Supervisor status.
+    pub async fn status(&self) -> Result<proto::VmStatus> {
+        let mut s = self.connect().await?;
+        proto::send(&mut s, &Frame::Request(Request::Status)).await.map_err(|e| protocol_error("asking for status", e))?;
+        match proto::read_frame(&mut s).await.map_err(|e| protocol_error("reading status", e))? {
+            Some(Frame::Response(Response::Status(st))) => Ok(st),
+            other => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
+        }
+    }
+
+    /// Run a command, collecting its output.
+    pub async fn exec(&self, opts: ExecOptions) -> Result<ExecOutput> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let status = self.exec_stream(opts, tokio::io::empty(), &mut stdout, &mut stderr).await?;
+        Ok(ExecOutput { status, stdout, stderr })
+    }
+
+    /// Run a command with streaming I/O: `stdin` is forwarded until EOF,
+    /// output is written as it arrives (never held whole in memory).
+    pub async fn exec_stream<I, O, E>(&self, opts: ExecOptions, stdin: I, stdout: &mut O, stderr: &mut E) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        validate_exec(&opts)?;
+        let conn = self.connect().await?;
+        let (mut rd, mut wr) = conn.into_split();
+        let req = ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, tty: false, winsize: None };
+        proto::send(&mut wr, &Frame::Request(Request::Exec(req))).await.map_err(|e| protocol_error("starting the command", e))?;
+        match proto::read_frame(&mut rd).await.map_err(|e| protocol_error("starting the command", e))? {
+            Some(Frame::Started { .. }) => {}
+            Some(Frame::Error(e)) => return Err(wire_error(e)),
+            Some(other) => return Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
+            None => return Err(fail(ErrorCode::ExecVsockUnavailable, "the VM closed the connection before the command started").into()),
+        }
+        let pump = tokio::spawn(async move {
+            let mut stdin = stdin;
+            let mut buf = vec![0u8; proto::MAX_CHUNK];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if proto::send(&mut wr, &Frame::Stdin(buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = proto::send(&mut wr, &Frame::StdinEof).await;
+            // Keep the write half open until the exec ends: dropping it would
+            // half-close the control connection.
+            std::future::pending::<()>().await;
+        });
+        let result = loop {
+            match proto::read_frame(&mut rd).await {
+                Ok(Some(Frame::Stdout(b))) => {
+                    if let Err(e) = stdout.write_all(&b).await {
+                        break Err(fail(ErrorCode::Io, "writing the command's stdout failed").source(e).into());
+                    }
+                }
+                Ok(Some(Frame::Stderr(b))) => {
+                    if let Err(e) = stderr.write_all(&b).await {
+                        break Err(fail(ErrorCode::Io, "writing the command's stderr failed").source(e).into());
+                    }
+                }
+                Ok(Some(Frame::Exit(st))) => break Ok(st),
+                Ok(Some(Frame::Error(e))) => break Err(wire_error(e)),
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    break Err(fail(ErrorCode::ExecVsockUnavailable, "the connection to the VM closed before the command finished")
+                        .hint("the VM may have stopped; `machinen ls` lists live VMs")
+                        .into())
+                }
+                Err(e) => break Err(protocol_error("reading the command's output", e)),
+            }
+        };
+        pump.abort();
+        let _ = stdout.flush().await;
+        let _ = stderr.flush().await;
+        result
+    }
+
+    /// Stop the VM: graceful (guest powers off) unless `force`, escalating
+    /// to killing the supervisor after `timeout`.
+    pub async fn stop(mut self, force: bool, timeout: Duration) -> Result<StopReport> {
+        let report = stop_entry(&self.info, force, timeout).await;
+        if let Some(mut child) = self.owned.take() {
+            let _ = child.wait().await;
+        }
+        report
+    }
+
+    /// Give up ownership: a foreground VM keeps running until its supervisor
+    /// is told to stop (used by `--detached` style callers after the fact).
+    pub fn into_info(mut self) -> VmInfo {
+        self.owned = None;
+        self.info.clone()
+    }
+}
+
+/// What `stop` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StopReport {
+    pub name: String,
+    pub pid: u32,
+    /// True when the supervisor had to be killed.
+    pub killed: bool,
+    pub elapsed_ms: u64,
+}
+
+fn kill_pid(pid: u32, start: Option<u64>, sig: nix::sys::signal::Signal) {
+    let alive = match start {
+        Some(s) => registry::is_alive(pid, s),
+        None => registry::process_start_time(pid).is_some(),
+    };
+    if alive && pid > 1 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
+async fn wait_gone(pid: u32, start: u64, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while registry::is_alive(pid, start) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn stop_entry(info: &VmInfo, force: bool, timeout: Duration) -> Result<StopReport> {
+    let t0 = std::time::Instant::now();
+    let paths = Paths::from_env()?;
+    let reg = Registry::new(&paths.registry);
+    let entry = reg.entries()?.into_iter().find(|e| e.id == info.id);
+    let Some(entry) = entry else {
+        return Ok(StopReport { name: info.name.clone(), pid: info.pid, killed: false, elapsed_ms: 0 });
+    };
+    let asked = async {
+        let mut s = UnixStream::connect(&entry.control_socket).await.ok()?;
+        proto::send(&mut s, &Frame::Request(Request::Stop { force })).await.ok()?;
+        proto::read_frame(&mut s).await.ok()?
+    };
+    let acknowledged = matches!(tokio::time::timeout(Duration::from_secs(5), asked).await, Ok(Some(Frame::Response(Response::Stopping))));
+    if !acknowledged {
+        kill_pid(entry.supervisor_pid, Some(entry.supervisor_start), nix::sys::signal::Signal::SIGTERM);
+    }
+    let mut killed = false;
+    if !wait_gone(entry.supervisor_pid, entry.supervisor_start, timeout).await {
+        kill_pid(entry.supervisor_pid, Some(entry.supervisor_start), nix::sys::signal::Signal::SIGKILL);
+        if let (Some(q), Some(qs)) = (entry.qemu_pid, entry.qemu_start) {
+            kill_pid(q, Some(qs), nix::sys::signal::Signal::SIGKILL);
+        }
+        killed = true;
+        if !wait_gone(entry.supervisor_pid, entry.supervisor_start, Duration::from_secs(5)).await {
+            return Err(fail(ErrorCode::StopTimeout, format!("VM {:?} (pid {}) did not stop", entry.name, entry.supervisor_pid))
+                .hint("try `machinen stop --force`, then `machinen gc`")
+                .into());
+        }
+    }
+    // The supervisor removes its own directory; after a kill we do.
+    let _lock = reg.lock()?;
+    reg.remove(&entry.id)?;
+    Ok(StopReport { name: entry.name, pid: entry.supervisor_pid, killed, elapsed_ms: t0.elapsed().as_millis() as u64 })
+}
+
+/// Live VMs.
+pub fn list() -> Result<Vec<VmInfo>> {
+    let paths = Paths::from_env()?;
+    Ok(Registry::new(&paths.registry).live()?.iter().map(VmInfo::from).collect())
+}
+
+/// What `gc` removed (or would remove).
+#[derive(Debug, Clone, Serialize)]
+pub struct GcItem {
+    pub id: String,
+    pub name: Option<String>,
+    pub pid: Option<u32>,
+    pub reason: String,
+    pub dir: PathBuf,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub removed: Vec<GcItem>,
+    pub bytes: u64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Remove what dead VMs left behind: registry entries, sockets, logs, disk
+/// overlays, and any QEMU still running for them.
+pub fn gc(dry_run: bool) -> Result<GcReport> {
+    let paths = Paths::from_env()?;
+    let reg = Registry::new(&paths.registry);
+    let _lock = reg.lock()?;
+    let mut removed = Vec::new();
+    for s in reg.stale()? {
+        let bytes = dir_bytes(&s.dir);
+        if !dry_run {
+            if let Some(e) = &s.entry {
+                if let (Some(q), Some(qs)) = (e.qemu_pid, e.qemu_start) {
+                    kill_pid(q, Some(qs), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            reg.remove(&s.id)?;
+        }
+        removed.push(GcItem {
+            id: s.id.clone(),
+            name: s.entry.as_ref().map(|e| e.name.clone()),
+            pid: s.entry.as_ref().map(|e| e.supervisor_pid),
+            reason: s.reason.to_string(),
+            dir: s.dir.clone(),
+            bytes,
+        });
+    }
+    let bytes = removed.iter().map(|i| i.bytes).sum();
+    Ok(GcReport { dry_run, removed, bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_bounds() {
+        assert!(validate_memory_mib(127).is_err());
+        assert_eq!(validate_memory_mib(512).expect("ok"), 512);
+        let d = default_memory_mib();
+        assert!((512..=4096).contains(&d));
+    }
+
+    #[test]
+    fn env_and_cwd_validation() {
+        let ok = ExecOptions { argv: vec!["true".into()], env: vec![("A_1".into(), "x=y".into())], cwd: Some("/tmp".into()) };
+        validate_exec(&ok).expect("valid");
+        let mut bad = ok.clone();
+        bad.env = vec![("1A".into(), "x".into())];
+        assert_eq!(validate_exec(&bad).expect_err("bad env").code, ErrorCode::BootArgsInvalid);
+        let mut bad = ok.clone();
+        bad.cwd = Some("tmp".into());
+        assert!(validate_exec(&bad).is_err());
+        let mut bad = ok;
+        bad.argv.clear();
+        assert!(validate_exec(&bad).is_err());
+        assert_eq!(parse_env_pair("A=b=c").expect("pair"), ("A".into(), "b=c".into()));
+        assert!(parse_env_pair("A").is_err());
+    }
+
+    #[test]
+    fn generated_names_are_valid() {
+        for _ in 0..100 {
+            registry::validate_name(&generated_name()).expect("valid");
+        }
+    }
+}

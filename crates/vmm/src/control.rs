@@ -1,0 +1,92 @@
+//! The control socket: many clients at once, one operation per connection.
+//!
+//! An exec is forwarded by opening a fresh agent stream, sending the same
+//! `Request(Exec)` frame, and splicing the two byte streams: the rest of the
+//! exec conversation (stdin, output, exit) passes through untouched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use machinen_proto::{self as proto, Frame, Request, Response, WireError};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::agent::AgentSession;
+
+/// What the control server needs to know and do.
+pub struct Shared {
+    pub status: Mutex<proto::VmStatus>,
+    pub agent: Mutex<Option<AgentSession>>,
+    pub stop_tx: mpsc::Sender<bool>,
+}
+
+/// How long a client may take to send its first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, _)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(conn, shared).await {
+                        tracing::warn!("control connection: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> Frame {
+    Frame::Error(WireError { code: code.into(), message: message.into() })
+}
+
+async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
+    };
+    let Some(first) = first else { return Ok(()) };
+    match first {
+        Frame::Request(Request::Ping) => proto::send(&mut conn, &Frame::Response(Response::Pong)).await?,
+        Frame::Request(Request::Status) => {
+            let st = shared.status.lock().await.clone();
+            proto::send(&mut conn, &Frame::Response(Response::Status(st))).await?;
+        }
+        Frame::Request(Request::Stop { force }) => {
+            shared.status.lock().await.state = "stopping".into();
+            let _ = shared.stop_tx.send(force).await;
+            proto::send(&mut conn, &Frame::Response(Response::Stopping)).await?;
+        }
+        Frame::Request(req @ Request::Exec(_)) => {
+            let agent = shared.agent.lock().await.clone();
+            let Some(agent) = agent else {
+                let state = shared.status.lock().await.state.clone();
+                proto::send(&mut conn, &error("EXEC_VSOCK_UNAVAILABLE", format!("the guest agent is not connected (VM is {state})"))).await?;
+                return Ok(());
+            };
+            let mut stream = match agent.open().await {
+                Ok(s) => s,
+                Err(e) => {
+                    proto::send(&mut conn, &error("EXEC_VSOCK_UNAVAILABLE", format!("cannot reach the guest agent: {e}"))).await?;
+                    return Ok(());
+                }
+            };
+            proto::send(&mut stream, &Frame::Request(req)).await?;
+            // Either side closing ends the splice; errors here are ordinary
+            // disconnects (a client killed mid-exec) and not worth more than a log.
+            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut stream).await {
+                tracing::debug!("exec splice ended: {e}");
+            }
+        }
+        other => {
+            proto::send(&mut conn, &error("PROTOCOL_ERROR", format!("unexpected first frame {other:?}"))).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The VM engine behind a small trait, so that a native VMM can be added
+//! beside QEMU without touching the supervisor, the library or the CLI.
+//!
+//! `Engine` is what a host can run (probed once); `Machine` is one running VM.
+
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use machinen::spec::VmSpec;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+/// Hardware acceleration the engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Hvf => "hvf",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "kvm" => Some(Accel::Kvm),
+            "hvf" => Some(Accel::Hvf),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// What an engine can do on this host. Optional features are reported here,
+/// never by methods that fail at run time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub engine: &'static str,
+    pub accel: Accel,
+    /// CPU model the guest sees (a named model keeps state portable).
+    pub cpu_model: String,
+    pub binary: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{binary} not found")]
+    Missing { binary: String },
+    #[error("MACHINEN_ACCEL={value:?} is not one of kvm, hvf, tcg")]
+    BadAccel { value: String },
+    #[error("could not start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM engine exited during start-up: {detail}")]
+    EarlyExit { detail: String },
+    #[error("timed out waiting for {what}")]
+    Timeout { what: &'static str },
+    #[error("QMP command {command} failed: {detail}")]
+    Qmp { command: &'static str, detail: String },
+}
+
+/// A kind of VM engine.
+pub trait Engine {
+    type Machine: Machine;
+    fn capabilities(&self) -> &Capabilities;
+    /// Start the VM described by `spec`; returns once the engine process runs
+    /// and its control channel is connected.
+    fn launch(&self, spec: &VmSpec) -> impl std::future::Future<Output = Result<Self::Machine, EngineError>>;
+}
+
+/// One running VM.
+pub trait Machine {
+    fn pid(&self) -> u32;
+    /// The byte stream to the guest agent's port.
+    fn connect_agent(&mut self, timeout: Duration) -> impl std::future::Future<Output = Result<UnixStream, EngineError>>;
+    /// Resolves when the engine process has exited; returns a description.
+    fn wait(&mut self) -> impl std::future::Future<Output = String>;
+    /// Ask the engine to quit now (guest state is discarded).
+    fn quit(&mut self) -> impl std::future::Future<Output = ()>;
+    /// Kill the engine process.
+    fn kill(&mut self);
+}

@@ -1,0 +1,316 @@
+//! The QEMU engine: `qemu-system-<arch> -M microvm`, direct kernel boot,
+//! driven over QMP.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use machinen::spec::{files, VmSpec};
+use machinen_proto::AGENT_PORT_NAME;
+use qapi::futures::{QapiService, QmpStreamTokio};
+use tokio::io::WriteHalf;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use super::{Accel, Capabilities, Engine, EngineError, Machine};
+
+type Qmp = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// QEMU binary name for the host architecture.
+pub fn default_binary() -> String {
+    format!("qemu-system-{}", std::env::consts::ARCH)
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+        .unwrap_or(None)
+}
+
+/// Whether KVM can really run guests here. `/dev/kvm` alone is not enough:
+/// nested paravirtual hosts expose it without hardware virtualisation, and
+/// stock kernels die there on emulation failures. So require the CPU flag too.
+fn kvm_usable() -> bool {
+    let dev_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !dev_ok {
+        return false;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Pick the accelerator: an explicit request (`MACHINEN_ACCEL` or the
+/// spec), else HVF on macOS, KVM where it really works, else TCG.
+pub fn probe_accel(requested: Option<&str>) -> Result<Accel, EngineError> {
+    if let Some(r) = requested.filter(|r| !r.is_empty() && *r != "auto") {
+        return Accel::parse(r).ok_or_else(|| EngineError::BadAccel { value: r.to_string() });
+    }
+    if cfg!(target_os = "macos") {
+        return Ok(Accel::Hvf);
+    }
+    Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg })
+}
+
+pub struct QemuEngine {
+    caps: Capabilities,
+}
+
+impl QemuEngine {
+    pub fn probe(spec: &VmSpec) -> Result<QemuEngine, EngineError> {
+        let name = spec.qemu.as_ref().map(|p| p.display().to_string()).unwrap_or_else(default_binary);
+        let binary = find_in_path(&name).ok_or(EngineError::Missing { binary: name })?;
+        let env_accel = std::env::var("MACHINEN_ACCEL").ok();
+        let accel = probe_accel(env_accel.as_deref().or(spec.accel.as_deref()))?;
+        // A named model under TCG keeps saved state independent of the QEMU
+        // build's notion of "max"; KVM/HVF pass the host CPU through.
+        let cpu_model = match accel {
+            Accel::Tcg => "max".to_string(),
+            Accel::Kvm | Accel::Hvf => "host".to_string(),
+        };
+        Ok(QemuEngine { caps: Capabilities { engine: "qemu", accel, cpu_model, binary } })
+    }
+
+    /// The full QEMU command line for `spec`.
+    pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "quiet".into(),
+            "panic=-1".into(),
+            "machinen.net=1".into(),
+            format!("machinen.hostname={}", hostname_for(&spec.name)),
+        ];
+        if spec.debug {
+            cmdline.push("machinen.debug=1".into());
+            cmdline.retain(|a| a != "quiet");
+        }
+        let path = |f: &str| spec.path_in(f).display().to_string();
+        let mut a: Vec<String> = vec![
+            "-M".into(),
+            "microvm,acpi=on".into(),
+            "-accel".into(),
+            match self.caps.accel {
+                Accel::Tcg if spec.cpus > 1 => "tcg,thread=multi".into(),
+                other => other.as_str().into(),
+            },
+            "-cpu".into(),
+            self.caps.cpu_model.clone(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-smp".into(),
+            spec.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            cmdline.join(" "),
+            "-chardev".into(),
+            format!("file,id=con,path={}", path(files::CONSOLE)),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-drive".into(),
+            format!("id=root,file={},format=qcow2,if=none,discard=unmap", spec.disk.display()),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-netdev".into(),
+            "user,id=net0".into(),
+            "-device".into(),
+            "virtio-net-device,netdev=net0".into(),
+            "-device".into(),
+            "virtio-rng-device".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", path(files::AGENT)),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(files::QMP)),
+        ];
+        a.shrink_to_fit();
+        a.into_iter().map(OsString::from).collect()
+    }
+}
+
+/// Guest hostname: the last segment of a path-shaped name, capped at 63.
+fn hostname_for(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let h: String = last.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect();
+    if h.is_empty() {
+        "machinen".into()
+    } else {
+        h
+    }
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let s = s.trim();
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+async fn connect_retry(path: &Path, child: &mut Child, log: &Path, timeout: Duration, what: &'static str) -> Result<UnixStream, EngineError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(EngineError::EarlyExit { detail: format!("{status}: {}", tail(log, 2000)) });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => return Err(EngineError::Timeout { what }),
+        }
+    }
+}
+
+impl Engine for QemuEngine {
+    type Machine = QemuMachine;
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<QemuMachine, EngineError> {
+        let log_path = spec.path_in("qemu.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|source| EngineError::Spawn { binary: "qemu.log".into(), source })?;
+        let mut cmd = std::process::Command::new(&self.caps.binary);
+        cmd.args(self.args(spec)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory of the parent; it makes QEMU die with its supervisor, even on
+        // SIGKILL. The supervisor runs a single-threaded runtime, so the
+        // "parent" is the thread that lives as long as the process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| EngineError::Spawn { binary: self.caps.binary.display().to_string(), source })?;
+        let pid = child.id().unwrap_or(0);
+        let qmp_sock = connect_retry(&spec.path_in(files::QMP), &mut child, &log_path, Duration::from_secs(20), "the QMP socket").await?;
+        let stream = QmpStreamTokio::open(qmp_sock)
+            .await
+            .map_err(|e| EngineError::Qmp { command: "greeting", detail: e.to_string() })?
+            .negotiate()
+            .await
+            .map_err(|e| EngineError::Qmp { command: "qmp_capabilities", detail: e.to_string() })?;
+        let (qmp, mut events) = stream.into_parts();
+        tokio::spawn(async move {
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(ev) => tracing::info!("qmp event: {ev:?}"),
+                    Err(e) => {
+                        tracing::warn!("qmp stream error: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(QemuMachine { child, pid, qmp, log_path, agent_path: spec.path_in(files::AGENT) })
+    }
+}
+
+pub struct QemuMachine {
+    child: Child,
+    pid: u32,
+    qmp: Qmp,
+    log_path: PathBuf,
+    agent_path: PathBuf,
+}
+
+impl QemuMachine {
+    /// Run a QMP command with a bound on the wait.
+    pub async fn qmp<C>(&self, command: C, name: &'static str, timeout: Duration) -> Result<C::Ok, EngineError>
+    where
+        C: qapi::Command,
+        QmpStreamTokio<WriteHalf<UnixStream>>: futures::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
+    {
+        match tokio::time::timeout(timeout, self.qmp.execute(command)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(EngineError::Qmp { command: name, detail: e.to_string() }),
+            Err(_) => Err(EngineError::Timeout { what: name }),
+        }
+    }
+}
+
+impl Machine for QemuMachine {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn connect_agent(&mut self, timeout: Duration) -> Result<UnixStream, EngineError> {
+        let path = self.agent_path.clone();
+        let log = self.log_path.clone();
+        connect_retry(&path, &mut self.child, &log, timeout, "the agent socket").await
+    }
+
+    async fn wait(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => {
+                let t = tail(&self.log_path, 1000);
+                if t.is_empty() {
+                    status.to_string()
+                } else {
+                    format!("{status}: {t}")
+                }
+            }
+            Err(e) => format!("wait failed: {e}"),
+        }
+    }
+
+    async fn quit(&mut self) {
+        let _ = self.qmp(qapi::qmp::quit {}, "quit", Duration::from_secs(2)).await;
+        if tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await.is_err() {
+            self.kill();
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_override_and_validation() {
+        assert_eq!(probe_accel(Some("tcg")).expect("tcg"), Accel::Tcg);
+        assert_eq!(probe_accel(Some("KVM")).expect("kvm"), Accel::Kvm);
+        assert!(matches!(probe_accel(Some("xen")), Err(EngineError::BadAccel { .. })));
+        assert!(probe_accel(None).is_ok());
+    }
+
+    #[test]
+    fn hostnames_are_valid() {
+        assert_eq!(hostname_for("team/app/web"), "web");
+        assert_eq!(hostname_for("a.b_c"), "a-b-c");
+        assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
+    }
+}
