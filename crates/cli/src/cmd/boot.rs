@@ -1,0 +1,55 @@
+//! `machinen boot [IMAGE] [opts] [-- CMD…]`
+
+use std::time::Duration;
+
+use machinen::error::fail;
+use machinen::progress::ProgressMode;
+use machinen::{BootOptions, ErrorCode, Result};
+
+use crate::cli::BootArgs;
+use crate::output::print_json;
+
+pub async fn run(a: BootArgs) -> Result<i32> {
+    if a.cmd.is_empty() && !a.detached {
+        return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: give a command after `--`, or --detached")
+            .hint("e.g. `machinen boot -- uname -a`, or `machinen boot --name web --detached`")
+            .into());
+    }
+    if a.detached && !a.cmd.is_empty() {
+        return Err(fail(ErrorCode::BootArgsInvalid, "a command cannot be combined with --detached yet")
+            .hint("boot with --detached, then run it with `machinen exec NAME -- CMD`")
+            .into());
+    }
+    // Check the command before paying for a boot.
+    let exec = if a.cmd.is_empty() { None } else { Some(super::exec::exec_options(&a.process, a.cmd.clone())?) };
+    let opts = BootOptions {
+        image: a.image.clone(),
+        name: a.name.clone(),
+        memory_mib: a.memory,
+        cpus: a.cpus,
+        detached: a.detached,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        accel: None,
+        debug: a.debug,
+        progress: if a.json { ProgressMode::Quiet } else { ProgressMode::Auto },
+    };
+    let vm = machinen::boot(opts).await?;
+    match exec {
+        None => {
+            if a.json {
+                let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
+                v["boot_ms"] = vm.boot_ms().into();
+                print_json(&v);
+            } else {
+                println!("{} (pid {}) is running; `machinen exec {} -- CMD` to use it, `machinen stop {}` to stop it", vm.name(), vm.pid(), vm.name(), vm.name());
+            }
+            Ok(0)
+        }
+        Some(exec) => {
+            let result = super::exec::run_in(&vm, exec, a.json).await;
+            // The VM is disposable: no graceful guest shutdown needed.
+            let _ = vm.stop(true, Duration::from_secs(10)).await;
+            result
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! `machinen ls|list|ps`
+
+use machinen::Result;
+
+use crate::cli::LsArgs;
+use crate::output::{human_duration, print_json};
+
+pub fn run(a: LsArgs) -> Result<i32> {
+    let vms = machinen::list()?;
+    if a.json {
+        print_json(&vms);
+        return Ok(0);
+    }
+    let rows: Vec<[String; 5]> = vms
+        .iter()
+        .map(|v| {
+            let ports = v.ports.iter().map(|p| format!("{}:{}->{}", p.host_addr, p.host_port, p.guest_port)).collect::<Vec<_>>().join(",");
+            [v.pid.to_string(), v.name.clone(), human_duration(v.uptime_ms), ports, v.forked_from.clone().unwrap_or_default()]
+        })
+        .collect();
+    let header = ["PID", "NAME", "UP", "PORTS", "FORKED-FROM"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(0)
+}
