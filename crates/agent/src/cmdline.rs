@@ -1,0 +1,150 @@
+//! Parsing of the kernel command line (`/proc/cmdline`).
+
+/// What the host asked for through `machinen.*` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BootConfig {
+    /// `machinen.net=1`: configure `lo` and `eth0` (QEMU user networking).
+    pub net: bool,
+    /// `machinen.hostname=<name>`.
+    pub hostname: Option<String>,
+    /// `machinen.debug=1`: log every step to the console.
+    pub debug: bool,
+}
+
+/// Default hostname when the cmdline names none.
+pub const DEFAULT_HOSTNAME: &str = "machinen";
+
+impl BootConfig {
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME)
+    }
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    // A bare `machinen.net` counts as on, like kernel boolean parameters.
+    matches!(v, None | Some("1") | Some("y") | Some("yes") | Some("on") | Some("true"))
+}
+
+/// A hostname is used only if it is a valid one (RFC 1123 labels, at most
+/// 64 bytes — the kernel's limit); anything else is ignored with a warning by
+/// the caller.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Split a command line into words. The kernel allows double quotes around a
+/// value (`key="a b"`); quotes are removed, as the kernel does.
+fn words(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut have = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                have = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if have {
+                    out.push(std::mem::take(&mut cur));
+                    have = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                have = true;
+            }
+        }
+    }
+    if have {
+        out.push(cur);
+    }
+    out
+}
+
+/// Parse our keys out of a kernel command line; unknown words are ignored.
+/// A later key overrides an earlier one.
+pub fn parse(cmdline: &str) -> BootConfig {
+    let mut cfg = BootConfig::default();
+    for word in words(cmdline) {
+        let (key, value) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word.as_str(), None),
+        };
+        match key {
+            "machinen.net" => cfg.net = truthy(value),
+            "machinen.debug" => cfg.debug = truthy(value),
+            "machinen.hostname" => {
+                cfg.hostname = value.filter(|v| !v.is_empty()).map(str::to_owned);
+            }
+            _ => {}
+        }
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_our_keys() {
+        let c = parse("console=ttyS0 quiet machinen.net=1 machinen.hostname=web-1 machinen.debug=1\n");
+        assert_eq!(
+            c,
+            BootConfig { net: true, hostname: Some("web-1".into()), debug: true }
+        );
+        assert_eq!(c.hostname(), "web-1");
+    }
+
+    #[test]
+    fn defaults_when_absent() {
+        let c = parse("console=ttyS0 quiet");
+        assert_eq!(c, BootConfig::default());
+        assert_eq!(c.hostname(), DEFAULT_HOSTNAME);
+        assert!(!parse("").net);
+    }
+
+    #[test]
+    fn zero_and_bare_keys() {
+        assert!(!parse("machinen.net=0").net);
+        assert!(parse("machinen.net").net);
+        assert!(!parse("machinen.debug=off").debug);
+        assert!(parse("machinen.net=0 machinen.net=1").net, "last one wins");
+        assert_eq!(parse("machinen.hostname=").hostname, None);
+    }
+
+    #[test]
+    fn similar_keys_are_not_ours() {
+        let c = parse("xmachinen.net=1 machinen.netx=1 machinen.hostnamex=a");
+        assert_eq!(c, BootConfig::default());
+    }
+
+    #[test]
+    fn quotes_are_handled() {
+        let c = parse("foo=\"a b c\" machinen.hostname=\"box\" machinen.debug=1");
+        assert_eq!(c.hostname.as_deref(), Some("box"));
+        assert!(c.debug);
+        assert_eq!(words("a=\"x y\"  b"), vec!["a=x y".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn hostname_validation() {
+        assert!(valid_hostname("web-1"));
+        assert!(valid_hostname("a.b.c"));
+        assert!(!valid_hostname(""));
+        assert!(!valid_hostname("-a"));
+        assert!(!valid_hostname("a b"));
+        assert!(!valid_hostname("a..b"));
+        assert!(!valid_hostname(&"x".repeat(65)));
+    }
+}

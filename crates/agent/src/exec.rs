@@ -1,0 +1,521 @@
+//! `Request::Exec`: run a program in the guest and stream its I/O over one
+//! protocol stream.
+//!
+//! ```text
+//! -> Request(Exec)                         (already read by the dispatcher)
+//! <- Started { pid }  | Error { code, message }
+//! -> Stdin* StdinEof? Signal* Resize*      (any time)
+//! <- Stdout* Stderr*
+//! <- Exit { code, signal }                 (last frame; the stream closes)
+//! ```
+//!
+//! The child runs in a session (and process group) of its own; with `tty` a
+//! fresh pty is its controlling terminal. Its exit status comes from the
+//! global [`Reaper`]. Output is read in chunks of at most [`MAX_CHUNK`] and
+//! written to the stream with its flow control, so a fast producer is slowed
+//! down to the host's pace instead of being buffered.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use machinen_proto::{ExecRequest, ExitStatus, Frame, MAX_CHUNK, WinSize, WireError, read_frame, send};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::fdio::FdIo;
+use crate::log::{debug, error};
+use crate::reaper::Reaper;
+
+/// `PATH` of an exec unless the request sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// After the child exited, output still arriving is forwarded; once nothing
+/// arrived for this long (a background grandchild holding the pipes), stop.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Error codes sent in `Frame::Error` by an exec.
+pub mod code {
+    pub const COMMAND_NOT_FOUND: &str = "EXEC_COMMAND_NOT_FOUND";
+    pub const SPAWN_FAILED: &str = "EXEC_SPAWN_FAILED";
+}
+
+fn wire_error(code: &str, message: impl Into<String>) -> WireError {
+    WireError { code: code.to_owned(), message: message.into() }
+}
+
+/// The environment of an exec: defaults, then the request's variables.
+pub fn build_env(req_env: &[(String, String)], hostname: &str, tty: bool) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_owned(), DEFAULT_PATH.to_owned());
+    env.insert("HOME".to_owned(), "/root".to_owned());
+    env.insert("USER".to_owned(), "root".to_owned());
+    env.insert("LOGNAME".to_owned(), "root".to_owned());
+    env.insert("HOSTNAME".to_owned(), hostname.to_owned());
+    if tty {
+        env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    }
+    for (k, v) in req_env {
+        env.insert(k.clone(), v.clone());
+    }
+    env
+}
+
+/// Where `argv[0]` resolves to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// An executable regular file (absolute path).
+    Found(PathBuf),
+    /// Nothing by that name.
+    NotFound,
+    /// Something by that name, but not an executable file.
+    NotExecutable(PathBuf),
+}
+
+fn is_executable_file(p: &Path) -> Option<bool> {
+    let m = std::fs::metadata(p).ok()?;
+    Some(m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Resolve `argv0` like `execvp` does: a name with a slash is a path
+/// (relative to `cwd`), anything else is looked up in `path_var`.
+pub fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Resolved {
+    if argv0.is_empty() {
+        return Resolved::NotFound;
+    }
+    if argv0.contains('/') {
+        let p = cwd.join(argv0);
+        return match is_executable_file(&p) {
+            None => Resolved::NotFound,
+            Some(true) => Resolved::Found(p),
+            Some(false) => Resolved::NotExecutable(p),
+        };
+    }
+    let mut not_exec = None;
+    for dir in path_var.split(':') {
+        // An empty PATH entry means the current directory.
+        let dir = if dir.is_empty() { cwd.to_path_buf() } else { cwd.join(dir) };
+        let p = dir.join(argv0);
+        match is_executable_file(&p) {
+            Some(true) => return Resolved::Found(p),
+            Some(false) if not_exec.is_none() => not_exec = Some(p),
+            _ => {}
+        }
+    }
+    match not_exec {
+        Some(p) => Resolved::NotExecutable(p),
+        None => Resolved::NotFound,
+    }
+}
+
+type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
+
+/// Where the host's stdin goes.
+enum StdinSink {
+    Pipe(Option<pipe::Sender>),
+    Pty(FdIo),
+}
+
+struct Spawned {
+    pid: u32,
+    exit: oneshot::Receiver<ExitStatus>,
+    stdin: StdinSink,
+    stdout: BoxRead,
+    stderr: Option<BoxRead>,
+    /// The pty master, for `Resize`.
+    pty: Option<FdIo>,
+}
+
+fn set_winsize(fd: i32, ws: WinSize) -> io::Result<()> {
+    let w = libc::winsize { ws_row: ws.rows, ws_col: ws.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which
+    // points to a live, initialised local; `fd` is an open descriptor owned
+    // by the caller for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &w as *const libc::winsize) };
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A new pty pair, both ends close-on-exec (the child gets the slave through
+/// `dup2`, which clears the flag on the copies).
+fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{OFlag, open};
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    use nix::sys::stat::Mode;
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname_r(&master)?;
+    // SAFETY: `into_raw_fd` gives up ownership of an open descriptor, which
+    // the new OwnedFd takes over; nothing else refers to it.
+    let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+    let raw = open(name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: `open` just returned this descriptor; we are its only owner.
+    let slave = unsafe { OwnedFd::from_raw_fd(raw) };
+    if let Some(ws) = winsize {
+        set_winsize(master.as_raw_fd(), ws)?;
+    }
+    Ok((master, slave))
+}
+
+fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
+    let Some(argv0) = req.argv.first() else {
+        return Err(wire_error(code::SPAWN_FAILED, "empty argv: nothing to run"));
+    };
+    let cwd = PathBuf::from(req.cwd.as_deref().filter(|c| !c.is_empty()).unwrap_or("/"));
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(wire_error(code::SPAWN_FAILED, format!("cwd {}: not a directory", cwd.display())));
+        }
+        Err(e) => return Err(wire_error(code::SPAWN_FAILED, format!("cwd {}: {e}", cwd.display()))),
+    }
+    let env = build_env(&req.env, hostname, req.tty);
+    let path_var = env.get("PATH").map(String::as_str).unwrap_or("");
+    let program = match resolve_program(argv0, path_var, &cwd) {
+        Resolved::Found(p) => p,
+        Resolved::NotFound if argv0.contains('/') => {
+            return Err(wire_error(code::COMMAND_NOT_FOUND, format!("{argv0}: no such file or directory")));
+        }
+        Resolved::NotFound => {
+            return Err(wire_error(
+                code::COMMAND_NOT_FOUND,
+                format!("{argv0}: command not found in PATH={path_var}"),
+            ));
+        }
+        Resolved::NotExecutable(p) => {
+            return Err(wire_error(
+                code::SPAWN_FAILED,
+                format!("{argv0}: {} is not an executable file (permission denied)", p.display()),
+            ));
+        }
+    };
+
+    let spawn_err = |e: io::Error| wire_error(code::SPAWN_FAILED, format!("{argv0}: {e}"));
+    let mut cmd = Command::new(&program);
+    cmd.arg0(argv0).args(&req.argv[1..]).env_clear().envs(&env).current_dir(&cwd);
+
+    let mut master = None;
+    if req.tty {
+        let (m, slave) = open_pty(req.winsize).map_err(|e| spawn_err(io::Error::other(format!("openpty: {e}"))))?;
+        let s2 = slave.try_clone().map_err(spawn_err)?;
+        let s3 = slave.try_clone().map_err(spawn_err)?;
+        cmd.stdin(Stdio::from(slave)).stdout(Stdio::from(s2)).stderr(Stdio::from(s3));
+        // SAFETY: runs in the forked child before exec; it only makes
+        // async-signal-safe system calls (setsid, ioctl) and allocates
+        // nothing (io::Error from an errno is not boxed).
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                // stdin is the pty slave by now: make it the controlling
+                // terminal of the new session.
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        master = Some(m);
+    } else {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: runs in the forked child before exec; setsid is
+        // async-signal-safe and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+    }
+
+    let (mut child, exit) = Reaper::global().spawn(&mut cmd).map_err(spawn_err)?;
+    // The Command still holds our copies of the pty slave: close them now, or
+    // the master never sees the end of the child's output.
+    drop(cmd);
+    let pid = child.id();
+    debug!("exec pid {pid}: {:?}", req.argv);
+
+    let wrap_err = |e: io::Error| wire_error(code::SPAWN_FAILED, format!("{argv0}: i/o setup after spawn: {e}"));
+    if let Some(m) = master {
+        let io = FdIo::pty_master(m).map_err(wrap_err)?;
+        return Ok(Spawned {
+            pid,
+            exit,
+            stdin: StdinSink::Pty(io.clone()),
+            stdout: Box::pin(io.clone()),
+            stderr: None,
+            pty: Some(io),
+        });
+    }
+    let (Some(sin), Some(sout), Some(serr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+        return Err(wire_error(code::SPAWN_FAILED, "child pipes missing after spawn"));
+    };
+    let sin = pipe::Sender::from_owned_fd(OwnedFd::from(sin)).map_err(wrap_err)?;
+    let sout = pipe::Receiver::from_owned_fd(OwnedFd::from(sout)).map_err(wrap_err)?;
+    let serr = pipe::Receiver::from_owned_fd(OwnedFd::from(serr)).map_err(wrap_err)?;
+    Ok(Spawned {
+        pid,
+        exit,
+        stdin: StdinSink::Pipe(Some(sin)),
+        stdout: Box::pin(sout),
+        stderr: Some(Box::pin(serr)),
+        pty: None,
+    })
+}
+
+/// Run one exec on `stream`. Never fails: errors go to the host as frames
+/// where the stream still works, and to the console log.
+pub async fn run<S>(stream: S, req: ExecRequest, hostname: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let sp = match spawn(&req, hostname) {
+        Ok(sp) => sp,
+        Err(e) => {
+            debug!("exec {:?} refused: {}: {}", req.argv, e.code, e.message);
+            let _ = send(&mut wr, &Frame::Error(e)).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    let pid = sp.pid;
+    if let Err(e) = send(&mut wr, &Frame::Started { pid }).await {
+        debug!("exec pid {pid}: host went away before Started: {e}");
+        return;
+    }
+    let input = tokio::spawn(input_loop(rd, sp.stdin, pid, sp.pty));
+    let res = pump_output(&mut wr, sp.stdout, sp.stderr, sp.exit).await;
+    input.abort();
+    match res {
+        Ok(status) => {
+            debug!("exec pid {pid}: done, {status:?}");
+            if let Err(e) = send(&mut wr, &Frame::Exit(status)).await {
+                debug!("exec pid {pid}: could not send Exit: {e}");
+            }
+            let _ = wr.shutdown().await;
+        }
+        // The host went away: the command keeps running; its output pipes
+        // close with this function (a later write gets EPIPE/SIGPIPE).
+        Err(e) => debug!("exec pid {pid}: stream ended: {e}"),
+    }
+}
+
+/// Frames from the host: stdin data, EOF, signals, resizes. Ends when the
+/// stream does (then the child's stdin is closed).
+async fn input_loop<R: AsyncRead + Unpin>(mut rd: R, mut stdin: StdinSink, pid: u32, pty: Option<FdIo>) {
+    loop {
+        let frame = match read_frame(&mut rd).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                debug!("exec pid {pid}: input stream: {e}");
+                break;
+            }
+        };
+        match frame {
+            Frame::Stdin(data) => match &mut stdin {
+                StdinSink::Pipe(slot) => {
+                    if let Some(w) = slot {
+                        if let Err(e) = w.write_all(&data).await {
+                            // The child closed its stdin (or exited): the
+                            // rest of the host's input goes nowhere.
+                            debug!("exec pid {pid}: stdin: {e}");
+                            *slot = None;
+                        }
+                    }
+                }
+                StdinSink::Pty(m) => {
+                    if let Err(e) = m.write_all(&data).await {
+                        debug!("exec pid {pid}: pty input: {e}");
+                    }
+                }
+            },
+            Frame::StdinEof => match &mut stdin {
+                StdinSink::Pipe(slot) => *slot = None,
+                // A terminal has no half-close; send the EOF character (^D)
+                // as a terminal user would.
+                StdinSink::Pty(m) => {
+                    let _ = m.write_all(&[0x04]).await;
+                }
+            },
+            Frame::Signal(n) => signal_group(pid, n),
+            Frame::Resize(ws) => match &pty {
+                Some(m) => {
+                    if let Err(e) = set_winsize(m.raw_fd(), ws) {
+                        error!("exec pid {pid}: resize: {e}");
+                    }
+                }
+                None => debug!("exec pid {pid}: resize without a tty ignored"),
+            },
+            other => debug!("exec pid {pid}: unexpected frame ignored: {}", frame_name(&other)),
+        }
+    }
+    // Dropping `stdin` closes the child's stdin pipe.
+}
+
+/// Send signal `n` to the child's process group (its pid: it ran `setsid`).
+fn signal_group(pid: u32, n: i32) {
+    let sig = match nix::sys::signal::Signal::try_from(n) {
+        Ok(s) => s,
+        Err(_) => {
+            error!("exec pid {pid}: invalid signal {n} ignored");
+            return;
+        }
+    };
+    let pgid = nix::unistd::Pid::from_raw(pid as i32);
+    if let Err(e) = nix::sys::signal::killpg(pgid, sig) {
+        debug!("exec pid {pid}: killpg {sig}: {e}");
+    }
+}
+
+pub fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "Hello",
+        Frame::HelloAck(_) => "HelloAck",
+        Frame::Request(_) => "Request",
+        Frame::Response(_) => "Response",
+        Frame::Started { .. } => "Started",
+        Frame::Stdin(_) => "Stdin",
+        Frame::StdinEof => "StdinEof",
+        Frame::Stdout(_) => "Stdout",
+        Frame::Stderr(_) => "Stderr",
+        Frame::Exit(_) => "Exit",
+        Frame::Error(_) => "Error",
+        Frame::Resize(_) => "Resize",
+        Frame::Signal(_) => "Signal",
+        Frame::Data(_) => "Data",
+        Frame::Eof => "Eof",
+    }
+}
+
+/// Read from an optional source; a missing one never yields.
+async fn read_some(r: &mut Option<BoxRead>, buf: &mut [u8]) -> io::Result<usize> {
+    match r {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forward the child's output until it exited and its output ended (or went
+/// idle for [`DRAIN_IDLE`] after the exit). Returns the exit status, or the
+/// error of writing to the stream (the host went away).
+async fn pump_output<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    stdout: BoxRead,
+    stderr: Option<BoxRead>,
+    mut exit: oneshot::Receiver<ExitStatus>,
+) -> io::Result<ExitStatus> {
+    let mut out = Some(stdout);
+    let mut err = stderr;
+    let mut status: Option<ExitStatus> = None;
+    let mut idle_deadline: Option<Instant> = None;
+    let mut obuf = vec![0u8; MAX_CHUNK];
+    let mut ebuf = vec![0u8; MAX_CHUNK];
+    let to_io = |e: machinen_proto::FrameError| match e {
+        machinen_proto::FrameError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    };
+    loop {
+        if let Some(st) = status {
+            if out.is_none() && err.is_none() {
+                return Ok(st);
+            }
+        }
+        let idle = async {
+            match idle_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut exit, if status.is_none() => {
+                // The reaper never drops a registered sender; be safe anyway.
+                status = Some(r.unwrap_or(ExitStatus { code: None, signal: None }));
+                idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+            }
+            r = read_some(&mut out, &mut obuf) => match r {
+                Ok(0) => out = None,
+                Ok(n) => {
+                    send(wr, &Frame::Stdout(obuf[..n].to_vec())).await.map_err(to_io)?;
+                    if status.is_some() {
+                        idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+                    }
+                }
+                Err(e) => {
+                    debug!("stdout: {e}");
+                    out = None;
+                }
+            },
+            r = read_some(&mut err, &mut ebuf) => match r {
+                Ok(0) => err = None,
+                Ok(n) => {
+                    send(wr, &Frame::Stderr(ebuf[..n].to_vec())).await.map_err(to_io)?;
+                    if status.is_some() {
+                        idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+                    }
+                }
+                Err(e) => {
+                    debug!("stderr: {e}");
+                    err = None;
+                }
+            },
+            _ = idle => {
+                if let Some(st) = status {
+                    debug!("output still open {} ms after the exit; not waiting for it", DRAIN_IDLE.as_millis());
+                    return Ok(st);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_defaults_and_overrides() {
+        let env = build_env(&[("PATH".into(), "/x".into()), ("FOO".into(), "a=b".into())], "box", false);
+        assert_eq!(env["PATH"], "/x");
+        assert_eq!(env["FOO"], "a=b");
+        assert_eq!(env["HOME"], "/root");
+        assert_eq!(env["USER"], "root");
+        assert_eq!(env["LOGNAME"], "root");
+        assert_eq!(env["HOSTNAME"], "box");
+        assert!(!env.contains_key("TERM"));
+        let env = build_env(&[], "box", true);
+        assert_eq!(env["TERM"], "xterm-256color");
+        assert_eq!(env["PATH"], DEFAULT_PATH);
+        let env = build_env(&[("TERM".into(), "dumb".into())], "box", true);
+        assert_eq!(env["TERM"], "dumb");
+    }
+
+    #[test]
+    fn resolves_like_execvp() {
+        let root = Path::new("/");
+        assert!(matches!(resolve_program("sh", DEFAULT_PATH, root), Resolved::Found(_)));
+        assert_eq!(resolve_program("no-such-command-xyz", DEFAULT_PATH, root), Resolved::NotFound);
+        assert_eq!(resolve_program("sh", "", Path::new("/nonexistent")), Resolved::NotFound);
+        assert_eq!(resolve_program("/bin/sh", "", root), Resolved::Found(PathBuf::from("/bin/sh")));
+        assert_eq!(resolve_program("./sh", "", Path::new("/bin")), Resolved::Found(PathBuf::from("/bin/./sh")));
+        assert_eq!(resolve_program("/nonexistent/x", DEFAULT_PATH, root), Resolved::NotFound);
+        let dir = std::env::temp_dir().join(format!("machinen-agent-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let plain = dir.join("plain");
+        std::fs::write(&plain, "x").expect("write");
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(resolve_program(plain.to_str().expect("utf8"), "", root), Resolved::NotExecutable(plain.clone()));
+        assert_eq!(resolve_program("plain", dir.to_str().expect("utf8"), root), Resolved::NotExecutable(plain));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(resolve_program("/bin", "", root), Resolved::NotExecutable(_)));
+        assert_eq!(resolve_program("", DEFAULT_PATH, root), Resolved::NotFound);
+    }
+}

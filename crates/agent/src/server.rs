@@ -1,0 +1,167 @@
+//! Serving the host: one yamux session (agent = server) over a transport,
+//! one protocol operation per inbound stream.
+//!
+//! Everything here is generic over the transport (`AsyncRead + AsyncWrite`)
+//! so that it runs the same over the virtio-serial port in the guest, a unix
+//! socket in host test mode, and an in-memory pipe in the tests.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::poll_fn;
+use machinen_proto::{
+    Frame, Hello, HelloAck, PROTOCOL_VERSION, Request, Response, WireError, read_frame, send,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+use crate::exec;
+use crate::log::{debug, error};
+
+/// Error codes of the dispatcher (exec's own are in [`exec::code`]).
+pub mod code {
+    pub const PROTOCOL_VERSION_MISMATCH: &str = "PROTOCOL_VERSION_MISMATCH";
+    pub const PROTOCOL_ERROR: &str = "PROTOCOL_ERROR";
+}
+
+/// What the host is told about this guest, and how to power it off.
+pub struct Ctx {
+    pub hostname: String,
+    pub kernel: String,
+    pub boot_id: String,
+    /// Called (on a blocking thread) after `Response::Stopping` went out.
+    pub poweroff: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Ctx {
+    pub fn hello_ack(&self) -> HelloAck {
+        HelloAck {
+            version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel: self.kernel.clone(),
+            boot_id: self.boot_id.clone(),
+        }
+    }
+}
+
+/// The yamux configuration of the agent's sessions. The receive window cap
+/// is the smallest yamux allows for its stream limit, to bound what a host
+/// can make a small guest buffer.
+pub fn yamux_config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_num_streams(512);
+    cfg.set_max_connection_receive_window(Some(512 * 256 * 1024));
+    cfg
+}
+
+fn protocol_error(message: impl Into<String>) -> Frame {
+    Frame::Error(WireError { code: code::PROTOCOL_ERROR.to_owned(), message: message.into() })
+}
+
+/// Serve one stream: read its first frame and dispatch.
+pub async fn handle_stream<S>(stream: S, ctx: Arc<Ctx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut s = stream;
+    let first = match read_frame(&mut s).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            debug!("stream: bad first frame: {e}");
+            let _ = send(&mut s, &protocol_error(format!("bad first frame: {e}"))).await;
+            let _ = s.shutdown().await;
+            return;
+        }
+    };
+    match first {
+        Frame::Hello(Hello { version, role }) => {
+            debug!("hello from {role:?}, protocol {version}");
+            let reply = if version == PROTOCOL_VERSION {
+                Frame::HelloAck(ctx.hello_ack())
+            } else {
+                Frame::Error(WireError {
+                    code: code::PROTOCOL_VERSION_MISMATCH.to_owned(),
+                    message: format!(
+                        "the agent speaks protocol version {PROTOCOL_VERSION}, the host sent version {version}"
+                    ),
+                })
+            };
+            let _ = send(&mut s, &reply).await;
+            let _ = s.shutdown().await;
+        }
+        Frame::Request(Request::Ping) => {
+            let _ = send(&mut s, &Frame::Response(Response::Pong)).await;
+            let _ = s.shutdown().await;
+        }
+        Frame::Request(Request::Exec(req)) => exec::run(s, req, &ctx.hostname).await,
+        Frame::Request(Request::Poweroff) => {
+            debug!("poweroff requested");
+            let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;
+            let _ = s.shutdown().await;
+            // Give the session a moment to put the answer on the wire.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ctx2 = ctx.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || (ctx2.poweroff)()).await {
+                error!("poweroff: {e}");
+            }
+        }
+        Frame::Request(other) => {
+            let _ = send(&mut s, &protocol_error(format!("request {other:?} is not served by the guest agent"))).await;
+            let _ = s.shutdown().await;
+        }
+        other => {
+            let _ = send(
+                &mut s,
+                &protocol_error(format!(
+                    "a stream must start with Hello or Request, not {}",
+                    exec::frame_name(&other)
+                )),
+            )
+            .await;
+            let _ = s.shutdown().await;
+        }
+    }
+}
+
+/// Run one yamux session over `io` until the transport ends or fails.
+/// Inbound streams are served concurrently; when the session ends they see
+/// their stream fail and stop (commands keep running).
+pub async fn serve_session<T>(io: T, ctx: Arc<Ctx>) -> Result<(), yamux::ConnectionError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Server);
+    loop {
+        match poll_fn(|cx| conn.poll_next_inbound(cx)).await {
+            Some(Ok(stream)) => {
+                tokio::spawn(handle_stream(stream.compat(), ctx.clone()));
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Serve one session after another, one transport at a time, for as long as
+/// `next` yields transports. Each session runs in its own task, so a panic
+/// in one ends that session only.
+pub async fn serve_sessions<T, F, Fut>(mut next: F, ctx: Arc<Ctx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    while let Some(io) = next().await {
+        debug!("session starts");
+        match tokio::spawn(serve_session(io, ctx.clone())).await {
+            Ok(Ok(())) => debug!("session ended: the host went away"),
+            Ok(Err(e)) => debug!("session ended: {e}"),
+            Err(e) => error!("session task failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
