@@ -20,9 +20,14 @@ pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A nonblocking fd registered with the reactor. Cloning shares the
-/// registration, so the virtio port can be handed to one yamux session after
-/// another without being reopened.
+/// A nonblocking fd registered with the reactor. Clones share the
+/// registration (a pty master is read by one task and written by another).
+///
+/// A hangup (`POLLHUP`) is final for the reactor: once seen, the descriptor
+/// stays "ready" forever. So reads that would block after a hangup return end
+/// of file and writes fail, instead of spinning; a descriptor that can come
+/// back from a hangup (the virtio port when the host reconnects) must be
+/// registered afresh (a `dup`) for each use.
 #[derive(Clone)]
 pub struct FdIo {
     fd: Arc<AsyncFd<OwnedFd>>,
@@ -77,6 +82,10 @@ impl AsyncRead for FdIo {
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Would block after a hangup: the reactor keeps reporting
+                // the hangup (a final state), so waiting again would spin.
+                // The peer is gone: end of file.
+                Err(_would_block) if guard.ready().is_read_closed() => return Poll::Ready(Ok(())),
                 // Would block: readiness was cleared, poll again.
                 Err(_would_block) => continue,
             }
@@ -92,6 +101,10 @@ impl AsyncWrite for FdIo {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // See poll_read: no spinning on a hangup.
+                Err(_would_block) if guard.ready().is_write_closed() => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer hung up")));
+                }
                 Err(_would_block) => continue,
             }
         }

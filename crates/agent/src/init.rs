@@ -78,12 +78,18 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
     }
 }
 
-fn early_mounts() -> io::Result<()> {
+/// Mount /proc, read the kernel command line (and so learn whether to log
+/// debug lines), then mount /sys and /dev.
+fn early_mounts() -> Result<BootConfig, Fatal> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_fs("proc", "/proc", "proc", nosuid_nodev_noexec, None)?;
-    mount_fs("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    Ok(())
+    let fatal = |e: io::Error| Fatal(e.to_string());
+    mount_fs("proc", "/proc", "proc", nosuid_nodev_noexec, None).map_err(fatal)?;
+    let cfg = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    crate::log::set_debug(cfg.debug);
+    debug!("agent {} starting as PID 1: {cfg:?}", env!("CARGO_PKG_VERSION"));
+    mount_fs("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None).map_err(fatal)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")).map_err(fatal)?;
+    Ok(cfg)
 }
 
 /// Parse `modules.load`: one absolute path per line, in dependency order;
@@ -268,10 +274,7 @@ fn is_mountpoint(path: &str) -> bool {
 
 /// The whole boot, up to the point where the host can be served.
 pub fn boot() -> Result<BootConfig, Fatal> {
-    early_mounts().map_err(|e| Fatal(e.to_string()))?;
-    let cfg = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    crate::log::set_debug(cfg.debug);
-    debug!("agent {} starting as PID 1: {cfg:?}", env!("CARGO_PKG_VERSION"));
+    let cfg = early_mounts()?;
 
     match std::fs::read_to_string(MODULES_LOAD) {
         Ok(text) => load_modules(&parse_modules_load(&text)),

@@ -81,7 +81,7 @@ pub fn host_connected(fd: &impl AsFd) -> bool {
 
 /// Serve the host over the port at `path`, forever.
 pub async fn serve_port(path: &Path, ctx: Arc<Ctx>) {
-    let fd = loop {
+    let port = loop {
         match open_port(path) {
             Ok(fd) => break fd,
             Err(e) => {
@@ -90,40 +90,49 @@ pub async fn serve_port(path: &Path, ctx: Arc<Ctx>) {
             }
         }
     };
-    let port = match FdIo::new(fd) {
-        Ok(p) => p,
-        Err(e) => {
-            // Without the reactor there is nothing to serve with; the caller
-            // restarts us.
-            error!("cannot register the agent port: {e}");
-            return;
-        }
-    };
+    serve_port_fd(port, ctx).await;
+}
+
+/// Serve the host over an open port (anything with the port's semantics:
+/// `POLLHUP` while no host is connected), one session per connection.
+pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
     let mut first = true;
     serve_sessions(
         || {
-            let port = port.clone();
             let was_first = std::mem::replace(&mut first, false);
+            let port = &port;
             async move {
                 if !was_first {
                     // A session that failed on garbage while the host stays
                     // connected must not spin.
                     tokio::time::sleep(RECONNECT_POLL).await;
                 }
-                let mut logged = false;
-                while !host_connected(&port) {
-                    if !logged {
-                        debug!("waiting for the host to connect");
-                        logged = true;
+                loop {
+                    let mut logged = false;
+                    while !host_connected(port) {
+                        if !logged {
+                            debug!("waiting for the host to connect");
+                            logged = true;
+                        }
+                        tokio::time::sleep(RECONNECT_POLL).await;
                     }
-                    tokio::time::sleep(RECONNECT_POLL).await;
+                    // A fresh registration per session: the reactor never
+                    // forgets a hangup it saw on a registration (see FdIo).
+                    match port.try_clone().and_then(FdIo::new) {
+                        Ok(io) => {
+                            if was_first {
+                                info!("host connected");
+                            } else {
+                                debug!("host connected");
+                            }
+                            return Some(io);
+                        }
+                        Err(e) => {
+                            error!("cannot set up the agent port for a session: {e}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
                 }
-                if was_first {
-                    info!("host connected");
-                } else {
-                    debug!("host connected");
-                }
-                Some(port)
             }
         },
         ctx,
@@ -151,6 +160,57 @@ mod tests {
         assert_eq!(find_port_in(&dir, Path::new("/dev"), "nope"), None);
         assert_eq!(find_port_in(&dir.join("missing"), Path::new("/dev"), "nope"), None);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A pty behaves like the virtio port: the master reports POLLHUP while
+    /// no one has the slave open, and works again when it is reopened. So
+    /// the slave plays the host, connecting and going away twice.
+    #[tokio::test]
+    async fn port_sessions_follow_the_host_connecting_and_leaving() {
+        use crate::server::tests::{Client, test_ctx};
+        use machinen_proto::{Frame, Request, Response};
+        use nix::fcntl::{OFlag, open};
+        use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+        use nix::sys::stat::Mode;
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        use std::os::fd::{FromRawFd, IntoRawFd};
+
+        let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).expect("openpt");
+        grantpt(&master).expect("grantpt");
+        unlockpt(&master).expect("unlockpt");
+        let slave_name = ptsname_r(&master).expect("ptsname");
+        // SAFETY: we take over the descriptor `into_raw_fd` released.
+        let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+
+        let open_slave = || {
+            let raw = open(slave_name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
+                .expect("open slave");
+            // SAFETY: `open` just returned this descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mut t = tcgetattr(&fd).expect("tcgetattr");
+            cfmakeraw(&mut t);
+            tcsetattr(&fd, SetArg::TCSANOW, &t).expect("raw mode");
+            FdIo::new(fd).expect("register slave")
+        };
+
+        let (ctx, _) = test_ctx();
+        let server = tokio::spawn(serve_port_fd(master, ctx));
+        for round in 0..3 {
+            let client = Client::new(open_slave());
+            // Two calls with a pause: the session must stay up while idle.
+            for call in 0..2 {
+                let frames =
+                    tokio::time::timeout(Duration::from_secs(10), client.call(Frame::Request(Request::Ping)))
+                        .await
+                        .unwrap_or_else(|_| panic!("round {round}, call {call}: no answer"));
+                assert_eq!(frames, vec![Frame::Response(Response::Pong)], "round {round}, call {call}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            client.disconnect();
+            // Let the server see the hangup before the next host connects.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        server.abort();
     }
 
     #[test]

@@ -164,4 +164,4 @@ where
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

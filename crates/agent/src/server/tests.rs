@@ -22,13 +22,13 @@ type Stream = Compat<yamux::Stream>;
 type OpenReq = oneshot::Sender<yamux::Result<yamux::Stream>>;
 
 /// The host side of a session: a yamux client driven by its own task.
-struct Client {
+pub(crate) struct Client {
     open: mpsc::Sender<OpenReq>,
     driver: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
-    fn new<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Client {
+    pub(crate) fn new<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Client {
         let (tx, mut rx) = mpsc::channel::<OpenReq>(16);
         let driver = tokio::spawn(async move {
             let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Client);
@@ -67,14 +67,14 @@ impl Client {
     }
 
     /// Send `first`, then collect every frame until the agent closes.
-    async fn call(&self, first: Frame) -> Vec<Frame> {
+    pub(crate) async fn call(&self, first: Frame) -> Vec<Frame> {
         let mut s = self.stream().await;
         send(&mut s, &first).await.expect("send");
         read_all(&mut s).await
     }
 
     /// Drop the transport, as a host going away does.
-    fn disconnect(self) {
+    pub(crate) fn disconnect(self) {
         self.driver.abort();
     }
 }
@@ -91,7 +91,7 @@ async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> Vec<Frame> {
     out
 }
 
-fn test_ctx() -> (Arc<Ctx>, Arc<AtomicBool>) {
+pub(crate) fn test_ctx() -> (Arc<Ctx>, Arc<AtomicBool>) {
     let powered_off = Arc::new(AtomicBool::new(false));
     let flag = powered_off.clone();
     let ctx = Ctx {
