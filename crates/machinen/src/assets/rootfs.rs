@@ -188,3 +188,30 @@ fn with_debootstrap(
     fsutil::persist(&tmp.0, dest).map_err(io_err("store", dest))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback path, which hosts with mmdebstrap never take.
+    /// Run with `cargo test -p machinen --lib -- --ignored debootstrap --nocapture` as root.
+    #[test]
+    #[ignore = "builds a Debian rootfs with debootstrap (a minute, network, root)"]
+    fn debootstrap_fallback_builds_a_rootfs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("rootfs.tar.gz");
+        let suite = apt::host_suite();
+        let sources = apt::host_sources(Path::new("/etc/apt"), &suite);
+        let t = std::time::Instant::now();
+        with_debootstrap(dir.path(), &dest, &suite, crate::paths::debian_arch(), &sources).expect("debootstrap");
+        let size = fs::metadata(&dest).expect("stat").len();
+        println!("debootstrap rootfs: {size} bytes in {} ms", t.elapsed().as_millis());
+        let listing = tool::run(tool::command("tar").arg("-tzf").arg(&dest)).expect("list");
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        assert!(listing.lines().any(|l| l == "./usr/bin/bash"), "bash in the rootfs");
+        assert!(listing.lines().any(|l| l.starts_with("./etc/ssl/certs/")), "ca-certificates in the rootfs");
+        assert!(!listing.lines().any(|l| l.starts_with("./var/cache/apt/archives/") && l.ends_with(".deb")));
+        let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("rootfs.tar.gz")], "no scratch left");
+    }
+}

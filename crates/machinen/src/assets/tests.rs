@@ -118,6 +118,22 @@ fn real_install() {
     assert!(again.already_installed);
     println!("second install: {} ms", t.elapsed().as_millis());
 
+    for what in ["first", "second"] {
+        let t = Instant::now();
+        let img = crate::image::ensure_rootfs_image(&paths, &assets.rootfs, ProgressMode::Auto).expect("image");
+        let used = {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(&img.path).expect("stat").blocks() * 512
+        };
+        println!(
+            "{what} image conversion: {} ms (built: {}), {} ({} bytes apparent, {used} bytes used)",
+            t.elapsed().as_millis(),
+            img.built,
+            img.path.display(),
+            img.size
+        );
+    }
+
     let agent = std::env::var_os("MACHINEN_TEST_AGENT").map(PathBuf::from).unwrap_or_else(|| "/sbin/ldconfig".into());
     let t = Instant::now();
     let cpio = crate::initramfs::ensure_initramfs(&paths, &assets, &agent).expect("initramfs");
