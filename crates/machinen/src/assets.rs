@@ -256,6 +256,18 @@ fn installed(dir: &Path) -> Result<Option<(Marker, Assets)>, InstallError> {
     Ok(complete.then_some((marker, assets)))
 }
 
+/// Like [`installed`], for install itself: a broken marker is no error
+/// there, it is what install is about to replace.
+fn installed_for_install(dir: &Path) -> Result<Option<(Marker, Assets)>, InstallError> {
+    match installed(dir) {
+        Err(InstallError::MarkerInvalid { path, source }) => {
+            tracing::warn!(path = %path.display(), error = %source, "replacing an unreadable install marker");
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
 /// Find the installed assets, or say to run `machinen install`. Cheap: reads
 /// the marker and checks that the files exist, hashes nothing.
 pub fn resolve(paths: &Paths) -> Result<Assets, InstallError> {
@@ -303,7 +315,7 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
     let start = Instant::now();
     let dir = &paths.assets;
     if !opts.force {
-        if let Some((marker, assets)) = installed(dir)? {
+        if let Some((marker, assets)) = installed_for_install(dir)? {
             return Ok(report(&marker, assets, true, start));
         }
     }
@@ -330,7 +342,7 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
     let _lock = fsutil::lock_exclusive(&lock_path).map_err(io_err("lock", &lock_path))?;
     // Another install may have finished while this one waited for the lock.
     if !opts.force {
-        if let Some((marker, assets)) = installed(dir)? {
+        if let Some((marker, assets)) = installed_for_install(dir)? {
             return Ok(report(&marker, assets, true, start));
         }
     }

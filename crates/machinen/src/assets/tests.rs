@@ -81,6 +81,8 @@ fn other_layouts_and_broken_markers() {
     assert!(matches!(err, InstallError::MarkerInvalid { .. }));
     assert_eq!(err.code(), ErrorCode::ProvisionAssetsDirInvalid);
     assert!(err.hint().is_some_and(|h| h.contains("--force")));
+    // install is not stopped by it: it is what install replaces.
+    assert!(matches!(installed_for_install(&paths.assets), Ok(None)));
 }
 
 #[test]
