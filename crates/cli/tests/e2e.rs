@@ -202,7 +202,9 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(sha256_hex(&input).as_str()));
 
     // --json exec captures everything.
-    let v = env.json(&["exec", "team/web", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 4"]);
+    let out = env.run(&["exec", "team/web", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "--json keeps the exit code");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exec json");
     assert_eq!((v["exit_code"].as_i64(), v["stdout"].as_str(), v["stderr"].as_str()), (Some(4), Some("out\n"), Some("err\n")));
 
     // The guest reaches the outside through user networking config.
