@@ -287,24 +287,20 @@ where
         }
     };
     let pid = sp.pid;
+    let mut connected = true;
     if let Err(e) = send(&mut wr, &Frame::Started { pid }).await {
         debug!("exec pid {pid}: host went away before Started: {e}");
-        return;
+        connected = false;
     }
     let input = tokio::spawn(input_loop(rd, sp.stdin, pid, sp.pty));
-    let res = pump_output(&mut wr, sp.stdout, sp.stderr, sp.exit).await;
+    let (status, connected) = pump_output(&mut wr, connected, pid, sp.stdout, sp.stderr, sp.exit).await;
     input.abort();
-    match res {
-        Ok(status) => {
-            debug!("exec pid {pid}: done, {status:?}");
-            if let Err(e) = send(&mut wr, &Frame::Exit(status)).await {
-                debug!("exec pid {pid}: could not send Exit: {e}");
-            }
-            let _ = wr.shutdown().await;
+    debug!("exec pid {pid}: done, {status:?}");
+    if connected {
+        if let Err(e) = send(&mut wr, &Frame::Exit(status)).await {
+            debug!("exec pid {pid}: could not send Exit: {e}");
         }
-        // The host went away: the command keeps running; its output pipes
-        // close with this function (a later write gets EPIPE/SIGPIPE).
-        Err(e) => debug!("exec pid {pid}: stream ended: {e}"),
+        let _ = wr.shutdown().await;
     }
 }
 
@@ -405,28 +401,30 @@ async fn read_some(r: &mut Option<BoxRead>, buf: &mut [u8]) -> io::Result<usize>
 }
 
 /// Forward the child's output until it exited and its output ended (or went
-/// idle for [`DRAIN_IDLE`] after the exit). Returns the exit status, or the
-/// error of writing to the stream (the host went away).
+/// idle for [`DRAIN_IDLE`] after the exit). Returns the exit status, and
+/// whether the stream still works.
+///
+/// When the stream fails (the host went away), the output is still read
+/// and dropped: the command keeps running as if nothing happened, instead
+/// of dying of SIGPIPE or blocking on a full pipe.
 async fn pump_output<W: AsyncWrite + Unpin>(
     wr: &mut W,
+    mut connected: bool,
+    pid: u32,
     stdout: BoxRead,
     stderr: Option<BoxRead>,
     mut exit: oneshot::Receiver<ExitStatus>,
-) -> io::Result<ExitStatus> {
+) -> (ExitStatus, bool) {
     let mut out = Some(stdout);
     let mut err = stderr;
     let mut status: Option<ExitStatus> = None;
     let mut idle_deadline: Option<Instant> = None;
     let mut obuf = vec![0u8; MAX_CHUNK];
     let mut ebuf = vec![0u8; MAX_CHUNK];
-    let to_io = |e: machinen_proto::FrameError| match e {
-        machinen_proto::FrameError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    };
     loop {
         if let Some(st) = status {
             if out.is_none() && err.is_none() {
-                return Ok(st);
+                return (st, connected);
             }
         }
         let idle = async {
@@ -435,42 +433,49 @@ async fn pump_output<W: AsyncWrite + Unpin>(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        // Which output produced data, and how much.
+        let got = tokio::select! {
             r = &mut exit, if status.is_none() => {
                 // The reaper never drops a registered sender; be safe anyway.
                 status = Some(r.unwrap_or(ExitStatus { code: None, signal: None }));
                 idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+                None
             }
             r = read_some(&mut out, &mut obuf) => match r {
-                Ok(0) => out = None,
-                Ok(n) => {
-                    send(wr, &Frame::Stdout(obuf[..n].to_vec())).await.map_err(to_io)?;
-                    if status.is_some() {
-                        idle_deadline = Some(Instant::now() + DRAIN_IDLE);
-                    }
-                }
+                Ok(0) => { out = None; None }
+                Ok(n) => Some((true, n)),
                 Err(e) => {
-                    debug!("stdout: {e}");
+                    debug!("exec pid {pid}: stdout: {e}");
                     out = None;
+                    None
                 }
             },
             r = read_some(&mut err, &mut ebuf) => match r {
-                Ok(0) => err = None,
-                Ok(n) => {
-                    send(wr, &Frame::Stderr(ebuf[..n].to_vec())).await.map_err(to_io)?;
-                    if status.is_some() {
-                        idle_deadline = Some(Instant::now() + DRAIN_IDLE);
-                    }
-                }
+                Ok(0) => { err = None; None }
+                Ok(n) => Some((false, n)),
                 Err(e) => {
-                    debug!("stderr: {e}");
+                    debug!("exec pid {pid}: stderr: {e}");
                     err = None;
+                    None
                 }
             },
             _ = idle => {
                 if let Some(st) = status {
-                    debug!("output still open {} ms after the exit; not waiting for it", DRAIN_IDLE.as_millis());
-                    return Ok(st);
+                    debug!("exec pid {pid}: output still open {} ms after the exit; not waiting for it", DRAIN_IDLE.as_millis());
+                    return (st, connected);
+                }
+                None
+            }
+        };
+        if let Some((is_stdout, n)) = got {
+            if status.is_some() {
+                idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+            }
+            if connected {
+                let frame = if is_stdout { Frame::Stdout(obuf[..n].to_vec()) } else { Frame::Stderr(ebuf[..n].to_vec()) };
+                if let Err(e) = send(wr, &frame).await {
+                    debug!("exec pid {pid}: the host went away ({e}); the command keeps running, its output is dropped");
+                    connected = false;
                 }
             }
         }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use crate::exec;
-use crate::log::{debug, error};
+use crate::log::{debug, error, info};
 
 /// Error codes of the dispatcher (exec's own are in [`exec::code`]).
 pub mod code {
@@ -125,6 +125,39 @@ where
     }
 }
 
+/// Whether the kernel's random number generator is initialised, i.e.
+/// `getrandom(2)` would not block.
+pub fn crng_ready() -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`, a live
+    // local buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
+}
+
+/// yamux draws random numbers (connection ids, ping nonces) through
+/// `getrandom(2)`, which blocks the whole runtime until the kernel's RNG is
+/// initialised. A guest without an entropy source (TCG's default CPU has no
+/// RDRAND, no virtio-rng) may take minutes or forever, so wait here without
+/// blocking, and say why.
+async fn wait_for_crng() {
+    let start = std::time::Instant::now();
+    let mut warned = false;
+    while !crng_ready() {
+        if !warned && start.elapsed() > Duration::from_secs(1) {
+            error!(
+                "waiting for the kernel's random number generator to be initialised (the session needs it); \
+                 give the VM an entropy source: a CPU with RDRAND (QEMU -cpu max / host) or a virtio-rng device"
+            );
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if warned {
+        info!("the kernel's random number generator is ready after {:.1} s", start.elapsed().as_secs_f64());
+    }
+}
+
 /// Run one yamux session over `io` until the transport ends or fails.
 /// Inbound streams are served concurrently; when the session ends they see
 /// their stream fail and stop (commands keep running).
@@ -132,6 +165,7 @@ pub async fn serve_session<T>(io: T, ctx: Arc<Ctx>) -> Result<(), yamux::Connect
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    wait_for_crng().await;
     let mut conn = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Server);
     loop {
         match poll_fn(|cx| conn.poll_next_inbound(cx)).await {

@@ -161,6 +161,11 @@ fn code(c: i32) -> Option<ExitStatus> {
     Some(ExitStatus { code: Some(c), signal: None })
 }
 
+#[test]
+fn the_test_machine_has_a_ready_rng() {
+    assert!(crng_ready());
+}
+
 #[tokio::test]
 async fn hello_is_acknowledged() {
     let (client, _) = session();
@@ -503,7 +508,8 @@ async fn a_new_session_follows_a_closed_transport() {
     assert!(matches!(frames[..], [Frame::HelloAck(_)]));
     // A command started in the first session outlives it.
     let mut s = first.stream().await;
-    let cmd = format!("sleep 0.5; echo done > {}", marker.display());
+    // It writes output after the host went away: that must not kill it.
+    let cmd = format!("sleep 0.5; echo output after the disconnect; echo more >&2; echo done > {}", marker.display());
     send(&mut s, &Frame::Request(Request::Exec(exec(&["sh", "-c", &cmd])))).await.expect("send");
     let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else { panic!("no Started") };
     first.disconnect();
