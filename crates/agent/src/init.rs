@@ -333,7 +333,7 @@ fn other_processes() -> usize {
 pub fn poweroff() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    info!("powering off");
+    debug!("powering off");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(3);
     while other_processes() > 0 && Instant::now() < deadline {

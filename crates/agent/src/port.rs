@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::fdio::FdIo;
-use crate::log::{debug, error, info};
+use crate::log::{debug, error};
 use crate::server::{Ctx, serve_sessions};
 
 /// How often the port is checked for a (re)connected host.
@@ -120,11 +120,7 @@ pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
                     // forgets a hangup it saw on a registration (see FdIo).
                     match port.try_clone().and_then(FdIo::new) {
                         Ok(io) => {
-                            if was_first {
-                                info!("host connected");
-                            } else {
-                                debug!("host connected");
-                            }
+                            debug!("host connected");
                             return Some(io);
                         }
                         Err(e) => {

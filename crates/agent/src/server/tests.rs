@@ -423,7 +423,7 @@ async fn output_after_the_exit_is_drained() {
     // A background job that writes shortly after the shell exited still gets
     // its output through (it arrives within the idle window).
     let (client, _) = session();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "(sleep 0.2; echo late) & echo early"])))).await);
+    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "(sleep 0.05; echo late) & echo early"])))).await);
     assert_eq!(o.stdout, b"early\nlate\n");
 }
 
