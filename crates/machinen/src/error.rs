@@ -48,6 +48,14 @@ pub enum ErrorCode {
     StopTimeout,
     StopFailed,
     GcFailed,
+    // snapshot, restore, fork
+    SnapshotDumpFailed,
+    SnapshotTimeout,
+    SnapshotOutExists,
+    SnapshotStateInvalid,
+    RestoreBundleInvalid,
+    RestoreBundleIncompatible,
+    RestoreImageMismatch,
     // anything the host OS refused that fits nowhere else
     Io,
 }
@@ -87,6 +95,13 @@ impl ErrorCode {
             StopTimeout => "STOP_TIMEOUT",
             StopFailed => "STOP_FAILED",
             GcFailed => "GC_FAILED",
+            SnapshotDumpFailed => "SNAPSHOT_DUMP_FAILED",
+            SnapshotTimeout => "SNAPSHOT_TIMEOUT",
+            SnapshotOutExists => "SNAPSHOT_OUT_EXISTS",
+            SnapshotStateInvalid => "SNAPSHOT_STATE_INVALID",
+            RestoreBundleInvalid => "RESTORE_BUNDLE_INVALID",
+            RestoreBundleIncompatible => "RESTORE_BUNDLE_INCOMPATIBLE",
+            RestoreImageMismatch => "RESTORE_IMAGE_MISMATCH",
             Io => "IO",
         }
     }
@@ -102,7 +117,7 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            BootTimeout | BootDetachedReadinessFailed | ExecVsockUnavailable | StopTimeout | InstallFetchFailed
+            BootTimeout | BootDetachedReadinessFailed | ExecVsockUnavailable | StopTimeout | InstallFetchFailed | SnapshotTimeout
         )
     }
 
@@ -155,6 +170,13 @@ pub const ALL: &[ErrorCode] = {
         StopTimeout,
         StopFailed,
         GcFailed,
+        SnapshotDumpFailed,
+        SnapshotTimeout,
+        SnapshotOutExists,
+        SnapshotStateInvalid,
+        RestoreBundleInvalid,
+        RestoreBundleIncompatible,
+        RestoreImageMismatch,
         Io,
     ]
 };
@@ -221,6 +243,8 @@ pub enum Error {
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
 }
 
 impl Error {
@@ -230,6 +254,7 @@ impl Error {
             Error::Install(e) => e,
             Error::Image(e) => e,
             Error::Registry(e) => e,
+            Error::Bundle(e) => e,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod binaries;
+pub mod bundle;
 pub mod error;
 pub mod image;
 pub mod initramfs;

@@ -1,0 +1,442 @@
+//! Snapshot bundles: a directory holding everything needed to resume a VM.
+//!
+//! ```text
+//! <bundle>/meta.json        BundleMeta: what was snapshotted, where, how
+//! <bundle>/state.vmstate    machine state and guest RAM (QEMU migration stream)
+//! <bundle>/rootdisk.qcow2   the VM's disk layer over its image (qcow2, sparse)
+//! <bundle>/manifest.json    size and sha256 of every other file
+//! ```
+//!
+//! A bundle is built in a hidden temp directory next to its destination and
+//! renamed into place only when complete and synced, so a crash never leaves
+//! something that [`verify`] accepts. [`verify`] checks the manifest strictly:
+//! any changed byte in any file — the manifest included — is refused with an
+//! error naming the file.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Coded, ErrorCode};
+
+/// Bundle format version; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_NAME: &str = "machinen-bundle";
+
+pub const META: &str = "meta.json";
+pub const STATE: &str = "state.vmstate";
+pub const DISK: &str = "rootdisk.qcow2";
+pub const MANIFEST: &str = "manifest.json";
+
+/// Largest meta/manifest file we parse (they are a few KiB).
+const MAX_SMALL_FILE: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageIdentity {
+    /// Path of the rootfs tarball on the snapshotting host.
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelIdentity {
+    pub version: String,
+    pub sha256: String,
+}
+
+/// `meta.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleMeta {
+    pub format: String,
+    pub version: u32,
+    pub engine: String,
+    pub source_name: String,
+    pub image: ImageIdentity,
+    /// Unix time in milliseconds.
+    pub snapped_at_ms: u64,
+    /// Debian spelling: `amd64`, `arm64`.
+    pub guest_arch: String,
+    pub accel: String,
+    pub cpu_model: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub kernel: KernelIdentity,
+    /// The disk layer's format and what it sits on.
+    pub disk_format: String,
+    /// Checkpoint chain this bundle belongs to and its place in it.
+    pub chain_id: String,
+    pub chain_seq: u32,
+    #[serde(default)]
+    pub chain_parent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path} is not a snapshot bundle (no {MANIFEST})")]
+    NotABundle { path: PathBuf },
+    #[error("bundle file {file} is corrupt: {detail}")]
+    Corrupt { file: PathBuf, detail: String },
+    #[error("bundle file {file} is missing")]
+    Missing { file: PathBuf },
+    #[error("bundle {path} has format version {found}; this machinen reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("bundle was made for {what} {found}, this host has {here}")]
+    Foreign { what: &'static str, found: String, here: String },
+    #[error("snapshot destination {path} already exists")]
+    Exists { path: PathBuf },
+    #[error("bundle i/o on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Coded for BundleError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            BundleError::NotABundle { .. } | BundleError::Missing { .. } | BundleError::Corrupt { .. } | BundleError::Version { .. } => {
+                ErrorCode::RestoreBundleInvalid
+            }
+            BundleError::Foreign { .. } => ErrorCode::RestoreBundleIncompatible,
+            BundleError::Exists { .. } => ErrorCode::SnapshotOutExists,
+            BundleError::Io { .. } => ErrorCode::SnapshotDumpFailed,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            BundleError::NotABundle { .. } => "pass the directory that `machinen snapshot` wrote".into(),
+            BundleError::Corrupt { .. } | BundleError::Missing { .. } => {
+                "the bundle was damaged in transit or on disk; copy it again from its source".into()
+            }
+            BundleError::Version { .. } => "restore it with the machinen version that wrote it".into(),
+            BundleError::Foreign { .. } => "restore it on a host with the same guest architecture and accelerator".into(),
+            BundleError::Exists { .. } => "choose a new directory; machinen never overwrites a bundle".into(),
+            BundleError::Io { .. } => return None,
+        })
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io { path: path.to_path_buf(), source }
+}
+
+/// sha256 and size of a file, reading it once.
+pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
+    let mut f = fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BundleError::Missing { file: path.to_path_buf() }
+        } else {
+            BundleError::Io { path: path.to_path_buf(), source: e }
+        }
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, hex::encode(h.finalize())))
+}
+
+/// Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE), so sparse disk
+/// layers stay sparse in the bundle.
+pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
+    let mut from = fs::File::open(src).map_err(io(src))?;
+    let len = from.metadata().map_err(io(src))?.len();
+    let to = fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(io(dst))?;
+    to.set_len(len).map_err(io(dst))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&from);
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (pos as u64) < len {
+        // SAFETY: lseek on a file descriptor we own; no memory involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        from.seek(SeekFrom::Start(data as u64)).map_err(io(src))?;
+        let mut off = data;
+        while off < end {
+            let want = ((end - off) as usize).min(buf.len());
+            from.read_exact(&mut buf[..want]).map_err(io(src))?;
+            to.write_all_at(&buf[..want], off as u64).map_err(io(dst))?;
+            off += want as i64;
+        }
+        pos = end;
+    }
+    to.sync_all().map_err(io(dst))?;
+    Ok(len)
+}
+
+/// A bundle being written: a hidden temp directory beside the destination.
+pub struct Builder {
+    pub tmp: PathBuf,
+    pub dest: PathBuf,
+}
+
+impl Builder {
+    /// Refuses an existing destination.
+    pub fn new(dest: &Path) -> Result<Builder, BundleError> {
+        let dest = if dest.is_absolute() {
+            dest.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(io(dest))?.join(dest)
+        };
+        if dest.exists() {
+            return Err(BundleError::Exists { path: dest });
+        }
+        let parent = dest.parent().ok_or_else(|| BundleError::Exists { path: dest.clone() })?;
+        fs::create_dir_all(parent).map_err(io(parent))?;
+        let base = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
+        let tmp = parent.join(format!(".{base}.partial-{:08x}", rand::random::<u32>()));
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        Ok(Builder { tmp, dest })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.join(name)
+    }
+
+    /// Write meta and manifest, sync everything, and rename into place.
+    pub fn finish(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+        let meta_path = self.path(META);
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
+        write_synced(&meta_path, &bytes)?;
+        let mut files = Vec::new();
+        for name in [META, STATE, DISK] {
+            let p = self.path(name);
+            let (size, sha256) = hash_file(&p)?;
+            let f = fs::File::open(&p).map_err(io(&p))?;
+            f.sync_all().map_err(io(&p))?;
+            files.push(FileEntry { name: name.into(), size, sha256 });
+        }
+        let manifest = Manifest { format: FORMAT_NAME.into(), version: FORMAT_VERSION, files };
+        let mpath = self.path(MANIFEST);
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| BundleError::Corrupt { file: mpath.clone(), detail: e.to_string() })?;
+        write_synced(&mpath, &bytes)?;
+        fsync_dir(&self.tmp)?;
+        fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
+        if let Some(parent) = self.dest.parent() {
+            fsync_dir(parent)?;
+        }
+        let dest = self.dest.clone();
+        std::mem::forget(self);
+        Ok(dest)
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        // An abandoned bundle leaves nothing behind.
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    let mut f = fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
+    let f = fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BundleError::Missing { file: path.to_path_buf() }
+        } else {
+            BundleError::Io { path: path.to_path_buf(), source: e }
+        }
+    })?;
+    let mut bytes = Vec::new();
+    f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes).map_err(io(path))?;
+    if bytes.len() as u64 > MAX_SMALL_FILE {
+        return Err(BundleError::Corrupt { file: path.to_path_buf(), detail: "larger than 1 MiB".into() });
+    }
+    Ok(bytes)
+}
+
+/// Check every file of the bundle at `dir` against its manifest and return
+/// the parsed meta. Nothing in the bundle is modified.
+pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
+    let mpath = dir.join(MANIFEST);
+    if !mpath.exists() {
+        return Err(BundleError::NotABundle { path: dir.to_path_buf() });
+    }
+    let manifest: Manifest = serde_json::from_slice(&read_small(&mpath)?)
+        .map_err(|e| BundleError::Corrupt { file: mpath.clone(), detail: e.to_string() })?;
+    if manifest.format != FORMAT_NAME {
+        return Err(BundleError::Corrupt { file: mpath, detail: format!("format {:?}", manifest.format) });
+    }
+    if manifest.version != FORMAT_VERSION {
+        return Err(BundleError::Version { path: dir.to_path_buf(), found: manifest.version });
+    }
+    let mut names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    names.sort_unstable();
+    if names != [META, DISK, STATE] {
+        return Err(BundleError::Corrupt { file: mpath, detail: format!("unexpected file list {names:?}") });
+    }
+    for entry in &manifest.files {
+        let p = dir.join(&entry.name);
+        let (size, sha) = hash_file(&p)?;
+        if size != entry.size {
+            return Err(BundleError::Corrupt { file: p, detail: format!("size {size}, manifest says {}", entry.size) });
+        }
+        if sha != entry.sha256 {
+            return Err(BundleError::Corrupt { file: p, detail: "sha256 does not match the manifest".into() });
+        }
+    }
+    let meta_path = dir.join(META);
+    let meta: BundleMeta = serde_json::from_slice(&read_small(&meta_path)?)
+        .map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
+    if meta.format != FORMAT_NAME || meta.version != FORMAT_VERSION {
+        return Err(BundleError::Version { path: dir.to_path_buf(), found: meta.version });
+    }
+    Ok(meta)
+}
+
+/// Refuse a bundle this host cannot resume.
+pub fn check_compatible(meta: &BundleMeta, guest_arch: &str, accel: &str, cpu_model: &str) -> Result<(), BundleError> {
+    if meta.guest_arch != guest_arch {
+        return Err(BundleError::Foreign { what: "guest architecture", found: meta.guest_arch.clone(), here: guest_arch.into() });
+    }
+    if meta.cpu_model != cpu_model || (meta.accel == "tcg") != (accel == "tcg") {
+        return Err(BundleError::Foreign {
+            what: "accelerator/CPU model",
+            found: format!("{}/{}", meta.accel, meta.cpu_model),
+            here: format!("{accel}/{cpu_model}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> BundleMeta {
+        BundleMeta {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            engine: "qemu".into(),
+            source_name: "web".into(),
+            image: ImageIdentity { path: "/x/rootfs.tar.gz".into(), sha256: "ab".repeat(32) },
+            snapped_at_ms: 1,
+            guest_arch: "amd64".into(),
+            accel: "tcg".into(),
+            cpu_model: "max".into(),
+            memory_mib: 512,
+            cpus: 1,
+            kernel: KernelIdentity { version: "6.1".into(), sha256: "cd".repeat(32) },
+            disk_format: "qcow2".into(),
+            chain_id: "c".into(),
+            chain_seq: 1,
+            chain_parent: None,
+        }
+    }
+
+    fn make(dir: &Path) -> PathBuf {
+        let dest = dir.join("b.snap");
+        let b = Builder::new(&dest).expect("builder");
+        fs::write(b.path(STATE), vec![7u8; 100_000]).expect("state");
+        let disk = dir.join("disk.src");
+        let f = fs::File::create(&disk).expect("disk");
+        f.set_len(64 << 20).expect("len");
+        f.write_all_at(b"data", 32 << 20).expect("write");
+        sparse_copy(&disk, &b.path(DISK)).expect("copy");
+        b.finish(&meta()).expect("finish")
+    }
+
+    #[test]
+    fn bundle_round_trips_and_stays_sparse() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = make(tmp.path());
+        assert_eq!(verify(&dest).expect("verify"), meta());
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(dest.join(DISK)).expect("meta");
+        assert_eq!(m.len(), 64 << 20);
+        assert!(m.blocks() * 512 < 4 << 20, "disk copy is sparse ({} blocks)", m.blocks());
+        let mut buf = [0u8; 4];
+        fs::File::open(dest.join(DISK)).expect("open").read_exact_at(&mut buf, 32 << 20).expect("read");
+        assert_eq!(&buf, b"data");
+        assert!(fs::read_dir(tmp.path()).expect("ls").all(|e| !e.expect("e").file_name().to_string_lossy().contains("partial")));
+    }
+
+    #[test]
+    fn any_flipped_byte_is_refused_naming_the_file() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = make(tmp.path());
+        for name in [META, STATE, DISK, MANIFEST] {
+            let p = dest.join(name);
+            let orig = fs::read(&p).expect("read");
+            for at in [0, orig.len() / 2, orig.len() - 1] {
+                let mut bad = orig.clone();
+                bad[at] ^= 0x01;
+                fs::write(&p, &bad).expect("write");
+                let err = verify(&dest).expect_err("must refuse");
+                assert_eq!(err.code(), ErrorCode::RestoreBundleInvalid, "{name}@{at}: {err}");
+                assert!(err.to_string().contains(name) || err.to_string().contains("b.snap"), "{name}@{at}: {err}");
+            }
+            fs::write(&p, &orig).expect("restore");
+        }
+        verify(&dest).expect("intact again");
+    }
+
+    #[test]
+    fn missing_files_existing_destination_and_abandoned_builds() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        assert!(matches!(verify(tmp.path()), Err(BundleError::NotABundle { .. })));
+        let dest = make(tmp.path());
+        assert!(matches!(Builder::new(&dest), Err(BundleError::Exists { .. })));
+        fs::remove_file(dest.join(STATE)).expect("rm");
+        let err = verify(&dest).expect_err("missing");
+        assert!(err.to_string().contains(STATE), "{err}");
+        let b = Builder::new(&tmp.path().join("other")).expect("builder");
+        let t = b.tmp.clone();
+        drop(b);
+        assert!(!t.exists(), "abandoned temp dir removed");
+    }
+
+    #[test]
+    fn compatibility_checks() {
+        let m = meta();
+        check_compatible(&m, "amd64", "tcg", "max").expect("same");
+        assert_eq!(check_compatible(&m, "arm64", "tcg", "max").expect_err("arch").code(), ErrorCode::RestoreBundleIncompatible);
+        assert!(check_compatible(&m, "amd64", "kvm", "host").is_err());
+    }
+}
