@@ -45,13 +45,16 @@ impl Ctx {
     }
 }
 
+/// Concurrent streams per session (the host's client allows as many).
+pub const MAX_STREAMS: usize = 1024;
+
 /// The yamux configuration of the agent's sessions. The receive window cap
-/// is the smallest yamux allows for its stream limit, to bound what a host
-/// can make a small guest buffer.
+/// is the smallest yamux allows for its stream limit (256 KiB a stream), to
+/// bound what a host can make a small guest buffer.
 pub fn yamux_config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
-    cfg.set_max_num_streams(512);
-    cfg.set_max_connection_receive_window(Some(512 * 256 * 1024));
+    cfg.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
+    cfg.set_max_num_streams(MAX_STREAMS);
     cfg
 }
 
@@ -96,6 +99,10 @@ where
             let _ = s.shutdown().await;
         }
         Frame::Request(Request::Exec(req)) => exec::run(s, req, &ctx.hostname).await,
+        Frame::Request(Request::WriteFile(req)) => crate::files::write_file(s, req).await,
+        Frame::Request(Request::ReadFile { path }) => crate::files::read_file(s, path).await,
+        Frame::Request(Request::Secrets { secrets }) => crate::secrets::serve_install(&mut s, secrets).await,
+        Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;
