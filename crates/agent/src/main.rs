@@ -17,12 +17,19 @@
 mod cmdline;
 mod exec;
 mod fdio;
+mod files;
 mod init;
 mod log;
 mod net;
 mod port;
 mod reaper;
+mod secrets;
 mod server;
+mod zalloc;
+
+/// Every heap block is zeroed when freed: see [`zalloc`].
+#[global_allocator]
+static ALLOC: zalloc::ZeroOnFree = zalloc::ZeroOnFree;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;

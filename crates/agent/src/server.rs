@@ -99,6 +99,10 @@ where
             let _ = s.shutdown().await;
         }
         Frame::Request(Request::Exec(req)) => exec::run(s, req, &ctx.hostname).await,
+        Frame::Request(Request::WriteFile(req)) => crate::files::write_file(s, req).await,
+        Frame::Request(Request::ReadFile { path }) => crate::files::read_file(s, path).await,
+        Frame::Request(Request::Secrets { secrets }) => crate::secrets::serve_install(&mut s, secrets).await,
+        Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;

@@ -44,6 +44,19 @@
 //! peer -> client : Exit { code, signal }      (last frame; stream closes)
 //! ```
 //!
+//! Files (one stream per transfer, on either link):
+//!
+//! ```text
+//! client -> peer : Request(WriteFile { path, mode, append }) Data* Eof
+//! peer -> client : Response(Written { bytes })   | Error { code: FILES_*, .. }
+//!
+//! client -> peer : Request(ReadFile { path })
+//! peer -> client : Response(FileInfo { mode, size }) Data* Eof | Error
+//! ```
+//!
+//! Secrets: `Request(Secrets { secrets })` → `Response(SecretsSet)`;
+//! `Request(WipeSecrets)` → `Response(SecretsWiped)` (before a snapshot).
+//!
 //! Control requests (client ↔ supervisor only): `Request(Status)` →
 //! `Response(Status{..})`; `Request(Stop { force })` → `Response(Stopping)`,
 //! then the supervisor shuts the VM down and exits.
@@ -56,6 +69,52 @@
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The line-based preamble that starts every agent session, below yamux.
+///
+/// The host writes `MACHINEN-HELLO <nonce>\n`; the agent, which discards
+/// everything until it sees such a line, answers `MACHINEN-READY <nonce>\n`
+/// and starts a yamux server; the host, which discards everything until the
+/// matching answer, starts the yamux client. Stale bytes of an earlier
+/// session (a restored guest's in-flight output, a half-sent frame) are
+/// thereby skipped on both sides. An agent whose yamux session fails goes
+/// back to scanning for a preamble.
+pub mod preamble {
+    pub const HELLO: &str = "MACHINEN-HELLO ";
+    pub const READY: &str = "MACHINEN-READY ";
+    /// Longest line a scanner keeps (longer lines cannot be a preamble).
+    pub const MAX_LINE: usize = 64;
+
+    pub fn hello(nonce: &str) -> String {
+        format!("{HELLO}{nonce}\n")
+    }
+
+    pub fn ready(nonce: &str) -> String {
+        format!("{READY}{nonce}\n")
+    }
+
+    /// The nonce of a hello line (without its newline), if it is one.
+    pub fn parse_hello(line: &[u8]) -> Option<&str> {
+        let s = std::str::from_utf8(line).ok()?;
+        let nonce = s.strip_prefix(HELLO)?;
+        (!nonce.is_empty() && nonce.len() <= 32 && nonce.bytes().all(|b| b.is_ascii_hexdigit())).then_some(nonce)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn hello_round_trips_and_junk_is_not_hello() {
+            let h = hello("00ff");
+            assert_eq!(parse_hello(h.trim_end().as_bytes()), Some("00ff"));
+            assert_eq!(ready("00ff"), "MACHINEN-READY 00ff\n");
+            assert_eq!(parse_hello(b"MACHINEN-HELLO "), None);
+            assert_eq!(parse_hello(b"MACHINEN-HELLO zz"), None);
+            assert_eq!(parse_hello(&[0xff; 20]), None);
+        }
+    }
+}
 
 /// Incompatible protocol changes bump this.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -155,6 +214,36 @@ pub enum Request {
     },
     /// Flush guest filesystems and power off (agent link).
     Poweroff,
+    /// Write a guest file (agent link, forwarded from the control link).
+    /// The client then sends `Data* Eof`; the agent answers
+    /// `Response(Written)` or `Error` (codes `FILES_*`).
+    WriteFile(WriteFileRequest),
+    /// Read a guest file. Answered with `Response(FileInfo)` then
+    /// `Data* Eof`, or `Error`.
+    ReadFile { path: String },
+    /// Install secrets as files in the guest's secrets tmpfs, replacing the
+    /// ones of the same names. Answered with `Response(SecretsSet)`.
+    Secrets { secrets: Vec<Secret> },
+    /// Overwrite, remove and unmount every installed secret (before a
+    /// snapshot). Answered with `Response(SecretsWiped)`.
+    WipeSecrets,
+    /// Open a TCP connection to `127.0.0.1:port` in the guest (agent link).
+    /// Answered with `Response(Connected)`, after which the stream carries
+    /// raw bytes both ways (no more frames); or `Error`
+    /// (`PORT_FORWARD_REFUSED`) and the stream closes.
+    Connect { port: u16 },
+    /// Flush filesystems before a snapshot (agent link). Answered with
+    /// `Response(Quiesced)`.
+    Quiesce,
+    /// Repair guest state after a restore or fork (agent link): set the wall
+    /// clock, mix fresh host entropy into the kernel RNG and reseed it, and
+    /// optionally reset inherited TCP connections. Answered with
+    /// `Response(FixedUp)`.
+    Fixup(FixupRequest),
+    /// Write a snapshot bundle to `out` (control link). Answered with
+    /// `Response(Snapshotted)` once the bundle is complete; unless
+    /// `keep_alive`, the VM then stops.
+    Snapshot(SnapshotRequest),
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -164,6 +253,22 @@ pub enum Response {
     Pong,
     Status(VmStatus),
     Stopping,
+    /// A file transfer's metadata (before the `Data` of a `ReadFile`).
+    FileInfo(FileInfo),
+    /// A `WriteFile` completed: bytes written.
+    Written { bytes: u64 },
+    /// Secrets installed: how many, and the directory holding them.
+    SecretsSet { count: u32, dir: String },
+    /// Secrets wiped: how many files were removed.
+    SecretsWiped { count: u32 },
+    /// A `Connect` succeeded; raw bytes follow.
+    Connected,
+    /// Filesystems are flushed.
+    Quiesced,
+    /// What a `Fixup` did.
+    FixedUp(FixupReport),
+    /// A snapshot bundle is complete.
+    Snapshotted(SnapshotReport),
 }
 
 /// What the supervisor knows about its VM.
@@ -195,6 +300,108 @@ impl ExitStatus {
             (None, Some(s)) => 128 + s,
             (None, None) => 255,
         }
+    }
+}
+
+/// Guest repairs after a restore or fork.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FixupRequest {
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    pub wall_clock_ns: u64,
+    /// Fresh host entropy, hex-encoded (at most 512 bytes).
+    pub entropy_hex: String,
+    /// Reset TCP connections the guest had before the snapshot.
+    #[serde(default)]
+    pub reset_tcp: bool,
+}
+
+/// What a [`FixupRequest`] changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FixupReport {
+    /// Guest wall clock before it was set, nanoseconds since the epoch.
+    pub clock_was_ns: u64,
+    /// Entropy bytes credited to the kernel RNG.
+    pub entropy_bytes: u32,
+    /// TCP connections reset.
+    pub tcp_reset: u32,
+}
+
+/// Where to write a snapshot and whether the VM keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SnapshotRequest {
+    /// Absolute path of the bundle directory to create (must not exist).
+    pub out: String,
+    #[serde(default)]
+    pub keep_alive: bool,
+    /// Upper bound on the whole snapshot, milliseconds.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+/// A completed snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SnapshotReport {
+    pub out: String,
+    /// Wall time from request to complete bundle.
+    pub elapsed_ms: u64,
+    /// How long the guest was paused.
+    pub paused_ms: u64,
+    /// Apparent and on-disk bytes of the bundle.
+    pub bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Where and how to write a guest file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WriteFileRequest {
+    /// Absolute guest path. Missing parent directories are created (0755).
+    pub path: String,
+    /// Permission bits; `None` keeps an existing file's mode, else 0644.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Append instead of replacing (a replacement is atomic: temp + rename).
+    #[serde(default)]
+    pub append: bool,
+}
+
+/// A guest file's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Size in bytes when the transfer started.
+    pub size: u64,
+}
+
+/// A named secret. The value never appears in `Debug` output and is zeroed
+/// when dropped.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub name: String,
+    pub value: SecretValue,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret").field("name", &self.name).field("value", &self.value).finish()
+    }
+}
+
+/// Secret bytes: redacted in `Debug`, zeroed on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct SecretValue(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<redacted {} bytes>", self.0.len())
+    }
+}
+
+impl Drop for SecretValue {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&self.0);
     }
 }
 
@@ -381,7 +588,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
             FrameError::Io(e)
         }
     })?;
-    Ok(Some(Frame::decode_body(buf[0], &buf[1..])?))
+    let frame = Frame::decode_body(buf[0], &buf[1..]);
+    // Control bodies may carry secrets: leave no copy in freed memory.
+    if buf[0] == tag::REQUEST {
+        buf.fill(0);
+        std::hint::black_box(&buf);
+    }
+    Ok(Some(frame?))
 }
 
 /// Write one frame (no flush of the underlying stream's buffers beyond
@@ -423,6 +636,25 @@ mod tests {
             Frame::Request(Request::Status),
             Frame::Request(Request::Stop { force: true }),
             Frame::Request(Request::Poweroff),
+            Frame::Request(Request::Connect { port: 8080 }),
+            Frame::Request(Request::Quiesce),
+            Frame::Request(Request::Fixup(FixupRequest { wall_clock_ns: 1, entropy_hex: "ab".into(), reset_tcp: true })),
+            Frame::Request(Request::Snapshot(SnapshotRequest { out: "/b".into(), keep_alive: true, timeout_ms: 9 })),
+            Frame::Response(Response::Connected),
+            Frame::Response(Response::Quiesced),
+            Frame::Response(Response::FixedUp(FixupReport { clock_was_ns: 2, entropy_bytes: 64, tcp_reset: 1 })),
+            Frame::Response(Response::Snapshotted(SnapshotReport { out: "/b".into(), elapsed_ms: 1, paused_ms: 2, bytes: 3, disk_bytes: 4 })),
+            Frame::Request(Request::WriteFile(WriteFileRequest { path: "/a/b".into(), mode: Some(0o600), append: true })),
+            Frame::Request(Request::WriteFile(WriteFileRequest { path: "/c".into(), mode: None, append: false })),
+            Frame::Request(Request::ReadFile { path: "/etc/hostname".into() }),
+            Frame::Request(Request::Secrets {
+                secrets: vec![Secret { name: "TOKEN".into(), value: SecretValue(vec![0, 1, 255, b'x']) }],
+            }),
+            Frame::Request(Request::WipeSecrets),
+            Frame::Response(Response::FileInfo(FileInfo { mode: 0o755, size: 1 << 40 })),
+            Frame::Response(Response::Written { bytes: 52_428_800 }),
+            Frame::Response(Response::SecretsSet { count: 2, dir: "/run/machinen/secrets".into() }),
+            Frame::Response(Response::SecretsWiped { count: 2 }),
             Frame::Response(Response::Pong),
             Frame::Response(Response::Stopping),
             Frame::Response(Response::Status(VmStatus {
@@ -527,6 +759,15 @@ mod tests {
             }
             let _ = Frame::decode(&buf);
         }
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let f = Frame::Request(Request::Secrets {
+            secrets: vec![Secret { name: "TOKEN".into(), value: SecretValue(b"hunter2".to_vec()) }],
+        });
+        let dbg = format!("{f:?}");
+        assert!(dbg.contains("TOKEN") && !dbg.contains("hunter2"), "{dbg}");
     }
 
     #[test]

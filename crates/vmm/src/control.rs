@@ -1,8 +1,9 @@
 //! The control socket: many clients at once, one operation per connection.
 //!
-//! An exec is forwarded by opening a fresh agent stream, sending the same
-//! `Request(Exec)` frame, and splicing the two byte streams: the rest of the
-//! exec conversation (stdin, output, exit) passes through untouched.
+//! An exec (or any other agent-bound request: files, secrets) is forwarded
+//! by opening a fresh agent stream, sending the same `Request` frame, and
+//! splicing the two byte streams: the rest of the conversation (stdin,
+//! output, exit; file data) passes through untouched.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +64,15 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             let _ = shared.stop_tx.send(force).await;
             proto::send(&mut conn, &Frame::Response(Response::Stopping)).await?;
         }
-        Frame::Request(req @ Request::Exec(_)) => {
+        // Everything the guest agent serves is forwarded the same way: the
+        // first frame goes to a fresh agent stream, then the bytes are spliced.
+        Frame::Request(
+            req @ (Request::Exec(_)
+            | Request::WriteFile(_)
+            | Request::ReadFile { .. }
+            | Request::Secrets { .. }
+            | Request::WipeSecrets),
+        ) => {
             let agent = shared.agent.lock().await.clone();
             let Some(agent) = agent else {
                 let state = shared.status.lock().await.state.clone();
