@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::args::{AgentContextArgs, AttachArgs, CompletionArgs, CpArgs, MuxArgs, ReplArgs, SecretArgs};
+
 const AFTER_HELP: &str = "\
 Examples:
   machinen install                          fetch the kernel, build the Debian base
@@ -41,6 +43,14 @@ pub enum Command {
     Boot(BootArgs),
     /// Run a command in a live VM.
     Exec(ExecArgs),
+    /// Open an interactive shell in a live VM.
+    Attach(AttachArgs),
+    /// Run each input line as its own command in a live VM.
+    Repl(ReplArgs),
+    /// Copy a file into or out of a live VM.
+    Cp(CpArgs),
+    /// One terminal for many VMs: list, attach, detach (Ctrl-] Ctrl-]), re-attach.
+    Mux(MuxArgs),
     /// List live VMs.
     #[command(visible_aliases = ["list", "ps"])]
     Ls(LsArgs),
@@ -50,6 +60,13 @@ pub enum Command {
     Gc(GcArgs),
     /// Fetch the guest kernel and build the Debian base rootfs.
     Install(InstallArgs),
+    /// Describe every command, flag and exit code as versioned JSON (for agents and tools).
+    AgentContext(AgentContextArgs),
+    /// Print a shell completion script (bash, zsh, fish).
+    Completion(CompletionArgs),
+    /// Names of live VMs, one a line (used by the completion scripts).
+    #[command(name = "__vm-names", hide = true)]
+    VmNames,
 }
 
 impl Command {
@@ -57,6 +74,9 @@ impl Command {
         match self {
             Command::Boot(a) => a.json,
             Command::Exec(a) => a.json,
+            Command::Cp(a) => a.json,
+            Command::AgentContext(_) => true,
+            Command::Attach(_) | Command::Repl(_) | Command::Mux(_) | Command::Completion(_) | Command::VmNames => false,
             Command::Ls(a) => a.json,
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
@@ -96,6 +116,8 @@ pub struct BootArgs {
     /// Return once the guest is ready and leave the VM running.
     #[arg(long, short = 'd', visible_alias = "detach")]
     pub detached: bool,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub boot_timeout: u64,
@@ -111,12 +133,15 @@ pub struct BootArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname")]
+#[command(after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top")]
 pub struct ExecArgs {
     /// VM name or pid.
     pub target: String,
     #[command(flatten)]
     pub process: ProcessArgs,
+    /// Run on a pseudo-terminal: the host terminal goes raw, keys (Ctrl-C, Ctrl-Z) and window size reach the command.
+    #[arg(long, short = 't', conflicts_with = "json")]
+    pub tty: bool,
     /// Print one JSON object with the exit status and the captured output.
     #[arg(long)]
     pub json: bool,

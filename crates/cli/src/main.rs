@@ -1,6 +1,7 @@
 //! `machinen`: the command-line interface. Parses arguments, calls the
 //! library, prints results (human or `--json`), maps errors to exit codes.
 
+mod args;
 mod cli;
 mod cmd;
 mod output;

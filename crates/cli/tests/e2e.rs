@@ -246,3 +246,335 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     assert_eq!(again["name"], "victim");
     env.run_ok(&["stop", "--force", "victim"]);
 }
+
+// ---------------------------------------------------------------------------
+// Interactive terminals, files, secrets, agent-facing commands.
+
+/// A pseudo-terminal the test drives like a user: the CLI runs with the
+/// slave as its controlling terminal and stdio; the test writes keys to the
+/// master and reads the screen from it.
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Pty {
+    fn new(rows: u16, cols: u16) -> Pty {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut s) = (0, 0);
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: openpty writes two descriptors into the locals; the name
+        // and termios pointers may be null; `ws` is a live local.
+        let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(rc, 0, "openpty");
+        // SAFETY: openpty just returned these descriptors; we own them.
+        let (master, slave) = unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) };
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut rd, sc) = (master.try_clone().expect("clone master"), screen.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = rd.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sc.lock().expect("screen").extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty { master, slave, screen }
+    }
+
+    /// Start `machinen ARGS` on this terminal (its own session, the slave as
+    /// its controlling terminal).
+    fn spawn(&self, env: &Env, args: &[&str]) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let mut c = env.cmd(args);
+        c.stdin(self.slave.try_clone().expect("slave"))
+            .stdout(self.slave.try_clone().expect("slave"))
+            .stderr(self.slave.try_clone().expect("slave"));
+        // SAFETY: setsid and ioctl are async-signal-safe; nothing is allocated.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setsid() == -1 || libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c.spawn().expect("spawn on pty")
+    }
+
+    fn keys(&self, bytes: &[u8]) {
+        (&self.master).write_all(bytes).expect("write keys");
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().expect("screen")).into_owned()
+    }
+
+    /// Wait until the screen shows `pat` `n` times in all.
+    fn wait_for_n(&self, pat: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.screen().matches(pat).count() < n {
+            assert!(Instant::now() < deadline, "timed out waiting for {pat:?} x{n}; screen:\n{}", self.screen());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, pat: &str, timeout: Duration) {
+        self.wait_for_n(pat, 1, timeout)
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(rc, 0, "resize");
+    }
+
+    /// The slave's local flags (to see raw mode come and go).
+    fn lflags(&self) -> libc::tcflag_t {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcgetattr fills a zeroed termios, a plain C struct.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(self.slave.as_raw_fd(), &mut t), 0);
+            t.c_lflag
+        }
+    }
+}
+
+fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tty_exec_resizes_interrupts_and_exits_then_mux_attaches_detaches_and_replays() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "tty", "--detached", "--json"]);
+
+    // exec --tty: the size at start, a resize, Ctrl-C, the exit code.
+    let pty = Pty::new(30, 100);
+    let cooked = pty.lflags();
+    assert!(cooked & libc::ICANON != 0 && cooked & libc::ECHO != 0);
+    let script = "stty size; echo READY1; read x; stty size; trap 'echo INTERRUPTED; exit 42' INT; echo READY2; sleep 60; echo NOT-INTERRUPTED";
+    let mut child = pty.spawn(&env, &["exec", "--tty", "tty", "--", "sh", "-c", script]);
+    pty.wait_for("READY1", Duration::from_secs(60));
+    assert!(pty.screen().contains("30 100"), "initial size: {}", pty.screen());
+    assert_eq!(pty.lflags() & (libc::ICANON | libc::ECHO), 0, "the host terminal is raw while the session runs");
+    pty.resize(50, 132);
+    std::thread::sleep(Duration::from_millis(500));
+    pty.keys(b"go\r");
+    pty.wait_for("READY2", Duration::from_secs(30));
+    assert!(pty.screen().contains("50 132"), "size after resize: {}", pty.screen());
+    pty.keys(b"\x03");
+    pty.wait_for("INTERRUPTED", Duration::from_secs(30));
+    let st = wait_child(&mut child, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(42), "exit code of the guest command; screen:\n{}", pty.screen());
+    assert!(!pty.screen().contains("NOT-INTERRUPTED"));
+    assert_eq!(pty.lflags(), cooked, "terminal settings restored");
+
+    // The multiplexer: list, attach, run something, detach, re-attach with replay.
+    let pty = Pty::new(24, 80);
+    let mut mux = pty.spawn(&env, &["mux"]);
+    pty.wait_for("mux> ", Duration::from_secs(10));
+    pty.keys(b"/ls\n");
+    pty.wait_for_n("mux> ", 2, Duration::from_secs(10));
+    assert!(pty.screen().contains(" tty"), "{}", pty.screen());
+    pty.keys(b"/attach tty\n");
+    pty.wait_for("attached to tty", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    pty.keys(b"echo $((6*7))MARK\r");
+    pty.wait_for("42MARK", Duration::from_secs(30));
+    pty.keys(b"\x1d\x1d");
+    pty.wait_for("detached from tty", Duration::from_secs(10));
+    assert!(pty.lflags() & libc::ICANON != 0, "cooked again after detaching");
+    pty.keys(b"/ls\n");
+    pty.wait_for("* ", Duration::from_secs(10));
+    let before = pty.screen().len();
+    pty.keys(b"/attach tty\n");
+    pty.wait_for_n("attached to tty", 2, Duration::from_secs(30));
+    pty.wait_for_n("42MARK", 2, Duration::from_secs(10));
+    assert!(pty.screen()[before..].contains("42MARK"), "scrollback replayed on re-attach");
+    pty.keys(b"exit\r");
+    pty.wait_for("shell exited with 0", Duration::from_secs(30));
+    pty.keys(b"/quit\n");
+    let st = wait_child(&mut mux, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0));
+    // Detaching never stopped the VM.
+    assert_eq!(env.run_ok(&["exec", "tty", "--", "echo", "alive"]).trim(), "alive");
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn cp_round_trips_50_mib_both_ways_and_repl_and_attach_tail_work() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.json(&["boot", "--name", "files", "--detached", "--json"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("big.bin");
+    let data = pseudo_random(50 * 1024 * 1024, 0x1234_5678_9abc_def1 ^ std::process::id() as u64);
+    std::fs::write(&src, &data).expect("write");
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let want = sha256_hex(&data);
+
+    // In: parents created, mode kept, contents intact.
+    let v = env.json(&["cp", "--json", src.to_str().expect("utf8"), "files:/data/new/dir/big.bin"]);
+    assert_eq!(v["bytes"], 50 * 1024 * 1024);
+    let guest = env.run_ok(&["exec", "files", "--", "sh", "-c", "sha256sum /data/new/dir/big.bin; stat -c %a /data/new/dir/big.bin"]);
+    assert!(guest.contains(&want), "guest sha256: {guest}");
+    assert!(guest.lines().any(|l| l.trim() == "750"), "mode kept: {guest}");
+
+    // Out: into a new host directory (parents created), mode kept.
+    let back = dir.path().join("out/sub/big.bin");
+    env.run_ok(&["cp", "files:/data/new/dir/big.bin", back.to_str().expect("utf8")]);
+    let got = std::fs::read(&back).expect("read back");
+    assert_eq!(got.len(), data.len());
+    assert_eq!(sha256_hex(&got), want);
+    assert_eq!(std::fs::metadata(&back).expect("meta").permissions().mode() & 0o7777, 0o750);
+
+    // stdin/stdout and append.
+    let mut c = env.cmd(&["cp", "-", "files:/tmp/greeting"]).stdin(Stdio::piped()).spawn().expect("cp -");
+    c.stdin.take().expect("stdin").write_all(b"hello ").expect("write");
+    assert!(c.wait().expect("wait").success());
+    let mut c = env.cmd(&["cp", "--append", "-", "files:/tmp/greeting"]).stdin(Stdio::piped()).spawn().expect("cp -");
+    c.stdin.take().expect("stdin").write_all(b"world").expect("write");
+    assert!(c.wait().expect("wait").success());
+    assert_eq!(env.run_ok(&["cp", "files:/tmp/greeting", "-"]), "hello world");
+
+    // Errors name the path and the reason.
+    let out = env.run(&["cp", "files:/no/such/file", dir.path().join("x").to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FILES_NOT_FOUND") && err.contains("/no/such/file"), "{err}");
+    let out = env.run(&["cp", src.to_str().expect("utf8"), "files:/data"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FILES_IS_DIRECTORY"));
+    assert!(!dir.path().join("x").exists());
+
+    // repl: one command per line, state does not carry over, piped input.
+    let mut c = env.cmd(&["repl", "files"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("repl");
+    c.stdin.take().expect("stdin").write_all(b"cd /tmp && pwd\npwd\necho $((1+2))\nexit 3\n").expect("write");
+    let out = c.wait_with_output().expect("repl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp\n/\n3\n");
+    assert_eq!(out.status.code(), Some(3), "the last line's exit code");
+
+    // attach with --tail and --shell, without a terminal.
+    let out = env.run(&["attach", "files", "--tail", "3", "--shell", "echo hi-from-attach; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("hi-from-attach"), "{s}");
+}
+
+#[test]
+fn secrets_reach_the_guest_only() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let value = format!("s3cr3t-{:x}-{nanos:x}", std::process::id());
+    let file_value = format!("file-{value}");
+    let f = dir.path().join("token");
+    std::fs::write(&f, &file_value).expect("write");
+    let token = format!("API_TOKEN={value}");
+    let from_file = format!("FROM_FILE={}", f.display());
+    let info = env.json(&["boot", "--name", "sec", "--detached", "--json", "--secret", &token, "--secret-file", &from_file]);
+    assert!(!info.to_string().contains(&value));
+
+    let out = env.run_ok(&["exec", "sec", "--", "sh", "-c", "cat /run/machinen/secrets/API_TOKEN; echo; cat /run/machinen/secrets/FROM_FILE; echo; stat -c %a /run/machinen/secrets/API_TOKEN; grep ' /run/machinen/secrets ' /proc/mounts; sync"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], value);
+    assert_eq!(lines[1], file_value);
+    assert_eq!(lines[2], "400");
+    assert!(lines[3].contains("tmpfs"), "{out}");
+    // A transient program reads it.
+    env.run_ok(&["exec", "sec", "--", "sh", "-c", "cat /run/machinen/secrets/API_TOKEN > /dev/null"]);
+
+    // Nowhere on the host side: ls, registry files (meta, spec, logs), the disk.
+    let ls = env.run_ok(&["ls", "--json"]);
+    assert!(!ls.contains(&value));
+    for d in env.vm_dirs() {
+        for e in std::fs::read_dir(&d).expect("ls dir").flatten() {
+            let p = e.path();
+            if !p.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&p).unwrap_or_default();
+            let hay = bytes.windows(value.len()).any(|w| w == value.as_bytes());
+            assert!(!hay, "the secret is in {}", p.display());
+        }
+    }
+    // Bad names are refused before booting; the value is never echoed.
+    let out = env.run(&["boot", "--secret", "../x=hunter2", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SECRETS_INVALID") && !err.contains("hunter2"), "{err}");
+
+    // A bundle taken after the read carries no secret (when snapshots exist).
+    let snap_help = env.run(&["snapshot", "--help"]);
+    if snap_help.status.success() && String::from_utf8_lossy(&snap_help.stdout).contains("--keep-alive") {
+        let bundle = dir.path().join("sec.snap");
+        let out = env.run(&["snapshot", "sec", bundle.to_str().expect("utf8"), "--keep-alive"]);
+        if out.status.success() {
+            let mut stack = vec![bundle.clone()];
+            while let Some(p) = stack.pop() {
+                if p.is_dir() {
+                    stack.extend(std::fs::read_dir(&p).expect("ls").flatten().map(|e| e.path()));
+                    continue;
+                }
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the secret is in {}", p.display());
+            }
+            let gone = env.run(&["exec", "sec", "--", "test", "-e", "/run/machinen/secrets/API_TOKEN"]);
+            assert_eq!(gone.status.code(), Some(1), "secrets are wiped before a snapshot");
+        }
+    }
+}
+
+#[test]
+fn agent_context_parses_and_matches_help() {
+    let env = Env::new();
+    let v = env.json(&["agent-context"]);
+    assert_eq!(v["schema"], "machinen.agent-context");
+    assert_eq!(v["schema_version"], 1);
+    let cmds = v["commands"].as_array().expect("commands");
+    let top = env.run_ok(&["--help"]);
+    for name in ["boot", "exec", "ls", "stop", "gc", "install", "cp", "attach", "repl", "mux", "agent-context", "completion"] {
+        assert!(cmds.iter().any(|c| c["name"] == name), "{name} missing from agent-context");
+    }
+    for c in cmds {
+        let name = c["name"].as_str().expect("name");
+        assert!(top.contains(name), "{name} not in --help");
+        let help = env.run_ok(&[name, "--help"]);
+        for a in c["args"].as_array().expect("args") {
+            if let Some(long) = a["long"].as_str() {
+                assert!(help.contains(long), "{name}: {long} in agent-context but not in --help");
+            }
+        }
+    }
+    assert!(v["exit_codes"]["codes"].as_array().expect("codes").iter().any(|c| c["code"] == "REGISTRY_NOT_FOUND" && c["exit_code"] == 125));
+    let bash = env.run_ok(&["completion", "bash"]);
+    assert!(bash.contains("__vm-names") && bash.contains("complete -F"));
+}

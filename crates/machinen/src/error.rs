@@ -56,6 +56,18 @@ pub enum ErrorCode {
     RestoreBundleInvalid,
     RestoreBundleIncompatible,
     RestoreImageMismatch,
+    // files in and out of the guest
+    FilesPathInvalid,
+    FilesNotFound,
+    FilesPermissionDenied,
+    FilesIsDirectory,
+    FilesNotADirectory,
+    FilesNotRegular,
+    FilesNoSpace,
+    FilesIo,
+    // secrets
+    SecretsInvalid,
+    SecretsFailed,
     // anything the host OS refused that fits nowhere else
     Io,
 }
@@ -102,6 +114,16 @@ impl ErrorCode {
             RestoreBundleInvalid => "RESTORE_BUNDLE_INVALID",
             RestoreBundleIncompatible => "RESTORE_BUNDLE_INCOMPATIBLE",
             RestoreImageMismatch => "RESTORE_IMAGE_MISMATCH",
+            FilesPathInvalid => "FILES_PATH_INVALID",
+            FilesNotFound => "FILES_NOT_FOUND",
+            FilesPermissionDenied => "FILES_PERMISSION_DENIED",
+            FilesIsDirectory => "FILES_IS_DIRECTORY",
+            FilesNotADirectory => "FILES_NOT_A_DIRECTORY",
+            FilesNotRegular => "FILES_NOT_REGULAR",
+            FilesNoSpace => "FILES_NO_SPACE",
+            FilesIo => "FILES_IO",
+            SecretsInvalid => "SECRETS_INVALID",
+            SecretsFailed => "SECRETS_FAILED",
             Io => "IO",
         }
     }
@@ -130,7 +152,7 @@ impl ErrorCode {
         match self {
             ExecCommandNotFound => 127,
             ExecSpawnFailed => 126,
-            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid => 2,
+            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | FilesPathInvalid | SecretsInvalid => 2,
             _ => 125,
         }
     }
@@ -177,6 +199,16 @@ pub const ALL: &[ErrorCode] = {
         RestoreBundleInvalid,
         RestoreBundleIncompatible,
         RestoreImageMismatch,
+        FilesPathInvalid,
+        FilesNotFound,
+        FilesPermissionDenied,
+        FilesIsDirectory,
+        FilesNotADirectory,
+        FilesNotRegular,
+        FilesNoSpace,
+        FilesIo,
+        SecretsInvalid,
+        SecretsFailed,
         Io,
     ]
 };

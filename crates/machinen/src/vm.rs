@@ -47,6 +47,9 @@ pub struct BootOptions {
     /// Verbose guest agent logging on the console.
     pub debug: bool,
     pub progress: ProgressMode,
+    /// Secrets installed in the guest's tmpfs once it is ready (see
+    /// [`crate::secrets`]); never written anywhere on the host or guest disk.
+    pub secrets: Vec<crate::secrets::Secret>,
 }
 
 impl Default for BootOptions {
@@ -61,6 +64,7 @@ impl Default for BootOptions {
             accel: None,
             debug: false,
             progress: ProgressMode::Auto,
+            secrets: Vec::new(),
         }
     }
 }
@@ -202,6 +206,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     }
     let name = opts.name.clone().unwrap_or_else(generated_name);
     registry::validate_name(&name)?;
+    crate::secrets::validate(&opts.secrets)?;
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
@@ -292,7 +297,14 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             info.accel = accel;
             info.state = "running".into();
             let owned = if opts.detached { None } else { Some(child) };
-            Ok(Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) })
+            let vm = Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) };
+            if !opts.secrets.is_empty() {
+                if let Err(e) = vm.set_secrets(&opts.secrets).await {
+                    let _ = vm.stop(true, Duration::from_secs(10)).await;
+                    return Err(e);
+                }
+            }
+            Ok(vm)
         }
         Ok(ReadyLine::Failed { code, message, hint }) => {
             let _ = child.wait().await;
@@ -366,7 +378,7 @@ pub async fn attach(target: &str) -> Result<Vm> {
 }
 
 /// Map an error frame from the agent or supervisor to a library error.
-fn wire_error(e: proto::WireError) -> Error {
+pub(crate) fn wire_error(e: proto::WireError) -> Error {
     let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::ExecFailed);
     let hint = match code {
         ErrorCode::ExecCommandNotFound => Some("check the command name, or install it in the image".to_string()),
@@ -378,7 +390,7 @@ fn wire_error(e: proto::WireError) -> Error {
     f.into()
 }
 
-fn protocol_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn protocol_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     fail(ErrorCode::ProtocolError, format!("talking to the VM failed while {what}")).source(e).into()
 }
 
@@ -401,7 +413,7 @@ impl Vm {
         self.boot_ms
     }
 
-    async fn connect(&self) -> Result<UnixStream> {
+    pub(crate) async fn connect(&self) -> Result<UnixStream> {
         UnixStream::connect(&self.info.control_socket).await.map_err(|e| {
             fail(ErrorCode::ExecVsockUnavailable, format!("cannot reach the supervisor of VM {:?}", self.info.name))
                 .source(e)

@@ -32,6 +32,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         accel: None,
         debug: a.debug,
         progress: if a.json { ProgressMode::Quiet } else { ProgressMode::Auto },
+        secrets: a.secrets.parse()?,
     };
     let vm = machinen::boot(opts).await?;
     match exec {
@@ -46,7 +47,13 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             Ok(0)
         }
         Some(exec) => {
-            let result = super::exec::run_in(&vm, exec, a.json).await;
+            // On a terminal the command gets a pty of its own (keys, job
+            // control, window size); otherwise separate stdout and stderr.
+            let result = if !a.json && machinen::terminal::interactive_stdio() {
+                super::exec::run_tty(&vm, exec).await
+            } else {
+                super::exec::run_in(&vm, exec, a.json).await
+            };
             // The VM is disposable: no graceful guest shutdown needed.
             let _ = vm.stop(true, Duration::from_secs(10)).await;
             result

@@ -45,8 +45,17 @@ pub async fn run_in(vm: &Vm, opts: ExecOptions, json: bool) -> Result<i32> {
     Ok(status.shell_code())
 }
 
+/// Run `opts` on a guest pty connected to this terminal (raw mode, window
+/// size, keys forwarded). Returns the shell-style exit code.
+pub async fn run_tty(vm: &Vm, opts: ExecOptions) -> Result<i32> {
+    Ok(machinen::terminal::run_interactive(vm, opts).await?.shell_code())
+}
+
 pub async fn run(a: ExecArgs) -> Result<i32> {
     let opts = exec_options(&a.process, a.cmd)?;
     let vm = machinen::attach(&a.target).await?;
+    if a.tty {
+        return run_tty(&vm, opts).await;
+    }
     run_in(&vm, opts, a.json).await
 }

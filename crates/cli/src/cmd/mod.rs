@@ -1,10 +1,16 @@
 //! One module per subcommand.
 
+mod agent_context;
+mod attach;
 mod boot;
+mod completion;
+mod cp;
 mod exec;
 mod gc;
 mod install;
 mod ls;
+mod mux;
+mod repl;
 mod stop;
 
 use machinen::Result;
@@ -16,6 +22,13 @@ pub async fn run(cmd: Command) -> Result<i32> {
     match cmd {
         Command::Boot(a) => boot::run(a).await,
         Command::Exec(a) => exec::run(a).await,
+        Command::Attach(a) => attach::run(a).await,
+        Command::Repl(a) => repl::run(a).await,
+        Command::Cp(a) => cp::run(a).await,
+        Command::Mux(a) => mux::run(a).await,
+        Command::AgentContext(_) => agent_context::run(),
+        Command::Completion(a) => completion::run(a),
+        Command::VmNames => completion::vm_names(),
         Command::Ls(a) => ls::run(a),
         Command::Stop(a) => stop::run(a).await,
         Command::Gc(a) => gc::run(a),

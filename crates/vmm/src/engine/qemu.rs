@@ -34,6 +34,33 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .unwrap_or(None)
 }
 
+/// Whether KVM can really run guests here. `/dev/kvm` alone is not enough:
+/// nested paravirtual hosts expose it without hardware virtualisation, and
+/// stock kernels die there on emulation failures. So require the CPU flag too.
+fn kvm_usable() -> bool {
+    let dev_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !dev_ok {
+        return false;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Pick the accelerator: an explicit request (`MACHINEN_ACCEL` or the
+/// spec), else HVF on macOS, KVM where it really works, else TCG.
+pub fn probe_accel(requested: Option<&str>) -> Result<Accel, EngineError> {
+    if let Some(r) = requested.filter(|r| !r.is_empty() && *r != "auto") {
+        return Accel::parse(r).ok_or_else(|| EngineError::BadAccel { value: r.to_string() });
+    }
+    if cfg!(target_os = "macos") {
+        return Ok(Accel::Hvf);
+    }
+    Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg })
+}
+
 pub struct QemuEngine {
     caps: Capabilities,
 }
@@ -42,8 +69,14 @@ impl QemuEngine {
     pub fn probe(spec: &VmSpec) -> Result<QemuEngine, EngineError> {
         let name = spec.qemu.as_ref().map(|p| p.display().to_string()).unwrap_or_else(default_binary);
         let binary = find_in_path(&name).ok_or(EngineError::Missing { binary: name })?;
-        let accel = machinen::accel::probe(spec.accel.as_deref())?;
-        let cpu_model = accel.cpu_model().to_string();
+        let env_accel = std::env::var("MACHINEN_ACCEL").ok();
+        let accel = probe_accel(env_accel.as_deref().or(spec.accel.as_deref()))?;
+        // A named model under TCG keeps saved state independent of the QEMU
+        // build's notion of "max"; KVM/HVF pass the host CPU through.
+        let cpu_model = match accel {
+            Accel::Tcg => "max".to_string(),
+            Accel::Kvm | Accel::Hvf => "host".to_string(),
+        };
         Ok(QemuEngine { caps: Capabilities { engine: "qemu", accel, cpu_model, binary } })
     }
 
@@ -108,20 +141,8 @@ impl QemuEngine {
             format!("file,id=con,path={}", path(files::CONSOLE)),
             "-serial".into(),
             "chardev:con".into(),
-            // The backing chain is given explicitly, so the paths recorded
-            // inside qcow2 layers (possibly from another host) never matter.
-            "-blockdev".into(),
-            serde_json::json!({
-                "driver": "raw", "node-name": "base", "read-only": true,
-                "file": {"driver": "file", "filename": spec.base_image, "read-only": true}
-            })
-            .to_string(),
-            "-blockdev".into(),
-            serde_json::json!({
-                "driver": "qcow2", "node-name": "root", "backing": "base", "discard": "unmap",
-                "file": {"driver": "file", "filename": spec.disk}
-            })
-            .to_string(),
+            "-drive".into(),
+            format!("id=root,file={},format=qcow2,if=none,discard=unmap", spec.disk.display()),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
@@ -139,10 +160,7 @@ impl QemuEngine {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(files::QMP)),
         ];
-        if spec.restore.is_some() {
-            a.push("-incoming".into());
-            a.push("defer".into());
-        }
+        a.shrink_to_fit();
         a.into_iter().map(OsString::from).collect()
     }
 }
@@ -318,6 +336,14 @@ impl Machine for QemuMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accel_override_and_validation() {
+        assert_eq!(probe_accel(Some("tcg")).expect("tcg"), Accel::Tcg);
+        assert_eq!(probe_accel(Some("KVM")).expect("kvm"), Accel::Kvm);
+        assert!(matches!(probe_accel(Some("xen")), Err(EngineError::BadAccel { .. })));
+        assert!(probe_accel(None).is_ok());
+    }
 
     #[test]
     fn tsc_frequency_from_cpuinfo() {
