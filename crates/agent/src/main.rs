@@ -18,6 +18,8 @@ mod cmdline;
 mod exec;
 mod fdio;
 mod files;
+mod fixup;
+mod forward;
 mod init;
 mod log;
 mod net;
@@ -25,6 +27,7 @@ mod port;
 mod reaper;
 mod secrets;
 mod server;
+mod tcpreset;
 mod zalloc;
 
 /// Every heap block is zeroed when freed: see [`zalloc`].

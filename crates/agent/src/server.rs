@@ -103,6 +103,9 @@ where
         Frame::Request(Request::ReadFile { path }) => crate::files::read_file(s, path).await,
         Frame::Request(Request::Secrets { secrets }) => crate::secrets::serve_install(&mut s, secrets).await,
         Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
+        Frame::Request(Request::Connect { port }) => crate::forward::serve(s, port).await,
+        Frame::Request(Request::Quiesce) => crate::fixup::serve_quiesce(s).await,
+        Frame::Request(Request::Fixup(req)) => crate::fixup::serve_fixup(s, req).await,
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;
@@ -165,6 +168,36 @@ async fn wait_for_crng() {
     }
 }
 
+/// Skip input until a session preamble line (`machinen_proto::preamble`)
+/// and answer it. Whatever an earlier session left in flight is discarded.
+async fn await_preamble<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) -> std::io::Result<()> {
+    use machinen_proto::preamble;
+    use tokio::io::AsyncReadExt;
+    let mut line: Vec<u8> = Vec::with_capacity(preamble::MAX_LINE);
+    let mut overflow = false;
+    let mut byte = [0u8; 1];
+    loop {
+        if io.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if byte[0] == b'\n' {
+            if !overflow {
+                if let Some(nonce) = preamble::parse_hello(&line) {
+                    io.write_all(preamble::ready(nonce).as_bytes()).await?;
+                    io.flush().await?;
+                    return Ok(());
+                }
+            }
+            line.clear();
+            overflow = false;
+        } else if line.len() < preamble::MAX_LINE {
+            line.push(byte[0]);
+        } else {
+            overflow = true;
+        }
+    }
+}
+
 /// Run one yamux session over `io` until the transport ends or fails.
 /// Inbound streams are served concurrently; when the session ends they see
 /// their stream fail and stop (commands keep running).
@@ -172,6 +205,8 @@ pub async fn serve_session<T>(io: T, ctx: Arc<Ctx>) -> Result<(), yamux::Connect
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut io = io;
+    await_preamble(&mut io).await.map_err(yamux::ConnectionError::Io)?;
     wait_for_crng().await;
     let mut conn = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Server);
     loop {

@@ -51,6 +51,12 @@ pub enum Command {
     Cp(CpArgs),
     /// One terminal for many VMs: list, attach, detach (Ctrl-] Ctrl-]), re-attach.
     Mux(MuxArgs),
+    /// Freeze a VM into a snapshot bundle (the VM stops unless --keep-alive).
+    Snapshot(SnapshotArgs),
+    /// Resume a VM from a snapshot bundle.
+    Restore(RestoreArgs),
+    /// Clone a running VM: a sibling that starts from the same memory and disk.
+    Fork(ForkArgs),
     /// List live VMs.
     #[command(visible_aliases = ["list", "ps"])]
     Ls(LsArgs),
@@ -60,6 +66,8 @@ pub enum Command {
     Gc(GcArgs),
     /// Fetch the guest kernel and build the Debian base rootfs.
     Install(InstallArgs),
+    /// Bake a rootfs image: boot a base, run install steps, set a default command.
+    Provision(ProvisionArgs),
     /// Describe every command, flag and exit code as versioned JSON (for agents and tools).
     AgentContext(AgentContextArgs),
     /// Print a shell completion script (bash, zsh, fish).
@@ -73,6 +81,9 @@ impl Command {
     pub fn json(&self) -> bool {
         match self {
             Command::Boot(a) => a.json,
+            Command::Snapshot(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Fork(a) => a.json,
             Command::Exec(a) => a.json,
             Command::Cp(a) => a.json,
             Command::AgentContext(_) => true,
@@ -81,6 +92,7 @@ impl Command {
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
+            Command::Provision(a) => a.json,
         }
     }
 }
@@ -113,6 +125,9 @@ pub struct BootArgs {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u32,
+    /// Forward a host port to a guest port: HOST:GUEST or ADDR:HOST:GUEST (repeatable; ADDR defaults to 127.0.0.1).
+    #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
+    pub publish: Vec<String>,
     /// Return once the guest is ready and leave the VM running.
     #[arg(long, short = 'd', visible_alias = "detach")]
     pub detached: bool,
@@ -147,6 +162,95 @@ pub struct ExecArgs {
     pub json: bool,
     /// Command to run.
     #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and sha256 of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore.")]
+pub struct SnapshotArgs {
+    /// VM name or pid.
+    pub target: String,
+    /// Bundle directory to create (must not exist).
+    #[arg(value_name = "OUT_DIR")]
+    pub out: PathBuf,
+    /// Keep the VM running after the snapshot.
+    #[arg(long)]
+    pub keep_alive: bool,
+    /// Seconds the snapshot may take.
+    #[arg(long, default_value_t = 90, value_name = "SECS")]
+    pub timeout: u64,
+    /// Check the VM and the destination, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime")]
+pub struct RestoreArgs {
+    /// Snapshot bundle directory.
+    #[arg(value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// Name of the restored VM (default: <source>/<pid>).
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+    /// The rootfs tarball the VM was booted from, when not at its recorded path (sha256 must match).
+    #[arg(long, value_name = "TAR")]
+    pub image: Option<PathBuf>,
+    /// Forward a host port: HOST:GUEST or ADDR:HOST:GUEST (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
+    pub publish: Vec<String>,
+    /// Return once the VM is ready and leave it running.
+    #[arg(long, short = 'd', visible_alias = "detach")]
+    pub detached: bool,
+    /// Reset TCP connections the guest had at snapshot time.
+    #[arg(long)]
+    pub tcp_reset: bool,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Seconds to wait for the restored guest to answer.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// Verify the bundle and check this host can resume it; start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Command to run in the restored VM (then the VM is removed).
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep.")]
+pub struct ForkArgs {
+    /// VM name or pid.
+    pub target: String,
+    /// Name of the fork (default: <source>/<pid>).
+    #[arg(long)]
+    pub new_name: Option<String>,
+    /// Keep the intermediate bundle in this (new) directory.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Keep TCP connections inherited from the source.
+    #[arg(long)]
+    pub tcp_keep: bool,
+    /// Return once the fork is ready and leave it running.
+    #[arg(long, short = 'd', visible_alias = "detached")]
+    pub detach: bool,
+    /// Forward a host port to the fork: HOST:GUEST or ADDR:HOST:GUEST (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
+    pub publish: Vec<String>,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Command to run in the fork (then the fork is removed).
+    #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
 }
 
@@ -192,10 +296,96 @@ pub struct InstallArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+#[command(after_help = "Steps (--run, --copy) run in the order given, with the baked --env and --cwd;
+the first failing step stops the bake with its exit code and no image is written.
+
+Examples:
+  machinen provision --copy ./hello:/app/hello --run 'chmod +x /app/hello' \\
+      --env MODE=prod --cwd /app --cmd '/app/hello --loud' -o app.tar.gz
+  machinen provision --run 'apt-get update && apt-get install -y python3' -o py.tar.gz
+  machinen provision --base py.tar.gz --copy ./src:/app -o app.tar.gz -- python3 /app/main.py
+  machinen boot app.tar.gz                  runs the baked command")]
+pub struct ProvisionArgs {
+    /// Rootfs tarball to start from (default: the installed Debian base); a provisioned image keeps its baked settings.
+    #[arg(long, value_name = "TAR")]
+    pub base: Option<PathBuf>,
+    /// Run a shell command in the guest (repeatable).
+    #[arg(long = "run", value_name = "CMD")]
+    pub run: Vec<String>,
+    /// Copy a host file or directory into the guest; a directory's contents go into GUEST (repeatable).
+    #[arg(long = "copy", value_name = "HOST:GUEST")]
+    pub copy: Vec<String>,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Default command of the image, run with `sh -c` (or give it as argv after `--`).
+    #[arg(long = "cmd", value_name = "CMD", conflicts_with = "argv")]
+    pub cmd: Option<String>,
+    /// Where to write the image (.tar.gz); replaced atomically.
+    #[arg(long = "out", short = 'o', value_name = "OUT.tar.gz")]
+    pub out: PathBuf,
+    /// Memory of the install VM in MiB.
+    #[arg(long, short = 'm', value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Virtual CPUs of the install VM.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// Seconds to wait for the install VM to become ready.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// Print machine-readable JSON (step output goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Default command of the image as argv (no shell).
+    #[arg(last = true, value_name = "CMD")]
+    pub argv: Vec<String>,
+}
+
+/// A `--run` or `--copy` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepArg {
+    Run(String),
+    Copy(String),
+}
+
+/// The `--run` and `--copy` values of `provision` in command-line order
+/// (clap keeps each flag's values apart; their indices interleave them).
+pub fn ordered_steps(m: &clap::ArgMatches) -> Vec<StepArg> {
+    let mut steps: Vec<(usize, StepArg)> = Vec::new();
+    for (id, make) in [("run", StepArg::Run as fn(String) -> StepArg), ("copy", StepArg::Copy)] {
+        if let (Some(vals), Some(idx)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            steps.extend(idx.zip(vals).map(|(i, v)| (i, make(v.clone()))));
+        }
+    }
+    steps.sort_by_key(|(i, _)| *i);
+    steps.into_iter().map(|(_, s)| s).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn provision_keeps_the_order_of_run_and_copy() {
+        let args = [
+            "machinen", "provision", "--copy", "a:/a", "--run", "one", "--env", "K=V", "--copy=b:/b", "--run", "two", "--run=three", "-o",
+            "out.tar.gz", "--", "/app/x", "--flag",
+        ];
+        let m = Cli::command().try_get_matches_from(args).expect("parse");
+        let sub = m.subcommand_matches("provision").expect("provision");
+        use StepArg::*;
+        assert_eq!(
+            ordered_steps(sub),
+            vec![Copy("a:/a".into()), Run("one".into()), Copy("b:/b".into()), Run("two".into()), Run("three".into())]
+        );
+        let Command::Provision(p) = Cli::try_parse_from(args).expect("parse").command else { panic!("not provision") };
+        assert_eq!(p.argv, vec!["/app/x", "--flag"]);
+        assert_eq!(p.out, PathBuf::from("out.tar.gz"));
+        assert_eq!(p.process.env, vec!["K=V"]);
+        assert!(Cli::try_parse_from(["machinen", "provision", "--run", "x"]).is_err(), "-o is required");
+        assert!(Cli::try_parse_from(["machinen", "provision", "-o", "x", "--cmd", "a", "--", "b"]).is_err(), "--cmd or argv, not both");
+    }
 
     #[test]
     fn grammar_is_consistent() {

@@ -29,6 +29,11 @@ pub enum ErrorCode {
     ProvisionBaseNotFound,
     ProvisionKernelNotFound,
     ProvisionAssetsDirInvalid,
+    ProvisionArgsInvalid,
+    ProvisionStepFailed,
+    ProvisionCopyFailed,
+    ProvisionExportFailed,
+    ProvisionOutputFailed,
     InstallToolMissing,
     InstallFetchFailed,
     InstallRootfsFailed,
@@ -56,6 +61,7 @@ pub enum ErrorCode {
     RestoreBundleInvalid,
     RestoreBundleIncompatible,
     RestoreImageMismatch,
+    BootVmstateReseedFailed,
     // files in and out of the guest
     FilesPathInvalid,
     FilesNotFound,
@@ -90,6 +96,11 @@ impl ErrorCode {
             ProvisionBaseNotFound => "PROVISION_BASE_NOT_FOUND",
             ProvisionKernelNotFound => "PROVISION_KERNEL_NOT_FOUND",
             ProvisionAssetsDirInvalid => "PROVISION_ASSETS_DIR_INVALID",
+            ProvisionArgsInvalid => "PROVISION_ARGS_INVALID",
+            ProvisionStepFailed => "PROVISION_STEP_FAILED",
+            ProvisionCopyFailed => "PROVISION_COPY_FAILED",
+            ProvisionExportFailed => "PROVISION_EXPORT_FAILED",
+            ProvisionOutputFailed => "PROVISION_OUTPUT_FAILED",
             InstallToolMissing => "INSTALL_TOOL_MISSING",
             InstallFetchFailed => "INSTALL_FETCH_FAILED",
             InstallRootfsFailed => "INSTALL_ROOTFS_FAILED",
@@ -114,6 +125,7 @@ impl ErrorCode {
             RestoreBundleInvalid => "RESTORE_BUNDLE_INVALID",
             RestoreBundleIncompatible => "RESTORE_BUNDLE_INCOMPATIBLE",
             RestoreImageMismatch => "RESTORE_IMAGE_MISMATCH",
+            BootVmstateReseedFailed => "BOOT_VMSTATE_RESEED_FAILED",
             FilesPathInvalid => "FILES_PATH_INVALID",
             FilesNotFound => "FILES_NOT_FOUND",
             FilesPermissionDenied => "FILES_PERMISSION_DENIED",
@@ -152,7 +164,7 @@ impl ErrorCode {
         match self {
             ExecCommandNotFound => 127,
             ExecSpawnFailed => 126,
-            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | FilesPathInvalid | SecretsInvalid => 2,
+            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid | FilesPathInvalid | SecretsInvalid => 2,
             _ => 125,
         }
     }
@@ -175,6 +187,11 @@ pub const ALL: &[ErrorCode] = {
         ProvisionBaseNotFound,
         ProvisionKernelNotFound,
         ProvisionAssetsDirInvalid,
+        ProvisionArgsInvalid,
+        ProvisionStepFailed,
+        ProvisionCopyFailed,
+        ProvisionExportFailed,
+        ProvisionOutputFailed,
         InstallToolMissing,
         InstallFetchFailed,
         InstallRootfsFailed,
@@ -199,6 +216,7 @@ pub const ALL: &[ErrorCode] = {
         RestoreBundleInvalid,
         RestoreBundleIncompatible,
         RestoreImageMismatch,
+        BootVmstateReseedFailed,
         FilesPathInvalid,
         FilesNotFound,
         FilesPermissionDenied,
@@ -276,6 +294,8 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
+    #[error(transparent)]
     Bundle(#[from] crate::bundle::BundleError),
 }
 
@@ -286,6 +306,7 @@ impl Error {
             Error::Install(e) => e,
             Error::Image(e) => e,
             Error::Registry(e) => e,
+            Error::Provision(e) => e,
             Error::Bundle(e) => e,
         }
     }

@@ -310,6 +310,13 @@ pub fn ensure_rootfs_image(paths: &Paths, tarball: &Path, progress: ProgressMode
     Ok(CachedImage { path: dest, sha256, size, built: true })
 }
 
+/// Check that `tarball` is a rootfs tarball and return its content sha256
+/// (remembered in the hash index, like [`ensure_rootfs_image`] does).
+pub fn tarball_sha256(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<String, ImageError> {
+    validate_tarball(tarball)?;
+    hashindex::content_sha256(&paths.cache.join("images").join("hashes"), tarball, progress)
+}
+
 fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> {
     match fs::metadata(dest) {
         Ok(m) => {

@@ -4,6 +4,7 @@
 //! unix control socket; the supervisor owns QEMU and the session with the
 //! guest agent. See `docs/architecture.md` in the repository.
 
+pub mod accel;
 pub mod assets;
 pub mod binaries;
 pub mod bundle;
@@ -12,10 +13,13 @@ pub mod files;
 pub mod image;
 pub mod initramfs;
 pub mod paths;
+pub mod ports;
 pub mod progress;
 pub mod pty;
+pub mod provision;
 pub mod registry;
 pub mod sandboxes;
+pub mod restore;
 pub mod secrets;
 pub mod spec;
 pub mod terminal;
@@ -26,4 +30,6 @@ pub use paths::Paths;
 pub use files::WriteFileOptions;
 pub use pty::{PtyEvent, PtyExec, PtyInput};
 pub use secrets::{Secret, SecretValue};
+pub use provision::{provision, ImageConfig, ProvisionOptions, ProvisionResult};
 pub use vm::{attach, boot, gc, list, BootOptions, ExecOptions, ExecOutput, GcReport, StopReport, Vm, VmInfo};
+pub use restore::{restore, ForkOptions, ForkReport, RestoreOptions};

@@ -300,6 +300,21 @@ impl Registry {
         }
     }
 
+    /// Under the lock: a fresh VM directory for a VM whose name is only
+    /// known once its supervisor runs (`<source>/<pid>`, unique by pid).
+    pub fn claim_anonymous(&self, _lock: &RegistryLock) -> Result<Claim, RegistryError> {
+        self.ensure_root()?;
+        loop {
+            let id = random_id();
+            let dir = self.dir(&id);
+            match fs::create_dir(&dir) {
+                Ok(()) => return Ok(Claim { id, dir }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(RegistryError::Io { path: dir, source: e }),
+            }
+        }
+    }
+
     /// Write (create or replace) an entry atomically.
     pub fn write(&self, entry: &RegistryEntry) -> Result<(), RegistryError> {
         let path = self.dir(&entry.id).join("meta.json");

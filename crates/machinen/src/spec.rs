@@ -28,8 +28,16 @@ pub struct VmSpec {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Per-VM copy-on-write root disk (qcow2 over the cached image).
+    /// Per-VM copy-on-write root disk (one qcow2 layer over `base_image`).
     pub disk: PathBuf,
+    /// The cached raw ext4 image under `disk` (read-only).
+    pub base_image: PathBuf,
+    /// sha256 of the image tarball (bundles record it).
+    #[serde(default)]
+    pub image_sha256: Option<String>,
+    /// `uname -r` of the kernel (bundles record it).
+    #[serde(default)]
+    pub kernel_version: String,
     /// The rootfs tarball the disk came from (shown by `ls`).
     #[serde(default)]
     pub image: Option<PathBuf>,
@@ -50,6 +58,21 @@ pub struct VmSpec {
     pub debug: bool,
     /// Unix time (ms) the VM was created.
     pub created_at_ms: u64,
+    /// Host port forwards.
+    #[serde(default)]
+    pub ports: Vec<crate::registry::PortForward>,
+    /// Resume from a snapshot bundle instead of booting.
+    #[serde(default)]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// How to resume a VM from a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The verified bundle directory (never written).
+    pub bundle: PathBuf,
+    /// Reset inherited TCP connections (forks, unless `--tcp-keep`).
+    pub reset_tcp: bool,
 }
 
 impl VmSpec {

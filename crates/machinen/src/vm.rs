@@ -47,6 +47,8 @@ pub struct BootOptions {
     /// Verbose guest agent logging on the console.
     pub debug: bool,
     pub progress: ProgressMode,
+    /// Host port forwards (`-p`).
+    pub ports: Vec<registry::PortForward>,
     /// Secrets installed in the guest's tmpfs once it is ready (see
     /// [`crate::secrets`]); never written anywhere on the host or guest disk.
     pub secrets: Vec<crate::secrets::Secret>,
@@ -64,6 +66,7 @@ impl Default for BootOptions {
             accel: None,
             debug: false,
             progress: ProgressMode::Auto,
+            ports: Vec::new(),
             secrets: Vec::new(),
         }
     }
@@ -228,6 +231,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let reg = Registry::new(&paths.registry);
 
     let lock = reg.lock()?;
+    crate::ports::check(&opts.ports, &reg.live()?)?;
     let claim = reg.claim(&lock, &name)?;
     let spec = VmSpec {
         id: claim.id.clone(),
@@ -236,6 +240,9 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         kernel: assets.kernel.clone(),
         initrd,
         disk: claim.dir.join(files::DISK),
+        base_image: img.path.clone(),
+        image_sha256: Some(img.sha256.clone()),
+        kernel_version: assets.kernel_version.clone(),
         image: Some(tarball.clone()),
         memory_mib,
         cpus: opts.cpus,
@@ -245,25 +252,65 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         detached: opts.detached,
         debug: opts.debug,
         created_at_ms: registry::now_ms(),
+        ports: opts.ports.clone(),
+        restore: None,
     };
+    if let Err(e) = image::create_overlay(&img.path, &spec.disk) {
+        let _ = reg.remove(&claim.id);
+        return Err(e.into());
+    }
+    let launch = Launch { name: Some(name), image: Some(tarball), forked_from: None, ports: opts.ports.clone(), timeout: opts.boot_timeout };
+    let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await?;
+    if !opts.secrets.is_empty() {
+        if let Err(e) = vm.set_secrets(&opts.secrets).await {
+            let _ = vm.stop(true, Duration::from_secs(10)).await;
+            return Err(e);
+        }
+    }
+    Ok(vm)
+}
+
+/// What the registry entry of a VM being started says beyond its spec.
+pub(crate) struct Launch {
+    /// `None`: anonymous restore, named `<source>/<pid>` once the pid is known.
+    pub name: Option<String>,
+    pub image: Option<PathBuf>,
+    pub forked_from: Option<String>,
+    pub ports: Vec<registry::PortForward>,
+    pub timeout: Duration,
+}
+
+/// Start the supervisor for `spec` (its directory claimed under `lock`, its
+/// disk in place), register it, release the lock, and wait until it is ready.
+/// On any failure the claimed directory is removed.
+pub(crate) async fn launch_vm(
+    reg: &Registry,
+    lock: registry::RegistryLock,
+    id: &str,
+    vmm: &Path,
+    spec: &VmSpec,
+    launch: Launch,
+    t0: std::time::Instant,
+) -> Result<Vm> {
     let control = spec.path_in(files::CONTROL);
     if control.as_os_str().len() > 107 {
-        let _ = reg.remove(&claim.id);
+        let _ = reg.remove(id);
         return Err(fail(ErrorCode::RegistryIo, format!("socket path {} is longer than unix sockets allow", control.display()))
             .hint("use a shorter MACHINEN_REGISTRY_DIR")
             .into());
     }
-    let child = match spawn_supervisor(&vmm, &spec, &img.path) {
+    let child = match spawn_supervisor(vmm, spec) {
         Ok(c) => c,
         Err(e) => {
-            let _ = reg.remove(&claim.id);
+            let _ = reg.remove(id);
             return Err(e);
         }
     };
     let pid = child.id().unwrap_or(0);
+    let name = launch.name.unwrap_or_else(|| format!("{}/{pid}", spec.name));
     let entry = RegistryEntry {
         id: spec.id.clone(),
-        name: name.clone(),
+        name,
         state: "starting".into(),
         supervisor_pid: pid,
         supervisor_start: registry::process_start_time(pid).unwrap_or(0),
@@ -271,44 +318,37 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         qemu_start: None,
         control_socket: control,
         console_log: Some(spec.path_in(files::CONSOLE)),
-        image: Some(tarball),
+        image: launch.image,
         disk: Some(spec.disk.clone()),
-        ports: vec![],
-        forked_from: None,
-        memory_mib,
-        cpus: opts.cpus,
+        ports: launch.ports,
+        forked_from: launch.forked_from,
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
         accel: String::new(),
-        detached: opts.detached,
+        detached: spec.detached,
         created_at_ms: spec.created_at_ms,
     };
     if let Err(e) = reg.write(&entry) {
         drop(child);
-        let _ = reg.remove(&claim.id);
+        let _ = reg.remove(id);
         return Err(e.into());
     }
     drop(lock);
 
     let mut child = child;
-    let ready = wait_ready(&mut child, &spec, opts.boot_timeout + Duration::from_secs(30)).await;
+    let ready = wait_ready(&mut child, spec, launch.timeout + Duration::from_secs(30)).await;
     match ready {
         Ok(ReadyLine::Ready { qemu_pid, accel, .. }) => {
             let mut info = VmInfo::from(&entry);
             info.qemu_pid = Some(qemu_pid);
             info.accel = accel;
             info.state = "running".into();
-            let owned = if opts.detached { None } else { Some(child) };
-            let vm = Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) };
-            if !opts.secrets.is_empty() {
-                if let Err(e) = vm.set_secrets(&opts.secrets).await {
-                    let _ = vm.stop(true, Duration::from_secs(10)).await;
-                    return Err(e);
-                }
-            }
-            Ok(vm)
+            let owned = if spec.detached { None } else { Some(child) };
+            Ok(Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) })
         }
         Ok(ReadyLine::Failed { code, message, hint }) => {
             let _ = child.wait().await;
-            let _ = reg.remove(&claim.id);
+            let _ = reg.remove(id);
             let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::BootEngineFailed);
             let mut f = fail(code, message);
             f.hint = hint;
@@ -317,14 +357,13 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         Err(e) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let _ = reg.remove(&claim.id);
+            let _ = reg.remove(id);
             Err(e)
         }
     }
 }
 
-fn spawn_supervisor(vmm: &Path, spec: &VmSpec, base_image: &Path) -> Result<tokio::process::Child> {
-    image::create_overlay(base_image, &spec.disk)?;
+fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> {
     let spec_path = spec.path_in(files::SPEC);
     let bytes = serde_json::to_vec_pretty(spec).map_err(|e| fail(ErrorCode::Io, "cannot encode the VM spec").source(e))?;
     registry::write_atomic(&spec_path, &bytes)

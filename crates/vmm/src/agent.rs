@@ -10,6 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use machinen_proto::{self as proto, Frame, Hello, HelloAck};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -27,6 +28,87 @@ pub enum AgentError {
     Handshake(#[source] proto::FrameError),
     #[error("agent answered the handshake with {0}")]
     Unexpected(String),
+    #[error("session preamble failed")]
+    Preamble(#[source] std::io::Error),
+    #[error("the agent did not answer the session preamble")]
+    NoAnswer,
+}
+
+/// Bytes that no yamux peer accepts as a frame header (version 0xff): sent
+/// before a session preamble so that an agent still inside a stale session
+/// (a restored guest) drops it and goes back to looking for a preamble. The
+/// newline ends the junk line, so an agent already scanning reads the
+/// preamble that follows as a line of its own.
+const BREAK: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\n";
+
+/// How much stale output from an earlier session we skip while looking
+/// for the agent's answer to the preamble.
+const MAX_SKIP: usize = 64 << 20;
+
+/// Start a session on a fresh byte stream: send `MACHINEN-HELLO <nonce>`
+/// and wait for `MACHINEN-READY <nonce>` (see `machinen_proto::preamble`),
+/// skipping whatever an earlier session left in flight. `resume` means the
+/// agent may still be inside an old session; then each attempt first breaks
+/// it and attempts are retried every `attempt` until `budget` runs out.
+pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> Result<(), AgentError> {
+    let deadline = tokio::time::Instant::now() + budget;
+    let attempt = if resume { Duration::from_millis(700) } else { budget };
+    let mut skipped = 0usize;
+    loop {
+        let nonce = format!("{:016x}", rand_u64());
+        if resume {
+            sock.write_all(BREAK).await.map_err(AgentError::Preamble)?;
+            // Give the agent time to fail its stale session before the
+            // preamble arrives, so the preamble is not swallowed by it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sock.write_all(proto::preamble::hello(&nonce).as_bytes()).await.map_err(AgentError::Preamble)?;
+        let want = proto::preamble::ready(&nonce);
+        let until = (tokio::time::Instant::now() + attempt).min(deadline);
+        let mut line: Vec<u8> = Vec::new();
+        let found = tokio::time::timeout_at(until, async {
+            let mut byte = [0u8; 1];
+            loop {
+                if sock.read(&mut byte).await? == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "agent socket closed"));
+                }
+                skipped += 1;
+                if skipped > MAX_SKIP {
+                    return Err(std::io::Error::other("no session answer from the agent"));
+                }
+                if byte[0] == b'\n' {
+                    line.push(b'\n');
+                    if line == want.as_bytes() {
+                        return Ok(());
+                    }
+                    line.clear();
+                } else if line.len() < 64 {
+                    line.push(byte[0]);
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => return Err(AgentError::Preamble(e)),
+            Err(_) if tokio::time::Instant::now() >= deadline => return Err(AgentError::NoAnswer),
+            Err(_) => tracing::debug!("no answer to session preamble {nonce}; retrying"),
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom_fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        return (t as u64) ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
 }
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;

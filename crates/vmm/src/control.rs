@@ -19,6 +19,14 @@ pub struct Shared {
     pub status: Mutex<proto::VmStatus>,
     pub agent: Mutex<Option<AgentSession>>,
     pub stop_tx: mpsc::Sender<bool>,
+    /// Snapshots run in the supervisor's main loop, which owns the machine.
+    pub snap_tx: mpsc::Sender<SnapshotCmd>,
+}
+
+/// A snapshot request handed to the main loop, with where to answer.
+pub struct SnapshotCmd {
+    pub req: proto::SnapshotRequest,
+    pub reply: tokio::sync::oneshot::Sender<Frame>,
 }
 
 /// How long a client may take to send its first frame.
@@ -63,6 +71,15 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             shared.status.lock().await.state = "stopping".into();
             let _ = shared.stop_tx.send(force).await;
             proto::send(&mut conn, &Frame::Response(Response::Stopping)).await?;
+        }
+        Frame::Request(Request::Snapshot(req)) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let answer = if shared.snap_tx.send(SnapshotCmd { req, reply: tx }).await.is_err() {
+                error("SNAPSHOT_STATE_INVALID", "the VM is shutting down")
+            } else {
+                rx.await.unwrap_or_else(|_| error("SNAPSHOT_DUMP_FAILED", "the supervisor dropped the snapshot"))
+            };
+            proto::send(&mut conn, &answer).await?;
         }
         // Everything the guest agent serves is forwarded the same way: the
         // first frame goes to a fresh agent stream, then the bytes are spliced.

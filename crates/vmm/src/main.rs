@@ -6,6 +6,8 @@
 mod agent;
 mod control;
 mod engine;
+mod ports;
+mod snapshot;
 mod supervisor;
 
 use std::path::PathBuf;

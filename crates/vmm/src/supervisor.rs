@@ -19,19 +19,22 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, Mutex};
 
-use crate::agent::AgentSession;
-use crate::control::{self, Shared};
-use crate::engine::qemu::QemuEngine;
-use crate::engine::{Engine, EngineError, Machine};
+use machinen_proto::{Frame, Response, WireError};
+
+use crate::agent::{self, AgentError, AgentSession};
+use crate::control::{self, Shared, SnapshotCmd};
+use crate::engine::qemu::{QemuEngine, QemuMachine};
+use crate::engine::{Capabilities, Engine, EngineError, Machine};
+use crate::{ports, snapshot};
 
 /// How long a graceful stop may take before QEMU is told to quit.
 const GRACEFUL_STOP: Duration = Duration::from_secs(10);
 
 /// A start-up failure, reported on the ready line.
-struct StartError {
-    code: ErrorCode,
-    message: String,
-    hint: Option<String>,
+pub struct StartError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub hint: Option<String>,
 }
 
 impl From<EngineError> for StartError {
@@ -89,35 +92,52 @@ pub async fn run(spec: VmSpec) -> i32 {
     let reg = Registry::new(spec.dir.parent().map(|p| p.to_path_buf()).unwrap_or_default());
     let control_path = spec.path_in(files::CONTROL);
     let _ = std::fs::remove_file(&control_path);
+    let fail_start = |e: StartError| {
+        tracing::error!("start failed: {}", e.message);
+        emit_ready(&ReadyLine::Failed { code: e.code.as_str().into(), message: e.message, hint: e.hint });
+        cleanup(&reg, &spec);
+        1
+    };
     let listener = match UnixListener::bind(&control_path) {
         Ok(l) => l,
         Err(e) => {
-            emit_ready(&ReadyLine::Failed {
-                code: ErrorCode::Io.as_str().into(),
+            return fail_start(StartError {
+                code: ErrorCode::Io,
                 message: format!("cannot listen on {}: {e}", control_path.display()),
                 hint: Some("unix socket paths are limited to 107 bytes; use a shorter MACHINEN_REGISTRY_DIR".into()),
+            })
+        }
+    };
+    // Host ports before the engine: a taken port fails fast and cheaply.
+    let forwards = match ports::bind_all(&spec.ports).await {
+        Ok(l) => l,
+        Err((p, e)) => {
+            let in_use = e.kind() == std::io::ErrorKind::AddrInUse;
+            return fail_start(StartError {
+                code: if in_use { ErrorCode::BootPortForwardInUse } else { ErrorCode::BootArgsInvalid },
+                message: format!("cannot listen on host port {}:{} (for guest port {}): {e}", p.host_addr, p.host_port, p.guest_port),
+                hint: Some(if in_use { "another program holds that port; pick another host port".into() } else { "check the -p address".into() }),
             });
-            cleanup(&reg, &spec);
-            return 1;
         }
     };
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(4);
+    let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotCmd>(4);
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus { state: "starting".into(), supervisor_pid: std::process::id(), qemu_pid: None, agent: None }),
         agent: Mutex::new(None),
         stop_tx: stop_tx.clone(),
+        snap_tx,
     });
     tokio::spawn(control::serve(listener, shared.clone()));
 
-    let (mut machine, engine_accel, session_done) = match start(&spec, &shared, started).await {
+    let (mut machine, caps) = match start(&spec, &shared, started).await {
         Ok(v) => v,
-        Err(e) => {
-            tracing::error!("start failed: {}", e.message);
-            emit_ready(&ReadyLine::Failed { code: e.code.as_str().into(), message: e.message, hint: e.hint });
-            cleanup(&reg, &spec);
-            return 1;
-        }
+        Err(e) => return fail_start(e),
     };
+    for (forward, listener) in forwards {
+        tokio::spawn(ports::serve(forward, listener, shared.clone()));
+    }
+    let engine_accel = caps.accel.as_str().to_string();
     let qemu_pid = machine.pid();
     update_entry(&reg, &spec.id, |e| {
         e.state = "running".into();
@@ -154,14 +174,29 @@ pub async fn run(spec: VmSpec) -> i32 {
             _ => std::future::pending::<()>().await,
         }
     };
-    // The agent session ending (guest crashed, port reset) does not end the
-    // VM: QEMU exiting does, and execs report the agent as unavailable.
-    drop(session_done);
-    let outcome = tokio::select! {
-        detail = machine.wait() => { tracing::info!("VM exited: {detail}"); None }
-        force = stop_rx.recv() => Some(force.unwrap_or(true)),
-        _ = launcher_gone => { tracing::info!("launcher went away"); Some(true) }
-        _ = term => Some(false),
+    tokio::pin!(launcher_gone);
+    tokio::pin!(term);
+    let mut chain = snapshot::Chain::new(&spec);
+    let outcome = loop {
+        let cmd = tokio::select! {
+            detail = machine.wait() => { tracing::info!("VM exited: {detail}"); break None }
+            force = stop_rx.recv() => break Some(force.unwrap_or(true)),
+            _ = &mut launcher_gone => { tracing::info!("launcher went away"); break Some(true) }
+            _ = &mut term => break Some(false),
+            Some(cmd) = snap_rx.recv() => cmd,
+        };
+        let keep_alive = cmd.req.keep_alive;
+        let result = snapshot::take(&machine, &shared, &spec, &caps, &mut chain, cmd.req).await;
+        let done = result.is_ok() && !keep_alive;
+        let _ = cmd.reply.send(match result {
+            Ok(report) => Frame::Response(Response::Snapshotted(report)),
+            Err(e) => Frame::Error(WireError { code: e.code.as_str().into(), message: e.message }),
+        });
+        if done {
+            // A destructive snapshot: the bundle holds the VM now.
+            tracing::info!("snapshot complete; stopping the source");
+            break Some(true);
+        }
     };
     if let Some(force) = outcome {
         shared.status.lock().await.state = "stopping".into();
@@ -173,57 +208,88 @@ pub async fn run(spec: VmSpec) -> i32 {
     0
 }
 
-/// Launch the engine and bring up the agent session.
-async fn start(
-    spec: &VmSpec,
-    shared: &Arc<Shared>,
-    started: Instant,
-) -> Result<(crate::engine::qemu::QemuMachine, String, tokio::sync::oneshot::Receiver<()>), StartError> {
+/// Launch the engine (loading saved state when restoring) and bring up the
+/// agent session.
+async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<(QemuMachine, Capabilities), StartError> {
     let engine = QemuEngine::probe(spec)?;
     let caps = engine.capabilities().clone();
     tracing::info!("engine {} accel {} cpu {}", caps.engine, caps.accel.as_str(), caps.cpu_model);
     let mut machine = engine.launch(spec).await?;
     shared.status.lock().await.qemu_pid = Some(machine.pid());
     let budget = Duration::from_millis(spec.boot_timeout_ms);
-    let sock = machine.connect_agent(Duration::from_secs(20)).await?;
-    let (session, done) = AgentSession::start(sock);
+    let deadline = started + budget;
+    if let Some(r) = &spec.restore {
+        let state = r.bundle.join(machinen::bundle::STATE);
+        if let Err(e) = machine.load_state(&state, deadline.into()).await {
+            machine.kill();
+            return Err(StartError {
+                code: ErrorCode::RestoreBundleInvalid,
+                message: format!("QEMU could not load {}: {e}", state.display()),
+                hint: Some("the bundle may come from an incompatible QEMU; see the VM's qemu.log".into()),
+            });
+        }
+        tracing::info!("state loaded after {} ms", started.elapsed().as_millis());
+    }
+    let mut sock = machine.connect_agent(Duration::from_secs(20)).await?;
+    let console_err = |code, what: String, hint: &str| StartError {
+        code,
+        message: format!("{what}\n--- console (last lines) ---\n{}", console_tail(spec)),
+        hint: Some(hint.to_string()),
+    };
     let remaining = budget.saturating_sub(started.elapsed());
-    let ack = tokio::select! {
-        r = tokio::time::timeout(remaining, session.handshake()) => match r {
-            Ok(Ok(ack)) => ack,
+    let hello = async {
+        agent::preamble(&mut sock, remaining, spec.restore.is_some()).await?;
+        Ok::<_, AgentError>(())
+    };
+    tokio::select! {
+        r = tokio::time::timeout(remaining, hello) => match r {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 machine.kill();
-                return Err(StartError {
-                    code: ErrorCode::BootDetachedReadinessFailed,
-                    message: format!("guest agent handshake failed: {e}\n--- console (last lines) ---\n{}", console_tail(spec)),
-                    hint: Some("see the VM's console.log".into()),
-                });
+                return Err(console_err(ErrorCode::BootDetachedReadinessFailed, format!("guest agent session failed: {e}"), "see the VM's console.log"));
             }
             Err(_) => {
                 machine.kill();
-                return Err(StartError {
-                    code: ErrorCode::BootTimeout,
-                    message: format!(
-                        "the guest agent did not answer within {} ms\n--- console (last lines) ---\n{}",
-                        spec.boot_timeout_ms,
-                        console_tail(spec)
-                    ),
-                    hint: Some("a loaded host boots slowly under TCG: raise --boot-timeout".into()),
-                });
+                return Err(console_err(
+                    ErrorCode::BootTimeout,
+                    format!("the guest agent did not answer within {} ms", spec.boot_timeout_ms),
+                    "a loaded host boots slowly under TCG: raise --boot-timeout",
+                ));
             }
         },
         detail = machine.wait() => {
-            return Err(StartError {
-                code: ErrorCode::BootEngineFailed,
-                message: format!("QEMU exited before the guest was ready ({detail})\n--- console (last lines) ---\n{}", console_tail(spec)),
-                hint: Some("see the VM's qemu.log and console.log".into()),
-            });
+            return Err(console_err(ErrorCode::BootEngineFailed, format!("QEMU exited before the guest was ready ({detail})"), "see the VM's qemu.log and console.log"));
+        }
+    }
+    let (session, _done) = AgentSession::start(sock);
+    let ack = match tokio::time::timeout(Duration::from_secs(30), session.handshake()).await {
+        Ok(Ok(ack)) => ack,
+        Ok(Err(e)) => {
+            machine.kill();
+            return Err(console_err(ErrorCode::BootDetachedReadinessFailed, format!("guest agent handshake failed: {e}"), "see the VM's console.log"));
+        }
+        Err(_) => {
+            machine.kill();
+            return Err(console_err(ErrorCode::BootTimeout, "the guest agent did not answer its handshake".into(), "see the VM's console.log"));
         }
     };
     tracing::info!("agent {} on kernel {}", ack.agent_version, ack.kernel);
+    if let Some(r) = &spec.restore {
+        match snapshot::fixup(&session, r.reset_tcp).await {
+            Ok(report) => tracing::info!("fixup: {report:?}"),
+            Err(e) => {
+                machine.kill();
+                return Err(StartError {
+                    code: ErrorCode::BootVmstateReseedFailed,
+                    message: format!("repairing the restored guest failed: {e}"),
+                    hint: Some("see the VM's console.log".into()),
+                });
+            }
+        }
+    }
     shared.status.lock().await.agent = Some(ack);
     *shared.agent.lock().await = Some(session);
-    Ok((machine, caps.accel.as_str().to_string(), done))
+    Ok((machine, caps))
 }
 
 /// Stop the VM: graceful (guest powers off) unless `force`, escalating to
@@ -243,6 +309,7 @@ async fn stop<M: Machine>(machine: &mut M, agent: Option<AgentSession>, force: b
 }
 
 fn cleanup(reg: &Registry, spec: &VmSpec) {
+    snapshot::remove_partial(spec);
     let _lock = reg.lock();
     if let Err(e) = reg.remove(&spec.id) {
         tracing::warn!("cleanup: {e}");

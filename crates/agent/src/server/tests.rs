@@ -27,10 +27,29 @@ pub(crate) struct Client {
     driver: tokio::task::JoinHandle<()>,
 }
 
+/// The host's side of the session preamble, with junk before it that the
+/// agent must skip.
+pub(crate) async fn start_session<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.write_all(b"\xff\xff stale bytes\n").await;
+    let _ = io.write_all(machinen_proto::preamble::hello("c0ffee").as_bytes()).await;
+    let want = machinen_proto::preamble::ready("c0ffee");
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(want.as_bytes()) {
+        match io.read(&mut b).await {
+            Ok(1) => got.push(b[0]),
+            _ => return,
+        }
+    }
+}
+
 impl Client {
     pub(crate) fn new<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T) -> Client {
         let (tx, mut rx) = mpsc::channel::<OpenReq>(16);
         let driver = tokio::spawn(async move {
+            let mut io = io;
+            start_session(&mut io).await;
             let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Client);
             let mut pending: Option<OpenReq> = None;
             poll_fn(|cx| {

@@ -8,9 +8,11 @@ mod cp;
 mod exec;
 mod gc;
 mod install;
+mod provision;
 mod ls;
 mod mux;
 mod repl;
+mod snapshot;
 mod stop;
 
 use machinen::Result;
@@ -29,9 +31,13 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::AgentContext(_) => agent_context::run(),
         Command::Completion(a) => completion::run(a),
         Command::VmNames => completion::vm_names(),
+        Command::Snapshot(a) => snapshot::run(a).await,
+        Command::Restore(a) => snapshot::restore(a).await,
+        Command::Fork(a) => snapshot::fork(a).await,
         Command::Ls(a) => ls::run(a),
         Command::Stop(a) => stop::run(a).await,
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,
+        Command::Provision(a) => provision::run(a).await,
     }
 }

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 /// The modules the guest needs: virtio transport over MMIO (how the kernel
 /// finds devices under `microvm,acpi=on`), the disk, the agent's serial
 /// port, the network, the root filesystem and the RNG.
-pub(crate) const WANTED: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "virtio_rng"];
+/// `inet_diag`/`tcp_diag` let the agent find and reset inherited TCP
+/// connections after a fork (the guest has no modprobe to load them on demand).
+pub(crate) const WANTED: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "virtio_rng", "inet_diag", "tcp_diag"];
 
 /// Without these the guest cannot reach its disk or talk to the host.
 pub(crate) const REQUIRED: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "ext4"];

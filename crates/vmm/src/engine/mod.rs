@@ -12,33 +12,7 @@ use machinen::spec::VmSpec;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-/// Hardware acceleration the engine uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Hvf,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Hvf => "hvf",
-            Accel::Tcg => "tcg",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Accel> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "kvm" => Some(Accel::Kvm),
-            "hvf" => Some(Accel::Hvf),
-            "tcg" => Some(Accel::Tcg),
-            _ => None,
-        }
-    }
-}
+pub use machinen::accel::Accel;
 
 /// What an engine can do on this host. Optional features are reported here,
 /// never by methods that fail at run time.
@@ -55,8 +29,8 @@ pub struct Capabilities {
 pub enum EngineError {
     #[error("{binary} not found")]
     Missing { binary: String },
-    #[error("MACHINEN_ACCEL={value:?} is not one of kvm, hvf, tcg")]
-    BadAccel { value: String },
+    #[error(transparent)]
+    BadAccel(#[from] machinen::accel::BadAccel),
     #[error("could not start {binary}")]
     Spawn {
         binary: String,

@@ -34,33 +34,6 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .unwrap_or(None)
 }
 
-/// Whether KVM can really run guests here. `/dev/kvm` alone is not enough:
-/// nested paravirtual hosts expose it without hardware virtualisation, and
-/// stock kernels die there on emulation failures. So require the CPU flag too.
-fn kvm_usable() -> bool {
-    let dev_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !dev_ok {
-        return false;
-    }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
-
-/// Pick the accelerator: an explicit request (`MACHINEN_ACCEL` or the
-/// spec), else HVF on macOS, KVM where it really works, else TCG.
-pub fn probe_accel(requested: Option<&str>) -> Result<Accel, EngineError> {
-    if let Some(r) = requested.filter(|r| !r.is_empty() && *r != "auto") {
-        return Accel::parse(r).ok_or_else(|| EngineError::BadAccel { value: r.to_string() });
-    }
-    if cfg!(target_os = "macos") {
-        return Ok(Accel::Hvf);
-    }
-    Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg })
-}
-
 pub struct QemuEngine {
     caps: Capabilities,
 }
@@ -69,14 +42,8 @@ impl QemuEngine {
     pub fn probe(spec: &VmSpec) -> Result<QemuEngine, EngineError> {
         let name = spec.qemu.as_ref().map(|p| p.display().to_string()).unwrap_or_else(default_binary);
         let binary = find_in_path(&name).ok_or(EngineError::Missing { binary: name })?;
-        let env_accel = std::env::var("MACHINEN_ACCEL").ok();
-        let accel = probe_accel(env_accel.as_deref().or(spec.accel.as_deref()))?;
-        // A named model under TCG keeps saved state independent of the QEMU
-        // build's notion of "max"; KVM/HVF pass the host CPU through.
-        let cpu_model = match accel {
-            Accel::Tcg => "max".to_string(),
-            Accel::Kvm | Accel::Hvf => "host".to_string(),
-        };
+        let accel = machinen::accel::probe(spec.accel.as_deref())?;
+        let cpu_model = accel.cpu_model().to_string();
         Ok(QemuEngine { caps: Capabilities { engine: "qemu", accel, cpu_model, binary } })
     }
 
@@ -141,8 +108,20 @@ impl QemuEngine {
             format!("file,id=con,path={}", path(files::CONSOLE)),
             "-serial".into(),
             "chardev:con".into(),
-            "-drive".into(),
-            format!("id=root,file={},format=qcow2,if=none,discard=unmap", spec.disk.display()),
+            // The backing chain is given explicitly, so the paths recorded
+            // inside qcow2 layers (possibly from another host) never matter.
+            "-blockdev".into(),
+            serde_json::json!({
+                "driver": "raw", "node-name": "base", "read-only": true,
+                "file": {"driver": "file", "filename": spec.base_image, "read-only": true}
+            })
+            .to_string(),
+            "-blockdev".into(),
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "root", "backing": "base", "discard": "unmap",
+                "file": {"driver": "file", "filename": spec.disk}
+            })
+            .to_string(),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
@@ -160,7 +139,10 @@ impl QemuEngine {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(files::QMP)),
         ];
-        a.shrink_to_fit();
+        if spec.restore.is_some() {
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
         a.into_iter().map(OsString::from).collect()
     }
 }
@@ -296,6 +278,72 @@ impl QemuMachine {
     }
 }
 
+/// Quote `s` for `/bin/sh` (QEMU runs `exec:` migration URIs through it).
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+impl QemuMachine {
+    /// Pause the vCPUs.
+    pub async fn pause(&self) -> Result<(), EngineError> {
+        self.qmp(qapi::qmp::stop {}, "stop", Duration::from_secs(10)).await.map(|_| ())
+    }
+
+    /// Resume the vCPUs.
+    pub async fn resume(&self) -> Result<(), EngineError> {
+        self.qmp(qapi::qmp::cont {}, "cont", Duration::from_secs(10)).await.map(|_| ())
+    }
+
+    /// Wait until the migration in progress ends; errors carry QEMU's reason.
+    async fn wait_migration(&self, deadline: Instant) -> Result<(), EngineError> {
+        use qapi::qmp::MigrationStatus as S;
+        loop {
+            let info = self.qmp(qapi::qmp::query_migrate {}, "query-migrate", Duration::from_secs(10)).await?;
+            match info.status {
+                Some(S::completed) => return Ok(()),
+                Some(S::failed) | Some(S::cancelled) => {
+                    return Err(EngineError::Qmp { command: "migrate", detail: info.error_desc.unwrap_or_else(|| "migration failed".into()) });
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                let _ = self.qmp(qapi::qmp::migrate_cancel {}, "migrate_cancel", Duration::from_secs(5)).await;
+                return Err(EngineError::Timeout { what: "the machine state to be written" });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Write the machine state (devices and RAM) to `path`. The VM must be
+    /// paused; it stays paused.
+    pub async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
+        // The default bandwidth cap (tens of MiB/s) is for live migration over
+        // a network; a paused VM saving to a local file should go flat out.
+        let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(serde_json::json!({"max-bandwidth": 64u64 << 30}))
+            .map_err(|e| EngineError::Qmp { command: "migrate-set-parameters", detail: e.to_string() })?;
+        self.qmp(qapi::qmp::migrate_set_parameters(params), "migrate-set-parameters", Duration::from_secs(10)).await?;
+        let uri = format!("exec:cat > {}", sh_quote(&path.display().to_string()));
+        let cmd = qapi::qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None };
+        self.qmp(cmd, "migrate", Duration::from_secs(10)).await?;
+        self.wait_migration(deadline).await
+    }
+
+    /// Load machine state from `path` into a QEMU started with
+    /// `-incoming defer`; the guest runs again when it returns.
+    pub async fn load_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
+        let uri = format!("exec:cat {}", sh_quote(&path.display().to_string()));
+        let cmd = qapi::qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: None };
+        self.qmp(cmd, "migrate-incoming", Duration::from_secs(10)).await?;
+        self.wait_migration(deadline).await?;
+        // The guest autostarts after an incoming migration; make sure.
+        let st = self.qmp(qapi::qmp::query_status {}, "query-status", Duration::from_secs(10)).await?;
+        if !st.running {
+            self.resume().await?;
+        }
+        Ok(())
+    }
+}
+
 impl Machine for QemuMachine {
     fn pid(&self) -> u32 {
         self.pid
@@ -336,14 +384,6 @@ impl Machine for QemuMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accel_override_and_validation() {
-        assert_eq!(probe_accel(Some("tcg")).expect("tcg"), Accel::Tcg);
-        assert_eq!(probe_accel(Some("KVM")).expect("kvm"), Accel::Kvm);
-        assert!(matches!(probe_accel(Some("xen")), Err(EngineError::BadAccel { .. })));
-        assert!(probe_accel(None).is_ok());
-    }
 
     #[test]
     fn tsc_frequency_from_cpuinfo() {

@@ -1,0 +1,123 @@
+//! `machinen snapshot`, `restore` and `fork`.
+
+use std::time::Duration;
+
+use machinen::error::fail;
+use machinen::progress::ProgressMode;
+use machinen::{ErrorCode, ForkOptions, RestoreOptions, Result, Vm};
+
+use crate::cli::{ForkArgs, RestoreArgs, SnapshotArgs};
+use crate::output::print_json;
+
+fn ports(publish: &[String]) -> Result<Vec<machinen::registry::PortForward>> {
+    Ok(publish.iter().map(|p| machinen::ports::parse(p)).collect::<Result<Vec<_>, _>>()?)
+}
+
+pub async fn run(a: SnapshotArgs) -> Result<i32> {
+    let vm = machinen::attach(&a.target).await?;
+    let out = if a.out.is_absolute() { a.out.clone() } else { std::env::current_dir()?.join(&a.out) };
+    if a.dry_run {
+        if out.exists() {
+            return Err(machinen::bundle::BundleError::Exists { path: out }.into());
+        }
+        let st = vm.status().await?;
+        if a.json {
+            print_json(&serde_json::json!({"dry_run": true, "name": vm.name(), "state": st.state, "out": out, "keep_alive": a.keep_alive}));
+        } else {
+            println!("would snapshot {} ({}) into {}{}", vm.name(), st.state, out.display(), if a.keep_alive { ", keeping it running" } else { ", then stop it" });
+        }
+        return Ok(0);
+    }
+    let step = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto }.step(format!("snapshotting {}", vm.name()));
+    let report = vm.snapshot(&out, a.keep_alive, Duration::from_secs(a.timeout)).await?;
+    step.done(format!("snapshot of {} written", vm.name()));
+    if a.json {
+        print_json(&report);
+    } else {
+        println!(
+            "{} -> {} ({:.1} MiB, {:.1} MiB on disk) in {} ms, paused {} ms{}",
+            vm.name(),
+            report.out,
+            report.bytes as f64 / 1048576.0,
+            report.disk_bytes as f64 / 1048576.0,
+            report.elapsed_ms,
+            report.paused_ms,
+            if a.keep_alive { "" } else { "; the VM has stopped" }
+        );
+    }
+    Ok(0)
+}
+
+/// After a restore or fork: run the command (then remove the VM), or print
+/// the VM's identity.
+async fn finish(vm: Vm, cmd: Vec<String>, process: &crate::cli::ProcessArgs, json: bool, what: &str) -> Result<i32> {
+    if cmd.is_empty() {
+        if json {
+            let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
+            v["ready_ms"] = vm.boot_ms().into();
+            print_json(&v);
+        } else {
+            println!("{} (pid {}) {what} in {} ms", vm.name(), vm.pid(), vm.boot_ms().unwrap_or(0));
+        }
+        // A detached VM outlives us; a foreground one without a command has
+        // nothing to do (refused before starting).
+        let _ = vm.into_info();
+        return Ok(0);
+    }
+    let exec = super::exec::exec_options(process, cmd)?;
+    let result = super::exec::run_in(&vm, exec, json).await;
+    let _ = vm.stop(true, Duration::from_secs(10)).await;
+    result
+}
+
+fn need_command_or_detach(cmd: &[String], detached: bool) -> Result<()> {
+    if cmd.is_empty() && !detached {
+        return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: give a command after `--`, or --detached")
+            .hint("e.g. `--detached`, then `machinen exec NAME -- CMD`")
+            .into());
+    }
+    if !cmd.is_empty() && detached {
+        return Err(fail(ErrorCode::BootArgsInvalid, "a command cannot be combined with --detached").into());
+    }
+    Ok(())
+}
+
+pub async fn restore(a: RestoreArgs) -> Result<i32> {
+    if a.dry_run {
+        let meta = machinen::restore::check_bundle(&a.bundle).await?;
+        if a.json {
+            print_json(&serde_json::json!({"dry_run": true, "bundle": a.bundle, "meta": meta}));
+        } else {
+            println!("{} is a valid bundle of {:?} taken at {} ms; this host can resume it", a.bundle.display(), meta.source_name, meta.snapped_at_ms);
+        }
+        return Ok(0);
+    }
+    need_command_or_detach(&a.cmd, a.detached)?;
+    let mut o = RestoreOptions::new(&a.bundle);
+    o.name = a.name.clone();
+    o.image = a.image.clone();
+    o.ports = ports(&a.publish)?;
+    o.detached = a.detached;
+    o.boot_timeout = Duration::from_secs(a.boot_timeout);
+    o.reset_tcp = a.tcp_reset;
+    o.progress = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto };
+    let vm = machinen::restore(o).await?;
+    finish(vm, a.cmd, &a.process, a.json, "restored").await
+}
+
+pub async fn fork(a: ForkArgs) -> Result<i32> {
+    need_command_or_detach(&a.cmd, a.detach)?;
+    let src = machinen::attach(&a.target).await?;
+    let opts = ForkOptions {
+        new_name: a.new_name.clone(),
+        out_dir: a.out_dir.clone(),
+        tcp_keep: a.tcp_keep,
+        detached: a.detach,
+        ports: ports(&a.publish)?,
+    };
+    let (vm, report) = src.fork(opts).await?;
+    if !a.json && a.cmd.is_empty() {
+        eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
+    }
+    finish(vm, a.cmd, &a.process, a.json, "forked").await
+}

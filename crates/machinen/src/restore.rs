@@ -1,0 +1,240 @@
+//! Snapshot, restore and fork.
+//!
+//! `Vm::snapshot` asks the supervisor to write a bundle (see `bundle.rs` for
+//! the format and `machinen-vmm`'s snapshot module for the sequence).
+//! [`restore`] verifies a bundle, checks that this host can resume it, and
+//! starts a new supervisor that loads the saved state into a fresh QEMU, on
+//! a private copy of the bundle's disk layer (the bundle is never written,
+//! so one bundle restores any number of times). `Vm::fork` is a keep-alive
+//! snapshot plus a restore under a new name.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use machinen_proto::{self as proto, Frame, Request, Response, SnapshotReport, SnapshotRequest};
+use serde::Serialize;
+
+use crate::bundle::{self, BundleMeta};
+use crate::error::{fail, ErrorCode, Result};
+use crate::paths::Paths;
+use crate::progress::ProgressMode;
+use crate::registry::{self, PortForward, Registry};
+use crate::spec::{files, RestoreSpec, VmSpec};
+use crate::vm::{launch_vm, Launch, Vm};
+use crate::{accel, assets, binaries, image, initramfs};
+
+/// Options for [`restore`].
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub bundle: PathBuf,
+    /// `None`: named `<source>/<pid>`.
+    pub name: Option<String>,
+    /// The rootfs tarball, when not at the path the bundle recorded; its
+    /// sha256 must match.
+    pub image: Option<PathBuf>,
+    pub ports: Vec<PortForward>,
+    pub detached: bool,
+    pub boot_timeout: Duration,
+    /// Reset TCP connections inherited from the snapshot.
+    pub reset_tcp: bool,
+    pub progress: ProgressMode,
+    /// Shown by `ls` as FORKED-FROM; defaults to the bundle path.
+    pub forked_from: Option<String>,
+}
+
+impl RestoreOptions {
+    pub fn new(bundle: impl Into<PathBuf>) -> RestoreOptions {
+        RestoreOptions {
+            bundle: bundle.into(),
+            name: None,
+            image: None,
+            ports: Vec::new(),
+            detached: false,
+            boot_timeout: Duration::from_secs(120),
+            reset_tcp: false,
+            progress: ProgressMode::Auto,
+            forked_from: None,
+        }
+    }
+}
+
+/// Options for `Vm::fork`.
+#[derive(Debug, Clone, Default)]
+pub struct ForkOptions {
+    pub new_name: Option<String>,
+    /// Keep the intermediate bundle here (default: a temp dir, removed).
+    pub out_dir: Option<PathBuf>,
+    /// Keep TCP connections inherited from the source.
+    pub tcp_keep: bool,
+    pub detached: bool,
+    /// Port forwards of the fork (the source's are not inherited).
+    pub ports: Vec<PortForward>,
+}
+
+/// What `fork` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkReport {
+    pub snapshot: SnapshotReport,
+    pub bundle_kept: bool,
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> impl std::future::Future<Output = Result<T>> {
+    async move { tokio::task::spawn_blocking(f).await.map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))? }
+}
+
+impl Vm {
+    /// Write a snapshot bundle to `out` (which must not exist). Unless
+    /// `keep_alive`, the VM stops once the bundle is complete.
+    pub async fn snapshot(&self, out: &Path, keep_alive: bool, timeout: Duration) -> Result<SnapshotReport> {
+        let out = if out.is_absolute() { out.to_path_buf() } else { std::env::current_dir()?.join(out) };
+        if out.exists() {
+            return Err(bundle::BundleError::Exists { path: out }.into());
+        }
+        let req = SnapshotRequest { out: out.display().to_string(), keep_alive, timeout_ms: timeout.as_millis() as u64 };
+        let mut s = self.connect().await?;
+        proto::send(&mut s, &Frame::Request(Request::Snapshot(req)))
+            .await
+            .map_err(|e| fail(ErrorCode::SnapshotDumpFailed, "asking the supervisor for a snapshot failed").source(e))?;
+        let answer = tokio::time::timeout(timeout + Duration::from_secs(30), proto::read_frame(&mut s))
+            .await
+            .map_err(|_| fail(ErrorCode::SnapshotTimeout, format!("no answer to the snapshot within {} s", timeout.as_secs() + 30)))?
+            .map_err(|e| fail(ErrorCode::SnapshotDumpFailed, "reading the snapshot answer failed").source(e))?;
+        match answer {
+            Some(Frame::Response(Response::Snapshotted(r))) => Ok(r),
+            Some(Frame::Error(e)) => {
+                let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::SnapshotDumpFailed);
+                Err(fail(code, e.message).hint("the source VM keeps running; `machinen ls` shows it").into())
+            }
+            Some(other) => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
+            None => Err(fail(ErrorCode::SnapshotDumpFailed, "the supervisor closed the connection during the snapshot").into()),
+        }
+    }
+
+    /// Clone this VM: a keep-alive snapshot restored as a new VM that starts
+    /// from the same memory and disk. The source keeps running.
+    pub async fn fork(&self, opts: ForkOptions) -> Result<(Vm, ForkReport)> {
+        let tmp;
+        let (bundle_dir, kept) = match &opts.out_dir {
+            Some(d) => (d.clone(), true),
+            None => {
+                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
+                (tmp.path().join("bundle"), false)
+            }
+        };
+        let snap = self.snapshot(&bundle_dir, true, Duration::from_secs(90)).await?;
+        let mut r = RestoreOptions::new(&bundle_dir);
+        r.name = opts.new_name.clone();
+        r.ports = opts.ports.clone();
+        r.detached = opts.detached;
+        r.reset_tcp = !opts.tcp_keep;
+        r.progress = ProgressMode::Quiet;
+        r.forked_from = Some(self.name().to_string());
+        // The fork copies the disk layer out of the bundle, and the state is
+        // loaded before `restore` returns: a temp bundle can go right after.
+        let vm = restore(r).await?;
+        Ok((vm, ForkReport { snapshot: snap, bundle_kept: kept }))
+    }
+}
+
+/// Verify a bundle and check this host can resume it, without starting
+/// anything (`restore --dry-run`).
+pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
+    let d = path.to_path_buf();
+    let meta = blocking(move || Ok(bundle::verify(&d)?)).await?;
+    let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
+    bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
+    Ok(meta)
+}
+
+/// Resume a VM from a bundle.
+pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
+    let t0 = std::time::Instant::now();
+    let paths = Paths::from_env()?;
+    let bundle_dir = std::fs::canonicalize(&opts.bundle).map_err(|e| {
+        fail(ErrorCode::RestoreBundleInvalid, format!("cannot open bundle {}", opts.bundle.display()))
+            .source(e)
+            .hint("pass the directory that `machinen snapshot` wrote")
+    })?;
+    let meta: BundleMeta = {
+        let d = bundle_dir.clone();
+        let step = opts.progress.step(format!("verifying {}", d.display()));
+        let m = blocking(move || Ok(bundle::verify(&d)?)).await?;
+        step.done("bundle verified");
+        m
+    };
+    let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
+    bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
+    let assets = assets::resolve(&paths)?;
+    if assets.kernel_version != meta.kernel.version {
+        return Err(bundle::BundleError::Foreign { what: "kernel", found: meta.kernel.version.clone(), here: assets.kernel_version.clone() }.into());
+    }
+    let tarball = opts.image.clone().unwrap_or_else(|| meta.image.path.clone());
+    if !tarball.exists() {
+        return Err(fail(ErrorCode::RestoreImageMismatch, format!("the bundle's image {} is not on this host", tarball.display()))
+            .hint("copy the image too and pass it with --image PATH")
+            .into());
+    }
+    let (img, initrd) = {
+        let (paths, tarball, assets, progress) = (paths.clone(), tarball.clone(), assets.clone(), opts.progress);
+        let agent = binaries::agent()?;
+        blocking(move || Ok((image::ensure_rootfs_image(&paths, &tarball, progress)?, initramfs::ensure_initramfs(&paths, &assets, &agent)?))).await?
+    };
+    if img.sha256 != meta.image.sha256 {
+        return Err(fail(
+            ErrorCode::RestoreImageMismatch,
+            format!("image {} has sha256 {}, the bundle was taken on {}", tarball.display(), img.sha256, meta.image.sha256),
+        )
+        .hint("pass the exact image the VM was booted from with --image")
+        .into());
+    }
+    if let Some(n) = &opts.name {
+        registry::validate_name(n)?;
+    }
+    let vmm = binaries::vmm()?;
+    let reg = Registry::new(&paths.registry);
+    let lock = reg.lock()?;
+    crate::ports::check(&opts.ports, &reg.live()?)?;
+    let claim = match &opts.name {
+        Some(n) => reg.claim(&lock, n)?,
+        None => reg.claim_anonymous(&lock)?,
+    };
+    let disk = claim.dir.join(files::DISK);
+    {
+        let (src, dst) = (bundle_dir.join(bundle::DISK), disk.clone());
+        if let Err(e) = blocking(move || Ok(bundle::sparse_copy(&src, &dst)?)).await {
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
+    }
+    let spec = VmSpec {
+        id: claim.id.clone(),
+        // Anonymous restores are named after the source (plus the pid).
+        name: opts.name.clone().unwrap_or_else(|| meta.source_name.clone()),
+        dir: claim.dir.clone(),
+        kernel: assets.kernel.clone(),
+        initrd,
+        disk,
+        base_image: img.path.clone(),
+        image_sha256: Some(img.sha256.clone()),
+        kernel_version: assets.kernel_version.clone(),
+        image: Some(tarball.clone()),
+        memory_mib: meta.memory_mib,
+        cpus: meta.cpus,
+        accel: Some(meta.accel.clone()),
+        qemu: std::env::var_os("MACHINEN_QEMU").map(PathBuf::from),
+        boot_timeout_ms: opts.boot_timeout.as_millis() as u64,
+        detached: opts.detached,
+        debug: false,
+        created_at_ms: registry::now_ms(),
+        ports: opts.ports.clone(),
+        restore: Some(RestoreSpec { bundle: bundle_dir.clone(), reset_tcp: opts.reset_tcp }),
+    };
+    let launch = Launch {
+        name: opts.name.clone(),
+        image: Some(tarball),
+        forked_from: Some(opts.forked_from.clone().unwrap_or_else(|| bundle_dir.display().to_string())),
+        ports: opts.ports.clone(),
+        timeout: opts.boot_timeout,
+    };
+    launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await
+}

@@ -1,0 +1,213 @@
+//! Taking a snapshot of the running VM, and repairing a restored guest.
+//!
+//! Sequence: wipe secrets and flush filesystems in the guest → pause →
+//! write the machine state (QEMU migration stream, devices + RAM) into the
+//! bundle → copy the disk layer (sparse) → resume (keep-alive) → write meta
+//! and manifest, sync, rename into place. The bundle is built in a hidden
+//! temp directory and recorded in `<vm dir>/snapshot.partial`, so a crash at
+//! any point leaves nothing that restore accepts and nothing `gc` cannot
+//! find. Any failure resumes the source.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use machinen::bundle::{self, BundleMeta, Builder, ImageIdentity, KernelIdentity};
+use machinen::registry;
+use machinen::spec::VmSpec;
+use machinen::ErrorCode;
+use machinen_proto::{self as proto, FixupReport, FixupRequest, Frame, Request, Response, SnapshotReport, SnapshotRequest};
+
+use crate::agent::AgentSession;
+use crate::control::Shared;
+use crate::engine::qemu::QemuMachine;
+use crate::engine::{Capabilities, Machine};
+use crate::supervisor::StartError;
+
+/// Default bound on a whole snapshot.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Marker naming the bundle being written, inside the VM's directory.
+pub const PARTIAL_MARKER: &str = "snapshot.partial";
+
+/// This VM's checkpoint chain: every snapshot of one running VM links to
+/// the previous one.
+pub struct Chain {
+    id: String,
+    seq: u32,
+    parent: Option<String>,
+}
+
+impl Chain {
+    pub fn new(spec: &VmSpec) -> Chain {
+        Chain { id: format!("{}-{:x}", spec.id, spec.created_at_ms), seq: 0, parent: None }
+    }
+}
+
+/// Remove a half-written bundle this VM left behind (called on exit; `gc`
+/// does the same for a supervisor that died).
+pub fn remove_partial(spec: &VmSpec) {
+    let marker = spec.path_in(PARTIAL_MARKER);
+    if let Ok(p) = std::fs::read_to_string(&marker) {
+        let p = PathBuf::from(p.trim());
+        if p.file_name().is_some_and(|n| n.to_string_lossy().contains(".partial-")) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+        let _ = std::fs::remove_file(&marker);
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
+    StartError { code, message: message.into(), hint: None }
+}
+
+/// One request/answer exchange with the agent, bounded in time.
+async fn ask(agent: &AgentSession, req: Request, timeout: Duration) -> Result<Response, String> {
+    let fut = async {
+        let mut s = agent.open().await.map_err(|e| e.to_string())?;
+        proto::send(&mut s, &Frame::Request(req)).await.map_err(|e| e.to_string())?;
+        match proto::read_frame(&mut s).await.map_err(|e| e.to_string())? {
+            Some(Frame::Response(r)) => Ok(r),
+            Some(Frame::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| "the guest agent did not answer in time".to_string())?
+}
+
+fn dir_sizes(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut apparent = 0;
+    let mut on_disk = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                apparent += m.len();
+                on_disk += m.blocks() * 512;
+            }
+        }
+    }
+    (apparent, on_disk)
+}
+
+pub async fn take(
+    machine: &QemuMachine,
+    shared: &Shared,
+    spec: &VmSpec,
+    caps: &Capabilities,
+    chain: &mut Chain,
+    req: SnapshotRequest,
+) -> Result<SnapshotReport, StartError> {
+    let t0 = Instant::now();
+    let timeout = if req.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(req.timeout_ms) };
+    let deadline = t0 + timeout;
+    let out = PathBuf::from(&req.out);
+    if !out.is_absolute() {
+        return Err(err(ErrorCode::SnapshotDumpFailed, format!("snapshot destination {} is not absolute", out.display())));
+    }
+    let state = shared.status.lock().await.state.clone();
+    if state != "running" {
+        return Err(err(ErrorCode::SnapshotStateInvalid, format!("the VM is {state}, not running")));
+    }
+    let agent = shared.agent.lock().await.clone().ok_or_else(|| err(ErrorCode::ExecVsockUnavailable, "the guest agent is not connected"))?;
+    let builder = Builder::new(&out).map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
+    let marker = spec.path_in(PARTIAL_MARKER);
+    registry::write_atomic(&marker, builder.tmp.display().to_string().as_bytes())
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("cannot record the snapshot in progress: {e}")))?;
+
+    // Secrets must not reach the bundle; a guest that cannot wipe them is
+    // not snapshotted.
+    match ask(&agent, Request::WipeSecrets, Duration::from_secs(10)).await {
+        Ok(Response::SecretsWiped { .. }) => {}
+        Ok(other) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets: unexpected answer {other:?}"))),
+        Err(e) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets in the guest failed: {e}"))),
+    }
+    if let Err(e) = ask(&agent, Request::Quiesce, Duration::from_secs(30)).await {
+        return Err(err(ErrorCode::SnapshotDumpFailed, format!("flushing guest filesystems failed: {e}")));
+    }
+
+    machine.pause().await.map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
+    let paused_at = Instant::now();
+    let saved = async {
+        machine.save_state(&builder.path(bundle::STATE), deadline).await.map_err(|e| match e {
+            crate::engine::EngineError::Timeout { .. } => {
+                err(ErrorCode::SnapshotTimeout, format!("the snapshot did not complete within {} s", timeout.as_secs()))
+            }
+            e => err(ErrorCode::SnapshotDumpFailed, format!("saving the machine state failed: {e}")),
+        })?;
+        let (src, dst) = (spec.disk.clone(), builder.path(bundle::DISK));
+        tokio::task::spawn_blocking(move || bundle::sparse_copy(&src, &dst))
+            .await
+            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("copying the disk layer failed: {e}")))?;
+        Ok::<(), StartError>(())
+    }
+    .await;
+    if saved.is_err() || req.keep_alive {
+        // Whatever happened, a keep-alive source and a failed snapshot's
+        // source run on.
+        if let Err(e) = machine.resume().await {
+            tracing::error!("resuming after the snapshot failed: {e}");
+        }
+    }
+    let paused_ms = paused_at.elapsed().as_millis() as u64;
+    saved?;
+
+    chain.seq += 1;
+    let kernel_sha = {
+        let k = spec.kernel.clone();
+        tokio::task::spawn_blocking(move || bundle::hash_file(&k)).await.ok().and_then(|r| r.ok()).map(|(_, h)| h).unwrap_or_default()
+    };
+    let meta = BundleMeta {
+        format: bundle::FORMAT_NAME.into(),
+        version: bundle::FORMAT_VERSION,
+        engine: caps.engine.into(),
+        source_name: spec.name.clone(),
+        image: ImageIdentity {
+            path: spec.image.clone().unwrap_or_default(),
+            sha256: spec.image_sha256.clone().unwrap_or_default(),
+        },
+        snapped_at_ms: registry::now_ms(),
+        guest_arch: machinen::paths::debian_arch().into(),
+        accel: caps.accel.as_str().into(),
+        cpu_model: caps.cpu_model.clone(),
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        kernel: KernelIdentity { version: spec.kernel_version.clone(), sha256: kernel_sha },
+        disk_format: "qcow2".into(),
+        chain_id: chain.id.clone(),
+        chain_seq: chain.seq,
+        chain_parent: chain.parent.clone(),
+    };
+    let finished = tokio::task::spawn_blocking(move || builder.finish(&meta))
+        .await
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("writing the bundle failed: {e}")))?;
+    let _ = std::fs::remove_file(&marker);
+    chain.parent = Some(finished.display().to_string());
+    let (bytes, disk_bytes) = dir_sizes(&finished);
+    let report = SnapshotReport {
+        out: finished.display().to_string(),
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+        paused_ms,
+        bytes,
+        disk_bytes,
+    };
+    tracing::info!("snapshot {report:?}; machine pid {}", machine.pid());
+    Ok(report)
+}
+
+/// After a restore: set the clock, reseed the RNG with fresh host entropy,
+/// reset inherited TCP connections when asked.
+pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport, String> {
+    let mut entropy = [0u8; 64];
+    {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).map_err(|e| format!("host entropy: {e}"))?;
+    }
+    let wall_clock_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let req = FixupRequest { wall_clock_ns, entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(), reset_tcp };
+    match ask(agent, Request::Fixup(req), Duration::from_secs(20)).await? {
+        Response::FixedUp(r) => Ok(r),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
