@@ -578,3 +578,6 @@ fn agent_context_parses_and_matches_help() {
     let bash = env.run_ok(&["completion", "bash"]);
     assert!(bash.contains("__vm-names") && bash.contains("complete -F"));
 }
+
+#[path = "e2e/provision.rs"]
+mod provision;
