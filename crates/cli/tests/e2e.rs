@@ -247,6 +247,11 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     env.run_ok(&["stop", "--force", "victim"]);
 }
 
+#[path = "e2e/provision.rs"]
+mod provision;
+#[path = "e2e/snapshot.rs"]
+mod snapshot;
+
 // ---------------------------------------------------------------------------
 // Interactive terminals, files, secrets, agent-facing commands.
 
@@ -579,5 +584,15 @@ fn agent_context_parses_and_matches_help() {
     assert!(bash.contains("__vm-names") && bash.contains("complete -F"));
 }
 
-#[path = "e2e/provision.rs"]
-mod provision;
+#[test]
+fn foreground_boot_uses_a_pty_on_a_terminal() {
+    let env = Env::new();
+    let pty = Pty::new(24, 80);
+    let cooked = pty.lflags();
+    let mut child = pty.spawn(&env, &["boot", "--", "sh", "-c", "tty; stty size; exit 7"]);
+    let st = wait_child(&mut child, Duration::from_secs(180));
+    assert_eq!(st.code(), Some(7), "screen:\n{}", pty.screen());
+    pty.wait_for("/dev/pts/", Duration::from_secs(5));
+    pty.wait_for("24 80", Duration::from_secs(5));
+    assert_eq!(pty.lflags(), cooked, "terminal settings restored");
+}

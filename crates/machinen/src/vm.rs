@@ -681,7 +681,15 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
     let mut removed = Vec::new();
     for s in reg.stale()? {
         let bytes = dir_bytes(&s.dir);
+        // A snapshot the dead VM was writing: its hidden temp bundle.
+        let partial = std::fs::read_to_string(s.dir.join("snapshot.partial"))
+            .ok()
+            .map(|p| PathBuf::from(p.trim()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".partial-")));
         if !dry_run {
+            if let Some(p) = &partial {
+                let _ = std::fs::remove_dir_all(p);
+            }
             if let Some(e) = &s.entry {
                 if let (Some(q), Some(qs)) = (e.qemu_pid, e.qemu_start) {
                     kill_pid(q, Some(qs), nix::sys::signal::Signal::SIGKILL);

@@ -1,0 +1,261 @@
+//! Port forwards, snapshot, restore and fork on real VMs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::{pid_alive, sha256_hex, wait_until, Env};
+
+const COUNTER: &str = include_str!("../../../../examples/counter/counter.pl");
+
+/// A free host port (bound and released; good enough on a test machine).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// GET / on a forwarded port; the counter's answer as a number.
+fn count(port: u16) -> u64 {
+    let mut last = String::new();
+    // The forward may race the guest server's first accept right after a
+    // start; retry briefly.
+    for _ in 0..50 {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if let Some(n) = body.split("\r\n\r\n").nth(1).and_then(|b| b.trim().parse().ok()) {
+                return n;
+            }
+            last = body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no count from port {port}: {last:?}");
+}
+
+/// Boot a small detached VM running the counter on guest port 8080.
+fn counter_vm(env: &Env, name: &str, host_port: u16) -> serde_json::Value {
+    let info = env.json(&["boot", "--name", name, "--memory", "512", "--detached", "--json", "-p", &format!("{host_port}:8080")]);
+    let mut c = env.cmd(&["exec", name, "--", "sh", "-c", "cat > /root/counter.pl"]).stdin(Stdio::piped()).spawn().expect("spawn");
+    c.stdin.take().expect("stdin").write_all(COUNTER.as_bytes()).expect("write");
+    assert!(c.wait().expect("wait").success());
+    env.run_ok(&["exec", name, "--", "sh", "-c", "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &"]);
+    info
+}
+
+fn bundle(env: &Env, name: &str) -> PathBuf {
+    env.registry.path().join(format!("{name}.snap"))
+}
+
+#[test]
+fn counter_survives_handoff_and_forks_diverge() {
+    let env = Env::new();
+    let (p1, p2) = (free_port(), free_port());
+    let info = counter_vm(&env, "web", p1);
+    assert_eq!((count(p1), count(p1)), (1, 2));
+    let ls = env.run_ok(&["ls"]);
+    assert!(ls.contains(&format!("127.0.0.1:{p1}->8080")), "{ls}");
+
+    // Destructive snapshot: the source stops once the bundle is complete.
+    let snap = bundle(&env, "web");
+    let rep = env.json(&["snapshot", "web", snap.to_str().expect("path"), "--json"]);
+    assert!(rep["bytes"].as_u64().expect("bytes") > 0);
+    assert!(rep["disk_bytes"].as_u64().expect("disk") <= rep["bytes"].as_u64().expect("bytes") + 65536, "bundle stays sparse");
+    wait_until("source to stop", Duration::from_secs(20), || !pid_alive(info["pid"].as_u64().expect("pid")));
+    assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
+
+    // Restore: the in-memory count continues.
+    let r = env.json(&["restore", snap.to_str().expect("path"), "-p", &format!("{p1}:8080"), "--detached", "--json"]);
+    let name = r["name"].as_str().expect("name").to_string();
+    assert!(name.starts_with("web/"), "anonymous restores are <source>/<pid>: {name}");
+    assert_eq!(r["forked_from"].as_str(), Some(snap.to_str().expect("path")));
+    assert_eq!(count(p1), 3);
+
+    // Fork: both continue from the same value, independently; port forwards
+    // are not inherited (the fork gets its own).
+    let f = env.json(&["fork", &name, "--new-name", "web-b", "--detach", "-p", &format!("{p2}:8080"), "--json"]);
+    assert_eq!(f["forked_from"].as_str(), Some(name.as_str()));
+    assert_eq!(f["ports"].as_array().map(Vec::len), Some(1));
+    assert_eq!(count(p2), 4, "the fork starts from the source's memory");
+    assert_eq!(count(p2), 5);
+    assert_eq!(count(p1), 4, "the source is unaffected by the fork's requests");
+    // Guest memory diverges: a file in tmpfs written in one is absent in the other.
+    env.run_ok(&["exec", "web-b", "--", "sh", "-c", "echo fork-only > /dev/shm/mark"]);
+    let out = env.run(&["exec", &name, "--", "cat", "/dev/shm/mark"]);
+    assert!(!out.status.success(), "the source must not see the fork's writes");
+    env.run_ok(&["stop", "--force", "web-b"]);
+    env.run_ok(&["stop", "--force", &name]);
+}
+
+#[test]
+fn three_snapshot_restore_cycles_keep_exec_and_ports_working() {
+    let env = Env::new();
+    let p = free_port();
+    counter_vm(&env, "cyc", p);
+    assert_eq!(count(p), 1);
+    env.run_ok(&["exec", "cyc", "--", "sh", "-c", "echo 0 > /root/n"]);
+    let mut target = "cyc".to_string();
+    for cycle in 1..=3u64 {
+        let snap = bundle(&env, &format!("cyc{cycle}"));
+        env.run_ok(&["snapshot", &target, snap.to_str().expect("path")]);
+        let r = env.json(&["restore", snap.to_str().expect("path"), "--name", &format!("cyc-{cycle}"), "-p", &format!("{p}:8080"), "--detached", "--json"]);
+        target = r["name"].as_str().expect("name").to_string();
+        assert_eq!(count(p), cycle + 1, "cycle {cycle}: count continues");
+        let n = env.run_ok(&["exec", &target, "--", "sh", "-c", "n=$(($(cat /root/n) + 1)); echo $n > /root/n; cat /root/n"]);
+        assert_eq!(n.trim(), cycle.to_string(), "cycle {cycle}: disk state carried over");
+    }
+    env.run_ok(&["stop", &target]);
+}
+
+#[test]
+fn restores_reseed_randomness_fix_the_clock_and_never_touch_the_bundle() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "rng", "--memory", "512", "--detached", "--json"]);
+    // Put the guest clock ten minutes behind: as if the bundle were old.
+    env.run_ok(&["exec", "rng", "--", "sh", "-c", "date -s @$(( $(date +%s) - 600 )) >/dev/null"]);
+    let snap = bundle(&env, "rng");
+    env.run_ok(&["snapshot", "rng", snap.to_str().expect("path")]);
+    let manifest = std::fs::read(snap.join("manifest.json")).expect("manifest");
+    let state_sum = sha256_hex(&std::fs::read(snap.join("state.vmstate")).expect("state"));
+
+    let mut draws = Vec::new();
+    for name in ["r1", "r2"] {
+        env.json(&["restore", snap.to_str().expect("path"), "--name", name, "--detached", "--json"]);
+        let bytes = env.run_ok(&["exec", name, "--", "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]);
+        draws.push(bytes.trim().to_string());
+        let guest: i64 = env.run_ok(&["exec", name, "--", "date", "+%s"]).trim().parse().expect("date");
+        let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs() as i64;
+        assert!((guest - host).abs() <= 5, "{name}: guest clock {guest} vs host {host}");
+    }
+    assert_eq!(draws[0].len(), 64);
+    assert_ne!(draws[0], draws[1], "two restores of one bundle must not share random streams");
+    assert_eq!(std::fs::read(snap.join("manifest.json")).expect("manifest"), manifest);
+    assert_eq!(sha256_hex(&std::fs::read(snap.join("state.vmstate")).expect("state")), state_sum, "the bundle is never written");
+    env.run_ok(&["restore", snap.to_str().expect("path"), "--dry-run"]);
+    env.run_ok(&["stop", "--force", "r1"]);
+    env.run_ok(&["stop", "--force", "r2"]);
+}
+
+fn flip_byte(path: &Path, at_fraction: f64) {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open");
+    let len = f.metadata().expect("meta").len();
+    let at = ((len as f64 * at_fraction) as u64).min(len - 1);
+    use std::io::Seek;
+    let mut b = [0u8; 1];
+    f.seek(std::io::SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut b).expect("read");
+    b[0] ^= 0x40;
+    f.seek(std::io::SeekFrom::Start(at)).expect("seek");
+    f.write_all(&b).expect("write");
+}
+
+#[test]
+fn damaged_bundles_and_interrupted_snapshots_are_refused() {
+    let env = Env::new();
+    let info = env.json(&["boot", "--name", "dmg", "--memory", "512", "--detached", "--json"]);
+    let snap = bundle(&env, "dmg");
+    env.run_ok(&["snapshot", "dmg", snap.to_str().expect("path"), "--keep-alive"]);
+    assert!(pid_alive(info["pid"].as_u64().expect("pid")), "--keep-alive keeps the source");
+    env.run_ok(&["exec", "dmg", "--", "true"]);
+
+    for file in ["state.vmstate", "rootdisk.qcow2", "meta.json", "manifest.json"] {
+        flip_byte(&snap.join(file), 0.5);
+        let out = env.run(&["restore", snap.to_str().expect("path"), "--detached"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{file}: {err}");
+        assert!(err.contains("RESTORE_BUNDLE_INVALID") && err.contains(file), "{file}: {err}");
+        flip_byte(&snap.join(file), 0.5); // flip back
+    }
+    env.run_ok(&["restore", snap.to_str().expect("path"), "--dry-run"]);
+    assert_eq!(env.json(&["ls", "--json"]).as_array().map(Vec::len), Some(1), "no refused restore left a VM behind");
+
+    // Kill the supervisor while it writes a snapshot: no bundle appears, the
+    // half-written one is hidden and gc removes it.
+    let out = bundle(&env, "interrupted");
+    let mut snapper = env.cmd(&["snapshot", "dmg", out.to_str().expect("path")]).stderr(Stdio::null()).spawn().expect("snapshot");
+    let parent = out.parent().expect("parent").to_path_buf();
+    let partial = || {
+        std::fs::read_dir(&parent)
+            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".interrupted.snap.partial-")))
+            .unwrap_or(false)
+    };
+    wait_until("the snapshot to start", Duration::from_secs(30), partial);
+    let pid = info["pid"].as_u64().expect("pid");
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
+    let _ = snapper.wait();
+    assert!(!out.exists(), "no bundle under the requested name");
+    let err = env.run(&["restore", out.to_str().expect("path"), "--detached"]);
+    assert_eq!(err.status.code(), Some(125));
+    env.json(&["gc", "--json"]);
+    assert!(!partial(), "gc removed the half-written bundle");
+}
+
+#[test]
+fn port_forward_conflicts_refused_ports_and_heavy_traffic() {
+    let env = Env::new();
+    let (p1, p2) = (free_port(), free_port());
+    let out = env.run(&["boot", "--detached", "-p", &format!("{p1}:80"), "-p", &format!("{p1}:81")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BOOT_PORT_FORWARD_CONFLICT"));
+
+    counter_vm(&env, "fw", p1);
+    let out = env.run(&["boot", "--name", "other", "--detached", "-p", &format!("{p1}:8080")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BOOT_PORT_FORWARD_IN_USE") && err.contains("\"fw\""), "{err}");
+    // A port held by some other program.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", p2)).expect("hold");
+    let out = env.run(&["boot", "--name", "other", "--detached", "-p", &format!("{p2}:8080")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BOOT_PORT_FORWARD_IN_USE"));
+    drop(holder);
+
+    // 40 concurrent requests: every one answered, each with its own count.
+    let threads: Vec<_> = (0..40).map(|_| std::thread::spawn(move || count(p1))).collect();
+    let mut got: Vec<u64> = threads.into_iter().map(|t| t.join().expect("join")).collect();
+    got.sort_unstable();
+    assert_eq!(got, (1..=40).collect::<Vec<u64>>());
+
+    // A large transfer both ways through a guest echo server.
+    let echo = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => 9000, Listen => 5, ReuseAddr => 1) or die; \
+                while (my $c = $s->accept) { my $b; while (sysread($c, $b, 65536)) { syswrite($c, $b) } close $c }";
+    env.run_ok(&["stop", "fw"]);
+    let p4 = free_port();
+    let info = env.json(&["boot", "--name", "echo", "--memory", "512", "--detached", "--json", "-p", &format!("{p4}:9000"), "-p", &format!("{}:9999", free_port())]);
+    assert_eq!(info["ports"].as_array().map(Vec::len), Some(2));
+    env.run_ok(&["exec", "echo", "--", "sh", "-c", &format!("nohup perl -e '{echo}' >/dev/null 2>&1 &")]);
+    // Wait until it listens (port 9000 is 0x2328 in /proc/net/tcp).
+    env.run_ok(&["exec", "echo", "--", "sh", "-c", "for i in $(seq 100); do grep -q ':2328 00000000:0000 0A' /proc/net/tcp && exit 0; sleep 0.1; done; exit 1"]);
+    let payload: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let mut conn = None;
+    for _ in 0..50 {
+        if let Ok(c) = TcpStream::connect(("127.0.0.1", p4)) {
+            conn = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let conn = conn.expect("connect");
+    let mut reader = conn.try_clone().expect("clone");
+    let send = payload.clone();
+    let writer = std::thread::spawn(move || {
+        let mut w = conn;
+        w.write_all(&send).expect("send");
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut back = Vec::new();
+    reader.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    reader.read_to_end(&mut back).expect("read back");
+    writer.join().expect("writer");
+    assert_eq!(back.len(), payload.len());
+    assert_eq!(sha256_hex(&back), sha256_hex(&payload));
+
+    // Nobody listens on guest port 9999: the host connection closes cleanly.
+    let closed_port = info["ports"][1]["host_port"].as_u64().expect("port") as u16;
+    let mut c = TcpStream::connect(("127.0.0.1", closed_port)).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without data");
+    env.run_ok(&["stop", "--force", "echo"]);
+}
