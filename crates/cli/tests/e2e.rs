@@ -596,16 +596,3 @@ fn foreground_boot_uses_a_pty_on_a_terminal() {
     pty.wait_for("24 80", Duration::from_secs(5));
     assert_eq!(pty.lflags(), cooked, "terminal settings restored");
 }
-
-#[test]
-fn foreground_boot_uses_a_pty_on_a_terminal() {
-    let env = Env::new();
-    let pty = Pty::new(24, 80);
-    let cooked = pty.lflags();
-    let mut child = pty.spawn(&env, &["boot", "--", "sh", "-c", "tty; stty size; exit 7"]);
-    let st = wait_child(&mut child, Duration::from_secs(180));
-    assert_eq!(st.code(), Some(7), "screen:\n{}", pty.screen());
-    pty.wait_for("/dev/pts/", Duration::from_secs(5));
-    pty.wait_for("24 80", Duration::from_secs(5));
-    assert_eq!(pty.lflags(), cooked, "terminal settings restored");
-}
