@@ -22,7 +22,7 @@ std::env::var_os("MACHINEN_HOME")
         for img in &self.0 {
             let Ok(bytes) = std::fs::read(img) else { continue };
             let sha = sha256_hex(&bytes);
-            for suffix in ["ext4", "config.json"] {
+            for suffix in ["ext4", "config.json", "lock"] {
                 let _ = std::fs::remove_file(cache.join("images").join(format!("{sha}.{suffix}")));
             }
         }
