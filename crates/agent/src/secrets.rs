@@ -4,7 +4,7 @@
 //!
 //! Before a snapshot the host asks for [`wipe`]: every secret file is
 //! overwritten with zeros in place (the tmpfs pages that held it), removed,
-//! and the tmpfs is unmounted. The kernel runs with `init_on_free=1`, so any
+//! and the tmpfs is unmounted. A VM booted with secrets runs its kernel with `init_on_free=1`, so any
 //! other page that held a copy (pipe and serial buffers, the memory of a
 //! program that read the file and exited) is zeroed when freed, and the
 //! agent's own heap is zeroed on free by its allocator ([`crate::zalloc`]).

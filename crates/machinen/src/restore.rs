@@ -227,6 +227,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         debug: false,
         created_at_ms: registry::now_ms(),
         ports: opts.ports.clone(),
+        // The restored kernel keeps the command line it booted with.
+        zero_freed_memory: false,
         restore: Some(RestoreSpec { bundle: bundle_dir.clone(), reset_tcp: opts.reset_tcp }),
     };
     let launch = Launch {

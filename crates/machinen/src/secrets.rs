@@ -8,7 +8,7 @@
 //!   `meta.json`, `ls` output or the logs (their `Debug` form is redacted).
 //! * Before any snapshot the caller (the snapshot code) calls
 //!   [`Vm::wipe_secrets`]: the agent zeroes the files in place, removes them
-//!   and unmounts the tmpfs; the guest kernel runs with `init_on_free=1` and
+//!   and unmounts the tmpfs; a VM booted with secrets runs its kernel with `init_on_free=1` and
 //!   the agent's heap is zeroed on free, so the bundle carries no secret
 //!   unless a guest program copied one into its own memory or onto disk.
 //! * After a restore or fork the caller supplies the secrets again

@@ -61,6 +61,9 @@ pub struct VmSpec {
     /// Host port forwards.
     #[serde(default)]
     pub ports: Vec<crate::registry::PortForward>,
+    /// Boot the guest kernel with `init_on_free=1` (VMs given secrets).
+    #[serde(default)]
+    pub zero_freed_memory: bool,
     /// Resume from a snapshot bundle instead of booting.
     #[serde(default)]
     pub restore: Option<RestoreSpec>,

@@ -253,6 +253,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         debug: opts.debug,
         created_at_ms: registry::now_ms(),
         ports: opts.ports.clone(),
+        zero_freed_memory: !opts.secrets.is_empty(),
         restore: None,
     };
     if let Err(e) = image::create_overlay(&img.path, &spec.disk) {
