@@ -210,6 +210,8 @@ pub struct RestoreArgs {
     pub tcp_reset: bool,
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
     /// Seconds to wait for the restored guest to answer.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub boot_timeout: u64,
@@ -238,6 +240,8 @@ pub struct ForkArgs {
     /// Keep TCP connections inherited from the source.
     #[arg(long)]
     pub tcp_keep: bool,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
     /// Return once the fork is ready and leave it running.
     #[arg(long, short = 'd', visible_alias = "detached")]
     pub detach: bool,

@@ -70,6 +70,20 @@ async fn finish(vm: Vm, cmd: Vec<String>, process: &crate::cli::ProcessArgs, jso
     result
 }
 
+/// Secrets are never in a bundle: the caller hands them to the new VM.
+async fn supply_secrets(vm: &Vm, secrets: &[machinen::Secret]) -> Result<()> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = vm.set_secrets(secrets).await {
+        if let Ok(handle) = machinen::attach(vm.name()).await {
+            let _ = handle.stop(true, Duration::from_secs(10)).await;
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn need_command_or_detach(cmd: &[String], detached: bool) -> Result<()> {
     if cmd.is_empty() && !detached {
         return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: give a command after `--`, or --detached")
@@ -101,7 +115,9 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
     o.progress = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto };
+    let secrets = a.secrets.parse()?;
     let vm = machinen::restore(o).await?;
+    supply_secrets(&vm, &secrets).await?;
     finish(vm, a.cmd, &a.process, a.json, "restored").await
 }
 
@@ -115,7 +131,9 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         detached: a.detach,
         ports: ports(&a.publish)?,
     };
+    let secrets = a.secrets.parse()?;
     let (vm, report) = src.fork(opts).await?;
+    supply_secrets(&vm, &secrets).await?;
     if !a.json && a.cmd.is_empty() {
         eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
     }
