@@ -122,33 +122,37 @@ pub fn configure(wait: Duration) -> io::Result<()> {
 }
 
 /// What to do with `/etc/resolv.conf`.
+///
+/// The guest's only network is QEMU user networking, whose resolver is
+/// 10.0.2.3, so whatever an image carries (often the resolver of the host
+/// that built it) is replaced, unless the file says `# machinen: keep`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ResolvAction {
-    /// It has content: leave it alone.
+    /// Already ours, or marked `# machinen: keep`: leave it alone.
     Keep,
-    /// Missing or empty: write ours.
+    /// Missing, empty or naming another resolver: write ours.
     Write,
-    /// A symlink to nothing (e.g. systemd-resolved's stub, not running
-    /// here): replace the link with a file of ours.
-    ReplaceDanglingSymlink,
+    /// A symlink (e.g. to systemd-resolved's stub, not running here):
+    /// replace the link itself with a file of ours.
+    ReplaceSymlink,
 }
 
-/// Whether a resolv.conf text says anything (other than comments).
-fn has_content(text: &str) -> bool {
-    text.lines().map(str::trim).any(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
-}
+/// Marker line that keeps an image's own resolv.conf.
+pub const KEEP_MARKER: &str = "# machinen: keep";
 
 pub fn resolv_action(path: &Path) -> ResolvAction {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return ResolvAction::Write;
     };
-    if meta.file_type().is_symlink() && std::fs::metadata(path).is_err() {
-        return ResolvAction::ReplaceDanglingSymlink;
+    if meta.file_type().is_symlink() {
+        let keep = std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.trim() == KEEP_MARKER));
+        return if keep { ResolvAction::Keep } else { ResolvAction::ReplaceSymlink };
     }
-    match std::fs::read(path) {
-        Ok(bytes) if has_content(&String::from_utf8_lossy(&bytes)) => ResolvAction::Keep,
+    match std::fs::read_to_string(path) {
+        Ok(t) if t == RESOLV_CONF || t.lines().any(|l| l.trim() == KEEP_MARKER) => ResolvAction::Keep,
         Ok(_) => ResolvAction::Write,
         // Unreadable (a directory, say): not ours to fix.
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => ResolvAction::Write,
         Err(_) => ResolvAction::Keep,
     }
 }
@@ -161,7 +165,7 @@ pub fn ensure_resolv_conf(path: &Path) -> io::Result<ResolvAction> {
     match action {
         ResolvAction::Keep => {}
         ResolvAction::Write => std::fs::write(path, RESOLV_CONF)?,
-        ResolvAction::ReplaceDanglingSymlink => {
+        ResolvAction::ReplaceSymlink => {
             std::fs::remove_file(path)?;
             std::fs::write(path, RESOLV_CONF)?;
         }
@@ -200,17 +204,19 @@ mod tests {
         assert_eq!(resolv_action(&p), ResolvAction::Write, "missing");
         std::fs::write(&p, "").expect("write");
         assert_eq!(resolv_action(&p), ResolvAction::Write, "empty");
-        std::fs::write(&p, "\n  \n# generated\n").expect("write");
-        assert_eq!(resolv_action(&p), ResolvAction::Write, "only comments");
-        std::fs::write(&p, "nameserver 1.1.1.1\n").expect("write");
-        assert_eq!(resolv_action(&p), ResolvAction::Keep, "has a nameserver");
+        std::fs::write(&p, "nameserver 10.255.255.53\n").expect("write");
+        assert_eq!(resolv_action(&p), ResolvAction::Write, "the build host's resolver is useless here");
+        std::fs::write(&p, RESOLV_CONF).expect("write");
+        assert_eq!(resolv_action(&p), ResolvAction::Keep, "already ours");
+        std::fs::write(&p, "# machinen: keep\nnameserver 1.1.1.1\n").expect("write");
+        assert_eq!(resolv_action(&p), ResolvAction::Keep, "marked");
         std::fs::remove_file(&p).expect("rm");
         std::os::unix::fs::symlink(d.join("nowhere/stub-resolv.conf"), &p).expect("symlink");
-        assert_eq!(resolv_action(&p), ResolvAction::ReplaceDanglingSymlink);
+        assert_eq!(resolv_action(&p), ResolvAction::ReplaceSymlink, "dangling");
         std::fs::remove_file(&p).expect("rm");
-        std::fs::write(d.join("real"), "search x\nnameserver 9.9.9.9\n").expect("write");
+        std::fs::write(d.join("real"), "nameserver 9.9.9.9\n").expect("write");
         std::os::unix::fs::symlink(d.join("real"), &p).expect("symlink");
-        assert_eq!(resolv_action(&p), ResolvAction::Keep, "symlink to a good file");
+        assert_eq!(resolv_action(&p), ResolvAction::ReplaceSymlink, "symlink to another resolver");
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -219,11 +225,11 @@ mod tests {
         let d = tmpdir("resolv-write");
         let p = d.join("resolv.conf");
         std::os::unix::fs::symlink("/nonexistent/stub-resolv.conf", &p).expect("symlink");
-        assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::ReplaceDanglingSymlink);
+        assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::ReplaceSymlink);
         assert!(!std::fs::symlink_metadata(&p).expect("meta").file_type().is_symlink());
         assert_eq!(std::fs::read_to_string(&p).expect("read"), RESOLV_CONF);
         assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::Keep);
-        std::fs::write(&p, "").expect("write");
+        std::fs::write(&p, "nameserver 8.8.8.8\n").expect("write");
         assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::Write);
         assert_eq!(std::fs::read_to_string(&p).expect("read"), RESOLV_CONF);
         let _ = std::fs::remove_dir_all(&d);
