@@ -36,12 +36,17 @@ fn count(port: u16) -> u64 {
     panic!("no count from port {port}: {last:?}");
 }
 
+/// Write a guest file through exec's stdin.
+fn put(env: &Env, vm: &str, path: &str, content: &str) {
+    let mut c = env.cmd(&["exec", vm, "--", "sh", "-c", &format!("cat > {path}")]).stdin(Stdio::piped()).spawn().expect("spawn");
+    c.stdin.take().expect("stdin").write_all(content.as_bytes()).expect("write");
+    assert!(c.wait().expect("wait").success());
+}
+
 /// Boot a small detached VM running the counter on guest port 8080.
 fn counter_vm(env: &Env, name: &str, host_port: u16) -> serde_json::Value {
     let info = env.json(&["boot", "--name", name, "--memory", "512", "--detached", "--json", "-p", &format!("{host_port}:8080")]);
-    let mut c = env.cmd(&["exec", name, "--", "sh", "-c", "cat > /root/counter.pl"]).stdin(Stdio::piped()).spawn().expect("spawn");
-    c.stdin.take().expect("stdin").write_all(COUNTER.as_bytes()).expect("write");
-    assert!(c.wait().expect("wait").success());
+    put(env, name, "/root/counter.pl", COUNTER);
     env.run_ok(&["exec", name, "--", "sh", "-c", "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &"]);
     info
 }
@@ -258,4 +263,36 @@ fn port_forward_conflicts_refused_ports_and_heavy_traffic() {
     let n = c.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "closed without data");
     env.run_ok(&["stop", "--force", "echo"]);
+}
+
+/// A guest TCP connection held open by two guest processes; after a fork
+/// it is reset in the fork (unless --tcp-keep) and untouched in the source.
+#[test]
+fn forks_reset_inherited_tcp_connections_unless_kept() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "tcp", "--memory", "512", "--detached", "--json"]);
+    let server = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 9100, Listen => 5, ReuseAddr => 1) or die; \
+                  my @held; while (my $c = $s->accept) { push @held, $c }";
+    let client = "use IO::Socket::INET; my $c; for (1..100) { $c = IO::Socket::INET->new('127.0.0.1:9100') and last; select(undef,undef,undef,0.1) } \
+                  die 'no server' unless $c; open(my $f, '>', '/tmp/conn'); print $f \"open\\n\"; close $f; \
+                  my $b; my $n = sysread($c, $b, 1); open($f, '>', '/tmp/conn'); print $f (defined $n ? \"eof\\n\" : \"error: $!\\n\"); close $f;";
+    for (file, code) in [("/root/server.pl", server), ("/root/client.pl", client)] {
+        put(&env, "tcp", file, code);
+    }
+    env.run_ok(&["exec", "tcp", "--", "sh", "-c", "nohup perl /root/server.pl >/dev/null 2>&1 &"]);
+    env.run_ok(&["exec", "tcp", "--", "sh", "-c", "nohup perl /root/client.pl >/dev/null 2>&1 &"]);
+    let state = |vm: &str| env.run_ok(&["exec", vm, "--", "sh", "-c", "cat /tmp/conn 2>/dev/null || true"]).trim().to_string();
+    wait_until("the connection to open", Duration::from_secs(30), || state("tcp") == "open");
+
+    env.json(&["fork", "tcp", "--new-name", "tcp-reset", "--detach", "--json"]);
+    env.json(&["fork", "tcp", "--new-name", "tcp-kept", "--tcp-keep", "--detach", "--json"]);
+    wait_until("the fork's connection to be reset", Duration::from_secs(30), || state("tcp-reset") != "open");
+    let reset = state("tcp-reset");
+    assert!(reset.starts_with("error") || reset == "eof", "fork: {reset}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state("tcp"), "open", "the source keeps its connection");
+    assert_eq!(state("tcp-kept"), "open", "--tcp-keep keeps it in the fork");
+    for vm in ["tcp-reset", "tcp-kept", "tcp"] {
+        env.run_ok(&["stop", "--force", vm]);
+    }
 }
