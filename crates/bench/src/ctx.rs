@@ -1,0 +1,143 @@
+//! What every section shares: the configuration, a scratch directory, and
+//! helpers to boot, drive and stop VMs.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use machinen::progress::ProgressMode;
+use machinen::{BootOptions, ExecOptions, Vm};
+
+/// Sizes and repetition counts of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub quick: bool,
+    /// Repetitions of expensive measurements (boots, snapshots, restores).
+    pub runs: usize,
+    /// Repetitions of cheap ones (exec and request latency).
+    pub reps: usize,
+    /// Guest RAM of every VM, MiB (the touched-memory VM gets more if needed).
+    pub memory_mib: u32,
+    /// How much guest memory the "touched" VM fills, MiB.
+    pub touched_mib: u32,
+    /// Bytes streamed by the throughput measurements, MiB.
+    pub stream_mib: u32,
+    /// Forks next to the source in the memory section.
+    pub forks: usize,
+}
+
+pub struct Ctx {
+    pub cfg: Config,
+    /// Scratch space for bundles, images, qcow2 files; removed at the end.
+    pub work: PathBuf,
+}
+
+impl Ctx {
+    pub fn boot_options(&self, name: &str) -> BootOptions {
+        BootOptions {
+            name: Some(name.to_string()),
+            memory_mib: Some(self.cfg.memory_mib),
+            // Foreground: if the bench dies, the supervisor sees its pipe
+            // close and stops the VM.
+            detached: false,
+            progress: ProgressMode::Quiet,
+            boot_timeout: Duration::from_secs(180),
+            ..Default::default()
+        }
+    }
+
+    pub async fn boot(&self, name: &str) -> Result<Vm> {
+        machinen::boot(self.boot_options(name)).await.with_context(|| format!("booting {name}"))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+}
+
+/// Stop at once (no data to keep).
+pub async fn stop(vm: Vm) -> Result<()> {
+    let name = vm.name().to_string();
+    vm.stop(true, Duration::from_secs(20)).await.with_context(|| format!("stopping {name}"))?;
+    Ok(())
+}
+
+/// Run `sh -c script`; fail unless it exits 0. Returns stdout.
+pub async fn sh(vm: &Vm, script: &str) -> Result<String> {
+    let out = vm.exec(ExecOptions { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() }).await?;
+    if out.status.code != Some(0) {
+        bail!("`{script}` in {} failed ({:?}): {}", vm.name(), out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Write `data` to a guest file (through `cat`, as a user would pipe it).
+pub async fn put(vm: &Vm, path: &str, data: &[u8]) -> Result<()> {
+    let opts = ExecOptions { argv: vec!["sh".into(), "-c".into(), format!("cat > {path}")], ..Default::default() };
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let st = vm.exec_stream(opts, std::io::Cursor::new(data.to_vec()), &mut o, &mut e).await?;
+    if st.code != Some(0) {
+        bail!("writing {path} in {} failed: {}", vm.name(), String::from_utf8_lossy(&e));
+    }
+    Ok(())
+}
+
+/// An `AsyncWrite` that only counts.
+#[derive(Default)]
+pub struct Counter(pub u64);
+
+impl tokio::io::AsyncWrite for Counter {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.0 += buf.len() as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Proportional set size of a process, KiB (`Pss:` of `smaps_rollup`).
+pub fn pss_kib(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).with_context(|| format!("reading smaps_rollup of pid {pid}"))?;
+    s.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Pss line for pid {pid}"))
+}
+
+/// PSS of a VM's supervisor and QEMU, KiB: (supervisor, qemu).
+pub fn vm_pss_kib(vm: &Vm) -> Result<(u64, u64)> {
+    let qemu = vm.info().qemu_pid.context("the VM has no QEMU pid")?;
+    Ok((pss_kib(vm.pid())?, pss_kib(qemu)?))
+}
+
+/// A free host port (bound and released).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The QEMU binary the VMs use.
+pub fn qemu_binary() -> String {
+    std::env::var("MACHINEN_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))
+}
+
+/// The host's TSC frequency in kHz when constant (as the supervisor passes
+/// it to TCG guests as `tsc_early_khz`).
+pub fn host_tsc_khz() -> Option<u64> {
+    if std::env::consts::ARCH != "x86_64" {
+        return None;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let constant = cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "constant_tsc"));
+    if !constant {
+        return None;
+    }
+    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
+}

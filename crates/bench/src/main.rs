@@ -1,0 +1,242 @@
+//! `machinen-bench`: boots real VMs and measures boot, exec, port forwards,
+//! snapshot, restore, fork, QEMU's own savevm/loadvm and memory; prints a
+//! table and writes JSON. See `docs/performance.md`.
+
+mod boot;
+mod ctx;
+mod exec;
+mod fork;
+mod host;
+mod memory;
+mod plain;
+mod ports;
+mod qemu;
+mod savevm;
+mod snapshot;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+
+use crate::ctx::{Config, Ctx};
+use crate::stats::Section;
+
+/// Every section, in the order they run.
+const SECTIONS: &[(&str, &str)] = &[
+    ("plain", "plain QEMU boot of the same kernel and initramfs to init (the floor)"),
+    ("boot", "cold boot to agent-ready: base rootfs and a provisioned image"),
+    ("exec", "exec round-trip latency and stdout throughput"),
+    ("ports", "port-forward request latency and throughput"),
+    ("snapshot", "snapshot time and bundle size (idle, N MiB touched), restore to ready"),
+    ("fork", "fork to ready and the source's pause"),
+    ("savevm", "QEMU's own savevm/loadvm of the same guest"),
+    ("memory", "PSS of one VM and of one VM plus forks"),
+];
+
+#[derive(Parser, Debug)]
+#[command(name = "machinen-bench", version, about = "Benchmark machinen on real VMs: prints a table and writes JSON")]
+struct Args {
+    /// One iteration and small sizes (CI: proves the benchmark still runs).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of boots, snapshots, restores, forks (default 5; 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Repetitions of the cheap latency measurements (default 30; 3 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    json_out: PathBuf,
+    /// Also write the table as Markdown (for docs/performance.md).
+    #[arg(long)]
+    markdown_out: Option<PathBuf>,
+    /// Run only these sections (repeatable or comma-separated): plain, boot,
+    /// exec, ports, snapshot, fork, savevm, memory.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Guest RAM of every VM, MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Memory the "touched" VM fills before its snapshot, MiB (default 200; 16 with --quick).
+    #[arg(long)]
+    touched_mib: Option<u32>,
+    /// Bytes streamed by the throughput measurements, MiB (default 64; 4 with --quick).
+    #[arg(long)]
+    stream_mib: Option<u32>,
+    /// Forks next to the source in the memory section (default 4; 1 with --quick).
+    #[arg(long)]
+    forks: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    for s in &args.only {
+        if !SECTIONS.iter().any(|(n, _)| n == s) {
+            let names: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
+            eprintln!("error: unknown section {s:?}; sections: {}", names.join(", "));
+            return ExitCode::from(2);
+        }
+    }
+    // An isolated registry (short path: unix socket paths are limited) and
+    // scratch space, both removed at the end. Set before any thread starts.
+    let tmp = |prefix: &str| tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp");
+    let (registry, work) = match (tmp("mnb-"), tmp("mnb-work-")) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot create a temporary directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::env::set_var("MACHINEN_REGISTRY_DIR", registry.path());
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(run(args, work.path().to_path_buf()));
+    drop(rt);
+    drop(work);
+    drop(registry);
+    code
+}
+
+fn config(args: &Args) -> Config {
+    let q = args.quick;
+    Config {
+        quick: q,
+        runs: args.runs.unwrap_or(if q { 1 } else { 5 }).max(1),
+        reps: args.reps.unwrap_or(if q { 3 } else { 30 }).max(1),
+        memory_mib: args.memory,
+        touched_mib: args.touched_mib.unwrap_or(if q { 16 } else { 200 }),
+        stream_mib: args.stream_mib.unwrap_or(if q { 4 } else { 64 }).max(1),
+        forks: args.forks.unwrap_or(if q { 1 } else { 4 }).max(1),
+    }
+}
+
+async fn run(args: Args, work: PathBuf) -> ExitCode {
+    let t0 = Instant::now();
+    let ctx = Ctx { cfg: config(&args), work };
+    let mut host = host::collect();
+    eprintln!(
+        "machinen-bench: accel {}, {} cores, {}, guest kernel {}, commit {}{}, load {}",
+        host.accel,
+        host.host_cores,
+        host.qemu_version,
+        host.guest_kernel,
+        &host.git_commit[..host.git_commit.len().min(12)],
+        if host.git_dirty { " (dirty)" } else { "" },
+        host.loadavg_start
+    );
+    let selected: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).filter(|n| args.only.is_empty() || args.only.iter().any(|o| o == n)).collect();
+
+    let mut rows = Vec::new();
+    let mut sections = serde_json::Map::new();
+    let mut failed = false;
+    let mut interrupted = false;
+    for name in &selected {
+        eprintln!("[{name}]");
+        let t = Instant::now();
+        let mut sec = Section::new(name);
+        let res = tokio::select! {
+            r = run_section(&ctx, name, &mut sec) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        // Whatever the section left running (after an error or Ctrl-C).
+        stop_all().await;
+        let (status, error) = match res {
+            Some(Ok(())) => ("ok", None),
+            Some(Err(e)) => {
+                failed = true;
+                eprintln!("  FAILED: {e:#}");
+                ("failed", Some(format!("{e:#}")))
+            }
+            None => {
+                interrupted = true;
+                ("interrupted", None)
+            }
+        };
+        sections.insert(
+            name.to_string(),
+            json!({"status": status, "error": error, "elapsed_s": t.elapsed().as_secs_f64(), "rows": sec.rows.iter().map(|r| r.key.clone()).collect::<Vec<_>>()}),
+        );
+        rows.extend(sec.rows);
+        if interrupted {
+            break;
+        }
+    }
+    host.loadavg_end = host::loadavg();
+    let ratios = stats::ratios(&rows);
+    println!();
+    print!("{}", stats::table(&rows, &ratios));
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!(
+        "\naccel {} · {} cores · {} · {} · load {} → {} · {:.0} s",
+        host.accel, host.host_cores, host.qemu_version, host.guest_kernel, host.loadavg_start, host.loadavg_end, elapsed
+    );
+    let report = json!({
+        "schema_version": 1,
+        "tool": "machinen-bench",
+        "host": host,
+        "config": ctx.cfg,
+        "sections": sections,
+        "rows": rows,
+        "ratios": ratios,
+        "elapsed_s": elapsed,
+    });
+    if let Err(e) = write(&args.json_out, &serde_json::to_string_pretty(&report).unwrap_or_default()) {
+        eprintln!("error: writing {}: {e}", args.json_out.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("wrote {}", args.json_out.display());
+    if let Some(md) = &args.markdown_out {
+        if let Err(e) = write(md, &stats::markdown(&rows, &ratios)) {
+            eprintln!("error: writing {}: {e}", md.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if interrupted {
+        ExitCode::from(130)
+    } else if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn write(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, text)
+}
+
+async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result<()> {
+    match name {
+        "plain" => plain::run(ctx, sec).await,
+        "boot" => boot::run(ctx, sec).await,
+        "exec" => exec::run(ctx, sec).await,
+        "ports" => ports::run(ctx, sec).await,
+        "snapshot" => snapshot::run(ctx, sec).await,
+        "fork" => fork::run(ctx, sec).await,
+        "savevm" => savevm::run(ctx, sec).await,
+        "memory" => memory::run(ctx, sec).await,
+        other => anyhow::bail!("unknown section {other}"),
+    }
+}
+
+/// Stop every VM in our (private) registry.
+async fn stop_all() {
+    let Ok(vms) = machinen::list() else { return };
+    for info in vms {
+        if let Ok(vm) = machinen::attach(&info.pid.to_string()).await {
+            let _ = vm.stop(true, Duration::from_secs(20)).await;
+        }
+    }
+}

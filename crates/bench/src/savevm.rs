@@ -1,0 +1,145 @@
+//! The baseline a user could pick instead: QEMU's own internal snapshots
+//! (`savevm`/`loadvm` over QMP's human-monitor-command) of the same guest —
+//! our kernel, initramfs and agent, a qcow2 overlay of the cached base
+//! image — in a QEMU we start ourselves without the supervisor. Its boot to
+//! agent-ready is reported too: our cold boot minus everything machinen
+//! adds around QEMU.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use futures::StreamExt;
+use qapi::futures::QmpStreamTokio;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::ctx::{qemu_binary, Ctx};
+use crate::qemu::{connect_retry, Guest};
+use crate::stats::{mib, ms, Section};
+
+pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
+    let guest = Guest::resolve().await?;
+    let dir = ctx.path("sv");
+    std::fs::create_dir_all(&dir)?;
+    let overlay = dir.join("disk.qcow2");
+    machinen::image::create_overlay(&guest.base_image, &overlay)?;
+    let (qmp_path, agent_path) = (dir.join("qmp.sock"), dir.join("agent.sock"));
+    let mut args = guest.machine_args(ctx.cfg.memory_mib, &guest.initrd, &guest.cmdline(&[]));
+    args.extend(guest.device_args(Some(&overlay), &format!("socket,id=agent,path={},server=on,wait=off", agent_path.display())));
+    args.extend([
+        "-chardev".into(),
+        format!("file,id=con,path={}", dir.join("console.log").display()),
+        "-serial".into(),
+        "chardev:con".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_path.display()),
+    ]);
+    let log = std::fs::File::create(dir.join("qemu.log"))?;
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(qemu_binary())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting QEMU")?;
+    let r = measure(ctx, sec, &mut child, t0, &qmp_path, &agent_path, &overlay).await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    r.map_err(|e| {
+        let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+        if log.trim().is_empty() {
+            e
+        } else {
+            e.context(format!("qemu.log: {}", log.trim()))
+        }
+    })
+}
+
+fn sizes(p: &Path) -> Result<(u64, u64)> {
+    let m = std::fs::metadata(p)?;
+    Ok((m.len(), m.blocks() * 512))
+}
+
+async fn measure(
+    ctx: &Ctx,
+    sec: &mut Section,
+    child: &mut tokio::process::Child,
+    t0: Instant,
+    qmp_path: &Path,
+    agent_path: &Path,
+    overlay: &Path,
+) -> Result<()> {
+    let qmp = connect_retry(qmp_path, Duration::from_secs(30), child).await?;
+    let stream = QmpStreamTokio::open(qmp).await.context("QMP greeting")?.negotiate().await.context("QMP negotiation")?;
+    let (qmp, mut events) = stream.into_parts();
+    tokio::spawn(async move { while let Some(Ok(_)) = events.next().await {} });
+
+    // Agent-ready: the agent answers the session preamble once it serves.
+    let mut agent = connect_retry(agent_path, Duration::from_secs(30), child).await?;
+    let nonce = format!("{:016x}", t0.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()));
+    agent.write_all(machinen_proto::preamble::hello(&nonce).as_bytes()).await?;
+    let want = machinen_proto::preamble::ready(&nonce);
+    let ready = tokio::time::timeout(Duration::from_secs(180), async {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            if agent.read(&mut b).await? == 0 {
+                bail!("the agent socket closed");
+            }
+            line.push(b[0]);
+            if b[0] == b'\n' {
+                if line == want.as_bytes() {
+                    return Ok(());
+                }
+                line.clear();
+            }
+        }
+    })
+    .await;
+    match ready {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => bail!("the guest agent did not answer within 180 s"),
+    }
+    sec.one("boot_to_agent_ms", "same guest in bare QEMU (no supervisor): start to agent-ready", "ms", ms(t0));
+    drop(agent);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let hmp = |line: &str| {
+        let cmd = qapi::qmp::human_monitor_command { command_line: line.to_string(), cpu_index: None };
+        let line = line.to_string();
+        let fut = qmp.execute(cmd);
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(300), fut).await.with_context(|| format!("`{line}` timed out"))?.with_context(|| format!("`{line}`"))?;
+            // HMP reports failures as text, not as a QMP error.
+            if !out.trim().is_empty() {
+                bail!("`{line}`: {}", out.trim());
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+    let (len0, disk0) = sizes(overlay)?;
+    let (mut save, mut load, mut grow, mut grow_disk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ctx.cfg.runs {
+        let t = Instant::now();
+        hmp("savevm bench").await?;
+        save.push(ms(t));
+        let (len, disk) = sizes(overlay)?;
+        grow.push(mib(len.saturating_sub(len0)));
+        grow_disk.push(mib(disk.saturating_sub(disk0)));
+        let t = Instant::now();
+        hmp("loadvm bench").await?;
+        load.push(ms(t));
+    }
+    sec.add("savevm_ms", "QEMU savevm (internal qcow2 snapshot), idle VM", "ms", save);
+    sec.add("loadvm_ms", "QEMU loadvm, idle VM", "ms", load);
+    sec.add("qcow2_growth_mib", "qcow2 growth after savevm: apparent", "MiB", grow);
+    sec.add("qcow2_growth_disk_mib", "qcow2 growth after savevm: on disk", "MiB", grow_disk);
+    let _ = tokio::time::timeout(Duration::from_secs(3), qmp.execute(qapi::qmp::quit {})).await;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Samples, summary statistics, the report and its table.
+
+use serde::Serialize;
+
+/// Summary of a set of samples.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub n: usize,
+    pub median: f64,
+    /// Nearest-rank 90th percentile.
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    /// Sample standard deviation (0 for one sample).
+    pub stdev: f64,
+}
+
+impl Summary {
+    pub fn of(samples: &[f64]) -> Option<Summary> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut s: Vec<f64> = samples.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let n = s.len();
+        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+        let rank = ((0.9 * n as f64).ceil() as usize).clamp(1, n);
+        let mean = s.iter().sum::<f64>() / n as f64;
+        let stdev = if n > 1 { (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        Some(Summary { n, median, p90: s[rank - 1], min: s[0], max: s[n - 1], mean, stdev })
+    }
+}
+
+/// One measured quantity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub section: String,
+    /// Stable key, e.g. `boot.cold_base_ms`.
+    pub key: String,
+    pub label: String,
+    pub unit: String,
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub samples: Vec<f64>,
+}
+
+/// A ratio of two medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub key: String,
+    pub label: String,
+    pub numerator: String,
+    pub denominator: String,
+    pub value: f64,
+}
+
+/// Collects the rows of one section.
+#[derive(Debug, Default)]
+pub struct Section {
+    pub name: String,
+    pub rows: Vec<Row>,
+}
+
+impl Section {
+    pub fn new(name: &str) -> Section {
+        Section { name: name.into(), rows: Vec::new() }
+    }
+
+    /// Record samples under `section.key`. Empty sample sets are skipped.
+    pub fn add(&mut self, key: &str, label: &str, unit: &str, samples: Vec<f64>) {
+        let Some(summary) = Summary::of(&samples) else { return };
+        let key = format!("{}.{key}", self.name);
+        // Print as we go, so a long run shows progress.
+        eprintln!("  {key}: median {} {unit} (n={})", fmt_num(summary.median), summary.n);
+        self.rows.push(Row { section: self.name.clone(), key, label: label.into(), unit: unit.into(), summary, samples });
+    }
+
+    pub fn one(&mut self, key: &str, label: &str, unit: &str, value: f64) {
+        self.add(key, label, unit, vec![value]);
+    }
+}
+
+/// Milliseconds since `t`.
+pub fn ms(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The ratios the report derives from medians, when both sides were measured.
+pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
+    let median = |k: &str| rows.iter().find(|r| r.key == k).map(|r| r.summary.median);
+    let defs: &[(&str, &str, &str, &str)] = &[
+        ("boot_base_over_plain", "cold boot (base) / plain QEMU boot to init", "boot.cold_base_ms", "plain.qemu_to_init_ms"),
+        ("boot_image_over_plain", "cold boot (image) / plain QEMU boot to init", "boot.cold_image_ms", "plain.qemu_to_init_ms"),
+        ("boot_base_over_own_qemu", "cold boot (base) / our guest in bare QEMU to agent-ready", "boot.cold_base_ms", "savevm.boot_to_agent_ms"),
+        ("restore_over_boot", "restore to ready (idle) / cold boot (base)", "snapshot.restore_idle_ms", "boot.cold_base_ms"),
+        ("fork_over_boot", "fork to ready / cold boot (base)", "fork.fork_to_ready_ms", "boot.cold_base_ms"),
+        ("snapshot_over_savevm", "snapshot (idle) / QEMU savevm", "snapshot.idle_elapsed_ms", "savevm.savevm_ms"),
+        ("restore_over_loadvm", "restore to ready (idle) / QEMU loadvm", "snapshot.restore_idle_ms", "savevm.loadvm_ms"),
+        ("pss_fork_over_vm", "PSS of one fork / PSS of one VM", "memory.pss_per_vm_with_forks_mib", "memory.pss_one_vm_mib"),
+    ];
+    defs.iter()
+        .filter_map(|(key, label, num, den)| {
+            let (n, d) = (median(num)?, median(den)?);
+            (d > 0.0).then(|| Ratio { key: key.to_string(), label: label.to_string(), numerator: num.to_string(), denominator: den.to_string(), value: n / d })
+        })
+        .collect()
+}
+
+/// The readable table.
+pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
+    let mut out = String::new();
+    let w = rows.iter().map(|r| r.label.len()).max().unwrap_or(10).max(10);
+    out.push_str(&format!(
+        "{:<9} {:<w$} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
+        "section", "metric", "unit", "n", "median", "p90", "min", "max", "stdev"
+    ));
+    for r in rows {
+        let s = &r.summary;
+        out.push_str(&format!(
+            "{:<9} {:<w$} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
+            r.section,
+            r.label,
+            r.unit,
+            s.n,
+            fmt_num(s.median),
+            fmt_num(s.p90),
+            fmt_num(s.min),
+            fmt_num(s.max),
+            fmt_num(s.stdev)
+        ));
+    }
+    if !ratios.is_empty() {
+        out.push_str("\nratios of medians\n");
+        let w = ratios.iter().map(|r| r.label.len()).max().unwrap_or(10);
+        for r in ratios {
+            out.push_str(&format!("  {:<w$}  {:>6}x\n", r.label, format!("{:.2}", r.value)));
+        }
+    }
+    out
+}
+
+/// Markdown version of the table, for docs/performance.md.
+pub fn markdown(rows: &[Row], ratios: &[Ratio]) -> String {
+    let mut out = String::from("| section | metric | unit | n | median | p90 | min | max | stdev |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for r in rows {
+        let s = &r.summary;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.section,
+            r.label,
+            r.unit,
+            s.n,
+            fmt_num(s.median),
+            fmt_num(s.p90),
+            fmt_num(s.min),
+            fmt_num(s.max),
+            fmt_num(s.stdev)
+        ));
+    }
+    if !ratios.is_empty() {
+        out.push_str("\n| ratio of medians | value |\n| --- | ---: |\n");
+        for r in ratios {
+            out.push_str(&format!("| {} | {:.2}x |\n", r.label, r.value));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_samples() {
+        let s = Summary::of(&[5.0, 1.0, 3.0, 2.0, 4.0]).expect("some");
+        assert_eq!((s.n, s.median, s.min, s.max, s.mean), (5, 3.0, 1.0, 5.0, 3.0));
+        assert_eq!(s.p90, 5.0);
+        assert!((s.stdev - 1.5811).abs() < 1e-3);
+        let s = Summary::of(&[1.0, 2.0, 3.0, 4.0]).expect("some");
+        assert_eq!(s.median, 2.5);
+        let s = Summary::of(&(1..=10).map(f64::from).collect::<Vec<_>>()).expect("some");
+        assert_eq!(s.p90, 9.0);
+        let s = Summary::of(&[7.0]).expect("one");
+        assert_eq!((s.median, s.p90, s.stdev), (7.0, 7.0, 0.0));
+        assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn ratios_need_both_sides() {
+        let mut sec = Section::new("boot");
+        sec.add("cold_base_ms", "x", "ms", vec![3000.0]);
+        let mut plain = Section::new("plain");
+        plain.add("qemu_to_init_ms", "y", "ms", vec![1000.0]);
+        let rows: Vec<Row> = sec.rows.into_iter().chain(plain.rows).collect();
+        let r = ratios(&rows);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].value, 3.0);
+        assert!(table(&rows, &r).contains("3.00x"));
+        assert!(markdown(&rows, &r).contains("| 3.00x |"));
+    }
+}
