@@ -140,6 +140,24 @@ fn restores_reseed_randomness_fix_the_clock_and_never_touch_the_bundle() {
     assert_eq!(std::fs::read(snap.join("manifest.json")).expect("manifest"), manifest);
     assert_eq!(sha256_hex(&std::fs::read(snap.join("state.vmstate")).expect("state")), state_sum, "the bundle is never written");
     env.run_ok(&["restore", snap.to_str().expect("path"), "--dry-run"]);
+
+    // The image may live elsewhere on the restoring host (--image), but it
+    // must be the same image.
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta")).expect("json");
+    let image = PathBuf::from(meta["image"]["path"].as_str().expect("image path"));
+    let moved = env.registry.path().join("moved-rootfs.tar.gz");
+    std::fs::copy(&image, &moved).expect("copy image");
+    let out = env.run(&["restore", snap.to_str().expect("path"), "--image", "/nonexistent.tar.gz", "--detached"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RESTORE_IMAGE_MISMATCH"));
+    let other = env.registry.path().join("other.tar.gz");
+    std::fs::write(&other, b"not the image").expect("write");
+    let out = env.run(&["restore", snap.to_str().expect("path"), "--image", other.to_str().expect("path"), "--detached"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RESTORE_IMAGE_MISMATCH") || err.contains("BOOT_IMAGE_INVALID"), "{err}");
+    let v = env.json(&["restore", snap.to_str().expect("path"), "--image", moved.to_str().expect("path"), "--name", "r3", "--detached", "--json"]);
+    assert_eq!(v["image"].as_str(), moved.to_str());
+    env.run_ok(&["exec", "r3", "--", "true"]);
+    env.run_ok(&["stop", "--force", "r3"]);
     env.run_ok(&["stop", "--force", "r1"]);
     env.run_ok(&["stop", "--force", "r2"]);
 }
