@@ -3,6 +3,7 @@
 //! costs of a new image (bake, ext4 conversion) and a whole ad-hoc run
 //! through the CLI.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -15,14 +16,30 @@ use crate::stats::{mib, ms, Section};
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     // One unmeasured boot warms the caches (image hash index, page cache).
     stop(ctx.boot("warm").await?).await?;
-    let mut base = Vec::new();
+    let image = bake(ctx, sec).await?;
+    let r = boots(ctx, sec, &image.tarball).await;
+    image.remove();
+    r
+}
+
+/// Base and image boots alternate, so a change in host load hits both.
+async fn boots(ctx: &Ctx, sec: &mut Section, image: &Path) -> Result<()> {
+    let (mut base, mut img) = (Vec::new(), Vec::new());
     for i in 0..ctx.cfg.runs {
         let t = Instant::now();
         let vm = ctx.boot(&format!("base{i}")).await?;
         base.push(ms(t));
         stop(vm).await?;
+
+        let mut opts = ctx.boot_options(&format!("img{i}"));
+        opts.image = Some(image.to_path_buf());
+        let t = Instant::now();
+        let vm = machinen::boot(opts).await.context("booting the image")?;
+        img.push(ms(t));
+        stop(vm).await?;
     }
     sec.add("cold_base_ms", "cold boot to agent-ready, base rootfs", "ms", base);
+    sec.add("cold_image_ms", "cold boot to agent-ready, provisioned image", "ms", img);
 
     // An ad-hoc run end to end, as a user types it: boot, run, power off.
     if let Some(cli) = cli_binary() {
@@ -42,8 +59,7 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
         }
         sec.add("adhoc_cli_ms", "CLI `machinen boot -- true`, start to exit", "ms", adhoc);
     }
-
-    image(ctx, sec).await
+    Ok(())
 }
 
 /// The CLI next to this program (for the ad-hoc row), if built.
@@ -53,7 +69,24 @@ fn cli_binary() -> Option<std::path::PathBuf> {
     [dir.join("machinen"), dir.parent()?.join("machinen")].into_iter().find(|p| p.is_file())
 }
 
-async fn image(ctx: &Ctx, sec: &mut Section) -> Result<()> {
+/// The provisioned image and the cache entries it created.
+struct BakedImage {
+    tarball: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl BakedImage {
+    /// The image's cache entries are ours: remove what we created.
+    fn remove(&self) {
+        for p in &self.created {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(&self.tarball);
+    }
+}
+
+/// Bake a one-step image and convert it (both timed once).
+async fn bake(ctx: &Ctx, sec: &mut Section) -> Result<BakedImage> {
     let out = ctx.path("image.tar.gz");
     let t = Instant::now();
     let res = machinen::provision(ProvisionOptions {
@@ -82,33 +115,22 @@ async fn image(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     // The first boot of a new image converts it to ext4; time that alone.
     let paths = Paths::from_env()?;
     let images = paths.cache.join("images");
-    let existed: Vec<_> = ["ext4", "lock", "config.json"].iter().map(|e| images.join(format!("{}.{e}", res.sha256))).filter(|p| p.exists()).collect();
+    let entries = |sha: &str| ["ext4", "lock", "config.json"].map(|e| images.join(format!("{sha}.{e}")));
+    let existed: Vec<PathBuf> = entries(&res.sha256).into_iter().filter(|p| p.exists()).collect();
     let t = Instant::now();
     let (p, o) = (paths.clone(), out.clone());
-    let img = tokio::task::spawn_blocking(move || machinen::image::ensure_rootfs_image(&p, &o, ProgressMode::Quiet)).await??;
+    let converted = tokio::task::spawn_blocking(move || machinen::image::ensure_rootfs_image(&p, &o, ProgressMode::Quiet)).await?;
+    let mut created: Vec<PathBuf> = entries(&res.sha256).into_iter().filter(|p| !existed.contains(p)).collect();
+    let img = match converted {
+        Ok(img) => img,
+        Err(e) => {
+            BakedImage { tarball: out, created }.remove();
+            return Err(e.into());
+        }
+    };
     sec.one("image_convert_ms", "first use of a new image: .tar.gz to cached ext4", "ms", ms(t));
-
-    let result = async {
-        let mut samples = Vec::new();
-        for i in 0..ctx.cfg.runs {
-            let mut opts = ctx.boot_options(&format!("img{i}"));
-            opts.image = Some(out.clone());
-            let t = Instant::now();
-            let vm = machinen::boot(opts).await.context("booting the image")?;
-            samples.push(ms(t));
-            stop(vm).await?;
-        }
-        sec.add("cold_image_ms", "cold boot to agent-ready, provisioned image", "ms", samples);
-        Ok::<(), anyhow::Error>(())
+    if img.sha256 != res.sha256 {
+        created.extend(entries(&img.sha256).into_iter().filter(|p| !existed.contains(p)));
     }
-    .await;
-    // The image's cache entries are ours: remove what we created.
-    for ext in ["ext4", "lock", "config.json"] {
-        let p = images.join(format!("{}.{ext}", img.sha256));
-        if !existed.contains(&p) {
-            let _ = std::fs::remove_file(&p);
-        }
-    }
-    let _ = std::fs::remove_file(&out);
-    result
+    Ok(BakedImage { tarball: out, created })
 }

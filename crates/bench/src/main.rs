@@ -43,7 +43,7 @@ struct Args {
     /// One iteration and small sizes (CI: proves the benchmark still runs).
     #[arg(long)]
     quick: bool,
-    /// Repetitions of boots, snapshots, restores, forks (default 5; 1 with --quick).
+    /// Repetitions of boots, snapshots, restores, forks (default 7; 1 with --quick).
     #[arg(long)]
     runs: Option<usize>,
     /// Repetitions of the cheap latency measurements (default 30; 3 with --quick).
@@ -111,7 +111,7 @@ fn config(args: &Args) -> Config {
     let q = args.quick;
     Config {
         quick: q,
-        runs: args.runs.unwrap_or(if q { 1 } else { 5 }).max(1),
+        runs: args.runs.unwrap_or(if q { 1 } else { 7 }).max(1),
         reps: args.reps.unwrap_or(if q { 3 } else { 30 }).max(1),
         memory_mib: args.memory,
         touched_mib: args.touched_mib.unwrap_or(if q { 16 } else { 200 }),

@@ -89,11 +89,11 @@ pub fn cpio_with(name: &str, data: &[u8]) -> Vec<u8> {
         }
         out.extend(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while out.len() & 3 != 0 {
             out.push(0);
         }
         out.extend(data);
-        while out.len() % 4 != 0 {
+        while out.len() & 3 != 0 {
             out.push(0);
         }
     }
