@@ -19,7 +19,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Coded, ErrorCode};
 
@@ -145,27 +144,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     move |source| BundleError::Io { path: path.to_path_buf(), source }
 }
 
-/// sha256 and size of a file, reading it once.
-pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
-    let mut f = fs::File::open(path).map_err(|e| {
+/// A missing bundle file is its own error: restore names it.
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             BundleError::Missing { file: path.to_path_buf() }
         } else {
             BundleError::Io { path: path.to_path_buf(), source: e }
         }
-    })?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
     }
-    Ok((size, hex::encode(h.finalize())))
+}
+
+/// sha256 and size of a file, reading it once.
+pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
+    let (sha, size) = crate::assets::fsutil::sha256_file(path).map_err(file_error(path))?;
+    Ok((size, sha))
 }
 
 /// Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE), so sparse disk
@@ -276,13 +269,7 @@ fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
-    let f = fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            BundleError::Missing { file: path.to_path_buf() }
-        } else {
-            BundleError::Io { path: path.to_path_buf(), source: e }
-        }
-    })?;
+    let f = fs::File::open(path).map_err(file_error(path))?;
     let mut bytes = Vec::new();
     f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes).map_err(io(path))?;
     if bytes.len() as u64 > MAX_SMALL_FILE {

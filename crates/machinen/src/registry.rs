@@ -13,7 +13,6 @@
 //! never mistaken for our supervisor.
 
 use std::fs;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -178,15 +177,7 @@ pub fn now_ms() -> u64 {
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::assets::fsutil::write_atomic(path, bytes)
 }
 
 /// An exclusive lock on the registry, released on drop.
@@ -289,6 +280,12 @@ impl Registry {
         if let Some(e) = self.live()?.into_iter().find(|e| e.name == name) {
             return Err(RegistryError::NameInUse { name: name.to_string(), pid: e.supervisor_pid });
         }
+        self.fresh_dir()
+    }
+
+    /// A new, empty VM directory under a random id.
+    fn fresh_dir(&self) -> Result<Claim, RegistryError> {
+        self.ensure_root()?;
         loop {
             let id = random_id();
             let dir = self.dir(&id);
@@ -303,16 +300,7 @@ impl Registry {
     /// Under the lock: a fresh VM directory for a VM whose name is only
     /// known once its supervisor runs (`<source>/<pid>`, unique by pid).
     pub fn claim_anonymous(&self, _lock: &RegistryLock) -> Result<Claim, RegistryError> {
-        self.ensure_root()?;
-        loop {
-            let id = random_id();
-            let dir = self.dir(&id);
-            match fs::create_dir(&dir) {
-                Ok(()) => return Ok(Claim { id, dir }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(RegistryError::Io { path: dir, source: e }),
-            }
-        }
+        self.fresh_dir()
     }
 
     /// Write (create or replace) an entry atomically.
