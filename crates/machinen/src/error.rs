@@ -8,138 +8,99 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// Stable, machine-readable error codes. The names follow the original
-/// TypeScript runtime's `ErrorCode` where one exists; never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-#[non_exhaustive]
-pub enum ErrorCode {
+/// Defines [`ErrorCode`], its wire spelling and [`ALL`] from one list, so
+/// the three cannot drift apart.
+macro_rules! error_codes {
+    ($($variant:ident = $wire:literal,)*) => {
+        /// Stable, machine-readable error codes. The names follow the original
+        /// TypeScript runtime's `ErrorCode` where one exists; never rename one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// The wire/JSON spelling, e.g. `"REGISTRY_NAME_IN_USE"`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $wire,)*
+                }
+            }
+        }
+
+        /// Every code, for docs and tests.
+        pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+    };
+}
+
+error_codes! {
     // boot
-    BootTimeout,
-    BootDetachedReadinessFailed,
-    BootMemoryInvalid,
-    BootVmmMissing,
-    BootEngineMissing,
-    BootEngineFailed,
-    BootArgsInvalid,
-    BootImageInvalid,
-    BootPortForwardInUse,
-    BootPortForwardConflict,
+    BootTimeout = "BOOT_TIMEOUT",
+    BootDetachedReadinessFailed = "BOOT_DETACHED_READINESS_FAILED",
+    BootMemoryInvalid = "BOOT_MEMORY_INVALID",
+    BootVmmMissing = "BOOT_VMM_MISSING",
+    BootEngineMissing = "BOOT_ENGINE_MISSING",
+    BootEngineFailed = "BOOT_ENGINE_FAILED",
+    BootArgsInvalid = "BOOT_ARGS_INVALID",
+    BootImageInvalid = "BOOT_IMAGE_INVALID",
+    BootPortForwardInUse = "BOOT_PORT_FORWARD_IN_USE",
+    BootPortForwardConflict = "BOOT_PORT_FORWARD_CONFLICT",
     // assets and images
-    ProvisionBaseNotFound,
-    ProvisionKernelNotFound,
-    ProvisionAssetsDirInvalid,
-    ProvisionArgsInvalid,
-    ProvisionStepFailed,
-    ProvisionCopyFailed,
-    ProvisionExportFailed,
-    ProvisionOutputFailed,
-    InstallToolMissing,
-    InstallFetchFailed,
-    InstallRootfsFailed,
-    CacheImageBuildFailed,
-    CacheInitramfsBuildFailed,
+    ProvisionBaseNotFound = "PROVISION_BASE_NOT_FOUND",
+    ProvisionKernelNotFound = "PROVISION_KERNEL_NOT_FOUND",
+    ProvisionAssetsDirInvalid = "PROVISION_ASSETS_DIR_INVALID",
+    ProvisionArgsInvalid = "PROVISION_ARGS_INVALID",
+    ProvisionStepFailed = "PROVISION_STEP_FAILED",
+    ProvisionCopyFailed = "PROVISION_COPY_FAILED",
+    ProvisionExportFailed = "PROVISION_EXPORT_FAILED",
+    ProvisionOutputFailed = "PROVISION_OUTPUT_FAILED",
+    InstallToolMissing = "INSTALL_TOOL_MISSING",
+    InstallFetchFailed = "INSTALL_FETCH_FAILED",
+    InstallRootfsFailed = "INSTALL_ROOTFS_FAILED",
+    CacheImageBuildFailed = "CACHE_IMAGE_BUILD_FAILED",
+    CacheInitramfsBuildFailed = "CACHE_INITRAMFS_BUILD_FAILED",
     // exec and the agent channel
-    ExecVsockUnavailable,
-    ExecCommandNotFound,
-    ExecSpawnFailed,
-    ExecFailed,
-    ProtocolError,
+    ExecVsockUnavailable = "EXEC_VSOCK_UNAVAILABLE",
+    ExecCommandNotFound = "EXEC_COMMAND_NOT_FOUND",
+    ExecSpawnFailed = "EXEC_SPAWN_FAILED",
+    ExecFailed = "EXEC_FAILED",
+    ProtocolError = "PROTOCOL_ERROR",
     // registry and lifecycle
-    RegistryNameInUse,
-    RegistryNameInvalid,
-    RegistryNotFound,
-    RegistryIo,
-    StopTimeout,
-    StopFailed,
-    GcFailed,
+    RegistryNameInUse = "REGISTRY_NAME_IN_USE",
+    RegistryNameInvalid = "REGISTRY_NAME_INVALID",
+    RegistryNotFound = "REGISTRY_NOT_FOUND",
+    RegistryIo = "REGISTRY_IO",
+    StopTimeout = "STOP_TIMEOUT",
+    StopFailed = "STOP_FAILED",
+    GcFailed = "GC_FAILED",
     // snapshot, restore, fork
-    SnapshotDumpFailed,
-    SnapshotTimeout,
-    SnapshotOutExists,
-    SnapshotStateInvalid,
-    RestoreBundleInvalid,
-    RestoreBundleIncompatible,
-    RestoreImageMismatch,
-    BootVmstateReseedFailed,
+    SnapshotDumpFailed = "SNAPSHOT_DUMP_FAILED",
+    SnapshotTimeout = "SNAPSHOT_TIMEOUT",
+    SnapshotOutExists = "SNAPSHOT_OUT_EXISTS",
+    SnapshotStateInvalid = "SNAPSHOT_STATE_INVALID",
+    RestoreBundleInvalid = "RESTORE_BUNDLE_INVALID",
+    RestoreBundleIncompatible = "RESTORE_BUNDLE_INCOMPATIBLE",
+    RestoreImageMismatch = "RESTORE_IMAGE_MISMATCH",
+    BootVmstateReseedFailed = "BOOT_VMSTATE_RESEED_FAILED",
     // files in and out of the guest
-    FilesPathInvalid,
-    FilesNotFound,
-    FilesPermissionDenied,
-    FilesIsDirectory,
-    FilesNotADirectory,
-    FilesNotRegular,
-    FilesNoSpace,
-    FilesIo,
+    FilesPathInvalid = "FILES_PATH_INVALID",
+    FilesNotFound = "FILES_NOT_FOUND",
+    FilesPermissionDenied = "FILES_PERMISSION_DENIED",
+    FilesIsDirectory = "FILES_IS_DIRECTORY",
+    FilesNotADirectory = "FILES_NOT_A_DIRECTORY",
+    FilesNotRegular = "FILES_NOT_REGULAR",
+    FilesNoSpace = "FILES_NO_SPACE",
+    FilesIo = "FILES_IO",
     // secrets
-    SecretsInvalid,
-    SecretsFailed,
+    SecretsInvalid = "SECRETS_INVALID",
+    SecretsFailed = "SECRETS_FAILED",
     // anything the host OS refused that fits nowhere else
-    Io,
+    Io = "IO",
 }
 
 impl ErrorCode {
-    /// The wire/JSON spelling, e.g. `"REGISTRY_NAME_IN_USE"`.
-    pub fn as_str(self) -> &'static str {
-        use ErrorCode::*;
-        match self {
-            BootTimeout => "BOOT_TIMEOUT",
-            BootDetachedReadinessFailed => "BOOT_DETACHED_READINESS_FAILED",
-            BootMemoryInvalid => "BOOT_MEMORY_INVALID",
-            BootVmmMissing => "BOOT_VMM_MISSING",
-            BootEngineMissing => "BOOT_ENGINE_MISSING",
-            BootEngineFailed => "BOOT_ENGINE_FAILED",
-            BootArgsInvalid => "BOOT_ARGS_INVALID",
-            BootImageInvalid => "BOOT_IMAGE_INVALID",
-            BootPortForwardInUse => "BOOT_PORT_FORWARD_IN_USE",
-            BootPortForwardConflict => "BOOT_PORT_FORWARD_CONFLICT",
-            ProvisionBaseNotFound => "PROVISION_BASE_NOT_FOUND",
-            ProvisionKernelNotFound => "PROVISION_KERNEL_NOT_FOUND",
-            ProvisionAssetsDirInvalid => "PROVISION_ASSETS_DIR_INVALID",
-            ProvisionArgsInvalid => "PROVISION_ARGS_INVALID",
-            ProvisionStepFailed => "PROVISION_STEP_FAILED",
-            ProvisionCopyFailed => "PROVISION_COPY_FAILED",
-            ProvisionExportFailed => "PROVISION_EXPORT_FAILED",
-            ProvisionOutputFailed => "PROVISION_OUTPUT_FAILED",
-            InstallToolMissing => "INSTALL_TOOL_MISSING",
-            InstallFetchFailed => "INSTALL_FETCH_FAILED",
-            InstallRootfsFailed => "INSTALL_ROOTFS_FAILED",
-            CacheImageBuildFailed => "CACHE_IMAGE_BUILD_FAILED",
-            CacheInitramfsBuildFailed => "CACHE_INITRAMFS_BUILD_FAILED",
-            ExecVsockUnavailable => "EXEC_VSOCK_UNAVAILABLE",
-            ExecCommandNotFound => "EXEC_COMMAND_NOT_FOUND",
-            ExecSpawnFailed => "EXEC_SPAWN_FAILED",
-            ExecFailed => "EXEC_FAILED",
-            ProtocolError => "PROTOCOL_ERROR",
-            RegistryNameInUse => "REGISTRY_NAME_IN_USE",
-            RegistryNameInvalid => "REGISTRY_NAME_INVALID",
-            RegistryNotFound => "REGISTRY_NOT_FOUND",
-            RegistryIo => "REGISTRY_IO",
-            StopTimeout => "STOP_TIMEOUT",
-            StopFailed => "STOP_FAILED",
-            GcFailed => "GC_FAILED",
-            SnapshotDumpFailed => "SNAPSHOT_DUMP_FAILED",
-            SnapshotTimeout => "SNAPSHOT_TIMEOUT",
-            SnapshotOutExists => "SNAPSHOT_OUT_EXISTS",
-            SnapshotStateInvalid => "SNAPSHOT_STATE_INVALID",
-            RestoreBundleInvalid => "RESTORE_BUNDLE_INVALID",
-            RestoreBundleIncompatible => "RESTORE_BUNDLE_INCOMPATIBLE",
-            RestoreImageMismatch => "RESTORE_IMAGE_MISMATCH",
-            BootVmstateReseedFailed => "BOOT_VMSTATE_RESEED_FAILED",
-            FilesPathInvalid => "FILES_PATH_INVALID",
-            FilesNotFound => "FILES_NOT_FOUND",
-            FilesPermissionDenied => "FILES_PERMISSION_DENIED",
-            FilesIsDirectory => "FILES_IS_DIRECTORY",
-            FilesNotADirectory => "FILES_NOT_A_DIRECTORY",
-            FilesNotRegular => "FILES_NOT_REGULAR",
-            FilesNoSpace => "FILES_NO_SPACE",
-            FilesIo => "FILES_IO",
-            SecretsInvalid => "SECRETS_INVALID",
-            SecretsFailed => "SECRETS_FAILED",
-            Io => "IO",
-        }
-    }
-
     /// Parse the wire spelling (used for errors the agent reports).
     pub fn from_wire(s: &str) -> Option<ErrorCode> {
         ALL.iter().copied().find(|c| c.as_str() == s)
@@ -170,66 +131,6 @@ impl ErrorCode {
     }
 }
 
-/// Every code, for docs and tests.
-pub const ALL: &[ErrorCode] = {
-    use ErrorCode::*;
-    &[
-        BootTimeout,
-        BootDetachedReadinessFailed,
-        BootMemoryInvalid,
-        BootVmmMissing,
-        BootEngineMissing,
-        BootEngineFailed,
-        BootArgsInvalid,
-        BootImageInvalid,
-        BootPortForwardInUse,
-        BootPortForwardConflict,
-        ProvisionBaseNotFound,
-        ProvisionKernelNotFound,
-        ProvisionAssetsDirInvalid,
-        ProvisionArgsInvalid,
-        ProvisionStepFailed,
-        ProvisionCopyFailed,
-        ProvisionExportFailed,
-        ProvisionOutputFailed,
-        InstallToolMissing,
-        InstallFetchFailed,
-        InstallRootfsFailed,
-        CacheImageBuildFailed,
-        CacheInitramfsBuildFailed,
-        ExecVsockUnavailable,
-        ExecCommandNotFound,
-        ExecSpawnFailed,
-        ExecFailed,
-        ProtocolError,
-        RegistryNameInUse,
-        RegistryNameInvalid,
-        RegistryNotFound,
-        RegistryIo,
-        StopTimeout,
-        StopFailed,
-        GcFailed,
-        SnapshotDumpFailed,
-        SnapshotTimeout,
-        SnapshotOutExists,
-        SnapshotStateInvalid,
-        RestoreBundleInvalid,
-        RestoreBundleIncompatible,
-        RestoreImageMismatch,
-        BootVmstateReseedFailed,
-        FilesPathInvalid,
-        FilesNotFound,
-        FilesPermissionDenied,
-        FilesIsDirectory,
-        FilesNotADirectory,
-        FilesNotRegular,
-        FilesNoSpace,
-        FilesIo,
-        SecretsInvalid,
-        SecretsFailed,
-        Io,
-    ]
-};
 
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
