@@ -246,18 +246,19 @@ impl Registry {
         }
     }
 
+    /// The per-VM directories (a missing registry has none).
+    fn vm_dirs(&self) -> Result<Vec<fs::DirEntry>, RegistryError> {
+        match fs::read_dir(&self.root) {
+            Ok(rd) => Ok(rd.flatten().filter(|de| de.file_type().is_ok_and(|t| t.is_dir())).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(RegistryError::Io { path: self.root.clone(), source: e }),
+        }
+    }
+
     /// Every entry with a readable `meta.json`, live or not.
     pub fn entries(&self) -> Result<Vec<RegistryEntry>, RegistryError> {
-        let rd = match fs::read_dir(&self.root) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RegistryError::Io { path: self.root.clone(), source: e }),
-        };
         let mut out = Vec::new();
-        for de in rd.flatten() {
-            if !de.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                continue;
-            }
+        for de in self.vm_dirs()? {
             // A corrupt entry must not hide the others; gc removes it.
             if let Ok(Some(e)) = self.read_entry(&de.path()) {
                 out.push(e);
@@ -334,17 +335,9 @@ impl Registry {
     /// Directories that belong to no live VM: dead supervisors, unreadable
     /// entries, and claims abandoned for longer than a grace period.
     pub fn stale(&self) -> Result<Vec<Stale>, RegistryError> {
-        let rd = match fs::read_dir(&self.root) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RegistryError::Io { path: self.root.clone(), source: e }),
-        };
         let mut out = Vec::new();
-        for de in rd.flatten() {
+        for de in self.vm_dirs()? {
             let dir = de.path();
-            if !de.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                continue;
-            }
             let id = de.file_name().to_string_lossy().into_owned();
             match self.read_entry(&dir) {
                 Ok(Some(e)) => {
