@@ -16,7 +16,7 @@ get() { curl -fsS --retry 20 --retry-connrefused --retry-delay 0 "http://127.0.0
 
 say machinen boot --name counter --detached --memory 512 -p $port:8080
 $m boot --name counter --detached --memory 512 -p "$port:8080"
-$m cp counter.pl counter:/root/counter.pl >/dev/null
+$m cp counter.pl counter:/root/counter.pl >/dev/null 2>&1
 $m exec counter -- sh -c 'nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &'
 # Wait until the guest server listens (8080 is 0x1F90 in /proc/net/tcp).
 $m exec counter -- sh -c 'until grep -q ":1F90 00000000:0000 0A" /proc/net/tcp; do sleep 0.1; done'

@@ -4,8 +4,15 @@
 //! <bundle>/meta.json        BundleMeta: what was snapshotted, where, how
 //! <bundle>/state.vmstate    machine state and guest RAM (QEMU migration stream)
 //! <bundle>/rootdisk.qcow2   the VM's disk layer over its image (qcow2, sparse)
-//! <bundle>/manifest.json    size and sha256 of every other file
+//! <bundle>/ram.img          guest RAM as a sparse file, when the VM's RAM was a
+//!                           shared file (then `state.vmstate` holds devices only)
+//! <bundle>/manifest.json    size and digest of every other file
 //! ```
+//!
+//! `ram.img` is restored as a private (copy-on-write) mapping, so restore
+//! does not read it all in and forks share its unchanged pages. Its digest
+//! skips holes (see [`sparse_digest`]), so verifying it costs the touched
+//! memory, not the memory ceiling.
 //!
 //! A bundle is built in a hidden temp directory next to its destination and
 //! renamed into place only when complete and synced, so a crash never leaves
@@ -22,14 +29,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Coded, ErrorCode};
 
-/// Bundle format version; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bundle format version; bumped on any incompatible change. Version 2
+/// added `ram.img`; version 1 bundles (RAM inside the state) still restore.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest version this machinen restores.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
 
 pub const META: &str = "meta.json";
 pub const STATE: &str = "state.vmstate";
 pub const DISK: &str = "rootdisk.qcow2";
 pub const MANIFEST: &str = "manifest.json";
+pub const RAM: &str = "ram.img";
+
+/// Digest scheme of files whose manifest entry names none: sha256 of the bytes.
+pub const DIGEST_SHA256: &str = "sha256";
+/// Digest scheme of `ram.img`: see [`sparse_digest`].
+pub const DIGEST_SPARSE: &str = "sha256-nonzero-64k";
 
 /// Largest meta/manifest file we parse (they are a few KiB).
 const MAX_SMALL_FILE: u64 = 1024 * 1024;
@@ -82,6 +98,9 @@ pub struct FileEntry {
     pub name: String,
     pub size: u64,
     pub sha256: String,
+    /// How `sha256` was computed; absent means over all the bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// `manifest.json`.
@@ -161,6 +180,47 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
     Ok((size, sha))
 }
 
+const CHUNK: u64 = 64 * 1024;
+
+/// sha256 over `offset (u64 BE) || bytes` of every 64 KiB chunk that is not
+/// all zeros. Equal for a file and any copy of it, sparse or not, and holes
+/// are skipped without being read, so the cost follows the data, not the
+/// apparent size. Returns (apparent size, hex digest).
+pub fn sparse_digest(path: &Path) -> Result<(u64, String), BundleError> {
+    use sha2::Digest;
+    let f = fs::File::open(path).map_err(file_error(path))?;
+    let len = f.metadata().map_err(io(path))?.len();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut next_chunk = 0u64; // first chunk not yet digested
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // only a hole remains
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len } else { hole as u64 };
+        let mut chunk = (data as u64 / CHUNK).max(next_chunk);
+        while chunk * CHUNK < end {
+            let off = chunk * CHUNK;
+            let want = CHUNK.min(len - off) as usize;
+            f.read_exact_at(&mut buf[..want], off).map_err(io(path))?;
+            if buf[..want].iter().any(|&b| b != 0) {
+                h.update(off.to_be_bytes());
+                h.update(&buf[..want]);
+            }
+            chunk += 1;
+        }
+        next_chunk = chunk;
+        pos = end as i64;
+    }
+    Ok((len, hex::encode(h.finalize())))
+}
+
 /// Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE), so sparse disk
 /// layers stay sparse in the bundle.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
@@ -229,12 +289,21 @@ impl Builder {
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
         write_synced(&meta_path, &bytes)?;
         let mut files = Vec::new();
-        for name in [META, STATE, DISK] {
+        for name in [META, STATE, DISK, RAM] {
             let p = self.path(name);
-            let (size, sha256) = hash_file(&p)?;
+            if name == RAM && !p.exists() {
+                continue;
+            }
+            let (size, sha256, digest) = if name == RAM {
+                let (size, d) = sparse_digest(&p)?;
+                (size, d, Some(DIGEST_SPARSE.to_string()))
+            } else {
+                let (size, d) = hash_file(&p)?;
+                (size, d, None)
+            };
             let f = fs::File::open(&p).map_err(io(&p))?;
             f.sync_all().map_err(io(&p))?;
-            files.push(FileEntry { name: name.into(), size, sha256 });
+            files.push(FileEntry { name: name.into(), size, sha256, digest });
         }
         let manifest = Manifest { format: FORMAT_NAME.into(), version: FORMAT_VERSION, files };
         let mpath = self.path(MANIFEST);
@@ -290,17 +359,21 @@ pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
     if manifest.format != FORMAT_NAME {
         return Err(BundleError::Corrupt { file: mpath, detail: format!("format {:?}", manifest.format) });
     }
-    if manifest.version != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.version) {
         return Err(BundleError::Version { path: dir.to_path_buf(), found: manifest.version });
     }
     let mut names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     names.sort_unstable();
-    if names != [META, DISK, STATE] {
+    if names != [META, DISK, STATE] && names != [META, RAM, DISK, STATE] {
         return Err(BundleError::Corrupt { file: mpath, detail: format!("unexpected file list {names:?}") });
     }
     for entry in &manifest.files {
         let p = dir.join(&entry.name);
-        let (size, sha) = hash_file(&p)?;
+        let (size, sha) = match entry.digest.as_deref() {
+            None | Some(DIGEST_SHA256) => hash_file(&p)?,
+            Some(DIGEST_SPARSE) => sparse_digest(&p)?,
+            Some(other) => return Err(BundleError::Corrupt { file: mpath, detail: format!("unknown digest {other:?}") }),
+        };
         if size != entry.size {
             return Err(BundleError::Corrupt { file: p, detail: format!("size {size}, manifest says {}", entry.size) });
         }
@@ -311,7 +384,7 @@ pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
     let meta_path = dir.join(META);
     let meta: BundleMeta = serde_json::from_slice(&read_small(&meta_path)?)
         .map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
-    if meta.format != FORMAT_NAME || meta.version != FORMAT_VERSION {
+    if meta.format != FORMAT_NAME || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&meta.version) {
         return Err(BundleError::Version { path: dir.to_path_buf(), found: meta.version });
     }
     Ok(meta)
@@ -417,6 +490,50 @@ mod tests {
         let t = b.tmp.clone();
         drop(b);
         assert!(!t.exists(), "abandoned temp dir removed");
+    }
+
+    #[test]
+    fn sparse_digest_ignores_holes_and_zero_chunks_but_not_data() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let sparse = tmp.path().join("sparse");
+        let f = fs::File::create(&sparse).expect("create");
+        f.set_len(8 << 20).expect("len");
+        f.write_all_at(b"page", 3 << 20).expect("write");
+        f.write_all_at(&[0u8; 4096], 5 << 20).expect("zeros");
+        let dense = tmp.path().join("dense");
+        let mut all = vec![0u8; 8 << 20];
+        all[3 << 20..(3 << 20) + 4].copy_from_slice(b"page");
+        fs::write(&dense, &all).expect("dense");
+        let (len, a) = sparse_digest(&sparse).expect("sparse");
+        let (_, b) = sparse_digest(&dense).expect("dense");
+        assert_eq!(len, 8 << 20);
+        assert_eq!(a, b, "a densified copy has the same digest");
+        all[7 << 20] = 1;
+        fs::write(&dense, &all).expect("dense");
+        assert_ne!(sparse_digest(&dense).expect("changed").1, a);
+        let copy = tmp.path().join("copy");
+        sparse_copy(&sparse, &copy).expect("copy");
+        assert_eq!(sparse_digest(&copy).expect("copy").1, a);
+    }
+
+    #[test]
+    fn bundles_with_ram_verify_and_refuse_a_changed_ram_byte() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = tmp.path().join("r.snap");
+        let b = Builder::new(&dest).expect("builder");
+        fs::write(b.path(STATE), b"devices").expect("state");
+        fs::write(b.path(DISK), b"disk").expect("disk");
+        let ram = fs::File::create(b.path(RAM)).expect("ram");
+        ram.set_len(16 << 20).expect("len");
+        ram.write_all_at(b"heap", 9 << 20).expect("write");
+        let dest = b.finish(&meta()).expect("finish");
+        verify(&dest).expect("verify");
+        let m: Manifest = serde_json::from_slice(&fs::read(dest.join(MANIFEST)).expect("m")).expect("json");
+        assert_eq!(m.files.iter().find(|f| f.name == RAM).and_then(|f| f.digest.clone()).as_deref(), Some(DIGEST_SPARSE));
+        let f = fs::OpenOptions::new().write(true).open(dest.join(RAM)).expect("open");
+        f.write_all_at(b"x", 12 << 20).expect("flip");
+        let err = verify(&dest).expect_err("changed RAM");
+        assert!(err.to_string().contains(RAM), "{err}");
     }
 
     #[test]

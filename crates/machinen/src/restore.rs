@@ -229,7 +229,13 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         ports: opts.ports.clone(),
         // The restored kernel keeps the command line it booted with.
         zero_freed_memory: false,
-        restore: Some(RestoreSpec { bundle: bundle_dir.clone(), reset_tcp: opts.reset_tcp }),
+        // Restored RAM is a private mapping of the bundle's RAM file.
+        ram_file: None,
+        restore: Some(RestoreSpec {
+            ram: Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists()),
+            bundle: bundle_dir.clone(),
+            reset_tcp: opts.reset_tcp,
+        }),
     };
     let launch = Launch {
         name: opts.name.clone(),

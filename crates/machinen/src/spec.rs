@@ -64,6 +64,10 @@ pub struct VmSpec {
     /// Boot the guest kernel with `init_on_free=1` (VMs given secrets).
     #[serde(default)]
     pub zero_freed_memory: bool,
+    /// Guest RAM as a shared file on tmpfs (snapshots then copy it into
+    /// the bundle instead of serialising it); `None`: anonymous memory.
+    #[serde(default)]
+    pub ram_file: Option<PathBuf>,
     /// Resume from a snapshot bundle instead of booting.
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
@@ -76,6 +80,22 @@ pub struct RestoreSpec {
     pub bundle: PathBuf,
     /// Reset inherited TCP connections (forks, unless `--tcp-keep`).
     pub reset_tcp: bool,
+    /// The bundle's RAM file, mapped privately (copy-on-write): restores
+    /// and forks of one bundle share its unchanged pages.
+    #[serde(default)]
+    pub ram: Option<PathBuf>,
+}
+
+/// Where a fresh VM's RAM file goes: tmpfs, when it has room for the whole
+/// memory ceiling (a full tmpfs would kill the guest with SIGBUS).
+pub fn ram_file_for(id: &str, memory_mib: u32) -> Option<PathBuf> {
+    let dir = std::env::var_os("MACHINEN_RAM_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    if std::env::var_os("MACHINEN_RAM_DIR").is_some_and(|v| v.is_empty()) {
+        return None; // explicitly off
+    }
+    let st = nix::sys::statvfs::statvfs(&dir).ok()?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    (free >= (memory_mib as u64) << 20).then(|| dir.join(format!("machinen-{id}.ram")))
 }
 
 impl VmSpec {

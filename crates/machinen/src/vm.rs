@@ -254,6 +254,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         created_at_ms: registry::now_ms(),
         ports: opts.ports.clone(),
         zero_freed_memory: !opts.secrets.is_empty(),
+        ram_file: crate::spec::ram_file_for(&claim.id, memory_mib),
         restore: None,
     };
     if let Err(e) = image::create_overlay(&img.path, &spec.disk) {
@@ -687,9 +688,14 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             .ok()
             .map(|p| PathBuf::from(p.trim()))
             .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".partial-")));
+        // Its RAM file on tmpfs (named in its spec).
+        let ram = VmSpec::load(&s.dir.join(files::SPEC)).ok().and_then(|sp| sp.ram_file);
         if !dry_run {
             if let Some(p) = &partial {
                 let _ = std::fs::remove_dir_all(p);
+            }
+            if let Some(r) = &ram {
+                let _ = std::fs::remove_file(r);
             }
             if let Some(e) = &s.entry {
                 if let (Some(q), Some(qs)) = (e.qemu_pid, e.qemu_start) {

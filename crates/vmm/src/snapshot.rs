@@ -134,11 +134,18 @@ pub async fn take(
             }
             e => err(ErrorCode::SnapshotDumpFailed, format!("saving the machine state failed: {e}")),
         })?;
-        let (src, dst) = (spec.disk.clone(), builder.path(bundle::DISK));
-        tokio::task::spawn_blocking(move || bundle::sparse_copy(&src, &dst))
-            .await
-            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("copying the disk layer failed: {e}")))?;
+        // The disk layer and, when RAM is a shared file (skipped by the
+        // migration stream), the RAM: both copied sparse while paused.
+        let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
+        if let Some(ram) = &spec.ram_file {
+            copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
+        }
+        for (src, dst, what) in copies {
+            tokio::task::spawn_blocking(move || bundle::sparse_copy(&src, &dst))
+                .await
+                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("copying the {what} failed: {e}")))?;
+        }
         Ok::<(), StartError>(())
     }
     .await;

@@ -310,6 +310,9 @@ async fn stop<M: Machine>(machine: &mut M, agent: Option<AgentSession>, force: b
 
 fn cleanup(reg: &Registry, spec: &VmSpec) {
     snapshot::remove_partial(spec);
+    if let Some(ram) = &spec.ram_file {
+        let _ = std::fs::remove_file(ram);
+    }
     let _lock = reg.lock();
     if let Err(e) = reg.remove(&spec.id) {
         tracing::warn!("cleanup: {e}");

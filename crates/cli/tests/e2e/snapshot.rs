@@ -184,7 +184,8 @@ fn damaged_bundles_and_interrupted_snapshots_are_refused() {
     assert!(pid_alive(info["pid"].as_u64().expect("pid")), "--keep-alive keeps the source");
     env.run_ok(&["exec", "dmg", "--", "true"]);
 
-    for file in ["state.vmstate", "rootdisk.qcow2", "meta.json", "manifest.json"] {
+    assert!(snap.join("ram.img").exists());
+    for file in ["state.vmstate", "rootdisk.qcow2", "ram.img", "meta.json", "manifest.json"] {
         flip_byte(&snap.join(file), 0.5);
         let out = env.run(&["restore", snap.to_str().expect("path"), "--detached"]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -311,6 +312,44 @@ fn forks_reset_inherited_tcp_connections_unless_kept() {
     assert_eq!(state("tcp"), "open", "the source keeps its connection");
     assert_eq!(state("tcp-kept"), "open", "--tcp-keep keeps it in the fork");
     for vm in ["tcp-reset", "tcp-kept", "tcp"] {
+        env.run_ok(&["stop", "--force", vm]);
+    }
+}
+
+/// Guest RAM lives in a shared file on tmpfs; a snapshot copies it into the
+/// bundle as `ram.img`, and restores map it privately (copy-on-write). The
+/// copies must not see each other's writes, and the bundle must not change.
+#[test]
+fn copy_on_write_ram_keeps_restores_and_forks_apart() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "cow", "--memory", "512", "--detached", "--json"]);
+    // Memory contents: a tmpfs file and a process holding data in its heap.
+    env.run_ok(&["exec", "cow", "--", "sh", "-c", "echo base > /dev/shm/who"]);
+    let snap = bundle(&env, "cow");
+    env.run_ok(&["snapshot", "cow", snap.to_str().expect("path"), "--keep-alive"]);
+    assert!(snap.join("ram.img").exists(), "a VM with file-backed RAM writes ram.img");
+    let ram_sum = sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram"));
+    let state_len = std::fs::metadata(snap.join("state.vmstate")).expect("state").len();
+    assert!(state_len < 32 << 20, "RAM is not serialised into the state ({state_len} bytes)");
+
+    env.json(&["restore", snap.to_str().expect("path"), "--name", "cow-a", "--detached", "--json"]);
+    env.json(&["restore", snap.to_str().expect("path"), "--name", "cow-b", "--detached", "--json"]);
+    for vm in ["cow-a", "cow-b", "cow"] {
+        assert_eq!(env.run_ok(&["exec", vm, "--", "cat", "/dev/shm/who"]).trim(), "base", "{vm} starts from the snapshot");
+    }
+    // Each writes its own value, also into a lot of memory, then all read back.
+    for vm in ["cow-a", "cow-b", "cow"] {
+        env.run_ok(&["exec", vm, "--", "sh", "-c", &format!("echo {vm} > /dev/shm/who; head -c 33554432 /dev/urandom > /dev/shm/blob")]);
+    }
+    for vm in ["cow-a", "cow-b", "cow"] {
+        assert_eq!(env.run_ok(&["exec", vm, "--", "cat", "/dev/shm/who"]).trim(), vm, "{vm} sees only its own writes");
+    }
+    // A fork of a restored VM (private RAM) works too.
+    env.json(&["fork", "cow-a", "--new-name", "cow-a2", "--detach", "--json"]);
+    assert_eq!(env.run_ok(&["exec", "cow-a2", "--", "cat", "/dev/shm/who"]).trim(), "cow-a");
+    assert_eq!(sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram")), ram_sum, "the bundle's RAM file is never written");
+    env.run_ok(&["restore", snap.to_str().expect("path"), "--dry-run"]);
+    for vm in ["cow-a2", "cow-a", "cow-b", "cow"] {
         env.run_ok(&["stop", "--force", vm]);
     }
 }

@@ -86,7 +86,7 @@ impl QemuEngine {
         let path = |f: &str| spec.path_in(f).display().to_string();
         let mut a: Vec<String> = vec![
             "-M".into(),
-            "microvm,acpi=on".into(),
+            "microvm,acpi=on,memory-backend=ram".into(),
             "-accel".into(),
             match self.caps.accel {
                 Accel::Tcg if spec.cpus > 1 => "tcg,thread=multi".into(),
@@ -96,6 +96,20 @@ impl QemuEngine {
             self.caps.cpu_model.clone(),
             "-m".into(),
             format!("{}M", spec.memory_mib),
+            // Always a backend named "ram": the RAM block's name must match
+            // between a snapshot's source and the VM that restores it.
+            "-object".into(),
+            match (&spec.restore, &spec.ram_file) {
+                // Copy-on-write over the bundle's RAM file: pages load on
+                // first touch and stay shared between restores and forks.
+                (Some(machinen::spec::RestoreSpec { ram: Some(ram), .. }), _) => {
+                    format!("memory-backend-file,id=ram,size={}M,mem-path={},share=off", spec.memory_mib, ram.display())
+                }
+                (None, Some(file)) => {
+                    format!("memory-backend-file,id=ram,size={}M,mem-path={},share=on", spec.memory_mib, file.display())
+                }
+                _ => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+            },
             "-smp".into(),
             spec.cpus.to_string(),
             "-nodefaults".into(),
@@ -319,6 +333,16 @@ impl QemuMachine {
         }
     }
 
+    /// Skip RAM that lives in a shared file (`x-ignore-shared`): it is
+    /// copied (snapshot) or mapped (restore) as a file instead. Set on both
+    /// sides of a migration.
+    pub async fn ignore_shared_ram(&self) -> Result<(), EngineError> {
+        let caps = qapi::qmp::migrate_set_capabilities {
+            capabilities: vec![qapi::qmp::MigrationCapabilityStatus { capability: qapi::qmp::MigrationCapability::x_ignore_shared, state: true }],
+        };
+        self.qmp(caps, "migrate-set-capabilities", Duration::from_secs(10)).await.map(|_| ())
+    }
+
     /// Write the machine state (devices and RAM) to `path`. The VM must be
     /// paused; it stays paused.
     pub async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
@@ -327,6 +351,7 @@ impl QemuMachine {
         let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(serde_json::json!({"max-bandwidth": 64u64 << 30}))
             .map_err(|e| EngineError::Qmp { command: "migrate-set-parameters", detail: e.to_string() })?;
         self.qmp(qapi::qmp::migrate_set_parameters(params), "migrate-set-parameters", Duration::from_secs(10)).await?;
+        self.ignore_shared_ram().await?;
         let uri = format!("exec:cat > {}", sh_quote(&path.display().to_string()));
         let cmd = qapi::qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None };
         self.qmp(cmd, "migrate", Duration::from_secs(10)).await?;
@@ -336,6 +361,7 @@ impl QemuMachine {
     /// Load machine state from `path` into a QEMU started with
     /// `-incoming defer`; the guest runs again when it returns.
     pub async fn load_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
+        self.ignore_shared_ram().await?;
         let uri = format!("exec:cat {}", sh_quote(&path.display().to_string()));
         let cmd = qapi::qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: None };
         self.qmp(cmd, "migrate-incoming", Duration::from_secs(10)).await?;
