@@ -32,6 +32,8 @@ pub struct Ctx {
     pub cfg: Config,
     /// Scratch space for bundles, images, qcow2 files; removed at the end.
     pub work: PathBuf,
+    /// A real VM's QEMU command line, captured once for the baselines.
+    pub guest: tokio::sync::OnceCell<crate::qemu::Guest>,
 }
 
 impl Ctx {
@@ -50,6 +52,11 @@ impl Ctx {
 
     pub async fn boot(&self, name: &str) -> Result<Vm> {
         machinen::boot(self.boot_options(name)).await.with_context(|| format!("booting {name}"))
+    }
+
+    /// The QEMU command line of a machinen VM with this run's settings.
+    pub async fn guest(&self) -> Result<&crate::qemu::Guest> {
+        self.guest.get_or_try_init(|| crate::qemu::Guest::capture(self)).await
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -125,19 +132,4 @@ pub fn free_port() -> Result<u16> {
 /// The QEMU binary the VMs use.
 pub fn qemu_binary() -> String {
     std::env::var("MACHINEN_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))
-}
-
-/// The host's TSC frequency in kHz when constant (as the supervisor passes
-/// it to TCG guests as `tsc_early_khz`).
-pub fn host_tsc_khz() -> Option<u64> {
-    if std::env::consts::ARCH != "x86_64" {
-        return None;
-    }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let constant = cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "constant_tsc"));
-    if !constant {
-        return None;
-    }
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
 }

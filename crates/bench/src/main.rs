@@ -122,7 +122,7 @@ fn config(args: &Args) -> Config {
 
 async fn run(args: Args, work: PathBuf) -> ExitCode {
     let t0 = Instant::now();
-    let ctx = Ctx { cfg: config(&args), work };
+    let ctx = Ctx { cfg: config(&args), work, guest: Default::default() };
     let mut host = host::collect();
     eprintln!(
         "machinen-bench: accel {}, {} cores, {}, guest kernel {}, commit {}{}, load {}",
@@ -188,6 +188,7 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
         "sections": sections,
         "rows": rows,
         "ratios": ratios,
+        "baseline_qemu_args": ctx.guest.get().map(|g| g.args.clone()),
         "elapsed_s": elapsed,
     });
     if let Err(e) = write(&args.json_out, &serde_json::to_string_pretty(&report).unwrap_or_default()) {

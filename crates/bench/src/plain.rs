@@ -4,8 +4,8 @@
 //! holding `/bench-init`, a 100-byte static x86-64 program that writes a
 //! marker to the console and powers off; the kernel runs it via
 //! `rdinit=/bench-init`. We time QEMU process start → marker on the serial
-//! console (QEMU's stdout), with the supervisor's machine type, accelerator,
-//! CPU, memory, kernel flags and virtio devices.
+//! console (QEMU's stdout), with a real VM's QEMU command line (see
+//! `qemu.rs`): machine type, accelerator, CPU, memory, kernel flags, devices.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::io::AsyncReadExt;
 
 use crate::ctx::{qemu_binary, Ctx};
-use crate::qemu::Guest;
+use crate::qemu::{replace_arg, set_flag};
 use crate::stats::{ms, Section};
 
 const MARKER: &[u8] = b"MACHINEN-BENCH-INIT\n";
@@ -110,20 +110,24 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     if std::env::consts::ARCH != "x86_64" {
         bail!("the plain-QEMU init program is x86-64 machine code; skipped on {}", std::env::consts::ARCH);
     }
-    let guest = Guest::resolve().await?;
+    let guest = ctx.guest().await?;
+    let dir = ctx.path("plain");
+    guest.prepare(&dir)?;
     // The initramfs plus our init, as one file: the kernel unpacks
     // concatenated archives in order.
-    let initrd = ctx.path("plain-initrd.cpio");
+    let initrd = dir.join("initrd.cpio");
     let mut bytes = tokio::fs::read(&guest.initrd).await.with_context(|| format!("reading {}", guest.initrd.display()))?;
-    while bytes.len() % 4 != 0 {
+    while bytes.len() & 3 != 0 {
         bytes.push(0);
     }
     bytes.extend(cpio_with(INIT_PATH, &init_elf()));
     tokio::fs::write(&initrd, &bytes).await?;
-    let append = guest.cmdline(&[&format!("rdinit=/{INIT_PATH}")]);
-    let mut args = guest.machine_args(ctx.cfg.memory_mib, &initrd, &append);
-    args.extend(guest.device_args(None, "null,id=agent"));
-    args.extend(["-chardev".into(), "stdio,id=con,signal=off".into(), "-serial".into(), "chardev:con".into()]);
+    let mut args = guest.args_in(&dir);
+    let append = args.iter().position(|a| a == "-append").and_then(|i| args.get(i + 1)).context("no -append")?.clone();
+    set_flag(&mut args, "-append", format!("{append} rdinit=/{INIT_PATH}"))?;
+    set_flag(&mut args, "-initrd", initrd.display().to_string())?;
+    // The console on QEMU's stdout, where we watch for the marker.
+    replace_arg(&mut args, "file,id=con,", "stdio,id=con,signal=off".into())?;
 
     let mut to_init = Vec::new();
     let mut to_exit = Vec::new();
@@ -139,7 +143,7 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     }
     sec.add("qemu_to_init_ms", "plain QEMU: process start to init running", "ms", to_init);
     sec.add("qemu_to_poweroff_ms", "plain QEMU: process start to exit after init powers off", "ms", to_exit);
-    let _ = std::fs::remove_file(&initrd);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

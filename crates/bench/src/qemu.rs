@@ -1,127 +1,100 @@
-//! Our own QEMU command lines for the baselines, built like the supervisor's
-//! (`crates/vmm/src/engine/qemu.rs`, `QemuEngine::args`): same machine type,
-//! accelerator, CPU model, memory, kernel, initramfs, kernel flags and
-//! virtio devices.
+//! Our own QEMU command lines for the baselines. Rather than rebuilding the
+//! supervisor's command line (which changes with the engine), we boot one
+//! machinen VM, read its QEMU's argv from `/proc/<pid>/cmdline`, stop it,
+//! and reuse that argv with the VM's directory replaced by ours: same
+//! machine type, accelerator, CPU, memory, kernel, initramfs, kernel flags
+//! and devices, by construction.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use machinen::accel::Accel;
-use machinen::progress::ProgressMode;
-use machinen::Paths;
+use anyhow::{bail, Context as _, Result};
 
-use crate::ctx::host_tsc_khz;
+use crate::ctx::{stop, Ctx};
 
-/// The guest a default `machinen boot` gets.
+/// The QEMU argv of a real machinen VM.
+#[derive(Debug, Clone)]
 pub struct Guest {
-    pub accel: Accel,
-    pub kernel: PathBuf,
-    /// The cached initramfs (agent as `/init` plus modules).
-    pub initrd: PathBuf,
-    /// The cached raw ext4 image of the base rootfs.
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    /// The VM directory the arguments refer to (replaced by ours).
+    pub vm_dir: String,
+    /// The cached raw ext4 image the VM's overlay is backed by.
     pub base_image: PathBuf,
+    /// The initramfs the VM booted (agent as `/init` plus modules).
+    pub initrd: PathBuf,
 }
 
 impl Guest {
-    pub async fn resolve() -> Result<Guest> {
-        tokio::task::spawn_blocking(|| -> Result<Guest> {
-            let paths = Paths::from_env()?;
-            let assets = machinen::assets::resolve(&paths)?;
-            let agent = machinen::binaries::agent()?;
-            let initrd = machinen::initramfs::ensure_initramfs(&paths, &assets, &agent)?;
-            let img = machinen::image::ensure_rootfs_image(&paths, &assets.rootfs, ProgressMode::Quiet)?;
-            let accel = machinen::accel::probe(None).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(Guest { accel, kernel: assets.kernel, initrd, base_image: img.path })
-        })
-        .await?
-    }
-
-    /// The kernel command line the supervisor uses, plus `extra`.
-    pub fn cmdline(&self, extra: &[&str]) -> String {
-        let mut c: Vec<String> =
-            ["console=ttyS0", "quiet", "panic=-1", "init_on_free=1", "machinen.net=1", "machinen.hostname=bench"].iter().map(|s| s.to_string()).collect();
-        if self.accel == Accel::Tcg {
-            if let Some(khz) = host_tsc_khz() {
-                c.push(format!("tsc_early_khz={khz}"));
-                c.push("tsc=reliable".into());
-            }
-        }
-        c.extend(extra.iter().map(|s| s.to_string()));
-        c.join(" ")
-    }
-
-    /// Machine, accelerator, CPU, memory, kernel: everything but devices.
-    pub fn machine_args(&self, memory_mib: u32, initrd: &Path, append: &str) -> Vec<String> {
-        [
-            "-M",
-            "microvm,acpi=on",
-            "-accel",
-            self.accel.as_str(),
-            "-cpu",
-            self.accel.cpu_model(),
-            "-m",
-            &format!("{memory_mib}M"),
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-kernel",
-            &self.kernel.display().to_string(),
-            "-initrd",
-            &initrd.display().to_string(),
-            "-append",
-            append,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
-    /// The virtio devices of a machinen VM; `root` is the qcow2 overlay, or
-    /// `None` to attach the base image read-only; `agent` the agent
-    /// chardev spec (e.g. `null,id=agent`).
-    pub fn device_args(&self, root: Option<&Path>, agent: &str) -> Vec<String> {
-        let base = serde_json::json!({
-            "driver": "raw", "node-name": if root.is_some() { "base" } else { "root" }, "read-only": true,
-            "file": {"driver": "file", "filename": self.base_image, "read-only": true}
-        });
-        let mut a = vec!["-blockdev".to_string(), base.to_string()];
-        if let Some(root) = root {
-            a.push("-blockdev".into());
-            a.push(
-                serde_json::json!({
-                    "driver": "qcow2", "node-name": "root", "backing": "base", "discard": "unmap",
-                    "file": {"driver": "file", "filename": root}
-                })
-                .to_string(),
-            );
-        }
-        a.extend(
-            [
-                "-device",
-                "virtio-blk-device,drive=root",
-                "-netdev",
-                "user,id=net0",
-                "-device",
-                "virtio-net-device,netdev=net0",
-                "-device",
-                "virtio-rng-device",
-                "-device",
-                "virtio-serial-device",
-                "-chardev",
-                agent,
-                "-device",
-                &format!("virtserialport,chardev=agent,name={}", machinen_proto::AGENT_PORT_NAME),
-            ]
+    /// Boot a VM with the benchmark's settings and capture its QEMU argv.
+    pub async fn capture(ctx: &Ctx) -> Result<Guest> {
+        let vm = ctx.boot("argv").await?;
+        let r = read_argv(&vm);
+        stop(vm).await?;
+        let (args, vm_dir) = r?;
+        let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+        let initrd = PathBuf::from(value_of("-initrd").context("no -initrd in the VM's QEMU command line")?);
+        let base_image = args
             .iter()
-            .map(|s| s.to_string()),
-        );
-        a
+            .filter_map(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+            .find(|v| v["driver"] == "raw")
+            .and_then(|v| v["file"]["filename"].as_str().map(PathBuf::from))
+            .context("no raw base image -blockdev in the VM's QEMU command line")?;
+        Ok(Guest { args, vm_dir, base_image, initrd })
     }
+
+    /// The argv for a QEMU of our own in `dir`: every path inside the VM's
+    /// directory moved to `dir` (which must hold `disk.qcow2`, see
+    /// [`Guest::prepare`]), `-incoming` dropped.
+    pub fn args_in(&self, dir: &Path) -> Vec<String> {
+        let dir = dir.display().to_string();
+        let mut out = Vec::new();
+        let mut it = self.args.iter();
+        while let Some(a) = it.next() {
+            if a == "-incoming" {
+                it.next();
+                continue;
+            }
+            out.push(a.replace(&self.vm_dir, &dir));
+        }
+        out
+    }
+
+    /// Create what the VM directory held that QEMU opens: the root disk overlay.
+    pub fn prepare(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        machinen::image::create_overlay(&self.base_image, &dir.join(machinen::spec::files::DISK))?;
+        Ok(())
+    }
+}
+
+/// Replace the value after `flag` (e.g. `-initrd`).
+pub fn set_flag(args: &mut [String], flag: &str, value: String) -> Result<()> {
+    let i = args.iter().position(|a| a == flag).with_context(|| format!("no {flag} in the QEMU command line"))?;
+    match args.get_mut(i + 1) {
+        Some(v) => *v = value,
+        None => bail!("{flag} without a value"),
+    }
+    Ok(())
+}
+
+/// Replace the argument starting with `prefix` (e.g. a `-chardev` spec).
+pub fn replace_arg(args: &mut [String], prefix: &str, value: String) -> Result<()> {
+    let a = args.iter_mut().find(|a| a.starts_with(prefix)).with_context(|| format!("no argument {prefix}… in the QEMU command line"))?;
+    *a = value;
+    Ok(())
+}
+
+fn read_argv(vm: &machinen::Vm) -> Result<(Vec<String>, String)> {
+    let pid = vm.info().qemu_pid.context("the VM has no QEMU pid")?;
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).with_context(|| format!("reading the command line of QEMU (pid {pid})"))?;
+    let mut args: Vec<String> = raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    if args.is_empty() {
+        bail!("QEMU (pid {pid}) has an empty command line");
+    }
+    args.remove(0);
+    let dir = vm.info().control_socket.parent().context("control socket without a directory")?.display().to_string();
+    Ok((args, dir))
 }
 
 /// `qemu-system-<arch> --version`, first line.
@@ -143,7 +116,7 @@ pub async fn connect_retry(path: &Path, timeout: Duration, child: &mut tokio::pr
             Ok(s) => return Ok(s),
             Err(e) => {
                 if let Some(st) = child.try_wait()? {
-                    anyhow::bail!("QEMU exited ({st}) before {} appeared", path.display());
+                    bail!("QEMU exited ({st}) before {} appeared", path.display());
                 }
                 if std::time::Instant::now() > deadline {
                     return Err(e).with_context(|| format!("connecting {}", path.display()));
@@ -151,5 +124,30 @@ pub async fn connect_retry(path: &Path, timeout: Duration, child: &mut tokio::pr
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_move_and_incoming_goes() {
+        let g = Guest {
+            args: ["-initrd", "/c/i.cpio", "-chardev", "file,id=con,path=/r/vm1/console.log", "-incoming", "defer", "-qmp", "unix:/r/vm1/qmp.sock,server=on"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            vm_dir: "/r/vm1".into(),
+            base_image: "/c/b.ext4".into(),
+            initrd: "/c/i.cpio".into(),
+        };
+        let mut a = g.args_in(Path::new("/w/sv"));
+        assert_eq!(a, ["-initrd", "/c/i.cpio", "-chardev", "file,id=con,path=/w/sv/console.log", "-qmp", "unix:/w/sv/qmp.sock,server=on"]);
+        set_flag(&mut a, "-initrd", "/w/x.cpio".into()).expect("flag");
+        replace_arg(&mut a, "file,id=con,", "stdio,id=con".into()).expect("arg");
+        assert_eq!(a[1], "/w/x.cpio");
+        assert_eq!(a[3], "stdio,id=con");
+        assert!(set_flag(&mut a, "-kernel", "x".into()).is_err());
     }
 }

@@ -17,10 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ctx::{qemu_binary, Ctx};
 use crate::qemu::{connect_retry, Guest};
+use machinen::spec::files;
 use crate::stats::{mib, ms, Section};
 
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
-    let guest = Guest::resolve().await?;
+    let guest = ctx.guest().await?.clone();
     let mut boots = Vec::new();
     // Every boot gets a fresh overlay, as a machinen VM does; the last one
     // is snapshotted.
@@ -36,20 +37,10 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
 /// `savevm`, then time savevm/loadvm into `sec`.
 async fn one_vm(ctx: &Ctx, guest: &Guest, sec: &mut Section, savevm: bool) -> Result<f64> {
     let dir = ctx.path("sv");
-    std::fs::create_dir_all(&dir)?;
-    let overlay = dir.join("disk.qcow2");
-    machinen::image::create_overlay(&guest.base_image, &overlay)?;
-    let (qmp_path, agent_path) = (dir.join("qmp.sock"), dir.join("agent.sock"));
-    let mut args = guest.machine_args(ctx.cfg.memory_mib, &guest.initrd, &guest.cmdline(&[]));
-    args.extend(guest.device_args(Some(&overlay), &format!("socket,id=agent,path={},server=on,wait=off", agent_path.display())));
-    args.extend([
-        "-chardev".into(),
-        format!("file,id=con,path={}", dir.join("console.log").display()),
-        "-serial".into(),
-        "chardev:con".into(),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp_path.display()),
-    ]);
+    guest.prepare(&dir)?;
+    let overlay = dir.join(files::DISK);
+    let (qmp_path, agent_path) = (dir.join(files::QMP), dir.join(files::AGENT));
+    let args = guest.args_in(&dir);
     let log = std::fs::File::create(dir.join("qemu.log"))?;
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new(qemu_binary())
