@@ -40,6 +40,9 @@ pub struct RestoreOptions {
     pub progress: ProgressMode,
     /// Shown by `ls` as FORKED-FROM; defaults to the bundle path.
     pub forked_from: Option<String>,
+    /// Check every file against the manifest first (always, except for the
+    /// bundle a fork has just written itself).
+    pub verify: bool,
 }
 
 impl RestoreOptions {
@@ -54,6 +57,7 @@ impl RestoreOptions {
             reset_tcp: false,
             progress: ProgressMode::Auto,
             forked_from: None,
+            verify: true,
         }
     }
 }
@@ -117,7 +121,15 @@ impl Vm {
         let (bundle_dir, kept) = match &opts.out_dir {
             Some(d) => (d.clone(), true),
             None => {
-                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
+                // On tmpfs when the RAM file is there too: the copy made while
+                // the source is paused then never waits for a disk.
+                let dir = crate::spec::ram_file_for("fork", 0).and_then(|p| p.parent().map(Path::to_path_buf));
+                let mut b = tempfile::Builder::new();
+                b.prefix("machinen-fork-");
+                tmp = match dir {
+                    Some(d) => b.tempdir_in(d)?,
+                    None => b.tempdir()?,
+                };
                 (tmp.path().join("bundle"), false)
             }
         };
@@ -129,6 +141,9 @@ impl Vm {
         r.reset_tcp = !opts.tcp_keep;
         r.progress = ProgressMode::Quiet;
         r.forked_from = Some(self.name().to_string());
+        // Written by our own supervisor a moment ago, never left our hands:
+        // hashing it again would only add to the fork's latency.
+        r.verify = false;
         // The fork copies the disk layer out of the bundle, and the state is
         // loaded before `restore` returns: a temp bundle can go right after.
         let vm = restore(r).await?;
@@ -155,12 +170,14 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             .source(e)
             .hint("pass the directory that `machinen snapshot` wrote")
     })?;
-    let meta: BundleMeta = {
+    let meta: BundleMeta = if opts.verify {
         let d = bundle_dir.clone();
         let step = opts.progress.step(format!("verifying {}", d.display()));
         let m = blocking(move || Ok(bundle::verify(&d)?)).await?;
         step.done("bundle verified");
         m
+    } else {
+        bundle::read_meta(&bundle_dir)?
     };
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
