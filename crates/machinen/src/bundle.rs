@@ -21,7 +21,7 @@
 //! error naming the file.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -182,6 +182,28 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
 
 const CHUNK: u64 = 64 * 1024;
 
+/// The data extents `(start, end)` of a file, found with SEEK_DATA and
+/// SEEK_HOLE, so holes are never read. The extents are computed up front;
+/// callers read them while the file does not change.
+fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        out.push((data as u64, end));
+        pos = end as i64;
+    }
+    out
+}
+
 /// sha256 over `offset (u64 BE) || bytes` of every 64 KiB chunk that is not
 /// all zeros. Equal for a file and any copy of it, sparse or not, and holes
 /// are skipped without being read, so the cost follows the data, not the
@@ -190,21 +212,11 @@ pub fn sparse_digest(path: &Path) -> Result<(u64, String), BundleError> {
     use sha2::Digest;
     let f = fs::File::open(path).map_err(file_error(path))?;
     let len = f.metadata().map_err(io(path))?.len();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut next_chunk = 0u64; // first chunk not yet digested
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on a descriptor we own; no memory involved.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // only a hole remains
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len } else { hole as u64 };
-        let mut chunk = (data as u64 / CHUNK).max(next_chunk);
+    for (data, end) in data_extents(&f, len) {
+        let mut chunk = (data / CHUNK).max(next_chunk);
         while chunk * CHUNK < end {
             let off = chunk * CHUNK;
             let want = CHUNK.min(len - off) as usize;
@@ -216,39 +228,26 @@ pub fn sparse_digest(path: &Path) -> Result<(u64, String), BundleError> {
             chunk += 1;
         }
         next_chunk = chunk;
-        pos = end as i64;
     }
     Ok((len, hex::encode(h.finalize())))
 }
 
-/// Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE), so sparse disk
-/// layers stay sparse in the bundle.
+/// Copy a file keeping its holes, so sparse disk layers and RAM stay sparse
+/// in the bundle.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
-    let mut from = fs::File::open(src).map_err(io(src))?;
+    let from = fs::File::open(src).map_err(io(src))?;
     let len = from.metadata().map_err(io(src))?.len();
     let to = fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(io(dst))?;
     to.set_len(len).map_err(io(dst))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&from);
-    let mut pos: i64 = 0;
     let mut buf = vec![0u8; 1 << 20];
-    while (pos as u64) < len {
-        // SAFETY: lseek on a file descriptor we own; no memory involved.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        from.seek(SeekFrom::Start(data as u64)).map_err(io(src))?;
+    for (data, end) in data_extents(&from, len) {
         let mut off = data;
         while off < end {
             let want = ((end - off) as usize).min(buf.len());
-            from.read_exact(&mut buf[..want]).map_err(io(src))?;
-            to.write_all_at(&buf[..want], off as u64).map_err(io(dst))?;
-            off += want as i64;
+            from.read_exact_at(&mut buf[..want], off).map_err(io(src))?;
+            to.write_all_at(&buf[..want], off).map_err(io(dst))?;
+            off += want as u64;
         }
-        pos = end;
     }
     // No fsync here: snapshots copy while the guest is paused, and
     // `Builder::finish` syncs every file after it runs again.
