@@ -171,6 +171,9 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
             break;
         }
     }
+    if let Some(g) = ctx.guest.get() {
+        g.sweep_ram_files();
+    }
     host.loadavg_end = host::loadavg();
     let ratios = stats::ratios(&rows);
     println!();

@@ -122,7 +122,7 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     }
     bytes.extend(cpio_with(INIT_PATH, &init_elf()));
     tokio::fs::write(&initrd, &bytes).await?;
-    let mut args = guest.args_in(&dir);
+    let (mut args, ram) = guest.args_in(&dir);
     let append = args.iter().position(|a| a == "-append").and_then(|i| args.get(i + 1)).context("no -append")?.clone();
     set_flag(&mut args, "-append", format!("{append} rdinit=/{INIT_PATH}"))?;
     set_flag(&mut args, "-initrd", initrd.display().to_string())?;
@@ -133,7 +133,11 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let mut to_exit = Vec::new();
     // One unmeasured run warms the page cache (kernel, initramfs).
     for i in 0..=ctx.cfg.runs {
-        let (init, exit) = boot_once(&args).await.with_context(|| format!("plain QEMU boot {i}"))?;
+        let r = boot_once(&args).await;
+        for f in &ram {
+            let _ = std::fs::remove_file(f);
+        }
+        let (init, exit) = r.with_context(|| format!("plain QEMU boot {i}"))?;
         if i > 0 {
             to_init.push(init);
             if let Some(e) = exit {

@@ -45,19 +45,50 @@ impl Guest {
 
     /// The argv for a QEMU of our own in `dir`: every path inside the VM's
     /// directory moved to `dir` (which must hold `disk.qcow2`, see
-    /// [`Guest::prepare`]), `-incoming` dropped.
-    pub fn args_in(&self, dir: &Path) -> Vec<String> {
-        let dir = dir.display().to_string();
+    /// [`Guest::prepare`]), `-incoming` dropped, and a RAM file outside it
+    /// (`mem-path=`, e.g. in `/dev/shm`) renamed to one of ours in the same
+    /// directory. Returns the argv and those RAM files, for the caller to
+    /// remove once QEMU has exited.
+    pub fn args_in(&self, dir: &Path) -> (Vec<String>, Vec<PathBuf>) {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir_s = dir.display().to_string();
         let mut out = Vec::new();
+        let mut ram = Vec::new();
         let mut it = self.args.iter();
         while let Some(a) = it.next() {
             if a == "-incoming" {
                 it.next();
                 continue;
             }
-            out.push(a.replace(&self.vm_dir, &dir));
+            let mut a = a.replace(&self.vm_dir, &dir_s);
+            if let Some(start) = a.find("mem-path=").map(|i| i + "mem-path=".len()) {
+                let end = a[start..].find(',').map_or(a.len(), |e| start + e);
+                let old = PathBuf::from(&a[start..end]);
+                let new = if old.starts_with(dir) {
+                    old
+                } else {
+                    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    old.with_file_name(format!("machinen-bench-{}-{n}.ram", std::process::id()))
+                };
+                a.replace_range(start..end, &new.display().to_string());
+                ram.push(new);
+            }
+            out.push(a);
         }
-        out
+        (out, ram)
+    }
+
+    /// Remove RAM files of ours that an interrupted baseline left behind.
+    pub fn sweep_ram_files(&self) {
+        let prefix = format!("machinen-bench-{}-", std::process::id());
+        let (_, ram) = self.args_in(Path::new("/nonexistent"));
+        for dir in ram.iter().filter_map(|p| p.parent()) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Create what the VM directory held that QEMU opens: the root disk overlay.
@@ -142,12 +173,28 @@ mod tests {
             base_image: "/c/b.ext4".into(),
             initrd: "/c/i.cpio".into(),
         };
-        let mut a = g.args_in(Path::new("/w/sv"));
+        let (mut a, ram) = g.args_in(Path::new("/w/sv"));
+        assert!(ram.is_empty());
         assert_eq!(a, ["-initrd", "/c/i.cpio", "-chardev", "file,id=con,path=/w/sv/console.log", "-qmp", "unix:/w/sv/qmp.sock,server=on"]);
         set_flag(&mut a, "-initrd", "/w/x.cpio".into()).expect("flag");
         replace_arg(&mut a, "file,id=con,", "stdio,id=con".into()).expect("arg");
         assert_eq!(a[1], "/w/x.cpio");
         assert_eq!(a[3], "stdio,id=con");
         assert!(set_flag(&mut a, "-kernel", "x".into()).is_err());
+    }
+
+    #[test]
+    fn ram_files_get_names_of_our_own() {
+        let g = Guest {
+            args: vec!["-object".into(), "memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/machinen-abc.ram,share=on".into()],
+            vm_dir: "/r/vm1".into(),
+            base_image: "/c/b.ext4".into(),
+            initrd: "/c/i.cpio".into(),
+        };
+        let (a, ram) = g.args_in(Path::new("/w/sv"));
+        assert_eq!(ram.len(), 1);
+        assert!(ram[0].starts_with("/dev/shm"));
+        assert!(ram[0].file_name().expect("name").to_string_lossy().starts_with("machinen-bench-"));
+        assert_eq!(a[1], format!("memory-backend-file,id=ram,size=512M,mem-path={},share=on", ram[0].display()));
     }
 }

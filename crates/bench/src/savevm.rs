@@ -40,7 +40,7 @@ async fn one_vm(ctx: &Ctx, guest: &Guest, sec: &mut Section, savevm: bool) -> Re
     guest.prepare(&dir)?;
     let overlay = dir.join(files::DISK);
     let (qmp_path, agent_path) = (dir.join(files::QMP), dir.join(files::AGENT));
-    let args = guest.args_in(&dir);
+    let (args, ram) = guest.args_in(&dir);
     let log = std::fs::File::create(dir.join("qemu.log"))?;
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new(qemu_binary())
@@ -56,6 +56,9 @@ async fn one_vm(ctx: &Ctx, guest: &Guest, sec: &mut Section, savevm: bool) -> Re
     let _ = child.wait().await;
     let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
+    for f in &ram {
+        let _ = std::fs::remove_file(f);
+    }
     r.map_err(|e| if log.trim().is_empty() { e } else { e.context(format!("qemu.log: {}", log.trim())) })
 }
 
