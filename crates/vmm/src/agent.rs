@@ -52,7 +52,10 @@ const MAX_SKIP: usize = 64 << 20;
 /// it and attempts are retried every `attempt` until `budget` runs out.
 pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> Result<(), AgentError> {
     let deadline = tokio::time::Instant::now() + budget;
-    let attempt = if resume { Duration::from_millis(700) } else { budget };
+    // A resumed agent usually drops its stale session within a few tens of
+    // milliseconds, but may swallow the first preamble doing so: retry
+    // soon, then back off.
+    let mut attempt = if resume { Duration::from_millis(150) } else { budget };
     let mut skipped = 0usize;
     loop {
         let nonce = format!("{:016x}", rand_u64());
@@ -92,7 +95,10 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => return Err(AgentError::Preamble(e)),
             Err(_) if tokio::time::Instant::now() >= deadline => return Err(AgentError::NoAnswer),
-            Err(_) => tracing::debug!("no answer to session preamble {nonce}; retrying"),
+            Err(_) => {
+                tracing::debug!("no answer to session preamble {nonce}; retrying");
+                attempt = (attempt * 2).min(Duration::from_secs(2));
+            }
         }
     }
 }
