@@ -263,6 +263,13 @@ pub struct Builder {
 impl Builder {
     /// Refuses an existing destination.
     pub fn new(dest: &Path) -> Result<Builder, BundleError> {
+        Builder::new_recorded(dest, |_| Ok(()))
+    }
+
+    /// Like [`Builder::new`], but `record` learns the temp directory's path
+    /// before the directory exists, so whoever cleans up after a crash (gc)
+    /// can always find it.
+    pub fn new_recorded(dest: &Path, record: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<Builder, BundleError> {
         let dest = if dest.is_absolute() {
             dest.to_path_buf()
         } else {
@@ -275,6 +282,7 @@ impl Builder {
         fs::create_dir_all(parent).map_err(io(parent))?;
         let base = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
         let tmp = parent.join(format!(".{base}.partial-{:08x}", rand::random::<u32>()));
+        record(&tmp).map_err(io(&tmp))?;
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         Ok(Builder { tmp, dest })
     }

@@ -109,10 +109,11 @@ pub async fn take(
         return Err(err(ErrorCode::SnapshotStateInvalid, format!("the VM is {state}, not running")));
     }
     let agent = shared.agent.lock().await.clone().ok_or_else(|| err(ErrorCode::ExecVsockUnavailable, "the guest agent is not connected"))?;
-    let builder = Builder::new(&out).map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
+    // The marker names the temp bundle before it exists, so a crash at any
+    // point leaves gc a way to find it.
     let marker = spec.path_in(PARTIAL_MARKER);
-    registry::write_atomic(&marker, builder.tmp.display().to_string().as_bytes())
-        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("cannot record the snapshot in progress: {e}")))?;
+    let builder = Builder::new_recorded(&out, |tmp| registry::write_atomic(&marker, tmp.display().to_string().as_bytes()))
+        .map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
 
     // Secrets must not reach the bundle; a guest that cannot wipe them is
     // not snapshotted.
