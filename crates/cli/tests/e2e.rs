@@ -228,6 +228,9 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     let pid = info["pid"].as_u64().expect("pid");
     let qemu_pid = info["qemu_pid"].as_u64().expect("qemu pid");
     assert_eq!(env.vm_dirs().len(), 1);
+    // Its RAM file on tmpfs (when /dev/shm had room) must not outlive it either.
+    let ram = Path::new("/dev/shm").join(format!("machinen-{}.ram", info["id"].as_str().expect("id")));
+    let had_ram_file = ram.exists();
     Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
     // QEMU dies with its supervisor.
     wait_until("QEMU to exit", Duration::from_secs(10), || !pid_alive(qemu_pid));
@@ -241,6 +244,7 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     let gc = env.json(&["gc", "--json"]);
     assert_eq!(gc["removed"][0]["name"], "victim");
     assert!(env.vm_dirs().is_empty());
+    assert!(!ram.exists(), "gc removed the RAM file (it existed: {had_ram_file})");
     // The name is free again.
     let again = env.json(&["boot", "--name", "victim", "--detached", "--json"]);
     assert_eq!(again["name"], "victim");
