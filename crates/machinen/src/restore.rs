@@ -121,15 +121,10 @@ impl Vm {
         let (bundle_dir, kept) = match &opts.out_dir {
             Some(d) => (d.clone(), true),
             None => {
-                // On tmpfs when the RAM file is there too: the copy made while
-                // the source is paused then never waits for a disk.
-                let dir = crate::spec::ram_file_for("fork", 0).and_then(|p| p.parent().map(Path::to_path_buf));
-                let mut b = tempfile::Builder::new();
-                b.prefix("machinen-fork-");
-                tmp = match dir {
-                    Some(d) => b.tempdir_in(d)?,
-                    None => b.tempdir()?,
-                };
+                // On disk, not tmpfs: the fork keeps the bundle's RAM file
+                // mapped after the directory is gone, and page cache of a
+                // disk file can be reclaimed where tmpfs pages could not.
+                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
                 (tmp.path().join("bundle"), false)
             }
         };
