@@ -166,7 +166,7 @@ fn write_archive<W: Write>(w: W, agent: &[u8], kernel_version: &str, modules: &[
 #[cfg(test)]
 mod tests {
     use super::cpio::{parse, S_IFCHR, S_IFDIR, S_IFREG};
-    use super::modules::tests_support::fake_module;
+    use super::modules::tests_support::{self, fake_module};
     use super::*;
     use crate::error::{Coded, ErrorCode};
 
@@ -175,17 +175,8 @@ mod tests {
     /// A fake installed kernel tree with the modules the guest wants.
     fn fake_assets(root: &Path, with_console: bool) -> Assets {
         let mdir = root.join("modules/lib/modules").join(VER);
-        let put = |rel: &str, data: &[u8]| {
-            let p = mdir.join(rel);
-            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs::write(p, data).expect("write");
-        };
-        put("kernel/drivers/virtio/virtio.ko", &fake_module("virtio", ""));
-        put("kernel/drivers/virtio/virtio_ring.ko", &fake_module("virtio_ring", ""));
-        put("kernel/drivers/virtio/virtio_mmio.ko", &fake_module("virtio_mmio", "virtio,virtio_ring"));
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&fake_module("virtio_blk", "virtio,virtio_ring")).expect("gz");
-        put("kernel/drivers/block/virtio_blk.ko.gz", &gz.finish().expect("gz"));
+        let put = |rel: &str, data: &[u8]| tests_support::put(&mdir, rel, data);
+        tests_support::put_virtio_core(&mdir, "virtio,virtio_ring");
         if with_console {
             put("kernel/drivers/char/virtio_console.ko", &fake_module("virtio_console", "virtio,virtio_ring"));
         }

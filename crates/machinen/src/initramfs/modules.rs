@@ -323,6 +323,25 @@ pub(crate) fn resolve(
 #[cfg(test)]
 pub(crate) mod tests_support {
     /// A minimal 64-bit little-endian ELF with a `.modinfo` section.
+    /// Write `data` at `dir/rel`, creating parent directories.
+    pub(crate) fn put(dir: &std::path::Path, rel: &str, data: &[u8]) {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, data).expect("write");
+    }
+
+    /// The virtio core of a fake module tree: virtio, virtio_ring,
+    /// virtio_mmio, and a gzip-compressed virtio_blk depending on `blk_deps`.
+    pub(crate) fn put_virtio_core(dir: &std::path::Path, blk_deps: &str) {
+        use std::io::Write;
+        put(dir, "kernel/drivers/virtio/virtio.ko", &fake_module("virtio", ""));
+        put(dir, "kernel/drivers/virtio/virtio_ring.ko", &fake_module("virtio_ring", ""));
+        put(dir, "kernel/drivers/virtio/virtio_mmio.ko", &fake_module("virtio_mmio", "virtio,virtio_ring"));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&fake_module("virtio_blk", blk_deps)).expect("gz");
+        put(dir, "kernel/drivers/block/virtio_blk.ko.gz", &gz.finish().expect("gz"));
+    }
+
     pub(crate) fn fake_module(name: &str, depends: &str) -> Vec<u8> {
         let modinfo = format!("license=GPL\0depends={depends}\0name={name}\0vermagic=6.1.0 SMP\0");
         let shstrtab = b"\0.modinfo\0.shstrtab\0";
@@ -449,17 +468,8 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/drivers/virtio/virtio
     #[test]
     fn generated_modules_dep_resolves() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let put = |rel: &str, data: &[u8]| {
-            let p = dir.path().join(rel);
-            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs::write(p, data).expect("write");
-        };
-        put("kernel/drivers/virtio/virtio.ko", &fake_module("virtio", ""));
-        put("kernel/drivers/virtio/virtio_ring.ko", &fake_module("virtio_ring", ""));
-        put("kernel/drivers/virtio/virtio_mmio.ko", &fake_module("virtio_mmio", "virtio,virtio_ring"));
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &fake_module("virtio_blk", "virtio_ring,virtio")).expect("gz");
-        put("kernel/drivers/block/virtio_blk.ko.gz", &gz.finish().expect("gz"));
+        let put = |rel: &str, data: &[u8]| tests_support::put(dir.path(), rel, data);
+        tests_support::put_virtio_core(dir.path(), "virtio_ring,virtio");
         put("kernel/drivers/char/virtio_console.ko", &fake_module("virtio_console", "virtio,virtio_ring"));
         put("kernel/fs/ext4/ext4.ko", &fake_module("ext4", "jbd2"));
         put("kernel/fs/jbd2/jbd2.ko", &fake_module("jbd2", "crc16"));
