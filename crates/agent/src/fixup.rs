@@ -33,7 +33,7 @@ pub async fn serve_fixup<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: Fixup
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > MAX_ENTROPY * 2 {
+    if !s.len().is_multiple_of(2) || s.len() > MAX_ENTROPY * 2 {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()

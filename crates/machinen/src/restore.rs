@@ -82,8 +82,8 @@ pub struct ForkReport {
     pub bundle_kept: bool,
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> impl std::future::Future<Output = Result<T>> {
-    async move { tokio::task::spawn_blocking(f).await.map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))? }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))?
 }
 
 impl Vm {

@@ -220,7 +220,7 @@ async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<
     let deadline = started + budget;
     if let Some(r) = &spec.restore {
         let state = r.bundle.join(machinen::bundle::STATE);
-        if let Err(e) = machine.load_state(&state, deadline.into()).await {
+        if let Err(e) = machine.load_state(&state, deadline).await {
             machine.kill();
             return Err(StartError {
                 code: ErrorCode::RestoreBundleInvalid,
