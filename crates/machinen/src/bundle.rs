@@ -254,6 +254,27 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
     Ok(len)
 }
 
+/// Apparent and on-disk bytes of a directory tree (a bundle, a VM's
+/// directory); unreadable entries count as nothing.
+pub fn dir_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut apparent, mut on_disk) = (0, 0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                apparent += m.len();
+                on_disk += m.blocks() * 512;
+            }
+        }
+    }
+    (apparent, on_disk)
+}
+
 /// A bundle being written: a hidden temp directory beside the destination.
 pub struct Builder {
     pub tmp: PathBuf,

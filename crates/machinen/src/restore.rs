@@ -21,7 +21,7 @@ use crate::progress::ProgressMode;
 use crate::registry::{self, PortForward, Registry};
 use crate::spec::{files, RestoreSpec, VmSpec};
 use crate::vm::{launch_vm, Launch, Vm};
-use crate::{accel, assets, binaries, image, initramfs};
+use crate::{accel, assets, binaries};
 
 /// Options for [`restore`].
 #[derive(Debug, Clone)]
@@ -186,11 +186,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             .hint("copy the image too and pass it with --image PATH")
             .into());
     }
-    let (img, initrd) = {
-        let (paths, tarball, assets, progress) = (paths.clone(), tarball.clone(), assets.clone(), opts.progress);
-        let agent = binaries::agent()?;
-        blocking(move || Ok((image::ensure_rootfs_image(&paths, &tarball, progress)?, initramfs::ensure_initramfs(&paths, &assets, &agent)?))).await?
-    };
+    let (img, initrd) = crate::vm::prepare_disk_and_initrd(&paths, &assets, &tarball, opts.progress).await?;
     if img.sha256 != meta.image.sha256 {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,

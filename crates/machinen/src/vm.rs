@@ -213,20 +213,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
-    // Image conversion and initramfs packing are blocking file work.
-    let (img, initrd) = {
-        let paths = paths.clone();
-        let tarball = tarball.clone();
-        let agent = binaries::agent()?;
-        let assets = assets.clone();
-        tokio::task::spawn_blocking(move || -> Result<_> {
-            let img = image::ensure_rootfs_image(&paths, &tarball, progress)?;
-            let initrd = initramfs::ensure_initramfs(&paths, &assets, &agent)?;
-            Ok((img, initrd))
-        })
-        .await
-        .map_err(|e| fail(ErrorCode::Io, "image preparation task failed").source(e))??
-    };
+    let (img, initrd) = prepare_disk_and_initrd(&paths, &assets, &tarball, progress).await?;
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
 
@@ -270,6 +257,25 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         }
     }
     Ok(vm)
+}
+
+/// The cached ext4 image of `tarball` and the initramfs for `assets`, both
+/// built once and reused (blocking file work, so off the async threads).
+pub(crate) async fn prepare_disk_and_initrd(
+    paths: &Paths,
+    assets: &assets::Assets,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<(image::CachedImage, PathBuf)> {
+    let (paths, assets, tarball) = (paths.clone(), assets.clone(), tarball.to_path_buf());
+    let agent = binaries::agent()?;
+    tokio::task::spawn_blocking(move || -> Result<_> {
+        let img = image::ensure_rootfs_image(&paths, &tarball, progress)?;
+        let initrd = initramfs::ensure_initramfs(&paths, &assets, &agent)?;
+        Ok((img, initrd))
+    })
+    .await
+    .map_err(|e| fail(ErrorCode::Io, "image preparation task failed").source(e))?
 }
 
 /// What the registry entry of a VM being started says beyond its spec.
@@ -656,24 +662,6 @@ pub struct GcReport {
     pub bytes: u64,
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.blocks() * 512;
-            }
-        }
-    }
-    total
-}
-
 /// Remove what dead VMs left behind: registry entries, sockets, logs, disk
 /// overlays, and any QEMU still running for them.
 pub fn gc(dry_run: bool) -> Result<GcReport> {
@@ -682,7 +670,7 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
     let _lock = reg.lock()?;
     let mut removed = Vec::new();
     for s in reg.stale()? {
-        let bytes = dir_bytes(&s.dir);
+        let (_, bytes) = crate::bundle::dir_usage(&s.dir);
         // A snapshot the dead VM was writing: its hidden temp bundle.
         let partial = std::fs::read_to_string(s.dir.join("snapshot.partial"))
             .ok()
