@@ -200,13 +200,23 @@ impl AgentSession {
         }
     }
 
+    /// One request on a fresh stream and its single answer, bounded in time.
+    /// An `Error` frame becomes `Err("CODE: message")`.
+    pub async fn request(&self, req: proto::Request, timeout: Duration) -> Result<proto::Response, String> {
+        let fut = async {
+            let mut s = self.open().await.map_err(|e| e.to_string())?;
+            proto::send(&mut s, &Frame::Request(req)).await.map_err(|e| e.to_string())?;
+            match proto::read_frame(&mut s).await.map_err(|e| e.to_string())? {
+                Some(Frame::Response(r)) => Ok(r),
+                Some(Frame::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        };
+        tokio::time::timeout(timeout, fut).await.map_err(|_| "the guest agent did not answer in time".to_string())?
+    }
+
     /// Ask the guest to sync and power off; true if the agent acknowledged.
     pub async fn poweroff(&self, timeout: Duration) -> bool {
-        let fut = async {
-            let mut s = self.open().await.ok()?;
-            proto::send(&mut s, &Frame::Request(proto::Request::Poweroff)).await.ok()?;
-            proto::read_frame(&mut s).await.ok()?
-        };
-        matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(Frame::Response(_))))
+        self.request(proto::Request::Poweroff, timeout).await.is_ok()
     }
 }

@@ -8,14 +8,14 @@
 //! any point leaves nothing that restore accepts and nothing `gc` cannot
 //! find. Any failure resumes the source.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use machinen::bundle::{self, BundleMeta, Builder, ImageIdentity, KernelIdentity};
 use machinen::registry;
 use machinen::spec::VmSpec;
 use machinen::ErrorCode;
-use machinen_proto::{self as proto, FixupReport, FixupRequest, Frame, Request, Response, SnapshotReport, SnapshotRequest};
+use machinen_proto::{FixupReport, FixupRequest, Request, Response, SnapshotReport, SnapshotRequest};
 
 use crate::agent::AgentSession;
 use crate::control::Shared;
@@ -60,35 +60,6 @@ fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
     StartError { code, message: message.into(), hint: None }
 }
 
-/// One request/answer exchange with the agent, bounded in time.
-async fn ask(agent: &AgentSession, req: Request, timeout: Duration) -> Result<Response, String> {
-    let fut = async {
-        let mut s = agent.open().await.map_err(|e| e.to_string())?;
-        proto::send(&mut s, &Frame::Request(req)).await.map_err(|e| e.to_string())?;
-        match proto::read_frame(&mut s).await.map_err(|e| e.to_string())? {
-            Some(Frame::Response(r)) => Ok(r),
-            Some(Frame::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
-            other => Err(format!("unexpected answer {other:?}")),
-        }
-    };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| "the guest agent did not answer in time".to_string())?
-}
-
-fn dir_sizes(dir: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let mut apparent = 0;
-    let mut on_disk = 0;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if let Ok(m) = e.metadata() {
-                apparent += m.len();
-                on_disk += m.blocks() * 512;
-            }
-        }
-    }
-    (apparent, on_disk)
-}
-
 pub async fn take(
     machine: &QemuMachine,
     shared: &Shared,
@@ -117,12 +88,12 @@ pub async fn take(
 
     // Secrets must not reach the bundle; a guest that cannot wipe them is
     // not snapshotted.
-    match ask(&agent, Request::WipeSecrets, Duration::from_secs(10)).await {
+    match agent.request(Request::WipeSecrets, Duration::from_secs(10)).await {
         Ok(Response::SecretsWiped { .. }) => {}
         Ok(other) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets: unexpected answer {other:?}"))),
         Err(e) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets in the guest failed: {e}"))),
     }
-    if let Err(e) = ask(&agent, Request::Quiesce, Duration::from_secs(30)).await {
+    if let Err(e) = agent.request(Request::Quiesce, Duration::from_secs(30)).await {
         return Err(err(ErrorCode::SnapshotDumpFailed, format!("flushing guest filesystems failed: {e}")));
     }
 
@@ -192,7 +163,7 @@ pub async fn take(
         .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("writing the bundle failed: {e}")))?;
     let _ = std::fs::remove_file(&marker);
     chain.parent = Some(finished.display().to_string());
-    let (bytes, disk_bytes) = dir_sizes(&finished);
+    let (bytes, disk_bytes) = bundle::dir_usage(&finished);
     let report = SnapshotReport {
         out: finished.display().to_string(),
         elapsed_ms: t0.elapsed().as_millis() as u64,
@@ -214,7 +185,7 @@ pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport,
     }
     let wall_clock_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let req = FixupRequest { wall_clock_ns, entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(), reset_tcp };
-    match ask(agent, Request::Fixup(req), Duration::from_secs(20)).await? {
+    match agent.request(Request::Fixup(req), Duration::from_secs(20)).await? {
         Response::FixedUp(r) => Ok(r),
         other => Err(format!("unexpected answer {other:?}")),
     }
