@@ -123,6 +123,22 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
         .collect()
 }
 
+/// One row's cells, in the column order of both tables.
+fn cells(r: &Row) -> [String; 9] {
+    let s = &r.summary;
+    [
+        r.section.to_string(),
+        r.label.to_string(),
+        r.unit.to_string(),
+        s.n.to_string(),
+        fmt_num(s.median),
+        fmt_num(s.p90),
+        fmt_num(s.min),
+        fmt_num(s.max),
+        fmt_num(s.stdev),
+    ]
+}
+
 /// The readable table.
 pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
     let mut out = String::new();
@@ -132,18 +148,9 @@ pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
         "section", "metric", "unit", "n", "median", "p90", "min", "max", "stdev"
     ));
     for r in rows {
-        let s = &r.summary;
+        let [section, label, unit, n, median, p90, min, max, stdev] = cells(r);
         out.push_str(&format!(
-            "{:<9} {:<w$} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
-            r.section,
-            r.label,
-            r.unit,
-            s.n,
-            fmt_num(s.median),
-            fmt_num(s.p90),
-            fmt_num(s.min),
-            fmt_num(s.max),
-            fmt_num(s.stdev)
+            "{section:<9} {label:<w$} {unit:>6} {n:>3} {median:>9} {p90:>9} {min:>9} {max:>9} {stdev:>8}\n"
         ));
     }
     if !ratios.is_empty() {
@@ -160,19 +167,7 @@ pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
 pub fn markdown(rows: &[Row], ratios: &[Ratio]) -> String {
     let mut out = String::from("| section | metric | unit | n | median | p90 | min | max | stdev |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
-        let s = &r.summary;
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.section,
-            r.label,
-            r.unit,
-            s.n,
-            fmt_num(s.median),
-            fmt_num(s.p90),
-            fmt_num(s.min),
-            fmt_num(s.max),
-            fmt_num(s.stdev)
-        ));
+        out.push_str(&format!("| {} |\n", cells(r).join(" | ")));
     }
     if !ratios.is_empty() {
         out.push_str("\n| ratio of medians | value |\n| --- | ---: |\n");
