@@ -6,7 +6,8 @@
 //! starts a new supervisor that loads the saved state into a fresh QEMU, on
 //! a private copy of the bundle's disk layer (the bundle is never written,
 //! so one bundle restores any number of times). `Vm::fork` is a keep-alive
-//! snapshot plus a restore under a new name.
+//! snapshot plus a restore under a new name; `Vm::fork_many` restores one
+//! snapshot several times, so the siblings share its RAM pages.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -144,6 +145,86 @@ impl Vm {
         let vm = restore(r).await?;
         Ok((vm, ForkReport { snapshot: snap, bundle_kept: kept }))
     }
+
+    /// Clone this VM `count` times (1..=[`MAX_FORKS`]) from one instant: ONE
+    /// keep-alive snapshot, restored `count` times (one after the other).
+    ///
+    /// The siblings share that one bundle: each fork's QEMU maps the
+    /// bundle's RAM file copy-on-write (a private mapping), so the guest
+    /// pages none of them has written are the same page-cache pages in all
+    /// of them, held once on the host; a page becomes private to a fork only
+    /// when that fork writes it. Separate `fork` calls write one bundle each
+    /// and share nothing. The temporary bundle (unless `opts.out_dir`) is
+    /// removed once every fork has started: the forks keep the RAM file
+    /// mapped.
+    ///
+    /// Names: `opts.new_name` `n` names the forks `n-1` … `n-count`
+    /// (exactly `n` when `count` is 1); `None` names them `<source>/<pid>`.
+    /// `opts.ports` is refused when `count > 1` (each fork would need host
+    /// ports of its own). If one restore fails, the forks already started
+    /// are stopped and the error is returned.
+    pub async fn fork_many(&self, opts: ForkOptions, count: usize) -> Result<(Vec<Vm>, ForkReport)> {
+        check_fork_many(&opts, count)?;
+        let names: Vec<Option<String>> = match &opts.new_name {
+            Some(n) if count == 1 => vec![Some(n.clone())],
+            Some(n) => (1..=count).map(|i| Some(format!("{n}-{i}"))).collect(),
+            None => vec![None; count],
+        };
+        // Refuse a bad name before pausing the source for a snapshot.
+        for n in names.iter().flatten() {
+            registry::validate_name(n)?;
+        }
+        let tmp;
+        let (bundle_dir, kept) = match &opts.out_dir {
+            Some(d) => (d.clone(), true),
+            None => {
+                // On disk, not tmpfs, as in `fork`: page cache of a disk file
+                // can be reclaimed, and it is what the siblings share.
+                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
+                (tmp.path().join("bundle"), false)
+            }
+        };
+        let snap = self.snapshot(&bundle_dir, true, Duration::from_secs(90)).await?;
+        let mut vms: Vec<Vm> = Vec::with_capacity(count);
+        for name in names {
+            let mut r = RestoreOptions::new(&bundle_dir);
+            r.name = name;
+            r.ports = opts.ports.clone();
+            r.detached = opts.detached;
+            r.reset_tcp = !opts.tcp_keep;
+            r.progress = ProgressMode::Quiet;
+            r.forked_from = Some(self.name().to_string());
+            // Written by our own supervisor a moment ago (see `fork`).
+            r.verify = false;
+            match restore(r).await {
+                Ok(vm) => vms.push(vm),
+                Err(e) => {
+                    for vm in vms {
+                        let _ = vm.stop(true, Duration::from_secs(10)).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok((vms, ForkReport { snapshot: snap, bundle_kept: kept }))
+    }
+}
+
+/// The most forks one `Vm::fork_many` call makes.
+pub const MAX_FORKS: usize = 64;
+
+/// What `Vm::fork_many` refuses before touching the source: a count outside
+/// 1..=[`MAX_FORKS`], and port forwards for more than one fork.
+pub fn check_fork_many(opts: &ForkOptions, count: usize) -> std::result::Result<(), crate::error::Failure> {
+    if !(1..=MAX_FORKS).contains(&count) {
+        return Err(fail(ErrorCode::BootArgsInvalid, format!("the number of forks must be between 1 and {MAX_FORKS}, got {count}"))
+            .hint(format!("pass a count from 1 to {MAX_FORKS}; for more, fork again from the source or from a fork")));
+    }
+    if count > 1 && !opts.ports.is_empty() {
+        return Err(fail(ErrorCode::BootArgsInvalid, format!("port forwards cannot be given to {count} forks at once: each fork would need host ports of its own"))
+            .hint("fork one at a time with its own -p, or fork without -p and reach the forks with `machinen exec`"));
+    }
+    Ok(())
 }
 
 /// Verify a bundle and check this host can resume it, without starting
