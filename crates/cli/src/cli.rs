@@ -227,11 +227,11 @@ pub struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep.")]
+#[command(after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n  machinen fork web --count 4 --new-name w --detach     w-1 .. w-4 from one snapshot\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep. --count N forks N siblings from\none snapshot: they share its unchanged memory pages (copy-on-write).")]
 pub struct ForkArgs {
     /// VM name or pid.
     pub target: String,
-    /// Name of the fork (default: <source>/<pid>).
+    /// Name of the fork (default: <source>/<pid>); with --count N > 1 the forks are NAME-1..NAME-N.
     #[arg(long)]
     pub new_name: Option<String>,
     /// Keep the intermediate bundle in this (new) directory.
@@ -240,6 +240,9 @@ pub struct ForkArgs {
     /// Keep TCP connections inherited from the source.
     #[arg(long)]
     pub tcp_keep: bool,
+    /// Make N forks from one snapshot (1-64; N > 1 needs --detach, no -p; named NAME-1..NAME-N).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub count: usize,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Return once the fork is ready and leave it running.

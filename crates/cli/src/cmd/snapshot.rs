@@ -48,14 +48,19 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// A restored or forked VM as JSON: its identity plus the time to ready.
+fn vm_json(vm: &Vm) -> serde_json::Value {
+    let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
+    v["ready_ms"] = vm.boot_ms().into();
+    v
+}
+
 /// After a restore or fork: run the command (then remove the VM), or print
 /// the VM's identity.
 async fn finish(vm: Vm, cmd: Vec<String>, process: &crate::cli::ProcessArgs, json: bool, what: &str) -> Result<i32> {
     if cmd.is_empty() {
         if json {
-            let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
-            v["ready_ms"] = vm.boot_ms().into();
-            print_json(&v);
+            print_json(&vm_json(&vm));
         } else {
             println!("{} (pid {}) {what} in {} ms", vm.name(), vm.pid(), vm.boot_ms().unwrap_or(0));
         }
@@ -123,7 +128,6 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
 
 pub async fn fork(a: ForkArgs) -> Result<i32> {
     need_command_or_detach(&a.cmd, a.detach)?;
-    let src = machinen::attach(&a.target).await?;
     let opts = ForkOptions {
         new_name: a.new_name.clone(),
         out_dir: a.out_dir.clone(),
@@ -131,11 +135,50 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         detached: a.detach,
         ports: ports(&a.publish)?,
     };
+    machinen::restore::check_fork_many(&opts, a.count)?;
+    if a.count > 1 && !a.detach {
+        return Err(fail(ErrorCode::BootArgsInvalid, format!("--count {} makes several forks: it needs --detach and no command", a.count))
+            .hint("fork with --detach, then `machinen exec NAME -- CMD` in each")
+            .into());
+    }
+    let src = machinen::attach(&a.target).await?;
     let secrets = a.secrets.parse()?;
+    if a.count > 1 {
+        return fork_siblings(&src, opts, a.count, &secrets, a.json).await;
+    }
     let (vm, report) = src.fork(opts).await?;
     supply_secrets(&vm, &secrets).await?;
     if !a.json && a.cmd.is_empty() {
         eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
     }
     finish(vm, a.cmd, &a.process, a.json, "forked").await
+}
+
+/// `fork --count N` (N > 1, detached): N siblings from one snapshot.
+async fn fork_siblings(src: &Vm, opts: ForkOptions, count: usize, secrets: &[machinen::Secret], json: bool) -> Result<i32> {
+    let (vms, report) = src.fork_many(opts, count).await?;
+    for (i, vm) in vms.iter().enumerate() {
+        if let Err(e) = supply_secrets(vm, secrets).await {
+            // That fork is gone already; do not leave its siblings half set up.
+            for (j, other) in vms.into_iter().enumerate() {
+                if j != i {
+                    let _ = other.stop(true, Duration::from_secs(10)).await;
+                }
+            }
+            return Err(e);
+        }
+    }
+    if json {
+        print_json(&vms.iter().map(vm_json).collect::<Vec<_>>());
+    } else {
+        eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
+        for vm in &vms {
+            println!("{} (pid {}) forked in {} ms", vm.name(), vm.pid(), vm.boot_ms().unwrap_or(0));
+        }
+    }
+    for vm in vms {
+        // Detached: they outlive us.
+        let _ = vm.into_info();
+    }
+    Ok(0)
 }
