@@ -353,3 +353,95 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
         env.run_ok(&["stop", "--force", vm]);
     }
 }
+
+/// The RAM file a QEMU maps: (device, inode) of every `ram.img` mapping in
+/// `/proc/<pid>/maps` (the temp bundle is gone by now: `… ram.img (deleted)`).
+fn ram_file_mappings(qemu_pid: u64) -> Vec<(String, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{qemu_pid}/maps")).expect("maps");
+    maps.lines()
+        .filter(|l| l.contains("/ram.img"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[3].to_string(), f[4].to_string())
+        })
+        .collect()
+}
+
+/// `fork --count N`: N siblings restored from ONE snapshot. Each starts from
+/// the source's memory, their writes stay apart, and their QEMUs map the
+/// same RAM file, so what none of them changed is one set of host pages.
+#[test]
+fn sibling_forks_share_one_ram_file_and_keep_apart() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "sib", "--memory", "512", "--detached", "--json"]);
+    env.run_ok(&["exec", "sib", "--", "sh", "-c", "echo from-source > /dev/shm/base"]);
+
+    let forks = env.json(&["fork", "sib", "--count", "3", "--new-name", "x", "--detach", "--json"]);
+    let forks = forks.as_array().expect("--count with --json prints an array");
+    let names: Vec<String> = forks.iter().map(|f| f["name"].as_str().expect("name").to_string()).collect();
+    assert_eq!(names, ["x-1", "x-2", "x-3"]);
+    for f in forks {
+        assert_eq!(f["forked_from"].as_str(), Some("sib"), "{f}");
+        assert!(f["ready_ms"].as_u64().is_some(), "same object as a single fork: {f}");
+        assert!(pid_alive(f["pid"].as_u64().expect("pid")));
+    }
+    let ls = env.json(&["ls", "--json"]);
+    let mut live: Vec<String> = ls.as_array().expect("ls").iter().map(|v| v["name"].as_str().expect("name").to_string()).collect();
+    live.sort();
+    assert_eq!(live, ["sib", "x-1", "x-2", "x-3"]);
+
+    // Same past, separate futures.
+    for n in &names {
+        assert_eq!(env.run_ok(&["exec", n, "--", "cat", "/dev/shm/base"]).trim(), "from-source", "{n} starts from the source's memory");
+        env.run_ok(&["exec", n, "--", "sh", "-c", &format!("echo {n} > /dev/shm/mark-{n}")]);
+    }
+    for n in names.iter().map(String::as_str).chain(["sib"]) {
+        let marks = env.run_ok(&["exec", n, "--", "sh", "-c", "cd /dev/shm && ls mark-* 2>/dev/null || true"]);
+        let expected = if n == "sib" { String::new() } else { format!("mark-{n}") };
+        assert_eq!(marks.trim(), expected, "{n} sees only its own writes");
+    }
+
+    // One bundle for all three: their QEMUs map the same RAM file (same
+    // device and inode), where separate forks would each have their own.
+    let mut files = std::collections::BTreeSet::new();
+    for f in forks {
+        let maps = ram_file_mappings(f["qemu_pid"].as_u64().expect("qemu_pid"));
+        assert!(!maps.is_empty(), "{}: QEMU maps no ram.img", f["name"]);
+        files.extend(maps);
+    }
+    assert_eq!(files.len(), 1, "the siblings map one RAM file: {files:?}");
+
+    // Text output and anonymous names: one line per fork.
+    let out = env.run_ok(&["fork", "sib", "--count", "2", "--detach"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for l in &lines {
+        assert!(l.starts_with("sib/") && l.contains(" (pid ") && l.contains(" forked in "), "{l}");
+    }
+
+    // Refused before anything starts: a host port cannot go to several forks,
+    // and the count is 1..=64.
+    for (args, what) in [
+        (&["--count", "2", "-p", "8080:80"][..], "port forwards"),
+        (&["--count", "0"][..], "between 1 and 64"),
+        (&["--count", "65"][..], "between 1 and 64"),
+    ] {
+        let mut full = vec!["fork", "sib", "--detach"];
+        full.extend_from_slice(args);
+        let out = env.run(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("BOOT_ARGS_INVALID") && err.contains(what), "{args:?}: {err}");
+    }
+    let out = env.run(&["fork", "sib", "--count", "2", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "--count 2 with a command");
+    assert_eq!(env.json(&["ls", "--json"]).as_array().map(Vec::len), Some(6), "no refused fork left a VM behind");
+
+    for vm in ls_names(&env) {
+        env.run_ok(&["stop", "--force", &vm]);
+    }
+}
+
+fn ls_names(env: &Env) -> Vec<String> {
+    env.json(&["ls", "--json"]).as_array().expect("ls").iter().map(|v| v["name"].as_str().expect("name").to_string()).collect()
+}
