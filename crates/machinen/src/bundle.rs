@@ -221,7 +221,7 @@ pub fn sparse_digest(path: &Path) -> Result<(u64, String), BundleError> {
             let off = chunk * CHUNK;
             let want = CHUNK.min(len - off) as usize;
             f.read_exact_at(&mut buf[..want], off).map_err(io(path))?;
-            if buf[..want].iter().any(|&b| b != 0) {
+            if !is_zero(&buf[..want]) {
                 h.update(off.to_be_bytes());
                 h.update(&buf[..want]);
             }
@@ -232,8 +232,23 @@ pub fn sparse_digest(path: &Path) -> Result<(u64, String), BundleError> {
     Ok((len, hex::encode(h.finalize())))
 }
 
-/// Copy a file keeping its holes, so sparse disk layers and RAM stay sparse
-/// in the bundle.
+/// Whether `b` is all zero bytes (word-wise: this runs over every page of
+/// guest RAM on snapshot and restore).
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
+}
+
+/// Granularity of the holes [`sparse_copy`] leaves for zero pages.
+const PAGE: usize = 4096;
+
+/// Copy a file keeping its holes, and making holes of its all-zero pages,
+/// so sparse disk layers and RAM stay sparse in the bundle. Zero pages are
+/// common in guest RAM (pages the guest freed or zeroed: a quarter of the
+/// allocated RAM of an idle 4 GiB guest); a hole costs neither disk nor
+/// the time to read and hash it on every restore. Both digests treat a hole
+/// and zeros alike.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
     let from = fs::File::open(src).map_err(io(src))?;
     let len = from.metadata().map_err(io(src))?.len();
@@ -245,7 +260,24 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
         while off < end {
             let want = ((end - off) as usize).min(buf.len());
             from.read_exact_at(&mut buf[..want], off).map_err(io(src))?;
-            to.write_all_at(&buf[..want], off).map_err(io(dst))?;
+            // Write each run of non-zero pages with one call.
+            let mut run: Option<usize> = None;
+            let mut at = 0;
+            while at < want {
+                let next = (at + PAGE).min(want);
+                match (is_zero(&buf[at..next]), run) {
+                    (false, None) => run = Some(at),
+                    (true, Some(start)) => {
+                        to.write_all_at(&buf[start..at], off + start as u64).map_err(io(dst))?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+                at = next;
+            }
+            if let Some(start) = run {
+                to.write_all_at(&buf[start..want], off + start as u64).map_err(io(dst))?;
+            }
             off += want as u64;
         }
     }
@@ -379,6 +411,61 @@ fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
 /// Check every file of the bundle at `dir` against its manifest and return
 /// the parsed meta. Nothing in the bundle is modified.
 pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
+    let (manifest, meta) = open_verified_meta(dir)?;
+    verify_files(dir, &manifest, &[STATE, DISK, RAM])?;
+    Ok(meta)
+}
+
+/// The first half of [`verify`]: the manifest's structure and `meta.json`
+/// (what a restore needs to start QEMU), leaving the large files to
+/// [`verify_files`], which a restore runs while QEMU loads (the guest stays
+/// paused until they pass).
+pub fn open_verified_meta(dir: &Path) -> Result<(Manifest, BundleMeta), BundleError> {
+    let manifest = read_manifest(dir)?;
+    verify_files(dir, &manifest, &[META])?;
+    Ok((manifest, read_meta(dir)?))
+}
+
+/// Check the files named in `names` (those the manifest lists) against the
+/// manifest, each on its own thread: the RAM file dominates, the others
+/// come for free beside it.
+pub fn verify_files(dir: &Path, manifest: &Manifest, names: &[&str]) -> Result<(), BundleError> {
+    let entries: Vec<&FileEntry> = manifest.files.iter().filter(|f| names.contains(&f.name.as_str())).collect();
+    std::thread::scope(|s| {
+        let checks: Vec<_> = entries.iter().map(|e| s.spawn(move || verify_entry(dir, e))).collect();
+        // Report the first failure in manifest order, so the message does not
+        // depend on which thread finished first.
+        let mut first = Ok(());
+        for c in checks {
+            let r = c.join().unwrap_or_else(|_| {
+                Err(BundleError::Corrupt { file: dir.to_path_buf(), detail: "a verification thread panicked".into() })
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+fn verify_entry(dir: &Path, entry: &FileEntry) -> Result<(), BundleError> {
+    let p = dir.join(&entry.name);
+    let (size, sha) = match entry.digest.as_deref() {
+        None | Some(DIGEST_SHA256) => hash_file(&p)?,
+        Some(DIGEST_SPARSE) => sparse_digest(&p)?,
+        Some(other) => return Err(BundleError::Corrupt { file: dir.join(MANIFEST), detail: format!("unknown digest {other:?}") }),
+    };
+    if size != entry.size {
+        return Err(BundleError::Corrupt { file: p, detail: format!("size {size}, manifest says {}", entry.size) });
+    }
+    if sha != entry.sha256 {
+        return Err(BundleError::Corrupt { file: p, detail: "sha256 does not match the manifest".into() });
+    }
+    Ok(())
+}
+
+/// `manifest.json`, checked for format, version and file list.
+fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
     let mpath = dir.join(MANIFEST);
     if !mpath.exists() {
         return Err(BundleError::NotABundle { path: dir.to_path_buf() });
@@ -396,21 +483,7 @@ pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
     if names != [META, DISK, STATE] && names != [META, RAM, DISK, STATE] {
         return Err(BundleError::Corrupt { file: mpath, detail: format!("unexpected file list {names:?}") });
     }
-    for entry in &manifest.files {
-        let p = dir.join(&entry.name);
-        let (size, sha) = match entry.digest.as_deref() {
-            None | Some(DIGEST_SHA256) => hash_file(&p)?,
-            Some(DIGEST_SPARSE) => sparse_digest(&p)?,
-            Some(other) => return Err(BundleError::Corrupt { file: mpath, detail: format!("unknown digest {other:?}") }),
-        };
-        if size != entry.size {
-            return Err(BundleError::Corrupt { file: p, detail: format!("size {size}, manifest says {}", entry.size) });
-        }
-        if sha != entry.sha256 {
-            return Err(BundleError::Corrupt { file: p, detail: "sha256 does not match the manifest".into() });
-        }
-    }
-    read_meta(dir)
+    Ok(manifest)
 }
 
 /// Parse `meta.json` without checking the files against the manifest (for
@@ -549,6 +622,38 @@ mod tests {
         let copy = tmp.path().join("copy");
         sparse_copy(&sparse, &copy).expect("copy");
         assert_eq!(sparse_digest(&copy).expect("copy").1, a);
+    }
+
+    #[test]
+    fn sparse_copy_turns_zero_pages_into_holes_and_keeps_the_bytes() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let src = tmp.path().join("dense");
+        // 64 pages of data with zero pages between, no holes in the source.
+        let mut all = vec![0u8; 64 * PAGE + 100];
+        for p in (0..64).step_by(3) {
+            all[p * PAGE + 7] = p as u8 + 1;
+        }
+        *all.last_mut().expect("tail") = 9; // a partial last page with data
+        fs::write(&src, &all).expect("write");
+        let dst = tmp.path().join("copy");
+        assert_eq!(sparse_copy(&src, &dst).expect("copy"), all.len() as u64);
+        assert_eq!(fs::read(&dst).expect("read"), all, "same bytes");
+        let data_pages = (0..64).step_by(3).count() as u64 + 1;
+        let on_disk = fs::metadata(&dst).expect("meta").blocks() * 512;
+        assert!(on_disk <= data_pages * PAGE as u64 + 64 * 1024, "zero pages left as holes: {on_disk} bytes on disk");
+        assert_eq!(sparse_digest(&dst).expect("d").1, sparse_digest(&src).expect("s").1);
+    }
+
+    #[test]
+    fn zero_check() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 13]));
+        for i in 0..13 {
+            let mut b = [0u8; 13];
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+        }
     }
 
     #[test]
