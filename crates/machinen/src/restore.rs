@@ -246,14 +246,14 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             .source(e)
             .hint("pass the directory that `machinen snapshot` wrote")
     })?;
-    let meta: BundleMeta = if opts.verify {
+    // meta.json is checked now (QEMU is started from it); the large files
+    // are checked below while QEMU loads the state, the guest paused.
+    let (manifest, meta) = if opts.verify {
         let d = bundle_dir.clone();
-        let step = opts.progress.step(format!("verifying {}", d.display()));
-        let m = blocking(move || Ok(bundle::verify(&d)?)).await?;
-        step.done("bundle verified");
-        m
+        let (m, meta) = blocking(move || Ok(bundle::open_verified_meta(&d)?)).await?;
+        (Some(m), meta)
     } else {
-        bundle::read_meta(&bundle_dir)?
+        (None, bundle::read_meta(&bundle_dir)?)
     };
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
@@ -267,7 +267,19 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             .hint("copy the image too and pass it with --image PATH")
             .into());
     }
-    let (img, initrd) = crate::vm::prepare_disk_and_initrd(&paths, &assets, &tarball, opts.progress).await?;
+    let gate = manifest.map(|m| {
+        let d = bundle_dir.clone();
+        let step = opts.progress.step(format!("verifying {}", d.display()));
+        let check = tokio::task::spawn_blocking(move || bundle::verify_files(&d, &m, &[bundle::STATE, bundle::DISK, bundle::RAM]));
+        Box::pin(async move {
+            let r = check.await.map_err(|e| fail(ErrorCode::Io, "the bundle verification task failed").source(e))?;
+            r?;
+            step.done("bundle verified");
+            Ok(())
+        }) as crate::vm::Gate
+    });
+    // The restored kernel is in the bundle's RAM: no initramfs needed.
+    let (img, _) = crate::vm::prepare_disk_and_initrd(&paths, &assets, &tarball, opts.progress, false).await?;
     if img.sha256 != meta.image.sha256 {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,
@@ -301,7 +313,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         name: opts.name.clone().unwrap_or_else(|| meta.source_name.clone()),
         dir: claim.dir.clone(),
         kernel: assets.kernel.clone(),
-        initrd,
+        initrd: PathBuf::new(),
         disk,
         base_image: img.path.clone(),
         image_sha256: Some(img.sha256.clone()),
@@ -324,6 +336,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             ram: Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists()),
             bundle: bundle_dir.clone(),
             reset_tcp: opts.reset_tcp,
+            gate: gate.is_some(),
         }),
     };
     let launch = Launch {
@@ -332,6 +345,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         forked_from: Some(opts.forked_from.clone().unwrap_or_else(|| bundle_dir.display().to_string())),
         ports: opts.ports.clone(),
         timeout: opts.boot_timeout,
+        gate,
     };
     launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await
 }

@@ -76,7 +76,7 @@ pub struct VmSpec {
 /// How to resume a VM from a bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestoreSpec {
-    /// The verified bundle directory (never written).
+    /// The bundle directory (never written).
     pub bundle: PathBuf,
     /// Reset inherited TCP connections (forks, unless `--tcp-keep`).
     pub reset_tcp: bool,
@@ -84,6 +84,10 @@ pub struct RestoreSpec {
     /// and forks of one bundle share its unchanged pages.
     #[serde(default)]
     pub ram: Option<PathBuf>,
+    /// The launcher is still verifying the bundle: load the state but keep
+    /// the guest paused until it writes `go` on the supervisor's stdin.
+    #[serde(default)]
+    pub gate: bool,
 }
 
 /// Where a fresh VM's RAM file goes: tmpfs, when it has room for the whole

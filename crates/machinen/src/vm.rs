@@ -213,7 +213,8 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
-    let (img, initrd) = prepare_disk_and_initrd(&paths, &assets, &tarball, progress).await?;
+    let (img, initrd) = prepare_disk_and_initrd(&paths, &assets, &tarball, progress, true).await?;
+    let initrd = initrd.ok_or_else(|| fail(ErrorCode::Io, "no initramfs was prepared"))?;
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
 
@@ -248,7 +249,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         let _ = reg.remove(&claim.id);
         return Err(e.into());
     }
-    let launch = Launch { name: Some(name), image: Some(tarball), forked_from: None, ports: opts.ports.clone(), timeout: opts.boot_timeout };
+    let launch = Launch { name: Some(name), image: Some(tarball), forked_from: None, ports: opts.ports.clone(), timeout: opts.boot_timeout, gate: None };
     let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await?;
     if !opts.secrets.is_empty() {
         if let Err(e) = vm.set_secrets(&opts.secrets).await {
@@ -259,19 +260,24 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     Ok(vm)
 }
 
-/// The cached ext4 image of `tarball` and the initramfs for `assets`, both
-/// built once and reused (blocking file work, so off the async threads).
+/// The cached ext4 image of `tarball` and (when `initrd`) the initramfs for
+/// `assets`, both built once and reused (blocking file work, so off the
+/// async threads).
 pub(crate) async fn prepare_disk_and_initrd(
     paths: &Paths,
     assets: &assets::Assets,
     tarball: &Path,
     progress: ProgressMode,
-) -> Result<(image::CachedImage, PathBuf)> {
+    initrd: bool,
+) -> Result<(image::CachedImage, Option<PathBuf>)> {
     let (paths, assets, tarball) = (paths.clone(), assets.clone(), tarball.to_path_buf());
-    let agent = binaries::agent()?;
+    let agent = if initrd { Some(binaries::agent()?) } else { None };
     tokio::task::spawn_blocking(move || -> Result<_> {
         let img = image::ensure_rootfs_image(&paths, &tarball, progress)?;
-        let initrd = initramfs::ensure_initramfs(&paths, &assets, &agent)?;
+        let initrd = match agent {
+            Some(agent) => Some(initramfs::ensure_initramfs(&paths, &assets, &agent)?),
+            None => None,
+        };
         Ok((img, initrd))
     })
     .await
@@ -286,7 +292,13 @@ pub(crate) struct Launch {
     pub forked_from: Option<String>,
     pub ports: Vec<registry::PortForward>,
     pub timeout: Duration,
+    /// Checks that must pass before the guest may run (a restore's bundle
+    /// verification); the supervisor holds the guest paused until then.
+    pub gate: Option<Gate>,
 }
+
+/// See [`Launch::gate`].
+pub(crate) type Gate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// Start the supervisor for `spec` (its directory claimed under `lock`, its
 /// disk in place), register it, release the lock, and wait until it is ready.
@@ -344,6 +356,14 @@ pub(crate) async fn launch_vm(
     drop(lock);
 
     let mut child = child;
+    if let Some(gate) = launch.gate {
+        if let Err(e) = open_gate(&mut child, gate, spec.detached).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let _ = reg.remove(id);
+            return Err(e);
+        }
+    }
     let ready = wait_ready(&mut child, spec, launch.timeout + Duration::from_secs(30)).await;
     match ready {
         Ok(ReadyLine::Ready { qemu_pid, accel, .. }) => {
@@ -371,6 +391,22 @@ pub(crate) async fn launch_vm(
     }
 }
 
+/// Wait for `gate`, then let the supervisor start the guest: `go` on its
+/// stdin. A detached VM's stdin is closed after that (it does not watch it);
+/// a foreground VM's stays open, as its lifeline.
+async fn open_gate(child: &mut tokio::process::Child, gate: Gate, detached: bool) -> Result<()> {
+    gate.await?;
+    let stdin = child.stdin.as_mut().ok_or_else(|| fail(ErrorCode::Io, "supervisor stdin is not a pipe"))?;
+    // A supervisor that already failed (its error is on stdout) has closed
+    // its end: `wait_ready` reports that error.
+    let _ = stdin.write_all(b"go\n").await;
+    let _ = stdin.flush().await;
+    if detached {
+        drop(child.stdin.take());
+    }
+    Ok(())
+}
+
 fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> {
     let spec_path = spec.path_in(files::SPEC);
     let bytes = serde_json::to_vec_pretty(spec).map_err(|e| fail(ErrorCode::Io, "cannot encode the VM spec").source(e))?;
@@ -381,7 +417,7 @@ fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> 
     let mut cmd = std::process::Command::new(vmm);
     cmd.arg("--spec")
         .arg(&spec_path)
-        .stdin(if spec.detached { Stdio::null() } else { Stdio::piped() })
+        .stdin(if spec.detached && !spec.restore.as_ref().is_some_and(|r| r.gate) { Stdio::null() } else { Stdio::piped() })
         .stdout(Stdio::piped())
         .stderr(log);
     // SAFETY: setsid() is async-signal-safe; it detaches the supervisor from

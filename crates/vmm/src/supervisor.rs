@@ -208,6 +208,26 @@ pub async fn run(spec: VmSpec) -> i32 {
     0
 }
 
+/// The launcher's verdict on a restore's bundle, one line on our stdin:
+/// `go` lets the guest run; anything else, or end of file (the launcher
+/// died or found the bundle corrupt), does not. Read a byte at a time so
+/// nothing after the line is taken from the foreground lifeline reader.
+async fn await_gate() -> std::io::Result<bool> {
+    let mut stdin = tokio::io::stdin();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 16 {
+        if stdin.read(&mut b).await? == 0 {
+            return Ok(false);
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(line == b"go")
+}
+
 /// Launch the engine (loading saved state when restoring) and bring up the
 /// agent session.
 async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<(QemuMachine, Capabilities), StartError> {
@@ -220,7 +240,7 @@ async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<
     let deadline = started + budget;
     if let Some(r) = &spec.restore {
         let state = r.bundle.join(machinen::bundle::STATE);
-        if let Err(e) = machine.load_state(&state, deadline).await {
+        if let Err(e) = machine.load_state(&state, deadline, !r.gate).await {
             machine.kill();
             return Err(StartError {
                 code: ErrorCode::RestoreBundleInvalid,
@@ -229,6 +249,20 @@ async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<
             });
         }
         tracing::info!("state loaded after {} ms", started.elapsed().as_millis());
+        if r.gate {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let opened = match tokio::time::timeout(remaining, await_gate()).await {
+                Ok(Ok(true)) => machine.resume().await.map_err(|e| format!("resuming the guest failed: {e}")),
+                Ok(Ok(false)) => Err("the launcher stopped the restore before the guest ran".to_string()),
+                Ok(Err(e)) => Err(format!("reading the launcher's go-ahead failed: {e}")),
+                Err(_) => Err(format!("no go-ahead from the launcher within {} ms", spec.boot_timeout_ms)),
+            };
+            if let Err(message) = opened {
+                machine.kill();
+                return Err(StartError { code: ErrorCode::RestoreBundleInvalid, message, hint: None });
+            }
+            tracing::info!("bundle verified; guest running after {} ms", started.elapsed().as_millis());
+        }
     }
     let mut sock = machine.connect_agent(Duration::from_secs(20)).await?;
     let console_err = |code, what: String, hint: &str| StartError {

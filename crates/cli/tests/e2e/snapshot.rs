@@ -195,6 +195,12 @@ fn damaged_bundles_and_interrupted_snapshots_are_refused() {
     }
     env.run_ok(&["restore", snap.to_str().expect("path"), "--dry-run"]);
     assert_eq!(env.json(&["ls", "--json"]).as_array().map(Vec::len), Some(1), "no refused restore left a VM behind");
+    // QEMU loads the state while the big files are verified, the guest
+    // paused; a refusal must not leave that QEMU running.
+    let ram_arg = format!("mem-path={}", snap.join("ram.img").display());
+    wait_until("refused restores' QEMU to exit", Duration::from_secs(10), || {
+        !std::process::Command::new("pgrep").args(["-f", &ram_arg]).status().expect("pgrep").success()
+    });
 
     // Kill the supervisor while it writes a snapshot: no bundle appears, the
     // half-written one is hidden and gc removes it.
