@@ -20,11 +20,13 @@ pub struct Config {
     pub reps: usize,
     /// Guest RAM of every VM, MiB (the touched-memory VM gets more if needed).
     pub memory_mib: u32,
-    /// How much guest memory the "touched" VM fills, MiB.
+    /// How much guest memory the "touched" VMs fill (the snapshot
+    /// section's and the memory section's source), MiB.
     pub touched_mib: u32,
     /// Bytes streamed by the throughput measurements, MiB.
     pub stream_mib: u32,
-    /// Forks next to the source in the memory section.
+    /// Forks next to the source in the memory section: once as siblings of
+    /// one snapshot (`fork_many`), once as separate `fork` calls.
     pub forks: usize,
 }
 

@@ -1,6 +1,7 @@
 //! `machinen-bench`: boots real VMs and measures boot, exec, port forwards,
-//! snapshot, restore, fork, QEMU's own savevm/loadvm and memory; prints a
-//! table and writes JSON. See `docs/performance.md`.
+//! snapshot, restore, fork, QEMU's own savevm/loadvm, memory and restore
+//! time against the memory ceiling; prints a table and writes JSON. See
+//! `docs/performance.md`.
 
 mod boot;
 mod ctx;
@@ -12,6 +13,7 @@ mod plain;
 mod ports;
 mod qemu;
 mod savevm;
+mod scale;
 mod snapshot;
 mod stats;
 
@@ -34,7 +36,8 @@ const SECTIONS: &[(&str, &str)] = &[
     ("snapshot", "snapshot time and bundle size (idle, N MiB touched), restore to ready"),
     ("fork", "fork to ready and the source's pause"),
     ("savevm", "QEMU's own savevm/loadvm of the same guest"),
-    ("memory", "PSS of one VM and of one VM plus forks"),
+    ("memory", "PSS of one VM with N MiB touched, plus sibling forks (one snapshot) or separate forks"),
+    ("scale", "restore to ready with a small vs a large memory ceiling, same memory touched"),
 ];
 
 #[derive(Parser, Debug)]
@@ -56,19 +59,19 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, snapshot, fork, savevm, memory.
+    /// exec, ports, snapshot, fork, savevm, memory, scale.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
-    /// Memory the "touched" VM fills before its snapshot, MiB (default 200; 16 with --quick).
+    /// Memory the "touched" VMs fill (snapshot and memory sections), MiB (default 200; 16 with --quick).
     #[arg(long)]
     touched_mib: Option<u32>,
     /// Bytes streamed by the throughput measurements, MiB (default 64; 4 with --quick).
     #[arg(long)]
     stream_mib: Option<u32>,
-    /// Forks next to the source in the memory section (default 4; 1 with --quick).
+    /// Forks next to the source in the memory section, as siblings and as separate forks (default 4; 2 with --quick).
     #[arg(long)]
     forks: Option<usize>,
 }
@@ -116,7 +119,7 @@ fn config(args: &Args) -> Config {
         memory_mib: args.memory,
         touched_mib: args.touched_mib.unwrap_or(if q { 16 } else { 200 }),
         stream_mib: args.stream_mib.unwrap_or(if q { 4 } else { 64 }).max(1),
-        forks: args.forks.unwrap_or(if q { 1 } else { 4 }).max(1),
+        forks: args.forks.unwrap_or(if q { 2 } else { 4 }).clamp(1, machinen::restore::MAX_FORKS),
     }
 }
 
@@ -237,6 +240,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "fork" => fork::run(ctx, sec).await,
         "savevm" => savevm::run(ctx, sec).await,
         "memory" => memory::run(ctx, sec).await,
+        "scale" => scale::run(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

@@ -113,7 +113,10 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
         ("fork_over_boot", "fork to ready / cold boot (base)", "fork.fork_to_ready_ms", "boot.cold_base_ms"),
         ("snapshot_over_savevm", "snapshot (idle) / QEMU savevm", "snapshot.idle_elapsed_ms", "savevm.savevm_ms"),
         ("restore_over_loadvm", "restore to ready (idle) / QEMU loadvm", "snapshot.restore_idle_ms", "savevm.loadvm_ms"),
-        ("pss_fork_over_vm", "PSS of one fork / PSS of one VM", "memory.pss_per_vm_with_forks_mib", "memory.pss_one_vm_mib"),
+        ("pss_fork_over_vm", "PSS of one sibling fork / PSS of one VM", "memory.pss_per_vm_with_forks_mib", "memory.pss_one_vm_mib"),
+        ("pss_total_over_one_vm", "one VM + N sibling forks / one VM (PSS; target <= 1.6)", "memory.pss_vm_plus_forks_mib", "memory.pss_one_vm_mib"),
+        ("pss_separate_total_over_one_vm", "one VM + N separate forks / one VM (PSS)", "memory.pss_vm_plus_separate_forks_mib", "memory.pss_one_vm_mib"),
+        ("restore_4g_over_512m", "restore to ready: large / small memory ceiling (target < 1.2)", "scale.restore_4g_ms", "scale.restore_512m_ms"),
     ];
     defs.iter()
         .filter_map(|(key, label, num, den)| {

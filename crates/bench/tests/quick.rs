@@ -8,7 +8,7 @@
 
 use std::process::{Command, Stdio};
 
-const SECTIONS: &[&str] = &["plain", "boot", "exec", "ports", "snapshot", "fork", "savevm", "memory"];
+const SECTIONS: &[&str] = &["plain", "boot", "exec", "ports", "snapshot", "fork", "savevm", "memory", "scale"];
 
 #[test]
 fn quick_benchmark_completes_and_writes_valid_json() {
@@ -47,10 +47,27 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         }
         assert!(r["samples"].as_array().is_some_and(|a| !a.is_empty()), "row {} has no samples", r["key"]);
     }
-    for key in ["plain.qemu_to_init_ms", "boot.cold_base_ms", "exec.latency_ms", "ports.request_ms", "snapshot.restore_idle_ms", "fork.source_paused_ms", "savevm.savevm_ms", "memory.pss_one_vm_mib"] {
+    for key in [
+        "plain.qemu_to_init_ms",
+        "boot.cold_base_ms",
+        "exec.latency_ms",
+        "ports.request_ms",
+        "snapshot.restore_idle_ms",
+        "fork.source_paused_ms",
+        "savevm.savevm_ms",
+        "memory.pss_one_vm_mib",
+        "memory.pss_vm_plus_forks_mib",
+        "memory.pss_per_vm_with_forks_mib",
+        "memory.pss_vm_plus_separate_forks_mib",
+        "scale.restore_512m_ms",
+        "scale.restore_4g_ms",
+    ] {
         assert!(rows.iter().any(|r| r["key"] == key), "row {key} missing");
     }
-    assert!(v["ratios"].as_array().is_some_and(|a| !a.is_empty()), "no ratios");
+    let ratios = v["ratios"].as_array().expect("ratios");
+    for key in ["pss_total_over_one_vm", "pss_separate_total_over_one_vm", "restore_4g_over_512m"] {
+        assert!(ratios.iter().any(|r| r["key"] == key && r["value"].is_number()), "ratio {key} missing");
+    }
     assert!(stdout.contains("median"), "no table on stdout");
     assert!(std::fs::read_to_string(&md_path).expect("markdown").starts_with("| section |"));
 }
