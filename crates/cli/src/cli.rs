@@ -166,7 +166,7 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and sha256 of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore.")]
+#[command(after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and BLAKE3 digest of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore.")]
 pub struct SnapshotArgs {
     /// VM name or pid.
     pub target: String,
