@@ -105,7 +105,15 @@ impl Vm {
             .map_err(|_| fail(ErrorCode::SnapshotTimeout, format!("no answer to the snapshot within {} s", timeout.as_secs() + 30)))?
             .map_err(|e| fail(ErrorCode::SnapshotDumpFailed, "reading the snapshot answer failed").source(e))?;
         match answer {
-            Some(Frame::Response(Response::Snapshotted(r))) => Ok(r),
+            Some(Frame::Response(Response::Snapshotted(r))) => {
+                if !keep_alive {
+                    // The bundle holds the VM now and its supervisor is on
+                    // its way out: return once it is gone, so its name and
+                    // host ports are free for the restore that usually follows.
+                    crate::vm::stop_entry(self.info(), true, Duration::from_secs(20)).await?;
+                }
+                Ok(r)
+            }
             Some(Frame::Error(e)) => {
                 let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::SnapshotDumpFailed);
                 Err(fail(code, e.message).hint("the source VM keeps running; `machinen ls` shows it").into())

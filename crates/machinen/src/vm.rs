@@ -638,7 +638,7 @@ async fn wait_gone(pid: u32, start: u64, timeout: Duration) -> bool {
     true
 }
 
-async fn stop_entry(info: &VmInfo, force: bool, timeout: Duration) -> Result<StopReport> {
+pub(crate) async fn stop_entry(info: &VmInfo, force: bool, timeout: Duration) -> Result<StopReport> {
     let t0 = std::time::Instant::now();
     let paths = Paths::from_env()?;
     let reg = Registry::new(&paths.registry);
