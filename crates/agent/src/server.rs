@@ -173,27 +173,18 @@ async fn wait_for_crng() {
 async fn await_preamble<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) -> std::io::Result<()> {
     use machinen_proto::preamble;
     use tokio::io::AsyncReadExt;
-    let mut line: Vec<u8> = Vec::with_capacity(preamble::MAX_LINE);
-    let mut overflow = false;
+    let mut lines = preamble::LineTail::default();
     let mut byte = [0u8; 1];
     loop {
         if io.read(&mut byte).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        if byte[0] == b'\n' {
-            if !overflow {
-                if let Some(nonce) = preamble::parse_hello(&line) {
-                    io.write_all(preamble::ready(nonce).as_bytes()).await?;
-                    io.flush().await?;
-                    return Ok(());
-                }
+        if let Some(line) = lines.push(byte[0]) {
+            if let Some(nonce) = preamble::hello_at_end(&line) {
+                io.write_all(preamble::ready(nonce).as_bytes()).await?;
+                io.flush().await?;
+                return Ok(());
             }
-            line.clear();
-            overflow = false;
-        } else if line.len() < preamble::MAX_LINE {
-            line.push(byte[0]);
-        } else {
-            overflow = true;
         }
     }
 }

@@ -100,6 +100,44 @@ pub mod preamble {
         (!nonce.is_empty() && nonce.len() <= 32 && nonce.bytes().all(|b| b.is_ascii_hexdigit())).then_some(nonce)
     }
 
+    /// The nonce of a hello at the end of `line` (without its newline),
+    /// after whatever else the line holds. A stale session can leave bytes
+    /// without a newline in front of a preamble line (a restored guest's
+    /// last yamux frames, say); the nonce keeps the match unambiguous.
+    pub fn hello_at_end(line: &[u8]) -> Option<&str> {
+        let at = line.windows(HELLO.len()).rposition(|w| w == HELLO.as_bytes())?;
+        parse_hello(&line[at..])
+    }
+
+    /// Whether `line` (without its newline) ends with the ready answer to
+    /// `nonce`, whatever precedes it (see [`hello_at_end`]).
+    pub fn is_ready_for(line: &[u8], nonce: &str) -> bool {
+        let want = ready(nonce);
+        line.ends_with(want.trim_end().as_bytes())
+    }
+
+    /// Splits a byte stream into lines, keeping only the last [`MAX_LINE`]
+    /// bytes or so of each (enough for a preamble line and the bytes that
+    /// may precede it), in constant memory whatever the stream holds.
+    #[derive(Debug, Default)]
+    pub struct LineTail {
+        buf: Vec<u8>,
+    }
+
+    impl LineTail {
+        /// Feed one byte; at a newline, the line's tail (without it).
+        pub fn push(&mut self, b: u8) -> Option<Vec<u8>> {
+            if b == b'\n' {
+                return Some(std::mem::take(&mut self.buf));
+            }
+            if self.buf.len() >= 2 * MAX_LINE {
+                self.buf.drain(..MAX_LINE);
+            }
+            self.buf.push(b);
+            None
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -112,6 +150,27 @@ pub mod preamble {
             assert_eq!(parse_hello(b"MACHINEN-HELLO "), None);
             assert_eq!(parse_hello(b"MACHINEN-HELLO zz"), None);
             assert_eq!(parse_hello(&[0xff; 20]), None);
+        }
+
+        /// A restored guest's stale yamux frame (no newline) in front of the
+        /// answer: seen on real restores, where an exact-line match missed it.
+        #[test]
+        fn preamble_lines_match_after_stale_bytes() {
+            let stale = [0u8, 0, 0, 4, 0, 0, 0, 0x1b, 0, 0, 0, 0];
+            let mut tail = LineTail::default();
+            let mut lines = Vec::new();
+            for b in stale.iter().chain([0xffu8; 300].iter()).chain(ready("8bf418ca").as_bytes()) {
+                lines.extend(tail.push(*b));
+            }
+            assert_eq!(lines.len(), 1);
+            assert!(is_ready_for(&lines[0], "8bf418ca"));
+            assert!(!is_ready_for(&lines[0], "8bf418cb"));
+            assert!(!is_ready_for(b"MACHINEN-READY 8bf418ca junk", "8bf418ca"));
+            let mut line = stale.to_vec();
+            line.extend_from_slice(hello("00ff").trim_end().as_bytes());
+            assert_eq!(hello_at_end(&line), Some("00ff"));
+            assert_eq!(hello_at_end(b"MACHINEN-HELLO 00ff MACHINEN-HELLO zz"), None);
+            assert_eq!(hello_at_end(b"junk"), None);
         }
     }
 }

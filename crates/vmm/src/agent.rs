@@ -66,9 +66,8 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         sock.write_all(proto::preamble::hello(&nonce).as_bytes()).await.map_err(AgentError::Preamble)?;
-        let want = proto::preamble::ready(&nonce);
         let until = (tokio::time::Instant::now() + attempt).min(deadline);
-        let mut line: Vec<u8> = Vec::new();
+        let mut lines = proto::preamble::LineTail::default();
         let found = tokio::time::timeout_at(until, async {
             let mut byte = [0u8; 1];
             loop {
@@ -79,14 +78,10 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
                 if skipped > MAX_SKIP {
                     return Err(std::io::Error::other("no session answer from the agent"));
                 }
-                if byte[0] == b'\n' {
-                    line.push(b'\n');
-                    if line == want.as_bytes() {
-                        return Ok(());
-                    }
-                    line.clear();
-                } else if line.len() < 64 {
-                    line.push(byte[0]);
+                // The answer may follow the stale session's last frame on the
+                // same "line": match its end.
+                if lines.push(byte[0]).is_some_and(|line| proto::preamble::is_ready_for(&line, &nonce)) {
+                    return Ok(());
                 }
             }
         })
