@@ -126,32 +126,9 @@ impl Vm {
     /// Clone this VM: a keep-alive snapshot restored as a new VM that starts
     /// from the same memory and disk. The source keeps running.
     pub async fn fork(&self, opts: ForkOptions) -> Result<(Vm, ForkReport)> {
-        let tmp;
-        let (bundle_dir, kept) = match &opts.out_dir {
-            Some(d) => (d.clone(), true),
-            None => {
-                // On disk, not tmpfs: the fork keeps the bundle's RAM file
-                // mapped after the directory is gone, and page cache of a
-                // disk file can be reclaimed where tmpfs pages could not.
-                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
-                (tmp.path().join("bundle"), false)
-            }
-        };
-        let snap = self.snapshot(&bundle_dir, true, Duration::from_secs(90)).await?;
-        let mut r = RestoreOptions::new(&bundle_dir);
-        r.name = opts.new_name.clone();
-        r.ports = opts.ports.clone();
-        r.detached = opts.detached;
-        r.reset_tcp = !opts.tcp_keep;
-        r.progress = ProgressMode::Quiet;
-        r.forked_from = Some(self.name().to_string());
-        // Written by our own supervisor a moment ago, never left our hands:
-        // hashing it again would only add to the fork's latency.
-        r.verify = false;
-        // The fork copies the disk layer out of the bundle, and the state is
-        // loaded before `restore` returns: a temp bundle can go right after.
-        let vm = restore(r).await?;
-        Ok((vm, ForkReport { snapshot: snap, bundle_kept: kept }))
+        let (mut vms, report) = self.fork_many(opts, 1).await?;
+        let vm = vms.pop().ok_or_else(|| fail(ErrorCode::Io, "the fork produced no VM"))?;
+        Ok((vm, report))
     }
 
     /// Clone this VM `count` times (1..=[`MAX_FORKS`]) from one instant: ONE
@@ -186,8 +163,10 @@ impl Vm {
         let (bundle_dir, kept) = match &opts.out_dir {
             Some(d) => (d.clone(), true),
             None => {
-                // On disk, not tmpfs, as in `fork`: page cache of a disk file
-                // can be reclaimed, and it is what the siblings share.
+                // On disk, not tmpfs: the forks keep the bundle's RAM file
+                // mapped after the directory is gone, and page cache of a
+                // disk file (what the siblings share) can be reclaimed where
+                // tmpfs pages could not.
                 tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
                 (tmp.path().join("bundle"), false)
             }
@@ -202,7 +181,11 @@ impl Vm {
             r.reset_tcp = !opts.tcp_keep;
             r.progress = ProgressMode::Quiet;
             r.forked_from = Some(self.name().to_string());
-            // Written by our own supervisor a moment ago (see `fork`).
+            // Written by our own supervisor a moment ago, never left our
+            // hands: hashing it again would only add to the fork's latency.
+            // Each fork copies the disk layer out of the bundle and has its
+            // state loaded before `restore` returns, so a temporary bundle
+            // can go once the last one is up.
             r.verify = false;
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
