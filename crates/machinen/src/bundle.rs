@@ -424,6 +424,20 @@ impl Builder {
         self.tmp.join(name)
     }
 
+    /// Write only `meta.json` and rename into place, unsynced: a fork's
+    /// scratch bundle, restored right away on this host without
+    /// verification and then removed. With no manifest, [`verify`] refuses
+    /// it, so it cannot pass for a bundle that was checked.
+    pub fn finish_scratch(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+        let meta_path = self.path(META);
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
+        fs::write(&meta_path, bytes).map_err(io(&meta_path))?;
+        fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
+        let dest = self.dest.clone();
+        std::mem::forget(self);
+        Ok(dest)
+    }
+
     /// Write meta and manifest, sync everything, and rename into place.
     pub fn finish(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
@@ -755,6 +769,17 @@ mod tests {
         let on_disk = fs::metadata(&dst).expect("meta").blocks() * 512;
         assert!(on_disk <= data_pages * PAGE as u64 + 64 * 1024, "zero pages left as holes: {on_disk} bytes on disk");
         assert_eq!(sparse_digest::<Blake3>(&dst).expect("d").1, sparse_digest::<Blake3>(&src).expect("s").1);
+    }
+
+    #[test]
+    fn scratch_bundles_carry_meta_but_never_verify() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let b = Builder::new(&tmp.path().join("s.snap")).expect("builder");
+        fs::write(b.path(STATE), b"devices").expect("state");
+        fs::write(b.path(DISK), b"disk").expect("disk");
+        let dest = b.finish_scratch(&meta()).expect("finish");
+        assert_eq!(read_meta(&dest).expect("meta"), meta());
+        assert!(matches!(verify(&dest), Err(BundleError::NotABundle { .. })));
     }
 
     #[test]

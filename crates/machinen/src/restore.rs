@@ -91,11 +91,17 @@ impl Vm {
     /// Write a snapshot bundle to `out` (which must not exist). Unless
     /// `keep_alive`, the VM stops once the bundle is complete.
     pub async fn snapshot(&self, out: &Path, keep_alive: bool, timeout: Duration) -> Result<SnapshotReport> {
+        self.snapshot_to(out, keep_alive, timeout, false).await
+    }
+
+    /// [`Vm::snapshot`], or with `scratch` a fork's temporary bundle (see
+    /// `SnapshotRequest::scratch`).
+    async fn snapshot_to(&self, out: &Path, keep_alive: bool, timeout: Duration, scratch: bool) -> Result<SnapshotReport> {
         let out = if out.is_absolute() { out.to_path_buf() } else { std::env::current_dir()?.join(out) };
         if out.exists() {
             return Err(bundle::BundleError::Exists { path: out }.into());
         }
-        let req = SnapshotRequest { out: out.display().to_string(), keep_alive, timeout_ms: timeout.as_millis() as u64 };
+        let req = SnapshotRequest { out: out.display().to_string(), keep_alive, timeout_ms: timeout.as_millis() as u64, scratch };
         let mut s = self.connect().await?;
         proto::send(&mut s, &Frame::Request(Request::Snapshot(req)))
             .await
@@ -171,7 +177,9 @@ impl Vm {
                 (tmp.path().join("bundle"), false)
             }
         };
-        let snap = self.snapshot(&bundle_dir, true, Duration::from_secs(90)).await?;
+        // A kept bundle (`out_dir`) is a real one; a temporary one is read
+        // once, here, and needs no digests or fsync.
+        let snap = self.snapshot_to(&bundle_dir, true, Duration::from_secs(90), !kept).await?;
         let mut vms: Vec<Vm> = Vec::with_capacity(count);
         for name in names {
             let mut r = RestoreOptions::new(&bundle_dir);

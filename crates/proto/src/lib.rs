@@ -395,6 +395,11 @@ pub struct SnapshotRequest {
     /// Upper bound on the whole snapshot, milliseconds.
     #[serde(default)]
     pub timeout_ms: u64,
+    /// A fork's temporary bundle, restored at once on this host and then
+    /// removed: written without digests, manifest or fsync (it never leaves
+    /// the page cache). Not a bundle `restore` accepts with verification.
+    #[serde(default)]
+    pub scratch: bool,
 }
 
 /// A completed snapshot.
@@ -698,7 +703,7 @@ mod tests {
             Frame::Request(Request::Connect { port: 8080 }),
             Frame::Request(Request::Quiesce),
             Frame::Request(Request::Fixup(FixupRequest { wall_clock_ns: 1, entropy_hex: "ab".into(), reset_tcp: true })),
-            Frame::Request(Request::Snapshot(SnapshotRequest { out: "/b".into(), keep_alive: true, timeout_ms: 9 })),
+            Frame::Request(Request::Snapshot(SnapshotRequest { out: "/b".into(), keep_alive: true, timeout_ms: 9, scratch: true })),
             Frame::Response(Response::Connected),
             Frame::Response(Response::Quiesced),
             Frame::Response(Response::FixedUp(FixupReport { clock_was_ns: 2, entropy_bytes: 64, tcp_reset: 1 })),

@@ -35,11 +35,14 @@ pub struct Chain {
     id: String,
     seq: u32,
     parent: Option<String>,
+    /// sha256 of the VM's kernel, hashed at the first snapshot (it does not
+    /// change while the VM lives).
+    kernel_sha: Option<String>,
 }
 
 impl Chain {
     pub fn new(spec: &VmSpec) -> Chain {
-        Chain { id: format!("{}-{:x}", spec.id, spec.created_at_ms), seq: 0, parent: None }
+        Chain { id: format!("{}-{:x}", spec.id, spec.created_at_ms), seq: 0, parent: None, kernel_sha: None }
     }
 }
 
@@ -132,9 +135,14 @@ pub async fn take(
     saved?;
 
     chain.seq += 1;
-    let kernel_sha = {
-        let k = spec.kernel.clone();
-        tokio::task::spawn_blocking(move || bundle::hash_file(&k)).await.ok().and_then(|r| r.ok()).map(|(_, h)| h).unwrap_or_default()
+    let kernel_sha = match &chain.kernel_sha {
+        Some(h) => h.clone(),
+        None => {
+            let k = spec.kernel.clone();
+            let h = tokio::task::spawn_blocking(move || bundle::hash_file(&k)).await.ok().and_then(|r| r.ok()).map(|(_, h)| h);
+            chain.kernel_sha.clone_from(&h);
+            h.unwrap_or_default()
+        }
     };
     let meta = BundleMeta {
         format: bundle::FORMAT_NAME.into(),
@@ -157,7 +165,8 @@ pub async fn take(
         chain_seq: chain.seq,
         chain_parent: chain.parent.clone(),
     };
-    let finished = tokio::task::spawn_blocking(move || builder.finish(&meta))
+    let scratch = req.scratch;
+    let finished = tokio::task::spawn_blocking(move || if scratch { builder.finish_scratch(&meta) } else { builder.finish(&meta) })
         .await
         .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
         .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("writing the bundle failed: {e}")))?;

@@ -443,6 +443,15 @@ fn sibling_forks_share_one_ram_file_and_keep_apart() {
     assert_eq!(out.status.code(), Some(2), "--count 2 with a command");
     assert_eq!(env.json(&["ls", "--json"]).as_array().map(Vec::len), Some(6), "no refused fork left a VM behind");
 
+    // A temporary fork bundle is a scratch one (no digests, no fsync); one
+    // kept with --out-dir is a full bundle that verifies and restores.
+    let kept = bundle(&env, "kept-fork");
+    env.run_ok(&["fork", "sib", "--out-dir", kept.to_str().expect("path"), "--new-name", "k", "--detach"]);
+    assert!(kept.join("manifest.json").exists(), "a kept fork bundle has its manifest");
+    env.run_ok(&["restore", kept.to_str().expect("path"), "--dry-run"]);
+    env.run_ok(&["restore", kept.to_str().expect("path"), "--name", "k2", "--detached"]);
+    assert_eq!(env.run_ok(&["exec", "k2", "--", "cat", "/dev/shm/base"]).trim(), "from-source");
+
     for vm in ls_names(&env) {
         env.run_ok(&["stop", "--force", &vm]);
     }
