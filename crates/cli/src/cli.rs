@@ -188,7 +188,7 @@ pub struct SnapshotArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime")]
+#[command(after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime\n  machinen restore ./ckpt1 --name work --own-ram --detached   to be checkpointed again\n\nBy default the VM maps the bundle's RAM copy-on-write: restores of one bundle share\nits unchanged pages, and restoring costs what the guest touches, not its memory size.\nSnapshots and forks of such a VM read its whole memory ceiling (seconds for GiBs);\n--own-ram copies the used memory into a RAM file of the VM's own instead, so they\nare as quick as for a booted VM.")]
 pub struct RestoreArgs {
     /// Snapshot bundle directory.
     #[arg(value_name = "BUNDLE")]
@@ -208,6 +208,9 @@ pub struct RestoreArgs {
     /// Reset TCP connections the guest had at snapshot time.
     #[arg(long)]
     pub tcp_reset: bool,
+    /// Copy the bundle's RAM into a file of the VM's own instead of mapping it copy-on-write (quick snapshots and forks of this VM).
+    #[arg(long)]
+    pub own_ram: bool,
     #[command(flatten)]
     pub process: ProcessArgs,
     #[command(flatten)]

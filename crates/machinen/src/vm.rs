@@ -312,9 +312,18 @@ pub(crate) async fn launch_vm(
     launch: Launch,
     t0: std::time::Instant,
 ) -> Result<Vm> {
+    // On failure: the claimed directory goes, and the RAM file a dead
+    // supervisor did not get to remove (the registry entry that would let
+    // gc find it goes with the directory).
+    let abandon = || {
+        if let Some(r) = &spec.ram_file {
+            let _ = std::fs::remove_file(r);
+        }
+        let _ = reg.remove(id);
+    };
     let control = spec.path_in(files::CONTROL);
     if control.as_os_str().len() > 107 {
-        let _ = reg.remove(id);
+        abandon();
         return Err(fail(ErrorCode::RegistryIo, format!("socket path {} is longer than unix sockets allow", control.display()))
             .hint("use a shorter MACHINEN_REGISTRY_DIR")
             .into());
@@ -322,7 +331,7 @@ pub(crate) async fn launch_vm(
     let child = match spawn_supervisor(vmm, spec) {
         Ok(c) => c,
         Err(e) => {
-            let _ = reg.remove(id);
+            abandon();
             return Err(e);
         }
     };
@@ -350,7 +359,7 @@ pub(crate) async fn launch_vm(
     };
     if let Err(e) = reg.write(&entry) {
         drop(child);
-        let _ = reg.remove(id);
+        abandon();
         return Err(e.into());
     }
     drop(lock);
@@ -360,7 +369,7 @@ pub(crate) async fn launch_vm(
         if let Err(e) = open_gate(&mut child, gate, spec.detached).await {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let _ = reg.remove(id);
+            abandon();
             return Err(e);
         }
     }
@@ -376,7 +385,7 @@ pub(crate) async fn launch_vm(
         }
         Ok(ReadyLine::Failed { code, message, hint }) => {
             let _ = child.wait().await;
-            let _ = reg.remove(id);
+            abandon();
             let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::BootEngineFailed);
             let mut f = fail(code, message);
             f.hint = hint;
@@ -385,7 +394,7 @@ pub(crate) async fn launch_vm(
         Err(e) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let _ = reg.remove(id);
+            abandon();
             Err(e)
         }
     }

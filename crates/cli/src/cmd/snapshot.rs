@@ -119,6 +119,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.detached = a.detached;
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
+    o.own_ram = a.own_ram;
     o.progress = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto };
     let secrets = a.secrets.parse()?;
     let vm = machinen::restore(o).await?;

@@ -360,6 +360,55 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
     }
 }
 
+/// `restore --own-ram`: the VM gets a shared RAM file of its own (a copy of
+/// the bundle's), so its snapshots leave RAM out of the migration stream and
+/// copy the file, like a booted VM's, instead of carrying the whole ceiling
+/// in the state as a copy-on-write restore's do.
+#[test]
+fn own_ram_restores_snapshot_like_booted_vms() {
+    let env = Env::new();
+    env.json(&["boot", "--name", "own", "--memory", "512", "--detached", "--json"]);
+    env.run_ok(&["exec", "own", "--", "sh", "-c", "echo base > /dev/shm/who"]);
+    let snap = bundle(&env, "own");
+    env.run_ok(&["snapshot", "own", snap.to_str().expect("path")]);
+    let ram_sum = sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram"));
+
+    let own = env.json(&["restore", snap.to_str().expect("path"), "--name", "own-1", "--own-ram", "--detached", "--json"]);
+    let cow = env.json(&["restore", snap.to_str().expect("path"), "--name", "cow-1", "--detached", "--json"]);
+    let maps = |v: &serde_json::Value| std::fs::read_to_string(format!("/proc/{}/maps", v["qemu_pid"].as_u64().expect("qemu_pid"))).expect("maps");
+    let own_maps = maps(&own);
+    let ram_line = own_maps.lines().find(|l| l.contains("machinen-") && l.ends_with(".ram")).unwrap_or_else(|| panic!("own RAM file mapped:\n{own_maps}"));
+    assert!(ram_line.split_whitespace().nth(1).is_some_and(|p| p.ends_with('s')), "shared mapping: {ram_line}");
+    assert!(!own_maps.contains("/ram.img"), "the bundle's RAM file is not mapped");
+    assert!(maps(&cow).contains("/ram.img"), "the default restore maps the bundle copy-on-write");
+
+    for vm in ["own-1", "cow-1"] {
+        assert_eq!(env.run_ok(&["exec", vm, "--", "cat", "/dev/shm/who"]).trim(), "base", "{vm} starts from the snapshot");
+        env.run_ok(&["exec", vm, "--", "sh", "-c", &format!("echo {vm} > /dev/shm/who")]);
+    }
+    assert_eq!(env.run_ok(&["exec", "own-1", "--", "cat", "/dev/shm/who"]).trim(), "own-1");
+    assert_eq!(env.run_ok(&["exec", "cow-1", "--", "cat", "/dev/shm/who"]).trim(), "cow-1");
+    assert_eq!(sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram")), ram_sum, "the bundle's RAM file is never written");
+
+    // Snapshots: the own-RAM VM writes ram.img and a small state; the
+    // copy-on-write one carries its RAM in the state.
+    let (s_own, s_cow) = (bundle(&env, "own-again"), bundle(&env, "cow-again"));
+    env.run_ok(&["snapshot", "own-1", s_own.to_str().expect("path"), "--keep-alive"]);
+    env.run_ok(&["snapshot", "cow-1", s_cow.to_str().expect("path"), "--keep-alive"]);
+    let state = |b: &std::path::Path| std::fs::metadata(b.join("state.vmstate")).expect("state").len();
+    assert!(s_own.join("ram.img").exists() && state(&s_own) < 32 << 20, "own RAM: RAM file, small state ({} bytes)", state(&s_own));
+    assert!(!s_cow.join("ram.img").exists() && state(&s_cow) > 32 << 20, "copy-on-write: RAM in the state ({} bytes)", state(&s_cow));
+    env.json(&["restore", s_own.to_str().expect("path"), "--name", "own-2", "--detached", "--json"]);
+    assert_eq!(env.run_ok(&["exec", "own-2", "--", "cat", "/dev/shm/who"]).trim(), "own-1", "the own-RAM VM's snapshot carries its writes");
+
+    let ram_file = format!("/{}", ram_line.split_once(" /").expect("path").1);
+    env.run_ok(&["stop", "own-1"]);
+    assert!(!std::path::Path::new(&ram_file).exists(), "stopping removes the VM's own RAM file {ram_file}");
+    for vm in ["own-2", "cow-1"] {
+        env.run_ok(&["stop", "--force", vm]);
+    }
+}
+
 /// The RAM file a QEMU maps: (device, inode) of every `ram.img` mapping in
 /// `/proc/<pid>/maps` (the temp bundle is gone by now: `… ram.img (deleted)`).
 fn ram_file_mappings(qemu_pid: u64) -> Vec<(String, String)> {

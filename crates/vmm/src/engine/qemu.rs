@@ -99,12 +99,13 @@ impl QemuEngine {
             // Always a backend named "ram": the RAM block's name must match
             // between a snapshot's source and the VM that restores it.
             "-object".into(),
-            match (&spec.restore, &spec.ram_file) {
+            match (spec.restore.as_ref().and_then(|r| r.ram.as_ref()), &spec.ram_file) {
                 // Copy-on-write over the bundle's RAM file: pages load on
                 // first touch and stay shared between restores and forks.
-                (Some(machinen::spec::RestoreSpec { ram: Some(ram), .. }), _) => {
+                (Some(ram), _) => {
                     format!("memory-backend-file,id=ram,size={}M,mem-path={},share=off", spec.memory_mib, ram.display())
                 }
+                // A booted VM's RAM file, or a restored VM's own copy.
                 (None, Some(file)) => {
                     format!("memory-backend-file,id=ram,size={}M,mem-path={},share=on", spec.memory_mib, file.display())
                 }
