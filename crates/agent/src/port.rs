@@ -96,15 +96,17 @@ pub async fn serve_port(path: &Path, ctx: Arc<Ctx>) {
 /// Serve the host over an open port (anything with the port's semantics:
 /// `POLLHUP` while no host is connected), one session per connection.
 pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
-    let mut first = true;
+    let mut last: Option<Instant> = None;
     serve_sessions(
         || {
-            let was_first = std::mem::replace(&mut first, false);
+            // A session that failed on garbage right after it started, while
+            // the host stays connected, must not spin. One that lasted (a
+            // restored guest's, broken by its new host) is followed at once:
+            // the new host's hello is already waiting.
+            let quick = last.replace(Instant::now()).is_some_and(|t| t.elapsed() < Duration::from_secs(1));
             let port = &port;
             async move {
-                if !was_first {
-                    // A session that failed on garbage while the host stays
-                    // connected must not spin.
+                if quick {
                     tokio::time::sleep(RECONNECT_POLL).await;
                 }
                 loop {

@@ -80,6 +80,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// thereby skipped on both sides. An agent whose yamux session fails goes
 /// back to scanning for a preamble.
 pub mod preamble {
+    /// Sent by a host before its hello to a guest that may still be inside
+    /// an earlier session (a restored one): no yamux peer accepts it as a
+    /// frame header (version 0xff), so the stale session fails, and the
+    /// newline ends the junk line for an agent already scanning for a hello.
+    /// yamux reads a frame header exactly (12 bytes), so the hello sent right
+    /// behind the break stays unread for the agent's next preamble scan.
+    pub const BREAK: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\n";
+
     pub const HELLO: &str = "MACHINEN-HELLO ";
     pub const READY: &str = "MACHINEN-READY ";
     /// Longest line a scanner keeps (longer lines cannot be a preamble).

@@ -34,13 +34,6 @@ pub enum AgentError {
     NoAnswer,
 }
 
-/// Bytes that no yamux peer accepts as a frame header (version 0xff): sent
-/// before a session preamble so that an agent still inside a stale session
-/// (a restored guest) drops it and goes back to looking for a preamble. The
-/// newline ends the junk line, so an agent already scanning reads the
-/// preamble that follows as a line of its own.
-const BREAK: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\n";
-
 /// How much stale output from an earlier session we skip while looking
 /// for the agent's answer to the preamble.
 const MAX_SKIP: usize = 64 << 20;
@@ -52,20 +45,22 @@ const MAX_SKIP: usize = 64 << 20;
 /// it and attempts are retried every `attempt` until `budget` runs out.
 pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> Result<(), AgentError> {
     let deadline = tokio::time::Instant::now() + budget;
-    // A resumed agent usually drops its stale session within a few tens of
-    // milliseconds, but may swallow the first preamble doing so: retry
-    // soon, then back off.
+    // A resumed agent usually drops its stale session and answers within a
+    // few tens of milliseconds; a stale session in the middle of a frame
+    // body takes the break and hello as payload, though: retry soon (a new
+    // break completes the body or fails the next header), then back off.
     let mut attempt = if resume { Duration::from_millis(150) } else { budget };
     let mut skipped = 0usize;
     loop {
         let nonce = format!("{:016x}", rand_u64());
+        let mut out = Vec::new();
         if resume {
-            sock.write_all(BREAK).await.map_err(AgentError::Preamble)?;
-            // Give the agent time to fail its stale session before the
-            // preamble arrives, so the preamble is not swallowed by it.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Break the stale session; the hello right behind it is left
+            // for the agent's preamble scan (see `preamble::BREAK`).
+            out.extend_from_slice(proto::preamble::BREAK);
         }
-        sock.write_all(proto::preamble::hello(&nonce).as_bytes()).await.map_err(AgentError::Preamble)?;
+        out.extend_from_slice(proto::preamble::hello(&nonce).as_bytes());
+        sock.write_all(&out).await.map_err(AgentError::Preamble)?;
         let until = (tokio::time::Instant::now() + attempt).min(deadline);
         let mut lines = proto::preamble::LineTail::default();
         let found = tokio::time::timeout_at(until, async {

@@ -550,3 +550,47 @@ async fn a_new_session_follows_a_closed_transport() {
     second.disconnect();
     tokio::time::timeout(Duration::from_secs(5), server).await.expect("server ends").expect("join");
 }
+
+/// A restored guest's agent is still inside the session of the host that
+/// took the snapshot. The new host sends a break and its hello in one write;
+/// the stale yamux session reads both before failing on the break, and the
+/// hello must not be lost with it: the agent answers it with no second try.
+#[tokio::test]
+async fn a_hello_right_behind_a_break_is_answered_after_the_stale_session() {
+    use machinen_proto::preamble;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ctx, _) = test_ctx();
+    let (host, guest) = std::os::unix::net::UnixStream::pair().expect("pair");
+    host.set_nonblocking(true).expect("nonblocking");
+    guest.set_nonblocking(true).expect("nonblocking");
+    // Like the virtio port: every session gets the same connection anew.
+    let guest = Arc::new(guest);
+    let server = tokio::spawn(serve_sessions(
+        move || {
+            let g = guest.clone();
+            async move { tokio::net::UnixStream::from_std(g.try_clone().ok()?).ok() }
+        },
+        ctx,
+    ));
+    let mut host = tokio::net::UnixStream::from_std(host).expect("tokio stream");
+    async fn answered(host: &mut tokio::net::UnixStream, nonce: &str) {
+        let mut lines = preamble::LineTail::default();
+        let mut b = [0u8; 1];
+        loop {
+            assert_eq!(host.read(&mut b).await.expect("read"), 1, "agent hung up");
+            if lines.push(b[0]).is_some_and(|l| preamble::is_ready_for(&l, nonce)) {
+                return;
+            }
+        }
+    }
+    host.write_all(preamble::hello("01").as_bytes()).await.expect("hello 1");
+    tokio::time::timeout(Duration::from_secs(10), answered(&mut host, "01")).await.expect("first session");
+    // The agent now serves yamux; the "restored" host breaks it.
+    let mut out = preamble::BREAK.to_vec();
+    out.extend_from_slice(preamble::hello("02").as_bytes());
+    host.write_all(&out).await.expect("break + hello 2");
+    tokio::time::timeout(Duration::from_secs(5), answered(&mut host, "02"))
+        .await
+        .expect("the hello behind the break is answered without a retry");
+    server.abort();
+}
