@@ -675,6 +675,21 @@ mod tests {
     }
 
     #[test]
+    fn newer_format_versions_are_refused_with_a_clear_message() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = make(tmp.path());
+        let mpath = dest.join(MANIFEST);
+        let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&mpath).expect("read")).expect("json");
+        m["version"] = (FORMAT_VERSION + 1).into();
+        fs::write(&mpath, serde_json::to_vec(&m).expect("json")).expect("write");
+        let err = verify(&dest).expect_err("newer format");
+        assert!(matches!(err, BundleError::Version { found, .. } if found == FORMAT_VERSION + 1), "{err}");
+        assert_eq!(err.code(), ErrorCode::RestoreBundleInvalid);
+        assert!(err.to_string().contains(&format!("version {}", FORMAT_VERSION + 1)), "{err}");
+        assert!(err.hint().is_some_and(|h| h.contains("machinen version that wrote it")));
+    }
+
+    #[test]
     fn missing_files_existing_destination_and_abandoned_builds() {
         let tmp = tempfile::tempdir().expect("tmp");
         assert!(matches!(verify(tmp.path()), Err(BundleError::NotABundle { .. })));
