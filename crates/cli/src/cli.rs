@@ -243,6 +243,9 @@ pub struct ForkArgs {
     /// Keep TCP connections inherited from the source.
     #[arg(long)]
     pub tcp_keep: bool,
+    /// Give the fork its own copy of the RAM instead of sharing the snapshot's copy-on-write (quick to snapshot or fork again).
+    #[arg(long)]
+    pub own_ram: bool,
     /// Make N forks from one snapshot (1-64; N > 1 needs --detach, no -p; named NAME-1..NAME-N).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub count: usize,

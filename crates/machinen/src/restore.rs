@@ -51,7 +51,9 @@ pub struct RestoreOptions {
     /// forks *of this VM* are as quick as of a booted one: QEMU cannot
     /// leave a copy-on-write mapping out of its migration stream, and reads
     /// the whole memory ceiling instead. For VMs that will be checkpointed
-    /// again. No effect on bundles of format 1 (RAM inside the state).
+    /// again. Needs a bundle with `ram.img` (one of a VM whose RAM was a
+    /// file of its own: booted, or restored or forked with `own_ram`);
+    /// refused for a bundle that carries RAM inside the state.
     pub own_ram: bool,
 }
 
@@ -84,6 +86,10 @@ pub struct ForkOptions {
     pub detached: bool,
     /// Port forwards of the fork (the source's are not inherited).
     pub ports: Vec<PortForward>,
+    /// Give each fork its own copy of the RAM (see
+    /// [`RestoreOptions::own_ram`]): no sharing, but the fork can be
+    /// snapshotted or forked again as quickly as a booted VM.
+    pub own_ram: bool,
 }
 
 /// What `fork` did.
@@ -205,6 +211,7 @@ impl Vm {
             // state loaded before `restore` returns, so a temporary bundle
             // can go once the last one is up.
             r.verify = false;
+            r.own_ram = opts.own_ram;
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
                 Err(e) => {
@@ -320,6 +327,12 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
                     .into());
             }
         },
+        (None, true) => {
+            let _ = reg.remove(&claim.id);
+            return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")
+                .hint("snapshots of booted VMs, and of VMs restored or forked with --own-ram, have ram.img; go without --own-ram here")
+                .into());
+        }
         _ => None,
     };
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];

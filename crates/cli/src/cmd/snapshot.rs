@@ -135,6 +135,7 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         tcp_keep: a.tcp_keep,
         detached: a.detach,
         ports: ports(&a.publish)?,
+        own_ram: a.own_ram,
     };
     machinen::restore::check_fork_many(&opts, a.count)?;
     if a.count > 1 && !a.detach {

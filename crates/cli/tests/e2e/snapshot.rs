@@ -401,10 +401,22 @@ fn own_ram_restores_snapshot_like_booted_vms() {
     env.json(&["restore", s_own.to_str().expect("path"), "--name", "own-2", "--detached", "--json"]);
     assert_eq!(env.run_ok(&["exec", "own-2", "--", "cat", "/dev/shm/who"]).trim(), "own-1", "the own-RAM VM's snapshot carries its writes");
 
+    // Forks likewise: `fork --own-ram` makes a fork that forks quickly in turn.
+    env.run_ok(&["fork", "own-1", "--own-ram", "--new-name", "own-f", "--detach"]);
+    let again = bundle(&env, "own-f-fork");
+    env.run_ok(&["fork", "own-f", "--out-dir", again.to_str().expect("path"), "--new-name", "own-ff", "--detach"]);
+    assert!(again.join("ram.img").exists() && state(&again) < 32 << 20, "a fork of an own-RAM fork takes the fast path");
+    assert_eq!(env.run_ok(&["exec", "own-ff", "--", "cat", "/dev/shm/who"]).trim(), "own-1");
+    // A bundle with RAM inside the state cannot give a VM its own RAM file.
+    let out = env.run(&["restore", s_cow.to_str().expect("path"), "--own-ram", "--detached"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("BOOT_ARGS_INVALID") && err.contains("ram.img"), "{err}");
+
     let ram_file = format!("/{}", ram_line.split_once(" /").expect("path").1);
     env.run_ok(&["stop", "own-1"]);
     assert!(!std::path::Path::new(&ram_file).exists(), "stopping removes the VM's own RAM file {ram_file}");
-    for vm in ["own-2", "cow-1"] {
+    for vm in ["own-ff", "own-f", "own-2", "cow-1"] {
         env.run_ok(&["stop", "--force", vm]);
     }
 }
