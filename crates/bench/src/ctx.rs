@@ -52,6 +52,16 @@ impl Ctx {
         }
     }
 
+    /// Restore `bundle` as `name`, quietly, with the boot timeout of
+    /// [`Ctx::boot_options`].
+    pub async fn restore(&self, bundle: &std::path::Path, name: &str) -> Result<Vm> {
+        let mut opts = machinen::RestoreOptions::new(bundle);
+        opts.name = Some(name.to_string());
+        opts.progress = ProgressMode::Quiet;
+        opts.boot_timeout = self.boot_options(name).boot_timeout;
+        machinen::restore(opts).await.with_context(|| format!("restoring {}", bundle.display()))
+    }
+
     pub async fn boot(&self, name: &str) -> Result<Vm> {
         machinen::boot(self.boot_options(name)).await.with_context(|| format!("booting {name}"))
     }
@@ -65,6 +75,9 @@ impl Ctx {
         self.work.join(name)
     }
 }
+
+/// Upper bound on one snapshot in the benchmark (a large, busy guest).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Stop at once (no data to keep).
 pub async fn stop(vm: Vm) -> Result<()> {

@@ -4,16 +4,11 @@
 //! bundle is restored `runs` times (alternating) to agent-ready.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use machinen::progress::ProgressMode;
-use machinen::RestoreOptions;
 
-use crate::ctx::{sh, stop, Ctx};
+use crate::ctx::{sh, stop, Ctx, SNAPSHOT_TIMEOUT};
 use crate::stats::{mib, Section};
-
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// (small ceiling, large ceiling, touched), MiB.
 fn sizes(quick: bool) -> (u32, u32, u32) {
@@ -47,12 +42,8 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     for i in 0..ctx.cfg.runs {
         // Alternate, so drift on a shared host hits both alike.
         for (j, ((key, mem), bundle)) in cases.iter().zip(&bundles).enumerate() {
-            let mut opts = RestoreOptions::new(bundle);
-            opts.name = Some(format!("scale-{key}-{i}"));
-            opts.progress = ProgressMode::Quiet;
-            opts.boot_timeout = Duration::from_secs(180);
             let t = std::time::Instant::now();
-            let vm = machinen::restore(opts).await.with_context(|| format!("restoring the {} VM", ceiling(*mem)))?;
+            let vm = ctx.restore(bundle, &format!("scale-{key}-{i}")).await.with_context(|| format!("restoring the {} VM", ceiling(*mem)))?;
             samples[j].push(vm.boot_ms().map(|v| v as f64).unwrap_or_else(|| crate::stats::ms(t)));
             stop(vm).await?;
         }

@@ -2,16 +2,14 @@
 //! memory: time, pause, bundle size; then restore-to-ready from both.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use machinen::progress::ProgressMode;
-use machinen::{RestoreOptions, Vm};
+use machinen::Vm;
 
-use crate::ctx::{sh, stop, Ctx};
+use crate::ctx::{sh, stop, Ctx, SNAPSHOT_TIMEOUT};
 use crate::stats::{mib, ms, Section};
 
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let idle = ctx.boot("idle").await?;
@@ -68,12 +66,8 @@ async fn snapshots(ctx: &Ctx, vm: &Vm, sec: &mut Section, key: &str, what: &str)
 async fn restores(ctx: &Ctx, bundle: &Path, sec: &mut Section, key: &str, what: &str) -> Result<()> {
     let mut samples = Vec::new();
     for i in 0..ctx.cfg.runs {
-        let mut opts = RestoreOptions::new(bundle);
-        opts.name = Some(format!("r-{key}-{i}"));
-        opts.progress = ProgressMode::Quiet;
-        opts.boot_timeout = Duration::from_secs(180);
         let t = Instant::now();
-        let vm = machinen::restore(opts).await.with_context(|| format!("restoring the {what}"))?;
+        let vm = ctx.restore(bundle, &format!("r-{key}-{i}")).await.with_context(|| format!("restoring the {what}"))?;
         samples.push(ms(t));
         // Ready means the agent answers: prove it.
         let r = sh(&vm, "true").await;
