@@ -295,7 +295,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }) as crate::vm::Gate
     });
     // The restored kernel is in the bundle's RAM: no initramfs needed.
-    let (img, _) = crate::vm::prepare_disk_and_initrd(&paths, &assets, &tarball, opts.progress, false).await?;
+    let img = crate::vm::prepare_disk(&paths, &tarball, opts.progress).await?;
     if img.sha256 != meta.image.sha256 {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,

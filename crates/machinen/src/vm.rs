@@ -213,8 +213,13 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
-    let (img, initrd) = prepare_disk_and_initrd(&paths, &assets, &tarball, progress, true).await?;
-    let initrd = initrd.ok_or_else(|| fail(ErrorCode::Io, "no initramfs was prepared"))?;
+    let img = prepare_disk(&paths, &tarball, progress).await?;
+    let initrd = {
+        let (paths, assets, agent) = (paths.clone(), assets.clone(), binaries::agent()?);
+        tokio::task::spawn_blocking(move || initramfs::ensure_initramfs(&paths, &assets, &agent))
+            .await
+            .map_err(|e| fail(ErrorCode::Io, "initramfs preparation task failed").source(e))??
+    };
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
 
@@ -260,28 +265,14 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     Ok(vm)
 }
 
-/// The cached ext4 image of `tarball` and (when `initrd`) the initramfs for
-/// `assets`, both built once and reused (blocking file work, so off the
-/// async threads).
-pub(crate) async fn prepare_disk_and_initrd(
-    paths: &Paths,
-    assets: &assets::Assets,
-    tarball: &Path,
-    progress: ProgressMode,
-    initrd: bool,
-) -> Result<(image::CachedImage, Option<PathBuf>)> {
-    let (paths, assets, tarball) = (paths.clone(), assets.clone(), tarball.to_path_buf());
-    let agent = if initrd { Some(binaries::agent()?) } else { None };
-    tokio::task::spawn_blocking(move || -> Result<_> {
-        let img = image::ensure_rootfs_image(&paths, &tarball, progress)?;
-        let initrd = match agent {
-            Some(agent) => Some(initramfs::ensure_initramfs(&paths, &assets, &agent)?),
-            None => None,
-        };
-        Ok((img, initrd))
-    })
-    .await
-    .map_err(|e| fail(ErrorCode::Io, "image preparation task failed").source(e))?
+/// The cached ext4 image of `tarball`, built once and reused (blocking file
+/// work, so off the async threads); boot and restore both start from it.
+pub(crate) async fn prepare_disk(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<image::CachedImage> {
+    let (paths, tarball) = (paths.clone(), tarball.to_path_buf());
+    tokio::task::spawn_blocking(move || image::ensure_rootfs_image(&paths, &tarball, progress))
+        .await
+        .map_err(|e| fail(ErrorCode::Io, "image preparation task failed").source(e))?
+        .map_err(Into::into)
 }
 
 /// What the registry entry of a VM being started says beyond its spec.
