@@ -216,6 +216,9 @@ fn damaged_bundles_and_interrupted_snapshots_are_refused() {
     let pid = info["pid"].as_u64().expect("pid");
     std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
     let _ = snapper.wait();
+    // The snapshot client sees the connection drop while the supervisor is
+    // still exiting; gc only cleans up after a dead one.
+    wait_until("the killed supervisor to be gone", Duration::from_secs(10), || !pid_alive(pid));
     assert!(!out.exists(), "no bundle under the requested name");
     let err = env.run(&["restore", out.to_str().expect("path"), "--detached"]);
     assert_eq!(err.status.code(), Some(125));
