@@ -22,7 +22,10 @@ impl BootConfig {
 
 fn truthy(v: Option<&str>) -> bool {
     // A bare `machinen.net` counts as on, like kernel boolean parameters.
-    matches!(v, None | Some("1") | Some("y") | Some("yes") | Some("on") | Some("true"))
+    matches!(
+        v,
+        None | Some("1") | Some("y") | Some("yes") | Some("on") | Some("true")
+    )
 }
 
 /// A hostname is used only if it is a valid one (RFC 1123 labels, at most
@@ -36,7 +39,9 @@ pub fn valid_hostname(name: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -98,10 +103,15 @@ mod tests {
 
     #[test]
     fn parses_our_keys() {
-        let c = parse("console=ttyS0 quiet machinen.net=1 machinen.hostname=web-1 machinen.debug=1\n");
+        let c =
+            parse("console=ttyS0 quiet machinen.net=1 machinen.hostname=web-1 machinen.debug=1\n");
         assert_eq!(
             c,
-            BootConfig { net: true, hostname: Some("web-1".into()), debug: true }
+            BootConfig {
+                net: true,
+                hostname: Some("web-1".into()),
+                debug: true
+            }
         );
         assert_eq!(c.hostname(), "web-1");
     }
@@ -134,7 +144,10 @@ mod tests {
         let c = parse("foo=\"a b c\" machinen.hostname=\"box\" machinen.debug=1");
         assert_eq!(c.hostname.as_deref(), Some("box"));
         assert!(c.debug);
-        assert_eq!(words("a=\"x y\"  b"), vec!["a=x y".to_string(), "b".to_string()]);
+        assert_eq!(
+            words("a=\"x y\"  b"),
+            vec!["a=x y".to_string(), "b".to_string()]
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use machinen_proto::{ExecRequest, ExitStatus, Frame, MAX_CHUNK, WinSize, WireError, read_frame, send};
+use machinen_proto::{
+    read_frame, send, ExecRequest, ExitStatus, Frame, WinSize, WireError, MAX_CHUNK,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
@@ -49,11 +51,18 @@ pub mod code {
 }
 
 fn wire_error(code: &str, message: impl Into<String>) -> WireError {
-    WireError { code: code.to_owned(), message: message.into() }
+    WireError {
+        code: code.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// The environment of an exec: defaults, then the request's variables.
-pub fn build_env(req_env: &[(String, String)], hostname: &str, tty: bool) -> BTreeMap<String, String> {
+pub fn build_env(
+    req_env: &[(String, String)],
+    hostname: &str,
+    tty: bool,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_owned(), DEFAULT_PATH.to_owned());
     env.insert("HOME".to_owned(), "/root".to_owned());
@@ -102,7 +111,11 @@ pub fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Resolved {
     let mut not_exec = None;
     for dir in path_var.split(':') {
         // An empty PATH entry means the current directory.
-        let dir = if dir.is_empty() { cwd.to_path_buf() } else { cwd.join(dir) };
+        let dir = if dir.is_empty() {
+            cwd.to_path_buf()
+        } else {
+            cwd.join(dir)
+        };
         let p = dir.join(argv0);
         match is_executable_file(&p) {
             Some(true) => return Resolved::Found(p),
@@ -135,18 +148,27 @@ struct Spawned {
 }
 
 fn set_winsize(fd: i32, ws: WinSize) -> io::Result<()> {
-    let w = libc::winsize { ws_row: ws.rows, ws_col: ws.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let w = libc::winsize {
+        ws_row: ws.rows,
+        ws_col: ws.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which
     // points to a live, initialised local; `fd` is an open descriptor owned
     // by the caller for the duration of the call.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &w as *const libc::winsize) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// A new pty pair, both ends close-on-exec (the child gets the slave through
 /// `dup2`, which clears the flag on the copies).
 fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
-    use nix::fcntl::{OFlag, open};
+    use nix::fcntl::{open, OFlag};
     use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
     use nix::sys::stat::Mode;
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
@@ -156,7 +178,11 @@ fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: `into_raw_fd` gives up ownership of an open descriptor, which
     // the new OwnedFd takes over; nothing else refers to it.
     let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
-    let raw = open(name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let raw = open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     // SAFETY: `open` just returned this descriptor; we are its only owner.
     let slave = unsafe { OwnedFd::from_raw_fd(raw) };
     if let Some(ws) = winsize {
@@ -173,16 +199,27 @@ fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(wire_error(code::SPAWN_FAILED, format!("cwd {}: not a directory", cwd.display())));
+            return Err(wire_error(
+                code::SPAWN_FAILED,
+                format!("cwd {}: not a directory", cwd.display()),
+            ));
         }
-        Err(e) => return Err(wire_error(code::SPAWN_FAILED, format!("cwd {}: {e}", cwd.display()))),
+        Err(e) => {
+            return Err(wire_error(
+                code::SPAWN_FAILED,
+                format!("cwd {}: {e}", cwd.display()),
+            ))
+        }
     }
     let env = build_env(&req.env, hostname, req.tty);
     let path_var = env.get("PATH").map(String::as_str).unwrap_or("");
     let program = match resolve_program(argv0, path_var, &cwd) {
         Resolved::Found(p) => p,
         Resolved::NotFound if argv0.contains('/') => {
-            return Err(wire_error(code::COMMAND_NOT_FOUND, format!("{argv0}: no such file or directory")));
+            return Err(wire_error(
+                code::COMMAND_NOT_FOUND,
+                format!("{argv0}: no such file or directory"),
+            ));
         }
         Resolved::NotFound => {
             return Err(wire_error(
@@ -193,21 +230,31 @@ fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
         Resolved::NotExecutable(p) => {
             return Err(wire_error(
                 code::SPAWN_FAILED,
-                format!("{argv0}: {} is not an executable file (permission denied)", p.display()),
+                format!(
+                    "{argv0}: {} is not an executable file (permission denied)",
+                    p.display()
+                ),
             ));
         }
     };
 
     let spawn_err = |e: io::Error| wire_error(code::SPAWN_FAILED, format!("{argv0}: {e}"));
     let mut cmd = Command::new(&program);
-    cmd.arg0(argv0).args(&req.argv[1..]).env_clear().envs(&env).current_dir(&cwd);
+    cmd.arg0(argv0)
+        .args(&req.argv[1..])
+        .env_clear()
+        .envs(&env)
+        .current_dir(&cwd);
 
     let mut master = None;
     if req.tty {
-        let (m, slave) = open_pty(req.winsize).map_err(|e| spawn_err(io::Error::other(format!("openpty: {e}"))))?;
+        let (m, slave) = open_pty(req.winsize)
+            .map_err(|e| spawn_err(io::Error::other(format!("openpty: {e}"))))?;
         let s2 = slave.try_clone().map_err(spawn_err)?;
         let s3 = slave.try_clone().map_err(spawn_err)?;
-        cmd.stdin(Stdio::from(slave)).stdout(Stdio::from(s2)).stderr(Stdio::from(s3));
+        cmd.stdin(Stdio::from(slave))
+            .stdout(Stdio::from(s2))
+            .stderr(Stdio::from(s3));
         // SAFETY: runs in the forked child before exec; it only makes
         // async-signal-safe system calls (setsid, ioctl) and allocates
         // nothing (io::Error from an errno is not boxed).
@@ -224,7 +271,9 @@ fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
         }
         master = Some(m);
     } else {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: runs in the forked child before exec; setsid is
         // async-signal-safe and nothing is allocated.
         unsafe {
@@ -242,7 +291,12 @@ fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
     let pid = child.id();
     debug!("exec pid {pid}: {:?}", req.argv);
 
-    let wrap_err = |e: io::Error| wire_error(code::SPAWN_FAILED, format!("{argv0}: i/o setup after spawn: {e}"));
+    let wrap_err = |e: io::Error| {
+        wire_error(
+            code::SPAWN_FAILED,
+            format!("{argv0}: i/o setup after spawn: {e}"),
+        )
+    };
     if let Some(m) = master {
         let io = FdIo::pty_master(m).map_err(wrap_err)?;
         return Ok(Spawned {
@@ -254,8 +308,13 @@ fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
             pty: Some(io),
         });
     }
-    let (Some(sin), Some(sout), Some(serr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
-        return Err(wire_error(code::SPAWN_FAILED, "child pipes missing after spawn"));
+    let (Some(sin), Some(sout), Some(serr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(wire_error(
+            code::SPAWN_FAILED,
+            "child pipes missing after spawn",
+        ));
     };
     let sin = pipe::Sender::from_owned_fd(OwnedFd::from(sin)).map_err(wrap_err)?;
     let sout = pipe::Receiver::from_owned_fd(OwnedFd::from(sout)).map_err(wrap_err)?;
@@ -293,7 +352,8 @@ where
         connected = false;
     }
     let input = tokio::spawn(input_loop(rd, sp.stdin, pid, sp.pty));
-    let (status, connected) = pump_output(&mut wr, connected, pid, sp.stdout, sp.stderr, sp.exit).await;
+    let (status, connected) =
+        pump_output(&mut wr, connected, pid, sp.stdout, sp.stderr, sp.exit).await;
     input.abort();
     debug!("exec pid {pid}: done, {status:?}");
     if connected {
@@ -306,7 +366,12 @@ where
 
 /// Frames from the host: stdin data, EOF, signals, resizes. Ends when the
 /// stream does (then the child's stdin is closed).
-async fn input_loop<R: AsyncRead + Unpin>(mut rd: R, mut stdin: StdinSink, pid: u32, pty: Option<FdIo>) {
+async fn input_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    mut stdin: StdinSink,
+    pid: u32,
+    pty: Option<FdIo>,
+) {
     loop {
         let frame = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
@@ -351,7 +416,10 @@ async fn input_loop<R: AsyncRead + Unpin>(mut rd: R, mut stdin: StdinSink, pid: 
                 }
                 None => debug!("exec pid {pid}: resize without a tty ignored"),
             },
-            other => debug!("exec pid {pid}: unexpected frame ignored: {}", frame_name(&other)),
+            other => debug!(
+                "exec pid {pid}: unexpected frame ignored: {}",
+                frame_name(&other)
+            ),
         }
     }
     // Dropping `stdin` closes the child's stdin pipe.
@@ -472,7 +540,11 @@ async fn pump_output<W: AsyncWrite + Unpin>(
                 idle_deadline = Some(Instant::now() + DRAIN_IDLE);
             }
             if connected {
-                let frame = if is_stdout { Frame::Stdout(obuf[..n].to_vec()) } else { Frame::Stderr(ebuf[..n].to_vec()) };
+                let frame = if is_stdout {
+                    Frame::Stdout(obuf[..n].to_vec())
+                } else {
+                    Frame::Stderr(ebuf[..n].to_vec())
+                };
                 if let Err(e) = send(wr, &frame).await {
                     debug!("exec pid {pid}: the host went away ({e}); the command keeps running, its output is dropped");
                     connected = false;
@@ -488,7 +560,11 @@ mod tests {
 
     #[test]
     fn env_defaults_and_overrides() {
-        let env = build_env(&[("PATH".into(), "/x".into()), ("FOO".into(), "a=b".into())], "box", false);
+        let env = build_env(
+            &[("PATH".into(), "/x".into()), ("FOO".into(), "a=b".into())],
+            "box",
+            false,
+        );
         assert_eq!(env["PATH"], "/x");
         assert_eq!(env["FOO"], "a=b");
         assert_eq!(env["HOME"], "/root");
@@ -506,21 +582,49 @@ mod tests {
     #[test]
     fn resolves_like_execvp() {
         let root = Path::new("/");
-        assert!(matches!(resolve_program("sh", DEFAULT_PATH, root), Resolved::Found(_)));
-        assert_eq!(resolve_program("no-such-command-xyz", DEFAULT_PATH, root), Resolved::NotFound);
-        assert_eq!(resolve_program("sh", "", Path::new("/nonexistent")), Resolved::NotFound);
-        assert_eq!(resolve_program("/bin/sh", "", root), Resolved::Found(PathBuf::from("/bin/sh")));
-        assert_eq!(resolve_program("./sh", "", Path::new("/bin")), Resolved::Found(PathBuf::from("/bin/./sh")));
-        assert_eq!(resolve_program("/nonexistent/x", DEFAULT_PATH, root), Resolved::NotFound);
-        let dir = std::env::temp_dir().join(format!("machinen-agent-resolve-{}", std::process::id()));
+        assert!(matches!(
+            resolve_program("sh", DEFAULT_PATH, root),
+            Resolved::Found(_)
+        ));
+        assert_eq!(
+            resolve_program("no-such-command-xyz", DEFAULT_PATH, root),
+            Resolved::NotFound
+        );
+        assert_eq!(
+            resolve_program("sh", "", Path::new("/nonexistent")),
+            Resolved::NotFound
+        );
+        assert_eq!(
+            resolve_program("/bin/sh", "", root),
+            Resolved::Found(PathBuf::from("/bin/sh"))
+        );
+        assert_eq!(
+            resolve_program("./sh", "", Path::new("/bin")),
+            Resolved::Found(PathBuf::from("/bin/./sh"))
+        );
+        assert_eq!(
+            resolve_program("/nonexistent/x", DEFAULT_PATH, root),
+            Resolved::NotFound
+        );
+        let dir =
+            std::env::temp_dir().join(format!("machinen-agent-resolve-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let plain = dir.join("plain");
         std::fs::write(&plain, "x").expect("write");
         std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert_eq!(resolve_program(plain.to_str().expect("utf8"), "", root), Resolved::NotExecutable(plain.clone()));
-        assert_eq!(resolve_program("plain", dir.to_str().expect("utf8"), root), Resolved::NotExecutable(plain));
+        assert_eq!(
+            resolve_program(plain.to_str().expect("utf8"), "", root),
+            Resolved::NotExecutable(plain.clone())
+        );
+        assert_eq!(
+            resolve_program("plain", dir.to_str().expect("utf8"), root),
+            Resolved::NotExecutable(plain)
+        );
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(matches!(resolve_program("/bin", "", root), Resolved::NotExecutable(_)));
+        assert!(matches!(
+            resolve_program("/bin", "", root),
+            Resolved::NotExecutable(_)
+        ));
         assert_eq!(resolve_program("", DEFAULT_PATH, root), Resolved::NotFound);
     }
 }

@@ -5,14 +5,14 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Put `fd` into nonblocking mode (on its open file description).
 pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let raw = fd.as_fd().as_raw_fd();
     let flags = fcntl(raw, FcntlArg::F_GETFL)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
@@ -43,7 +43,10 @@ impl FdIo {
         // SAFETY: an OwnedFd keeps its descriptor open, and `as_raw_fd`
         // returns that same descriptor, for as long as the AsyncFd owns it.
         let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(FdIo { fd: Arc::new(fd), eio_is_eof: false })
+        Ok(FdIo {
+            fd: Arc::new(fd),
+            eio_is_eof: false,
+        })
     }
 
     /// Like [`FdIo::new`] for a pty master.
@@ -65,7 +68,11 @@ impl AsFd for FdIo {
 }
 
 impl AsyncRead for FdIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -94,16 +101,25 @@ impl AsyncRead for FdIo {
 }
 
 impl AsyncWrite for FdIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|inner| nix::unistd::write(inner.get_ref(), buf).map_err(io::Error::from)) {
+            match guard
+                .try_io(|inner| nix::unistd::write(inner.get_ref(), buf).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // See poll_read: no spinning on a hangup.
                 Err(_would_block) if guard.ready().is_write_closed() => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer hung up")));
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "peer hung up",
+                    )));
                 }
                 Err(_would_block) => continue,
             }

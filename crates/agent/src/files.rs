@@ -22,7 +22,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use machinen_proto::{FileInfo, Frame, MAX_CHUNK, Response, WireError, WriteFileRequest, read_frame, send};
+use machinen_proto::{
+    read_frame, send, FileInfo, Frame, Response, WireError, WriteFileRequest, MAX_CHUNK,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::log::debug;
@@ -40,7 +42,10 @@ pub mod code {
 }
 
 fn err(code: &str, message: impl Into<String>) -> WireError {
-    WireError { code: code.to_owned(), message: message.into() }
+    WireError {
+        code: code.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// Map an OS error on `path` while doing `what` to a coded wire error.
@@ -60,14 +65,23 @@ pub fn io_error(path: &Path, what: &str, e: &io::Error) -> WireError {
 /// Check a guest path from the host: absolute, no NUL, names a file.
 pub fn check_path(path: &str) -> Result<PathBuf, WireError> {
     if !path.starts_with('/') {
-        return Err(err(code::PATH_INVALID, format!("{path:?}: the guest path must be absolute")));
+        return Err(err(
+            code::PATH_INVALID,
+            format!("{path:?}: the guest path must be absolute"),
+        ));
     }
     if path.contains('\0') {
-        return Err(err(code::PATH_INVALID, format!("{path:?}: the guest path contains a NUL byte")));
+        return Err(err(
+            code::PATH_INVALID,
+            format!("{path:?}: the guest path contains a NUL byte"),
+        ));
     }
     let p = PathBuf::from(path);
     if p.file_name().is_none() || path.ends_with('/') {
-        return Err(err(code::PATH_INVALID, format!("{path:?}: the guest path names a directory, not a file")));
+        return Err(err(
+            code::PATH_INVALID,
+            format!("{path:?}: the guest path names a directory, not a file"),
+        ));
     }
     Ok(p)
 }
@@ -76,7 +90,10 @@ static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Where a replacing write of `target` goes first.
 fn temp_path(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
     target.with_file_name(format!(".{name}.machinen-{}-{seq}.tmp", std::process::id()))
 }
@@ -97,24 +114,37 @@ impl Writer {
         let path = check_path(&req.path)?;
         if let Some(m) = req.mode {
             if m > 0o7777 {
-                return Err(err(code::PATH_INVALID, format!("{}: mode {m:o} is not a permission mode", path.display())));
+                return Err(err(
+                    code::PATH_INVALID,
+                    format!("{}: mode {m:o} is not a permission mode", path.display()),
+                ));
             }
         }
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| io_error(parent, "cannot create the parent directory", &e))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io_error(parent, "cannot create the parent directory", &e))?;
             }
         }
         let existing = std::fs::metadata(&path).ok();
         if let Some(m) = &existing {
             if m.is_dir() {
-                return Err(err(code::IS_DIRECTORY, format!("{}: is a directory", path.display())));
+                return Err(err(
+                    code::IS_DIRECTORY,
+                    format!("{}: is a directory", path.display()),
+                ));
             }
         }
         if req.append {
             if let Some(m) = &existing {
                 if !m.is_file() {
-                    return Err(err(code::NOT_REGULAR, format!("{}: not a regular file; cannot append to it", path.display())));
+                    return Err(err(
+                        code::NOT_REGULAR,
+                        format!(
+                            "{}: not a regular file; cannot append to it",
+                            path.display()
+                        ),
+                    ));
                 }
             }
             let file = OpenOptions::new()
@@ -124,9 +154,23 @@ impl Writer {
                 .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                 .open(&path)
                 .map_err(|e| io_error(&path, "cannot open for appending", &e))?;
-            return Ok(Writer { file, rename: None, mode: req.mode, path, bytes: 0 });
+            return Ok(Writer {
+                file,
+                rename: None,
+                mode: req.mode,
+                path,
+                bytes: 0,
+            });
         }
-        let mode = req.mode.or_else(|| existing.as_ref().filter(|m| m.is_file()).map(|m| m.mode() & 0o7777)).unwrap_or(0o644);
+        let mode = req
+            .mode
+            .or_else(|| {
+                existing
+                    .as_ref()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.mode() & 0o7777)
+            })
+            .unwrap_or(0o644);
         let tmp = temp_path(&path);
         let file = OpenOptions::new()
             .write(true)
@@ -135,11 +179,19 @@ impl Writer {
             .custom_flags(libc::O_CLOEXEC)
             .open(&tmp)
             .map_err(|e| io_error(&path, "cannot create a temporary file next to it", &e))?;
-        Ok(Writer { file, rename: Some((tmp, path.clone())), mode: Some(mode), path, bytes: 0 })
+        Ok(Writer {
+            file,
+            rename: Some((tmp, path.clone())),
+            mode: Some(mode),
+            path,
+            bytes: 0,
+        })
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), WireError> {
-        self.file.write_all(data).map_err(|e| io_error(&self.path, "write failed", &e))?;
+        self.file
+            .write_all(data)
+            .map_err(|e| io_error(&self.path, "write failed", &e))?;
         self.bytes += data.len() as u64;
         Ok(())
     }
@@ -151,7 +203,9 @@ impl Writer {
                 .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io_error(&path, "cannot set the mode", &e))?;
         }
-        self.file.sync_data().map_err(|e| io_error(&path, "cannot flush to disk", &e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| io_error(&path, "cannot flush to disk", &e))?;
         if let Some((tmp, target)) = self.rename.take() {
             std::fs::rename(&tmp, &target).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
@@ -196,11 +250,20 @@ where
             }
             Ok(Some(Frame::Eof)) => break,
             Ok(Some(other)) => {
-                let e = err("PROTOCOL_ERROR", format!("expected Data or Eof during a file write, got {}", crate::exec::frame_name(&other)));
+                let e = err(
+                    "PROTOCOL_ERROR",
+                    format!(
+                        "expected Data or Eof during a file write, got {}",
+                        crate::exec::frame_name(&other)
+                    ),
+                );
                 return fail(&mut wr, e).await;
             }
             Ok(None) | Err(_) => {
-                debug!("files: {}: the host went away mid-transfer; nothing written", req.path);
+                debug!(
+                    "files: {}: the host went away mid-transfer; nothing written",
+                    req.path
+                );
                 return;
             }
         }
@@ -221,14 +284,28 @@ fn open_for_read(path: &str) -> Result<(File, FileInfo), WireError> {
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(&p)
         .map_err(|e| io_error(&p, "cannot open", &e))?;
-    let m = file.metadata().map_err(|e| io_error(&p, "cannot stat", &e))?;
+    let m = file
+        .metadata()
+        .map_err(|e| io_error(&p, "cannot stat", &e))?;
     if m.is_dir() {
-        return Err(err(code::IS_DIRECTORY, format!("{}: is a directory", p.display())));
+        return Err(err(
+            code::IS_DIRECTORY,
+            format!("{}: is a directory", p.display()),
+        ));
     }
     if !m.is_file() {
-        return Err(err(code::NOT_REGULAR, format!("{}: not a regular file", p.display())));
+        return Err(err(
+            code::NOT_REGULAR,
+            format!("{}: not a regular file", p.display()),
+        ));
     }
-    Ok((file, FileInfo { mode: m.mode() & 0o7777, size: m.len() }))
+    Ok((
+        file,
+        FileInfo {
+            mode: m.mode() & 0o7777,
+            size: m.len(),
+        },
+    ))
 }
 
 /// Serve one `ReadFile`.
@@ -241,7 +318,10 @@ where
         Ok(x) => x,
         Err(e) => return fail(&mut s, e).await,
     };
-    if send(&mut s, &Frame::Response(Response::FileInfo(info))).await.is_err() {
+    if send(&mut s, &Frame::Response(Response::FileInfo(info)))
+        .await
+        .is_err()
+    {
         return;
     }
     let mut buf = vec![0u8; MAX_CHUNK];
@@ -267,10 +347,16 @@ mod tests {
 
     #[test]
     fn paths_are_checked() {
-        assert_eq!(check_path("rel").expect_err("relative").code, code::PATH_INVALID);
+        assert_eq!(
+            check_path("rel").expect_err("relative").code,
+            code::PATH_INVALID
+        );
         assert_eq!(check_path("/a/").expect_err("dir").code, code::PATH_INVALID);
         assert_eq!(check_path("/").expect_err("root").code, code::PATH_INVALID);
-        assert_eq!(check_path("/a\0b").expect_err("nul").code, code::PATH_INVALID);
+        assert_eq!(
+            check_path("/a\0b").expect_err("nul").code,
+            code::PATH_INVALID
+        );
         assert_eq!(check_path("/a/b").expect("ok"), PathBuf::from("/a/b"));
     }
 
@@ -279,35 +365,60 @@ mod tests {
         let dir = tempdir();
         let target = dir.join("x/y/z.bin");
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let req = WriteFileRequest { path: target.to_string_lossy().into_owned(), mode: Some(0o751), append: false };
+        let req = WriteFileRequest {
+            path: target.to_string_lossy().into_owned(),
+            mode: Some(0o751),
+            append: false,
+        };
         let (client, server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(write_file(server, req));
         let (mut crd, mut cwr) = tokio::io::split(client);
         for c in data.chunks(MAX_CHUNK) {
-            send(&mut cwr, &Frame::Data(c.to_vec())).await.expect("send");
+            send(&mut cwr, &Frame::Data(c.to_vec()))
+                .await
+                .expect("send");
         }
         send(&mut cwr, &Frame::Eof).await.expect("eof");
         let f = read_frame(&mut crd).await.expect("read").expect("frame");
-        assert_eq!(f, Frame::Response(Response::Written { bytes: data.len() as u64 }));
+        assert_eq!(
+            f,
+            Frame::Response(Response::Written {
+                bytes: data.len() as u64
+            })
+        );
         srv.await.expect("join");
         assert_eq!(std::fs::read(&target).expect("read back"), data);
-        assert_eq!(std::fs::metadata(&target).expect("meta").mode() & 0o7777, 0o751);
+        assert_eq!(
+            std::fs::metadata(&target).expect("meta").mode() & 0o7777,
+            0o751
+        );
 
         // Append keeps the mode and adds.
-        let req = WriteFileRequest { path: target.to_string_lossy().into_owned(), mode: None, append: true };
+        let req = WriteFileRequest {
+            path: target.to_string_lossy().into_owned(),
+            mode: None,
+            append: true,
+        };
         let (client, server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(write_file(server, req));
         let (mut crd, mut cwr) = tokio::io::split(client);
-        send(&mut cwr, &Frame::Data(b"tail".to_vec())).await.expect("send");
+        send(&mut cwr, &Frame::Data(b"tail".to_vec()))
+            .await
+            .expect("send");
         send(&mut cwr, &Frame::Eof).await.expect("eof");
-        assert!(matches!(read_frame(&mut crd).await, Ok(Some(Frame::Response(Response::Written { bytes: 4 })))));
+        assert!(matches!(
+            read_frame(&mut crd).await,
+            Ok(Some(Frame::Response(Response::Written { bytes: 4 })))
+        ));
         srv.await.expect("join");
 
         // Read it back.
         let (client, server) = tokio::io::duplex(1 << 16);
         let srv = tokio::spawn(read_file(server, target.to_string_lossy().into_owned()));
         let mut c = client;
-        let Ok(Some(Frame::Response(Response::FileInfo(info)))) = read_frame(&mut c).await else { panic!("no info") };
+        let Ok(Some(Frame::Response(Response::FileInfo(info)))) = read_frame(&mut c).await else {
+            panic!("no info")
+        };
         assert_eq!((info.mode, info.size), (0o751, data.len() as u64 + 4));
         let mut got = Vec::new();
         loop {
@@ -321,7 +432,12 @@ mod tests {
         assert_eq!(&got[..data.len()], &data[..]);
         assert_eq!(&got[data.len()..], b"tail");
         // No temporary files left behind.
-        assert_eq!(std::fs::read_dir(target.parent().expect("parent")).expect("ls").count(), 1);
+        assert_eq!(
+            std::fs::read_dir(target.parent().expect("parent"))
+                .expect("ls")
+                .count(),
+            1
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -331,21 +447,34 @@ mod tests {
         let (mut c, server) = tokio::io::duplex(1 << 16);
         let missing = dir.join("missing");
         tokio::spawn(read_file(server, missing.to_string_lossy().into_owned()));
-        let Ok(Some(Frame::Error(e))) = read_frame(&mut c).await else { panic!("no error") };
+        let Ok(Some(Frame::Error(e))) = read_frame(&mut c).await else {
+            panic!("no error")
+        };
         assert_eq!(e.code, code::NOT_FOUND);
         assert!(e.message.contains("missing"), "{}", e.message);
 
         let (mut c, server) = tokio::io::duplex(1 << 16);
         tokio::spawn(read_file(server, dir.to_string_lossy().into_owned()));
-        let Ok(Some(Frame::Error(e))) = read_frame(&mut c).await else { panic!("no error") };
+        let Ok(Some(Frame::Error(e))) = read_frame(&mut c).await else {
+            panic!("no error")
+        };
         assert_eq!(e.code, code::IS_DIRECTORY);
 
         // A write cut short leaves nothing behind.
         let target = dir.join("cut");
         let (client, server) = tokio::io::duplex(1 << 16);
-        let srv = tokio::spawn(write_file(server, WriteFileRequest { path: target.to_string_lossy().into_owned(), mode: None, append: false }));
+        let srv = tokio::spawn(write_file(
+            server,
+            WriteFileRequest {
+                path: target.to_string_lossy().into_owned(),
+                mode: None,
+                append: false,
+            },
+        ));
         let (_crd, mut cwr) = tokio::io::split(client);
-        send(&mut cwr, &Frame::Data(b"partial".to_vec())).await.expect("send");
+        send(&mut cwr, &Frame::Data(b"partial".to_vec()))
+            .await
+            .expect("send");
         drop(cwr);
         drop(_crd);
         srv.await.expect("join");
@@ -356,7 +485,8 @@ mod tests {
 
     fn tempdir() -> PathBuf {
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("machinen-agent-files-{}-{seq}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("machinen-agent-files-{}-{seq}", std::process::id()));
         std::fs::create_dir_all(&d).expect("mkdir");
         d
     }

@@ -24,9 +24,15 @@ pub async fn serve_fixup<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: Fixup
         Ok(Ok(report)) => Frame::Response(Response::FixedUp(report)),
         Ok(Err(message)) => {
             error!("fixup: {message}");
-            Frame::Error(WireError { code: FIXUP_FAILED.into(), message })
+            Frame::Error(WireError {
+                code: FIXUP_FAILED.into(),
+                message,
+            })
         }
-        Err(e) => Frame::Error(WireError { code: FIXUP_FAILED.into(), message: e.to_string() }),
+        Err(e) => Frame::Error(WireError {
+            code: FIXUP_FAILED.into(),
+            message: e.to_string(),
+        }),
     };
     let _ = send(&mut s, &reply).await;
     let _ = s.shutdown().await;
@@ -36,17 +42,27 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || s.len() > MAX_ENTROPY * 2 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn apply(req: &FixupRequest) -> Result<FixupReport, String> {
     use nix::time::{clock_gettime, clock_settime, ClockId};
     let mut report = FixupReport::default();
-    let now = clock_gettime(ClockId::CLOCK_REALTIME).map_err(|e| format!("reading the clock: {e}"))?;
-    report.clock_was_ns = (now.tv_sec() as u64).saturating_mul(1_000_000_000).saturating_add(now.tv_nsec() as u64);
+    let now =
+        clock_gettime(ClockId::CLOCK_REALTIME).map_err(|e| format!("reading the clock: {e}"))?;
+    report.clock_was_ns = (now.tv_sec() as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec() as u64);
     if req.wall_clock_ns > 0 {
-        let ts = nix::sys::time::TimeSpec::new((req.wall_clock_ns / 1_000_000_000) as i64, (req.wall_clock_ns % 1_000_000_000) as i64);
-        clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("setting the clock: {e}"))?;
+        let ts = nix::sys::time::TimeSpec::new(
+            (req.wall_clock_ns / 1_000_000_000) as i64,
+            (req.wall_clock_ns % 1_000_000_000) as i64,
+        );
+        clock_settime(ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| format!("setting the clock: {e}"))?;
     }
     let entropy = decode_hex(&req.entropy_hex).ok_or("entropy must be at most 512 bytes of hex")?;
     if !entropy.is_empty() {
@@ -54,7 +70,8 @@ fn apply(req: &FixupRequest) -> Result<FixupReport, String> {
         report.entropy_bytes = entropy.len() as u32;
     }
     if req.reset_tcp {
-        report.tcp_reset = crate::tcpreset::reset_all().map_err(|e| format!("resetting TCP connections: {e}"))?;
+        report.tcp_reset =
+            crate::tcpreset::reset_all().map_err(|e| format!("resetting TCP connections: {e}"))?;
     }
     debug!("fixup: {report:?}");
     Ok(report)
@@ -74,19 +91,32 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 0x03, int[2])
     const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
     let n = bytes.len().min(MAX_ENTROPY);
-    let mut info = PoolInfo { entropy_count: (n * 8) as libc::c_int, buf_size: n as libc::c_int, buf: [0; MAX_ENTROPY] };
+    let mut info = PoolInfo {
+        entropy_count: (n * 8) as libc::c_int,
+        buf_size: n as libc::c_int,
+        buf: [0; MAX_ENTROPY],
+    };
     info.buf[..n].copy_from_slice(&bytes[..n]);
-    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
     // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buffer holds
     // buf_size bytes; `info` is a live, properly laid out struct of that shape.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, &info as *const PoolInfo) };
     if rc != 0 {
-        return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "RNDADDENTROPY: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: RNDRESEEDCRNG takes no argument.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) };
     if rc != 0 {
-        return Err(format!("RNDRESEEDCRNG: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     info.buf.fill(0);
     Ok(())

@@ -18,24 +18,45 @@ pub async fn serve<S>(mut s: S, port: u16)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(("127.0.0.1", port))).await;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await;
     let mut tcp = match conn {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             let msg = format!("connecting to 127.0.0.1:{port} in the guest: {e}");
-            let _ = send(&mut s, &Frame::Error(WireError { code: PORT_FORWARD_REFUSED.into(), message: msg })).await;
+            let _ = send(
+                &mut s,
+                &Frame::Error(WireError {
+                    code: PORT_FORWARD_REFUSED.into(),
+                    message: msg,
+                }),
+            )
+            .await;
             let _ = s.shutdown().await;
             return;
         }
         Err(_) => {
             let msg = format!("connecting to 127.0.0.1:{port} in the guest timed out");
-            let _ = send(&mut s, &Frame::Error(WireError { code: PORT_FORWARD_REFUSED.into(), message: msg })).await;
+            let _ = send(
+                &mut s,
+                &Frame::Error(WireError {
+                    code: PORT_FORWARD_REFUSED.into(),
+                    message: msg,
+                }),
+            )
+            .await;
             let _ = s.shutdown().await;
             return;
         }
     };
     let _ = tcp.set_nodelay(true);
-    if send(&mut s, &Frame::Response(Response::Connected)).await.is_err() {
+    if send(&mut s, &Frame::Response(Response::Connected))
+        .await
+        .is_err()
+    {
         return;
     }
     if let Err(e) = tokio::io::copy_bidirectional(&mut s, &mut tcp).await {

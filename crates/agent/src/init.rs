@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::mount::{MsFlags, mount};
+use nix::mount::{mount, MsFlags};
 
 use crate::cmdline::{self, BootConfig};
 use crate::log::{debug, error, info};
@@ -42,7 +42,12 @@ pub fn ensure_stdio() {
             .write(true)
             .custom_flags(libc::O_NOCTTY)
             .open("/dev/console")
-            .or_else(|_| std::fs::OpenOptions::new().read(true).write(true).open("/dev/null"));
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            });
         if let Ok(f) = file {
             let f = OwnedFd::from(f);
             if f.as_raw_fd() != fd {
@@ -58,12 +63,19 @@ pub fn ensure_stdio() {
 }
 
 fn mkdir_p(path: &str) -> io::Result<()> {
-    std::fs::create_dir_all(path).map_err(|e| io::Error::new(e.kind(), format!("mkdir {path}: {e}")))
+    std::fs::create_dir_all(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {path}: {e}")))
 }
 
 /// Mount `fstype` on `target` (created if needed). `EBUSY` (already mounted)
 /// is fine.
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
     mkdir_p(target)?;
     match mount(Some(source), target, Some(fstype), flags, data) {
         Ok(()) => {
@@ -86,9 +98,19 @@ fn early_mounts() -> Result<BootConfig, Fatal> {
     mount_fs("proc", "/proc", "proc", nosuid_nodev_noexec, None).map_err(fatal)?;
     let cfg = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     crate::log::set_debug(cfg.debug);
-    debug!("agent {} starting as PID 1: {cfg:?}", env!("CARGO_PKG_VERSION"));
+    debug!(
+        "agent {} starting as PID 1: {cfg:?}",
+        env!("CARGO_PKG_VERSION")
+    );
     mount_fs("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None).map_err(fatal)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")).map_err(fatal)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .map_err(fatal)?;
     Ok(cfg)
 }
 
@@ -107,7 +129,7 @@ pub fn parse_modules_load(text: &str) -> Vec<PathBuf> {
 /// missing driver shows up as a missing device later, with a clearer
 /// message).
 pub fn load_modules(list: &[PathBuf]) {
-    use nix::kmod::{ModuleInitFlags, finit_module};
+    use nix::kmod::{finit_module, ModuleInitFlags};
     for path in list {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -141,10 +163,11 @@ fn wait_for(path: &str, timeout: Duration) -> bool {
 /// life), staying on its filesystem and skipping `keep`. Only used when `/`
 /// really is a ramfs/tmpfs.
 fn free_initramfs(keep: &Path) {
-    use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
     // Not exported by nix; <linux/magic.h>.
     const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
-    let ok = statfs("/").map(|s| s.filesystem_type() == RAMFS_MAGIC || s.filesystem_type() == TMPFS_MAGIC);
+    let ok = statfs("/")
+        .map(|s| s.filesystem_type() == RAMFS_MAGIC || s.filesystem_type() == TMPFS_MAGIC);
     if !matches!(ok, Ok(true)) {
         debug!("/ is not a ramfs: not cleaning it");
         return;
@@ -154,13 +177,17 @@ fn free_initramfs(keep: &Path) {
         Err(_) => return,
     };
     fn rm_tree(dir: &Path, dev: u64, keep: &Path) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.flatten() {
             let p = entry.path();
             if p == keep {
                 continue;
             }
-            let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             if m.dev() != dev {
                 continue; // a mount point of another filesystem
             }
@@ -185,20 +212,36 @@ fn switch_root() -> Result<(), Fatal> {
     }
     debug!("{ROOT_DEVICE} is there");
     mkdir_p(NEW_ROOT).map_err(|e| Fatal(e.to_string()))?;
-    match mount(Some(ROOT_DEVICE), NEW_ROOT, Some("ext4"), MsFlags::empty(), None::<&str>) {
+    match mount(
+        Some(ROOT_DEVICE),
+        NEW_ROOT,
+        Some("ext4"),
+        MsFlags::empty(),
+        None::<&str>,
+    ) {
         Ok(()) => debug!("mounted {ROOT_DEVICE} (ext4) on {NEW_ROOT}"),
         Err(nix::Error::ENODEV) => {
             return Err(Fatal(format!(
                 "cannot mount {ROOT_DEVICE}: the kernel has no ext4 (add the ext4 module and its dependencies to {MODULES_LOAD})"
             )));
         }
-        Err(e) => return Err(Fatal(format!("cannot mount {ROOT_DEVICE} as ext4 on {NEW_ROOT}: {e}"))),
+        Err(e) => {
+            return Err(Fatal(format!(
+                "cannot mount {ROOT_DEVICE} as ext4 on {NEW_ROOT}: {e}"
+            )))
+        }
     }
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEW_ROOT}{m}");
         let moved = mkdir_p(&target).and_then(|()| {
-            mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-                .map_err(ctx(format!("move {m} to {target}")))
+            mount(
+                Some(m),
+                target.as_str(),
+                None::<&str>,
+                MsFlags::MS_MOVE,
+                None::<&str>,
+            )
+            .map_err(ctx(format!("move {m} to {target}")))
         });
         match moved {
             Ok(()) => debug!("moved {m} into the new root"),
@@ -240,12 +283,48 @@ fn ensure_dir_mode(path: &str, mode: u32) {
 fn setup_new_root() {
     let steps: [(&str, &str, &str, MsFlags, Option<&str>); 6] = [
         // In case the moves failed.
-        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None),
-        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620,gid=5")),
-        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        ),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
     ];
     for (src, target, fstype, flags, data) in steps {
         if matches!(target, "/proc" | "/sys" | "/dev") && is_mountpoint(target) {
@@ -268,8 +347,12 @@ fn setup_new_root() {
 /// parent's).
 fn is_mountpoint(path: &str) -> bool {
     let p = Path::new(path);
-    let (Ok(m), Some(parent)) = (std::fs::metadata(p), p.parent()) else { return false };
-    std::fs::metadata(parent).map(|pm| pm.dev() != m.dev()).unwrap_or(false)
+    let (Ok(m), Some(parent)) = (std::fs::metadata(p), p.parent()) else {
+        return false;
+    };
+    std::fs::metadata(parent)
+        .map(|pm| pm.dev() != m.dev())
+        .unwrap_or(false)
 }
 
 /// The whole boot, up to the point where the host can be served.
@@ -308,30 +391,40 @@ pub fn boot() -> Result<BootConfig, Fatal> {
 
 /// `uname -r`.
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// PIDs of live userland processes other than us (kernel threads and
 /// zombies have an empty cmdline).
 fn other_processes() -> usize {
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|&pid| pid != me && pid != 1)
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| !c.is_empty()).unwrap_or(false))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| !c.is_empty())
+                .unwrap_or(false)
+        })
         .count()
 }
 
 /// Stop every process, flush, and power the machine off. Only returns if
 /// the final `reboot` call fails.
 pub fn poweroff() {
-    use nix::sys::signal::{Signal, kill};
+    use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     debug!("powering off");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
@@ -341,7 +434,13 @@ pub fn poweroff() {
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
-    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>) {
+    if let Err(e) = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
         debug!("remount / read-only: {e}");
     }
     nix::unistd::sync();
@@ -373,7 +472,9 @@ mod tests {
         assert_eq!(
             parse_modules_load(text),
             vec![
-                PathBuf::from("/lib/modules/6.1.0-28-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko"),
+                PathBuf::from(
+                    "/lib/modules/6.1.0-28-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko"
+                ),
                 PathBuf::from("/lib/modules/6.1.0-28-cloud-amd64/kernel/drivers/virtio/virtio.ko"),
                 PathBuf::from("/lib/modules/x/virtio_blk.ko"),
             ]

@@ -34,7 +34,7 @@ mod zalloc;
 #[global_allocator]
 static ALLOC: zalloc::ZeroOnFree = zalloc::ZeroOnFree;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +60,9 @@ fn install_panic_hook() {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// The guest's init. Never returns: PID 1 exiting panics the kernel.

@@ -28,7 +28,10 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
@@ -40,7 +43,9 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and
@@ -49,7 +54,12 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn ioctl_ifreq(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq, what: &str) -> io::Result<()> {
+fn ioctl_ifreq(
+    sock: &OwnedFd,
+    request: libc::Ioctl,
+    req: &mut libc::ifreq,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: these SIOC*IF* requests read/write one `ifreq` through the
     // pointer, which points to a live, exclusively borrowed value.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut libc::ifreq) };
@@ -60,7 +70,13 @@ fn ioctl_ifreq(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq, what
     Ok(())
 }
 
-fn set_addr(sock: &OwnedFd, ifname: &str, request: libc::Ioctl, addr: Ipv4Addr, what: &str) -> io::Result<()> {
+fn set_addr(
+    sock: &OwnedFd,
+    ifname: &str,
+    request: libc::Ioctl,
+    addr: Ipv4Addr,
+    what: &str,
+) -> io::Result<()> {
     let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(addr);
     ioctl_ifreq(sock, request, &mut req, what)
@@ -85,7 +101,13 @@ fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     // SAFETY: SIOCADDRT reads one `rtentry` through the pointer, which
     // points to a live local; its rt_dev is null.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &mut rt as *mut libc::rtentry) };
+    let rc = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCADDRT,
+            &mut rt as *mut libc::rtentry,
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EEXIST) {
@@ -107,13 +129,28 @@ pub fn configure(wait: Duration) -> io::Result<()> {
         if start.elapsed() > wait {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("eth0 did not appear within {} s (is virtio_net loaded?)", wait.as_secs()),
+                format!(
+                    "eth0 did not appear within {} s (is virtio_net loaded?)",
+                    wait.as_secs()
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    set_addr(&sock, "eth0", libc::SIOCSIFADDR, GUEST_ADDR, "eth0 SIOCSIFADDR")?;
-    set_addr(&sock, "eth0", libc::SIOCSIFNETMASK, NETMASK, "eth0 SIOCSIFNETMASK")?;
+    set_addr(
+        &sock,
+        "eth0",
+        libc::SIOCSIFADDR,
+        GUEST_ADDR,
+        "eth0 SIOCSIFADDR",
+    )?;
+    set_addr(
+        &sock,
+        "eth0",
+        libc::SIOCSIFNETMASK,
+        NETMASK,
+        "eth0 SIOCSIFNETMASK",
+    )?;
     link_up(&sock, "eth0").map_err(|e| io::Error::new(e.kind(), format!("eth0: {e}")))?;
     debug!("eth0 {GUEST_ADDR}/24 up");
     add_default_route(&sock, GATEWAY)?;
@@ -145,11 +182,18 @@ pub fn resolv_action(path: &Path) -> ResolvAction {
         return ResolvAction::Write;
     };
     if meta.file_type().is_symlink() {
-        let keep = std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.trim() == KEEP_MARKER));
-        return if keep { ResolvAction::Keep } else { ResolvAction::ReplaceSymlink };
+        let keep =
+            std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.trim() == KEEP_MARKER));
+        return if keep {
+            ResolvAction::Keep
+        } else {
+            ResolvAction::ReplaceSymlink
+        };
     }
     match std::fs::read_to_string(path) {
-        Ok(t) if t == RESOLV_CONF || t.lines().any(|l| l.trim() == KEEP_MARKER) => ResolvAction::Keep,
+        Ok(t) if t == RESOLV_CONF || t.lines().any(|l| l.trim() == KEEP_MARKER) => {
+            ResolvAction::Keep
+        }
         Ok(_) => ResolvAction::Write,
         // Unreadable (a directory, say): not ours to fix.
         Err(e) if e.kind() == io::ErrorKind::InvalidData => ResolvAction::Write,
@@ -183,7 +227,10 @@ pub fn set_hostname(name: &str) {
 
 /// The current hostname, or "" if unavailable.
 pub fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -205,7 +252,11 @@ mod tests {
         std::fs::write(&p, "").expect("write");
         assert_eq!(resolv_action(&p), ResolvAction::Write, "empty");
         std::fs::write(&p, "nameserver 10.255.255.53\n").expect("write");
-        assert_eq!(resolv_action(&p), ResolvAction::Write, "the build host's resolver is useless here");
+        assert_eq!(
+            resolv_action(&p),
+            ResolvAction::Write,
+            "the build host's resolver is useless here"
+        );
         std::fs::write(&p, RESOLV_CONF).expect("write");
         assert_eq!(resolv_action(&p), ResolvAction::Keep, "already ours");
         std::fs::write(&p, "# machinen: keep\nnameserver 1.1.1.1\n").expect("write");
@@ -216,7 +267,11 @@ mod tests {
         std::fs::remove_file(&p).expect("rm");
         std::fs::write(d.join("real"), "nameserver 9.9.9.9\n").expect("write");
         std::os::unix::fs::symlink(d.join("real"), &p).expect("symlink");
-        assert_eq!(resolv_action(&p), ResolvAction::ReplaceSymlink, "symlink to another resolver");
+        assert_eq!(
+            resolv_action(&p),
+            ResolvAction::ReplaceSymlink,
+            "symlink to another resolver"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -225,8 +280,14 @@ mod tests {
         let d = tmpdir("resolv-write");
         let p = d.join("resolv.conf");
         std::os::unix::fs::symlink("/nonexistent/stub-resolv.conf", &p).expect("symlink");
-        assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::ReplaceSymlink);
-        assert!(!std::fs::symlink_metadata(&p).expect("meta").file_type().is_symlink());
+        assert_eq!(
+            ensure_resolv_conf(&p).expect("ensure"),
+            ResolvAction::ReplaceSymlink
+        );
+        assert!(!std::fs::symlink_metadata(&p)
+            .expect("meta")
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read_to_string(&p).expect("read"), RESOLV_CONF);
         assert_eq!(ensure_resolv_conf(&p).expect("ensure"), ResolvAction::Keep);
         std::fs::write(&p, "nameserver 8.8.8.8\n").expect("write");

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::fdio::FdIo;
 use crate::log::{debug, error};
-use crate::server::{Ctx, serve_sessions};
+use crate::server::{serve_sessions, Ctx};
 
 /// How often the port is checked for a (re)connected host.
 pub const RECONNECT_POLL: Duration = Duration::from_millis(25);
@@ -30,7 +30,9 @@ const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
 pub fn find_port_in(sysfs_dir: &Path, dev_dir: &Path, name: &str) -> Option<PathBuf> {
     let entries = std::fs::read_dir(sysfs_dir).ok()?;
     for entry in entries.flatten() {
-        let Ok(port_name) = std::fs::read_to_string(entry.path().join("name")) else { continue };
+        let Ok(port_name) = std::fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
         if port_name.trim_end_matches(['\n', '\0']) == name {
             return Some(dev_dir.join(entry.file_name()));
         }
@@ -71,7 +73,9 @@ pub fn open_port(path: &Path) -> io::Result<OwnedFd> {
 pub fn host_connected(fd: &impl AsFd) -> bool {
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(_) => !fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
         Err(e) => {
             error!("poll on the agent port: {e}");
             false
@@ -85,7 +89,10 @@ pub async fn serve_port(path: &Path, ctx: Arc<Ctx>) {
         match open_port(path) {
             Ok(fd) => break fd,
             Err(e) => {
-                error!("cannot open the agent port {}: {e}; retrying", path.display());
+                error!(
+                    "cannot open the agent port {}: {e}; retrying",
+                    path.display()
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -103,7 +110,9 @@ pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
             // the host stays connected, must not spin. One that lasted (a
             // restored guest's, broken by its new host) is followed at once:
             // the new host's hello is already waiting.
-            let quick = last.replace(Instant::now()).is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+            let quick = last
+                .replace(Instant::now())
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
             let port = &port;
             async move {
                 if quick {
@@ -146,7 +155,10 @@ mod tests {
     fn finds_the_port_by_name() {
         let dir = std::env::temp_dir().join(format!("machinen-agent-ports-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for (port, name) in [("vport0p0", "org.qemu.guest_agent.0\n"), ("vport0p1", "org.machinen.agent\n")] {
+        for (port, name) in [
+            ("vport0p0", "org.qemu.guest_agent.0\n"),
+            ("vport0p1", "org.machinen.agent\n"),
+        ] {
             std::fs::create_dir_all(dir.join(port)).expect("mkdir");
             std::fs::write(dir.join(port).join("name"), name).expect("write");
         }
@@ -156,7 +168,10 @@ mod tests {
             Some(PathBuf::from("/dev/vport0p1"))
         );
         assert_eq!(find_port_in(&dir, Path::new("/dev"), "nope"), None);
-        assert_eq!(find_port_in(&dir.join("missing"), Path::new("/dev"), "nope"), None);
+        assert_eq!(
+            find_port_in(&dir.join("missing"), Path::new("/dev"), "nope"),
+            None
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -165,15 +180,16 @@ mod tests {
     /// the slave plays the host, connecting and going away twice.
     #[tokio::test]
     async fn port_sessions_follow_the_host_connecting_and_leaving() {
-        use crate::server::tests::{Client, test_ctx};
+        use crate::server::tests::{test_ctx, Client};
         use machinen_proto::{Frame, Request, Response};
-        use nix::fcntl::{OFlag, open};
+        use nix::fcntl::{open, OFlag};
         use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
         use nix::sys::stat::Mode;
-        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
         use std::os::fd::{FromRawFd, IntoRawFd};
 
-        let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).expect("openpt");
+        let master =
+            posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).expect("openpt");
         grantpt(&master).expect("grantpt");
         unlockpt(&master).expect("unlockpt");
         let slave_name = ptsname_r(&master).expect("ptsname");
@@ -181,8 +197,12 @@ mod tests {
         let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
 
         let open_slave = || {
-            let raw = open(slave_name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
-                .expect("open slave");
+            let raw = open(
+                slave_name.as_str(),
+                OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("open slave");
             // SAFETY: `open` just returned this descriptor.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             let mut t = tcgetattr(&fd).expect("tcgetattr");
@@ -197,11 +217,17 @@ mod tests {
             let client = Client::new(open_slave());
             // Two calls with a pause: the session must stay up while idle.
             for call in 0..2 {
-                let frames =
-                    tokio::time::timeout(Duration::from_secs(10), client.call(Frame::Request(Request::Ping)))
-                        .await
-                        .unwrap_or_else(|_| panic!("round {round}, call {call}: no answer"));
-                assert_eq!(frames, vec![Frame::Response(Response::Pong)], "round {round}, call {call}");
+                let frames = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.call(Frame::Request(Request::Ping)),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("round {round}, call {call}: no answer"));
+                assert_eq!(
+                    frames,
+                    vec![Frame::Response(Response::Pong)],
+                    "round {round}, call {call}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             client.disconnect();

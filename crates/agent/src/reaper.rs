@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use machinen_proto::ExitStatus;
 use nix::errno::Errno;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
@@ -56,10 +56,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// stop/continue notifications (not requested, but harmless).
 pub fn exit_status(ws: &WaitStatus) -> Option<(i32, ExitStatus)> {
     match *ws {
-        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ExitStatus { code: Some(code), signal: None })),
-        WaitStatus::Signaled(pid, sig, _core) => {
-            Some((pid.as_raw(), ExitStatus { code: None, signal: Some(sig as i32) }))
-        }
+        WaitStatus::Exited(pid, code) => Some((
+            pid.as_raw(),
+            ExitStatus {
+                code: Some(code),
+                signal: None,
+            },
+        )),
+        WaitStatus::Signaled(pid, sig, _core) => Some((
+            pid.as_raw(),
+            ExitStatus {
+                code: None,
+                signal: Some(sig as i32),
+            },
+        )),
         _ => None,
     }
 }
@@ -70,7 +80,10 @@ impl Reaper {
     /// The process-wide reaper; its thread starts on first use.
     pub fn global() -> &'static Reaper {
         REAPER.get_or_init(|| {
-            let r = Reaper { state: Mutex::new(State::default()), spawn_lock: Mutex::new(()) };
+            let r = Reaper {
+                state: Mutex::new(State::default()),
+                spawn_lock: Mutex::new(()),
+            };
             start_thread();
             r
         })
@@ -108,10 +121,16 @@ impl Reaper {
             return;
         }
         let now = Instant::now();
-        st.unclaimed.retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
+        st.unclaimed
+            .retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
         if st.unclaimed.len() >= UNCLAIMED_MAX {
             // Drop the oldest to stay bounded.
-            if let Some(oldest) = st.unclaimed.iter().min_by_key(|(_, (_, at))| *at).map(|(p, _)| *p) {
+            if let Some(oldest) = st
+                .unclaimed
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(p, _)| *p)
+            {
                 st.unclaimed.remove(&oldest);
             }
         }
@@ -148,50 +167,59 @@ impl Reaper {
 /// runtimes of the test harness).
 fn start_thread() {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    let spawned = std::thread::Builder::new().name("reaper".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                error!("reaper: cannot build its runtime: {e}; falling back to polling");
-                let _ = ready_tx.send(());
-                loop {
-                    std::thread::sleep(Duration::from_millis(200));
-                    Reaper::global().reap_all();
-                }
-            }
-        };
-        rt.block_on(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut sigchld = match signal(SignalKind::child()) {
-                Ok(s) => Some(s),
+    let spawned = std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
                 Err(e) => {
-                    error!("reaper: cannot watch SIGCHLD: {e}; polling instead");
-                    None
+                    error!("reaper: cannot build its runtime: {e}; falling back to polling");
+                    let _ = ready_tx.send(());
+                    loop {
+                        std::thread::sleep(Duration::from_millis(200));
+                        Reaper::global().reap_all();
+                    }
                 }
             };
-            let _ = ready_tx.send(());
-            let period = if sigchld.is_some() { Duration::from_secs(1) } else { Duration::from_millis(100) };
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                match sigchld.as_mut() {
-                    Some(s) => {
-                        tokio::select! {
-                            _ = s.recv() => {}
-                            _ = tick.tick() => {}
+            rt.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut sigchld = match signal(SignalKind::child()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        error!("reaper: cannot watch SIGCHLD: {e}; polling instead");
+                        None
+                    }
+                };
+                let _ = ready_tx.send(());
+                let period = if sigchld.is_some() {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_millis(100)
+                };
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    match sigchld.as_mut() {
+                        Some(s) => {
+                            tokio::select! {
+                                _ = s.recv() => {}
+                                _ = tick.tick() => {}
+                            }
+                        }
+                        None => {
+                            tick.tick().await;
                         }
                     }
-                    None => {
-                        tick.tick().await;
-                    }
+                    // `global()` is initialised: this thread is started from
+                    // inside its initialiser, and only runs this after it returns
+                    // (OnceLock blocks other callers until then).
+                    Reaper::global().reap_all();
                 }
-                // `global()` is initialised: this thread is started from
-                // inside its initialiser, and only runs this after it returns
-                // (OnceLock blocks other callers until then).
-                Reaper::global().reap_all();
-            }
+            });
         });
-    });
     match spawned {
         // The SIGCHLD handler is installed before anything is spawned.
         Ok(_) => {
@@ -209,19 +237,55 @@ mod tests {
     #[tokio::test]
     async fn delivers_exit_codes_and_signals() {
         let r = Reaper::global();
-        let (_c, rx) = r.spawn(Command::new("sh").args(["-c", "exit 7"]).stdin(Stdio::null())).expect("spawn");
-        assert_eq!(rx.await.expect("status"), ExitStatus { code: Some(7), signal: None });
-        let (_c, rx) = r.spawn(Command::new("sh").args(["-c", "kill -9 $$"]).stdin(Stdio::null())).expect("spawn");
-        assert_eq!(rx.await.expect("status"), ExitStatus { code: None, signal: Some(9) });
+        let (_c, rx) = r
+            .spawn(
+                Command::new("sh")
+                    .args(["-c", "exit 7"])
+                    .stdin(Stdio::null()),
+            )
+            .expect("spawn");
+        assert_eq!(
+            rx.await.expect("status"),
+            ExitStatus {
+                code: Some(7),
+                signal: None
+            }
+        );
+        let (_c, rx) = r
+            .spawn(
+                Command::new("sh")
+                    .args(["-c", "kill -9 $$"])
+                    .stdin(Stdio::null()),
+            )
+            .expect("spawn");
+        assert_eq!(
+            rx.await.expect("status"),
+            ExitStatus {
+                code: None,
+                signal: Some(9)
+            }
+        );
     }
 
     #[tokio::test]
     async fn status_before_registration_is_kept() {
         let r = Reaper::global();
         let pid = 0x3fff_fff0; // not a real pid
-        r.deliver(pid, ExitStatus { code: Some(1), signal: None });
+        r.deliver(
+            pid,
+            ExitStatus {
+                code: Some(1),
+                signal: None,
+            },
+        );
         let rx = r.register(pid);
-        assert_eq!(rx.await.expect("status"), ExitStatus { code: Some(1), signal: None });
+        assert_eq!(
+            rx.await.expect("status"),
+            ExitStatus {
+                code: Some(1),
+                signal: None
+            }
+        );
     }
 
     #[tokio::test]

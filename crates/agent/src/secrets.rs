@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use machinen_proto::{Frame, Response, Secret, WireError, send};
+use machinen_proto::{send, Frame, Response, Secret, WireError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::log::{debug, error};
@@ -35,7 +35,10 @@ pub mod code {
 static MOUNTED: Mutex<bool> = Mutex::new(false);
 
 fn err(code: &str, message: impl Into<String>) -> WireError {
-    WireError { code: code.to_owned(), message: message.into() }
+    WireError {
+        code: code.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// A secret name is a file name: `[A-Za-z0-9_.-]`, 1 to 128 bytes, not
@@ -44,14 +47,19 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// Overwrite a file's contents with zeros, in place.
 fn zero_file(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let mut f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
     let len = f.metadata()?.len() as usize;
     let zeros = vec![0u8; len.min(64 * 1024)];
     let mut left = len;
@@ -69,8 +77,14 @@ fn ensure_tmpfs(dir: &Path, mount: bool) -> io::Result<()> {
     if mount && !*mounted {
         use nix::mount::MsFlags;
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        nix::mount::mount(Some("machinen-secrets"), dir, Some("tmpfs"), flags, Some("mode=0700,size=1m"))
-            .map_err(|e| io::Error::other(format!("mount tmpfs on {}: {e}", dir.display())))?;
+        nix::mount::mount(
+            Some("machinen-secrets"),
+            dir,
+            Some("tmpfs"),
+            flags,
+            Some("mode=0700,size=1m"),
+        )
+        .map_err(|e| io::Error::other(format!("mount tmpfs on {}: {e}", dir.display())))?;
         *mounted = true;
     }
     Ok(())
@@ -82,12 +96,21 @@ pub fn install(dir: &Path, secrets: &[Secret], mount: bool) -> Result<u32, WireE
     let mut total = 0usize;
     for s in secrets {
         if !valid_name(&s.name) {
-            return Err(err(code::INVALID, format!("secret name {:?} is not valid: use letters, digits, '_', '-', '.'", s.name)));
+            return Err(err(
+                code::INVALID,
+                format!(
+                    "secret name {:?} is not valid: use letters, digits, '_', '-', '.'",
+                    s.name
+                ),
+            ));
         }
         total += s.value.0.len();
     }
     if total > MAX_TOTAL {
-        return Err(err(code::INVALID, format!("secrets total {total} bytes; at most {MAX_TOTAL} are accepted")));
+        return Err(err(
+            code::INVALID,
+            format!("secrets total {total} bytes; at most {MAX_TOTAL} are accepted"),
+        ));
     }
     ensure_tmpfs(dir, mount).map_err(|e| err(code::FAILED, format!("{}: {e}", dir.display())))?;
     for s in secrets {
@@ -95,7 +118,12 @@ pub fn install(dir: &Path, secrets: &[Secret], mount: bool) -> Result<u32, WireE
         let tmp = dir.join(format!(".{}.tmp", s.name));
         let _ = std::fs::remove_file(&tmp);
         let write = || -> io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).custom_flags(libc::O_CLOEXEC).open(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&tmp)?;
             f.write_all(&s.value.0)?;
             // Replacing a secret: zero the old value's pages first.
             if target.exists() {
@@ -121,15 +149,26 @@ pub fn wipe(dir: &Path) -> Result<u32, WireError> {
         Err(e) => return Err(err(code::FAILED, format!("{}: {e}", dir.display()))),
     };
     for p in entries {
-        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         if m.is_file() && m.nlink() >= 1 {
             if let Err(e) = zero_file(&p) {
                 error!("secrets: cannot zero {}: {e}", p.display());
             }
         }
-        let res = if m.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        let res = if m.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
         match res {
-            Ok(()) => count += u32::from(!p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))),
+            Ok(()) => {
+                count += u32::from(
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.')),
+                )
+            }
             Err(e) => return Err(err(code::FAILED, format!("{}: {e}", p.display()))),
         }
     }
@@ -156,14 +195,19 @@ pub fn dir() -> PathBuf {
     }
     std::env::var_os("MACHINEN_AGENT_SECRETS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("machinen-agent-secrets-{}", std::process::id())))
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("machinen-agent-secrets-{}", std::process::id()))
+        })
 }
 
 /// Serve `Request::Secrets`.
 pub async fn serve_install<W: AsyncWrite + Unpin>(wr: &mut W, secrets: Vec<Secret>) {
     let d = dir();
     let reply = match install(&d, &secrets, is_pid1()) {
-        Ok(count) => Frame::Response(Response::SecretsSet { count, dir: d.to_string_lossy().into_owned() }),
+        Ok(count) => Frame::Response(Response::SecretsSet {
+            count,
+            dir: d.to_string_lossy().into_owned(),
+        }),
         Err(e) => Frame::Error(e),
     };
     drop(secrets);
@@ -189,16 +233,34 @@ mod tests {
     #[test]
     fn names() {
         assert!(valid_name("API_TOKEN") && valid_name("a.b-c"));
-        assert!(!valid_name("") && !valid_name(".x") && !valid_name("a/b") && !valid_name("../x") && !valid_name(&"x".repeat(129)));
+        assert!(
+            !valid_name("")
+                && !valid_name(".x")
+                && !valid_name("a/b")
+                && !valid_name("../x")
+                && !valid_name(&"x".repeat(129))
+        );
     }
 
     #[test]
     fn install_replace_and_wipe() {
-        let dir = std::env::temp_dir().join(format!("machinen-agent-secrets-test-{}", std::process::id()));
-        let s = |n: &str, v: &str| Secret { name: n.into(), value: SecretValue(v.as_bytes().to_vec()) };
-        assert_eq!(install(&dir, &[s("A", "one"), s("B", "two")], false).expect("install"), 2);
+        let dir = std::env::temp_dir().join(format!(
+            "machinen-agent-secrets-test-{}",
+            std::process::id()
+        ));
+        let s = |n: &str, v: &str| Secret {
+            name: n.into(),
+            value: SecretValue(v.as_bytes().to_vec()),
+        };
+        assert_eq!(
+            install(&dir, &[s("A", "one"), s("B", "two")], false).expect("install"),
+            2
+        );
         assert_eq!(std::fs::read(dir.join("A")).expect("A"), b"one");
-        assert_eq!(std::fs::metadata(dir.join("A")).expect("meta").mode() & 0o777, 0o400);
+        assert_eq!(
+            std::fs::metadata(dir.join("A")).expect("meta").mode() & 0o777,
+            0o400
+        );
         assert_eq!(install(&dir, &[s("A", "uno")], false).expect("replace"), 1);
         assert_eq!(std::fs::read(dir.join("A")).expect("A"), b"uno");
         assert!(install(&dir, &[s("../x", "v")], false).is_err());

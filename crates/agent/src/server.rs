@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::poll_fn;
 use machinen_proto::{
-    Frame, Hello, HelloAck, PROTOCOL_VERSION, Request, Response, WireError, read_frame, send,
+    read_frame, send, Frame, Hello, HelloAck, Request, Response, WireError, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -59,7 +59,10 @@ pub fn yamux_config() -> yamux::Config {
 }
 
 fn protocol_error(message: impl Into<String>) -> Frame {
-    Frame::Error(WireError { code: code::PROTOCOL_ERROR.to_owned(), message: message.into() })
+    Frame::Error(WireError {
+        code: code::PROTOCOL_ERROR.to_owned(),
+        message: message.into(),
+    })
 }
 
 /// Serve one stream: read its first frame and dispatch.
@@ -101,7 +104,9 @@ where
         Frame::Request(Request::Exec(req)) => exec::run(s, req, &ctx.hostname).await,
         Frame::Request(Request::WriteFile(req)) => crate::files::write_file(s, req).await,
         Frame::Request(Request::ReadFile { path }) => crate::files::read_file(s, path).await,
-        Frame::Request(Request::Secrets { secrets }) => crate::secrets::serve_install(&mut s, secrets).await,
+        Frame::Request(Request::Secrets { secrets }) => {
+            crate::secrets::serve_install(&mut s, secrets).await
+        }
         Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
         Frame::Request(Request::Connect { port }) => crate::forward::serve(s, port).await,
         Frame::Request(Request::Quiesce) => crate::fixup::serve_quiesce(s).await,
@@ -118,7 +123,13 @@ where
             }
         }
         Frame::Request(other) => {
-            let _ = send(&mut s, &protocol_error(format!("request {other:?} is not served by the guest agent"))).await;
+            let _ = send(
+                &mut s,
+                &protocol_error(format!(
+                    "request {other:?} is not served by the guest agent"
+                )),
+            )
+            .await;
             let _ = s.shutdown().await;
         }
         other => {
@@ -164,7 +175,10 @@ async fn wait_for_crng() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if warned {
-        info!("the kernel's random number generator is ready after {:.1} s", start.elapsed().as_secs_f64());
+        info!(
+            "the kernel's random number generator is ready after {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -197,7 +211,9 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
-    await_preamble(&mut io).await.map_err(yamux::ConnectionError::Io)?;
+    await_preamble(&mut io)
+        .await
+        .map_err(yamux::ConnectionError::Io)?;
     wait_for_crng().await;
     let mut conn = yamux::Connection::new(io.compat(), yamux_config(), yamux::Mode::Server);
     loop {

@@ -20,11 +20,18 @@ const SOCKID_LEN: usize = 48;
 const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// Connection states worth resetting: every TCP state but LISTEN (10),
 /// CLOSE (7) and TIME_WAIT (6).
-const STATES: u32 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+const STATES: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 
 fn netlink_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before being owned.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -32,7 +39,14 @@ fn netlink_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn message(kind: u16, flags: u16, seq: u32, family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+fn message(
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    states: u32,
+    id: &[u8; SOCKID_LEN],
+) -> Vec<u8> {
     let len = NLMSG_HDR + REQ_LEN;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -82,12 +96,25 @@ fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
 }
 
 fn error_of(payload: &[u8]) -> i32 {
-    payload.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(-libc::EPROTO)
+    payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(-libc::EPROTO)
 }
 
 /// Socket ids of the TCP connections of one address family.
 fn list(fd: &OwnedFd, family: u8) -> io::Result<Vec<[u8; SOCKID_LEN]>> {
-    send(fd, &message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, family, STATES, &[0; SOCKID_LEN]))?;
+    send(
+        fd,
+        &message(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            family,
+            STATES,
+            &[0; SOCKID_LEN],
+        ),
+    )?;
     let mut ids = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -124,7 +151,17 @@ pub fn reset_all() -> io::Result<u32> {
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         let ids = list(&fd, family)?;
         for (i, id) in ids.iter().enumerate() {
-            send(&fd, &message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2 + i as u32, family, STATES, id))?;
+            send(
+                &fd,
+                &message(
+                    SOCK_DESTROY,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    2 + i as u32,
+                    family,
+                    STATES,
+                    id,
+                ),
+            )?;
             let mut buf = [0u8; 512];
             let n = recv(&fd, &mut buf)?;
             for (kind, payload) in messages(&buf[..n]) {
@@ -147,7 +184,14 @@ mod tests {
 
     #[test]
     fn request_layout() {
-        let m = message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 7, 2, STATES, &[9; SOCKID_LEN]);
+        let m = message(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            7,
+            2,
+            STATES,
+            &[9; SOCKID_LEN],
+        );
         assert_eq!(m.len(), 72);
         assert_eq!(u32::from_ne_bytes([m[0], m[1], m[2], m[3]]), 72);
         assert_eq!(m[16], 2);
@@ -159,7 +203,10 @@ mod tests {
     fn message_walk_is_bounded() {
         let m = message(SOCK_DIAG_BY_FAMILY, 0, 1, 2, 0, &[0; SOCKID_LEN]);
         assert_eq!(messages(&m).len(), 1);
-        assert!(messages(&m[..20]).is_empty(), "truncated message is not read");
+        assert!(
+            messages(&m[..20]).is_empty(),
+            "truncated message is not read"
+        );
         let mut bad = m.clone();
         bad[0] = 3; // length below the header size
         assert!(messages(&bad).is_empty());

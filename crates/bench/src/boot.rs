@@ -38,8 +38,18 @@ async fn boots(ctx: &Ctx, sec: &mut Section, image: &Path) -> Result<()> {
         img.push(ms(t));
         stop(vm).await?;
     }
-    sec.add("cold_base_ms", "cold boot to agent-ready, base rootfs", "ms", base);
-    sec.add("cold_image_ms", "cold boot to agent-ready, provisioned image", "ms", img);
+    sec.add(
+        "cold_base_ms",
+        "cold boot to agent-ready, base rootfs",
+        "ms",
+        base,
+    );
+    sec.add(
+        "cold_image_ms",
+        "cold boot to agent-ready, provisioned image",
+        "ms",
+        img,
+    );
 
     // An ad-hoc run end to end, as a user types it: boot, run, power off.
     if let Some(cli) = cli_binary() {
@@ -47,17 +57,31 @@ async fn boots(ctx: &Ctx, sec: &mut Section, image: &Path) -> Result<()> {
         for _ in 0..ctx.cfg.runs {
             let t = Instant::now();
             let out = tokio::process::Command::new(&cli)
-                .args(["boot", "--memory", &ctx.cfg.memory_mib.to_string(), "--", "true"])
+                .args([
+                    "boot",
+                    "--memory",
+                    &ctx.cfg.memory_mib.to_string(),
+                    "--",
+                    "true",
+                ])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await
                 .context("running machinen boot -- true")?;
             if !out.status.success() {
-                bail!("machinen boot -- true failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "machinen boot -- true failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             adhoc.push(ms(t));
         }
-        sec.add("adhoc_cli_ms", "CLI `machinen boot -- true`, start to exit", "ms", adhoc);
+        sec.add(
+            "adhoc_cli_ms",
+            "CLI `machinen boot -- true`, start to exit",
+            "ms",
+            adhoc,
+        );
     }
     Ok(())
 }
@@ -66,7 +90,9 @@ async fn boots(ctx: &Ctx, sec: &mut Section, image: &Path) -> Result<()> {
 fn cli_binary() -> Option<std::path::PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir.join("machinen"), dir.parent()?.join("machinen")].into_iter().find(|p| p.is_file())
+    [dir.join("machinen"), dir.parent()?.join("machinen")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// The provisioned image and the cache entries it created.
@@ -93,10 +119,23 @@ async fn bake(ctx: &Ctx, sec: &mut Section) -> Result<BakedImage> {
         out: out.clone(),
         install: Some(Box::new(|vm, _cfg| {
             Box::pin(async move {
-                let argv = vec!["sh".into(), "-c".into(), "echo bench > /etc/machinen-bench".into()];
-                let o = vm.exec(ExecOptions { argv, ..Default::default() }).await?;
+                let argv = vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo bench > /etc/machinen-bench".into(),
+                ];
+                let o = vm
+                    .exec(ExecOptions {
+                        argv,
+                        ..Default::default()
+                    })
+                    .await?;
                 if o.status.code != Some(0) {
-                    return Err(machinen::error::fail(machinen::ErrorCode::ProvisionStepFailed, "install step failed").into());
+                    return Err(machinen::error::fail(
+                        machinen::ErrorCode::ProvisionStepFailed,
+                        "install step failed",
+                    )
+                    .into());
                 }
                 Ok(())
             })
@@ -109,28 +148,64 @@ async fn bake(ctx: &Ctx, sec: &mut Section) -> Result<BakedImage> {
     })
     .await
     .context("provisioning the benchmark image")?;
-    sec.one("image_bake_ms", "provision a one-step image (boot, step, export)", "ms", ms(t));
-    sec.one("image_size_mib", "provisioned image .tar.gz", "MiB", mib(res.size));
+    sec.one(
+        "image_bake_ms",
+        "provision a one-step image (boot, step, export)",
+        "ms",
+        ms(t),
+    );
+    sec.one(
+        "image_size_mib",
+        "provisioned image .tar.gz",
+        "MiB",
+        mib(res.size),
+    );
 
     // The first boot of a new image converts it to ext4; time that alone.
     let paths = Paths::from_env()?;
     let images = paths.cache.join("images");
-    let entries = |sha: &str| ["ext4", "lock", "config.json"].map(|e| images.join(format!("{sha}.{e}")));
-    let existed: Vec<PathBuf> = entries(&res.sha256).into_iter().filter(|p| p.exists()).collect();
+    let entries =
+        |sha: &str| ["ext4", "lock", "config.json"].map(|e| images.join(format!("{sha}.{e}")));
+    let existed: Vec<PathBuf> = entries(&res.sha256)
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
     let t = Instant::now();
     let (p, o) = (paths.clone(), out.clone());
-    let converted = tokio::task::spawn_blocking(move || machinen::image::ensure_rootfs_image(&p, &o, ProgressMode::Quiet)).await?;
-    let mut created: Vec<PathBuf> = entries(&res.sha256).into_iter().filter(|p| !existed.contains(p)).collect();
+    let converted = tokio::task::spawn_blocking(move || {
+        machinen::image::ensure_rootfs_image(&p, &o, ProgressMode::Quiet)
+    })
+    .await?;
+    let mut created: Vec<PathBuf> = entries(&res.sha256)
+        .into_iter()
+        .filter(|p| !existed.contains(p))
+        .collect();
     let img = match converted {
         Ok(img) => img,
         Err(e) => {
-            BakedImage { tarball: out, created }.remove();
+            BakedImage {
+                tarball: out,
+                created,
+            }
+            .remove();
             return Err(e.into());
         }
     };
-    sec.one("image_convert_ms", "first use of a new image: .tar.gz to cached ext4", "ms", ms(t));
+    sec.one(
+        "image_convert_ms",
+        "first use of a new image: .tar.gz to cached ext4",
+        "ms",
+        ms(t),
+    );
     if img.sha256 != res.sha256 {
-        created.extend(entries(&img.sha256).into_iter().filter(|p| !existed.contains(p)));
+        created.extend(
+            entries(&img.sha256)
+                .into_iter()
+                .filter(|p| !existed.contains(p)),
+        );
     }
-    Ok(BakedImage { tarball: out, created })
+    Ok(BakedImage {
+        tarball: out,
+        created,
+    })
 }

@@ -59,16 +59,22 @@ impl Ctx {
         opts.name = Some(name.to_string());
         opts.progress = ProgressMode::Quiet;
         opts.boot_timeout = self.boot_options(name).boot_timeout;
-        machinen::restore(opts).await.with_context(|| format!("restoring {}", bundle.display()))
+        machinen::restore(opts)
+            .await
+            .with_context(|| format!("restoring {}", bundle.display()))
     }
 
     pub async fn boot(&self, name: &str) -> Result<Vm> {
-        machinen::boot(self.boot_options(name)).await.with_context(|| format!("booting {name}"))
+        machinen::boot(self.boot_options(name))
+            .await
+            .with_context(|| format!("booting {name}"))
     }
 
     /// The QEMU command line of a machinen VM with this run's settings.
     pub async fn guest(&self) -> Result<&crate::qemu::Guest> {
-        self.guest.get_or_try_init(|| crate::qemu::Guest::capture(self)).await
+        self.guest
+            .get_or_try_init(|| crate::qemu::Guest::capture(self))
+            .await
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -82,26 +88,47 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Stop at once (no data to keep).
 pub async fn stop(vm: Vm) -> Result<()> {
     let name = vm.name().to_string();
-    vm.stop(true, Duration::from_secs(20)).await.with_context(|| format!("stopping {name}"))?;
+    vm.stop(true, Duration::from_secs(20))
+        .await
+        .with_context(|| format!("stopping {name}"))?;
     Ok(())
 }
 
 /// Run `sh -c script`; fail unless it exits 0. Returns stdout.
 pub async fn sh(vm: &Vm, script: &str) -> Result<String> {
-    let out = vm.exec(ExecOptions { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() }).await?;
+    let out = vm
+        .exec(ExecOptions {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await?;
     if out.status.code != Some(0) {
-        bail!("`{script}` in {} failed ({:?}): {}", vm.name(), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{script}` in {} failed ({:?}): {}",
+            vm.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Write `data` to a guest file (through `cat`, as a user would pipe it).
 pub async fn put(vm: &Vm, path: &str, data: &[u8]) -> Result<()> {
-    let opts = ExecOptions { argv: vec!["sh".into(), "-c".into(), format!("cat > {path}")], ..Default::default() };
+    let opts = ExecOptions {
+        argv: vec!["sh".into(), "-c".into(), format!("cat > {path}")],
+        ..Default::default()
+    };
     let (mut o, mut e) = (Vec::new(), Vec::new());
-    let st = vm.exec_stream(opts, std::io::Cursor::new(data.to_vec()), &mut o, &mut e).await?;
+    let st = vm
+        .exec_stream(opts, std::io::Cursor::new(data.to_vec()), &mut o, &mut e)
+        .await?;
     if st.code != Some(0) {
-        bail!("writing {path} in {} failed: {}", vm.name(), String::from_utf8_lossy(&e));
+        bail!(
+            "writing {path} in {} failed: {}",
+            vm.name(),
+            String::from_utf8_lossy(&e)
+        );
     }
     Ok(())
 }
@@ -111,7 +138,11 @@ pub async fn put(vm: &Vm, path: &str, data: &[u8]) -> Result<()> {
 pub struct Counter(pub u64);
 
 impl tokio::io::AsyncWrite for Counter {
-    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.0 += buf.len() as u64;
         Poll::Ready(Ok(buf.len()))
     }
@@ -125,7 +156,8 @@ impl tokio::io::AsyncWrite for Counter {
 
 /// Proportional set size of a process, KiB (`Pss:` of `smaps_rollup`).
 pub fn pss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).with_context(|| format!("reading smaps_rollup of pid {pid}"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading smaps_rollup of pid {pid}"))?;
     s.lines()
         .find(|l| l.starts_with("Pss:"))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -141,10 +173,15 @@ pub fn vm_pss_kib(vm: &Vm) -> Result<(u64, u64)> {
 
 /// A free host port (bound and released).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The QEMU binary the VMs use.
 pub fn qemu_binary() -> String {
-    std::env::var("MACHINEN_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))
+    std::env::var("MACHINEN_QEMU")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))
 }

@@ -21,7 +21,12 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section) -> Result<()> 
     let mut lat = Vec::new();
     for _ in 0..ctx.cfg.reps {
         let t = Instant::now();
-        let o = vm.exec(ExecOptions { argv: vec!["true".into()], ..Default::default() }).await?;
+        let o = vm
+            .exec(ExecOptions {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?;
         lat.push(ms(t));
         if o.status.code != Some(0) {
             bail!("`true` failed: {:?}", o.status);
@@ -32,16 +37,31 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section) -> Result<()> 
     let n = ctx.cfg.stream_mib;
     let mut tput = Vec::new();
     for _ in 0..ctx.cfg.runs {
-        let opts = ExecOptions { argv: vec!["head".into(), "-c".into(), format!("{n}M"), "/dev/zero".into()], ..Default::default() };
+        let opts = ExecOptions {
+            argv: vec![
+                "head".into(),
+                "-c".into(),
+                format!("{n}M"),
+                "/dev/zero".into(),
+            ],
+            ..Default::default()
+        };
         let (mut out, mut err) = (Counter::default(), Counter::default());
         let t = Instant::now();
-        let st = vm.exec_stream(opts, tokio::io::empty(), &mut out, &mut err).await?;
+        let st = vm
+            .exec_stream(opts, tokio::io::empty(), &mut out, &mut err)
+            .await?;
         let secs = t.elapsed().as_secs_f64();
         if st.code != Some(0) || out.0 != u64::from(n) << 20 {
             bail!("head -c {n}M: status {st:?}, {} bytes", out.0);
         }
         tput.push(mib(out.0) / secs);
     }
-    sec.add("stdout_mib_s", &format!("exec stdout throughput (head -c {n}M /dev/zero)"), "MiB/s", tput);
+    sec.add(
+        "stdout_mib_s",
+        &format!("exec stdout throughput (head -c {n}M /dev/zero)"),
+        "MiB/s",
+        tput,
+    );
     Ok(())
 }

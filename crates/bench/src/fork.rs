@@ -21,7 +21,13 @@ async fn measure(ctx: &Ctx, src: &machinen::Vm, sec: &mut Section) -> Result<()>
     let (mut ready, mut paused, mut snap) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..ctx.cfg.runs {
         let t = Instant::now();
-        let (fork, rep) = src.fork(ForkOptions { new_name: Some(format!("fork{i}")), ..Default::default() }).await.context("forking")?;
+        let (fork, rep) = src
+            .fork(ForkOptions {
+                new_name: Some(format!("fork{i}")),
+                ..Default::default()
+            })
+            .await
+            .context("forking")?;
         ready.push(ms(t));
         paused.push(rep.snapshot.paused_ms as f64);
         snap.push(rep.snapshot.elapsed_ms as f64);
@@ -29,7 +35,12 @@ async fn measure(ctx: &Ctx, src: &machinen::Vm, sec: &mut Section) -> Result<()>
         stop(fork).await?;
         r?;
     }
-    sec.add("fork_to_ready_ms", "fork to agent-ready (snapshot + restore)", "ms", ready);
+    sec.add(
+        "fork_to_ready_ms",
+        "fork to agent-ready (snapshot + restore)",
+        "ms",
+        ready,
+    );
     sec.add("fork_snapshot_ms", "fork: its snapshot step", "ms", snap);
     sec.add("source_paused_ms", "fork: source paused", "ms", paused);
     Ok(())

@@ -29,19 +29,38 @@ use crate::stats::Section;
 
 /// Every section, in the order they run.
 const SECTIONS: &[(&str, &str)] = &[
-    ("plain", "plain QEMU boot of the same kernel and initramfs to init (the floor)"),
-    ("boot", "cold boot to agent-ready: base rootfs and a provisioned image"),
+    (
+        "plain",
+        "plain QEMU boot of the same kernel and initramfs to init (the floor)",
+    ),
+    (
+        "boot",
+        "cold boot to agent-ready: base rootfs and a provisioned image",
+    ),
     ("exec", "exec round-trip latency and stdout throughput"),
     ("ports", "port-forward request latency and throughput"),
-    ("snapshot", "snapshot time and bundle size (idle, N MiB touched), restore to ready"),
+    (
+        "snapshot",
+        "snapshot time and bundle size (idle, N MiB touched), restore to ready",
+    ),
     ("fork", "fork to ready and the source's pause"),
     ("savevm", "QEMU's own savevm/loadvm of the same guest"),
-    ("memory", "PSS of one VM with N MiB touched, plus sibling forks (one snapshot) or separate forks"),
-    ("scale", "restore to ready with a small vs a large memory ceiling, same memory touched"),
+    (
+        "memory",
+        "PSS of one VM with N MiB touched, plus sibling forks (one snapshot) or separate forks",
+    ),
+    (
+        "scale",
+        "restore to ready with a small vs a large memory ceiling, same memory touched",
+    ),
 ];
 
 #[derive(Parser, Debug)]
-#[command(name = "machinen-bench", version, about = "Benchmark machinen on real VMs: prints a table and writes JSON")]
+#[command(
+    name = "machinen-bench",
+    version,
+    about = "Benchmark machinen on real VMs: prints a table and writes JSON"
+)]
 struct Args {
     /// One iteration and small sizes (CI: proves the benchmark still runs).
     #[arg(long)]
@@ -81,7 +100,10 @@ fn main() -> ExitCode {
     for s in &args.only {
         if !SECTIONS.iter().any(|(n, _)| n == s) {
             let names: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).collect();
-            eprintln!("error: unknown section {s:?}; sections: {}", names.join(", "));
+            eprintln!(
+                "error: unknown section {s:?}; sections: {}",
+                names.join(", ")
+            );
             return ExitCode::from(2);
         }
     }
@@ -96,7 +118,10 @@ fn main() -> ExitCode {
         }
     };
     std::env::set_var("MACHINEN_REGISTRY_DIR", registry.path());
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: tokio runtime: {e}");
@@ -119,13 +144,20 @@ fn config(args: &Args) -> Config {
         memory_mib: args.memory,
         touched_mib: args.touched_mib.unwrap_or(if q { 16 } else { 200 }),
         stream_mib: args.stream_mib.unwrap_or(if q { 4 } else { 64 }).max(1),
-        forks: args.forks.unwrap_or(if q { 2 } else { 4 }).clamp(1, machinen::restore::MAX_FORKS),
+        forks: args
+            .forks
+            .unwrap_or(if q { 2 } else { 4 })
+            .clamp(1, machinen::restore::MAX_FORKS),
     }
 }
 
 async fn run(args: Args, work: PathBuf) -> ExitCode {
     let t0 = Instant::now();
-    let ctx = Ctx { cfg: config(&args), work, guest: Default::default() };
+    let ctx = Ctx {
+        cfg: config(&args),
+        work,
+        guest: Default::default(),
+    };
     let mut host = host::collect();
     eprintln!(
         "machinen-bench: accel {}, {} cores, {}, guest kernel {}, commit {}{}, load {}",
@@ -137,7 +169,11 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
         if host.git_dirty { " (dirty)" } else { "" },
         host.loadavg_start
     );
-    let selected: Vec<&str> = SECTIONS.iter().map(|(n, _)| *n).filter(|n| args.only.is_empty() || args.only.iter().any(|o| o == n)).collect();
+    let selected: Vec<&str> = SECTIONS
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| args.only.is_empty() || args.only.iter().any(|o| o == n))
+        .collect();
 
     let mut rows = Vec::new();
     let mut sections = serde_json::Map::new();
@@ -150,7 +186,10 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
         if *name == "plain" && std::env::consts::ARCH != "x86_64" {
             // The init program of the plain boot is x86-64 machine code.
             eprintln!("  skipped: no init program for {}", std::env::consts::ARCH);
-            sections.insert(name.to_string(), json!({"status": "skipped", "error": null, "elapsed_s": 0.0, "rows": []}));
+            sections.insert(
+                name.to_string(),
+                json!({"status": "skipped", "error": null, "elapsed_s": 0.0, "rows": []}),
+            );
             continue;
         }
         let res = tokio::select! {
@@ -190,7 +229,13 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
     let elapsed = t0.elapsed().as_secs_f64();
     println!(
         "\naccel {} · {} cores · {} · {} · load {} → {} · {:.0} s",
-        host.accel, host.host_cores, host.qemu_version, host.guest_kernel, host.loadavg_start, host.loadavg_end, elapsed
+        host.accel,
+        host.host_cores,
+        host.qemu_version,
+        host.guest_kernel,
+        host.loadavg_start,
+        host.loadavg_end,
+        elapsed
     );
     let report = json!({
         "schema_version": 1,
@@ -203,7 +248,10 @@ async fn run(args: Args, work: PathBuf) -> ExitCode {
         "baseline_qemu_args": ctx.guest.get().map(|g| g.args.clone()),
         "elapsed_s": elapsed,
     });
-    if let Err(e) = write(&args.json_out, &serde_json::to_string_pretty(&report).unwrap_or_default()) {
+    if let Err(e) = write(
+        &args.json_out,
+        &serde_json::to_string_pretty(&report).unwrap_or_default(),
+    ) {
         eprintln!("error: writing {}: {e}", args.json_out.display());
         return ExitCode::FAILURE;
     }

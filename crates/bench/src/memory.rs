@@ -18,7 +18,9 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     // tmpfs may use half of RAM; leave the guest room besides (as the
     // snapshot section's touched VM).
     opts.memory_mib = Some(ctx.cfg.memory_mib.max(n * 2 + 256));
-    let src = machinen::boot(opts).await.context("booting the memory VM")?;
+    let src = machinen::boot(opts)
+        .await
+        .context("booting the memory VM")?;
     let mut forks = Vec::new();
     let r = measure(ctx, &src, &mut forks, sec).await;
     for f in forks {
@@ -55,28 +57,75 @@ async fn measure(ctx: &Ctx, src: &Vm, forks: &mut Vec<Vm>, sec: &mut Section) ->
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (sup, qemu) = vm_pss_kib(src)?;
     let what = format!("one VM with {n} MiB touched");
-    sec.one("pss_supervisor_mib", &format!("PSS of {what}: supervisor"), "MiB", sup as f64 / 1024.0);
-    sec.one("pss_qemu_mib", &format!("PSS of {what}: QEMU"), "MiB", qemu as f64 / 1024.0);
-    sec.one("pss_one_vm_mib", &format!("PSS of {what} (supervisor + QEMU)"), "MiB", (sup + qemu) as f64 / 1024.0);
+    sec.one(
+        "pss_supervisor_mib",
+        &format!("PSS of {what}: supervisor"),
+        "MiB",
+        sup as f64 / 1024.0,
+    );
+    sec.one(
+        "pss_qemu_mib",
+        &format!("PSS of {what}: QEMU"),
+        "MiB",
+        qemu as f64 / 1024.0,
+    );
+    sec.one(
+        "pss_one_vm_mib",
+        &format!("PSS of {what} (supervisor + QEMU)"),
+        "MiB",
+        (sup + qemu) as f64 / 1024.0,
+    );
 
     // Siblings: one snapshot, restored `count` times.
-    let opts = ForkOptions { new_name: Some("memfork".into()), ..Default::default() };
-    let (siblings, _) = src.fork_many(opts, count).await.context("forking siblings")?;
+    let opts = ForkOptions {
+        new_name: Some("memfork".into()),
+        ..Default::default()
+    };
+    let (siblings, _) = src
+        .fork_many(opts, count)
+        .await
+        .context("forking siblings")?;
     forks.extend(siblings);
     let (total, per_fork) = total_pss(src, forks).await?;
-    sec.one("pss_vm_plus_forks_mib", &format!("PSS of one VM + {count} sibling forks (one snapshot), all processes"), "MiB", total as f64 / 1024.0);
-    sec.add("pss_per_vm_with_forks_mib", "PSS of each sibling fork (supervisor + QEMU)", "MiB", per_fork);
+    sec.one(
+        "pss_vm_plus_forks_mib",
+        &format!("PSS of one VM + {count} sibling forks (one snapshot), all processes"),
+        "MiB",
+        total as f64 / 1024.0,
+    );
+    sec.add(
+        "pss_per_vm_with_forks_mib",
+        "PSS of each sibling fork (supervisor + QEMU)",
+        "MiB",
+        per_fork,
+    );
     for f in forks.drain(..) {
         stop(f).await?;
     }
 
     // The old way: one `fork` (one snapshot, one bundle) per fork.
     for i in 0..count {
-        let (f, _) = src.fork(ForkOptions { new_name: Some(format!("memsep{i}")), ..Default::default() }).await.context("forking")?;
+        let (f, _) = src
+            .fork(ForkOptions {
+                new_name: Some(format!("memsep{i}")),
+                ..Default::default()
+            })
+            .await
+            .context("forking")?;
         forks.push(f);
     }
     let (total, per_fork) = total_pss(src, forks).await?;
-    sec.one("pss_vm_plus_separate_forks_mib", &format!("PSS of one VM + {count} separate forks (a snapshot each), all processes"), "MiB", total as f64 / 1024.0);
-    sec.add("pss_per_separate_fork_mib", "PSS of each separate fork (supervisor + QEMU)", "MiB", per_fork);
+    sec.one(
+        "pss_vm_plus_separate_forks_mib",
+        &format!("PSS of one VM + {count} separate forks (a snapshot each), all processes"),
+        "MiB",
+        total as f64 / 1024.0,
+    );
+    sec.add(
+        "pss_per_separate_fork_mib",
+        "PSS of each separate fork (supervisor + QEMU)",
+        "MiB",
+        per_fork,
+    );
     Ok(())
 }

@@ -82,7 +82,21 @@ pub fn init_elf() -> Vec<u8> {
 pub fn cpio_with(name: &str, data: &[u8]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
         let namesize = name.len() + 1;
-        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, namesize as u32, 0];
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            namesize as u32,
+            0,
+        ];
         out.extend(b"070701");
         for f in fields {
             out.extend(format!("{f:08X}").as_bytes());
@@ -116,15 +130,26 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     // The initramfs plus our init, as one file: the kernel unpacks
     // concatenated archives in order.
     let initrd = dir.join("initrd.cpio");
-    let mut bytes = tokio::fs::read(&guest.initrd).await.with_context(|| format!("reading {}", guest.initrd.display()))?;
+    let mut bytes = tokio::fs::read(&guest.initrd)
+        .await
+        .with_context(|| format!("reading {}", guest.initrd.display()))?;
     while bytes.len() & 3 != 0 {
         bytes.push(0);
     }
     bytes.extend(cpio_with(INIT_PATH, &init_elf()));
     tokio::fs::write(&initrd, &bytes).await?;
     let (mut args, ram) = guest.args_in(&dir);
-    let append = args.iter().position(|a| a == "-append").and_then(|i| args.get(i + 1)).context("no -append")?.clone();
-    set_flag(&mut args, "-append", format!("{append} rdinit=/{INIT_PATH}"))?;
+    let append = args
+        .iter()
+        .position(|a| a == "-append")
+        .and_then(|i| args.get(i + 1))
+        .context("no -append")?
+        .clone();
+    set_flag(
+        &mut args,
+        "-append",
+        format!("{append} rdinit=/{INIT_PATH}"),
+    )?;
     set_flag(&mut args, "-initrd", initrd.display().to_string())?;
     // The console on QEMU's stdout, where we watch for the marker.
     replace_arg(&mut args, "file,id=con,", "stdio,id=con,signal=off".into())?;
@@ -145,8 +170,18 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
             }
         }
     }
-    sec.add("qemu_to_init_ms", "plain QEMU: process start to init running", "ms", to_init);
-    sec.add("qemu_to_poweroff_ms", "plain QEMU: process start to exit after init powers off", "ms", to_exit);
+    sec.add(
+        "qemu_to_init_ms",
+        "plain QEMU: process start to init running",
+        "ms",
+        to_init,
+    );
+    sec.add(
+        "qemu_to_poweroff_ms",
+        "plain QEMU: process start to exit after init powers off",
+        "ms",
+        to_exit,
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -25,16 +25,32 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let (p_counter, p_bulk) = (free_port()?, free_port()?);
     let mut opts = ctx.boot_options("ports");
     opts.ports = vec![
-        PortForward { host_addr: "127.0.0.1".into(), host_port: p_counter, guest_port: 8080 },
-        PortForward { host_addr: "127.0.0.1".into(), host_port: p_bulk, guest_port: 9000 },
+        PortForward {
+            host_addr: "127.0.0.1".into(),
+            host_port: p_counter,
+            guest_port: 8080,
+        },
+        PortForward {
+            host_addr: "127.0.0.1".into(),
+            host_port: p_bulk,
+            guest_port: 9000,
+        },
     ];
-    let vm = machinen::boot(opts).await.context("booting the port-forward VM")?;
+    let vm = machinen::boot(opts)
+        .await
+        .context("booting the port-forward VM")?;
     let r = measure(ctx, &vm, sec, p_counter, p_bulk).await;
     stop(vm).await?;
     r
 }
 
-async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, p_counter: u16, p_bulk: u16) -> Result<()> {
+async fn measure(
+    ctx: &Ctx,
+    vm: &machinen::Vm,
+    sec: &mut Section,
+    p_counter: u16,
+    p_bulk: u16,
+) -> Result<()> {
     put(vm, "/root/counter.pl", COUNTER.as_bytes()).await?;
     put(vm, "/root/bulk.pl", BULK.as_bytes()).await?;
     sh(vm, "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 & nohup perl /root/bulk.pl 9000 >/dev/null 2>&1 &").await?;
@@ -52,7 +68,12 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, p_counter: u16
         get(p_counter).await?;
         lat.push(ms(t));
     }
-    sec.add("request_ms", "HTTP request over a port forward (connect, GET, close)", "ms", lat);
+    sec.add(
+        "request_ms",
+        "HTTP request over a port forward (connect, GET, close)",
+        "ms",
+        lat,
+    );
 
     let n = ctx.cfg.stream_mib;
     let mut tput = Vec::new();
@@ -63,7 +84,9 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, p_counter: u16
         let mut buf = vec![0u8; 256 << 10];
         let mut total = 0u64;
         loop {
-            let k = tokio::time::timeout(Duration::from_secs(120), s.read(&mut buf)).await.context("bulk read timed out")??;
+            let k = tokio::time::timeout(Duration::from_secs(120), s.read(&mut buf))
+                .await
+                .context("bulk read timed out")??;
             if k == 0 {
                 break;
             }
@@ -75,7 +98,12 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, p_counter: u16
         }
         tput.push(mib(total) / secs);
     }
-    sec.add("download_mib_s", &format!("port-forward download throughput ({n} MiB)"), "MiB/s", tput);
+    sec.add(
+        "download_mib_s",
+        &format!("port-forward download throughput ({n} MiB)"),
+        "MiB/s",
+        tput,
+    );
     Ok(())
 }
 
@@ -86,7 +114,12 @@ async fn get(port: u16) -> Result<u64> {
         s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
         let mut body = String::new();
         s.read_to_string(&mut body).await?;
-        body.split("\r\n\r\n").nth(1).and_then(|b| b.trim().parse().ok()).with_context(|| format!("bad answer {body:?}"))
+        body.split("\r\n\r\n")
+            .nth(1)
+            .and_then(|b| b.trim().parse().ok())
+            .with_context(|| format!("bad answer {body:?}"))
     };
-    tokio::time::timeout(Duration::from_secs(30), fut).await.context("request timed out")?
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .context("request timed out")?
 }

@@ -32,15 +32,26 @@ impl Guest {
         let r = read_argv(&vm);
         stop(vm).await?;
         let (args, vm_dir) = r?;
-        let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-        let initrd = PathBuf::from(value_of("-initrd").context("no -initrd in the VM's QEMU command line")?);
+        let value_of = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        let initrd =
+            PathBuf::from(value_of("-initrd").context("no -initrd in the VM's QEMU command line")?);
         let base_image = args
             .iter()
             .filter_map(|a| serde_json::from_str::<serde_json::Value>(a).ok())
             .find(|v| v["driver"] == "raw")
             .and_then(|v| v["file"]["filename"].as_str().map(PathBuf::from))
             .context("no raw base image -blockdev in the VM's QEMU command line")?;
-        Ok(Guest { args, vm_dir, base_image, initrd })
+        Ok(Guest {
+            args,
+            vm_dir,
+            base_image,
+            initrd,
+        })
     }
 
     /// The argv for a QEMU of our own in `dir`: every path inside the VM's
@@ -101,7 +112,10 @@ impl Guest {
 
 /// Replace the value after `flag` (e.g. `-initrd`).
 pub fn set_flag(args: &mut [String], flag: &str, value: String) -> Result<()> {
-    let i = args.iter().position(|a| a == flag).with_context(|| format!("no {flag} in the QEMU command line"))?;
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .with_context(|| format!("no {flag} in the QEMU command line"))?;
     match args.get_mut(i + 1) {
         Some(v) => *v = value,
         None => bail!("{flag} without a value"),
@@ -111,20 +125,34 @@ pub fn set_flag(args: &mut [String], flag: &str, value: String) -> Result<()> {
 
 /// Replace the argument starting with `prefix` (e.g. a `-chardev` spec).
 pub fn replace_arg(args: &mut [String], prefix: &str, value: String) -> Result<()> {
-    let a = args.iter_mut().find(|a| a.starts_with(prefix)).with_context(|| format!("no argument {prefix}… in the QEMU command line"))?;
+    let a = args
+        .iter_mut()
+        .find(|a| a.starts_with(prefix))
+        .with_context(|| format!("no argument {prefix}… in the QEMU command line"))?;
     *a = value;
     Ok(())
 }
 
 fn read_argv(vm: &machinen::Vm) -> Result<(Vec<String>, String)> {
     let pid = vm.info().qemu_pid.context("the VM has no QEMU pid")?;
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).with_context(|| format!("reading the command line of QEMU (pid {pid})"))?;
-    let mut args: Vec<String> = raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("reading the command line of QEMU (pid {pid})"))?;
+    let mut args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
     if args.is_empty() {
         bail!("QEMU (pid {pid}) has an empty command line");
     }
     args.remove(0);
-    let dir = vm.info().control_socket.parent().context("control socket without a directory")?.display().to_string();
+    let dir = vm
+        .info()
+        .control_socket
+        .parent()
+        .context("control socket without a directory")?
+        .display()
+        .to_string();
     Ok((args, dir))
 }
 
@@ -140,7 +168,11 @@ pub fn version() -> String {
 }
 
 /// Wait for a unix socket to accept a connection.
-pub async fn connect_retry(path: &Path, timeout: Duration, child: &mut tokio::process::Child) -> Result<tokio::net::UnixStream> {
+pub async fn connect_retry(
+    path: &Path,
+    timeout: Duration,
+    child: &mut tokio::process::Child,
+) -> Result<tokio::net::UnixStream> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match tokio::net::UnixStream::connect(path).await {
@@ -165,17 +197,36 @@ mod tests {
     #[test]
     fn paths_move_and_incoming_goes() {
         let g = Guest {
-            args: ["-initrd", "/c/i.cpio", "-chardev", "file,id=con,path=/r/vm1/console.log", "-incoming", "defer", "-qmp", "unix:/r/vm1/qmp.sock,server=on"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            args: [
+                "-initrd",
+                "/c/i.cpio",
+                "-chardev",
+                "file,id=con,path=/r/vm1/console.log",
+                "-incoming",
+                "defer",
+                "-qmp",
+                "unix:/r/vm1/qmp.sock,server=on",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             vm_dir: "/r/vm1".into(),
             base_image: "/c/b.ext4".into(),
             initrd: "/c/i.cpio".into(),
         };
         let (mut a, ram) = g.args_in(Path::new("/w/sv"));
         assert!(ram.is_empty());
-        assert_eq!(a, ["-initrd", "/c/i.cpio", "-chardev", "file,id=con,path=/w/sv/console.log", "-qmp", "unix:/w/sv/qmp.sock,server=on"]);
+        assert_eq!(
+            a,
+            [
+                "-initrd",
+                "/c/i.cpio",
+                "-chardev",
+                "file,id=con,path=/w/sv/console.log",
+                "-qmp",
+                "unix:/w/sv/qmp.sock,server=on"
+            ]
+        );
         set_flag(&mut a, "-initrd", "/w/x.cpio".into()).expect("flag");
         replace_arg(&mut a, "file,id=con,", "stdio,id=con".into()).expect("arg");
         assert_eq!(a[1], "/w/x.cpio");
@@ -186,7 +237,11 @@ mod tests {
     #[test]
     fn ram_files_get_names_of_our_own() {
         let g = Guest {
-            args: vec!["-object".into(), "memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/machinen-abc.ram,share=on".into()],
+            args: vec![
+                "-object".into(),
+                "memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/machinen-abc.ram,share=on"
+                    .into(),
+            ],
             vm_dir: "/r/vm1".into(),
             base_image: "/c/b.ext4".into(),
             initrd: "/c/i.cpio".into(),
@@ -194,7 +249,17 @@ mod tests {
         let (a, ram) = g.args_in(Path::new("/w/sv"));
         assert_eq!(ram.len(), 1);
         assert!(ram[0].starts_with("/dev/shm"));
-        assert!(ram[0].file_name().expect("name").to_string_lossy().starts_with("machinen-bench-"));
-        assert_eq!(a[1], format!("memory-backend-file,id=ram,size=512M,mem-path={},share=on", ram[0].display()));
+        assert!(ram[0]
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .starts_with("machinen-bench-"));
+        assert_eq!(
+            a[1],
+            format!(
+                "memory-backend-file,id=ram,size=512M,mem-path={},share=on",
+                ram[0].display()
+            )
+        );
     }
 }

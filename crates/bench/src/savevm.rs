@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::ctx::{qemu_binary, Ctx};
 use crate::qemu::{connect_retry, Guest};
-use machinen::spec::files;
 use crate::stats::{mib, ms, Section};
+use machinen::spec::files;
 
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let guest = ctx.guest().await?.clone();
@@ -29,7 +29,12 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
         let last = i + 1 == ctx.cfg.runs;
         boots.push(one_vm(ctx, &guest, sec, last).await?);
     }
-    sec.add("boot_to_agent_ms", "same guest in bare QEMU (no supervisor): start to agent-ready", "ms", boots);
+    sec.add(
+        "boot_to_agent_ms",
+        "same guest in bare QEMU (no supervisor): start to agent-ready",
+        "ms",
+        boots,
+    );
     Ok(())
 }
 
@@ -51,7 +56,17 @@ async fn one_vm(ctx: &Ctx, guest: &Guest, sec: &mut Section, savevm: bool) -> Re
         .kill_on_drop(true)
         .spawn()
         .context("starting QEMU")?;
-    let r = measure(ctx, sec, &mut child, t0, &qmp_path, &agent_path, &overlay, savevm).await;
+    let r = measure(
+        ctx,
+        sec,
+        &mut child,
+        t0,
+        &qmp_path,
+        &agent_path,
+        &overlay,
+        savevm,
+    )
+    .await;
     let _ = child.start_kill();
     let _ = child.wait().await;
     let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
@@ -59,7 +74,13 @@ async fn one_vm(ctx: &Ctx, guest: &Guest, sec: &mut Section, savevm: bool) -> Re
     for f in &ram {
         let _ = std::fs::remove_file(f);
     }
-    r.map_err(|e| if log.trim().is_empty() { e } else { e.context(format!("qemu.log: {}", log.trim())) })
+    r.map_err(|e| {
+        if log.trim().is_empty() {
+            e
+        } else {
+            e.context(format!("qemu.log: {}", log.trim()))
+        }
+    })
 }
 
 fn sizes(p: &Path) -> Result<(u64, u64)> {
@@ -79,14 +100,24 @@ async fn measure(
     savevm: bool,
 ) -> Result<f64> {
     let qmp = connect_retry(qmp_path, Duration::from_secs(30), child).await?;
-    let stream = QmpStreamTokio::open(qmp).await.context("QMP greeting")?.negotiate().await.context("QMP negotiation")?;
+    let stream = QmpStreamTokio::open(qmp)
+        .await
+        .context("QMP greeting")?
+        .negotiate()
+        .await
+        .context("QMP negotiation")?;
     let (qmp, mut events) = stream.into_parts();
     tokio::spawn(async move { while let Some(Ok(_)) = events.next().await {} });
 
     // Agent-ready: the agent answers the session preamble once it serves.
     let mut agent = connect_retry(agent_path, Duration::from_secs(30), child).await?;
-    let nonce = format!("{:016x}", t0.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()));
-    agent.write_all(machinen_proto::preamble::hello(&nonce).as_bytes()).await?;
+    let nonce = format!(
+        "{:016x}",
+        t0.elapsed().as_nanos() as u64 ^ u64::from(std::process::id())
+    );
+    agent
+        .write_all(machinen_proto::preamble::hello(&nonce).as_bytes())
+        .await?;
     let want = machinen_proto::preamble::ready(&nonce);
     let ready = tokio::time::timeout(Duration::from_secs(180), async {
         let mut line = Vec::new();
@@ -118,11 +149,17 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let hmp = |line: &str| {
-        let cmd = qapi::qmp::human_monitor_command { command_line: line.to_string(), cpu_index: None };
+        let cmd = qapi::qmp::human_monitor_command {
+            command_line: line.to_string(),
+            cpu_index: None,
+        };
         let line = line.to_string();
         let fut = qmp.execute(cmd);
         async move {
-            let out = tokio::time::timeout(Duration::from_secs(300), fut).await.with_context(|| format!("`{line}` timed out"))?.with_context(|| format!("`{line}`"))?;
+            let out = tokio::time::timeout(Duration::from_secs(300), fut)
+                .await
+                .with_context(|| format!("`{line}` timed out"))?
+                .with_context(|| format!("`{line}`"))?;
             // HMP reports failures as text, not as a QMP error.
             if !out.trim().is_empty() {
                 bail!("`{line}`: {}", out.trim());
@@ -131,7 +168,8 @@ async fn measure(
         }
     };
     let (len0, disk0) = sizes(overlay)?;
-    let (mut save, mut load, mut grow, mut grow_disk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut save, mut load, mut grow, mut grow_disk) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ctx.cfg.runs {
         let t = Instant::now();
         hmp("savevm bench").await?;
@@ -143,10 +181,25 @@ async fn measure(
         hmp("loadvm bench").await?;
         load.push(ms(t));
     }
-    sec.add("savevm_ms", "QEMU savevm (internal qcow2 snapshot), idle VM", "ms", save);
+    sec.add(
+        "savevm_ms",
+        "QEMU savevm (internal qcow2 snapshot), idle VM",
+        "ms",
+        save,
+    );
     sec.add("loadvm_ms", "QEMU loadvm, idle VM", "ms", load);
-    sec.add("qcow2_growth_mib", "qcow2 growth after savevm: apparent", "MiB", grow);
-    sec.add("qcow2_growth_disk_mib", "qcow2 growth after savevm: on disk", "MiB", grow_disk);
+    sec.add(
+        "qcow2_growth_mib",
+        "qcow2 growth after savevm: apparent",
+        "MiB",
+        grow,
+    );
+    sec.add(
+        "qcow2_growth_disk_mib",
+        "qcow2 growth after savevm: on disk",
+        "MiB",
+        grow_disk,
+    );
     let _ = tokio::time::timeout(Duration::from_secs(3), qmp.execute(qapi::qmp::quit {})).await;
     Ok(boot_ms)
 }

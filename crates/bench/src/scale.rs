@@ -34,8 +34,15 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let mut bundles: Vec<PathBuf> = Vec::new();
     for (key, mem) in cases {
         let what = format!("{} ceiling, {touched} MiB touched", ceiling(mem));
-        let (bundle, disk) = bundle_of(ctx, key, mem, touched).await.with_context(|| format!("the VM with a {what}"))?;
-        sec.one(&format!("bundle_{key}_disk_mib"), &format!("bundle on disk, {what}"), "MiB", mib(disk));
+        let (bundle, disk) = bundle_of(ctx, key, mem, touched)
+            .await
+            .with_context(|| format!("the VM with a {what}"))?;
+        sec.one(
+            &format!("bundle_{key}_disk_mib"),
+            &format!("bundle on disk, {what}"),
+            "MiB",
+            mib(disk),
+        );
         bundles.push(bundle);
     }
     let mut samples = vec![Vec::new(), Vec::new()];
@@ -43,13 +50,28 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
         // Alternate, so drift on a shared host hits both alike.
         for (j, ((key, mem), bundle)) in cases.iter().zip(&bundles).enumerate() {
             let t = std::time::Instant::now();
-            let vm = ctx.restore(bundle, &format!("scale-{key}-{i}")).await.with_context(|| format!("restoring the {} VM", ceiling(*mem)))?;
-            samples[j].push(vm.boot_ms().map(|v| v as f64).unwrap_or_else(|| crate::stats::ms(t)));
+            let vm = ctx
+                .restore(bundle, &format!("scale-{key}-{i}"))
+                .await
+                .with_context(|| format!("restoring the {} VM", ceiling(*mem)))?;
+            samples[j].push(
+                vm.boot_ms()
+                    .map(|v| v as f64)
+                    .unwrap_or_else(|| crate::stats::ms(t)),
+            );
             stop(vm).await?;
         }
     }
     for ((key, mem), s) in cases.iter().zip(samples) {
-        sec.add(&format!("restore_{key}_ms"), &format!("restore to agent-ready, {} ceiling, {touched} MiB touched", ceiling(*mem)), "ms", s);
+        sec.add(
+            &format!("restore_{key}_ms"),
+            &format!(
+                "restore to agent-ready, {} ceiling, {touched} MiB touched",
+                ceiling(*mem)
+            ),
+            "ms",
+            s,
+        );
     }
     for b in bundles {
         let _ = std::fs::remove_dir_all(b);
@@ -65,8 +87,15 @@ async fn bundle_of(ctx: &Ctx, key: &str, mem: u32, touched: u32) -> Result<(Path
     let vm = machinen::boot(opts).await.context("booting")?;
     let out = ctx.path(&format!("scale-{key}.bundle"));
     let r = async {
-        sh(&vm, &format!("head -c {touched}M /dev/urandom > /dev/shm/blob && sync")).await?;
-        let rep = vm.snapshot(&out, false, SNAPSHOT_TIMEOUT).await.context("snapshot")?;
+        sh(
+            &vm,
+            &format!("head -c {touched}M /dev/urandom > /dev/shm/blob && sync"),
+        )
+        .await?;
+        let rep = vm
+            .snapshot(&out, false, SNAPSHOT_TIMEOUT)
+            .await
+            .context("snapshot")?;
         anyhow::Ok(rep.disk_bytes)
     }
     .await;

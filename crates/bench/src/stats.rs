@@ -24,11 +24,27 @@ impl Summary {
         let mut s: Vec<f64> = samples.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
         let n = s.len();
-        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
         let rank = ((0.9 * n as f64).ceil() as usize).clamp(1, n);
         let mean = s.iter().sum::<f64>() / n as f64;
-        let stdev = if n > 1 { (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
-        Some(Summary { n, median, p90: s[rank - 1], min: s[0], max: s[n - 1], mean, stdev })
+        let stdev = if n > 1 {
+            (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Summary {
+            n,
+            median,
+            p90: s[rank - 1],
+            min: s[0],
+            max: s[n - 1],
+            mean,
+            stdev,
+        })
     }
 }
 
@@ -64,16 +80,32 @@ pub struct Section {
 
 impl Section {
     pub fn new(name: &str) -> Section {
-        Section { name: name.into(), rows: Vec::new() }
+        Section {
+            name: name.into(),
+            rows: Vec::new(),
+        }
     }
 
     /// Record samples under `section.key`. Empty sample sets are skipped.
     pub fn add(&mut self, key: &str, label: &str, unit: &str, samples: Vec<f64>) {
-        let Some(summary) = Summary::of(&samples) else { return };
+        let Some(summary) = Summary::of(&samples) else {
+            return;
+        };
         let key = format!("{}.{key}", self.name);
         // Print as we go, so a long run shows progress.
-        eprintln!("  {key}: median {} {unit} (n={})", fmt_num(summary.median), summary.n);
-        self.rows.push(Row { section: self.name.clone(), key, label: label.into(), unit: unit.into(), summary, samples });
+        eprintln!(
+            "  {key}: median {} {unit} (n={})",
+            fmt_num(summary.median),
+            summary.n
+        );
+        self.rows.push(Row {
+            section: self.name.clone(),
+            key,
+            label: label.into(),
+            unit: unit.into(),
+            summary,
+            samples,
+        });
     }
 
     pub fn one(&mut self, key: &str, label: &str, unit: &str, value: f64) {
@@ -106,22 +138,83 @@ pub fn fmt_num(v: f64) -> String {
 pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
     let median = |k: &str| rows.iter().find(|r| r.key == k).map(|r| r.summary.median);
     let defs: &[(&str, &str, &str, &str)] = &[
-        ("boot_base_over_plain", "cold boot (base) / plain QEMU boot to init", "boot.cold_base_ms", "plain.qemu_to_init_ms"),
-        ("boot_image_over_plain", "cold boot (image) / plain QEMU boot to init", "boot.cold_image_ms", "plain.qemu_to_init_ms"),
-        ("boot_base_over_own_qemu", "cold boot (base) / our guest in bare QEMU to agent-ready", "boot.cold_base_ms", "savevm.boot_to_agent_ms"),
-        ("restore_over_boot", "restore to ready (idle) / cold boot (base)", "snapshot.restore_idle_ms", "boot.cold_base_ms"),
-        ("fork_over_boot", "fork to ready / cold boot (base)", "fork.fork_to_ready_ms", "boot.cold_base_ms"),
-        ("snapshot_over_savevm", "snapshot (idle) / QEMU savevm", "snapshot.idle_elapsed_ms", "savevm.savevm_ms"),
-        ("restore_over_loadvm", "restore to ready (idle) / QEMU loadvm", "snapshot.restore_idle_ms", "savevm.loadvm_ms"),
-        ("pss_fork_over_vm", "PSS of one sibling fork / PSS of one VM", "memory.pss_per_vm_with_forks_mib", "memory.pss_one_vm_mib"),
-        ("pss_total_over_one_vm", "one VM + N sibling forks / one VM (PSS; target <= 1.6)", "memory.pss_vm_plus_forks_mib", "memory.pss_one_vm_mib"),
-        ("pss_separate_total_over_one_vm", "one VM + N separate forks / one VM (PSS)", "memory.pss_vm_plus_separate_forks_mib", "memory.pss_one_vm_mib"),
-        ("restore_4g_over_512m", "restore to ready: large / small memory ceiling (target < 1.2)", "scale.restore_4g_ms", "scale.restore_512m_ms"),
+        (
+            "boot_base_over_plain",
+            "cold boot (base) / plain QEMU boot to init",
+            "boot.cold_base_ms",
+            "plain.qemu_to_init_ms",
+        ),
+        (
+            "boot_image_over_plain",
+            "cold boot (image) / plain QEMU boot to init",
+            "boot.cold_image_ms",
+            "plain.qemu_to_init_ms",
+        ),
+        (
+            "boot_base_over_own_qemu",
+            "cold boot (base) / our guest in bare QEMU to agent-ready",
+            "boot.cold_base_ms",
+            "savevm.boot_to_agent_ms",
+        ),
+        (
+            "restore_over_boot",
+            "restore to ready (idle) / cold boot (base)",
+            "snapshot.restore_idle_ms",
+            "boot.cold_base_ms",
+        ),
+        (
+            "fork_over_boot",
+            "fork to ready / cold boot (base)",
+            "fork.fork_to_ready_ms",
+            "boot.cold_base_ms",
+        ),
+        (
+            "snapshot_over_savevm",
+            "snapshot (idle) / QEMU savevm",
+            "snapshot.idle_elapsed_ms",
+            "savevm.savevm_ms",
+        ),
+        (
+            "restore_over_loadvm",
+            "restore to ready (idle) / QEMU loadvm",
+            "snapshot.restore_idle_ms",
+            "savevm.loadvm_ms",
+        ),
+        (
+            "pss_fork_over_vm",
+            "PSS of one sibling fork / PSS of one VM",
+            "memory.pss_per_vm_with_forks_mib",
+            "memory.pss_one_vm_mib",
+        ),
+        (
+            "pss_total_over_one_vm",
+            "one VM + N sibling forks / one VM (PSS; target <= 1.6)",
+            "memory.pss_vm_plus_forks_mib",
+            "memory.pss_one_vm_mib",
+        ),
+        (
+            "pss_separate_total_over_one_vm",
+            "one VM + N separate forks / one VM (PSS)",
+            "memory.pss_vm_plus_separate_forks_mib",
+            "memory.pss_one_vm_mib",
+        ),
+        (
+            "restore_4g_over_512m",
+            "restore to ready: large / small memory ceiling (target < 1.2)",
+            "scale.restore_4g_ms",
+            "scale.restore_512m_ms",
+        ),
     ];
     defs.iter()
         .filter_map(|(key, label, num, den)| {
             let (n, d) = (median(num)?, median(den)?);
-            (d > 0.0).then(|| Ratio { key: key.to_string(), label: label.to_string(), numerator: num.to_string(), denominator: den.to_string(), value: n / d })
+            (d > 0.0).then(|| Ratio {
+                key: key.to_string(),
+                label: label.to_string(),
+                numerator: num.to_string(),
+                denominator: den.to_string(),
+                value: n / d,
+            })
         })
         .collect()
 }
@@ -145,7 +238,12 @@ fn cells(r: &Row) -> [String; 9] {
 /// The readable table.
 pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
     let mut out = String::new();
-    let w = rows.iter().map(|r| r.label.len()).max().unwrap_or(10).max(10);
+    let w = rows
+        .iter()
+        .map(|r| r.label.len())
+        .max()
+        .unwrap_or(10)
+        .max(10);
     out.push_str(&format!(
         "{:<9} {:<w$} {:>6} {:>3} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
         "section", "metric", "unit", "n", "median", "p90", "min", "max", "stdev"
@@ -160,7 +258,11 @@ pub fn table(rows: &[Row], ratios: &[Ratio]) -> String {
         out.push_str("\nratios of medians\n");
         let w = ratios.iter().map(|r| r.label.len()).max().unwrap_or(10);
         for r in ratios {
-            out.push_str(&format!("  {:<w$}  {:>6}x\n", r.label, format!("{:.2}", r.value)));
+            out.push_str(&format!(
+                "  {:<w$}  {:>6}x\n",
+                r.label,
+                format!("{:.2}", r.value)
+            ));
         }
     }
     out
@@ -188,7 +290,10 @@ mod tests {
     #[test]
     fn summary_of_samples() {
         let s = Summary::of(&[5.0, 1.0, 3.0, 2.0, 4.0]).expect("some");
-        assert_eq!((s.n, s.median, s.min, s.max, s.mean), (5, 3.0, 1.0, 5.0, 3.0));
+        assert_eq!(
+            (s.n, s.median, s.min, s.max, s.mean),
+            (5, 3.0, 1.0, 5.0, 3.0)
+        );
         assert_eq!(s.p90, 5.0);
         assert!((s.stdev - 1.5811).abs() < 1e-3);
         let s = Summary::of(&[1.0, 2.0, 3.0, 4.0]).expect("some");

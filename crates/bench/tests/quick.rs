@@ -8,7 +8,9 @@
 
 use std::process::{Command, Stdio};
 
-const SECTIONS: &[&str] = &["plain", "boot", "exec", "ports", "snapshot", "fork", "savevm", "memory", "scale"];
+const SECTIONS: &[&str] = &[
+    "plain", "boot", "exec", "ports", "snapshot", "fork", "savevm", "memory", "scale",
+];
 
 #[test]
 fn quick_benchmark_completes_and_writes_valid_json() {
@@ -27,25 +29,47 @@ fn quick_benchmark_completes_and_writes_valid_json() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(out.status.success(), "machinen-bench --quick failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "machinen-bench --quick failed: {:?}",
+        out.status
+    );
 
     let text = std::fs::read_to_string(&json_path).expect("JSON report written");
     let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     assert_eq!(v["schema_version"], 1);
     assert_eq!(v["config"]["quick"], true);
-    for k in ["accel", "host_cores", "qemu_version", "guest_kernel", "git_commit", "date"] {
+    for k in [
+        "accel",
+        "host_cores",
+        "qemu_version",
+        "guest_kernel",
+        "git_commit",
+        "date",
+    ] {
         assert!(!v["host"][k].is_null(), "host.{k} missing: {}", v["host"]);
     }
     let rows = v["rows"].as_array().expect("rows");
     for s in SECTIONS {
-        assert_eq!(v["sections"][s]["status"], "ok", "section {s}: {}", v["sections"][s]);
-        assert!(rows.iter().any(|r| r["section"] == *s), "no rows for section {s}");
+        assert_eq!(
+            v["sections"][s]["status"], "ok",
+            "section {s}: {}",
+            v["sections"][s]
+        );
+        assert!(
+            rows.iter().any(|r| r["section"] == *s),
+            "no rows for section {s}"
+        );
     }
     for r in rows {
         for k in ["median", "p90", "min", "max", "stdev"] {
             assert!(r[k].is_number(), "row {} has no {k}", r["key"]);
         }
-        assert!(r["samples"].as_array().is_some_and(|a| !a.is_empty()), "row {} has no samples", r["key"]);
+        assert!(
+            r["samples"].as_array().is_some_and(|a| !a.is_empty()),
+            "row {} has no samples",
+            r["key"]
+        );
     }
     for key in [
         "plain.qemu_to_init_ms",
@@ -65,16 +89,30 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         assert!(rows.iter().any(|r| r["key"] == key), "row {key} missing");
     }
     let ratios = v["ratios"].as_array().expect("ratios");
-    for key in ["pss_total_over_one_vm", "pss_separate_total_over_one_vm", "restore_4g_over_512m"] {
-        assert!(ratios.iter().any(|r| r["key"] == key && r["value"].is_number()), "ratio {key} missing");
+    for key in [
+        "pss_total_over_one_vm",
+        "pss_separate_total_over_one_vm",
+        "restore_4g_over_512m",
+    ] {
+        assert!(
+            ratios
+                .iter()
+                .any(|r| r["key"] == key && r["value"].is_number()),
+            "ratio {key} missing"
+        );
     }
     assert!(stdout.contains("median"), "no table on stdout");
-    assert!(std::fs::read_to_string(&md_path).expect("markdown").starts_with("| section |"));
+    assert!(std::fs::read_to_string(&md_path)
+        .expect("markdown")
+        .starts_with("| section |"));
 }
 
 #[test]
 fn unknown_sections_are_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_machinen-bench")).args(["--only", "nope"]).output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_machinen-bench"))
+        .args(["--only", "nope"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown section"));
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use crate::args::{AgentContextArgs, AttachArgs, CompletionArgs, CpArgs, MuxArgs, ReplArgs, SecretArgs};
+pub use crate::args::{
+    AgentContextArgs, AttachArgs, CompletionArgs, CpArgs, MuxArgs, ReplArgs, SecretArgs,
+};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -87,7 +89,11 @@ impl Command {
             Command::Exec(a) => a.json,
             Command::Cp(a) => a.json,
             Command::AgentContext(_) => true,
-            Command::Attach(_) | Command::Repl(_) | Command::Mux(_) | Command::Completion(_) | Command::VmNames => false,
+            Command::Attach(_)
+            | Command::Repl(_)
+            | Command::Mux(_)
+            | Command::Completion(_)
+            | Command::VmNames => false,
             Command::Ls(a) => a.json,
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
@@ -109,7 +115,9 @@ pub struct ProcessArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run")]
+#[command(
+    after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run"
+)]
 pub struct BootArgs {
     /// Rootfs tarball to boot (default: the installed Debian base).
     #[arg(value_name = "IMAGE")]
@@ -148,7 +156,9 @@ pub struct BootArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top")]
+#[command(
+    after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top"
+)]
 pub struct ExecArgs {
     /// VM name or pid.
     pub target: String,
@@ -166,7 +176,9 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and BLAKE3 digest of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore.")]
+#[command(
+    after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and BLAKE3 digest of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore."
+)]
 pub struct SnapshotArgs {
     /// VM name or pid.
     pub target: String,
@@ -188,7 +200,9 @@ pub struct SnapshotArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime\n  machinen restore ./ckpt1 --name work --own-ram --detached   to be checkpointed again\n\nBy default the VM maps the bundle's RAM copy-on-write: restores of one bundle share\nits unchanged pages, and restoring costs what the guest touches, not its memory size.\nSnapshots and forks of such a VM read its whole memory ceiling (seconds for GiBs);\n--own-ram copies the used memory into a RAM file of the VM's own instead, so they\nare as quick as for a booted VM.")]
+#[command(
+    after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime\n  machinen restore ./ckpt1 --name work --own-ram --detached   to be checkpointed again\n\nBy default the VM maps the bundle's RAM copy-on-write: restores of one bundle share\nits unchanged pages, and restoring costs what the guest touches, not its memory size.\nSnapshots and forks of such a VM read its whole memory ceiling (seconds for GiBs);\n--own-ram copies the used memory into a RAM file of the VM's own instead, so they\nare as quick as for a booted VM."
+)]
 pub struct RestoreArgs {
     /// Snapshot bundle directory.
     #[arg(value_name = "BUNDLE")]
@@ -230,7 +244,9 @@ pub struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n  machinen fork web --count 4 --new-name w --detach     w-1 .. w-4 from one snapshot\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep. --count N forks N siblings from\none snapshot: they share its unchanged memory pages (copy-on-write).")]
+#[command(
+    after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n  machinen fork web --count 4 --new-name w --detach     w-1 .. w-4 from one snapshot\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep. --count N forks N siblings from\none snapshot: they share its unchanged memory pages (copy-on-write)."
+)]
 pub struct ForkArgs {
     /// VM name or pid.
     pub target: String,
@@ -310,7 +326,8 @@ pub struct InstallArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Steps (--run, --copy) run in the order given, with the baked --env and --cwd;
+#[command(
+    after_help = "Steps (--run, --copy) run in the order given, with the baked --env and --cwd;
 the first failing step stops the bake with its exit code and no image is written.
 
 Examples:
@@ -318,7 +335,8 @@ Examples:
       --env MODE=prod --cwd /app --cmd '/app/hello --loud' -o app.tar.gz
   machinen provision --run 'apt-get update && apt-get install -y python3' -o py.tar.gz
   machinen provision --base py.tar.gz --copy ./src:/app -o app.tar.gz -- python3 /app/main.py
-  machinen boot app.tar.gz                  runs the baked command")]
+  machinen boot app.tar.gz                  runs the baked command"
+)]
 pub struct ProvisionArgs {
     /// Rootfs tarball to start from (default: the installed Debian base); a provisioned image keeps its baked settings.
     #[arg(long, value_name = "TAR")]
@@ -365,7 +383,10 @@ pub enum StepArg {
 /// (clap keeps each flag's values apart; their indices interleave them).
 pub fn ordered_steps(m: &clap::ArgMatches) -> Vec<StepArg> {
     let mut steps: Vec<(usize, StepArg)> = Vec::new();
-    for (id, make) in [("run", StepArg::Run as fn(String) -> StepArg), ("copy", StepArg::Copy)] {
+    for (id, make) in [
+        ("run", StepArg::Run as fn(String) -> StepArg),
+        ("copy", StepArg::Copy),
+    ] {
         if let (Some(vals), Some(idx)) = (m.get_many::<String>(id), m.indices_of(id)) {
             steps.extend(idx.zip(vals).map(|(i, v)| (i, make(v.clone()))));
         }
@@ -382,22 +403,52 @@ mod tests {
     #[test]
     fn provision_keeps_the_order_of_run_and_copy() {
         let args = [
-            "machinen", "provision", "--copy", "a:/a", "--run", "one", "--env", "K=V", "--copy=b:/b", "--run", "two", "--run=three", "-o",
-            "out.tar.gz", "--", "/app/x", "--flag",
+            "machinen",
+            "provision",
+            "--copy",
+            "a:/a",
+            "--run",
+            "one",
+            "--env",
+            "K=V",
+            "--copy=b:/b",
+            "--run",
+            "two",
+            "--run=three",
+            "-o",
+            "out.tar.gz",
+            "--",
+            "/app/x",
+            "--flag",
         ];
         let m = Cli::command().try_get_matches_from(args).expect("parse");
         let sub = m.subcommand_matches("provision").expect("provision");
         use StepArg::*;
         assert_eq!(
             ordered_steps(sub),
-            vec![Copy("a:/a".into()), Run("one".into()), Copy("b:/b".into()), Run("two".into()), Run("three".into())]
+            vec![
+                Copy("a:/a".into()),
+                Run("one".into()),
+                Copy("b:/b".into()),
+                Run("two".into()),
+                Run("three".into())
+            ]
         );
-        let Command::Provision(p) = Cli::try_parse_from(args).expect("parse").command else { panic!("not provision") };
+        let Command::Provision(p) = Cli::try_parse_from(args).expect("parse").command else {
+            panic!("not provision")
+        };
         assert_eq!(p.argv, vec!["/app/x", "--flag"]);
         assert_eq!(p.out, PathBuf::from("out.tar.gz"));
         assert_eq!(p.process.env, vec!["K=V"]);
-        assert!(Cli::try_parse_from(["machinen", "provision", "--run", "x"]).is_err(), "-o is required");
-        assert!(Cli::try_parse_from(["machinen", "provision", "-o", "x", "--cmd", "a", "--", "b"]).is_err(), "--cmd or argv, not both");
+        assert!(
+            Cli::try_parse_from(["machinen", "provision", "--run", "x"]).is_err(),
+            "-o is required"
+        );
+        assert!(
+            Cli::try_parse_from(["machinen", "provision", "-o", "x", "--cmd", "a", "--", "b"])
+                .is_err(),
+            "--cmd or argv, not both"
+        );
     }
 
     #[test]
@@ -408,11 +459,29 @@ mod tests {
     #[test]
     fn boot_parses_flags_and_trailing_command() {
         let cli = Cli::try_parse_from([
-            "machinen", "boot", "img.tar.gz", "--name", "a/b", "-e", "A=1", "--env", "B=2", "--cwd", "/tmp", "--memory", "256", "-d", "--", "sh", "-c",
+            "machinen",
+            "boot",
+            "img.tar.gz",
+            "--name",
+            "a/b",
+            "-e",
+            "A=1",
+            "--env",
+            "B=2",
+            "--cwd",
+            "/tmp",
+            "--memory",
+            "256",
+            "-d",
+            "--",
+            "sh",
+            "-c",
             "echo --name",
         ])
         .expect("parse");
-        let Command::Boot(b) = cli.command else { panic!("not boot") };
+        let Command::Boot(b) = cli.command else {
+            panic!("not boot")
+        };
         assert_eq!(b.image.as_deref(), Some(std::path::Path::new("img.tar.gz")));
         assert_eq!(b.name.as_deref(), Some("a/b"));
         assert_eq!(b.process.env, vec!["A=1", "B=2"]);
@@ -425,12 +494,28 @@ mod tests {
     #[test]
     fn aliases_and_required_parts() {
         for alias in ["ls", "list", "ps"] {
-            assert!(matches!(Cli::try_parse_from(["machinen", alias]).expect(alias).command, Command::Ls(_)));
+            assert!(matches!(
+                Cli::try_parse_from(["machinen", alias])
+                    .expect(alias)
+                    .command,
+                Command::Ls(_)
+            ));
         }
-        assert!(Cli::try_parse_from(["machinen", "exec", "web"]).is_err(), "exec needs a command");
-        assert!(Cli::try_parse_from(["machinen", "stop"]).is_err(), "stop needs a target");
+        assert!(
+            Cli::try_parse_from(["machinen", "exec", "web"]).is_err(),
+            "exec needs a command"
+        );
+        assert!(
+            Cli::try_parse_from(["machinen", "stop"]).is_err(),
+            "stop needs a target"
+        );
         assert!(Cli::try_parse_from(["machinen", "boot", "--memory", "lots"]).is_err());
-        let Command::Gc(g) = Cli::try_parse_from(["machinen", "gc", "--dry-run", "--json"]).expect("gc").command else { panic!() };
+        let Command::Gc(g) = Cli::try_parse_from(["machinen", "gc", "--dry-run", "--json"])
+            .expect("gc")
+            .command
+        else {
+            panic!()
+        };
         assert!(g.dry_run && g.json);
     }
 }

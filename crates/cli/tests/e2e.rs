@@ -21,18 +21,27 @@ struct Env {
 impl Env {
     fn new() -> Env {
         // Short path: unix socket paths are limited to 107 bytes.
-        let registry = tempfile::Builder::new().prefix("mn-").tempdir_in("/tmp").expect("tmp registry");
+        let registry = tempfile::Builder::new()
+            .prefix("mn-")
+            .tempdir_in("/tmp")
+            .expect("tmp registry");
         Env { registry }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_machinen"));
-        c.args(args).env("MACHINEN_REGISTRY_DIR", self.registry.path()).env_remove("MACHINEN_LOG");
+        c.args(args)
+            .env("MACHINEN_REGISTRY_DIR", self.registry.path())
+            .env_remove("MACHINEN_LOG");
         c
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).stdin(Stdio::null()).output().expect("run machinen");
+        let out = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run machinen");
         eprintln!(
             "$ machinen {}\n  -> {:?}\n  stderr: {}",
             args.join(" "),
@@ -55,12 +64,18 @@ impl Env {
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
         let s = self.run_ok(args);
-        serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {s}"))
+        serde_json::from_str(s.trim())
+            .unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {s}"))
     }
 
     fn vm_dirs(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.registry.path())
-            .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -68,7 +83,12 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         // Never leave VMs behind, whatever the test did.
-        for v in self.json_quiet(&["ls", "--json"]).as_array().cloned().unwrap_or_default() {
+        for v in self
+            .json_quiet(&["ls", "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
             if let Some(name) = v["name"].as_str() {
                 let _ = self.cmd(&["stop", "--force", name]).output();
             }
@@ -78,13 +98,19 @@ impl Drop for Env {
 
 impl Env {
     fn json_quiet(&self, args: &[&str]) -> serde_json::Value {
-        self.cmd(args).output().ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default()
+        self.cmd(args)
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default()
     }
 }
 
 fn pid_alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -102,25 +128,56 @@ fn sha256_hex(b: &[u8]) -> String {
 #[test]
 fn adhoc_boot_runs_the_command_and_passes_exit_codes() {
     let env = Env::new();
-    let out = env.run(&["boot", "--", "sh", "-c", "uname -s; cat /etc/os-release | grep ^ID=; echo to-stderr >&2"]);
+    let out = env.run(&[
+        "boot",
+        "--",
+        "sh",
+        "-c",
+        "uname -s; cat /etc/os-release | grep ^ID=; echo to-stderr >&2",
+    ]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Linux\n"), "{stdout}");
     assert!(stdout.contains("ID=debian"), "{stdout}");
-    assert!(!stdout.contains("to-stderr"), "stderr must not leak into stdout");
+    assert!(
+        !stdout.contains("to-stderr"),
+        "stderr must not leak into stdout"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"));
 
-    assert_eq!(env.run(&["boot", "--", "sh", "-c", "exit 3"]).status.code(), Some(3));
-    assert_eq!(env.run(&["boot", "--", "sh", "-c", "kill -9 $$"]).status.code(), Some(137), "killed by SIGKILL → 128+9");
+    assert_eq!(
+        env.run(&["boot", "--", "sh", "-c", "exit 3"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        env.run(&["boot", "--", "sh", "-c", "kill -9 $$"])
+            .status
+            .code(),
+        Some(137),
+        "killed by SIGKILL → 128+9"
+    );
     // Nothing is left behind by foreground VMs.
-    wait_until("foreground VMs to clean up", Duration::from_secs(10), || env.vm_dirs().is_empty());
+    wait_until(
+        "foreground VMs to clean up",
+        Duration::from_secs(10),
+        || env.vm_dirs().is_empty(),
+    );
 }
 
 #[test]
 fn env_and_cwd_reach_the_command() {
     let env = Env::new();
     let out = env.run_ok(&[
-        "boot", "--env", "GREETING=hello world", "--env", "EMPTY=", "--cwd", "/usr/share", "--", "sh", "-c",
+        "boot",
+        "--env",
+        "GREETING=hello world",
+        "--env",
+        "EMPTY=",
+        "--cwd",
+        "/usr/share",
+        "--",
+        "sh",
+        "-c",
         "echo \"$GREETING|${EMPTY-unset}|$(pwd)|$HOME\"",
     ]);
     assert_eq!(out.trim(), "hello world||/usr/share|/root");
@@ -143,7 +200,10 @@ fn command_not_found_and_bad_arguments_have_codes() {
     let out = env.run(&["exec", "no-such-vm", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("REGISTRY_NOT_FOUND") && err.contains("no-such-vm"), "{err}");
+    assert!(
+        err.contains("REGISTRY_NOT_FOUND") && err.contains("no-such-vm"),
+        "{err}"
+    );
 
     let out = env.run(&["exec", "--json", "no-such-vm", "--", "true"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json error");
@@ -165,7 +225,10 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
     assert_eq!(ls.as_array().expect("array").len(), 1);
     assert_eq!(ls[0]["name"], "team/web");
     let table = env.run_ok(&["ps"]);
-    assert!(table.starts_with("PID") && table.contains("team/web"), "{table}");
+    assert!(
+        table.starts_with("PID") && table.contains("team/web"),
+        "{table}"
+    );
 
     // The name is taken while it runs.
     let out = env.run(&["boot", "--name", "team/web", "--detached"]);
@@ -175,9 +238,20 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
     // Two execs from separate processes at the same time: each records when
     // it ran (guest clock); their intervals must overlap.
     let script = "date +%s.%N; sleep 2; date +%s.%N";
-    let a = env.cmd(&["exec", "team/web", "--", "sh", "-c", script]).stdout(Stdio::piped()).spawn().expect("a");
-    let b = env.cmd(&["exec", &pid.to_string(), "--", "sh", "-c", script]).stdout(Stdio::piped()).spawn().expect("b");
-    let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
+    let a = env
+        .cmd(&["exec", "team/web", "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("a");
+    let b = env
+        .cmd(&["exec", &pid.to_string(), "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("b");
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
     assert!(a.status.success() && b.status.success());
     let times = |o: &Output| -> (f64, f64) {
         let s = String::from_utf8_lossy(&o.stdout);
@@ -185,35 +259,83 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
         (v[0], v[1])
     };
     let ((a0, a1), (b0, b1)) = (times(&a), times(&b));
-    assert!(a0 < b1 && b0 < a1, "execs did not run concurrently: a={a0}..{a1} b={b0}..{b1}");
+    assert!(
+        a0 < b1 && b0 < a1,
+        "execs did not run concurrently: a={a0}..{a1} b={b0}..{b1}"
+    );
 
     // Large binary output streams intact (30 MiB of random bytes).
-    let sum = env.run_ok(&["exec", "team/web", "--", "sh", "-c", "head -c 31457280 /dev/urandom > /tmp/big && sha256sum /tmp/big"]);
+    let sum = env.run_ok(&[
+        "exec",
+        "team/web",
+        "--",
+        "sh",
+        "-c",
+        "head -c 31457280 /dev/urandom > /tmp/big && sha256sum /tmp/big",
+    ]);
     let want = sum.split_whitespace().next().expect("sum").to_string();
-    let out = env.cmd(&["exec", "team/web", "--", "cat", "/tmp/big"]).stdin(Stdio::null()).output().expect("cat");
+    let out = env
+        .cmd(&["exec", "team/web", "--", "cat", "/tmp/big"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cat");
     assert!(out.status.success());
     assert_eq!(out.stdout.len(), 31457280);
     assert_eq!(sha256_hex(&out.stdout), want);
 
     // Stdin is forwarded, binary-safe, until EOF.
-    let input: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let mut child = env.cmd(&["exec", "team/web", "--", "sha256sum"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn");
+    let input: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut child = env
+        .cmd(&["exec", "team/web", "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut stdin = child.stdin.take().expect("stdin");
     let feed = input.clone();
     let writer = std::thread::spawn(move || stdin.write_all(&feed));
     let out = child.wait_with_output().expect("sha256sum");
     writer.join().expect("join").expect("write");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(sha256_hex(&input).as_str()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(sha256_hex(&input).as_str())
+    );
 
     // --json exec captures everything.
-    let out = env.run(&["exec", "team/web", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 4"]);
+    let out = env.run(&[
+        "exec",
+        "team/web",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 4",
+    ]);
     assert_eq!(out.status.code(), Some(4), "--json keeps the exit code");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exec json");
-    assert_eq!((v["exit_code"].as_i64(), v["stdout"].as_str(), v["stderr"].as_str()), (Some(4), Some("out\n"), Some("err\n")));
+    assert_eq!(
+        (
+            v["exit_code"].as_i64(),
+            v["stdout"].as_str(),
+            v["stderr"].as_str()
+        ),
+        (Some(4), Some("out\n"), Some("err\n"))
+    );
 
     // The guest reaches the outside through user networking config.
-    let net = env.run_ok(&["exec", "team/web", "--", "sh", "-c", "cat /sys/class/net/eth0/operstate; cat /etc/resolv.conf"]);
+    let net = env.run_ok(&[
+        "exec",
+        "team/web",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/class/net/eth0/operstate; cat /etc/resolv.conf",
+    ]);
     assert!(net.contains("up") && net.contains("nameserver"), "{net}");
 
     // Stop: graceful, everything gone.
@@ -234,13 +356,27 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     let qemu_pid = info["qemu_pid"].as_u64().expect("qemu pid");
     assert_eq!(env.vm_dirs().len(), 1);
     // Its RAM file on tmpfs (when /dev/shm had room) must not outlive it either.
-    let ram = Path::new("/dev/shm").join(format!("machinen-{}.ram", info["id"].as_str().expect("id")));
+    let ram =
+        Path::new("/dev/shm").join(format!("machinen-{}.ram", info["id"].as_str().expect("id")));
     let had_ram_file = ram.exists();
-    Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
     // QEMU dies with its supervisor.
-    wait_until("QEMU to exit", Duration::from_secs(10), || !pid_alive(qemu_pid));
-    assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]), "a dead VM is not listed");
-    assert_eq!(env.vm_dirs().len(), 1, "its files are still there before gc");
+    wait_until("QEMU to exit", Duration::from_secs(10), || {
+        !pid_alive(qemu_pid)
+    });
+    assert_eq!(
+        env.json(&["ls", "--json"]),
+        serde_json::json!([]),
+        "a dead VM is not listed"
+    );
+    assert_eq!(
+        env.vm_dirs().len(),
+        1,
+        "its files are still there before gc"
+    );
 
     let dry = env.json(&["gc", "--dry-run", "--json"]);
     assert_eq!(dry["removed"].as_array().map(Vec::len), Some(1));
@@ -249,7 +385,10 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     let gc = env.json(&["gc", "--json"]);
     assert_eq!(gc["removed"][0]["name"], "victim");
     assert!(env.vm_dirs().is_empty());
-    assert!(!ram.exists(), "gc removed the RAM file (it existed: {had_ram_file})");
+    assert!(
+        !ram.exists(),
+        "gc removed the RAM file (it existed: {had_ram_file})"
+    );
     // The name is free again.
     let again = env.json(&["boot", "--name", "victim", "--detached", "--json"]);
     assert_eq!(again["name"], "victim");
@@ -277,13 +416,20 @@ impl Pty {
     fn new(rows: u16, cols: u16) -> Pty {
         use std::os::fd::FromRawFd;
         let (mut m, mut s) = (0, 0);
-        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: openpty writes two descriptors into the locals; the name
         // and termios pointers may be null; `ws` is a live local.
-        let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        let rc =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         assert_eq!(rc, 0, "openpty");
         // SAFETY: openpty just returned these descriptors; we own them.
-        let (master, slave) = unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) };
+        let (master, slave) =
+            unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) };
         let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (mut rd, sc) = (master.try_clone().expect("clone master"), screen.clone());
         std::thread::spawn(move || {
@@ -296,7 +442,11 @@ impl Pty {
                 sc.lock().expect("screen").extend_from_slice(&buf[..n]);
             }
         });
-        Pty { master, slave, screen }
+        Pty {
+            master,
+            slave,
+            screen,
+        }
     }
 
     /// Start `machinen ARGS` on this terminal (its own session, the slave as
@@ -331,7 +481,11 @@ impl Pty {
     fn wait_for_n(&self, pat: &str, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.screen().matches(pat).count() < n {
-            assert!(Instant::now() < deadline, "timed out waiting for {pat:?} x{n}; screen:\n{}", self.screen());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {pat:?} x{n}; screen:\n{}",
+                self.screen()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -342,7 +496,12 @@ impl Pty {
 
     fn resize(&self, rows: u16, cols: u16) {
         use std::os::fd::AsRawFd;
-        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads one winsize from a live local.
         let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         assert_eq!(rc, 0, "resize");
@@ -386,17 +545,34 @@ fn tty_exec_resizes_interrupts_and_exits_then_mux_attaches_detaches_and_replays(
     let script = "stty size; echo READY1; read x; stty size; trap 'echo INTERRUPTED; exit 42' INT; echo READY2; sleep 60; echo NOT-INTERRUPTED";
     let mut child = pty.spawn(&env, &["exec", "--tty", "tty", "--", "sh", "-c", script]);
     pty.wait_for("READY1", Duration::from_secs(60));
-    assert!(pty.screen().contains("30 100"), "initial size: {}", pty.screen());
-    assert_eq!(pty.lflags() & (libc::ICANON | libc::ECHO), 0, "the host terminal is raw while the session runs");
+    assert!(
+        pty.screen().contains("30 100"),
+        "initial size: {}",
+        pty.screen()
+    );
+    assert_eq!(
+        pty.lflags() & (libc::ICANON | libc::ECHO),
+        0,
+        "the host terminal is raw while the session runs"
+    );
     pty.resize(50, 132);
     std::thread::sleep(Duration::from_millis(500));
     pty.keys(b"go\r");
     pty.wait_for("READY2", Duration::from_secs(30));
-    assert!(pty.screen().contains("50 132"), "size after resize: {}", pty.screen());
+    assert!(
+        pty.screen().contains("50 132"),
+        "size after resize: {}",
+        pty.screen()
+    );
     pty.keys(b"\x03");
     pty.wait_for("INTERRUPTED", Duration::from_secs(30));
     let st = wait_child(&mut child, Duration::from_secs(30));
-    assert_eq!(st.code(), Some(42), "exit code of the guest command; screen:\n{}", pty.screen());
+    assert_eq!(
+        st.code(),
+        Some(42),
+        "exit code of the guest command; screen:\n{}",
+        pty.screen()
+    );
     assert!(!pty.screen().contains("NOT-INTERRUPTED"));
     assert_eq!(pty.lflags(), cooked, "terminal settings restored");
 
@@ -414,21 +590,30 @@ fn tty_exec_resizes_interrupts_and_exits_then_mux_attaches_detaches_and_replays(
     pty.wait_for("42MARK", Duration::from_secs(30));
     pty.keys(b"\x1d\x1d");
     pty.wait_for("detached from tty", Duration::from_secs(10));
-    assert!(pty.lflags() & libc::ICANON != 0, "cooked again after detaching");
+    assert!(
+        pty.lflags() & libc::ICANON != 0,
+        "cooked again after detaching"
+    );
     pty.keys(b"/ls\n");
     pty.wait_for("* ", Duration::from_secs(10));
     let before = pty.screen().len();
     pty.keys(b"/attach tty\n");
     pty.wait_for_n("attached to tty", 2, Duration::from_secs(30));
     pty.wait_for_n("42MARK", 2, Duration::from_secs(10));
-    assert!(pty.screen()[before..].contains("42MARK"), "scrollback replayed on re-attach");
+    assert!(
+        pty.screen()[before..].contains("42MARK"),
+        "scrollback replayed on re-attach"
+    );
     pty.keys(b"exit\r");
     pty.wait_for("shell exited with 0", Duration::from_secs(30));
     pty.keys(b"/quit\n");
     let st = wait_child(&mut mux, Duration::from_secs(20));
     assert_eq!(st.code(), Some(0));
     // Detaching never stopped the VM.
-    assert_eq!(env.run_ok(&["exec", "tty", "--", "echo", "alive"]).trim(), "alive");
+    assert_eq!(
+        env.run_ok(&["exec", "tty", "--", "echo", "alive"]).trim(),
+        "alive"
+    );
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -451,53 +636,120 @@ fn cp_round_trips_50_mib_both_ways_and_repl_and_attach_tail_work() {
     env.json(&["boot", "--name", "files", "--detached", "--json"]);
     let dir = tempfile::tempdir().expect("tmp");
     let src = dir.path().join("big.bin");
-    let data = pseudo_random(50 * 1024 * 1024, 0x1234_5678_9abc_def1 ^ std::process::id() as u64);
+    let data = pseudo_random(
+        50 * 1024 * 1024,
+        0x1234_5678_9abc_def1 ^ std::process::id() as u64,
+    );
     std::fs::write(&src, &data).expect("write");
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).expect("chmod");
     let want = sha256_hex(&data);
 
     // In: parents created, mode kept, contents intact.
-    let v = env.json(&["cp", "--json", src.to_str().expect("utf8"), "files:/data/new/dir/big.bin"]);
+    let v = env.json(&[
+        "cp",
+        "--json",
+        src.to_str().expect("utf8"),
+        "files:/data/new/dir/big.bin",
+    ]);
     assert_eq!(v["bytes"], 50 * 1024 * 1024);
-    let guest = env.run_ok(&["exec", "files", "--", "sh", "-c", "sha256sum /data/new/dir/big.bin; stat -c %a /data/new/dir/big.bin"]);
+    let guest = env.run_ok(&[
+        "exec",
+        "files",
+        "--",
+        "sh",
+        "-c",
+        "sha256sum /data/new/dir/big.bin; stat -c %a /data/new/dir/big.bin",
+    ]);
     assert!(guest.contains(&want), "guest sha256: {guest}");
-    assert!(guest.lines().any(|l| l.trim() == "750"), "mode kept: {guest}");
+    assert!(
+        guest.lines().any(|l| l.trim() == "750"),
+        "mode kept: {guest}"
+    );
 
     // Out: into a new host directory (parents created), mode kept.
     let back = dir.path().join("out/sub/big.bin");
-    env.run_ok(&["cp", "files:/data/new/dir/big.bin", back.to_str().expect("utf8")]);
+    env.run_ok(&[
+        "cp",
+        "files:/data/new/dir/big.bin",
+        back.to_str().expect("utf8"),
+    ]);
     let got = std::fs::read(&back).expect("read back");
     assert_eq!(got.len(), data.len());
     assert_eq!(sha256_hex(&got), want);
-    assert_eq!(std::fs::metadata(&back).expect("meta").permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        std::fs::metadata(&back).expect("meta").permissions().mode() & 0o7777,
+        0o750
+    );
 
     // stdin/stdout and append.
-    let mut c = env.cmd(&["cp", "-", "files:/tmp/greeting"]).stdin(Stdio::piped()).spawn().expect("cp -");
-    c.stdin.take().expect("stdin").write_all(b"hello ").expect("write");
+    let mut c = env
+        .cmd(&["cp", "-", "files:/tmp/greeting"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cp -");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hello ")
+        .expect("write");
     assert!(c.wait().expect("wait").success());
-    let mut c = env.cmd(&["cp", "--append", "-", "files:/tmp/greeting"]).stdin(Stdio::piped()).spawn().expect("cp -");
-    c.stdin.take().expect("stdin").write_all(b"world").expect("write");
+    let mut c = env
+        .cmd(&["cp", "--append", "-", "files:/tmp/greeting"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cp -");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"world")
+        .expect("write");
     assert!(c.wait().expect("wait").success());
-    assert_eq!(env.run_ok(&["cp", "files:/tmp/greeting", "-"]), "hello world");
+    assert_eq!(
+        env.run_ok(&["cp", "files:/tmp/greeting", "-"]),
+        "hello world"
+    );
 
     // Errors name the path and the reason.
-    let out = env.run(&["cp", "files:/no/such/file", dir.path().join("x").to_str().expect("utf8")]);
+    let out = env.run(&[
+        "cp",
+        "files:/no/such/file",
+        dir.path().join("x").to_str().expect("utf8"),
+    ]);
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("FILES_NOT_FOUND") && err.contains("/no/such/file"), "{err}");
+    assert!(
+        err.contains("FILES_NOT_FOUND") && err.contains("/no/such/file"),
+        "{err}"
+    );
     let out = env.run(&["cp", src.to_str().expect("utf8"), "files:/data"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("FILES_IS_DIRECTORY"));
     assert!(!dir.path().join("x").exists());
 
     // repl: one command per line, state does not carry over, piped input.
-    let mut c = env.cmd(&["repl", "files"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("repl");
-    c.stdin.take().expect("stdin").write_all(b"cd /tmp && pwd\npwd\necho $((1+2))\nexit 3\n").expect("write");
+    let mut c = env
+        .cmd(&["repl", "files"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("repl");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"cd /tmp && pwd\npwd\necho $((1+2))\nexit 3\n")
+        .expect("write");
     let out = c.wait_with_output().expect("repl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp\n/\n3\n");
     assert_eq!(out.status.code(), Some(3), "the last line's exit code");
 
     // attach with --tail and --shell, without a terminal.
-    let out = env.run(&["attach", "files", "--tail", "3", "--shell", "echo hi-from-attach; exit 5"]);
+    let out = env.run(&[
+        "attach",
+        "files",
+        "--tail",
+        "3",
+        "--shell",
+        "echo hi-from-attach; exit 5",
+    ]);
     assert_eq!(out.status.code(), Some(5));
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("hi-from-attach"), "{s}");
@@ -507,14 +759,27 @@ fn cp_round_trips_50_mib_both_ways_and_repl_and_attach_tail_work() {
 fn secrets_reach_the_guest_only() {
     let env = Env::new();
     let dir = tempfile::tempdir().expect("tmp");
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let value = format!("s3cr3t-{:x}-{nanos:x}", std::process::id());
     let file_value = format!("file-{value}");
     let f = dir.path().join("token");
     std::fs::write(&f, &file_value).expect("write");
     let token = format!("API_TOKEN={value}");
     let from_file = format!("FROM_FILE={}", f.display());
-    let info = env.json(&["boot", "--name", "sec", "--detached", "--json", "--secret", &token, "--secret-file", &from_file]);
+    let info = env.json(&[
+        "boot",
+        "--name",
+        "sec",
+        "--detached",
+        "--json",
+        "--secret",
+        &token,
+        "--secret-file",
+        &from_file,
+    ]);
     assert!(!info.to_string().contains(&value));
 
     let out = env.run_ok(&["exec", "sec", "--", "sh", "-c", "cat /run/machinen/secrets/API_TOKEN; echo; cat /run/machinen/secrets/FROM_FILE; echo; stat -c %a /run/machinen/secrets/API_TOKEN; grep ' /run/machinen/secrets ' /proc/mounts; sync"]);
@@ -524,7 +789,14 @@ fn secrets_reach_the_guest_only() {
     assert_eq!(lines[2], "400");
     assert!(lines[3].contains("tmpfs"), "{out}");
     // A transient program reads it.
-    env.run_ok(&["exec", "sec", "--", "sh", "-c", "cat /run/machinen/secrets/API_TOKEN > /dev/null"]);
+    env.run_ok(&[
+        "exec",
+        "sec",
+        "--",
+        "sh",
+        "-c",
+        "cat /run/machinen/secrets/API_TOKEN > /dev/null",
+    ]);
 
     // Nowhere on the host side: ls, registry files (meta, spec, logs), the disk.
     let ls = env.run_ok(&["ls", "--json"]);
@@ -544,25 +816,55 @@ fn secrets_reach_the_guest_only() {
     let out = env.run(&["boot", "--secret", "../x=hunter2", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("SECRETS_INVALID") && !err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains("SECRETS_INVALID") && !err.contains("hunter2"),
+        "{err}"
+    );
 
     // A bundle taken after the read carries no secret (when snapshots exist).
     let snap_help = env.run(&["snapshot", "--help"]);
-    if snap_help.status.success() && String::from_utf8_lossy(&snap_help.stdout).contains("--keep-alive") {
+    if snap_help.status.success()
+        && String::from_utf8_lossy(&snap_help.stdout).contains("--keep-alive")
+    {
         let bundle = dir.path().join("sec.snap");
-        let out = env.run(&["snapshot", "sec", bundle.to_str().expect("utf8"), "--keep-alive"]);
+        let out = env.run(&[
+            "snapshot",
+            "sec",
+            bundle.to_str().expect("utf8"),
+            "--keep-alive",
+        ]);
         if out.status.success() {
             let mut stack = vec![bundle.clone()];
             while let Some(p) = stack.pop() {
                 if p.is_dir() {
-                    stack.extend(std::fs::read_dir(&p).expect("ls").flatten().map(|e| e.path()));
+                    stack.extend(
+                        std::fs::read_dir(&p)
+                            .expect("ls")
+                            .flatten()
+                            .map(|e| e.path()),
+                    );
                     continue;
                 }
                 let bytes = std::fs::read(&p).unwrap_or_default();
-                assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the secret is in {}", p.display());
+                assert!(
+                    !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                    "the secret is in {}",
+                    p.display()
+                );
             }
-            let gone = env.run(&["exec", "sec", "--", "test", "-e", "/run/machinen/secrets/API_TOKEN"]);
-            assert_eq!(gone.status.code(), Some(1), "secrets are wiped before a snapshot");
+            let gone = env.run(&[
+                "exec",
+                "sec",
+                "--",
+                "test",
+                "-e",
+                "/run/machinen/secrets/API_TOKEN",
+            ]);
+            assert_eq!(
+                gone.status.code(),
+                Some(1),
+                "secrets are wiped before a snapshot"
+            );
         }
     }
 }
@@ -575,8 +877,24 @@ fn agent_context_parses_and_matches_help() {
     assert_eq!(v["schema_version"], 1);
     let cmds = v["commands"].as_array().expect("commands");
     let top = env.run_ok(&["--help"]);
-    for name in ["boot", "exec", "ls", "stop", "gc", "install", "cp", "attach", "repl", "mux", "agent-context", "completion"] {
-        assert!(cmds.iter().any(|c| c["name"] == name), "{name} missing from agent-context");
+    for name in [
+        "boot",
+        "exec",
+        "ls",
+        "stop",
+        "gc",
+        "install",
+        "cp",
+        "attach",
+        "repl",
+        "mux",
+        "agent-context",
+        "completion",
+    ] {
+        assert!(
+            cmds.iter().any(|c| c["name"] == name),
+            "{name} missing from agent-context"
+        );
     }
     for c in cmds {
         let name = c["name"].as_str().expect("name");
@@ -584,11 +902,18 @@ fn agent_context_parses_and_matches_help() {
         let help = env.run_ok(&[name, "--help"]);
         for a in c["args"].as_array().expect("args") {
             if let Some(long) = a["long"].as_str() {
-                assert!(help.contains(long), "{name}: {long} in agent-context but not in --help");
+                assert!(
+                    help.contains(long),
+                    "{name}: {long} in agent-context but not in --help"
+                );
             }
         }
     }
-    assert!(v["exit_codes"]["codes"].as_array().expect("codes").iter().any(|c| c["code"] == "REGISTRY_NOT_FOUND" && c["exit_code"] == 125));
+    assert!(v["exit_codes"]["codes"]
+        .as_array()
+        .expect("codes")
+        .iter()
+        .any(|c| c["code"] == "REGISTRY_NOT_FOUND" && c["exit_code"] == 125));
     let bash = env.run_ok(&["completion", "bash"]);
     assert!(bash.contains("__vm-names") && bash.contains("complete -F"));
 }

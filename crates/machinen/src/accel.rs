@@ -53,7 +53,11 @@ pub struct BadAccel {
 /// nested paravirtual hosts expose it without hardware virtualisation, and
 /// stock kernels die there on emulation failures. So require the CPU flag too.
 fn kvm_usable() -> bool {
-    let dev_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let dev_ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !dev_ok {
         return false;
     }
@@ -68,8 +72,14 @@ fn kvm_usable() -> bool {
 /// HVF on macOS, KVM where it really works, else TCG.
 pub fn probe(requested: Option<&str>) -> Result<Accel, BadAccel> {
     let env = std::env::var("MACHINEN_ACCEL").ok();
-    if let Some(r) = env.as_deref().or(requested).filter(|r| !r.is_empty() && *r != "auto") {
-        return Accel::parse(r).ok_or_else(|| BadAccel { value: r.to_string() });
+    if let Some(r) = env
+        .as_deref()
+        .or(requested)
+        .filter(|r| !r.is_empty() && *r != "auto")
+    {
+        return Accel::parse(r).ok_or_else(|| BadAccel {
+            value: r.to_string(),
+        });
     }
     if cfg!(target_os = "macos") {
         return Ok(Accel::Hvf);

@@ -93,7 +93,10 @@ pub enum InstallError {
     #[error("base rootfs not installed at {path}")]
     BaseNotFound { path: PathBuf },
     #[error("`{tool}` is not installed")]
-    ToolMissing { tool: &'static str, package: &'static str },
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("apt knows no package `{package}`; it has no package lists yet")]
     AptListsMissing { package: String },
     #[error("apt's sources have no package `{package}`")]
@@ -134,9 +137,10 @@ impl Coded for InstallError {
             KernelNotFound { .. } => ErrorCode::ProvisionKernelNotFound,
             BaseNotFound { .. } => ErrorCode::ProvisionBaseNotFound,
             ToolMissing { .. } => ErrorCode::InstallToolMissing,
-            AptListsMissing { .. } | PackageUnavailable { .. } | FetchFailed { .. } | KernelPackageInvalid { .. } => {
-                ErrorCode::InstallFetchFailed
-            }
+            AptListsMissing { .. }
+            | PackageUnavailable { .. }
+            | FetchFailed { .. }
+            | KernelPackageInvalid { .. } => ErrorCode::InstallFetchFailed,
             RootfsFailed { .. } => ErrorCode::InstallRootfsFailed,
             Io { .. } => ErrorCode::Io,
             MarkerInvalid { .. } => ErrorCode::ProvisionAssetsDirInvalid,
@@ -182,12 +186,19 @@ impl Coded for InstallError {
 }
 
 pub(crate) fn need(t: Tool) -> Result<PathBuf, InstallError> {
-    t.find().ok_or(InstallError::ToolMissing { tool: t.name, package: t.package })
+    t.find().ok_or(InstallError::ToolMissing {
+        tool: t.name,
+        package: t.package,
+    })
 }
 
 pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> InstallError {
     let path = path.to_path_buf();
-    move |source| InstallError::Io { action, path, source }
+    move |source| InstallError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// `<assets>/installed.json`: what install put there, written last.
@@ -227,9 +238,14 @@ fn assets_at(dir: &Path, kernel_version: &str) -> Assets {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, InstallError> {
     match fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|source| InstallError::MarkerInvalid { path: path.to_path_buf(), source }),
+        Ok(b) => {
+            serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| InstallError::MarkerInvalid {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("read", path)(e)),
     }
@@ -245,14 +261,21 @@ fn remove_if_present(path: &Path) -> Result<(), InstallError> {
 
 /// The marker and every file it vouches for, or `None`.
 fn installed(dir: &Path) -> Result<Option<(Marker, Assets)>, InstallError> {
-    let Some(marker) = read_json::<Marker>(&dir.join(MARKER))? else { return Ok(None) };
+    let Some(marker) = read_json::<Marker>(&dir.join(MARKER))? else {
+        return Ok(None);
+    };
     if marker.layout != ASSETS_LAYOUT || marker.arch != debian_arch() {
         return Ok(None);
     }
     let assets = assets_at(dir, &marker.kernel_version);
     let complete = assets.kernel.is_file()
         && assets.rootfs.is_file()
-        && assets.modules_root.join("lib/modules").join(&marker.kernel_version).join("modules.dep").is_file();
+        && assets
+            .modules_root
+            .join("lib/modules")
+            .join(&marker.kernel_version)
+            .join("modules.dep")
+            .is_file();
     Ok(complete.then_some((marker, assets)))
 }
 
@@ -285,14 +308,21 @@ pub fn resolve(paths: &Paths) -> Result<Assets, InstallError> {
     // Both files are there but the marker is not: an install was
     // interrupted, or the modules are gone. Either way the kernel part is
     // what cannot be trusted.
-    Err(InstallError::KernelNotFound { path: paths.assets.join(MODULES) })
+    Err(InstallError::KernelNotFound {
+        path: paths.assets.join(MODULES),
+    })
 }
 
 fn ms_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn report(marker: &Marker, assets: Assets, already_installed: bool, start: Instant) -> InstallReport {
+fn report(
+    marker: &Marker,
+    assets: Assets,
+    already_installed: bool,
+    start: Instant,
+) -> InstallReport {
     InstallReport {
         assets,
         rootfs_sha256: marker.rootfs_sha256.clone(),
@@ -322,7 +352,14 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
 
     // Every tool install or a later boot needs, checked up front so that a
     // missing one is reported before minutes of work, not after.
-    let mut tools = vec![tool::APT_GET, tool::APT_CACHE, tool::DPKG_DEB, tool::MKFS_EXT4, tool::QEMU_IMG, tool::TAR];
+    let mut tools = vec![
+        tool::APT_GET,
+        tool::APT_CACHE,
+        tool::DPKG_DEB,
+        tool::MKFS_EXT4,
+        tool::QEMU_IMG,
+        tool::TAR,
+    ];
     if tool::MMDEBSTRAP.find().is_none() {
         if tool::DEBOOTSTRAP.find().is_none() || !tool::is_root() {
             tools.push(tool::MMDEBSTRAP);
@@ -355,7 +392,11 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
     let mut apt_updated = false;
 
     let kernel_start = Instant::now();
-    let stamp = if opts.force { None } else { reusable_kernel(dir)? };
+    let stamp = if opts.force {
+        None
+    } else {
+        reusable_kernel(dir)?
+    };
     let (stamp, kernel_ms) = match stamp {
         Some(s) => (s, 0),
         None => {
@@ -381,11 +422,14 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
         0
     };
     let step = opts.progress.step("Hashing the base rootfs");
-    let (rootfs_sha256, rootfs_size) = fsutil::sha256_file(&rootfs_path).map_err(io_err("read", &rootfs_path))?;
+    let (rootfs_sha256, rootfs_size) =
+        fsutil::sha256_file(&rootfs_path).map_err(io_err("read", &rootfs_path))?;
     step.done("Hashed the base rootfs");
 
     let kernel_path = dir.join(KERNEL);
-    let kernel_size = fs::metadata(&kernel_path).map_err(io_err("read", &kernel_path))?.len();
+    let kernel_size = fs::metadata(&kernel_path)
+        .map_err(io_err("read", &kernel_path))?
+        .len();
     let marker = Marker {
         layout: ASSETS_LAYOUT,
         arch: arch.to_string(),
@@ -411,16 +455,24 @@ pub fn install(paths: &Paths, opts: &InstallOptions) -> Result<InstallReport, In
 /// install is complete.
 fn reusable_kernel(dir: &Path) -> Result<Option<KernelStamp>, InstallError> {
     // An unreadable stamp just means fetching again.
-    let stamp = read_json::<KernelStamp>(&dir.join(KERNEL_STAMP)).ok().flatten();
+    let stamp = read_json::<KernelStamp>(&dir.join(KERNEL_STAMP))
+        .ok()
+        .flatten();
     Ok(stamp.filter(|s| {
         s.layout == ASSETS_LAYOUT
             && dir.join(KERNEL).is_file()
-            && dir.join(MODULES).join("lib/modules").join(&s.kernel_version).join("modules.dep").is_file()
+            && dir
+                .join(MODULES)
+                .join("lib/modules")
+                .join(&s.kernel_version)
+                .join("modules.dep")
+                .is_file()
     }))
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), InstallError> {
-    let mut json = serde_json::to_vec_pretty(value).map_err(|e| io_err("encode", path)(io::Error::other(e)))?;
+    let mut json = serde_json::to_vec_pretty(value)
+        .map_err(|e| io_err("encode", path)(io::Error::other(e)))?;
     json.push(b'\n');
     fsutil::write_atomic(path, &json).map_err(io_err("write", path))
 }

@@ -24,7 +24,9 @@ fn exe_dirs() -> Vec<PathBuf> {
 }
 
 fn from_env(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The supervisor binary.
@@ -33,19 +35,33 @@ pub fn vmm() -> Result<PathBuf, Failure> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(fail(ErrorCode::BootVmmMissing, format!("MACHINEN_VMM points to {}, which does not exist", p.display())))
+            Err(fail(
+                ErrorCode::BootVmmMissing,
+                format!(
+                    "MACHINEN_VMM points to {}, which does not exist",
+                    p.display()
+                ),
+            ))
         };
     }
-    exe_dirs().into_iter().map(|d| d.join("machinen-vmm")).find(|p| p.is_file()).ok_or_else(|| {
-        fail(ErrorCode::BootVmmMissing, "the supervisor program machinen-vmm was not found next to this program")
+    exe_dirs()
+        .into_iter()
+        .map(|d| d.join("machinen-vmm"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            fail(
+                ErrorCode::BootVmmMissing,
+                "the supervisor program machinen-vmm was not found next to this program",
+            )
             .hint("build the workspace (`scripts/build`), or set MACHINEN_VMM to its path")
-    })
+        })
 }
 
 /// The guest agent binary; it must be statically linked, since it runs as
 /// `/init` before any root filesystem (and its libc) is mounted.
 pub fn agent() -> Result<PathBuf, Failure> {
-    let hint = "build it with `scripts/build` (a static build of crates/agent), or set MACHINEN_AGENT";
+    let hint =
+        "build it with `scripts/build` (a static build of crates/agent), or set MACHINEN_AGENT";
     let candidates: Vec<PathBuf> = match from_env("MACHINEN_AGENT") {
         Some(p) => vec![p],
         None => {
@@ -74,8 +90,19 @@ pub fn agent() -> Result<PathBuf, Failure> {
         }
     }
     Err(match dynamic {
-        Some(p) => fail(ErrorCode::BootVmmMissing, format!("the guest agent at {} is not a statically linked ELF", p.display())).hint(hint),
-        None => fail(ErrorCode::BootVmmMissing, "the guest agent machinen-agent was not found").hint(hint),
+        Some(p) => fail(
+            ErrorCode::BootVmmMissing,
+            format!(
+                "the guest agent at {} is not a statically linked ELF",
+                p.display()
+            ),
+        )
+        .hint(hint),
+        None => fail(
+            ErrorCode::BootVmmMissing,
+            "the guest agent machinen-agent was not found",
+        )
+        .hint(hint),
     })
 }
 
@@ -90,13 +117,22 @@ fn elf_is_static(d: &[u8]) -> bool {
     if d.len() < 64 || &d[..4] != b"\x7fELF" || d[4] != 2 || d[5] != 1 {
         return false; // not a 64-bit little-endian ELF
     }
-    let u16_at = |o: usize| d.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u64_at = |o: usize| d.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize);
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let u16_at = |o: usize| {
+        d.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        d.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     for i in 0..phnum {
-        let Some(off) = i.checked_mul(phentsize).and_then(|x| x.checked_add(phoff)) else { return false };
+        let Some(off) = i.checked_mul(phentsize).and_then(|x| x.checked_add(phoff)) else {
+            return false;
+        };
         match d.get(off..off + 4) {
             Some(b) if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == PT_INTERP => return false,
             Some(_) => {}

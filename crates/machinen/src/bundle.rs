@@ -71,7 +71,12 @@ impl Digest {
     }
 
     pub fn parse(name: Option<&str>) -> Option<Digest> {
-        let all = [Digest::Sha256, Digest::Sha256Sparse, Digest::Blake3, Digest::Blake3Sparse];
+        let all = [
+            Digest::Sha256,
+            Digest::Sha256Sparse,
+            Digest::Blake3,
+            Digest::Blake3Sparse,
+        ];
         match name {
             None => Some(Digest::Sha256),
             Some(n) => all.into_iter().find(|d| d.name() == n),
@@ -164,10 +169,16 @@ pub enum BundleError {
     Corrupt { file: PathBuf, detail: String },
     #[error("bundle file {file} is missing")]
     Missing { file: PathBuf },
-    #[error("bundle {path} has format version {found}; this machinen reads version {FORMAT_VERSION}")]
+    #[error(
+        "bundle {path} has format version {found}; this machinen reads version {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("bundle was made for {what} {found}, this host has {here}")]
-    Foreign { what: &'static str, found: String, here: String },
+    Foreign {
+        what: &'static str,
+        found: String,
+        here: String,
+    },
     #[error("snapshot destination {path} already exists")]
     Exists { path: PathBuf },
     #[error("bundle i/o on {path}")]
@@ -181,9 +192,10 @@ pub enum BundleError {
 impl Coded for BundleError {
     fn code(&self) -> ErrorCode {
         match self {
-            BundleError::NotABundle { .. } | BundleError::Missing { .. } | BundleError::Corrupt { .. } | BundleError::Version { .. } => {
-                ErrorCode::RestoreBundleInvalid
-            }
+            BundleError::NotABundle { .. }
+            | BundleError::Missing { .. }
+            | BundleError::Corrupt { .. }
+            | BundleError::Version { .. } => ErrorCode::RestoreBundleInvalid,
             BundleError::Foreign { .. } => ErrorCode::RestoreBundleIncompatible,
             BundleError::Exists { .. } => ErrorCode::SnapshotOutExists,
             BundleError::Io { .. } => ErrorCode::SnapshotDumpFailed,
@@ -191,29 +203,45 @@ impl Coded for BundleError {
     }
     fn hint(&self) -> Option<String> {
         Some(match self {
-            BundleError::NotABundle { .. } => "pass the directory that `machinen snapshot` wrote".into(),
+            BundleError::NotABundle { .. } => {
+                "pass the directory that `machinen snapshot` wrote".into()
+            }
             BundleError::Corrupt { .. } | BundleError::Missing { .. } => {
                 "the bundle was damaged in transit or on disk; copy it again from its source".into()
             }
-            BundleError::Version { .. } => "restore it with the machinen version that wrote it".into(),
-            BundleError::Foreign { .. } => "restore it on a host with the same guest architecture and accelerator".into(),
-            BundleError::Exists { .. } => "choose a new directory; machinen never overwrites a bundle".into(),
+            BundleError::Version { .. } => {
+                "restore it with the machinen version that wrote it".into()
+            }
+            BundleError::Foreign { .. } => {
+                "restore it on a host with the same guest architecture and accelerator".into()
+            }
+            BundleError::Exists { .. } => {
+                "choose a new directory; machinen never overwrites a bundle".into()
+            }
             BundleError::Io { .. } => return None,
         })
     }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io { path: path.to_path_buf(), source }
+    move |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A missing bundle file is its own error: restore names it.
 fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     move |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            BundleError::Missing { file: path.to_path_buf() }
+            BundleError::Missing {
+                file: path.to_path_buf(),
+            }
         } else {
-            BundleError::Io { path: path.to_path_buf(), source: e }
+            BundleError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
         }
     }
 }
@@ -277,7 +305,11 @@ fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
         out.push((data as u64, end));
         pos = end as i64;
     }
@@ -317,7 +349,8 @@ fn is_zero(b: &[u8]) -> bool {
     // OR a 64-byte block together (the compiler turns this into a few SIMD
     // instructions), stopping at the first block with a set bit.
     let mut blocks = b.chunks_exact(64);
-    blocks.all(|blk| blk.iter().fold(0u8, |acc, &x| acc | x) == 0) && blocks.remainder().iter().all(|&x| x == 0)
+    blocks.all(|blk| blk.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
 }
 
 /// Granularity of the holes [`sparse_copy`] leaves for zero pages.
@@ -332,7 +365,11 @@ const PAGE: usize = 4096;
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
     let from = fs::File::open(src).map_err(io(src))?;
     let len = from.metadata().map_err(io(src))?.len();
-    let to = fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(io(dst))?;
+    let to = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(io(dst))?;
     to.set_len(len).map_err(io(dst))?;
     let mut buf = vec![0u8; 1 << 20];
     for (data, end) in data_extents(&from, len) {
@@ -348,7 +385,8 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
                 match (is_zero(&buf[at..next]), run) {
                     (false, None) => run = Some(at),
                     (true, Some(start)) => {
-                        to.write_all_at(&buf[start..at], off + start as u64).map_err(io(dst))?;
+                        to.write_all_at(&buf[start..at], off + start as u64)
+                            .map_err(io(dst))?;
                         run = None;
                     }
                     _ => {}
@@ -356,7 +394,8 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
                 at = next;
             }
             if let Some(start) = run {
-                to.write_all_at(&buf[start..want], off + start as u64).map_err(io(dst))?;
+                to.write_all_at(&buf[start..want], off + start as u64)
+                    .map_err(io(dst))?;
             }
             off += want as u64;
         }
@@ -402,7 +441,10 @@ impl Builder {
     /// Like [`Builder::new`], but `record` learns the temp directory's path
     /// before the directory exists, so whoever cleans up after a crash (gc)
     /// can always find it.
-    pub fn new_recorded(dest: &Path, record: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<Builder, BundleError> {
+    pub fn new_recorded(
+        dest: &Path,
+        record: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Builder, BundleError> {
         let dest = if dest.is_absolute() {
             dest.to_path_buf()
         } else {
@@ -411,9 +453,14 @@ impl Builder {
         if dest.exists() {
             return Err(BundleError::Exists { path: dest });
         }
-        let parent = dest.parent().ok_or_else(|| BundleError::Exists { path: dest.clone() })?;
+        let parent = dest
+            .parent()
+            .ok_or_else(|| BundleError::Exists { path: dest.clone() })?;
         fs::create_dir_all(parent).map_err(io(parent))?;
-        let base = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
+        let base = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
         let tmp = parent.join(format!(".{base}.partial-{:08x}", rand::random::<u32>()));
         record(&tmp).map_err(io(&tmp))?;
         fs::create_dir(&tmp).map_err(io(&tmp))?;
@@ -430,7 +477,10 @@ impl Builder {
     /// it, so it cannot pass for a bundle that was checked.
     pub fn finish_scratch(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
-        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
+            file: meta_path.clone(),
+            detail: e.to_string(),
+        })?;
         fs::write(&meta_path, bytes).map_err(io(&meta_path))?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
         let dest = self.dest.clone();
@@ -441,7 +491,10 @@ impl Builder {
     /// Write meta and manifest, sync everything, and rename into place.
     pub fn finish(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
-        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
+            file: meta_path.clone(),
+            detail: e.to_string(),
+        })?;
         write_synced(&meta_path, &bytes)?;
         let mut files = Vec::new();
         for name in [META, STATE, DISK, RAM] {
@@ -449,15 +502,31 @@ impl Builder {
             if name == RAM && !p.exists() {
                 continue;
             }
-            let digest = if name == RAM { Digest::Blake3Sparse } else { Digest::Blake3 };
+            let digest = if name == RAM {
+                Digest::Blake3Sparse
+            } else {
+                Digest::Blake3
+            };
             let (size, hash) = digest.of_file(&p)?;
             let f = fs::File::open(&p).map_err(io(&p))?;
             f.sync_all().map_err(io(&p))?;
-            files.push(FileEntry { name: name.into(), size, hash, digest: Some(digest.name().into()) });
+            files.push(FileEntry {
+                name: name.into(),
+                size,
+                hash,
+                digest: Some(digest.name().into()),
+            });
         }
-        let manifest = Manifest { format: FORMAT_NAME.into(), version: FORMAT_VERSION, files };
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            files,
+        };
         let mpath = self.path(MANIFEST);
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| BundleError::Corrupt { file: mpath.clone(), detail: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| BundleError::Corrupt {
+            file: mpath.clone(),
+            detail: e.to_string(),
+        })?;
         write_synced(&mpath, &bytes)?;
         fsync_dir(&self.tmp)?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
@@ -484,15 +553,22 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
     let f = fs::File::open(path).map_err(file_error(path))?;
     let mut bytes = Vec::new();
-    f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes).map_err(io(path))?;
+    f.take(MAX_SMALL_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(path))?;
     if bytes.len() as u64 > MAX_SMALL_FILE {
-        return Err(BundleError::Corrupt { file: path.to_path_buf(), detail: "larger than 1 MiB".into() });
+        return Err(BundleError::Corrupt {
+            file: path.to_path_buf(),
+            detail: "larger than 1 MiB".into(),
+        });
     }
     Ok(bytes)
 }
@@ -519,15 +595,25 @@ pub fn open_verified_meta(dir: &Path) -> Result<(Manifest, BundleMeta), BundleEr
 /// manifest, each on its own thread: the RAM file dominates, the others
 /// come for free beside it.
 pub fn verify_files(dir: &Path, manifest: &Manifest, names: &[&str]) -> Result<(), BundleError> {
-    let entries: Vec<&FileEntry> = manifest.files.iter().filter(|f| names.contains(&f.name.as_str())).collect();
+    let entries: Vec<&FileEntry> = manifest
+        .files
+        .iter()
+        .filter(|f| names.contains(&f.name.as_str()))
+        .collect();
     std::thread::scope(|s| {
-        let checks: Vec<_> = entries.iter().map(|e| s.spawn(move || verify_entry(dir, e))).collect();
+        let checks: Vec<_> = entries
+            .iter()
+            .map(|e| s.spawn(move || verify_entry(dir, e)))
+            .collect();
         // Report the first failure in manifest order, so the message does not
         // depend on which thread finished first.
         let mut first = Ok(());
         for c in checks {
             let r = c.join().unwrap_or_else(|_| {
-                Err(BundleError::Corrupt { file: dir.to_path_buf(), detail: "a verification thread panicked".into() })
+                Err(BundleError::Corrupt {
+                    file: dir.to_path_buf(),
+                    detail: "a verification thread panicked".into(),
+                })
             });
             if first.is_ok() {
                 first = r;
@@ -541,14 +627,23 @@ fn verify_entry(dir: &Path, entry: &FileEntry) -> Result<(), BundleError> {
     let p = dir.join(&entry.name);
     let digest = Digest::parse(entry.digest.as_deref()).ok_or_else(|| BundleError::Corrupt {
         file: dir.join(MANIFEST),
-        detail: format!("unknown digest {:?}", entry.digest.as_deref().unwrap_or_default()),
+        detail: format!(
+            "unknown digest {:?}",
+            entry.digest.as_deref().unwrap_or_default()
+        ),
     })?;
     let (size, hash) = digest.of_file(&p)?;
     if size != entry.size {
-        return Err(BundleError::Corrupt { file: p, detail: format!("size {size}, manifest says {}", entry.size) });
+        return Err(BundleError::Corrupt {
+            file: p,
+            detail: format!("size {size}, manifest says {}", entry.size),
+        });
     }
     if hash != entry.hash {
-        return Err(BundleError::Corrupt { file: p, detail: format!("{} digest does not match the manifest", digest.name()) });
+        return Err(BundleError::Corrupt {
+            file: p,
+            detail: format!("{} digest does not match the manifest", digest.name()),
+        });
     }
     Ok(())
 }
@@ -557,20 +652,34 @@ fn verify_entry(dir: &Path, entry: &FileEntry) -> Result<(), BundleError> {
 fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
     let mpath = dir.join(MANIFEST);
     if !mpath.exists() {
-        return Err(BundleError::NotABundle { path: dir.to_path_buf() });
+        return Err(BundleError::NotABundle {
+            path: dir.to_path_buf(),
+        });
     }
-    let manifest: Manifest = serde_json::from_slice(&read_small(&mpath)?)
-        .map_err(|e| BundleError::Corrupt { file: mpath.clone(), detail: e.to_string() })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&read_small(&mpath)?).map_err(|e| BundleError::Corrupt {
+            file: mpath.clone(),
+            detail: e.to_string(),
+        })?;
     if manifest.format != FORMAT_NAME {
-        return Err(BundleError::Corrupt { file: mpath, detail: format!("format {:?}", manifest.format) });
+        return Err(BundleError::Corrupt {
+            file: mpath,
+            detail: format!("format {:?}", manifest.format),
+        });
     }
     if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.version) {
-        return Err(BundleError::Version { path: dir.to_path_buf(), found: manifest.version });
+        return Err(BundleError::Version {
+            path: dir.to_path_buf(),
+            found: manifest.version,
+        });
     }
     let mut names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
     names.sort_unstable();
     if names != [META, DISK, STATE] && names != [META, RAM, DISK, STATE] {
-        return Err(BundleError::Corrupt { file: mpath, detail: format!("unexpected file list {names:?}") });
+        return Err(BundleError::Corrupt {
+            file: mpath,
+            detail: format!("unexpected file list {names:?}"),
+        });
     }
     Ok(manifest)
 }
@@ -579,18 +688,34 @@ fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
 /// a bundle this process has just written).
 pub fn read_meta(dir: &Path) -> Result<BundleMeta, BundleError> {
     let meta_path = dir.join(META);
-    let meta: BundleMeta = serde_json::from_slice(&read_small(&meta_path)?)
-        .map_err(|e| BundleError::Corrupt { file: meta_path.clone(), detail: e.to_string() })?;
-    if meta.format != FORMAT_NAME || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&meta.version) {
-        return Err(BundleError::Version { path: dir.to_path_buf(), found: meta.version });
+    let meta: BundleMeta =
+        serde_json::from_slice(&read_small(&meta_path)?).map_err(|e| BundleError::Corrupt {
+            file: meta_path.clone(),
+            detail: e.to_string(),
+        })?;
+    if meta.format != FORMAT_NAME || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&meta.version)
+    {
+        return Err(BundleError::Version {
+            path: dir.to_path_buf(),
+            found: meta.version,
+        });
     }
     Ok(meta)
 }
 
 /// Refuse a bundle this host cannot resume.
-pub fn check_compatible(meta: &BundleMeta, guest_arch: &str, accel: &str, cpu_model: &str) -> Result<(), BundleError> {
+pub fn check_compatible(
+    meta: &BundleMeta,
+    guest_arch: &str,
+    accel: &str,
+    cpu_model: &str,
+) -> Result<(), BundleError> {
     if meta.guest_arch != guest_arch {
-        return Err(BundleError::Foreign { what: "guest architecture", found: meta.guest_arch.clone(), here: guest_arch.into() });
+        return Err(BundleError::Foreign {
+            what: "guest architecture",
+            found: meta.guest_arch.clone(),
+            here: guest_arch.into(),
+        });
     }
     if meta.cpu_model != cpu_model || (meta.accel == "tcg") != (accel == "tcg") {
         return Err(BundleError::Foreign {
@@ -612,14 +737,20 @@ mod tests {
             version: FORMAT_VERSION,
             engine: "qemu".into(),
             source_name: "web".into(),
-            image: ImageIdentity { path: "/x/rootfs.tar.gz".into(), sha256: "ab".repeat(32) },
+            image: ImageIdentity {
+                path: "/x/rootfs.tar.gz".into(),
+                sha256: "ab".repeat(32),
+            },
             snapped_at_ms: 1,
             guest_arch: "amd64".into(),
             accel: "tcg".into(),
             cpu_model: "max".into(),
             memory_mib: 512,
             cpus: 1,
-            kernel: KernelIdentity { version: "6.1".into(), sha256: "cd".repeat(32) },
+            kernel: KernelIdentity {
+                version: "6.1".into(),
+                sha256: "cd".repeat(32),
+            },
             disk_format: "qcow2".into(),
             chain_id: "c".into(),
             chain_seq: 1,
@@ -647,11 +778,22 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(dest.join(DISK)).expect("meta");
         assert_eq!(m.len(), 64 << 20);
-        assert!(m.blocks() * 512 < 4 << 20, "disk copy is sparse ({} blocks)", m.blocks());
+        assert!(
+            m.blocks() * 512 < 4 << 20,
+            "disk copy is sparse ({} blocks)",
+            m.blocks()
+        );
         let mut buf = [0u8; 4];
-        fs::File::open(dest.join(DISK)).expect("open").read_exact_at(&mut buf, 32 << 20).expect("read");
+        fs::File::open(dest.join(DISK))
+            .expect("open")
+            .read_exact_at(&mut buf, 32 << 20)
+            .expect("read");
         assert_eq!(&buf, b"data");
-        assert!(fs::read_dir(tmp.path()).expect("ls").all(|e| !e.expect("e").file_name().to_string_lossy().contains("partial")));
+        assert!(fs::read_dir(tmp.path()).expect("ls").all(|e| !e
+            .expect("e")
+            .file_name()
+            .to_string_lossy()
+            .contains("partial")));
     }
 
     #[test]
@@ -666,8 +808,15 @@ mod tests {
                 bad[at] ^= 0x01;
                 fs::write(&p, &bad).expect("write");
                 let err = verify(&dest).expect_err("must refuse");
-                assert_eq!(err.code(), ErrorCode::RestoreBundleInvalid, "{name}@{at}: {err}");
-                assert!(err.to_string().contains(name) || err.to_string().contains("b.snap"), "{name}@{at}: {err}");
+                assert_eq!(
+                    err.code(),
+                    ErrorCode::RestoreBundleInvalid,
+                    "{name}@{at}: {err}"
+                );
+                assert!(
+                    err.to_string().contains(name) || err.to_string().contains("b.snap"),
+                    "{name}@{at}: {err}"
+                );
             }
             fs::write(&p, &orig).expect("restore");
         }
@@ -679,22 +828,38 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let dest = make(tmp.path());
         let mpath = dest.join(MANIFEST);
-        let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&mpath).expect("read")).expect("json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&fs::read(&mpath).expect("read")).expect("json");
         m["version"] = (FORMAT_VERSION + 1).into();
         fs::write(&mpath, serde_json::to_vec(&m).expect("json")).expect("write");
         let err = verify(&dest).expect_err("newer format");
-        assert!(matches!(err, BundleError::Version { found, .. } if found == FORMAT_VERSION + 1), "{err}");
+        assert!(
+            matches!(err, BundleError::Version { found, .. } if found == FORMAT_VERSION + 1),
+            "{err}"
+        );
         assert_eq!(err.code(), ErrorCode::RestoreBundleInvalid);
-        assert!(err.to_string().contains(&format!("version {}", FORMAT_VERSION + 1)), "{err}");
-        assert!(err.hint().is_some_and(|h| h.contains("machinen version that wrote it")));
+        assert!(
+            err.to_string()
+                .contains(&format!("version {}", FORMAT_VERSION + 1)),
+            "{err}"
+        );
+        assert!(err
+            .hint()
+            .is_some_and(|h| h.contains("machinen version that wrote it")));
     }
 
     #[test]
     fn missing_files_existing_destination_and_abandoned_builds() {
         let tmp = tempfile::tempdir().expect("tmp");
-        assert!(matches!(verify(tmp.path()), Err(BundleError::NotABundle { .. })));
+        assert!(matches!(
+            verify(tmp.path()),
+            Err(BundleError::NotABundle { .. })
+        ));
         let dest = make(tmp.path());
-        assert!(matches!(Builder::new(&dest), Err(BundleError::Exists { .. })));
+        assert!(matches!(
+            Builder::new(&dest),
+            Err(BundleError::Exists { .. })
+        ));
         fs::remove_file(dest.join(STATE)).expect("rm");
         let err = verify(&dest).expect_err("missing");
         assert!(err.to_string().contains(STATE), "{err}");
@@ -749,7 +914,12 @@ mod tests {
         let mut files = Vec::new();
         for name in [META, STATE, DISK, RAM] {
             let p = dest.join(name);
-            let (size, sha) = if name == RAM { sparse_digest::<sha2::Sha256>(&p) } else { hash_file(&p) }.expect("hash");
+            let (size, sha) = if name == RAM {
+                sparse_digest::<sha2::Sha256>(&p)
+            } else {
+                hash_file(&p)
+            }
+            .expect("hash");
             let mut e = serde_json::json!({"name": name, "size": size, "sha256": sha});
             if name == RAM {
                 e["digest"] = "sha256-nonzero-64k".into();
@@ -759,10 +929,16 @@ mod tests {
         let m = serde_json::json!({"format": FORMAT_NAME, "version": 2, "files": files});
         fs::write(dest.join(MANIFEST), serde_json::to_vec(&m).expect("json")).expect("manifest");
         verify(&dest).expect("format 2 verifies");
-        let f = fs::OpenOptions::new().write(true).open(dest.join(RAM)).expect("open");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dest.join(RAM))
+            .expect("open");
         f.write_all_at(b"x", 3 << 20).expect("flip");
         let err = verify(&dest).expect_err("changed RAM");
-        assert!(err.to_string().contains(RAM) && err.to_string().contains("sha256-nonzero-64k"), "{err}");
+        assert!(
+            err.to_string().contains(RAM) && err.to_string().contains("sha256-nonzero-64k"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -782,8 +958,14 @@ mod tests {
         assert_eq!(fs::read(&dst).expect("read"), all, "same bytes");
         let data_pages = (0..64).step_by(3).count() as u64 + 1;
         let on_disk = fs::metadata(&dst).expect("meta").blocks() * 512;
-        assert!(on_disk <= data_pages * PAGE as u64 + 64 * 1024, "zero pages left as holes: {on_disk} bytes on disk");
-        assert_eq!(sparse_digest::<Blake3>(&dst).expect("d").1, sparse_digest::<Blake3>(&src).expect("s").1);
+        assert!(
+            on_disk <= data_pages * PAGE as u64 + 64 * 1024,
+            "zero pages left as holes: {on_disk} bytes on disk"
+        );
+        assert_eq!(
+            sparse_digest::<Blake3>(&dst).expect("d").1,
+            sparse_digest::<Blake3>(&src).expect("s").1
+        );
     }
 
     #[test]
@@ -820,10 +1002,21 @@ mod tests {
         ram.write_all_at(b"heap", 9 << 20).expect("write");
         let dest = b.finish(&meta()).expect("finish");
         verify(&dest).expect("verify");
-        let m: Manifest = serde_json::from_slice(&fs::read(dest.join(MANIFEST)).expect("m")).expect("json");
-        assert_eq!(m.files.iter().find(|f| f.name == RAM).and_then(|f| f.digest.clone()).as_deref(), Some(Digest::Blake3Sparse.name()));
+        let m: Manifest =
+            serde_json::from_slice(&fs::read(dest.join(MANIFEST)).expect("m")).expect("json");
+        assert_eq!(
+            m.files
+                .iter()
+                .find(|f| f.name == RAM)
+                .and_then(|f| f.digest.clone())
+                .as_deref(),
+            Some(Digest::Blake3Sparse.name())
+        );
         assert_eq!(m.version, 3);
-        let f = fs::OpenOptions::new().write(true).open(dest.join(RAM)).expect("open");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dest.join(RAM))
+            .expect("open");
         f.write_all_at(b"x", 12 << 20).expect("flip");
         let err = verify(&dest).expect_err("changed RAM");
         assert!(err.to_string().contains(RAM), "{err}");
@@ -833,7 +1026,12 @@ mod tests {
     fn compatibility_checks() {
         let m = meta();
         check_compatible(&m, "amd64", "tcg", "max").expect("same");
-        assert_eq!(check_compatible(&m, "arm64", "tcg", "max").expect_err("arch").code(), ErrorCode::RestoreBundleIncompatible);
+        assert_eq!(
+            check_compatible(&m, "arm64", "tcg", "max")
+                .expect_err("arch")
+                .code(),
+            ErrorCode::RestoreBundleIncompatible
+        );
         assert!(check_compatible(&m, "amd64", "kvm", "host").is_err());
     }
 }

@@ -112,7 +112,12 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            BootTimeout | BootDetachedReadinessFailed | ExecVsockUnavailable | StopTimeout | InstallFetchFailed | SnapshotTimeout
+            BootTimeout
+                | BootDetachedReadinessFailed
+                | ExecVsockUnavailable
+                | StopTimeout
+                | InstallFetchFailed
+                | SnapshotTimeout
         )
     }
 
@@ -125,12 +130,12 @@ impl ErrorCode {
         match self {
             ExecCommandNotFound => 127,
             ExecSpawnFailed => 126,
-            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid | FilesPathInvalid | SecretsInvalid => 2,
+            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
+            | FilesPathInvalid | SecretsInvalid => 2,
             _ => 125,
         }
     }
 }
-
 
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,7 +157,12 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { code, message: message.into(), hint: None, source: None }
+        Failure {
+            code,
+            message: message.into(),
+            hint: None,
+            source: None,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Failure {
@@ -283,7 +293,10 @@ mod tests {
     #[test]
     fn failure_carries_code_hint_and_chain() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
-        let e: Error = fail(ErrorCode::RegistryNotFound, "no VM named x").hint("see `machinen ls`").source(io).into();
+        let e: Error = fail(ErrorCode::RegistryNotFound, "no VM named x")
+            .hint("see `machinen ls`")
+            .source(io)
+            .into();
         assert_eq!(e.code(), ErrorCode::RegistryNotFound);
         assert_eq!(e.to_string(), "no VM named x");
         assert_eq!(e.causes(), vec!["gone".to_string()]);

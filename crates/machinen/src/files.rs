@@ -36,17 +36,24 @@ pub struct WriteFileOptions {
 /// Check a guest path on the host side (the agent checks again).
 pub fn validate_guest_path(path: &str) -> Result<()> {
     if !path.starts_with('/') || path.contains('\0') || path.ends_with('/') {
-        return Err(fail(ErrorCode::FilesPathInvalid, format!("guest path {path:?} must be absolute and name a file"))
-            .hint("e.g. /root/data.bin")
-            .into());
+        return Err(fail(
+            ErrorCode::FilesPathInvalid,
+            format!("guest path {path:?} must be absolute and name a file"),
+        )
+        .hint("e.g. /root/data.bin")
+        .into());
     }
     Ok(())
 }
 
 fn file_hint(e: crate::Error, path: &str) -> crate::Error {
     let hint = match e.code() {
-        ErrorCode::FilesNotFound => Some(format!("check the guest path {path}; `machinen exec VM -- ls -la DIR` shows what is there")),
-        ErrorCode::FilesNoSpace => Some("the guest disk is full; remove files or boot a larger image".to_string()),
+        ErrorCode::FilesNotFound => Some(format!(
+            "check the guest path {path}; `machinen exec VM -- ls -la DIR` shows what is there"
+        )),
+        ErrorCode::FilesNoSpace => {
+            Some("the guest disk is full; remove files or boot a larger image".to_string())
+        }
         ErrorCode::FilesIsDirectory => Some("name a file, not a directory".to_string()),
         _ => None,
     };
@@ -59,33 +66,60 @@ fn file_hint(e: crate::Error, path: &str) -> crate::Error {
 async fn next_frame<R: AsyncRead + Unpin>(rd: &mut R, what: &str) -> Result<Option<Frame>> {
     match tokio::time::timeout(IDLE_TIMEOUT, proto::read_frame(rd)).await {
         Ok(r) => r.map_err(|e| protocol_error(what, e)),
-        Err(_) => Err(fail(ErrorCode::FilesIo, format!("no progress for {} s while {what}", IDLE_TIMEOUT.as_secs())).into()),
+        Err(_) => Err(fail(
+            ErrorCode::FilesIo,
+            format!("no progress for {} s while {what}", IDLE_TIMEOUT.as_secs()),
+        )
+        .into()),
     }
 }
 
 fn closed(what: &str) -> crate::Error {
-    fail(ErrorCode::ExecVsockUnavailable, format!("the connection to the VM closed while {what}"))
-        .hint("the VM may have stopped; `machinen ls` lists live VMs")
-        .into()
+    fail(
+        ErrorCode::ExecVsockUnavailable,
+        format!("the connection to the VM closed while {what}"),
+    )
+    .hint("the VM may have stopped; `machinen ls` lists live VMs")
+    .into()
 }
 
 impl Vm {
     /// Write `contents` to the guest file `path` (absolute), creating
     /// missing parent directories. Returns the bytes written.
-    pub async fn write_file(&self, path: &str, contents: impl AsRef<[u8]>, opts: WriteFileOptions) -> Result<u64> {
+    pub async fn write_file(
+        &self,
+        path: &str,
+        contents: impl AsRef<[u8]>,
+        opts: WriteFileOptions,
+    ) -> Result<u64> {
         self.write_file_from(path, contents.as_ref(), opts).await
     }
 
     /// Stream `reader` into the guest file `path` until EOF.
-    pub async fn write_file_from<R: AsyncRead + Unpin>(&self, path: &str, reader: R, opts: WriteFileOptions) -> Result<u64> {
+    pub async fn write_file_from<R: AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        reader: R,
+        opts: WriteFileOptions,
+    ) -> Result<u64> {
         validate_guest_path(path)?;
         if opts.mode.is_some_and(|m| m > 0o7777) {
-            return Err(fail(ErrorCode::FilesPathInvalid, format!("mode {:o} is not a permission mode", opts.mode.unwrap_or(0))).into());
+            return Err(fail(
+                ErrorCode::FilesPathInvalid,
+                format!("mode {:o} is not a permission mode", opts.mode.unwrap_or(0)),
+            )
+            .into());
         }
         let conn = self.connect().await?;
         let (mut rd, mut wr) = conn.into_split();
-        let req = WriteFileRequest { path: path.to_owned(), mode: opts.mode, append: opts.append };
-        proto::send(&mut wr, &Frame::Request(Request::WriteFile(req))).await.map_err(|e| protocol_error("starting a file write", e))?;
+        let req = WriteFileRequest {
+            path: path.to_owned(),
+            mode: opts.mode,
+            append: opts.append,
+        };
+        proto::send(&mut wr, &Frame::Request(Request::WriteFile(req)))
+            .await
+            .map_err(|e| protocol_error("starting a file write", e))?;
         let what = format!("writing {path}");
         let pump = async {
             let mut reader = reader;
@@ -94,11 +128,22 @@ impl Vm {
                 let n = match reader.read(&mut buf).await {
                     Ok(0) => break,
                     Ok(n) => n,
-                    Err(e) => return Err(fail(ErrorCode::Io, format!("reading the data for {path} failed")).source(e).into()),
+                    Err(e) => {
+                        return Err(fail(
+                            ErrorCode::Io,
+                            format!("reading the data for {path} failed"),
+                        )
+                        .source(e)
+                        .into())
+                    }
                 };
-                proto::write_frame(&mut wr, &Frame::Data(buf[..n].to_vec())).await.map_err(|e| protocol_error(&what, e))?;
+                proto::write_frame(&mut wr, &Frame::Data(buf[..n].to_vec()))
+                    .await
+                    .map_err(|e| protocol_error(&what, e))?;
             }
-            proto::send(&mut wr, &Frame::Eof).await.map_err(|e| protocol_error(&what, e))?;
+            proto::send(&mut wr, &Frame::Eof)
+                .await
+                .map_err(|e| protocol_error(&what, e))?;
             Ok::<_, crate::Error>(wr)
         };
         tokio::pin!(pump);
@@ -116,7 +161,11 @@ impl Vm {
         match answer {
             Some(Frame::Response(Response::Written { bytes })) => Ok(bytes),
             Some(Frame::Error(e)) => Err(file_hint(wire_error(e), path)),
-            Some(other) => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer to a file write: {other:?}")).into()),
+            Some(other) => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer to a file write: {other:?}"),
+            )
+            .into()),
             None => Err(closed(&what)),
         }
     }
@@ -131,15 +180,33 @@ impl Vm {
     /// Stream the guest file `path` into `writer`; fails when the guest sends
     /// more than `max_bytes`. Returns the file's mode and the size it had
     /// when the transfer started.
-    pub async fn read_file_to<W: AsyncWrite + Unpin>(&self, path: &str, writer: &mut W, max_bytes: u64) -> Result<FileInfo> {
+    pub async fn read_file_to<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        writer: &mut W,
+        max_bytes: u64,
+    ) -> Result<FileInfo> {
         validate_guest_path(path)?;
         let mut conn = self.connect().await?;
         let what = format!("reading {path}");
-        proto::send(&mut conn, &Frame::Request(Request::ReadFile { path: path.to_owned() })).await.map_err(|e| protocol_error(&what, e))?;
+        proto::send(
+            &mut conn,
+            &Frame::Request(Request::ReadFile {
+                path: path.to_owned(),
+            }),
+        )
+        .await
+        .map_err(|e| protocol_error(&what, e))?;
         let info = match next_frame(&mut conn, &what).await? {
             Some(Frame::Response(Response::FileInfo(i))) => i,
             Some(Frame::Error(e)) => return Err(file_hint(wire_error(e), path)),
-            Some(other) => return Err(fail(ErrorCode::ProtocolError, format!("unexpected answer to a file read: {other:?}")).into()),
+            Some(other) => {
+                return Err(fail(
+                    ErrorCode::ProtocolError,
+                    format!("unexpected answer to a file read: {other:?}"),
+                )
+                .into())
+            }
             None => return Err(closed(&what)),
         };
         let mut got: u64 = 0;
@@ -148,17 +215,39 @@ impl Vm {
                 Some(Frame::Data(b)) => {
                     got += b.len() as u64;
                     if got > max_bytes {
-                        return Err(fail(ErrorCode::FilesIo, format!("{path} is larger than the limit of {max_bytes} bytes")).into());
+                        return Err(fail(
+                            ErrorCode::FilesIo,
+                            format!("{path} is larger than the limit of {max_bytes} bytes"),
+                        )
+                        .into());
                     }
-                    writer.write_all(&b).await.map_err(|e| fail(ErrorCode::Io, format!("writing the contents of {path} failed")).source(e))?;
+                    writer.write_all(&b).await.map_err(|e| {
+                        fail(
+                            ErrorCode::Io,
+                            format!("writing the contents of {path} failed"),
+                        )
+                        .source(e)
+                    })?;
                 }
                 Some(Frame::Eof) => break,
                 Some(Frame::Error(e)) => return Err(file_hint(wire_error(e), path)),
-                Some(other) => return Err(fail(ErrorCode::ProtocolError, format!("unexpected frame in a file read: {other:?}")).into()),
+                Some(other) => {
+                    return Err(fail(
+                        ErrorCode::ProtocolError,
+                        format!("unexpected frame in a file read: {other:?}"),
+                    )
+                    .into())
+                }
                 None => return Err(closed(&what)),
             }
         }
-        writer.flush().await.map_err(|e| fail(ErrorCode::Io, format!("writing the contents of {path} failed")).source(e))?;
+        writer.flush().await.map_err(|e| {
+            fail(
+                ErrorCode::Io,
+                format!("writing the contents of {path} failed"),
+            )
+            .source(e)
+        })?;
         Ok(info)
     }
 }
@@ -171,7 +260,10 @@ mod tests {
     fn guest_paths() {
         assert!(validate_guest_path("/a/b").is_ok());
         for bad in ["a", "/a/", "", "/a\0"] {
-            assert_eq!(validate_guest_path(bad).expect_err(bad).code(), ErrorCode::FilesPathInvalid);
+            assert_eq!(
+                validate_guest_path(bad).expect_err(bad).code(),
+                ErrorCode::FilesPathInvalid
+            );
         }
     }
 }

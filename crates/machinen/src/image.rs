@@ -65,7 +65,10 @@ pub enum ImageError {
         source: ToolError,
     },
     #[error("`{tool}` is not installed")]
-    ToolMissing { tool: &'static str, package: &'static str },
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("could not {step} for {path}")]
     BuildFailed {
         step: &'static str,
@@ -99,8 +102,13 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error("kernel {kernel_version} has no `{module}` module, which the guest cannot boot without")]
-    RequiredModuleMissing { kernel_version: String, module: String },
+    #[error(
+        "kernel {kernel_version} has no `{module}` module, which the guest cannot boot without"
+    )]
+    RequiredModuleMissing {
+        kernel_version: String,
+        module: String,
+    },
     #[error("could not {action} {path} for the initramfs")]
     InitramfsIo {
         action: &'static str,
@@ -114,14 +122,19 @@ impl Coded for ImageError {
     fn code(&self) -> ErrorCode {
         use ImageError::*;
         match self {
-            NotFound { .. } | Unreadable { .. } | NotATarball { .. } | Empty { .. } | Corrupt { .. } => {
-                ErrorCode::BootImageInvalid
-            }
+            NotFound { .. }
+            | Unreadable { .. }
+            | NotATarball { .. }
+            | Empty { .. }
+            | Corrupt { .. } => ErrorCode::BootImageInvalid,
             ToolMissing { .. } => ErrorCode::InstallToolMissing,
-            BuildFailed { .. } | CacheIo { .. } | OverlayFailed { .. } => ErrorCode::CacheImageBuildFailed,
-            AgentUnreadable { .. } | ModulesUnreadable { .. } | RequiredModuleMissing { .. } | InitramfsIo { .. } => {
-                ErrorCode::CacheInitramfsBuildFailed
+            BuildFailed { .. } | CacheIo { .. } | OverlayFailed { .. } => {
+                ErrorCode::CacheImageBuildFailed
             }
+            AgentUnreadable { .. }
+            | ModulesUnreadable { .. }
+            | RequiredModuleMissing { .. }
+            | InitramfsIo { .. } => ErrorCode::CacheInitramfsBuildFailed,
         }
     }
 
@@ -152,12 +165,19 @@ impl Coded for ImageError {
 }
 
 fn need(t: Tool) -> Result<PathBuf, ImageError> {
-    t.find().ok_or(ImageError::ToolMissing { tool: t.name, package: t.package })
+    t.find().ok_or(ImageError::ToolMissing {
+        tool: t.name,
+        package: t.package,
+    })
 }
 
 fn cache_io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
     let path = path.to_path_buf();
-    move |source| ImageError::CacheIo { action, path, source }
+    move |source| ImageError::CacheIo {
+        action,
+        path,
+        source,
+    }
 }
 
 /// What the first bytes of a file say about it being a tarball.
@@ -171,11 +191,21 @@ enum TarKind {
 /// looking at its first header block (cheap: the whole archive is read by
 /// `tar` later anyway).
 fn validate_tarball(path: &Path) -> Result<TarKind, ImageError> {
-    let not_tar = |reason: &str| ImageError::NotATarball { path: path.to_path_buf(), reason: reason.to_string() };
+    let not_tar = |reason: &str| ImageError::NotATarball {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let meta = match fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ImageError::NotFound { path: path.into() }),
-        Err(source) => return Err(ImageError::Unreadable { path: path.into(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ImageError::NotFound { path: path.into() })
+        }
+        Err(source) => {
+            return Err(ImageError::Unreadable {
+                path: path.into(),
+                source,
+            })
+        }
     };
     if !meta.is_file() {
         return Err(not_tar("not a regular file"));
@@ -183,15 +213,22 @@ fn validate_tarball(path: &Path) -> Result<TarKind, ImageError> {
     if meta.len() == 0 {
         return Err(ImageError::Empty { path: path.into() });
     }
-    let unreadable = |source| ImageError::Unreadable { path: path.to_path_buf(), source };
+    let unreadable = |source| ImageError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = fs::File::open(path).map_err(unreadable)?;
     let mut magic = [0u8; 6];
     let n = read_full(&mut f, &mut magic).map_err(unreadable)?;
     let f = fs::File::open(path).map_err(unreadable)?;
     let (kind, mut reader): (TarKind, Box<dyn Read>) = match &magic[..n] {
         [0x1f, 0x8b, ..] => (TarKind::Gzip, Box::new(flate2::read::GzDecoder::new(f))),
-        [0xfd, b'7', b'z', b'X', b'Z', 0x00] => return Err(not_tar("xz-compressed; use .tar or .tar.gz")),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => return Err(not_tar("zstd-compressed; use .tar or .tar.gz")),
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00] => {
+            return Err(not_tar("xz-compressed; use .tar or .tar.gz"))
+        }
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
+            return Err(not_tar("zstd-compressed; use .tar or .tar.gz"))
+        }
         [b'B', b'Z', b'h', ..] => return Err(not_tar("bzip2-compressed; use .tar or .tar.gz")),
         _ => (TarKind::Plain, Box::new(f)),
     };
@@ -232,11 +269,21 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Old (v7) tar headers have no magic; their checksum still identifies them.
 fn tar_checksum_ok(block: &[u8; 512]) -> bool {
     let field = String::from_utf8_lossy(&block[148..156]);
-    let Ok(want) = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8) else {
+    let Ok(want) = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+    else {
         return false;
     };
-    let sum: u32 =
-        block.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) }).sum();
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
     sum == want
 }
 
@@ -261,7 +308,10 @@ fn tar_says_corrupt(stderr: &str) -> bool {
 /// is sparse, so unused room costs nothing on the host.
 fn image_size(content: u64) -> u64 {
     // Capped far above any real image so the rounding cannot overflow.
-    let size = content.saturating_mul(2).saturating_add(GIB).clamp(2 * GIB, 1 << 50);
+    let size = content
+        .saturating_mul(2)
+        .saturating_add(GIB)
+        .clamp(2 * GIB, 1 << 50);
     size.div_ceil(MIB) * MIB
 }
 
@@ -286,7 +336,11 @@ fn tree_usage(root: &Path) -> io::Result<(u64, u64)> {
 }
 
 /// Convert `tarball` into a cached ext4 image (once per content hash).
-pub fn ensure_rootfs_image(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<CachedImage, ImageError> {
+pub fn ensure_rootfs_image(
+    paths: &Paths,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<CachedImage, ImageError> {
     validate_tarball(tarball)?;
     let images = paths.cache.join("images");
     fs::create_dir_all(&images).map_err(cache_io("create", &images))?;
@@ -306,22 +360,42 @@ pub fn ensure_rootfs_image(paths: &Paths, tarball: &Path, progress: ProgressMode
     }
     let step = progress.step(format!("Converting {} to an ext4 image", tarball.display()));
     let size = build_image(tarball, &images, &dest)?;
-    step.done(format!("Converted {} to an ext4 image ({} MiB, sparse)", tarball.display(), size / MIB));
-    Ok(CachedImage { path: dest, sha256, size, built: true })
+    step.done(format!(
+        "Converted {} to an ext4 image ({} MiB, sparse)",
+        tarball.display(),
+        size / MIB
+    ));
+    Ok(CachedImage {
+        path: dest,
+        sha256,
+        size,
+        built: true,
+    })
 }
 
 /// Check that `tarball` is a rootfs tarball and return its content sha256
 /// (remembered in the hash index, like [`ensure_rootfs_image`] does).
-pub fn tarball_sha256(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<String, ImageError> {
+pub fn tarball_sha256(
+    paths: &Paths,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<String, ImageError> {
     validate_tarball(tarball)?;
-    hashindex::content_sha256(&paths.cache.join("images").join("hashes"), tarball, progress)
+    hashindex::content_sha256(
+        &paths.cache.join("images").join("hashes"),
+        tarball,
+        progress,
+    )
 }
 
 fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> {
     match fs::metadata(dest) {
-        Ok(m) => {
-            Ok(Some(CachedImage { path: dest.to_path_buf(), sha256: sha256.to_string(), size: m.len(), built: false }))
-        }
+        Ok(m) => Ok(Some(CachedImage {
+            path: dest.to_path_buf(),
+            sha256: sha256.to_string(),
+            size: m.len(),
+            built: false,
+        })),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(cache_io("read", dest)(e)),
     }
@@ -334,7 +408,11 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
     let mkfs = need(tool::MKFS_EXT4)?;
     // As root the tools can set ownership themselves; otherwise fakeroot
     // records it in a state file shared by the unpack and the mkfs.
-    let fakeroot = if tool::is_root() { None } else { Some(need(tool::FAKEROOT)?) };
+    let fakeroot = if tool::is_root() {
+        None
+    } else {
+        Some(need(tool::FAKEROOT)?)
+    };
 
     let work = tempfile::Builder::new()
         .prefix(".build-")
@@ -361,8 +439,17 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
 
     let mut untar = wrapped(&tar, true);
     untar
-        .args(["--extract", "--numeric-owner", "--same-owner", "--same-permissions"])
-        .args(["--xattrs", "--xattrs-include=*", "--delay-directory-restore"])
+        .args([
+            "--extract",
+            "--numeric-owner",
+            "--same-owner",
+            "--same-permissions",
+        ])
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--delay-directory-restore",
+        ])
         .arg("--file")
         .arg(tarball)
         .arg("--directory")
@@ -370,15 +457,24 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
     if let Err(e) = tool::run(&mut untar) {
         return Err(match &e {
             ToolError::Failed { stderr_tail, .. } if tar_says_corrupt(stderr_tail) => {
-                ImageError::Corrupt { path: tarball.to_path_buf(), source: e }
+                ImageError::Corrupt {
+                    path: tarball.to_path_buf(),
+                    source: e,
+                }
             }
-            _ => ImageError::BuildFailed { step: "unpack the tarball", path: tarball.to_path_buf(), source: e },
+            _ => ImageError::BuildFailed {
+                step: "unpack the tarball",
+                path: tarball.to_path_buf(),
+                source: e,
+            },
         });
     }
 
     let (content, inodes) = tree_usage(&root).map_err(cache_io("measure", &root))?;
     if inodes <= 1 {
-        return Err(ImageError::Empty { path: tarball.to_path_buf() });
+        return Err(ImageError::Empty {
+            path: tarball.to_path_buf(),
+        });
     }
     let size = image_size(content);
     // mke2fs's default of one inode per 16 KiB can be too few for trees of
@@ -406,7 +502,8 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
 
     // Read-only on the host: VMs only ever write to their own overlays.
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&img, fs::Permissions::from_mode(0o444)).map_err(cache_io("protect", &img))?;
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o444))
+        .map_err(cache_io("protect", &img))?;
     fsutil::persist(&img, dest).map_err(cache_io("store", dest))?;
     if fakeroot.is_some() {
         // Unpacked without privileges, read-only directories (0555) are
@@ -424,7 +521,10 @@ fn make_removable(root: &Path) {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         if let Ok(m) = fs::symlink_metadata(&dir) {
-            let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(m.permissions().mode() | 0o700));
+            let _ = fs::set_permissions(
+                &dir,
+                fs::Permissions::from_mode(m.permissions().mode() | 0o700),
+            );
         }
         let Ok(rd) = fs::read_dir(&dir) else { continue };
         for e in rd.flatten() {
@@ -440,19 +540,35 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
     let qemu_img = need(tool::QEMU_IMG)?;
     let base = match fs::canonicalize(base) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ImageError::NotFound { path: base.into() }),
-        Err(source) => return Err(ImageError::Unreadable { path: base.into(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ImageError::NotFound { path: base.into() })
+        }
+        Err(source) => {
+            return Err(ImageError::Unreadable {
+                path: base.into(),
+                source,
+            })
+        }
     };
     let tmp = fsutil::temp_sibling(overlay, "tmp");
     let mut cmd = tool::command(qemu_img);
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(&tmp);
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&tmp);
     if let Err(source) = tool::run(&mut cmd) {
         let _ = fs::remove_file(&tmp);
-        return Err(ImageError::OverlayFailed { overlay: overlay.to_path_buf(), source });
+        return Err(ImageError::OverlayFailed {
+            overlay: overlay.to_path_buf(),
+            source,
+        });
     }
     fsutil::persist(&tmp, overlay).map_err(|source| {
         let _ = fs::remove_file(&tmp);
-        ImageError::CacheIo { action: "store", path: overlay.to_path_buf(), source }
+        ImageError::CacheIo {
+            action: "store",
+            path: overlay.to_path_buf(),
+            source,
+        }
     })
 }
 

@@ -42,10 +42,19 @@ pub const MODULES_LOAD_PATH: &str = "/etc/machinen/modules.load";
 
 /// Build (or reuse from the cache) the initramfs for `assets` with
 /// `agent` as `/init`. Returns the cpio path.
-pub fn ensure_initramfs(paths: &Paths, assets: &Assets, agent: &Path) -> Result<PathBuf, ImageError> {
-    let agent_bytes =
-        fs::read(agent).map_err(|source| ImageError::AgentUnreadable { path: agent.to_path_buf(), source })?;
-    let modules_dir = assets.modules_root.join("lib/modules").join(&assets.kernel_version);
+pub fn ensure_initramfs(
+    paths: &Paths,
+    assets: &Assets,
+    agent: &Path,
+) -> Result<PathBuf, ImageError> {
+    let agent_bytes = fs::read(agent).map_err(|source| ImageError::AgentUnreadable {
+        path: agent.to_path_buf(),
+        source,
+    })?;
+    let modules_dir = assets
+        .modules_root
+        .join("lib/modules")
+        .join(&assets.kernel_version);
     let mods = wanted_modules(&modules_dir, &assets.kernel_version)?;
 
     let mut h = Sha256::new();
@@ -56,7 +65,9 @@ pub fn ensure_initramfs(paths: &Paths, assets: &Assets, agent: &Path) -> Result<
     h.update([0]);
     for m in &mods {
         let p = modules_dir.join(&m.rel);
-        let len = fs::metadata(&p).map_err(|source| modules_unreadable(assets, &p, source))?.len();
+        let len = fs::metadata(&p)
+            .map_err(|source| modules_unreadable(assets, &p, source))?
+            .len();
         h.update(m.rel.as_bytes());
         h.update([0]);
         h.update(len.to_le_bytes());
@@ -70,7 +81,11 @@ pub fn ensure_initramfs(paths: &Paths, assets: &Assets, agent: &Path) -> Result<
     }
     let io_err = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
-        move |source| ImageError::InitramfsIo { action, path, source }
+        move |source| ImageError::InitramfsIo {
+            action,
+            path,
+            source,
+        }
     };
     fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
     let lock_path = dir.join(format!("{key}.lock"));
@@ -84,11 +99,17 @@ pub fn ensure_initramfs(paths: &Paths, assets: &Assets, agent: &Path) -> Result<
     let mut contents = Vec::with_capacity(mods.len());
     for m in &mods {
         let p = modules_dir.join(&m.rel);
-        let data = modules::read_module(&p).map_err(|source| modules_unreadable(assets, &p, source))?;
+        let data =
+            modules::read_module(&p).map_err(|source| modules_unreadable(assets, &p, source))?;
         contents.push((modules::uncompressed_rel(&m.rel).to_string(), data));
     }
     fsutil::write_atomic_with(&dest, |f| {
-        let w = write_archive(BufWriter::new(f), &agent_bytes, &assets.kernel_version, &contents)?;
+        let w = write_archive(
+            BufWriter::new(f),
+            &agent_bytes,
+            &assets.kernel_version,
+            &contents,
+        )?;
         w.into_inner().map_err(|e| e.into_error())?;
         Ok(())
     })
@@ -98,14 +119,25 @@ pub fn ensure_initramfs(paths: &Paths, assets: &Assets, agent: &Path) -> Result<
 }
 
 fn modules_unreadable(assets: &Assets, path: &Path, source: io::Error) -> ImageError {
-    ImageError::ModulesUnreadable { kernel_version: assets.kernel_version.clone(), path: path.to_path_buf(), source }
+    ImageError::ModulesUnreadable {
+        kernel_version: assets.kernel_version.clone(),
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The modules the guest loads, from the installed tree's `modules.dep`
 /// and `modules.builtin`.
-fn wanted_modules(modules_dir: &Path, kernel_version: &str) -> Result<Vec<modules::Module>, ImageError> {
+fn wanted_modules(
+    modules_dir: &Path,
+    kernel_version: &str,
+) -> Result<Vec<modules::Module>, ImageError> {
     let unreadable = |path: PathBuf| {
-        move |source| ImageError::ModulesUnreadable { kernel_version: kernel_version.to_string(), path, source }
+        move |source| ImageError::ModulesUnreadable {
+            kernel_version: kernel_version.to_string(),
+            path,
+            source,
+        }
     };
     let dep_path = modules_dir.join("modules.dep");
     let dep = fs::read_to_string(&dep_path).map_err(unreadable(dep_path.clone()))?;
@@ -126,13 +158,27 @@ fn wanted_modules(modules_dir: &Path, kernel_version: &str) -> Result<Vec<module
 
 /// Write the whole archive: directories first (each before its children),
 /// device nodes, `/init`, the modules and their load list.
-fn write_archive<W: Write>(w: W, agent: &[u8], kernel_version: &str, modules: &[(String, Vec<u8>)]) -> io::Result<W> {
+fn write_archive<W: Write>(
+    w: W,
+    agent: &[u8],
+    kernel_version: &str,
+    modules: &[(String, Vec<u8>)],
+) -> io::Result<W> {
     let mut a = CpioWriter::new(w);
     let base = format!("lib/modules/{kernel_version}");
-    let mut dirs: Vec<String> = ["dev", "proc", "sys", "newroot", "etc", "etc/machinen", "lib", "lib/modules"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut dirs: Vec<String> = [
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "etc",
+        "etc/machinen",
+        "lib",
+        "lib/modules",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     dirs.push(base.clone());
     for (rel, _) in modules {
         let mut parent = Path::new(rel).parent();
@@ -148,7 +194,11 @@ fn write_archive<W: Write>(w: W, agent: &[u8], kernel_version: &str, modules: &[
         }
     }
     for d in &dirs {
-        let mode = if d == "proc" || d == "sys" { 0o555 } else { 0o755 };
+        let mode = if d == "proc" || d == "sys" {
+            0o555
+        } else {
+            0o755
+        };
         a.dir(d, mode)?;
     }
     a.char_dev("dev/console", 0o600, 5, 1)?;
@@ -159,7 +209,11 @@ fn write_archive<W: Write>(w: W, agent: &[u8], kernel_version: &str, modules: &[
         a.file(&format!("{base}/{rel}"), 0o644, data)?;
         load.push_str(&format!("/{base}/{rel}\n"));
     }
-    a.file(MODULES_LOAD_PATH.trim_start_matches('/'), 0o644, load.as_bytes())?;
+    a.file(
+        MODULES_LOAD_PATH.trim_start_matches('/'),
+        0o644,
+        load.as_bytes(),
+    )?;
     a.finish()
 }
 
@@ -178,10 +232,19 @@ mod tests {
         let put = |rel: &str, data: &[u8]| tests_support::put(&mdir, rel, data);
         tests_support::put_virtio_core(&mdir, "virtio,virtio_ring");
         if with_console {
-            put("kernel/drivers/char/virtio_console.ko", &fake_module("virtio_console", "virtio,virtio_ring"));
+            put(
+                "kernel/drivers/char/virtio_console.ko",
+                &fake_module("virtio_console", "virtio,virtio_ring"),
+            );
         }
-        put("kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko", &fake_module("vmw_vsock_virtio_transport", "virtio"));
-        put("modules.builtin", b"kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n");
+        put(
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+            &fake_module("vmw_vsock_virtio_transport", "virtio"),
+        );
+        put(
+            "modules.builtin",
+            b"kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n",
+        );
         let dep = generate_modules_dep(&mdir).expect("depmod");
         put("modules.dep", dep.as_bytes());
         Assets {
@@ -201,25 +264,55 @@ mod tests {
         fs::write(&agent, b"\x7fELF pretend agent").expect("agent");
 
         let p = ensure_initramfs(&paths, &assets, &agent).expect("initramfs");
-        assert!(p.starts_with(paths.cache.join("initramfs")) && p.extension().is_some_and(|e| e == "cpio"));
+        assert!(
+            p.starts_with(paths.cache.join("initramfs"))
+                && p.extension().is_some_and(|e| e == "cpio")
+        );
         let entries = parse(&fs::read(&p).expect("read")).expect("parse");
-        let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("no {n}"));
+        let get = |n: &str| {
+            entries
+                .iter()
+                .find(|e| e.name == n)
+                .unwrap_or_else(|| panic!("no {n}"))
+        };
         assert_eq!(get("init").mode, S_IFREG | 0o755);
         assert_eq!(get("init").data, b"\x7fELF pretend agent");
-        assert_eq!((get("dev/console").mode, get("dev/console").rdev), (S_IFCHR | 0o600, (5, 1)));
+        assert_eq!(
+            (get("dev/console").mode, get("dev/console").rdev),
+            (S_IFCHR | 0o600, (5, 1))
+        );
         assert_eq!(get("dev/null").rdev, (1, 3));
-        for d in ["dev", "proc", "sys", "newroot", "etc/machinen", &format!("lib/modules/{VER}")] {
+        for d in [
+            "dev",
+            "proc",
+            "sys",
+            "newroot",
+            "etc/machinen",
+            &format!("lib/modules/{VER}"),
+        ] {
             assert_eq!(get(d).mode & S_IFDIR, S_IFDIR, "{d}");
         }
         // Every entry's parent comes before it.
         for (i, e) in entries.iter().enumerate() {
-            if let Some(parent) = Path::new(&e.name).parent().filter(|p| !p.as_os_str().is_empty()) {
-                let pi = entries.iter().position(|x| Path::new(&x.name) == parent).expect("parent listed");
+            if let Some(parent) = Path::new(&e.name)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+            {
+                let pi = entries
+                    .iter()
+                    .position(|x| Path::new(&x.name) == parent)
+                    .expect("parent listed");
                 assert!(pi < i, "{} before its parent", e.name);
             }
         }
-        let blk = get(&format!("lib/modules/{VER}/kernel/drivers/block/virtio_blk.ko"));
-        assert_eq!(blk.data, fake_module("virtio_blk", "virtio,virtio_ring"), "decompressed");
+        let blk = get(&format!(
+            "lib/modules/{VER}/kernel/drivers/block/virtio_blk.ko"
+        ));
+        assert_eq!(
+            blk.data,
+            fake_module("virtio_blk", "virtio,virtio_ring"),
+            "decompressed"
+        );
         let load = String::from_utf8(get("etc/machinen/modules.load").data.clone()).expect("utf8");
         let load: Vec<&str> = load.lines().collect();
         let m = |rel: &str| format!("/lib/modules/{VER}/kernel/drivers/{rel}");
@@ -234,14 +327,20 @@ mod tests {
             ]
         );
         for l in &load {
-            assert!(entries.iter().any(|e| format!("/{}", e.name) == *l), "{l} in archive");
+            assert!(
+                entries.iter().any(|e| format!("/{}", e.name) == *l),
+                "{l} in archive"
+            );
         }
         assert!(!entries.iter().any(|e| e.name.contains("vsock")));
 
         // Same inputs: same file, untouched. Another agent: another file.
         let mtime = fs::metadata(&p).expect("stat").modified().expect("mtime");
         assert_eq!(ensure_initramfs(&paths, &assets, &agent).expect("again"), p);
-        assert_eq!(fs::metadata(&p).expect("stat").modified().expect("mtime"), mtime);
+        assert_eq!(
+            fs::metadata(&p).expect("stat").modified().expect("mtime"),
+            mtime
+        );
         fs::write(&agent, b"\x7fELF newer agent").expect("agent");
         let p2 = ensure_initramfs(&paths, &assets, &agent).expect("rebuilt");
         assert_ne!(p2, p);
@@ -255,10 +354,13 @@ mod tests {
         let agent = dir.path().join("agent");
         fs::write(&agent, b"x").expect("agent");
         let err = ensure_initramfs(&paths, &assets, &agent).expect_err("no virtio_console");
-        assert!(matches!(&err, ImageError::RequiredModuleMissing { module, .. } if module == "virtio_console"));
+        assert!(
+            matches!(&err, ImageError::RequiredModuleMissing { module, .. } if module == "virtio_console")
+        );
         assert_eq!(err.code(), ErrorCode::CacheInitramfsBuildFailed);
 
-        let err = ensure_initramfs(&paths, &assets, &dir.path().join("no-agent")).expect_err("no agent");
+        let err =
+            ensure_initramfs(&paths, &assets, &dir.path().join("no-agent")).expect_err("no agent");
         assert!(matches!(err, ImageError::AgentUnreadable { .. }));
         assert_eq!(err.code(), ErrorCode::CacheInitramfsBuildFailed);
 

@@ -15,21 +15,23 @@ pub mod initramfs;
 pub mod paths;
 pub mod ports;
 pub mod progress;
-pub mod pty;
 pub mod provision;
+pub mod pty;
 pub mod registry;
-pub mod sandboxes;
 pub mod restore;
+pub mod sandboxes;
 pub mod secrets;
 pub mod spec;
 pub mod terminal;
 pub mod vm;
 
 pub use error::{Error, ErrorCode, Failure, Result};
-pub use paths::Paths;
 pub use files::WriteFileOptions;
-pub use pty::{PtyEvent, PtyExec, PtyInput};
-pub use secrets::{Secret, SecretValue};
+pub use paths::Paths;
 pub use provision::{provision, ImageConfig, ProvisionOptions, ProvisionResult};
-pub use vm::{attach, boot, gc, list, BootOptions, ExecOptions, ExecOutput, GcReport, StopReport, Vm, VmInfo};
+pub use pty::{PtyEvent, PtyExec, PtyInput};
 pub use restore::{restore, ForkOptions, ForkReport, RestoreOptions};
+pub use secrets::{Secret, SecretValue};
+pub use vm::{
+    attach, boot, gc, list, BootOptions, ExecOptions, ExecOutput, GcReport, StopReport, Vm, VmInfo,
+};

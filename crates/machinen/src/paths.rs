@@ -40,22 +40,35 @@ impl Paths {
     /// Resolve from the environment (`MACHINEN_HOME`, `MACHINEN_ASSETS_DIR`,
     /// `MACHINEN_CACHE_DIR`, `MACHINEN_REGISTRY_DIR`, `HOME`).
     pub fn from_env() -> Result<Paths, Failure> {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let home = match var("MACHINEN_HOME") {
             Some(h) => h,
             None => var("HOME")
                 .ok_or_else(|| {
-                    fail(ErrorCode::ProvisionAssetsDirInvalid, "neither MACHINEN_HOME nor HOME is set")
-                        .hint("set MACHINEN_HOME to a directory machinen may write to")
+                    fail(
+                        ErrorCode::ProvisionAssetsDirInvalid,
+                        "neither MACHINEN_HOME nor HOME is set",
+                    )
+                    .hint("set MACHINEN_HOME to a directory machinen may write to")
                 })?
                 .join(".machinen"),
         };
         let versioned = home.join(LAYOUT_VERSION);
-        let assets = var("MACHINEN_ASSETS_DIR")
-            .unwrap_or_else(|| versioned.join("bases").join(format!("debian-{}", debian_arch())));
+        let assets = var("MACHINEN_ASSETS_DIR").unwrap_or_else(|| {
+            versioned
+                .join("bases")
+                .join(format!("debian-{}", debian_arch()))
+        });
         let cache = var("MACHINEN_CACHE_DIR").unwrap_or_else(|| versioned.join("cache"));
         let registry = var("MACHINEN_REGISTRY_DIR").unwrap_or_else(|| home.join("vms"));
-        for (what, p) in [("MACHINEN_ASSETS_DIR", &assets), ("MACHINEN_REGISTRY_DIR", &registry)] {
+        for (what, p) in [
+            ("MACHINEN_ASSETS_DIR", &assets),
+            ("MACHINEN_REGISTRY_DIR", &registry),
+        ] {
             if !p.is_absolute() {
                 return Err(fail(
                     ErrorCode::ProvisionAssetsDirInvalid,
@@ -63,7 +76,12 @@ impl Paths {
                 ));
             }
         }
-        Ok(Paths { home, assets, cache, registry })
+        Ok(Paths {
+            home,
+            assets,
+            cache,
+            registry,
+        })
     }
 
     /// Paths rooted somewhere else entirely (tests).
@@ -71,7 +89,9 @@ impl Paths {
         let versioned = root.join(LAYOUT_VERSION);
         Paths {
             home: root.to_path_buf(),
-            assets: versioned.join("bases").join(format!("debian-{}", debian_arch())),
+            assets: versioned
+                .join("bases")
+                .join(format!("debian-{}", debian_arch())),
             cache: versioned.join("cache"),
             registry: root.join("vms"),
         }

@@ -8,11 +8,16 @@ use crate::registry::{PortForward, RegistryEntry};
 /// Parse `HOST:GUEST` or `HOSTADDR:HOST:GUEST` (IPv6 addresses in brackets).
 pub fn parse(s: &str) -> Result<PortForward, Failure> {
     let bad = |why: &str| {
-        fail(ErrorCode::BootArgsInvalid, format!("invalid port forward {s:?}: {why}"))
-            .hint("use -p HOST:GUEST or -p ADDR:HOST:GUEST, e.g. -p 8080:80 or -p 0.0.0.0:8080:80")
+        fail(
+            ErrorCode::BootArgsInvalid,
+            format!("invalid port forward {s:?}: {why}"),
+        )
+        .hint("use -p HOST:GUEST or -p ADDR:HOST:GUEST, e.g. -p 8080:80 or -p 0.0.0.0:8080:80")
     };
     let (addr, rest) = if let Some(r) = s.strip_prefix('[') {
-        let (a, rest) = r.split_once("]:").ok_or_else(|| bad("unterminated [address]"))?;
+        let (a, rest) = r
+            .split_once("]:")
+            .ok_or_else(|| bad("unterminated [address]"))?;
         (Some(a), rest)
     } else {
         let parts: Vec<&str> = s.split(':').collect();
@@ -22,7 +27,9 @@ pub fn parse(s: &str) -> Result<PortForward, Failure> {
             _ => return Err(bad("expected two or three ':'-separated parts")),
         }
     };
-    let (host, guest) = rest.split_once(':').ok_or_else(|| bad("missing the guest port"))?;
+    let (host, guest) = rest
+        .split_once(':')
+        .ok_or_else(|| bad("missing the guest port"))?;
     let port = |p: &str, what: &str| -> Result<u16, Failure> {
         match p.parse::<u16>() {
             Ok(0) | Err(_) => Err(bad(&format!("{what} port must be 1-65535"))),
@@ -32,16 +39,23 @@ pub fn parse(s: &str) -> Result<PortForward, Failure> {
     let host_addr = match addr {
         None => "127.0.0.1".to_string(),
         Some(a) => {
-            let ip: IpAddr = a.parse().map_err(|_| bad("the host address must be an IP address"))?;
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| bad("the host address must be an IP address"))?;
             ip.to_string()
         }
     };
-    Ok(PortForward { host_addr, host_port: port(host, "host")?, guest_port: port(guest, "guest")? })
+    Ok(PortForward {
+        host_addr,
+        host_port: port(host, "host")?,
+        guest_port: port(guest, "guest")?,
+    })
 }
 
 fn overlaps(a: &PortForward, b: &PortForward) -> bool {
     let wild = |x: &str| x == "0.0.0.0" || x == "::";
-    a.host_port == b.host_port && (a.host_addr == b.host_addr || wild(&a.host_addr) || wild(&b.host_addr))
+    a.host_port == b.host_port
+        && (a.host_addr == b.host_addr || wild(&a.host_addr) || wild(&b.host_addr))
 }
 
 /// Refuse two forwards on one host port in one command, and host ports
@@ -51,7 +65,10 @@ pub fn check(new: &[PortForward], live: &[RegistryEntry]) -> Result<(), Failure>
         if let Some(b) = new[i + 1..].iter().find(|b| overlaps(a, b)) {
             return Err(fail(
                 ErrorCode::BootPortForwardConflict,
-                format!("host port {}:{} is forwarded twice (to guest ports {} and {})", a.host_addr, a.host_port, a.guest_port, b.guest_port),
+                format!(
+                    "host port {}:{} is forwarded twice (to guest ports {} and {})",
+                    a.host_addr, a.host_port, a.guest_port, b.guest_port
+                ),
             )
             .hint("give each -p its own host port"));
         }
@@ -59,9 +76,15 @@ pub fn check(new: &[PortForward], live: &[RegistryEntry]) -> Result<(), Failure>
             if e.ports.iter().any(|p| overlaps(a, p)) {
                 return Err(fail(
                     ErrorCode::BootPortForwardInUse,
-                    format!("host port {}:{} is already forwarded by VM {:?} (pid {})", a.host_addr, a.host_port, e.name, e.supervisor_pid),
+                    format!(
+                        "host port {}:{} is already forwarded by VM {:?} (pid {})",
+                        a.host_addr, a.host_port, e.name, e.supervisor_pid
+                    ),
                 )
-                .hint(format!("pick another host port, or `machinen stop {}`", e.name)));
+                .hint(format!(
+                    "pick another host port, or `machinen stop {}`",
+                    e.name
+                )));
             }
         }
     }
@@ -74,11 +97,24 @@ mod tests {
 
     #[test]
     fn parses_forms() {
-        assert_eq!(parse("8080:80").expect("2"), PortForward { host_addr: "127.0.0.1".into(), host_port: 8080, guest_port: 80 });
+        assert_eq!(
+            parse("8080:80").expect("2"),
+            PortForward {
+                host_addr: "127.0.0.1".into(),
+                host_port: 8080,
+                guest_port: 80
+            }
+        );
         assert_eq!(parse("0.0.0.0:1:2").expect("3").host_addr, "0.0.0.0");
         assert_eq!(parse("[::1]:5:6").expect("v6").host_addr, "::1");
-        for bad in ["80", "a:80", "0:80", "80:70000", "x.y:1:2", "1:2:3:4", "[::1:5:6"] {
-            assert_eq!(parse(bad).expect_err(bad).code, ErrorCode::BootArgsInvalid, "{bad}");
+        for bad in [
+            "80", "a:80", "0:80", "80:70000", "x.y:1:2", "1:2:3:4", "[::1:5:6",
+        ] {
+            assert_eq!(
+                parse(bad).expect_err(bad).code,
+                ErrorCode::BootArgsInvalid,
+                "{bad}"
+            );
         }
     }
 
@@ -87,8 +123,14 @@ mod tests {
         let a = parse("8080:80").expect("a");
         let b = parse("8080:81").expect("b");
         let c = parse("0.0.0.0:8080:82").expect("c");
-        assert_eq!(check(&[a.clone(), b], &[]).expect_err("dup").code, ErrorCode::BootPortForwardConflict);
-        assert_eq!(check(&[a.clone(), c], &[]).expect_err("wild").code, ErrorCode::BootPortForwardConflict);
+        assert_eq!(
+            check(&[a.clone(), b], &[]).expect_err("dup").code,
+            ErrorCode::BootPortForwardConflict
+        );
+        assert_eq!(
+            check(&[a.clone(), c], &[]).expect_err("wild").code,
+            ErrorCode::BootPortForwardConflict
+        );
         check(&[a.clone(), parse("8081:80").expect("d")], &[]).expect("distinct");
         let live: RegistryEntry = serde_json::from_value(serde_json::json!({
             "id": "x", "name": "web", "state": "running", "supervisor_pid": 7, "supervisor_start": 1,

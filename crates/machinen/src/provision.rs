@@ -37,7 +37,9 @@ use machinen_proto::ExitStatus;
 use serde::Serialize;
 use tokio::io::AsyncWrite;
 
-pub use config::{image_config, read_from_tarball, ImageConfig, IMAGE_CONFIG_PATH, IMAGE_CONFIG_VERSION};
+pub use config::{
+    image_config, read_from_tarball, ImageConfig, IMAGE_CONFIG_PATH, IMAGE_CONFIG_VERSION,
+};
 pub use copy::{copy_into, CopySpec};
 pub use export::EXCLUDES;
 
@@ -48,7 +50,8 @@ use crate::vm::{boot, validate_exec, BootOptions, ExecOptions, Vm};
 
 /// The install hook: gets the live VM and the config being baked (so that
 /// commands can run with its env and cwd).
-pub type InstallHook = Box<dyn for<'a> FnOnce(&'a Vm, &'a ImageConfig) -> BoxFuture<'a, Result<()>> + Send>;
+pub type InstallHook =
+    Box<dyn for<'a> FnOnce(&'a Vm, &'a ImageConfig) -> BoxFuture<'a, Result<()>> + Send>;
 
 /// Options for [`provision`].
 pub struct ProvisionOptions {
@@ -159,7 +162,12 @@ pub enum ProvisionError {
         source: io::Error,
     },
     #[error("copying {host} to {guest} failed in the guest with {}: {stderr}", describe_status(.status))]
-    CopyFailed { host: PathBuf, guest: String, status: ExitStatus, stderr: String },
+    CopyFailed {
+        host: PathBuf,
+        guest: String,
+        status: ExitStatus,
+        stderr: String,
+    },
     #[error("preparing the guest for the install failed with {}: {stderr}", describe_status(.status))]
     Prepare { status: ExitStatus, stderr: String },
     #[error("reading the root filesystem out of the guest failed with {}: {stderr}", describe_status(.status))]
@@ -219,13 +227,23 @@ impl Coded for ProvisionError {
 }
 
 fn invalid(f: Failure) -> crate::Error {
-    ProvisionError::InvalidArgs { message: f.message, hint: f.hint.unwrap_or_default() }.into()
+    ProvisionError::InvalidArgs {
+        message: f.message,
+        hint: f.hint.unwrap_or_default(),
+    }
+    .into()
 }
 
 /// Run one install step in `vm` with the baked env and cwd of `config`,
 /// streaming its output. A command that fails is a
 /// [`ProvisionError::StepFailed`] carrying its exit status.
-pub async fn run_step<O, E>(vm: &Vm, config: &ImageConfig, step: &Step, stdout: &mut O, stderr: &mut E) -> Result<()>
+pub async fn run_step<O, E>(
+    vm: &Vm,
+    config: &ImageConfig,
+    step: &Step,
+    stdout: &mut O,
+    stderr: &mut E,
+) -> Result<()>
 where
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
@@ -233,17 +251,31 @@ where
     match step {
         Step::Copy(spec) => copy_into(vm, spec).await,
         Step::Run(cmd) => {
-            let mut env: Vec<(String, String)> = config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut env: Vec<(String, String)> = config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             // Package installs must not wait for answers nobody can give.
             if !config.env.contains_key("DEBIAN_FRONTEND") {
                 env.push(("DEBIAN_FRONTEND".into(), "noninteractive".into()));
             }
-            let opts = ExecOptions { argv: vec!["sh".into(), "-c".into(), cmd.clone()], env, cwd: config.cwd.clone() };
-            let status = vm.exec_stream(opts, tokio::io::empty(), stdout, stderr).await?;
+            let opts = ExecOptions {
+                argv: vec!["sh".into(), "-c".into(), cmd.clone()],
+                env,
+                cwd: config.cwd.clone(),
+            };
+            let status = vm
+                .exec_stream(opts, tokio::io::empty(), stdout, stderr)
+                .await?;
             if status.code == Some(0) {
                 Ok(())
             } else {
-                Err(ProvisionError::StepFailed { step: step.to_string(), status }.into())
+                Err(ProvisionError::StepFailed {
+                    step: step.to_string(),
+                    status,
+                }
+                .into())
             }
         }
     }
@@ -255,9 +287,18 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
     let paths = Paths::from_env()?;
     check_out(&opts.out)?;
     if matches!(&opts.cmd, Some(c) if c.is_empty()) {
-        return Err(ProvisionError::InvalidArgs { message: "the command to bake is empty".into(), hint: "pass --cmd CMD, or leave it out".into() }.into());
+        return Err(ProvisionError::InvalidArgs {
+            message: "the command to bake is empty".into(),
+            hint: "pass --cmd CMD, or leave it out".into(),
+        }
+        .into());
     }
-    validate_exec(&ExecOptions { argv: vec!["true".into()], env: opts.env.clone(), cwd: opts.cwd.clone() }).map_err(invalid)?;
+    validate_exec(&ExecOptions {
+        argv: vec!["true".into()],
+        env: opts.env.clone(),
+        cwd: opts.cwd.clone(),
+    })
+    .map_err(invalid)?;
 
     let base = match &opts.base {
         Some(b) => {
@@ -286,7 +327,15 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
     .await?;
     let boot_ms = vm.boot_ms().unwrap_or(0);
     let mut timings = (0u64, 0u64);
-    let baked_result = bake(&vm, &baked, opts.install, &opts.out, opts.progress, &mut timings).await;
+    let baked_result = bake(
+        &vm,
+        &baked,
+        opts.install,
+        &opts.out,
+        opts.progress,
+        &mut timings,
+    )
+    .await;
     // The VM is disposable: its disk is in the image now (or the bake failed).
     if let Err(e) = vm.stop(true, Duration::from_secs(10)).await {
         tracing::warn!("stopping the install VM: {e}");
@@ -310,7 +359,11 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
 /// OUT must name a file in an existing directory.
 fn check_out(out: &Path) -> Result<()> {
     let bad = |m: String| -> crate::Error {
-        ProvisionError::InvalidArgs { message: m, hint: "pass the image to write with -o, e.g. -o app.tar.gz".into() }.into()
+        ProvisionError::InvalidArgs {
+            message: m,
+            hint: "pass the image to write with -o, e.g. -o app.tar.gz".into(),
+        }
+        .into()
     };
     if out.as_os_str().is_empty() {
         return Err(bad("no output path given".into()));
@@ -323,7 +376,10 @@ fn check_out(out: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        return Err(bad(format!("the directory of {} does not exist", out.display())));
+        return Err(bad(format!(
+            "the directory of {} does not exist",
+            out.display()
+        )));
     }
     Ok(())
 }
@@ -342,14 +398,30 @@ fi"#;
 async fn guest_sh(vm: &Vm, script: &str, args: &[&str]) -> Result<String> {
     let mut argv = vec!["sh".to_string(), "-c".into(), script.into(), "sh".into()];
     argv.extend(args.iter().map(|s| s.to_string()));
-    let out = vm.exec(ExecOptions { argv, ..Default::default() }).await?;
+    let out = vm
+        .exec(ExecOptions {
+            argv,
+            ..Default::default()
+        })
+        .await?;
     if out.status.code != Some(0) {
-        return Err(ProvisionError::Prepare { status: out.status, stderr: crate::assets::tool::stderr_tail(&out.stderr) }.into());
+        return Err(ProvisionError::Prepare {
+            status: out.status,
+            stderr: crate::assets::tool::stderr_tail(&out.stderr),
+        }
+        .into());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn bake(vm: &Vm, baked: &ImageConfig, install: Option<InstallHook>, out: &Path, progress: ProgressMode, timings: &mut (u64, u64)) -> Result<export::Written> {
+async fn bake(
+    vm: &Vm,
+    baked: &ImageConfig,
+    install: Option<InstallHook>,
+    out: &Path,
+    progress: ProgressMode,
+    timings: &mut (u64, u64),
+) -> Result<export::Written> {
     let t = Instant::now();
     let prepared = guest_sh(vm, PREPARE, &[baked.cwd.as_deref().unwrap_or("")]).await?;
     if let Some(hook) = install {

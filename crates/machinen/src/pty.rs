@@ -45,13 +45,16 @@ pub enum PtyEvent {
 impl PtyInput {
     async fn send(&self, f: &Frame, what: &str) -> Result<()> {
         let mut wr = self.wr.lock().await;
-        proto::send(&mut *wr, f).await.map_err(|e| protocol_error(what, e))
+        proto::send(&mut *wr, f)
+            .await
+            .map_err(|e| protocol_error(what, e))
     }
 
     /// Keystrokes / bytes for the terminal.
     pub async fn write(&self, bytes: &[u8]) -> Result<()> {
         for c in bytes.chunks(proto::MAX_CHUNK) {
-            self.send(&Frame::Stdin(c.to_vec()), "sending terminal input").await?;
+            self.send(&Frame::Stdin(c.to_vec()), "sending terminal input")
+                .await?;
         }
         Ok(())
     }
@@ -85,15 +88,21 @@ impl PtyExec {
     /// The next output chunk, or the exit. After `Exit`, returns an error.
     pub async fn next(&mut self) -> Result<PtyEvent> {
         loop {
-            match proto::read_frame(&mut self.rd).await.map_err(|e| protocol_error("reading terminal output", e))? {
+            match proto::read_frame(&mut self.rd)
+                .await
+                .map_err(|e| protocol_error("reading terminal output", e))?
+            {
                 Some(Frame::Stdout(b)) | Some(Frame::Stderr(b)) => return Ok(PtyEvent::Output(b)),
                 Some(Frame::Exit(st)) => return Ok(PtyEvent::Exit(st)),
                 Some(Frame::Error(e)) => return Err(wire_error(e)),
                 Some(_) => continue,
                 None => {
-                    return Err(fail(ErrorCode::ExecVsockUnavailable, "the connection to the VM closed before the command finished")
-                        .hint("the VM may have stopped; `machinen ls` lists live VMs")
-                        .into())
+                    return Err(fail(
+                        ErrorCode::ExecVsockUnavailable,
+                        "the connection to the VM closed before the command finished",
+                    )
+                    .hint("the VM may have stopped; `machinen ls` lists live VMs")
+                    .into())
                 }
             }
         }
@@ -106,16 +115,46 @@ impl Vm {
         validate_exec(&opts)?;
         let conn = self.connect().await?;
         let (mut rd, mut wr) = conn.into_split();
-        let req = ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, tty: true, winsize: Some(winsize) };
-        proto::send(&mut wr, &Frame::Request(Request::Exec(req))).await.map_err(|e| protocol_error("starting the command", e))?;
-        let first = tokio::time::timeout(std::time::Duration::from_secs(60), proto::read_frame(&mut rd))
+        let req = ExecRequest {
+            argv: opts.argv,
+            env: opts.env,
+            cwd: opts.cwd,
+            tty: true,
+            winsize: Some(winsize),
+        };
+        proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await
-            .map_err(|_| fail(ErrorCode::ExecVsockUnavailable, "the guest did not start the command within 60 s"))?;
+            .map_err(|e| protocol_error("starting the command", e))?;
+        let first = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            proto::read_frame(&mut rd),
+        )
+        .await
+        .map_err(|_| {
+            fail(
+                ErrorCode::ExecVsockUnavailable,
+                "the guest did not start the command within 60 s",
+            )
+        })?;
         match first.map_err(|e| protocol_error("starting the command", e))? {
-            Some(Frame::Started { pid }) => Ok(PtyExec { pid, rd, input: PtyInput { wr: Arc::new(Mutex::new(wr)) } }),
+            Some(Frame::Started { pid }) => Ok(PtyExec {
+                pid,
+                rd,
+                input: PtyInput {
+                    wr: Arc::new(Mutex::new(wr)),
+                },
+            }),
             Some(Frame::Error(e)) => Err(wire_error(e)),
-            Some(other) => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
-            None => Err(fail(ErrorCode::ExecVsockUnavailable, "the VM closed the connection before the command started").into()),
+            Some(other) => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer {other:?}"),
+            )
+            .into()),
+            None => Err(fail(
+                ErrorCode::ExecVsockUnavailable,
+                "the VM closed the connection before the command started",
+            )
+            .into()),
         }
     }
 }

@@ -111,23 +111,35 @@ impl Coded for RegistryError {
                  optionally in '/'-separated segments, and not all digits"
                     .into(),
             ),
-            RegistryError::NameInUse { name, .. } => {
-                Some(format!("pick another --name, or `machinen stop {name}` first"))
-            }
+            RegistryError::NameInUse { name, .. } => Some(format!(
+                "pick another --name, or `machinen stop {name}` first"
+            )),
             RegistryError::NotFound { .. } => Some("`machinen ls` lists the live VMs".into()),
-            RegistryError::Io { .. } => Some("check permissions of the registry directory (MACHINEN_REGISTRY_DIR)".into()),
-            RegistryError::Corrupt { .. } => Some("`machinen gc` removes entries of dead VMs".into()),
+            RegistryError::Io { .. } => {
+                Some("check permissions of the registry directory (MACHINEN_REGISTRY_DIR)".into())
+            }
+            RegistryError::Corrupt { .. } => {
+                Some("`machinen gc` removes entries of dead VMs".into())
+            }
         }
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io { path: path.to_path_buf(), source }
+    move |source| RegistryError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Check a VM name. Path-shaped names (`team/app/web`) are fine.
 pub fn validate_name(name: &str) -> Result<(), RegistryError> {
-    let bad = |reason| Err(RegistryError::InvalidName { name: name.to_string(), reason });
+    let bad = |reason| {
+        Err(RegistryError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return bad("empty");
     }
@@ -144,7 +156,10 @@ pub fn validate_name(name: &str) -> Result<(), RegistryError> {
         if seg == "." || seg == ".." {
             return bad("'.' and '..' segments are not allowed");
         }
-        if !seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        if !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        {
             return bad("only letters, digits, '.', '_', '-' and '/' are allowed");
         }
     }
@@ -172,7 +187,10 @@ pub fn is_alive(pid: u32, start: u64) -> bool {
 
 /// Unix time now, in milliseconds.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
@@ -225,7 +243,10 @@ impl Registry {
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
-            return Err(RegistryError::Io { path, source: std::io::Error::last_os_error() });
+            return Err(RegistryError::Io {
+                path,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(RegistryLock { _file: file })
     }
@@ -249,9 +270,15 @@ impl Registry {
     /// The per-VM directories (a missing registry has none).
     fn vm_dirs(&self) -> Result<Vec<fs::DirEntry>, RegistryError> {
         match fs::read_dir(&self.root) {
-            Ok(rd) => Ok(rd.flatten().filter(|de| de.file_type().is_ok_and(|t| t.is_dir())).collect()),
+            Ok(rd) => Ok(rd
+                .flatten()
+                .filter(|de| de.file_type().is_ok_and(|t| t.is_dir()))
+                .collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(RegistryError::Io { path: self.root.clone(), source: e }),
+            Err(e) => Err(RegistryError::Io {
+                path: self.root.clone(),
+                source: e,
+            }),
         }
     }
 
@@ -264,13 +291,21 @@ impl Registry {
                 out.push(e);
             }
         }
-        out.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.name.cmp(&b.name)));
+        out.sort_by(|a, b| {
+            a.created_at_ms
+                .cmp(&b.created_at_ms)
+                .then(a.name.cmp(&b.name))
+        });
         Ok(out)
     }
 
     /// Live entries only.
     pub fn live(&self) -> Result<Vec<RegistryEntry>, RegistryError> {
-        Ok(self.entries()?.into_iter().filter(|e| is_alive(e.supervisor_pid, e.supervisor_start)).collect())
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|e| is_alive(e.supervisor_pid, e.supervisor_start))
+            .collect())
     }
 
     /// Under the lock: check that `name` is free among live VMs and create a
@@ -279,7 +314,10 @@ impl Registry {
     pub fn claim(&self, _lock: &RegistryLock, name: &str) -> Result<Claim, RegistryError> {
         validate_name(name)?;
         if let Some(e) = self.live()?.into_iter().find(|e| e.name == name) {
-            return Err(RegistryError::NameInUse { name: name.to_string(), pid: e.supervisor_pid });
+            return Err(RegistryError::NameInUse {
+                name: name.to_string(),
+                pid: e.supervisor_pid,
+            });
         }
         self.fresh_dir()
     }
@@ -293,7 +331,12 @@ impl Registry {
             match fs::create_dir(&dir) {
                 Ok(()) => return Ok(Claim { id, dir }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(RegistryError::Io { path: dir, source: e }),
+                Err(e) => {
+                    return Err(RegistryError::Io {
+                        path: dir,
+                        source: e,
+                    })
+                }
             }
         }
     }
@@ -307,19 +350,28 @@ impl Registry {
     /// Write (create or replace) an entry atomically.
     pub fn write(&self, entry: &RegistryEntry) -> Result<(), RegistryError> {
         let path = self.dir(&entry.id).join("meta.json");
-        let bytes = serde_json::to_vec_pretty(entry).map_err(|source| RegistryError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(entry).map_err(|source| RegistryError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         write_atomic(&path, &bytes).map_err(io_err(&path))
     }
 
     /// Find a live VM by name, or by supervisor or QEMU pid.
     pub fn find(&self, target: &str) -> Result<RegistryEntry, RegistryError> {
         let live = self.live()?;
-        let pid: Option<u32> = if target.bytes().all(|b| b.is_ascii_digit()) { target.parse().ok() } else { None };
+        let pid: Option<u32> = if target.bytes().all(|b| b.is_ascii_digit()) {
+            target.parse().ok()
+        } else {
+            None
+        };
         let hit = live.into_iter().find(|e| match pid {
             Some(p) => e.supervisor_pid == p || e.qemu_pid == Some(p),
             None => e.name == target,
         });
-        hit.ok_or_else(|| RegistryError::NotFound { target: target.to_string() })
+        hit.ok_or_else(|| RegistryError::NotFound {
+            target: target.to_string(),
+        })
     }
 
     /// Remove one VM directory and everything in it.
@@ -328,7 +380,10 @@ impl Registry {
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RegistryError::Io { path: dir, source: e }),
+            Err(e) => Err(RegistryError::Io {
+                path: dir,
+                source: e,
+            }),
         }
     }
 
@@ -342,7 +397,12 @@ impl Registry {
             match self.read_entry(&dir) {
                 Ok(Some(e)) => {
                     if !is_alive(e.supervisor_pid, e.supervisor_start) {
-                        out.push(Stale { id, dir, entry: Some(e), reason: "supervisor is gone" });
+                        out.push(Stale {
+                            id,
+                            dir,
+                            entry: Some(e),
+                            reason: "supervisor is gone",
+                        });
                     }
                 }
                 Ok(None) => {
@@ -353,10 +413,20 @@ impl Registry {
                         .and_then(|t| t.elapsed().ok())
                         .unwrap_or(Duration::MAX);
                     if age > CLAIM_GRACE {
-                        out.push(Stale { id, dir, entry: None, reason: "abandoned before it started" });
+                        out.push(Stale {
+                            id,
+                            dir,
+                            entry: None,
+                            reason: "abandoned before it started",
+                        });
                     }
                 }
-                Err(_) => out.push(Stale { id, dir, entry: None, reason: "unreadable meta.json" }),
+                Err(_) => out.push(Stale {
+                    id,
+                    dir,
+                    entry: None,
+                    reason: "unreadable meta.json",
+                }),
             }
         }
         Ok(out)
@@ -410,7 +480,18 @@ mod tests {
         for ok in ["web", "a/b/c", "my-vm_1.2", "x1"] {
             validate_name(ok).expect(ok);
         }
-        for bad in ["", "123", "a//b", "/a", "a/", "a/../b", ".", "a b", "a\nb", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "123",
+            "a//b",
+            "/a",
+            "a/",
+            "a/../b",
+            ".",
+            "a b",
+            "a\nb",
+            &"x".repeat(129),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -420,7 +501,10 @@ mod tests {
         let me = std::process::id();
         let start = process_start_time(me).expect("own start time");
         assert!(is_alive(me, start));
-        assert!(!is_alive(me, start + 1), "a different start time means a recycled pid");
+        assert!(
+            !is_alive(me, start + 1),
+            "a different start time means a recycled pid"
+        );
         assert!(!is_alive(0, 0));
         assert!(process_start_time(u32::MAX).is_none());
     }
@@ -433,12 +517,16 @@ mod tests {
         let start = process_start_time(me).expect("start");
         let lock = reg.lock().expect("lock");
         let c = reg.claim(&lock, "team/web").expect("claim");
-        reg.write(&entry(&reg, &c, "team/web", me, start)).expect("write");
+        reg.write(&entry(&reg, &c, "team/web", me, start))
+            .expect("write");
         let err = reg.claim(&lock, "team/web").expect_err("taken");
         assert_eq!(err.code(), ErrorCode::RegistryNameInUse);
         assert_eq!(reg.find("team/web").expect("by name").id, c.id);
         assert_eq!(reg.find(&me.to_string()).expect("by pid").id, c.id);
-        assert_eq!(reg.find("nope").expect_err("missing").code(), ErrorCode::RegistryNotFound);
+        assert_eq!(
+            reg.find("nope").expect_err("missing").code(),
+            ErrorCode::RegistryNotFound
+        );
         assert!(reg.stale().expect("stale").is_empty());
     }
 
@@ -449,13 +537,18 @@ mod tests {
         let lock = reg.lock().expect("lock");
         let c = reg.claim(&lock, "web").expect("claim");
         // pid 1's real start time is never u64::MAX: a dead (recycled) entry.
-        reg.write(&entry(&reg, &c, "web", 1, u64::MAX)).expect("write");
+        reg.write(&entry(&reg, &c, "web", 1, u64::MAX))
+            .expect("write");
         assert!(reg.live().expect("live").is_empty());
         assert_eq!(reg.entries().expect("all").len(), 1);
         let c2 = reg.claim(&lock, "web").expect("name is free again");
         assert_ne!(c.id, c2.id);
         let stale = reg.stale().expect("stale");
-        assert_eq!(stale.len(), 1, "fresh claim without meta is in grace, dead one is stale");
+        assert_eq!(
+            stale.len(),
+            1,
+            "fresh claim without meta is in grace, dead one is stale"
+        );
         assert_eq!(stale[0].id, c.id);
         reg.remove(&c.id).expect("remove");
         assert!(!reg.dir(&c.id).exists());
@@ -468,7 +561,10 @@ mod tests {
         fs::create_dir_all(reg.dir("abc")).expect("mkdir");
         fs::write(reg.dir("abc").join("meta.json"), b"{not json").expect("write");
         assert!(reg.entries().expect("entries").is_empty());
-        assert_eq!(reg.stale().expect("stale")[0].reason, "unreadable meta.json");
+        assert_eq!(
+            reg.stale().expect("stale")[0].reason,
+            "unreadable meta.json"
+        );
     }
 
     #[test]
@@ -478,6 +574,10 @@ mod tests {
         write_atomic(&p, b"one").expect("w1");
         write_atomic(&p, b"two").expect("w2");
         assert_eq!(fs::read(&p).expect("read"), b"two");
-        assert_eq!(fs::read_dir(tmp.path()).expect("ls").count(), 1, "no temp files left");
+        assert_eq!(
+            fs::read_dir(tmp.path()).expect("ls").count(),
+            1,
+            "no temp files left"
+        );
     }
 }

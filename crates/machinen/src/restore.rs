@@ -100,32 +100,75 @@ pub struct ForkReport {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))?
 }
 
 impl Vm {
     /// Write a snapshot bundle to `out` (which must not exist). Unless
     /// `keep_alive`, the VM stops once the bundle is complete.
-    pub async fn snapshot(&self, out: &Path, keep_alive: bool, timeout: Duration) -> Result<SnapshotReport> {
+    pub async fn snapshot(
+        &self,
+        out: &Path,
+        keep_alive: bool,
+        timeout: Duration,
+    ) -> Result<SnapshotReport> {
         self.snapshot_to(out, keep_alive, timeout, false).await
     }
 
     /// [`Vm::snapshot`], or with `scratch` a fork's temporary bundle (see
     /// `SnapshotRequest::scratch`).
-    async fn snapshot_to(&self, out: &Path, keep_alive: bool, timeout: Duration, scratch: bool) -> Result<SnapshotReport> {
-        let out = if out.is_absolute() { out.to_path_buf() } else { std::env::current_dir()?.join(out) };
+    async fn snapshot_to(
+        &self,
+        out: &Path,
+        keep_alive: bool,
+        timeout: Duration,
+        scratch: bool,
+    ) -> Result<SnapshotReport> {
+        let out = if out.is_absolute() {
+            out.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(out)
+        };
         if out.exists() {
             return Err(bundle::BundleError::Exists { path: out }.into());
         }
-        let req = SnapshotRequest { out: out.display().to_string(), keep_alive, timeout_ms: timeout.as_millis() as u64, scratch };
+        let req = SnapshotRequest {
+            out: out.display().to_string(),
+            keep_alive,
+            timeout_ms: timeout.as_millis() as u64,
+            scratch,
+        };
         let mut s = self.connect().await?;
         proto::send(&mut s, &Frame::Request(Request::Snapshot(req)))
             .await
-            .map_err(|e| fail(ErrorCode::SnapshotDumpFailed, "asking the supervisor for a snapshot failed").source(e))?;
-        let answer = tokio::time::timeout(timeout + Duration::from_secs(30), proto::read_frame(&mut s))
-            .await
-            .map_err(|_| fail(ErrorCode::SnapshotTimeout, format!("no answer to the snapshot within {} s", timeout.as_secs() + 30)))?
-            .map_err(|e| fail(ErrorCode::SnapshotDumpFailed, "reading the snapshot answer failed").source(e))?;
+            .map_err(|e| {
+                fail(
+                    ErrorCode::SnapshotDumpFailed,
+                    "asking the supervisor for a snapshot failed",
+                )
+                .source(e)
+            })?;
+        let answer =
+            tokio::time::timeout(timeout + Duration::from_secs(30), proto::read_frame(&mut s))
+                .await
+                .map_err(|_| {
+                    fail(
+                        ErrorCode::SnapshotTimeout,
+                        format!(
+                            "no answer to the snapshot within {} s",
+                            timeout.as_secs() + 30
+                        ),
+                    )
+                })?
+                .map_err(|e| {
+                    fail(
+                        ErrorCode::SnapshotDumpFailed,
+                        "reading the snapshot answer failed",
+                    )
+                    .source(e)
+                })?;
         match answer {
             Some(Frame::Response(Response::Snapshotted(r))) => {
                 if !keep_alive {
@@ -138,10 +181,20 @@ impl Vm {
             }
             Some(Frame::Error(e)) => {
                 let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::SnapshotDumpFailed);
-                Err(fail(code, e.message).hint("the source VM keeps running; `machinen ls` shows it").into())
+                Err(fail(code, e.message)
+                    .hint("the source VM keeps running; `machinen ls` shows it")
+                    .into())
             }
-            Some(other) => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
-            None => Err(fail(ErrorCode::SnapshotDumpFailed, "the supervisor closed the connection during the snapshot").into()),
+            Some(other) => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer {other:?}"),
+            )
+            .into()),
+            None => Err(fail(
+                ErrorCode::SnapshotDumpFailed,
+                "the supervisor closed the connection during the snapshot",
+            )
+            .into()),
         }
     }
 
@@ -149,7 +202,9 @@ impl Vm {
     /// from the same memory and disk. The source keeps running.
     pub async fn fork(&self, opts: ForkOptions) -> Result<(Vm, ForkReport)> {
         let (mut vms, report) = self.fork_many(opts, 1).await?;
-        let vm = vms.pop().ok_or_else(|| fail(ErrorCode::Io, "the fork produced no VM"))?;
+        let vm = vms
+            .pop()
+            .ok_or_else(|| fail(ErrorCode::Io, "the fork produced no VM"))?;
         Ok((vm, report))
     }
 
@@ -170,7 +225,11 @@ impl Vm {
     /// `opts.ports` is refused when `count > 1` (each fork would need host
     /// ports of its own). If one restore fails, the forks already started
     /// are stopped and the error is returned.
-    pub async fn fork_many(&self, opts: ForkOptions, count: usize) -> Result<(Vec<Vm>, ForkReport)> {
+    pub async fn fork_many(
+        &self,
+        opts: ForkOptions,
+        count: usize,
+    ) -> Result<(Vec<Vm>, ForkReport)> {
         check_fork_many(&opts, count)?;
         let names: Vec<Option<String>> = match &opts.new_name {
             Some(n) if count == 1 => vec![Some(n.clone())],
@@ -189,13 +248,17 @@ impl Vm {
                 // mapped after the directory is gone, and page cache of a
                 // disk file (what the siblings share) can be reclaimed where
                 // tmpfs pages could not.
-                tmp = tempfile::Builder::new().prefix("machinen-fork-").tempdir()?;
+                tmp = tempfile::Builder::new()
+                    .prefix("machinen-fork-")
+                    .tempdir()?;
                 (tmp.path().join("bundle"), false)
             }
         };
         // A kept bundle (`out_dir`) is a real one; a temporary one is read
         // once, here, and needs no digests or fsync.
-        let snap = self.snapshot_to(&bundle_dir, true, Duration::from_secs(90), !kept).await?;
+        let snap = self
+            .snapshot_to(&bundle_dir, true, Duration::from_secs(90), !kept)
+            .await?;
         let mut vms: Vec<Vm> = Vec::with_capacity(count);
         for name in names {
             let mut r = RestoreOptions::new(&bundle_dir);
@@ -222,7 +285,13 @@ impl Vm {
                 }
             }
         }
-        Ok((vms, ForkReport { snapshot: snap, bundle_kept: kept }))
+        Ok((
+            vms,
+            ForkReport {
+                snapshot: snap,
+                bundle_kept: kept,
+            },
+        ))
     }
 }
 
@@ -231,7 +300,10 @@ pub const MAX_FORKS: usize = 64;
 
 /// What `Vm::fork_many` refuses before touching the source: a count outside
 /// 1..=[`MAX_FORKS`], and port forwards for more than one fork.
-pub fn check_fork_many(opts: &ForkOptions, count: usize) -> std::result::Result<(), crate::error::Failure> {
+pub fn check_fork_many(
+    opts: &ForkOptions,
+    count: usize,
+) -> std::result::Result<(), crate::error::Failure> {
     if !(1..=MAX_FORKS).contains(&count) {
         return Err(fail(ErrorCode::BootArgsInvalid, format!("the number of forks must be between 1 and {MAX_FORKS}, got {count}"))
             .hint(format!("pass a count from 1 to {MAX_FORKS}; for more, fork again from the source or from a fork")));
@@ -249,7 +321,12 @@ pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
     let d = path.to_path_buf();
     let meta = blocking(move || Ok(bundle::verify(&d)?)).await?;
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
-    bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
+    bundle::check_compatible(
+        &meta,
+        crate::paths::debian_arch(),
+        accel.as_str(),
+        accel.cpu_model(),
+    )?;
     Ok(meta)
 }
 
@@ -258,9 +335,12 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
     let paths = Paths::from_env()?;
     let bundle_dir = std::fs::canonicalize(&opts.bundle).map_err(|e| {
-        fail(ErrorCode::RestoreBundleInvalid, format!("cannot open bundle {}", opts.bundle.display()))
-            .source(e)
-            .hint("pass the directory that `machinen snapshot` wrote")
+        fail(
+            ErrorCode::RestoreBundleInvalid,
+            format!("cannot open bundle {}", opts.bundle.display()),
+        )
+        .source(e)
+        .hint("pass the directory that `machinen snapshot` wrote")
     })?;
     // meta.json is checked now (QEMU is started from it); the large files
     // are checked below while QEMU loads the state, the guest paused.
@@ -272,23 +352,46 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         (None, bundle::read_meta(&bundle_dir)?)
     };
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
-    bundle::check_compatible(&meta, crate::paths::debian_arch(), accel.as_str(), accel.cpu_model())?;
+    bundle::check_compatible(
+        &meta,
+        crate::paths::debian_arch(),
+        accel.as_str(),
+        accel.cpu_model(),
+    )?;
     let assets = assets::resolve(&paths)?;
     if assets.kernel_version != meta.kernel.version {
-        return Err(bundle::BundleError::Foreign { what: "kernel", found: meta.kernel.version.clone(), here: assets.kernel_version.clone() }.into());
+        return Err(bundle::BundleError::Foreign {
+            what: "kernel",
+            found: meta.kernel.version.clone(),
+            here: assets.kernel_version.clone(),
+        }
+        .into());
     }
-    let tarball = opts.image.clone().unwrap_or_else(|| meta.image.path.clone());
+    let tarball = opts
+        .image
+        .clone()
+        .unwrap_or_else(|| meta.image.path.clone());
     if !tarball.exists() {
-        return Err(fail(ErrorCode::RestoreImageMismatch, format!("the bundle's image {} is not on this host", tarball.display()))
-            .hint("copy the image too and pass it with --image PATH")
-            .into());
+        return Err(fail(
+            ErrorCode::RestoreImageMismatch,
+            format!(
+                "the bundle's image {} is not on this host",
+                tarball.display()
+            ),
+        )
+        .hint("copy the image too and pass it with --image PATH")
+        .into());
     }
     let gate = manifest.map(|m| {
         let d = bundle_dir.clone();
         let step = opts.progress.step(format!("verifying {}", d.display()));
-        let check = tokio::task::spawn_blocking(move || bundle::verify_files(&d, &m, &[bundle::STATE, bundle::DISK, bundle::RAM]));
+        let check = tokio::task::spawn_blocking(move || {
+            bundle::verify_files(&d, &m, &[bundle::STATE, bundle::DISK, bundle::RAM])
+        });
         Box::pin(async move {
-            let r = check.await.map_err(|e| fail(ErrorCode::Io, "the bundle verification task failed").source(e))?;
+            let r = check.await.map_err(|e| {
+                fail(ErrorCode::Io, "the bundle verification task failed").source(e)
+            })?;
             r?;
             step.done("bundle verified");
             Ok(())
@@ -299,7 +402,12 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     if img.sha256 != meta.image.sha256 {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,
-            format!("image {} has sha256 {}, the bundle was taken on {}", tarball.display(), img.sha256, meta.image.sha256),
+            format!(
+                "image {} has sha256 {}, the bundle was taken on {}",
+                tarball.display(),
+                img.sha256,
+                meta.image.sha256
+            ),
         )
         .hint("pass the exact image the VM was booted from with --image")
         .into());
@@ -318,15 +426,17 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let disk = claim.dir.join(files::DISK);
     let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
     let own_ram = match (&bundle_ram, opts.own_ram) {
-        (Some(_), true) => match crate::spec::ram_file_for(&claim.id, meta.memory_mib) {
-            Some(f) => Some(f),
-            None => {
-                let _ = reg.remove(&claim.id);
-                return Err(fail(ErrorCode::BootArgsInvalid, format!("no room for a {} MiB RAM file in tmpfs", meta.memory_mib))
+        (Some(_), true) => {
+            match crate::spec::ram_file_for(&claim.id, meta.memory_mib) {
+                Some(f) => Some(f),
+                None => {
+                    let _ = reg.remove(&claim.id);
+                    return Err(fail(ErrorCode::BootArgsInvalid, format!("no room for a {} MiB RAM file in tmpfs", meta.memory_mib))
                     .hint("free space in /dev/shm (or MACHINEN_RAM_DIR), or restore without --own-ram")
                     .into());
+                }
             }
-        },
+        }
         (None, true) => {
             let _ = reg.remove(&claim.id);
             return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")
@@ -351,7 +461,10 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let spec = VmSpec {
         id: claim.id.clone(),
         // Anonymous restores are named after the source (plus the pid).
-        name: opts.name.clone().unwrap_or_else(|| meta.source_name.clone()),
+        name: opts
+            .name
+            .clone()
+            .unwrap_or_else(|| meta.source_name.clone()),
         dir: claim.dir.clone(),
         kernel: assets.kernel.clone(),
         initrd: PathBuf::new(),
@@ -384,7 +497,11 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let launch = Launch {
         name: opts.name.clone(),
         image: Some(tarball),
-        forked_from: Some(opts.forked_from.clone().unwrap_or_else(|| bundle_dir.display().to_string())),
+        forked_from: Some(
+            opts.forked_from
+                .clone()
+                .unwrap_or_else(|| bundle_dir.display().to_string()),
+        ),
         ports: opts.ports.clone(),
         timeout: opts.boot_timeout,
         gate,

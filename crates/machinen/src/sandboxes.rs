@@ -67,7 +67,10 @@ fn push_scrollback(sb: &mut VecDeque<u8>, b: &[u8]) {
 impl Sandboxes {
     /// `shell` is the argv each new session runs.
     pub fn new(shell: Vec<String>) -> Sandboxes {
-        Sandboxes { shell, sessions: BTreeMap::new() }
+        Sandboxes {
+            shell,
+            sessions: BTreeMap::new(),
+        }
     }
 
     /// Live VMs, with whether a session is open in each.
@@ -78,7 +81,11 @@ impl Sandboxes {
             .into_iter()
             .map(|v| {
                 let s = self.sessions.get(&v.name);
-                SandboxEntry { name: v.name.clone(), pid: v.pid, session: s.is_some() }
+                SandboxEntry {
+                    name: v.name.clone(),
+                    pid: v.pid,
+                    session: s.is_some(),
+                }
             })
             .collect())
     }
@@ -106,7 +113,11 @@ impl Sandboxes {
         if self.sessions.contains_key(&name) {
             return Ok(name);
         }
-        let opts = ExecOptions { argv: self.shell.clone(), env: vec![], cwd: Some("/root".into()) };
+        let opts = ExecOptions {
+            argv: self.shell.clone(),
+            env: vec![],
+            cwd: Some("/root".into()),
+        };
         let mut exec = vm.exec_pty(opts, terminal::host_winsize()).await?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let input = exec.input();
@@ -139,15 +150,31 @@ impl Sandboxes {
                 }
             }
         });
-        self.sessions.insert(name.clone(), Session { vm: name.clone(), pid, input, shared });
+        self.sessions.insert(
+            name.clone(),
+            Session {
+                vm: name.clone(),
+                pid,
+                input,
+                shared,
+            },
+        );
         Ok(name)
     }
 
     /// Start viewing session `name`: the scrollback so far, and a channel of
     /// what follows (closed when the session ends or another viewer takes
     /// over).
-    pub async fn view(&self, name: &str) -> Result<(Vec<u8>, mpsc::UnboundedReceiver<Vec<u8>>, PtyInput)> {
-        let s = self.sessions.get(name).ok_or_else(|| fail(ErrorCode::RegistryNotFound, format!("no session in {name:?}")))?;
+    pub async fn view(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<u8>, mpsc::UnboundedReceiver<Vec<u8>>, PtyInput)> {
+        let s = self.sessions.get(name).ok_or_else(|| {
+            fail(
+                ErrorCode::RegistryNotFound,
+                format!("no session in {name:?}"),
+            )
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sh = s.shared.lock().await;
         sh.viewer = Some(tx);
@@ -216,7 +243,9 @@ enum Attached {
 impl Supervisor {
     /// `shell` is the argv of new sessions.
     pub fn new(shell: Vec<String>) -> Supervisor {
-        Supervisor { sandboxes: Sandboxes::new(shell) }
+        Supervisor {
+            sandboxes: Sandboxes::new(shell),
+        }
     }
 
     pub fn sandboxes(&mut self) -> &mut Sandboxes {
@@ -231,11 +260,19 @@ impl Supervisor {
 
     async fn ls(&mut self) {
         match self.sandboxes.list().await {
-            Ok(list) if list.is_empty() => self.say("no live VMs (`machinen boot --name NAME --detached`)\n").await,
+            Ok(list) if list.is_empty() => {
+                self.say("no live VMs (`machinen boot --name NAME --detached`)\n")
+                    .await
+            }
             Ok(list) => {
                 let mut s = String::from("  PID      NAME\n");
                 for e in list {
-                    s.push_str(&format!("{} {:<8} {}\n", if e.session { '*' } else { ' ' }, e.pid, e.name));
+                    s.push_str(&format!(
+                        "{} {:<8} {}\n",
+                        if e.session { '*' } else { ' ' },
+                        e.pid,
+                        e.name
+                    ));
                 }
                 self.say(&s).await;
             }
@@ -246,7 +283,8 @@ impl Supervisor {
     /// Run the UI until `/quit` or end of input. With `first`, attach to it
     /// right away. Returns the exit code.
     pub async fn run(&mut self, first: Option<&str>) -> Result<i32> {
-        self.say("machinen mux: /ls, /attach NAME, /help, /quit; Ctrl-] Ctrl-] detaches\n").await;
+        self.say("machinen mux: /ls, /attach NAME, /help, /quit; Ctrl-] Ctrl-] detaches\n")
+            .await;
         if let Some(t) = first {
             self.attach(t).await;
         }
@@ -276,7 +314,10 @@ impl Supervisor {
                 (Some("/quit") | Some("/exit"), _) => break,
                 (Some("/attach"), Some(t)) => self.attach(t).await,
                 (Some("/attach"), None) => self.say("usage: /attach NAME|PID\n").await,
-                (Some(other), _) => self.say(&format!("unknown command {other:?}; /help lists them\n")).await,
+                (Some(other), _) => {
+                    self.say(&format!("unknown command {other:?}; /help lists them\n"))
+                        .await
+                }
             }
         }
         self.sandboxes.close_all().await;
@@ -292,7 +333,12 @@ impl Supervisor {
             }
         };
         match self.attached(&name).await {
-            Ok(Attached::Detached) => self.say(&format!("\r\n[detached from {name}; /attach {name} to return]\n")).await,
+            Ok(Attached::Detached) => {
+                self.say(&format!(
+                    "\r\n[detached from {name}; /attach {name} to return]\n"
+                ))
+                .await
+            }
             Ok(Attached::Ended(why)) => self.say(&format!("\r\n[{name}: {why}]\n")).await,
             Err(e) => self.say(&format!("\r\nerror[{}]: {e}\n", e.code())).await,
         }
@@ -300,14 +346,16 @@ impl Supervisor {
 
     async fn attached(&mut self, name: &str) -> Result<Attached> {
         let (replay, mut rx, input) = self.sandboxes.view(name).await?;
-        self.say(&format!("[attached to {name}; Ctrl-] Ctrl-] detaches]\r\n")).await;
+        self.say(&format!("[attached to {name}; Ctrl-] Ctrl-] detaches]\r\n"))
+            .await;
         let _raw = RawMode::enable_stdin_if_terminal()?;
         let mut out = tokio::io::stdout();
         let _ = out.write_all(&replay).await;
         let _ = out.flush().await;
         let _ = input.resize(terminal::host_winsize()).await;
-        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-            .map_err(|e| fail(ErrorCode::Io, "cannot watch window size changes").source(e))?;
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+                .map_err(|e| fail(ErrorCode::Io, "cannot watch window size changes").source(e))?;
         let mut chunks = terminal::stdin_chunks().lock().await;
         let mut pending = false;
         let result = loop {
@@ -355,7 +403,10 @@ mod tests {
     #[test]
     fn detach_sequence_is_found_across_chunks() {
         assert_eq!(scan_detach(false, b"abc"), (b"abc".to_vec(), false, false));
-        assert_eq!(scan_detach(false, b"ab\x1d\x1dcd"), (b"ab".to_vec(), true, false));
+        assert_eq!(
+            scan_detach(false, b"ab\x1d\x1dcd"),
+            (b"ab".to_vec(), true, false)
+        );
         assert_eq!(scan_detach(false, b"ab\x1d"), (b"ab".to_vec(), false, true));
         assert_eq!(scan_detach(true, b"\x1d"), (Vec::new(), true, false));
         assert_eq!(scan_detach(true, b"x"), (b"\x1dx".to_vec(), false, false));
@@ -367,6 +418,9 @@ mod tests {
         push_scrollback(&mut sb, &vec![1; SCROLLBACK_BYTES]);
         push_scrollback(&mut sb, b"tail");
         assert_eq!(sb.len(), SCROLLBACK_BYTES);
-        assert_eq!(sb.iter().rev().take(4).copied().collect::<Vec<_>>(), b"liat");
+        assert_eq!(
+            sb.iter().rev().take(4).copied().collect::<Vec<_>>(),
+            b"liat"
+        );
     }
 }

@@ -37,11 +37,16 @@ pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     if !ok {
-        return Err(fail(ErrorCode::SecretsInvalid, format!("secret name {name:?} is not valid"))
-            .hint("use letters, digits, '_', '-' and '.', e.g. --secret API_TOKEN=...")
-            .into());
+        return Err(fail(
+            ErrorCode::SecretsInvalid,
+            format!("secret name {name:?} is not valid"),
+        )
+        .hint("use letters, digits, '_', '-' and '.', e.g. --secret API_TOKEN=...")
+        .into());
     }
     Ok(())
 }
@@ -53,12 +58,20 @@ pub fn validate(secrets: &[Secret]) -> Result<()> {
     for s in secrets {
         validate_name(&s.name)?;
         if !seen.insert(s.name.as_str()) {
-            return Err(fail(ErrorCode::SecretsInvalid, format!("secret {:?} is given twice", s.name)).into());
+            return Err(fail(
+                ErrorCode::SecretsInvalid,
+                format!("secret {:?} is given twice", s.name),
+            )
+            .into());
         }
         total += s.value.0.len();
     }
     if total > MAX_TOTAL {
-        return Err(fail(ErrorCode::SecretsInvalid, format!("secrets total {total} bytes; at most {MAX_TOTAL} are accepted")).into());
+        return Err(fail(
+            ErrorCode::SecretsInvalid,
+            format!("secrets total {total} bytes; at most {MAX_TOTAL} are accepted"),
+        )
+        .into());
     }
     Ok(())
 }
@@ -69,7 +82,10 @@ pub fn parse_secret_arg(s: &str) -> Result<Secret> {
         return Err(fail(ErrorCode::SecretsInvalid, "--secret takes NAME=VALUE").into());
     };
     validate_name(name)?;
-    Ok(Secret { name: name.to_owned(), value: SecretValue(value.as_bytes().to_vec()) })
+    Ok(Secret {
+        name: name.to_owned(),
+        value: SecretValue(value.as_bytes().to_vec()),
+    })
 }
 
 /// Parse `NAME=PATH` (`--secret-file`) and read the file.
@@ -78,9 +94,17 @@ pub fn parse_secret_file_arg(s: &str) -> Result<Secret> {
         return Err(fail(ErrorCode::SecretsInvalid, "--secret-file takes NAME=PATH").into());
     };
     validate_name(name)?;
-    let value = std::fs::read(Path::new(path))
-        .map_err(|e| fail(ErrorCode::SecretsInvalid, format!("cannot read the secret file {path} for {name}")).source(e))?;
-    Ok(Secret { name: name.to_owned(), value: SecretValue(value) })
+    let value = std::fs::read(Path::new(path)).map_err(|e| {
+        fail(
+            ErrorCode::SecretsInvalid,
+            format!("cannot read the secret file {path} for {name}"),
+        )
+        .source(e)
+    })?;
+    Ok(Secret {
+        name: name.to_owned(),
+        value: SecretValue(value),
+    })
 }
 
 /// What [`Vm::set_secrets`] did.
@@ -95,19 +119,32 @@ impl Vm {
     /// Install (or replace) secrets in the running guest.
     pub async fn set_secrets(&self, secrets: &[Secret]) -> Result<SecretsReport> {
         validate(secrets)?;
-        let req = Frame::Request(Request::Secrets { secrets: secrets.to_vec() });
+        let req = Frame::Request(Request::Secrets {
+            secrets: secrets.to_vec(),
+        });
         match self.agent_call(req, "installing secrets").await? {
             Response::SecretsSet { count, dir } => Ok(SecretsReport { count, dir }),
-            other => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer to Secrets: {other:?}")).into()),
+            other => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer to Secrets: {other:?}"),
+            )
+            .into()),
         }
     }
 
     /// Zero, remove and unmount every secret in the guest (call before a
     /// snapshot). Returns how many were removed.
     pub async fn wipe_secrets(&self) -> Result<u32> {
-        match self.agent_call(Frame::Request(Request::WipeSecrets), "wiping secrets").await? {
+        match self
+            .agent_call(Frame::Request(Request::WipeSecrets), "wiping secrets")
+            .await?
+        {
             Response::SecretsWiped { count } => Ok(count),
-            other => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer to WipeSecrets: {other:?}")).into()),
+            other => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer to WipeSecrets: {other:?}"),
+            )
+            .into()),
         }
     }
 
@@ -115,17 +152,37 @@ impl Vm {
     async fn agent_call(&self, req: Frame, what: &str) -> Result<Response> {
         let call = async {
             let mut conn = self.connect().await?;
-            proto::send(&mut conn, &req).await.map_err(|e| protocol_error(what, e))?;
-            match proto::read_frame(&mut conn).await.map_err(|e| protocol_error(what, e))? {
+            proto::send(&mut conn, &req)
+                .await
+                .map_err(|e| protocol_error(what, e))?;
+            match proto::read_frame(&mut conn)
+                .await
+                .map_err(|e| protocol_error(what, e))?
+            {
                 Some(Frame::Response(r)) => Ok(r),
                 Some(Frame::Error(e)) => Err(wire_error(e)),
-                Some(other) => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer while {what}: {other:?}")).into()),
-                None => Err(fail(ErrorCode::ExecVsockUnavailable, format!("the VM closed the connection while {what}")).into()),
+                Some(other) => Err(fail(
+                    ErrorCode::ProtocolError,
+                    format!("unexpected answer while {what}: {other:?}"),
+                )
+                .into()),
+                None => Err(fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    format!("the VM closed the connection while {what}"),
+                )
+                .into()),
             }
         };
         match tokio::time::timeout(TIMEOUT, call).await {
             Ok(r) => r,
-            Err(_) => Err(fail(ErrorCode::SecretsFailed, format!("the guest did not answer within {} s while {what}", TIMEOUT.as_secs())).into()),
+            Err(_) => Err(fail(
+                ErrorCode::SecretsFailed,
+                format!(
+                    "the guest did not answer within {} s while {what}",
+                    TIMEOUT.as_secs()
+                ),
+            )
+            .into()),
         }
     }
 }
@@ -137,7 +194,10 @@ mod tests {
     #[test]
     fn parsing_and_validation() {
         let s = parse_secret_arg("API_TOKEN=a=b").expect("parse");
-        assert_eq!((s.name.as_str(), &s.value.0[..]), ("API_TOKEN", &b"a=b"[..]));
+        assert_eq!(
+            (s.name.as_str(), &s.value.0[..]),
+            ("API_TOKEN", &b"a=b"[..])
+        );
         let e = parse_secret_arg("bad/name=hunter2").expect_err("bad name");
         assert_eq!(e.code(), ErrorCode::SecretsInvalid);
         assert!(!e.to_string().contains("hunter2"));

@@ -93,7 +93,9 @@ pub struct RestoreSpec {
 /// Where a fresh VM's RAM file goes: tmpfs, when it has room for the whole
 /// memory ceiling (a full tmpfs would kill the guest with SIGBUS).
 pub fn ram_file_for(id: &str, memory_mib: u32) -> Option<PathBuf> {
-    let dir = std::env::var_os("MACHINEN_RAM_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    let dir = std::env::var_os("MACHINEN_RAM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
     if std::env::var_os("MACHINEN_RAM_DIR").is_some_and(|v| v.is_empty()) {
         return None; // explicitly off
     }
@@ -109,7 +111,8 @@ impl VmSpec {
 
     pub fn load(path: &Path) -> std::io::Result<VmSpec> {
         let bytes = std::fs::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -139,8 +142,17 @@ mod tests {
     #[test]
     fn ready_line_round_trips() {
         for l in [
-            ReadyLine::Ready { supervisor_pid: 1, qemu_pid: 2, accel: "tcg".into(), boot_ms: 3 },
-            ReadyLine::Failed { code: "BOOT_TIMEOUT".into(), message: "m".into(), hint: None },
+            ReadyLine::Ready {
+                supervisor_pid: 1,
+                qemu_pid: 2,
+                accel: "tcg".into(),
+                boot_ms: 3,
+            },
+            ReadyLine::Failed {
+                code: "BOOT_TIMEOUT".into(),
+                message: "m".into(),
+                hint: None,
+            },
         ] {
             let s = serde_json::to_string(&l).expect("ser");
             assert!(!s.contains('\n'));

@@ -41,10 +41,12 @@ impl RawMode {
     /// Put `fd` (a terminal) into raw mode.
     pub fn enable(fd: RawFd) -> Result<RawMode> {
         let b = borrow(fd);
-        let saved = termios::tcgetattr(b).map_err(|e| fail(ErrorCode::Io, "cannot read the terminal settings").source(e))?;
+        let saved = termios::tcgetattr(b)
+            .map_err(|e| fail(ErrorCode::Io, "cannot read the terminal settings").source(e))?;
         let mut raw = saved.clone();
         termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(b, SetArg::TCSADRAIN, &raw).map_err(|e| fail(ErrorCode::Io, "cannot put the terminal into raw mode").source(e))?;
+        termios::tcsetattr(b, SetArg::TCSADRAIN, &raw)
+            .map_err(|e| fail(ErrorCode::Io, "cannot put the terminal into raw mode").source(e))?;
         Ok(RawMode { fd, saved })
     }
 
@@ -66,16 +68,26 @@ impl Drop for RawMode {
 
 /// The window size of the terminal on `fd`, if it is one.
 pub fn winsize_of(fd: RawFd) -> Option<WinSize> {
-    let mut w = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut w = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which
     // points to a live local; an invalid fd only makes the call fail.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut w as *mut libc::winsize) };
-    (rc == 0 && w.ws_row > 0 && w.ws_col > 0).then_some(WinSize { rows: w.ws_row, cols: w.ws_col })
+    (rc == 0 && w.ws_row > 0 && w.ws_col > 0).then_some(WinSize {
+        rows: w.ws_row,
+        cols: w.ws_col,
+    })
 }
 
 /// The host terminal's size: stdout's, else stdin's, else 24x80.
 pub fn host_winsize() -> WinSize {
-    winsize_of(1).or_else(|| winsize_of(0)).unwrap_or(DEFAULT_WINSIZE)
+    winsize_of(1)
+        .or_else(|| winsize_of(0))
+        .unwrap_or(DEFAULT_WINSIZE)
 }
 
 /// Whether stdin and stdout are both terminals.
@@ -96,29 +108,31 @@ pub fn stdin_chunks() -> &'static Mutex<mpsc::Receiver<Vec<u8>>> {
     static RX: OnceLock<Mutex<mpsc::Receiver<Vec<u8>>>> = OnceLock::new();
     RX.get_or_init(|| {
         let (tx, rx) = mpsc::channel(64);
-        let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-            use std::io::Read;
-            let mut buf = vec![0u8; 16 * 1024];
-            let mut stdin = std::io::stdin().lock();
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => {
-                        let _ = tx.blocking_send(Vec::new());
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+        let spawned = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                use std::io::Read;
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut stdin = std::io::stdin().lock();
+                loop {
+                    match stdin.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = tx.blocking_send(Vec::new());
+                            return;
+                        }
+                        Ok(n) => {
+                            if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => {
+                            let _ = tx.blocking_send(Vec::new());
                             return;
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        let _ = tx.blocking_send(Vec::new());
-                        return;
-                    }
                 }
-            }
-        });
+            });
         if spawned.is_err() {
             tracing::warn!("cannot start the stdin reader thread");
         }
@@ -146,7 +160,10 @@ pub enum Outcome {
 pub async fn run_interactive(vm: &Vm, opts: ExecOptions) -> Result<Outcome> {
     let mut exec = vm.exec_pty(opts, host_winsize()).await?;
     let input = exec.input();
-    let sig = |k| tokio::signal::unix::signal(k).map_err(|e| fail(ErrorCode::Io, "cannot install signal handlers").source(e));
+    let sig = |k| {
+        tokio::signal::unix::signal(k)
+            .map_err(|e| fail(ErrorCode::Io, "cannot install signal handlers").source(e))
+    };
     use tokio::signal::unix::SignalKind;
     let mut winch = sig(SignalKind::window_change())?;
     let mut term = sig(SignalKind::terminate())?;

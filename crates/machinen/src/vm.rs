@@ -91,8 +91,11 @@ pub fn default_memory_mib() -> u32 {
 /// Check a memory size.
 pub fn validate_memory_mib(mib: u32) -> Result<u32, Failure> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
-        return Err(fail(ErrorCode::BootMemoryInvalid, format!("memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"))
-            .hint("pass --memory as a whole number of MiB, e.g. --memory 1024"));
+        return Err(fail(
+            ErrorCode::BootMemoryInvalid,
+            format!("memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {mib}"),
+        )
+        .hint("pass --memory as a whole number of MiB, e.g. --memory 1024"));
     }
     Ok(mib)
 }
@@ -168,18 +171,30 @@ pub struct ExecOptions {
 /// Check `KEY=VALUE` environment pairs and a working directory.
 pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
     if opts.argv.is_empty() {
-        return Err(fail(ErrorCode::BootArgsInvalid, "no command given").hint("put the command after `--`, e.g. `-- uname -a`"));
+        return Err(fail(ErrorCode::BootArgsInvalid, "no command given")
+            .hint("put the command after `--`, e.g. `-- uname -a`"));
     }
     for (k, _) in &opts.env {
-        let ok = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok {
-            return Err(fail(ErrorCode::BootArgsInvalid, format!("invalid environment variable name {k:?}"))
-                .hint("names are letters, digits and '_', not starting with a digit (--env KEY=VALUE)"));
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                format!("invalid environment variable name {k:?}"),
+            )
+            .hint(
+                "names are letters, digits and '_', not starting with a digit (--env KEY=VALUE)",
+            ));
         }
     }
     if let Some(cwd) = &opts.cwd {
         if !cwd.starts_with('/') {
-            return Err(fail(ErrorCode::BootArgsInvalid, format!("working directory {cwd:?} is not absolute")).hint("pass --cwd as an absolute guest path, e.g. --cwd /root"));
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                format!("working directory {cwd:?} is not absolute"),
+            )
+            .hint("pass --cwd as an absolute guest path, e.g. --cwd /root"));
         }
     }
     Ok(())
@@ -189,7 +204,10 @@ pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
 pub fn parse_env_pair(s: &str) -> Result<(String, String), Failure> {
     match s.split_once('=') {
         Some((k, v)) => Ok((k.to_string(), v.to_string())),
-        None => Err(fail(ErrorCode::BootArgsInvalid, format!("--env {s:?} is not KEY=VALUE"))),
+        None => Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!("--env {s:?} is not KEY=VALUE"),
+        )),
     }
 }
 
@@ -205,7 +223,11 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let paths = Paths::from_env()?;
     let memory_mib = validate_memory_mib(opts.memory_mib.unwrap_or_else(default_memory_mib))?;
     if opts.cpus == 0 || opts.cpus > 64 {
-        return Err(fail(ErrorCode::BootArgsInvalid, format!("cpus must be between 1 and 64, got {}", opts.cpus)).into());
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!("cpus must be between 1 and 64, got {}", opts.cpus),
+        )
+        .into());
     }
     let name = opts.name.clone().unwrap_or_else(generated_name);
     registry::validate_name(&name)?;
@@ -254,7 +276,14 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         let _ = reg.remove(&claim.id);
         return Err(e.into());
     }
-    let launch = Launch { name: Some(name), image: Some(tarball), forked_from: None, ports: opts.ports.clone(), timeout: opts.boot_timeout, gate: None };
+    let launch = Launch {
+        name: Some(name),
+        image: Some(tarball),
+        forked_from: None,
+        ports: opts.ports.clone(),
+        timeout: opts.boot_timeout,
+        gate: None,
+    };
     let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await?;
     if !opts.secrets.is_empty() {
         if let Err(e) = vm.set_secrets(&opts.secrets).await {
@@ -267,7 +296,11 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
 
 /// The cached ext4 image of `tarball`, built once and reused (blocking file
 /// work, so off the async threads); boot and restore both start from it.
-pub(crate) async fn prepare_disk(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<image::CachedImage> {
+pub(crate) async fn prepare_disk(
+    paths: &Paths,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<image::CachedImage> {
     let (paths, tarball) = (paths.clone(), tarball.to_path_buf());
     tokio::task::spawn_blocking(move || image::ensure_rootfs_image(&paths, &tarball, progress))
         .await
@@ -315,9 +348,15 @@ pub(crate) async fn launch_vm(
     let control = spec.path_in(files::CONTROL);
     if control.as_os_str().len() > 107 {
         abandon();
-        return Err(fail(ErrorCode::RegistryIo, format!("socket path {} is longer than unix sockets allow", control.display()))
-            .hint("use a shorter MACHINEN_REGISTRY_DIR")
-            .into());
+        return Err(fail(
+            ErrorCode::RegistryIo,
+            format!(
+                "socket path {} is longer than unix sockets allow",
+                control.display()
+            ),
+        )
+        .hint("use a shorter MACHINEN_REGISTRY_DIR")
+        .into());
     }
     let child = match spawn_supervisor(vmm, spec) {
         Ok(c) => c,
@@ -327,7 +366,9 @@ pub(crate) async fn launch_vm(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let name = launch.name.unwrap_or_else(|| format!("{}/{pid}", spec.name));
+    let name = launch
+        .name
+        .unwrap_or_else(|| format!("{}/{pid}", spec.name));
     let entry = RegistryEntry {
         id: spec.id.clone(),
         name,
@@ -366,15 +407,25 @@ pub(crate) async fn launch_vm(
     }
     let ready = wait_ready(&mut child, spec, launch.timeout + Duration::from_secs(30)).await;
     match ready {
-        Ok(ReadyLine::Ready { qemu_pid, accel, .. }) => {
+        Ok(ReadyLine::Ready {
+            qemu_pid, accel, ..
+        }) => {
             let mut info = VmInfo::from(&entry);
             info.qemu_pid = Some(qemu_pid);
             info.accel = accel;
             info.state = "running".into();
             let owned = if spec.detached { None } else { Some(child) };
-            Ok(Vm { info, owned, boot_ms: Some(t0.elapsed().as_millis() as u64) })
+            Ok(Vm {
+                info,
+                owned,
+                boot_ms: Some(t0.elapsed().as_millis() as u64),
+            })
         }
-        Ok(ReadyLine::Failed { code, message, hint }) => {
+        Ok(ReadyLine::Failed {
+            code,
+            message,
+            hint,
+        }) => {
             let _ = child.wait().await;
             abandon();
             let code = ErrorCode::from_wire(&code).unwrap_or(ErrorCode::BootEngineFailed);
@@ -396,7 +447,10 @@ pub(crate) async fn launch_vm(
 /// a foreground VM's stays open, as its lifeline.
 async fn open_gate(child: &mut tokio::process::Child, gate: Gate, detached: bool) -> Result<()> {
     gate.await?;
-    let stdin = child.stdin.as_mut().ok_or_else(|| fail(ErrorCode::Io, "supervisor stdin is not a pipe"))?;
+    let stdin = child
+        .stdin
+        .as_mut()
+        .ok_or_else(|| fail(ErrorCode::Io, "supervisor stdin is not a pipe"))?;
     // A supervisor that already failed (its error is on stdout) has closed
     // its end: `wait_ready` reports that error.
     let _ = stdin.write_all(b"go\n").await;
@@ -409,15 +463,27 @@ async fn open_gate(child: &mut tokio::process::Child, gate: Gate, detached: bool
 
 fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> {
     let spec_path = spec.path_in(files::SPEC);
-    let bytes = serde_json::to_vec_pretty(spec).map_err(|e| fail(ErrorCode::Io, "cannot encode the VM spec").source(e))?;
-    registry::write_atomic(&spec_path, &bytes)
-        .map_err(|e| fail(ErrorCode::RegistryIo, format!("cannot write {}", spec_path.display())).source(e))?;
+    let bytes = serde_json::to_vec_pretty(spec)
+        .map_err(|e| fail(ErrorCode::Io, "cannot encode the VM spec").source(e))?;
+    registry::write_atomic(&spec_path, &bytes).map_err(|e| {
+        fail(
+            ErrorCode::RegistryIo,
+            format!("cannot write {}", spec_path.display()),
+        )
+        .source(e)
+    })?;
     let log = std::fs::File::create(spec.path_in(files::VMM_LOG))
         .map_err(|e| fail(ErrorCode::RegistryIo, "cannot create the supervisor log").source(e))?;
     let mut cmd = std::process::Command::new(vmm);
     cmd.arg("--spec")
         .arg(&spec_path)
-        .stdin(if spec.detached && !spec.restore.as_ref().is_some_and(|r| r.gate) { Stdio::null() } else { Stdio::piped() })
+        .stdin(
+            if spec.detached && !spec.restore.as_ref().is_some_and(|r| r.gate) {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            },
+        )
         .stdout(Stdio::piped())
         .stderr(log);
     // SAFETY: setsid() is async-signal-safe; it detaches the supervisor from
@@ -432,24 +498,51 @@ fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> 
     tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| fail(ErrorCode::BootVmmMissing, format!("cannot start {}", vmm.display())).source(e).into())
+        .map_err(|e| {
+            fail(
+                ErrorCode::BootVmmMissing,
+                format!("cannot start {}", vmm.display()),
+            )
+            .source(e)
+            .into()
+        })
 }
 
-async fn wait_ready(child: &mut tokio::process::Child, spec: &VmSpec, timeout: Duration) -> Result<ReadyLine> {
-    let stdout = child.stdout.take().ok_or_else(|| fail(ErrorCode::Io, "supervisor stdout is not a pipe"))?;
+async fn wait_ready(
+    child: &mut tokio::process::Child,
+    spec: &VmSpec,
+    timeout: Duration,
+) -> Result<ReadyLine> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail(ErrorCode::Io, "supervisor stdout is not a pipe"))?;
     let mut lines = BufReader::new(stdout).lines();
     match tokio::time::timeout(timeout, lines.next_line()).await {
-        Ok(Ok(Some(line))) => serde_json::from_str(&line)
-            .map_err(|e| fail(ErrorCode::BootEngineFailed, format!("unreadable ready line from the supervisor: {line:?}")).source(e).into()),
+        Ok(Ok(Some(line))) => serde_json::from_str(&line).map_err(|e| {
+            fail(
+                ErrorCode::BootEngineFailed,
+                format!("unreadable ready line from the supervisor: {line:?}"),
+            )
+            .source(e)
+            .into()
+        }),
         Ok(_) => {
             let log = std::fs::read_to_string(spec.path_in(files::VMM_LOG)).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            Err(fail(ErrorCode::BootEngineFailed, format!("the supervisor exited during start-up\n{}", tail.join("\n"))).into())
+            Err(fail(
+                ErrorCode::BootEngineFailed,
+                format!("the supervisor exited during start-up\n{}", tail.join("\n")),
+            )
+            .into())
         }
-        Err(_) => Err(fail(ErrorCode::BootTimeout, format!("the VM was not ready within {} s", timeout.as_secs()))
-            .hint("a loaded host boots slowly under TCG: raise --boot-timeout")
-            .into()),
+        Err(_) => Err(fail(
+            ErrorCode::BootTimeout,
+            format!("the VM was not ready within {} s", timeout.as_secs()),
+        )
+        .hint("a loaded host boots slowly under TCG: raise --boot-timeout")
+        .into()),
     }
 }
 
@@ -457,15 +550,23 @@ async fn wait_ready(child: &mut tokio::process::Child, spec: &VmSpec, timeout: D
 pub async fn attach(target: &str) -> Result<Vm> {
     let paths = Paths::from_env()?;
     let entry = Registry::new(&paths.registry).find(target)?;
-    Ok(Vm { info: VmInfo::from(&entry), owned: None, boot_ms: None })
+    Ok(Vm {
+        info: VmInfo::from(&entry),
+        owned: None,
+        boot_ms: None,
+    })
 }
 
 /// Map an error frame from the agent or supervisor to a library error.
 pub(crate) fn wire_error(e: proto::WireError) -> Error {
     let code = ErrorCode::from_wire(&e.code).unwrap_or(ErrorCode::ExecFailed);
     let hint = match code {
-        ErrorCode::ExecCommandNotFound => Some("check the command name, or install it in the image".to_string()),
-        ErrorCode::ExecVsockUnavailable => Some("the VM may be starting or stopping; `machinen ls` shows its state".into()),
+        ErrorCode::ExecCommandNotFound => {
+            Some("check the command name, or install it in the image".to_string())
+        }
+        ErrorCode::ExecVsockUnavailable => {
+            Some("the VM may be starting or stopping; `machinen ls` shows its state".into())
+        }
         _ => None,
     };
     let mut f = fail(code, e.message);
@@ -473,8 +574,16 @@ pub(crate) fn wire_error(e: proto::WireError) -> Error {
     f.into()
 }
 
-pub(crate) fn protocol_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    fail(ErrorCode::ProtocolError, format!("talking to the VM failed while {what}")).source(e).into()
+pub(crate) fn protocol_error(
+    what: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    fail(
+        ErrorCode::ProtocolError,
+        format!("talking to the VM failed while {what}"),
+    )
+    .source(e)
+    .into()
 }
 
 impl Vm {
@@ -497,21 +606,35 @@ impl Vm {
     }
 
     pub(crate) async fn connect(&self) -> Result<UnixStream> {
-        UnixStream::connect(&self.info.control_socket).await.map_err(|e| {
-            fail(ErrorCode::ExecVsockUnavailable, format!("cannot reach the supervisor of VM {:?}", self.info.name))
+        UnixStream::connect(&self.info.control_socket)
+            .await
+            .map_err(|e| {
+                fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    format!("cannot reach the supervisor of VM {:?}", self.info.name),
+                )
                 .source(e)
                 .hint("the VM may have stopped; `machinen ls` lists live VMs")
                 .into()
-        })
+            })
     }
 
     /// Supervisor status.
     pub async fn status(&self) -> Result<proto::VmStatus> {
         let mut s = self.connect().await?;
-        proto::send(&mut s, &Frame::Request(Request::Status)).await.map_err(|e| protocol_error("asking for status", e))?;
-        match proto::read_frame(&mut s).await.map_err(|e| protocol_error("reading status", e))? {
+        proto::send(&mut s, &Frame::Request(Request::Status))
+            .await
+            .map_err(|e| protocol_error("asking for status", e))?;
+        match proto::read_frame(&mut s)
+            .await
+            .map_err(|e| protocol_error("reading status", e))?
+        {
             Some(Frame::Response(Response::Status(st))) => Ok(st),
-            other => Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
+            other => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer {other:?}"),
+            )
+            .into()),
         }
     }
 
@@ -519,13 +642,25 @@ impl Vm {
     pub async fn exec(&self, opts: ExecOptions) -> Result<ExecOutput> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let status = self.exec_stream(opts, tokio::io::empty(), &mut stdout, &mut stderr).await?;
-        Ok(ExecOutput { status, stdout, stderr })
+        let status = self
+            .exec_stream(opts, tokio::io::empty(), &mut stdout, &mut stderr)
+            .await?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
     }
 
     /// Run a command with streaming I/O: `stdin` is forwarded until EOF,
     /// output is written as it arrives (never held whole in memory).
-    pub async fn exec_stream<I, O, E>(&self, opts: ExecOptions, stdin: I, stdout: &mut O, stderr: &mut E) -> Result<ExitStatus>
+    pub async fn exec_stream<I, O, E>(
+        &self,
+        opts: ExecOptions,
+        stdin: I,
+        stdout: &mut O,
+        stderr: &mut E,
+    ) -> Result<ExitStatus>
     where
         I: AsyncRead + Unpin + Send + 'static,
         O: AsyncWrite + Unpin,
@@ -534,13 +669,36 @@ impl Vm {
         validate_exec(&opts)?;
         let conn = self.connect().await?;
         let (mut rd, mut wr) = conn.into_split();
-        let req = ExecRequest { argv: opts.argv, env: opts.env, cwd: opts.cwd, tty: false, winsize: None };
-        proto::send(&mut wr, &Frame::Request(Request::Exec(req))).await.map_err(|e| protocol_error("starting the command", e))?;
-        match proto::read_frame(&mut rd).await.map_err(|e| protocol_error("starting the command", e))? {
+        let req = ExecRequest {
+            argv: opts.argv,
+            env: opts.env,
+            cwd: opts.cwd,
+            tty: false,
+            winsize: None,
+        };
+        proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
+            .await
+            .map_err(|e| protocol_error("starting the command", e))?;
+        match proto::read_frame(&mut rd)
+            .await
+            .map_err(|e| protocol_error("starting the command", e))?
+        {
             Some(Frame::Started { .. }) => {}
             Some(Frame::Error(e)) => return Err(wire_error(e)),
-            Some(other) => return Err(fail(ErrorCode::ProtocolError, format!("unexpected answer {other:?}")).into()),
-            None => return Err(fail(ErrorCode::ExecVsockUnavailable, "the VM closed the connection before the command started").into()),
+            Some(other) => {
+                return Err(fail(
+                    ErrorCode::ProtocolError,
+                    format!("unexpected answer {other:?}"),
+                )
+                .into())
+            }
+            None => {
+                return Err(fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    "the VM closed the connection before the command started",
+                )
+                .into())
+            }
         }
         let pump = tokio::spawn(async move {
             let mut stdin = stdin;
@@ -549,7 +707,10 @@ impl Vm {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if proto::send(&mut wr, &Frame::Stdin(buf[..n].to_vec())).await.is_err() {
+                        if proto::send(&mut wr, &Frame::Stdin(buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -564,21 +725,28 @@ impl Vm {
             match proto::read_frame(&mut rd).await {
                 Ok(Some(Frame::Stdout(b))) => {
                     if let Err(e) = stdout.write_all(&b).await {
-                        break Err(fail(ErrorCode::Io, "writing the command's stdout failed").source(e).into());
+                        break Err(fail(ErrorCode::Io, "writing the command's stdout failed")
+                            .source(e)
+                            .into());
                     }
                 }
                 Ok(Some(Frame::Stderr(b))) => {
                     if let Err(e) = stderr.write_all(&b).await {
-                        break Err(fail(ErrorCode::Io, "writing the command's stderr failed").source(e).into());
+                        break Err(fail(ErrorCode::Io, "writing the command's stderr failed")
+                            .source(e)
+                            .into());
                     }
                 }
                 Ok(Some(Frame::Exit(st))) => break Ok(st),
                 Ok(Some(Frame::Error(e))) => break Err(wire_error(e)),
                 Ok(Some(_)) => continue,
                 Ok(None) => {
-                    break Err(fail(ErrorCode::ExecVsockUnavailable, "the connection to the VM closed before the command finished")
-                        .hint("the VM may have stopped; `machinen ls` lists live VMs")
-                        .into())
+                    break Err(fail(
+                        ErrorCode::ExecVsockUnavailable,
+                        "the connection to the VM closed before the command finished",
+                    )
+                    .hint("the VM may have stopped; `machinen ls` lists live VMs")
+                    .into())
                 }
                 Err(e) => break Err(protocol_error("reading the command's output", e)),
             }
@@ -638,46 +806,89 @@ async fn wait_gone(pid: u32, start: u64, timeout: Duration) -> bool {
     true
 }
 
-pub(crate) async fn stop_entry(info: &VmInfo, force: bool, timeout: Duration) -> Result<StopReport> {
+pub(crate) async fn stop_entry(
+    info: &VmInfo,
+    force: bool,
+    timeout: Duration,
+) -> Result<StopReport> {
     let t0 = std::time::Instant::now();
     let paths = Paths::from_env()?;
     let reg = Registry::new(&paths.registry);
     let entry = reg.entries()?.into_iter().find(|e| e.id == info.id);
     let Some(entry) = entry else {
-        return Ok(StopReport { name: info.name.clone(), pid: info.pid, killed: false, elapsed_ms: 0 });
+        return Ok(StopReport {
+            name: info.name.clone(),
+            pid: info.pid,
+            killed: false,
+            elapsed_ms: 0,
+        });
     };
     let asked = async {
         let mut s = UnixStream::connect(&entry.control_socket).await.ok()?;
-        proto::send(&mut s, &Frame::Request(Request::Stop { force })).await.ok()?;
+        proto::send(&mut s, &Frame::Request(Request::Stop { force }))
+            .await
+            .ok()?;
         proto::read_frame(&mut s).await.ok()?
     };
-    let acknowledged = matches!(tokio::time::timeout(Duration::from_secs(5), asked).await, Ok(Some(Frame::Response(Response::Stopping))));
+    let acknowledged = matches!(
+        tokio::time::timeout(Duration::from_secs(5), asked).await,
+        Ok(Some(Frame::Response(Response::Stopping)))
+    );
     if !acknowledged {
-        kill_pid(entry.supervisor_pid, Some(entry.supervisor_start), nix::sys::signal::Signal::SIGTERM);
+        kill_pid(
+            entry.supervisor_pid,
+            Some(entry.supervisor_start),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     let mut killed = false;
     if !wait_gone(entry.supervisor_pid, entry.supervisor_start, timeout).await {
-        kill_pid(entry.supervisor_pid, Some(entry.supervisor_start), nix::sys::signal::Signal::SIGKILL);
+        kill_pid(
+            entry.supervisor_pid,
+            Some(entry.supervisor_start),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         if let (Some(q), Some(qs)) = (entry.qemu_pid, entry.qemu_start) {
             kill_pid(q, Some(qs), nix::sys::signal::Signal::SIGKILL);
         }
         killed = true;
-        if !wait_gone(entry.supervisor_pid, entry.supervisor_start, Duration::from_secs(5)).await {
-            return Err(fail(ErrorCode::StopTimeout, format!("VM {:?} (pid {}) did not stop", entry.name, entry.supervisor_pid))
-                .hint("try `machinen stop --force`, then `machinen gc`")
-                .into());
+        if !wait_gone(
+            entry.supervisor_pid,
+            entry.supervisor_start,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            return Err(fail(
+                ErrorCode::StopTimeout,
+                format!(
+                    "VM {:?} (pid {}) did not stop",
+                    entry.name, entry.supervisor_pid
+                ),
+            )
+            .hint("try `machinen stop --force`, then `machinen gc`")
+            .into());
         }
     }
     // The supervisor removes its own directory; after a kill we do.
     let _lock = reg.lock()?;
     reg.remove(&entry.id)?;
-    Ok(StopReport { name: entry.name, pid: entry.supervisor_pid, killed, elapsed_ms: t0.elapsed().as_millis() as u64 })
+    Ok(StopReport {
+        name: entry.name,
+        pid: entry.supervisor_pid,
+        killed,
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+    })
 }
 
 /// Live VMs.
 pub fn list() -> Result<Vec<VmInfo>> {
     let paths = Paths::from_env()?;
-    Ok(Registry::new(&paths.registry).live()?.iter().map(VmInfo::from).collect())
+    Ok(Registry::new(&paths.registry)
+        .live()?
+        .iter()
+        .map(VmInfo::from)
+        .collect())
 }
 
 /// What `gc` removed (or would remove).
@@ -711,9 +922,14 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
         let partial = std::fs::read_to_string(s.dir.join("snapshot.partial"))
             .ok()
             .map(|p| PathBuf::from(p.trim()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".partial-")));
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(".partial-"))
+            });
         // Its RAM file on tmpfs (named in its spec).
-        let ram = VmSpec::load(&s.dir.join(files::SPEC)).ok().and_then(|sp| sp.ram_file);
+        let ram = VmSpec::load(&s.dir.join(files::SPEC))
+            .ok()
+            .and_then(|sp| sp.ram_file);
         if !dry_run {
             if let Some(p) = &partial {
                 let _ = std::fs::remove_dir_all(p);
@@ -738,7 +954,11 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
         });
     }
     let bytes = removed.iter().map(|i| i.bytes).sum();
-    Ok(GcReport { dry_run, removed, bytes })
+    Ok(GcReport {
+        dry_run,
+        removed,
+        bytes,
+    })
 }
 
 #[cfg(test)]
@@ -755,18 +975,28 @@ mod tests {
 
     #[test]
     fn env_and_cwd_validation() {
-        let ok = ExecOptions { argv: vec!["true".into()], env: vec![("A_1".into(), "x=y".into())], cwd: Some("/tmp".into()) };
+        let ok = ExecOptions {
+            argv: vec!["true".into()],
+            env: vec![("A_1".into(), "x=y".into())],
+            cwd: Some("/tmp".into()),
+        };
         validate_exec(&ok).expect("valid");
         let mut bad = ok.clone();
         bad.env = vec![("1A".into(), "x".into())];
-        assert_eq!(validate_exec(&bad).expect_err("bad env").code, ErrorCode::BootArgsInvalid);
+        assert_eq!(
+            validate_exec(&bad).expect_err("bad env").code,
+            ErrorCode::BootArgsInvalid
+        );
         let mut bad = ok.clone();
         bad.cwd = Some("tmp".into());
         assert!(validate_exec(&bad).is_err());
         let mut bad = ok;
         bad.argv.clear();
         assert!(validate_exec(&bad).is_err());
-        assert_eq!(parse_env_pair("A=b=c").expect("pair"), ("A".into(), "b=c".into()));
+        assert_eq!(
+            parse_env_pair("A=b=c").expect("pair"),
+            ("A".into(), "b=c".into())
+        );
         assert!(parse_env_pair("A").is_err());
     }
 

@@ -105,7 +105,8 @@ pub mod preamble {
     pub fn parse_hello(line: &[u8]) -> Option<&str> {
         let s = std::str::from_utf8(line).ok()?;
         let nonce = s.strip_prefix(HELLO)?;
-        (!nonce.is_empty() && nonce.len() <= 32 && nonce.bytes().all(|b| b.is_ascii_hexdigit())).then_some(nonce)
+        (!nonce.is_empty() && nonce.len() <= 32 && nonce.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then_some(nonce)
     }
 
     /// The nonce of a hello at the end of `line` (without its newline),
@@ -113,7 +114,9 @@ pub mod preamble {
     /// without a newline in front of a preamble line (a restored guest's
     /// last yamux frames, say); the nonce keeps the match unambiguous.
     pub fn hello_at_end(line: &[u8]) -> Option<&str> {
-        let at = line.windows(HELLO.len()).rposition(|w| w == HELLO.as_bytes())?;
+        let at = line
+            .windows(HELLO.len())
+            .rposition(|w| w == HELLO.as_bytes())?;
         parse_hello(&line[at..])
     }
 
@@ -167,7 +170,11 @@ pub mod preamble {
             let stale = [0u8, 0, 0, 4, 0, 0, 0, 0x1b, 0, 0, 0, 0];
             let mut tail = LineTail::default();
             let mut lines = Vec::new();
-            for b in stale.iter().chain([0xffu8; 300].iter()).chain(ready("8bf418ca").as_bytes()) {
+            for b in stale
+                .iter()
+                .chain([0xffu8; 300].iter())
+                .chain(ready("8bf418ca").as_bytes())
+            {
                 lines.extend(tail.push(*b));
             }
             assert_eq!(lines.len(), 1);
@@ -323,11 +330,18 @@ pub enum Response {
     /// A file transfer's metadata (before the `Data` of a `ReadFile`).
     FileInfo(FileInfo),
     /// A `WriteFile` completed: bytes written.
-    Written { bytes: u64 },
+    Written {
+        bytes: u64,
+    },
     /// Secrets installed: how many, and the directory holding them.
-    SecretsSet { count: u32, dir: String },
+    SecretsSet {
+        count: u32,
+        dir: String,
+    },
     /// Secrets wiped: how many files were removed.
-    SecretsWiped { count: u32 },
+    SecretsWiped {
+        count: u32,
+    },
     /// A `Connect` succeeded; raw bytes follow.
     Connected,
     /// Filesystems are flushed.
@@ -455,7 +469,10 @@ pub struct Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secret").field("name", &self.name).field("value", &self.value).finish()
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("value", &self.value)
+            .finish()
     }
 }
 
@@ -582,7 +599,10 @@ impl Frame {
         let (tag, body) = self.parts();
         let len = body.len() + 1;
         if len > MAX_FRAME_LEN {
-            return Err(FrameError::Oversized { len, max: MAX_FRAME_LEN });
+            return Err(FrameError::Oversized {
+                len,
+                max: MAX_FRAME_LEN,
+            });
         }
         let mut out = Vec::with_capacity(4 + len);
         out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -598,7 +618,9 @@ impl Frame {
             tag::HELLO_ACK => Frame::HelloAck(from_json(tag, body)?),
             tag::REQUEST => Frame::Request(from_json(tag, body)?),
             tag::RESPONSE => Frame::Response(from_json(tag, body)?),
-            tag::STARTED => Frame::Started { pid: from_json::<StartedBody>(tag, body)?.pid },
+            tag::STARTED => Frame::Started {
+                pid: from_json::<StartedBody>(tag, body)?.pid,
+            },
             tag::STDIN => Frame::Stdin(body.to_vec()),
             tag::STDIN_EOF => Frame::StdinEof,
             tag::STDOUT => Frame::Stdout(body.to_vec()),
@@ -634,7 +656,10 @@ fn check_len(len: usize) -> Result<(), DecodeError> {
         return Err(DecodeError::Empty);
     }
     if len > MAX_FRAME_LEN {
-        return Err(DecodeError::TooLong { len, max: MAX_FRAME_LEN });
+        return Err(DecodeError::TooLong {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(())
 }
@@ -646,7 +671,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     while got < 4 {
         let n = r.read(&mut len_buf[got..]).await?;
         if n == 0 {
-            return if got == 0 { Ok(None) } else { Err(DecodeError::Truncated.into()) };
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(DecodeError::Truncated.into())
+            };
         }
         got += n;
     }
@@ -671,7 +700,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 
 /// Write one frame (no flush of the underlying stream's buffers beyond
 /// `write_all`; call `flush` when latency matters).
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), FrameError> {
     let bytes = frame.encode()?;
     w.write_all(&bytes).await?;
     Ok(())
@@ -690,7 +722,10 @@ mod tests {
 
     fn all_frames() -> Vec<Frame> {
         vec![
-            Frame::Hello(Hello { version: PROTOCOL_VERSION, role: "host".into() }),
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                role: "host".into(),
+            }),
             Frame::HelloAck(HelloAck {
                 version: 1,
                 agent_version: "0.1.0".into(),
@@ -710,22 +745,60 @@ mod tests {
             Frame::Request(Request::Poweroff),
             Frame::Request(Request::Connect { port: 8080 }),
             Frame::Request(Request::Quiesce),
-            Frame::Request(Request::Fixup(FixupRequest { wall_clock_ns: 1, entropy_hex: "ab".into(), reset_tcp: true })),
-            Frame::Request(Request::Snapshot(SnapshotRequest { out: "/b".into(), keep_alive: true, timeout_ms: 9, scratch: true })),
+            Frame::Request(Request::Fixup(FixupRequest {
+                wall_clock_ns: 1,
+                entropy_hex: "ab".into(),
+                reset_tcp: true,
+            })),
+            Frame::Request(Request::Snapshot(SnapshotRequest {
+                out: "/b".into(),
+                keep_alive: true,
+                timeout_ms: 9,
+                scratch: true,
+            })),
             Frame::Response(Response::Connected),
             Frame::Response(Response::Quiesced),
-            Frame::Response(Response::FixedUp(FixupReport { clock_was_ns: 2, entropy_bytes: 64, tcp_reset: 1 })),
-            Frame::Response(Response::Snapshotted(SnapshotReport { out: "/b".into(), elapsed_ms: 1, paused_ms: 2, bytes: 3, disk_bytes: 4 })),
-            Frame::Request(Request::WriteFile(WriteFileRequest { path: "/a/b".into(), mode: Some(0o600), append: true })),
-            Frame::Request(Request::WriteFile(WriteFileRequest { path: "/c".into(), mode: None, append: false })),
-            Frame::Request(Request::ReadFile { path: "/etc/hostname".into() }),
+            Frame::Response(Response::FixedUp(FixupReport {
+                clock_was_ns: 2,
+                entropy_bytes: 64,
+                tcp_reset: 1,
+            })),
+            Frame::Response(Response::Snapshotted(SnapshotReport {
+                out: "/b".into(),
+                elapsed_ms: 1,
+                paused_ms: 2,
+                bytes: 3,
+                disk_bytes: 4,
+            })),
+            Frame::Request(Request::WriteFile(WriteFileRequest {
+                path: "/a/b".into(),
+                mode: Some(0o600),
+                append: true,
+            })),
+            Frame::Request(Request::WriteFile(WriteFileRequest {
+                path: "/c".into(),
+                mode: None,
+                append: false,
+            })),
+            Frame::Request(Request::ReadFile {
+                path: "/etc/hostname".into(),
+            }),
             Frame::Request(Request::Secrets {
-                secrets: vec![Secret { name: "TOKEN".into(), value: SecretValue(vec![0, 1, 255, b'x']) }],
+                secrets: vec![Secret {
+                    name: "TOKEN".into(),
+                    value: SecretValue(vec![0, 1, 255, b'x']),
+                }],
             }),
             Frame::Request(Request::WipeSecrets),
-            Frame::Response(Response::FileInfo(FileInfo { mode: 0o755, size: 1 << 40 })),
+            Frame::Response(Response::FileInfo(FileInfo {
+                mode: 0o755,
+                size: 1 << 40,
+            })),
             Frame::Response(Response::Written { bytes: 52_428_800 }),
-            Frame::Response(Response::SecretsSet { count: 2, dir: "/run/machinen/secrets".into() }),
+            Frame::Response(Response::SecretsSet {
+                count: 2,
+                dir: "/run/machinen/secrets".into(),
+            }),
             Frame::Response(Response::SecretsWiped { count: 2 }),
             Frame::Response(Response::Pong),
             Frame::Response(Response::Stopping),
@@ -740,9 +813,18 @@ mod tests {
             Frame::StdinEof,
             Frame::Stdout(b"out".to_vec()),
             Frame::Stderr(Vec::new()),
-            Frame::Exit(ExitStatus { code: None, signal: Some(9) }),
-            Frame::Error(WireError { code: "EXEC_SPAWN_FAILED".into(), message: "no such file".into() }),
-            Frame::Resize(WinSize { rows: 50, cols: 132 }),
+            Frame::Exit(ExitStatus {
+                code: None,
+                signal: Some(9),
+            }),
+            Frame::Error(WireError {
+                code: "EXEC_SPAWN_FAILED".into(),
+                message: "no such file".into(),
+            }),
+            Frame::Resize(WinSize {
+                rows: 50,
+                cols: 132,
+            }),
             Frame::Signal(2),
             Frame::Data(vec![9; 1000]),
             Frame::Eof,
@@ -777,7 +859,10 @@ mod tests {
     fn partial_frames_ask_for_more() {
         let bytes = Frame::Stdout(b"hello".to_vec()).encode().expect("encode");
         for cut in 0..bytes.len() {
-            assert!(Frame::decode(&bytes[..cut]).expect("no error").is_none(), "cut at {cut}");
+            assert!(
+                Frame::decode(&bytes[..cut]).expect("no error").is_none(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -787,7 +872,10 @@ mod tests {
         for cut in 1..bytes.len() {
             let mut r = &bytes[..cut];
             let err = read_frame(&mut r).await.expect_err("truncated");
-            assert!(matches!(err, FrameError::Decode(DecodeError::Truncated)), "cut {cut}: {err:?}");
+            assert!(
+                matches!(err, FrameError::Decode(DecodeError::Truncated)),
+                "cut {cut}: {err:?}"
+            );
         }
     }
 
@@ -796,23 +884,40 @@ mod tests {
         // Claims 4 GiB; must fail on the length alone.
         let mut r = &[0xff, 0xff, 0xff, 0xff, 1][..];
         let err = read_frame(&mut r).await.expect_err("too long");
-        assert!(matches!(err, FrameError::Decode(DecodeError::TooLong { .. })));
-        assert!(matches!(Frame::decode(&[0xff; 8]), Err(DecodeError::TooLong { .. })));
+        assert!(matches!(
+            err,
+            FrameError::Decode(DecodeError::TooLong { .. })
+        ));
+        assert!(matches!(
+            Frame::decode(&[0xff; 8]),
+            Err(DecodeError::TooLong { .. })
+        ));
     }
 
     #[test]
     fn oversized_body_is_refused_on_encode() {
-        let err = Frame::Data(vec![0; MAX_FRAME_LEN]).encode().expect_err("too big");
+        let err = Frame::Data(vec![0; MAX_FRAME_LEN])
+            .encode()
+            .expect_err("too big");
         assert!(matches!(err, FrameError::Oversized { .. }));
         assert!(Frame::Data(vec![0; MAX_FRAME_LEN - 1]).encode().is_ok());
     }
 
     #[test]
     fn malformed_bodies_are_errors() {
-        assert!(matches!(Frame::decode(&[0, 0, 0, 0]), Err(DecodeError::Empty)));
-        assert!(matches!(Frame::decode(&[0, 0, 0, 1, 200]), Err(DecodeError::UnknownTag { tag: 200 })));
+        assert!(matches!(
+            Frame::decode(&[0, 0, 0, 0]),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            Frame::decode(&[0, 0, 0, 1, 200]),
+            Err(DecodeError::UnknownTag { tag: 200 })
+        ));
         let bad_json = [0, 0, 0, 3, tag::REQUEST, b'{', b'x'];
-        assert!(matches!(Frame::decode(&bad_json), Err(DecodeError::Body { .. })));
+        assert!(matches!(
+            Frame::decode(&bad_json),
+            Err(DecodeError::Body { .. })
+        ));
     }
 
     #[test]
@@ -836,7 +941,10 @@ mod tests {
     #[test]
     fn secrets_are_redacted_in_debug() {
         let f = Frame::Request(Request::Secrets {
-            secrets: vec![Secret { name: "TOKEN".into(), value: SecretValue(b"hunter2".to_vec()) }],
+            secrets: vec![Secret {
+                name: "TOKEN".into(),
+                value: SecretValue(b"hunter2".to_vec()),
+            }],
         });
         let dbg = format!("{f:?}");
         assert!(dbg.contains("TOKEN") && !dbg.contains("hunter2"), "{dbg}");
@@ -844,7 +952,21 @@ mod tests {
 
     #[test]
     fn shell_code_follows_convention() {
-        assert_eq!(ExitStatus { code: Some(3), signal: None }.shell_code(), 3);
-        assert_eq!(ExitStatus { code: None, signal: Some(9) }.shell_code(), 137);
+        assert_eq!(
+            ExitStatus {
+                code: Some(3),
+                signal: None
+            }
+            .shell_code(),
+            3
+        );
+        assert_eq!(
+            ExitStatus {
+                code: None,
+                signal: Some(9)
+            }
+            .shell_code(),
+            137
+        );
     }
 }

@@ -43,13 +43,21 @@ const MAX_SKIP: usize = 64 << 20;
 /// skipping whatever an earlier session left in flight. `resume` means the
 /// agent may still be inside an old session; then each attempt first breaks
 /// it and attempts are retried every `attempt` until `budget` runs out.
-pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> Result<(), AgentError> {
+pub async fn preamble(
+    sock: &mut UnixStream,
+    budget: Duration,
+    resume: bool,
+) -> Result<(), AgentError> {
     let deadline = tokio::time::Instant::now() + budget;
     // A resumed agent usually drops its stale session and answers within a
     // few tens of milliseconds; a stale session in the middle of a frame
     // body takes the break and hello as payload, though: retry soon (a new
     // break completes the body or fails the next header), then back off.
-    let mut attempt = if resume { Duration::from_millis(150) } else { budget };
+    let mut attempt = if resume {
+        Duration::from_millis(150)
+    } else {
+        budget
+    };
     let mut skipped = 0usize;
     loop {
         let nonce = format!("{:016x}", rand_u64());
@@ -67,7 +75,10 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
             let mut byte = [0u8; 1];
             loop {
                 if sock.read(&mut byte).await? == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "agent socket closed"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "agent socket closed",
+                    ));
                 }
                 skipped += 1;
                 if skipped > MAX_SKIP {
@@ -75,7 +86,10 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
                 }
                 // The answer may follow the stale session's last frame on the
                 // same "line": match its end.
-                if lines.push(byte[0]).is_some_and(|line| proto::preamble::is_ready_for(&line, &nonce)) {
+                if lines
+                    .push(byte[0])
+                    .is_some_and(|line| proto::preamble::is_ready_for(&line, &nonce))
+                {
                     return Ok(());
                 }
             }
@@ -96,7 +110,10 @@ pub async fn preamble(sock: &mut UnixStream, budget: Duration, resume: bool) -> 
 fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     if getrandom_fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         return (t as u64) ^ u64::from(std::process::id());
     }
     u64::from_le_bytes(b)
@@ -168,7 +185,10 @@ impl AgentSession {
     /// Open a new stream to the agent.
     pub async fn open(&self) -> Result<AgentStream, AgentError> {
         let (tx, rx) = oneshot::channel();
-        self.open_tx.send(tx).await.map_err(|_| AgentError::Closed)?;
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| AgentError::Closed)?;
         match rx.await {
             Ok(Ok(s)) => Ok(s.compat()),
             Ok(Err(e)) => Err(AgentError::Open(e)),
@@ -179,12 +199,23 @@ impl AgentSession {
     /// Say hello and read the agent's identity.
     pub async fn handshake(&self) -> Result<HelloAck, AgentError> {
         let mut s = self.open().await?;
-        proto::send(&mut s, &Frame::Hello(Hello { version: proto::PROTOCOL_VERSION, role: "machinen-vmm".into() }))
+        proto::send(
+            &mut s,
+            &Frame::Hello(Hello {
+                version: proto::PROTOCOL_VERSION,
+                role: "machinen-vmm".into(),
+            }),
+        )
+        .await
+        .map_err(AgentError::Handshake)?;
+        match proto::read_frame(&mut s)
             .await
-            .map_err(AgentError::Handshake)?;
-        match proto::read_frame(&mut s).await.map_err(AgentError::Handshake)? {
+            .map_err(AgentError::Handshake)?
+        {
             Some(Frame::HelloAck(ack)) => Ok(ack),
-            Some(Frame::Error(e)) => Err(AgentError::Unexpected(format!("{}: {}", e.code, e.message))),
+            Some(Frame::Error(e)) => {
+                Err(AgentError::Unexpected(format!("{}: {}", e.code, e.message)))
+            }
             Some(other) => Err(AgentError::Unexpected(format!("{other:?}"))),
             None => Err(AgentError::Closed),
         }
@@ -192,21 +223,31 @@ impl AgentSession {
 
     /// One request on a fresh stream and its single answer, bounded in time.
     /// An `Error` frame becomes `Err("CODE: message")`.
-    pub async fn request(&self, req: proto::Request, timeout: Duration) -> Result<proto::Response, String> {
+    pub async fn request(
+        &self,
+        req: proto::Request,
+        timeout: Duration,
+    ) -> Result<proto::Response, String> {
         let fut = async {
             let mut s = self.open().await.map_err(|e| e.to_string())?;
-            proto::send(&mut s, &Frame::Request(req)).await.map_err(|e| e.to_string())?;
+            proto::send(&mut s, &Frame::Request(req))
+                .await
+                .map_err(|e| e.to_string())?;
             match proto::read_frame(&mut s).await.map_err(|e| e.to_string())? {
                 Some(Frame::Response(r)) => Ok(r),
                 Some(Frame::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
                 other => Err(format!("unexpected answer {other:?}")),
             }
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| "the guest agent did not answer in time".to_string())?
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| "the guest agent did not answer in time".to_string())?
     }
 
     /// Ask the guest to sync and power off; true if the agent acknowledged.
     pub async fn poweroff(&self, timeout: Duration) -> bool {
-        self.request(proto::Request::Poweroff, timeout).await.is_ok()
+        self.request(proto::Request::Poweroff, timeout)
+            .await
+            .is_ok()
     }
 }

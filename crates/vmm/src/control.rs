@@ -52,17 +52,23 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 fn error(code: &str, message: impl Into<String>) -> Frame {
-    Frame::Error(WireError { code: code.into(), message: message.into() })
+    Frame::Error(WireError {
+        code: code.into(),
+        message: message.into(),
+    })
 }
 
 async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await {
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await
+    {
         Ok(r) => r?,
         Err(_) => return Ok(()),
     };
     let Some(first) = first else { return Ok(()) };
     match first {
-        Frame::Request(Request::Ping) => proto::send(&mut conn, &Frame::Response(Response::Pong)).await?,
+        Frame::Request(Request::Ping) => {
+            proto::send(&mut conn, &Frame::Response(Response::Pong)).await?
+        }
         Frame::Request(Request::Status) => {
             let st = shared.status.lock().await.clone();
             proto::send(&mut conn, &Frame::Response(Response::Status(st))).await?;
@@ -74,10 +80,20 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         }
         Frame::Request(Request::Snapshot(req)) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let answer = if shared.snap_tx.send(SnapshotCmd { req, reply: tx }).await.is_err() {
+            let answer = if shared
+                .snap_tx
+                .send(SnapshotCmd { req, reply: tx })
+                .await
+                .is_err()
+            {
                 error("SNAPSHOT_STATE_INVALID", "the VM is shutting down")
             } else {
-                rx.await.unwrap_or_else(|_| error("SNAPSHOT_DUMP_FAILED", "the supervisor dropped the snapshot"))
+                rx.await.unwrap_or_else(|_| {
+                    error(
+                        "SNAPSHOT_DUMP_FAILED",
+                        "the supervisor dropped the snapshot",
+                    )
+                })
             };
             proto::send(&mut conn, &answer).await?;
         }
@@ -93,13 +109,27 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             let agent = shared.agent.lock().await.clone();
             let Some(agent) = agent else {
                 let state = shared.status.lock().await.state.clone();
-                proto::send(&mut conn, &error("EXEC_VSOCK_UNAVAILABLE", format!("the guest agent is not connected (VM is {state})"))).await?;
+                proto::send(
+                    &mut conn,
+                    &error(
+                        "EXEC_VSOCK_UNAVAILABLE",
+                        format!("the guest agent is not connected (VM is {state})"),
+                    ),
+                )
+                .await?;
                 return Ok(());
             };
             let mut stream = match agent.open().await {
                 Ok(s) => s,
                 Err(e) => {
-                    proto::send(&mut conn, &error("EXEC_VSOCK_UNAVAILABLE", format!("cannot reach the guest agent: {e}"))).await?;
+                    proto::send(
+                        &mut conn,
+                        &error(
+                            "EXEC_VSOCK_UNAVAILABLE",
+                            format!("cannot reach the guest agent: {e}"),
+                        ),
+                    )
+                    .await?;
                     return Ok(());
                 }
             };
@@ -111,7 +141,14 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             }
         }
         other => {
-            proto::send(&mut conn, &error("PROTOCOL_ERROR", format!("unexpected first frame {other:?}"))).await?;
+            proto::send(
+                &mut conn,
+                &error(
+                    "PROTOCOL_ERROR",
+                    format!("unexpected first frame {other:?}"),
+                ),
+            )
+            .await?;
         }
     }
     Ok(())

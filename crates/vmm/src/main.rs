@@ -14,7 +14,10 @@ use std::path::PathBuf;
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MACHINEN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MACHINEN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
@@ -22,7 +25,9 @@ fn main() {
     let spec_path = match (args.next(), args.next()) {
         (Some(flag), Some(p)) if flag == "--spec" => PathBuf::from(p),
         _ => {
-            eprintln!("usage: machinen-vmm --spec <vm-dir>/spec.json (started by machinen, not by hand)");
+            eprintln!(
+                "usage: machinen-vmm --spec <vm-dir>/spec.json (started by machinen, not by hand)"
+            );
             std::process::exit(2);
         }
     };
@@ -35,7 +40,10 @@ fn main() {
     };
     // One thread: QEMU's parent-death signal is tied to the spawning thread,
     // which must therefore live as long as the process.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("machinen-vmm: cannot start the runtime: {e}");

@@ -13,12 +13,19 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::control::Shared;
 
 /// Bind every forward; the first failure is returned with the forward.
-pub async fn bind_all(ports: &[PortForward]) -> Result<Vec<(PortForward, TcpListener)>, (PortForward, std::io::Error)> {
+pub async fn bind_all(
+    ports: &[PortForward],
+) -> Result<Vec<(PortForward, TcpListener)>, (PortForward, std::io::Error)> {
     let mut out = Vec::new();
     for p in ports {
         let addr: SocketAddr = match format!("{}:{}", p.host_addr, p.host_port).parse() {
             Ok(a) => a,
-            Err(e) => return Err((p.clone(), std::io::Error::new(std::io::ErrorKind::InvalidInput, e))),
+            Err(e) => {
+                return Err((
+                    p.clone(),
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                ))
+            }
         };
         match TcpListener::bind(addr).await {
             Ok(l) => out.push((p.clone(), l)),
@@ -49,19 +56,29 @@ pub async fn serve(forward: PortForward, listener: TcpListener, shared: Arc<Shar
     }
 }
 
-async fn forward_one(mut conn: TcpStream, guest_port: u16, shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn forward_one(
+    mut conn: TcpStream,
+    guest_port: u16,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     let _ = conn.set_nodelay(true);
     let agent = shared.agent.lock().await.clone();
     // No agent (VM starting or stopping): closing the connection is the
     // honest answer; the client sees a reset/EOF, not a hang.
     let Some(agent) = agent else { return Ok(()) };
     let mut stream = agent.open().await?;
-    proto::send(&mut stream, &Frame::Request(Request::Connect { port: guest_port })).await?;
+    proto::send(
+        &mut stream,
+        &Frame::Request(Request::Connect { port: guest_port }),
+    )
+    .await?;
     match proto::read_frame(&mut stream).await? {
         Some(Frame::Response(Response::Connected)) => {
             tokio::io::copy_bidirectional(&mut conn, &mut stream).await?;
         }
-        Some(Frame::Error(e)) => tracing::debug!("guest port {guest_port}: {}: {}", e.code, e.message),
+        Some(Frame::Error(e)) => {
+            tracing::debug!("guest port {guest_port}: {}: {}", e.code, e.message)
+        }
         other => tracing::warn!("unexpected answer to connect: {other:?}"),
     }
     Ok(())

@@ -11,11 +11,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use machinen::bundle::{self, BundleMeta, Builder, ImageIdentity, KernelIdentity};
+use machinen::bundle::{self, Builder, BundleMeta, ImageIdentity, KernelIdentity};
 use machinen::registry;
 use machinen::spec::VmSpec;
 use machinen::ErrorCode;
-use machinen_proto::{FixupReport, FixupRequest, Request, Response, SnapshotReport, SnapshotRequest};
+use machinen_proto::{
+    FixupReport, FixupRequest, Request, Response, SnapshotReport, SnapshotRequest,
+};
 
 use crate::agent::AgentSession;
 use crate::control::Shared;
@@ -42,7 +44,12 @@ pub struct Chain {
 
 impl Chain {
     pub fn new(spec: &VmSpec) -> Chain {
-        Chain { id: format!("{}-{:x}", spec.id, spec.created_at_ms), seq: 0, parent: None, kernel_sha: None }
+        Chain {
+            id: format!("{}-{:x}", spec.id, spec.created_at_ms),
+            seq: 0,
+            parent: None,
+            kernel_sha: None,
+        }
     }
 }
 
@@ -52,7 +59,9 @@ pub fn remove_partial(spec: &VmSpec) {
     let marker = spec.path_in(PARTIAL_MARKER);
     if let Ok(p) = std::fs::read_to_string(&marker) {
         let p = PathBuf::from(p.trim());
-        if p.file_name().is_some_and(|n| n.to_string_lossy().contains(".partial-")) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(".partial-"))
+        {
             let _ = std::fs::remove_dir_all(&p);
         }
         let _ = std::fs::remove_file(&marker);
@@ -60,7 +69,11 @@ pub fn remove_partial(spec: &VmSpec) {
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
-    StartError { code, message: message.into(), hint: None }
+    StartError {
+        code,
+        message: message.into(),
+        hint: None,
+    }
 }
 
 pub async fn take(
@@ -72,43 +85,92 @@ pub async fn take(
     req: SnapshotRequest,
 ) -> Result<SnapshotReport, StartError> {
     let t0 = Instant::now();
-    let timeout = if req.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(req.timeout_ms) };
+    let timeout = if req.timeout_ms == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_millis(req.timeout_ms)
+    };
     let deadline = t0 + timeout;
     let out = PathBuf::from(&req.out);
     if !out.is_absolute() {
-        return Err(err(ErrorCode::SnapshotDumpFailed, format!("snapshot destination {} is not absolute", out.display())));
+        return Err(err(
+            ErrorCode::SnapshotDumpFailed,
+            format!("snapshot destination {} is not absolute", out.display()),
+        ));
     }
     let state = shared.status.lock().await.state.clone();
     if state != "running" {
-        return Err(err(ErrorCode::SnapshotStateInvalid, format!("the VM is {state}, not running")));
+        return Err(err(
+            ErrorCode::SnapshotStateInvalid,
+            format!("the VM is {state}, not running"),
+        ));
     }
-    let agent = shared.agent.lock().await.clone().ok_or_else(|| err(ErrorCode::ExecVsockUnavailable, "the guest agent is not connected"))?;
+    let agent = shared.agent.lock().await.clone().ok_or_else(|| {
+        err(
+            ErrorCode::ExecVsockUnavailable,
+            "the guest agent is not connected",
+        )
+    })?;
     // The marker names the temp bundle before it exists, so a crash at any
     // point leaves gc a way to find it.
     let marker = spec.path_in(PARTIAL_MARKER);
-    let builder = Builder::new_recorded(&out, |tmp| registry::write_atomic(&marker, tmp.display().to_string().as_bytes()))
-        .map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
+    let builder = Builder::new_recorded(&out, |tmp| {
+        registry::write_atomic(&marker, tmp.display().to_string().as_bytes())
+    })
+    .map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
 
     // Secrets must not reach the bundle; a guest that cannot wipe them is
     // not snapshotted.
-    match agent.request(Request::WipeSecrets, Duration::from_secs(10)).await {
+    match agent
+        .request(Request::WipeSecrets, Duration::from_secs(10))
+        .await
+    {
         Ok(Response::SecretsWiped { .. }) => {}
-        Ok(other) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets: unexpected answer {other:?}"))),
-        Err(e) => return Err(err(ErrorCode::SnapshotDumpFailed, format!("wiping secrets in the guest failed: {e}"))),
+        Ok(other) => {
+            return Err(err(
+                ErrorCode::SnapshotDumpFailed,
+                format!("wiping secrets: unexpected answer {other:?}"),
+            ))
+        }
+        Err(e) => {
+            return Err(err(
+                ErrorCode::SnapshotDumpFailed,
+                format!("wiping secrets in the guest failed: {e}"),
+            ))
+        }
     }
-    if let Err(e) = agent.request(Request::Quiesce, Duration::from_secs(30)).await {
-        return Err(err(ErrorCode::SnapshotDumpFailed, format!("flushing guest filesystems failed: {e}")));
+    if let Err(e) = agent
+        .request(Request::Quiesce, Duration::from_secs(30))
+        .await
+    {
+        return Err(err(
+            ErrorCode::SnapshotDumpFailed,
+            format!("flushing guest filesystems failed: {e}"),
+        ));
     }
 
-    machine.pause().await.map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
+    machine
+        .pause()
+        .await
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
     let paused_at = Instant::now();
     let saved = async {
-        machine.save_state(&builder.path(bundle::STATE), deadline).await.map_err(|e| match e {
-            crate::engine::EngineError::Timeout { .. } => {
-                err(ErrorCode::SnapshotTimeout, format!("the snapshot did not complete within {} s", timeout.as_secs()))
-            }
-            e => err(ErrorCode::SnapshotDumpFailed, format!("saving the machine state failed: {e}")),
-        })?;
+        machine
+            .save_state(&builder.path(bundle::STATE), deadline)
+            .await
+            .map_err(|e| match e {
+                crate::engine::EngineError::Timeout { .. } => err(
+                    ErrorCode::SnapshotTimeout,
+                    format!(
+                        "the snapshot did not complete within {} s",
+                        timeout.as_secs()
+                    ),
+                ),
+                e => err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("saving the machine state failed: {e}"),
+                ),
+            })?;
         // The disk layer and, when RAM is a shared file (skipped by the
         // migration stream), the RAM: both copied sparse while paused.
         let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
@@ -119,7 +181,12 @@ pub async fn take(
             tokio::task::spawn_blocking(move || bundle::sparse_copy(&src, &dst))
                 .await
                 .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("copying the {what} failed: {e}")))?;
+                .map_err(|e| {
+                    err(
+                        ErrorCode::SnapshotDumpFailed,
+                        format!("copying the {what} failed: {e}"),
+                    )
+                })?;
         }
         Ok::<(), StartError>(())
     }
@@ -139,7 +206,11 @@ pub async fn take(
         Some(h) => h.clone(),
         None => {
             let k = spec.kernel.clone();
-            let h = tokio::task::spawn_blocking(move || bundle::hash_file(&k)).await.ok().and_then(|r| r.ok()).map(|(_, h)| h);
+            let h = tokio::task::spawn_blocking(move || bundle::hash_file(&k))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|(_, h)| h);
             chain.kernel_sha.clone_from(&h);
             h.unwrap_or_default()
         }
@@ -159,17 +230,31 @@ pub async fn take(
         cpu_model: caps.cpu_model.clone(),
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
-        kernel: KernelIdentity { version: spec.kernel_version.clone(), sha256: kernel_sha },
+        kernel: KernelIdentity {
+            version: spec.kernel_version.clone(),
+            sha256: kernel_sha,
+        },
         disk_format: "qcow2".into(),
         chain_id: chain.id.clone(),
         chain_seq: chain.seq,
         chain_parent: chain.parent.clone(),
     };
     let scratch = req.scratch;
-    let finished = tokio::task::spawn_blocking(move || if scratch { builder.finish_scratch(&meta) } else { builder.finish(&meta) })
-        .await
-        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, format!("writing the bundle failed: {e}")))?;
+    let finished = tokio::task::spawn_blocking(move || {
+        if scratch {
+            builder.finish_scratch(&meta)
+        } else {
+            builder.finish(&meta)
+        }
+    })
+    .await
+    .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+    .map_err(|e| {
+        err(
+            ErrorCode::SnapshotDumpFailed,
+            format!("writing the bundle failed: {e}"),
+        )
+    })?;
     let _ = std::fs::remove_file(&marker);
     chain.parent = Some(finished.display().to_string());
     let (bytes, disk_bytes) = bundle::dir_usage(&finished);
@@ -190,11 +275,23 @@ pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport,
     let mut entropy = [0u8; 64];
     {
         use std::io::Read;
-        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).map_err(|e| format!("host entropy: {e}"))?;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(|e| format!("host entropy: {e}"))?;
     }
-    let wall_clock_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let req = FixupRequest { wall_clock_ns, entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(), reset_tcp };
-    match agent.request(Request::Fixup(req), Duration::from_secs(20)).await? {
+    let wall_clock_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let req = FixupRequest {
+        wall_clock_ns,
+        entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(),
+        reset_tcp,
+    };
+    match agent
+        .request(Request::Fixup(req), Duration::from_secs(20))
+        .await?
+    {
         Response::FixedUp(r) => Ok(r),
         other => Err(format!("unexpected answer {other:?}")),
     }

@@ -48,7 +48,11 @@ impl From<EngineError> for StartError {
             EngineError::Timeout { .. } => (ErrorCode::BootTimeout, None),
             _ => (ErrorCode::BootEngineFailed, Some("see the VM's qemu.log and console.log".into())),
         };
-        StartError { code, message: e.to_string(), hint }
+        StartError {
+            code,
+            message: e.to_string(),
+            hint,
+        }
     }
 }
 
@@ -78,7 +82,11 @@ fn console_tail(spec: &VmSpec) -> String {
 fn update_entry(reg: &Registry, id: &str, f: impl FnOnce(&mut registry::RegistryEntry)) {
     let res = (|| -> Result<(), registry::RegistryError> {
         let _lock = reg.lock()?;
-        let mut entry = reg.entries()?.into_iter().find(|e| e.id == id).ok_or(registry::RegistryError::NotFound { target: id.into() })?;
+        let mut entry = reg
+            .entries()?
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or(registry::RegistryError::NotFound { target: id.into() })?;
         f(&mut entry);
         reg.write(&entry)
     })();
@@ -89,24 +97,34 @@ fn update_entry(reg: &Registry, id: &str, f: impl FnOnce(&mut registry::Registry
 
 pub async fn run(spec: VmSpec) -> i32 {
     let started = Instant::now();
-    let reg = Registry::new(spec.dir.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+    let reg = Registry::new(
+        spec.dir
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default(),
+    );
     let control_path = spec.path_in(files::CONTROL);
     let _ = std::fs::remove_file(&control_path);
     let fail_start = |e: StartError| {
         tracing::error!("start failed: {}", e.message);
-        emit_ready(&ReadyLine::Failed { code: e.code.as_str().into(), message: e.message, hint: e.hint });
+        emit_ready(&ReadyLine::Failed {
+            code: e.code.as_str().into(),
+            message: e.message,
+            hint: e.hint,
+        });
         cleanup(&reg, &spec);
         1
     };
     let listener = match UnixListener::bind(&control_path) {
         Ok(l) => l,
-        Err(e) => {
-            return fail_start(StartError {
-                code: ErrorCode::Io,
-                message: format!("cannot listen on {}: {e}", control_path.display()),
-                hint: Some("unix socket paths are limited to 107 bytes; use a shorter MACHINEN_REGISTRY_DIR".into()),
-            })
-        }
+        Err(e) => return fail_start(StartError {
+            code: ErrorCode::Io,
+            message: format!("cannot listen on {}: {e}", control_path.display()),
+            hint: Some(
+                "unix socket paths are limited to 107 bytes; use a shorter MACHINEN_REGISTRY_DIR"
+                    .into(),
+            ),
+        }),
     };
     // Host ports before the engine: a taken port fails fast and cheaply.
     let forwards = match ports::bind_all(&spec.ports).await {
@@ -114,16 +132,32 @@ pub async fn run(spec: VmSpec) -> i32 {
         Err((p, e)) => {
             let in_use = e.kind() == std::io::ErrorKind::AddrInUse;
             return fail_start(StartError {
-                code: if in_use { ErrorCode::BootPortForwardInUse } else { ErrorCode::BootArgsInvalid },
-                message: format!("cannot listen on host port {}:{} (for guest port {}): {e}", p.host_addr, p.host_port, p.guest_port),
-                hint: Some(if in_use { "another program holds that port; pick another host port".into() } else { "check the -p address".into() }),
+                code: if in_use {
+                    ErrorCode::BootPortForwardInUse
+                } else {
+                    ErrorCode::BootArgsInvalid
+                },
+                message: format!(
+                    "cannot listen on host port {}:{} (for guest port {}): {e}",
+                    p.host_addr, p.host_port, p.guest_port
+                ),
+                hint: Some(if in_use {
+                    "another program holds that port; pick another host port".into()
+                } else {
+                    "check the -p address".into()
+                }),
             });
         }
     };
     let (stop_tx, mut stop_rx) = mpsc::channel::<bool>(4);
     let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotCmd>(4);
     let shared = Arc::new(Shared {
-        status: Mutex::new(VmStatus { state: "starting".into(), supervisor_pid: std::process::id(), qemu_pid: None, agent: None }),
+        status: Mutex::new(VmStatus {
+            state: "starting".into(),
+            supervisor_pid: std::process::id(),
+            qemu_pid: None,
+            agent: None,
+        }),
         agent: Mutex::new(None),
         stop_tx: stop_tx.clone(),
         snap_tx,
@@ -148,7 +182,12 @@ pub async fn run(spec: VmSpec) -> i32 {
     shared.status.lock().await.state = "running".into();
     let boot_ms = started.elapsed().as_millis() as u64;
     tracing::info!("ready after {boot_ms} ms");
-    emit_ready(&ReadyLine::Ready { supervisor_pid: std::process::id(), qemu_pid, accel: engine_accel, boot_ms });
+    emit_ready(&ReadyLine::Ready {
+        supervisor_pid: std::process::id(),
+        qemu_pid,
+        accel: engine_accel,
+        boot_ms,
+    });
 
     // A foreground VM lives as long as its launcher holds our stdin open.
     let detached = spec.detached;
@@ -190,7 +229,10 @@ pub async fn run(spec: VmSpec) -> i32 {
         let done = result.is_ok() && !keep_alive;
         let _ = cmd.reply.send(match result {
             Ok(report) => Frame::Response(Response::Snapshotted(report)),
-            Err(e) => Frame::Error(WireError { code: e.code.as_str().into(), message: e.message }),
+            Err(e) => Frame::Error(WireError {
+                code: e.code.as_str().into(),
+                message: e.message,
+            }),
         });
         if done {
             // A destructive snapshot: the bundle holds the VM now.
@@ -230,10 +272,19 @@ async fn await_gate() -> std::io::Result<bool> {
 
 /// Launch the engine (loading saved state when restoring) and bring up the
 /// agent session.
-async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<(QemuMachine, Capabilities), StartError> {
+async fn start(
+    spec: &VmSpec,
+    shared: &Arc<Shared>,
+    started: Instant,
+) -> Result<(QemuMachine, Capabilities), StartError> {
     let engine = QemuEngine::probe(spec)?;
     let caps = engine.capabilities().clone();
-    tracing::info!("engine {} accel {} cpu {}", caps.engine, caps.accel.as_str(), caps.cpu_model);
+    tracing::info!(
+        "engine {} accel {} cpu {}",
+        caps.engine,
+        caps.accel.as_str(),
+        caps.cpu_model
+    );
     let mut machine = engine.launch(spec).await?;
     shared.status.lock().await.qemu_pid = Some(machine.pid());
     let budget = Duration::from_millis(spec.boot_timeout_ms);
@@ -245,29 +296,49 @@ async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<
             return Err(StartError {
                 code: ErrorCode::RestoreBundleInvalid,
                 message: format!("QEMU could not load {}: {e}", state.display()),
-                hint: Some("the bundle may come from an incompatible QEMU; see the VM's qemu.log".into()),
+                hint: Some(
+                    "the bundle may come from an incompatible QEMU; see the VM's qemu.log".into(),
+                ),
             });
         }
         tracing::info!("state loaded after {} ms", started.elapsed().as_millis());
         if r.gate {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let opened = match tokio::time::timeout(remaining, await_gate()).await {
-                Ok(Ok(true)) => machine.resume().await.map_err(|e| format!("resuming the guest failed: {e}")),
-                Ok(Ok(false)) => Err("the launcher stopped the restore before the guest ran".to_string()),
+                Ok(Ok(true)) => machine
+                    .resume()
+                    .await
+                    .map_err(|e| format!("resuming the guest failed: {e}")),
+                Ok(Ok(false)) => {
+                    Err("the launcher stopped the restore before the guest ran".to_string())
+                }
                 Ok(Err(e)) => Err(format!("reading the launcher's go-ahead failed: {e}")),
-                Err(_) => Err(format!("no go-ahead from the launcher within {} ms", spec.boot_timeout_ms)),
+                Err(_) => Err(format!(
+                    "no go-ahead from the launcher within {} ms",
+                    spec.boot_timeout_ms
+                )),
             };
             if let Err(message) = opened {
                 machine.kill();
-                return Err(StartError { code: ErrorCode::RestoreBundleInvalid, message, hint: None });
+                return Err(StartError {
+                    code: ErrorCode::RestoreBundleInvalid,
+                    message,
+                    hint: None,
+                });
             }
-            tracing::info!("bundle verified; guest running after {} ms", started.elapsed().as_millis());
+            tracing::info!(
+                "bundle verified; guest running after {} ms",
+                started.elapsed().as_millis()
+            );
         }
     }
     let mut sock = machine.connect_agent(Duration::from_secs(20)).await?;
     let console_err = |code, what: String, hint: &str| StartError {
         code,
-        message: format!("{what}\n--- console (last lines) ---\n{}", console_tail(spec)),
+        message: format!(
+            "{what}\n--- console (last lines) ---\n{}",
+            console_tail(spec)
+        ),
         hint: Some(hint.to_string()),
     };
     let remaining = budget.saturating_sub(started.elapsed());
@@ -300,11 +371,19 @@ async fn start(spec: &VmSpec, shared: &Arc<Shared>, started: Instant) -> Result<
         Ok(Ok(ack)) => ack,
         Ok(Err(e)) => {
             machine.kill();
-            return Err(console_err(ErrorCode::BootDetachedReadinessFailed, format!("guest agent handshake failed: {e}"), "see the VM's console.log"));
+            return Err(console_err(
+                ErrorCode::BootDetachedReadinessFailed,
+                format!("guest agent handshake failed: {e}"),
+                "see the VM's console.log",
+            ));
         }
         Err(_) => {
             machine.kill();
-            return Err(console_err(ErrorCode::BootTimeout, "the guest agent did not answer its handshake".into(), "see the VM's console.log"));
+            return Err(console_err(
+                ErrorCode::BootTimeout,
+                "the guest agent did not answer its handshake".into(),
+                "see the VM's console.log",
+            ));
         }
     };
     tracing::info!("agent {} on kernel {}", ack.agent_version, ack.kernel);
@@ -332,7 +411,9 @@ async fn stop<M: Machine>(machine: &mut M, agent: Option<AgentSession>, force: b
     if !force {
         if let Some(agent) = agent {
             if agent.poweroff(Duration::from_secs(3)).await
-                && tokio::time::timeout(GRACEFUL_STOP, machine.wait()).await.is_ok()
+                && tokio::time::timeout(GRACEFUL_STOP, machine.wait())
+                    .await
+                    .is_ok()
             {
                 tracing::info!("guest powered off");
                 return;

@@ -2,17 +2,17 @@
 //! talks to the server over an in-memory transport; execs run real
 //! processes on the test machine.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::future::poll_fn;
 use machinen_proto::{
-    ExecRequest, ExitStatus, Frame, Hello, MAX_CHUNK, PROTOCOL_VERSION, Request, Response, WinSize, read_frame,
-    send,
+    read_frame, send, ExecRequest, ExitStatus, Frame, Hello, Request, Response, WinSize, MAX_CHUNK,
+    PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, duplex};
+use tokio::io::{duplex, AsyncRead, AsyncWrite, DuplexStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
@@ -32,7 +32,9 @@ pub(crate) struct Client {
 pub(crate) async fn start_session<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = io.write_all(b"\xff\xff stale bytes\n").await;
-    let _ = io.write_all(machinen_proto::preamble::hello("c0ffee").as_bytes()).await;
+    let _ = io
+        .write_all(machinen_proto::preamble::hello("c0ffee").as_bytes())
+        .await;
     let want = machinen_proto::preamble::ready("c0ffee");
     let mut got = Vec::new();
     let mut b = [0u8; 1];
@@ -50,28 +52,27 @@ impl Client {
         let driver = tokio::spawn(async move {
             let mut io = io;
             start_session(&mut io).await;
-            let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Client);
+            let mut conn =
+                yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Client);
             let mut pending: Option<OpenReq> = None;
-            poll_fn(|cx| {
-                loop {
-                    if pending.is_none() {
-                        if let Poll::Ready(Some(req)) = rx.poll_recv(cx) {
-                            pending = Some(req);
+            poll_fn(|cx| loop {
+                if pending.is_none() {
+                    if let Poll::Ready(Some(req)) = rx.poll_recv(cx) {
+                        pending = Some(req);
+                    }
+                }
+                if pending.is_some() {
+                    if let Poll::Ready(res) = conn.poll_new_outbound(cx) {
+                        if let Some(p) = pending.take() {
+                            let _ = p.send(res);
                         }
+                        continue;
                     }
-                    if pending.is_some() {
-                        if let Poll::Ready(res) = conn.poll_new_outbound(cx) {
-                            if let Some(p) = pending.take() {
-                                let _ = p.send(res);
-                            }
-                            continue;
-                        }
-                    }
-                    match conn.poll_next_inbound(cx) {
-                        Poll::Ready(Some(Ok(_unexpected))) => continue,
-                        Poll::Ready(_) => return Poll::Ready(()),
-                        Poll::Pending => return Poll::Pending,
-                    }
+                }
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(_unexpected))) => continue,
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
                 }
             })
             .await;
@@ -82,7 +83,10 @@ impl Client {
     async fn stream(&self) -> Stream {
         let (tx, rx) = oneshot::channel();
         self.open.send(tx).await.expect("driver alive");
-        rx.await.expect("driver answered").expect("stream opened").compat()
+        rx.await
+            .expect("driver answered")
+            .expect("stream opened")
+            .compat()
     }
 
     /// Send `first`, then collect every frame until the agent closes.
@@ -131,7 +135,10 @@ fn session() -> (Client, Arc<AtomicBool>) {
 }
 
 fn exec(argv: &[&str]) -> ExecRequest {
-    ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 /// Output of an exec, split up.
@@ -177,7 +184,10 @@ fn outcome(frames: Vec<Frame>) -> Outcome {
 }
 
 fn code(c: i32) -> Option<ExitStatus> {
-    Some(ExitStatus { code: Some(c), signal: None })
+    Some(ExitStatus {
+        code: Some(c),
+        signal: None,
+    })
 }
 
 #[test]
@@ -188,8 +198,15 @@ fn the_test_machine_has_a_ready_rng() {
 #[tokio::test]
 async fn hello_is_acknowledged() {
     let (client, _) = session();
-    let frames = client.call(Frame::Hello(Hello { version: PROTOCOL_VERSION, role: "host".into() })).await;
-    let [Frame::HelloAck(ack)] = &frames[..] else { panic!("{frames:?}") };
+    let frames = client
+        .call(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: "host".into(),
+        }))
+        .await;
+    let [Frame::HelloAck(ack)] = &frames[..] else {
+        panic!("{frames:?}")
+    };
     assert_eq!(ack.version, PROTOCOL_VERSION);
     assert_eq!(ack.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(ack.kernel, "6.1.0-test");
@@ -199,39 +216,70 @@ async fn hello_is_acknowledged() {
 #[tokio::test]
 async fn other_protocol_version_is_refused() {
     let (client, _) = session();
-    let frames = client.call(Frame::Hello(Hello { version: PROTOCOL_VERSION + 1, role: "host".into() })).await;
-    let [Frame::Error(e)] = &frames[..] else { panic!("{frames:?}") };
+    let frames = client
+        .call(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION + 1,
+            role: "host".into(),
+        }))
+        .await;
+    let [Frame::Error(e)] = &frames[..] else {
+        panic!("{frames:?}")
+    };
     assert_eq!(e.code, "PROTOCOL_VERSION_MISMATCH");
 }
 
 #[tokio::test]
 async fn ping_pongs() {
     let (client, _) = session();
-    assert_eq!(client.call(Frame::Request(Request::Ping)).await, vec![Frame::Response(Response::Pong)]);
+    assert_eq!(
+        client.call(Frame::Request(Request::Ping)).await,
+        vec![Frame::Response(Response::Pong)]
+    );
     // The session goes on after a stream ends.
-    assert_eq!(client.call(Frame::Request(Request::Ping)).await, vec![Frame::Response(Response::Pong)]);
+    assert_eq!(
+        client.call(Frame::Request(Request::Ping)).await,
+        vec![Frame::Response(Response::Pong)]
+    );
 }
 
 #[tokio::test]
 async fn unexpected_first_frames_are_protocol_errors() {
     let (client, _) = session();
-    for first in [Frame::Stdin(b"x".to_vec()), Frame::Request(Request::Status), Frame::Eof] {
+    for first in [
+        Frame::Stdin(b"x".to_vec()),
+        Frame::Request(Request::Status),
+        Frame::Eof,
+    ] {
         let frames = client.call(first).await;
-        let [Frame::Error(e)] = &frames[..] else { panic!("{frames:?}") };
+        let [Frame::Error(e)] = &frames[..] else {
+            panic!("{frames:?}")
+        };
         assert_eq!(e.code, "PROTOCOL_ERROR");
     }
     // A malformed frame too.
     let mut s = client.stream().await;
-    tokio::io::AsyncWriteExt::write_all(&mut s, &[0, 0, 0, 3, 3, b'{', b'x']).await.expect("write");
+    tokio::io::AsyncWriteExt::write_all(&mut s, &[0, 0, 0, 3, 3, b'{', b'x'])
+        .await
+        .expect("write");
     let frames = read_all(&mut s).await;
-    let [Frame::Error(e)] = &frames[..] else { panic!("{frames:?}") };
+    let [Frame::Error(e)] = &frames[..] else {
+        panic!("{frames:?}")
+    };
     assert_eq!(e.code, "PROTOCOL_ERROR");
 }
 
 #[tokio::test]
 async fn exec_reports_output_and_exit_code() {
     let (client, _) = session();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "echo out; echo err >&2; exit 3"])))).await);
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&[
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ]))))
+            .await,
+    );
     assert!(o.pid.is_some_and(|p| p > 1));
     assert_eq!(o.stdout, b"out\n");
     assert_eq!(o.stderr, b"err\n");
@@ -241,13 +289,20 @@ async fn exec_reports_output_and_exit_code() {
 #[tokio::test]
 async fn exec_environment_and_cwd() {
     let (client, _) = session();
-    let mut req = exec(&["sh", "-c", "echo $PATH; echo $HOME $USER $LOGNAME $HOSTNAME; echo ${TERM:-none} $FOO; pwd"]);
+    let mut req = exec(&[
+        "sh",
+        "-c",
+        "echo $PATH; echo $HOME $USER $LOGNAME $HOSTNAME; echo ${TERM:-none} $FOO; pwd",
+    ]);
     req.env = vec![("FOO".into(), "bar".into())];
     req.cwd = Some("/tmp".into());
     let o = outcome(client.call(Frame::Request(Request::Exec(req))).await);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
-        format!("{}\n/root root root testbox\nnone bar\n/tmp\n", crate::exec::DEFAULT_PATH)
+        format!(
+            "{}\n/root root root testbox\nnone bar\n/tmp\n",
+            crate::exec::DEFAULT_PATH
+        )
     );
     assert_eq!(o.exit, code(0));
 }
@@ -255,27 +310,46 @@ async fn exec_environment_and_cwd() {
 #[tokio::test]
 async fn exec_errors() {
     let (client, _) = session();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["no-such-command-xyz", "a"])))).await);
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&[
+                "no-such-command-xyz",
+                "a",
+            ]))))
+            .await,
+    );
     let (c, m) = o.error.expect("error");
     assert_eq!(c, "EXEC_COMMAND_NOT_FOUND");
-    assert!(m.starts_with("no-such-command-xyz: command not found in PATH=/usr/local/sbin:"), "{m}");
+    assert!(
+        m.starts_with("no-such-command-xyz: command not found in PATH=/usr/local/sbin:"),
+        "{m}"
+    );
 
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["/no/such/program"])))).await);
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&["/no/such/program"]))))
+            .await,
+    );
     assert_eq!(o.error.expect("error").0, "EXEC_COMMAND_NOT_FOUND");
 
     let mut req = exec(&["true"]);
     req.cwd = Some("/no/such/dir".into());
-    let (c, m) = outcome(client.call(Frame::Request(Request::Exec(req))).await).error.expect("error");
+    let (c, m) = outcome(client.call(Frame::Request(Request::Exec(req))).await)
+        .error
+        .expect("error");
     assert_eq!(c, "EXEC_SPAWN_FAILED");
     assert!(m.contains("/no/such/dir"), "{m}");
 
-    let (c, _) = outcome(client.call(Frame::Request(Request::Exec(exec(&[])))).await).error.expect("error");
+    let (c, _) = outcome(client.call(Frame::Request(Request::Exec(exec(&[])))).await)
+        .error
+        .expect("error");
     assert_eq!(c, "EXEC_SPAWN_FAILED");
 
     // Not executable, and an executable whose interpreter is missing (the
     // exec itself fails in the child).
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("machinen-agent-exec-errors-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("machinen-agent-exec-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     let plain = dir.join("plain");
     std::fs::write(&plain, "x").expect("write");
@@ -285,7 +359,13 @@ async fn exec_errors() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     for p in [&plain, &script] {
         let argv0 = p.to_str().expect("utf8");
-        let (c, m) = outcome(client.call(Frame::Request(Request::Exec(exec(&[argv0])))).await).error.expect("error");
+        let (c, m) = outcome(
+            client
+                .call(Frame::Request(Request::Exec(exec(&[argv0]))))
+                .await,
+        )
+        .error
+        .expect("error");
         assert_eq!(c, "EXEC_SPAWN_FAILED", "{m}");
         assert!(m.starts_with(argv0), "{m}");
     }
@@ -296,7 +376,9 @@ async fn exec_errors() {
 async fn stdin_is_piped_binary_safe() {
     let (client, _) = session();
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["cat"])))).await.expect("send");
+    send(&mut s, &Frame::Request(Request::Exec(exec(&["cat"]))))
+        .await
+        .expect("send");
     let (mut rd, mut wr) = tokio::io::split(s);
     let data: Vec<u8> = {
         let mut x: u32 = 0x1234_5678;
@@ -312,7 +394,9 @@ async fn stdin_is_piped_binary_safe() {
     let input = data.clone();
     let writer = tokio::spawn(async move {
         for chunk in input.chunks(MAX_CHUNK - 7) {
-            send(&mut wr, &Frame::Stdin(chunk.to_vec())).await.expect("stdin");
+            send(&mut wr, &Frame::Stdin(chunk.to_vec()))
+                .await
+                .expect("stdin");
         }
         send(&mut wr, &Frame::StdinEof).await.expect("eof");
         wr
@@ -328,9 +412,15 @@ async fn stdin_is_piped_binary_safe() {
 async fn host_closing_its_side_closes_stdin() {
     let (client, _) = session();
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["cat"])))).await.expect("send");
-    send(&mut s, &Frame::Stdin(b"abc".to_vec())).await.expect("send");
-    tokio::io::AsyncWriteExt::shutdown(&mut s).await.expect("close");
+    send(&mut s, &Frame::Request(Request::Exec(exec(&["cat"]))))
+        .await
+        .expect("send");
+    send(&mut s, &Frame::Stdin(b"abc".to_vec()))
+        .await
+        .expect("send");
+    tokio::io::AsyncWriteExt::shutdown(&mut s)
+        .await
+        .expect("close");
     let o = outcome(read_all(&mut s).await);
     assert_eq!(o.stdout, b"abc");
     assert_eq!(o.exit, code(0));
@@ -339,17 +429,48 @@ async fn host_closing_its_side_closes_stdin() {
 #[tokio::test]
 async fn killed_by_a_signal() {
     let (client, _) = session();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "kill -9 $$"])))).await);
-    assert_eq!(o.exit, Some(ExitStatus { code: None, signal: Some(9) }));
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&[
+                "sh",
+                "-c",
+                "kill -9 $$",
+            ]))))
+            .await,
+    );
+    assert_eq!(
+        o.exit,
+        Some(ExitStatus {
+            code: None,
+            signal: Some(9)
+        })
+    );
 
     // A Signal frame goes to the child's process group.
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["sh", "-c", "sleep 30; echo not reached"])))).await.expect("send");
-    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else { panic!("no Started") };
+    send(
+        &mut s,
+        &Frame::Request(Request::Exec(exec(&[
+            "sh",
+            "-c",
+            "sleep 30; echo not reached",
+        ]))),
+    )
+    .await
+    .expect("send");
+    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else {
+        panic!("no Started")
+    };
     let start = Instant::now();
     send(&mut s, &Frame::Signal(15)).await.expect("signal");
     let o = outcome(read_all(&mut s).await);
-    assert_eq!(o.exit, Some(ExitStatus { code: None, signal: Some(15) }));
+    assert_eq!(
+        o.exit,
+        Some(ExitStatus {
+            code: None,
+            signal: Some(15)
+        })
+    );
     assert!(o.stdout.is_empty());
     assert!(start.elapsed() < Duration::from_secs(10));
 }
@@ -359,7 +480,8 @@ async fn two_execs_run_concurrently() {
     // Each command waits for the other to have started: they only finish if
     // both run at the same time.
     let (client, _) = session();
-    let dir = std::env::temp_dir().join(format!("machinen-agent-concurrent-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("machinen-agent-concurrent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
     let script = |me: &str, other: &str| {
@@ -373,7 +495,10 @@ async fn two_execs_run_concurrently() {
     let b = client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", &sb]))));
     let (a, b) = tokio::join!(a, b);
     let (a, b) = (outcome(a), outcome(b));
-    assert_eq!((a.stdout.as_slice(), b.stdout.as_slice()), (&b"a\n"[..], &b"b\n"[..]));
+    assert_eq!(
+        (a.stdout.as_slice(), b.stdout.as_slice()),
+        (&b"a\n"[..], &b"b\n"[..])
+    );
     assert_eq!((a.exit, b.exit), (code(0), code(0)));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -384,7 +509,12 @@ async fn large_output_streams_fully() {
     const SIZE: usize = 20 * 1024 * 1024;
     let mut s = client.stream().await;
     let cmd = format!("head -c {SIZE} /dev/zero | tr '\\0' 'x'");
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["sh", "-c", &cmd])))).await.expect("send");
+    send(
+        &mut s,
+        &Frame::Request(Request::Exec(exec(&["sh", "-c", &cmd]))),
+    )
+    .await
+    .expect("send");
     let mut total = 0usize;
     let mut exit = None;
     let mut frames = 0usize;
@@ -412,10 +542,23 @@ async fn output_is_flow_controlled() {
     // buffer a command's output.
     let (client, _) = session();
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["head", "-c", "67108864", "/dev/zero"])))).await.expect("send");
-    let Some(Frame::Started { pid }) = read_frame(&mut s).await.expect("read") else { panic!("no Started") };
+    send(
+        &mut s,
+        &Frame::Request(Request::Exec(exec(&[
+            "head",
+            "-c",
+            "67108864",
+            "/dev/zero",
+        ]))),
+    )
+    .await
+    .expect("send");
+    let Some(Frame::Started { pid }) = read_frame(&mut s).await.expect("read") else {
+        panic!("no Started")
+    };
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the writer is still alive");
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the writer is still alive");
     assert!(!stat.contains(") Z "), "not a zombie: {stat}");
     // Then everything arrives.
     let mut total = 0;
@@ -431,10 +574,22 @@ async fn output_is_flow_controlled() {
 async fn grandchild_holding_the_pipes_does_not_hold_the_exit() {
     let (client, _) = session();
     let start = Instant::now();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "sleep 10 & echo hi"])))).await);
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&[
+                "sh",
+                "-c",
+                "sleep 10 & echo hi",
+            ]))))
+            .await,
+    );
     assert_eq!(o.stdout, b"hi\n");
     assert_eq!(o.exit, code(0));
-    assert!(start.elapsed() < Duration::from_secs(6), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -442,16 +597,31 @@ async fn output_after_the_exit_is_drained() {
     // A background job that writes shortly after the shell exited still gets
     // its output through (it arrives within the idle window).
     let (client, _) = session();
-    let o = outcome(client.call(Frame::Request(Request::Exec(exec(&["sh", "-c", "(sleep 0.05; echo late) & echo early"])))).await);
+    let o = outcome(
+        client
+            .call(Frame::Request(Request::Exec(exec(&[
+                "sh",
+                "-c",
+                "(sleep 0.05; echo late) & echo early",
+            ]))))
+            .await,
+    );
     assert_eq!(o.stdout, b"early\nlate\n");
 }
 
 #[tokio::test]
 async fn tty_exec() {
     let (client, _) = session();
-    let mut req = exec(&["sh", "-c", "tty; stty size; echo $TERM; test -t 0 && echo interactive"]);
+    let mut req = exec(&[
+        "sh",
+        "-c",
+        "tty; stty size; echo $TERM; test -t 0 && echo interactive",
+    ]);
     req.tty = true;
-    req.winsize = Some(WinSize { rows: 40, cols: 100 });
+    req.winsize = Some(WinSize {
+        rows: 40,
+        cols: 100,
+    });
     let o = outcome(client.call(Frame::Request(Request::Exec(req))).await);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("/dev/pts/"), "{text}");
@@ -468,10 +638,24 @@ async fn tty_resize_and_input() {
     let mut req = exec(&["sh", "-c", "read line; stty size; echo got:$line"]);
     req.tty = true;
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(req))).await.expect("send");
-    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else { panic!("no Started") };
-    send(&mut s, &Frame::Resize(WinSize { rows: 50, cols: 132 })).await.expect("resize");
-    send(&mut s, &Frame::Stdin(b"hello\n".to_vec())).await.expect("stdin");
+    send(&mut s, &Frame::Request(Request::Exec(req)))
+        .await
+        .expect("send");
+    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else {
+        panic!("no Started")
+    };
+    send(
+        &mut s,
+        &Frame::Resize(WinSize {
+            rows: 50,
+            cols: 132,
+        }),
+    )
+    .await
+    .expect("resize");
+    send(&mut s, &Frame::Stdin(b"hello\n".to_vec()))
+        .await
+        .expect("stdin");
     let o = outcome(read_all(&mut s).await);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("50 132"), "{text}");
@@ -485,8 +669,12 @@ async fn tty_stdin_eof() {
     let mut req = exec(&["cat"]);
     req.tty = true;
     let mut s = client.stream().await;
-    send(&mut s, &Frame::Request(Request::Exec(req))).await.expect("send");
-    send(&mut s, &Frame::Stdin(b"abc\n".to_vec())).await.expect("stdin");
+    send(&mut s, &Frame::Request(Request::Exec(req)))
+        .await
+        .expect("send");
+    send(&mut s, &Frame::Stdin(b"abc\n".to_vec()))
+        .await
+        .expect("stdin");
     send(&mut s, &Frame::StdinEof).await.expect("eof");
     let o = outcome(read_all(&mut s).await);
     assert!(String::from_utf8_lossy(&o.stdout).contains("abc"));
@@ -496,10 +684,16 @@ async fn tty_stdin_eof() {
 #[tokio::test]
 async fn poweroff_answers_then_powers_off() {
     let (client, off) = session();
-    assert_eq!(client.call(Frame::Request(Request::Poweroff)).await, vec![Frame::Response(Response::Stopping)]);
+    assert_eq!(
+        client.call(Frame::Request(Request::Poweroff)).await,
+        vec![Frame::Response(Response::Stopping)]
+    );
     let start = Instant::now();
     while !off.load(Ordering::SeqCst) {
-        assert!(start.elapsed() < Duration::from_secs(5), "poweroff not called");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "poweroff not called"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -517,38 +711,68 @@ async fn a_new_session_follows_a_closed_transport() {
         ctx,
     ));
 
-    let marker = std::env::temp_dir().join(format!("machinen-agent-survivor-{}", std::process::id()));
+    let marker =
+        std::env::temp_dir().join(format!("machinen-agent-survivor-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
 
     let (a, b) = duplex(64 * 1024);
     tx.send(a).await.expect("first transport");
     let first = Client::new(b);
-    let frames = first.call(Frame::Hello(Hello { version: PROTOCOL_VERSION, role: "first".into() })).await;
+    let frames = first
+        .call(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: "first".into(),
+        }))
+        .await;
     assert!(matches!(frames[..], [Frame::HelloAck(_)]));
     // A command started in the first session outlives it.
     let mut s = first.stream().await;
     // It writes output after the host went away: that must not kill it.
-    let cmd = format!("sleep 0.5; echo output after the disconnect; echo more >&2; echo done > {}", marker.display());
-    send(&mut s, &Frame::Request(Request::Exec(exec(&["sh", "-c", &cmd])))).await.expect("send");
-    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else { panic!("no Started") };
+    let cmd = format!(
+        "sleep 0.5; echo output after the disconnect; echo more >&2; echo done > {}",
+        marker.display()
+    );
+    send(
+        &mut s,
+        &Frame::Request(Request::Exec(exec(&["sh", "-c", &cmd]))),
+    )
+    .await
+    .expect("send");
+    let Some(Frame::Started { .. }) = read_frame(&mut s).await.expect("read") else {
+        panic!("no Started")
+    };
     first.disconnect();
 
     let (a, b) = duplex(64 * 1024);
     tx.send(a).await.expect("second transport");
     let second = Client::new(b);
-    let frames = second.call(Frame::Hello(Hello { version: PROTOCOL_VERSION, role: "second".into() })).await;
+    let frames = second
+        .call(Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: "second".into(),
+        }))
+        .await;
     assert!(matches!(frames[..], [Frame::HelloAck(_)]), "{frames:?}");
-    assert_eq!(second.call(Frame::Request(Request::Ping)).await, vec![Frame::Response(Response::Pong)]);
+    assert_eq!(
+        second.call(Frame::Request(Request::Ping)).await,
+        vec![Frame::Response(Response::Pong)]
+    );
 
     let start = Instant::now();
     while !marker.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the command of the first session did not finish");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the command of the first session did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_file(&marker);
     drop(tx);
     second.disconnect();
-    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server ends").expect("join");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server ends")
+        .expect("join");
 }
 
 /// A restored guest's agent is still inside the session of the host that
@@ -578,13 +802,20 @@ async fn a_hello_right_behind_a_break_is_answered_after_the_stale_session() {
         let mut b = [0u8; 1];
         loop {
             assert_eq!(host.read(&mut b).await.expect("read"), 1, "agent hung up");
-            if lines.push(b[0]).is_some_and(|l| preamble::is_ready_for(&l, nonce)) {
+            if lines
+                .push(b[0])
+                .is_some_and(|l| preamble::is_ready_for(&l, nonce))
+            {
                 return;
             }
         }
     }
-    host.write_all(preamble::hello("01").as_bytes()).await.expect("hello 1");
-    tokio::time::timeout(Duration::from_secs(10), answered(&mut host, "01")).await.expect("first session");
+    host.write_all(preamble::hello("01").as_bytes())
+        .await
+        .expect("hello 1");
+    tokio::time::timeout(Duration::from_secs(10), answered(&mut host, "01"))
+        .await
+        .expect("first session");
     // The agent now serves yamux; the "restored" host breaks it.
     let mut out = preamble::BREAK.to_vec();
     out.extend_from_slice(preamble::hello("02").as_bytes());

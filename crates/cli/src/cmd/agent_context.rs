@@ -15,7 +15,12 @@ fn arg_json(a: &clap::Arg) -> Value {
     let action = a.get_action();
     let takes_value = action.takes_values();
     let repeatable = matches!(action, clap::ArgAction::Append | clap::ArgAction::Count);
-    let possible: Vec<String> = a.get_possible_values().iter().filter(|p| !p.is_hide_set()).map(|p| p.get_name().to_string()).collect();
+    let possible: Vec<String> = a
+        .get_possible_values()
+        .iter()
+        .filter(|p| !p.is_hide_set())
+        .map(|p| p.get_name().to_string())
+        .collect();
     json!({
         "id": a.get_id().as_str(),
         "long": a.get_long().map(|l| format!("--{l}")),
@@ -40,8 +45,16 @@ fn command_json(c: &clap::Command, path: &[String]) -> Value {
     let mut c2 = c.clone();
     let usage = c2.render_usage().to_string();
     let usage = usage.trim_start_matches("Usage: ").to_string();
-    let args: Vec<Value> = c.get_arguments().filter(|a| !a.is_hide_set()).map(arg_json).collect();
-    let subs: Vec<Value> = c.get_subcommands().filter(|s| !s.is_hide_set()).map(|s| command_json(s, &path)).collect();
+    let args: Vec<Value> = c
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .map(arg_json)
+        .collect();
+    let subs: Vec<Value> = c
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| command_json(s, &path))
+        .collect();
     json!({
         "name": c.get_name(),
         "path": path.join(" "),
@@ -58,7 +71,11 @@ fn command_json(c: &clap::Command, path: &[String]) -> Value {
 pub fn context() -> Value {
     let mut root = Cli::command();
     root.build();
-    let commands: Vec<Value> = root.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").map(|s| command_json(s, &["machinen".to_string()])).collect();
+    let commands: Vec<Value> = root
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .map(|s| command_json(s, &["machinen".to_string()]))
+        .collect();
     let codes: Vec<Value> = ALL
         .iter()
         .map(|c| json!({ "code": c.as_str(), "exit_code": c.exit_code(), "retryable": c.retryable() }))
@@ -103,7 +120,14 @@ pub fn context() -> Value {
 pub fn run() -> machinen::Result<i32> {
     match serde_json::to_string_pretty(&context()) {
         Ok(s) => println!("{s}"),
-        Err(e) => return Err(machinen::error::fail(machinen::ErrorCode::Io, "cannot encode the agent context").source(e).into()),
+        Err(e) => {
+            return Err(machinen::error::fail(
+                machinen::ErrorCode::Io,
+                "cannot encode the agent context",
+            )
+            .source(e)
+            .into())
+        }
     }
     Ok(0)
 }
@@ -122,28 +146,49 @@ mod tests {
         root.build();
         let top_help = root.render_long_help().to_string();
         let cmds = ctx["commands"].as_array().expect("commands");
-        let visible: Vec<&clap::Command> = root.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").collect();
+        let visible: Vec<&clap::Command> = root
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .collect();
         assert_eq!(cmds.len(), visible.len());
         for sub in visible {
             let name = sub.get_name();
             assert!(top_help.contains(name), "{name} missing from --help");
-            let doc = cmds.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} missing from agent-context"));
+            let doc = cmds
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("{name} missing from agent-context"));
             let help = sub.clone().render_long_help().to_string();
             let doc_args = doc["args"].as_array().expect("args");
             for a in sub.get_arguments().filter(|a| !a.is_hide_set()) {
-                let entry = doc_args.iter().find(|d| d["id"] == a.get_id().as_str()).unwrap_or_else(|| panic!("{name}: {} missing", a.get_id()));
+                let entry = doc_args
+                    .iter()
+                    .find(|d| d["id"] == a.get_id().as_str())
+                    .unwrap_or_else(|| panic!("{name}: {} missing", a.get_id()));
                 if let Some(l) = a.get_long() {
                     assert_eq!(entry["long"], format!("--{l}"));
-                    assert!(help.contains(&format!("--{l}")), "{name}: --{l} not in --help");
+                    assert!(
+                        help.contains(&format!("--{l}")),
+                        "{name}: --{l} not in --help"
+                    );
                 }
             }
             for alias in sub.get_visible_aliases() {
-                assert!(doc["aliases"].as_array().expect("aliases").iter().any(|a| a == alias));
+                assert!(doc["aliases"]
+                    .as_array()
+                    .expect("aliases")
+                    .iter()
+                    .any(|a| a == alias));
             }
         }
         let codes = ctx["exit_codes"]["codes"].as_array().expect("codes");
         assert_eq!(codes.len(), ALL.len());
-        assert!(codes.iter().any(|c| c["code"] == "EXEC_COMMAND_NOT_FOUND" && c["exit_code"] == 127));
-        assert!(!ctx.to_string().contains("__vm-names"), "hidden commands stay hidden");
+        assert!(codes
+            .iter()
+            .any(|c| c["code"] == "EXEC_COMMAND_NOT_FOUND" && c["exit_code"] == 127));
+        assert!(
+            !ctx.to_string().contains("__vm-names"),
+            "hidden commands stay hidden"
+        );
     }
 }

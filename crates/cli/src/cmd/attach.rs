@@ -9,7 +9,8 @@ use machinen::{ErrorCode, Result};
 use crate::cli::AttachArgs;
 
 /// The login shell: bash where the image has it, else sh.
-pub const LOGIN_SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash -l -i; else exec sh -l -i; fi";
+pub const LOGIN_SHELL: &str =
+    "if command -v bash >/dev/null 2>&1; then exec bash -l -i; else exec sh -l -i; fi";
 
 /// The command of an interactive session: `--shell CMD` (through `sh -c`),
 /// else the login shell.
@@ -23,7 +24,14 @@ fn tail_lines(v: &str) -> Result<Option<usize>> {
     if v == "all" {
         return Ok(None);
     }
-    v.parse::<usize>().map(Some).map_err(|_| fail(ErrorCode::BootArgsInvalid, format!("--tail {v:?} is not a number of lines")).hint("e.g. --tail 50, or --tail all").into())
+    v.parse::<usize>().map(Some).map_err(|_| {
+        fail(
+            ErrorCode::BootArgsInvalid,
+            format!("--tail {v:?} is not a number of lines"),
+        )
+        .hint("e.g. --tail 50, or --tail all")
+        .into()
+    })
 }
 
 /// Largest part of a console log that `--tail all` prints.
@@ -32,11 +40,26 @@ const TAIL_CAP: u64 = 4 * 1024 * 1024;
 /// Print the last `lines` lines (or the last [`TAIL_CAP`] bytes) of `log`.
 pub fn print_tail(log: &std::path::Path, lines: Option<usize>) -> Result<()> {
     use std::io::{Seek, SeekFrom};
-    let mut f = std::fs::File::open(log).map_err(|e| fail(ErrorCode::Io, format!("cannot open the console log {}", log.display())).source(e))?;
+    let mut f = std::fs::File::open(log).map_err(|e| {
+        fail(
+            ErrorCode::Io,
+            format!("cannot open the console log {}", log.display()),
+        )
+        .source(e)
+    })?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(TAIL_CAP);
-    f.seek(SeekFrom::Start(start)).map_err(|e| fail(ErrorCode::Io, "cannot read the console log").source(e))?;
-    let mut all: Vec<String> = std::io::BufReader::new(f).split(b'\n').map_while(|l| l.ok()).map(|l| String::from_utf8_lossy(&l).trim_end_matches('\r').to_string()).collect();
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| fail(ErrorCode::Io, "cannot read the console log").source(e))?;
+    let mut all: Vec<String> = std::io::BufReader::new(f)
+        .split(b'\n')
+        .map_while(|l| l.ok())
+        .map(|l| {
+            String::from_utf8_lossy(&l)
+                .trim_end_matches('\r')
+                .to_string()
+        })
+        .collect();
     if start > 0 && !all.is_empty() {
         all.remove(0); // a partial first line
     }
@@ -58,7 +81,11 @@ pub async fn run(a: AttachArgs) -> Result<i32> {
             None => eprintln!("(no console log for {})", vm.name()),
         }
     }
-    let opts = ExecOptions { argv: shell_argv(a.shell.as_deref()), env: vec![], cwd: Some("/root".into()) };
+    let opts = ExecOptions {
+        argv: shell_argv(a.shell.as_deref()),
+        env: vec![],
+        cwd: Some("/root".into()),
+    };
     super::exec::run_tty(&vm, opts).await
 }
 

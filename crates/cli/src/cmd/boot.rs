@@ -14,7 +14,11 @@ use crate::output::print_json;
 /// baked one (`machinen provision`); the baked env and cwd apply, with
 /// `--env` overriding single keys and `--cwd` the directory.
 fn foreground_exec(a: &BootArgs) -> Result<ExecOptions> {
-    let progress = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto };
+    let progress = if a.json {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Auto
+    };
     // The installed base (no IMAGE) is made by `machinen install` and has no baked config.
     let config = match &a.image {
         Some(img) => machinen::provision::image_config(Some(img), progress)?,
@@ -22,26 +26,49 @@ fn foreground_exec(a: &BootArgs) -> Result<ExecOptions> {
     };
     let Some(config) = config else {
         if a.cmd.is_empty() {
-            return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: give a command after `--`, or --detached")
-                .hint("e.g. `machinen boot -- uname -a`, or `machinen boot --name web --detached`")
-                .into());
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                "nothing to run: give a command after `--`, or --detached",
+            )
+            .hint("e.g. `machinen boot -- uname -a`, or `machinen boot --name web --detached`")
+            .into());
         }
         return super::exec::exec_options(&a.process, a.cmd.clone());
     };
-    let env = a.process.env.iter().map(|s| parse_env_pair(s)).collect::<Result<Vec<_>, _>>()?;
-    let argv = if a.cmd.is_empty() { None } else { Some(a.cmd.clone()) };
+    let env = a
+        .process
+        .env
+        .iter()
+        .map(|s| parse_env_pair(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let argv = if a.cmd.is_empty() {
+        None
+    } else {
+        Some(a.cmd.clone())
+    };
     Ok(config.exec_options(argv, &env, a.process.cwd.clone())?)
 }
 
 pub async fn run(a: BootArgs) -> Result<i32> {
     if a.detached && !a.cmd.is_empty() {
-        return Err(fail(ErrorCode::BootArgsInvalid, "a command cannot be combined with --detached yet")
-            .hint("boot with --detached, then run it with `machinen exec NAME -- CMD`")
-            .into());
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "a command cannot be combined with --detached yet",
+        )
+        .hint("boot with --detached, then run it with `machinen exec NAME -- CMD`")
+        .into());
     }
     // Check the command before paying for a boot.
-    let exec = if a.detached { None } else { Some(foreground_exec(&a)?) };
-    let ports = a.publish.iter().map(|p| machinen::ports::parse(p)).collect::<Result<Vec<_>, _>>()?;
+    let exec = if a.detached {
+        None
+    } else {
+        Some(foreground_exec(&a)?)
+    };
+    let ports = a
+        .publish
+        .iter()
+        .map(|p| machinen::ports::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = BootOptions {
         image: a.image.clone(),
         name: a.name.clone(),
@@ -51,7 +78,11 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
         accel: None,
         debug: a.debug,
-        progress: if a.json { ProgressMode::Quiet } else { ProgressMode::Auto },
+        progress: if a.json {
+            ProgressMode::Quiet
+        } else {
+            ProgressMode::Auto
+        },
         ports,
         secrets: a.secrets.parse()?,
     };

@@ -72,12 +72,21 @@ pub fn script(shell: Shell) -> String {
             // The generated spec completes TARGET with files; point it at the VM list.
             s = s
                 .lines()
-                .map(|l| if l.contains(":target -- ") && l.contains(":_default'") { l.replace(":_default'", ":_machinen_vms'") } else { l.to_string() })
+                .map(|l| {
+                    if l.contains(":target -- ") && l.contains(":_default'") {
+                        l.replace(":_default'", ":_machinen_vms'")
+                    } else {
+                        l.to_string()
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("\n");
             s.push('\n');
             // Define the helper before the generated code runs it.
-            s = format!("#compdef machinen\n{ZSH_HOOK}\n{}", s.trim_start_matches("#compdef machinen\n"));
+            s = format!(
+                "#compdef machinen\n{ZSH_HOOK}\n{}",
+                s.trim_start_matches("#compdef machinen\n")
+            );
         }
         Shell::Fish => s.push_str(&FISH_HOOK.replace("@TARGETS@", &targets)),
     }
@@ -107,10 +116,23 @@ mod tests {
     fn scripts_cover_commands_flags_and_vm_names() {
         for sh in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let s = script(sh);
-            for word in ["attach", "exec", "cp", "repl", "mux", "agent-context", "tty", "secret-file", "__vm-names"] {
+            for word in [
+                "attach",
+                "exec",
+                "cp",
+                "repl",
+                "mux",
+                "agent-context",
+                "tty",
+                "secret-file",
+                "__vm-names",
+            ] {
                 assert!(s.contains(word), "{sh:?} script lacks {word}");
             }
         }
-        assert!(script(Shell::Zsh).contains(":_machinen_vms'"), "zsh completes TARGET with VM names");
+        assert!(
+            script(Shell::Zsh).contains(":_machinen_vms'"),
+            "zsh completes TARGET with VM names"
+        );
     }
 }

@@ -8,8 +8,16 @@ use crate::cli::{ExecArgs, ProcessArgs};
 use crate::output::print_json;
 
 pub fn exec_options(p: &ProcessArgs, argv: Vec<String>) -> Result<ExecOptions> {
-    let env = p.env.iter().map(|s| parse_env_pair(s)).collect::<Result<Vec<_>, _>>()?;
-    let opts = ExecOptions { argv, env, cwd: p.cwd.clone() };
+    let env = p
+        .env
+        .iter()
+        .map(|s| parse_env_pair(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = ExecOptions {
+        argv,
+        env,
+        cwd: p.cwd.clone(),
+    };
     machinen::vm::validate_exec(&opts)?;
     Ok(opts)
 }
@@ -41,14 +49,18 @@ pub async fn run_in(vm: &Vm, opts: ExecOptions, json: bool) -> Result<i32> {
     }
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
-    let status = vm.exec_stream(opts, tokio::io::stdin(), &mut stdout, &mut stderr).await?;
+    let status = vm
+        .exec_stream(opts, tokio::io::stdin(), &mut stdout, &mut stderr)
+        .await?;
     Ok(status.shell_code())
 }
 
 /// Run `opts` on a guest pty connected to this terminal (raw mode, window
 /// size, keys forwarded). Returns the shell-style exit code.
 pub async fn run_tty(vm: &Vm, opts: ExecOptions) -> Result<i32> {
-    Ok(machinen::terminal::run_interactive(vm, opts).await?.shell_code())
+    Ok(machinen::terminal::run_interactive(vm, opts)
+        .await?
+        .shell_code())
 }
 
 pub async fn run(a: ExecArgs) -> Result<i32> {

@@ -14,12 +14,26 @@ pub fn run(a: GcArgs) -> Result<i32> {
     let verb = if a.dry_run { "would remove" } else { "removed" };
     for i in &report.removed {
         let who = i.name.as_deref().unwrap_or("(unnamed)");
-        println!("{verb} {who} [{}]: {} ({} KiB)", i.id, i.reason, i.bytes / 1024);
+        println!(
+            "{verb} {who} [{}]: {} ({} KiB)",
+            i.id,
+            i.reason,
+            i.bytes / 1024
+        );
     }
     if report.removed.is_empty() {
         println!("nothing to clean up");
     } else {
-        println!("{verb} {} entr{}, {} MiB", report.removed.len(), if report.removed.len() == 1 { "y" } else { "ies" }, report.bytes / (1024 * 1024));
+        println!(
+            "{verb} {} entr{}, {} MiB",
+            report.removed.len(),
+            if report.removed.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            report.bytes / (1024 * 1024)
+        );
     }
     Ok(0)
 }

@@ -14,8 +14,19 @@ pub fn run(a: LsArgs) -> Result<i32> {
     let rows: Vec<[String; 5]> = vms
         .iter()
         .map(|v| {
-            let ports = v.ports.iter().map(|p| format!("{}:{}->{}", p.host_addr, p.host_port, p.guest_port)).collect::<Vec<_>>().join(",");
-            [v.pid.to_string(), v.name.clone(), human_duration(v.uptime_ms), ports, v.forked_from.clone().unwrap_or_default()]
+            let ports = v
+                .ports
+                .iter()
+                .map(|p| format!("{}:{}->{}", p.host_addr, p.host_port, p.guest_port))
+                .collect::<Vec<_>>()
+                .join(",");
+            [
+                v.pid.to_string(),
+                v.name.clone(),
+                human_duration(v.uptime_ms),
+                ports,
+                v.forked_from.clone().unwrap_or_default(),
+            ]
         })
         .collect();
     let header = ["PID", "NAME", "UP", "PORTS", "FORKED-FROM"].map(String::from);
@@ -26,7 +37,11 @@ pub fn run(a: LsArgs) -> Result<i32> {
         }
     }
     for r in std::iter::once(&header).chain(rows.iter()) {
-        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
     Ok(0)

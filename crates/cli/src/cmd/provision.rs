@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::CommandFactory;
 use machinen::progress::ProgressMode;
-use machinen::provision::{run_step, CopySpec, InstallHook, ProvisionOptions, ProvisionResult, Step};
+use machinen::provision::{
+    run_step, CopySpec, InstallHook, ProvisionOptions, ProvisionResult, Step,
+};
 use machinen::vm::parse_env_pair;
 use machinen::Result;
 
@@ -21,7 +23,14 @@ fn steps(a: &ProvisionArgs) -> Result<Vec<Step>> {
         .ok()
         .and_then(|m| m.subcommand_matches("provision").map(ordered_steps))
         // Not called from the command line (tests): runs, then copies.
-        .unwrap_or_else(|| a.copy.iter().cloned().map(StepArg::Copy).chain(a.run.iter().cloned().map(StepArg::Run)).collect());
+        .unwrap_or_else(|| {
+            a.copy
+                .iter()
+                .cloned()
+                .map(StepArg::Copy)
+                .chain(a.run.iter().cloned().map(StepArg::Run))
+                .collect()
+        });
     ordered
         .into_iter()
         .map(|s| match s {
@@ -83,8 +92,14 @@ fn print_human(r: &ProvisionResult) {
     );
     println!("  sha256 {}", r.sha256);
     match &r.config.cmd {
-        Some(cmd) => println!("  cmd    {}", serde_json::to_string(cmd).unwrap_or_default()),
-        None => println!("  cmd    (none: `machinen boot {} -- CMD` must name one)", r.path.display()),
+        Some(cmd) => println!(
+            "  cmd    {}",
+            serde_json::to_string(cmd).unwrap_or_default()
+        ),
+        None => println!(
+            "  cmd    (none: `machinen boot {} -- CMD` must name one)",
+            r.path.display()
+        ),
     }
     if let Some(cwd) = &r.config.cwd {
         println!("  cwd    {cwd}");
@@ -96,7 +111,12 @@ fn print_human(r: &ProvisionResult) {
 
 pub async fn run(a: ProvisionArgs) -> Result<i32> {
     let steps = steps(&a)?;
-    let env = a.process.env.iter().map(|s| parse_env_pair(s)).collect::<Result<Vec<_>, _>>()?;
+    let env = a
+        .process
+        .env
+        .iter()
+        .map(|s| parse_env_pair(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let cmd = match (&a.cmd, a.argv.is_empty()) {
         (Some(c), _) => Some(vec!["sh".to_string(), "-c".into(), c.clone()]),
         (None, false) => Some(a.argv.clone()),
@@ -105,14 +125,22 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
     let opts = ProvisionOptions {
         base: a.base.clone(),
         out: a.out.clone(),
-        install: if steps.is_empty() { None } else { Some(hook(steps, a.json)) },
+        install: if steps.is_empty() {
+            None
+        } else {
+            Some(hook(steps, a.json))
+        },
         cmd,
         env,
         cwd: a.process.cwd.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
         boot_timeout: Duration::from_secs(a.boot_timeout),
-        progress: if a.json { ProgressMode::Quiet } else { ProgressMode::Auto },
+        progress: if a.json {
+            ProgressMode::Quiet
+        } else {
+            ProgressMode::Auto
+        },
     };
     // Dropping the bake on a signal removes its temp file and closes the
     // install VM's lifeline (its supervisor stops it): nothing is left.

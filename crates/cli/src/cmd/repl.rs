@@ -29,7 +29,11 @@ pub async fn run(a: ReplArgs) -> Result<i32> {
                 break Some(l);
             }
             if eof {
-                break if pending.is_empty() { None } else { Some(std::mem::take(&mut pending)) };
+                break if pending.is_empty() {
+                    None
+                } else {
+                    Some(std::mem::take(&mut pending))
+                };
             }
             match chunks.recv().await {
                 Some(b) if !b.is_empty() => pending.extend_from_slice(&b),
@@ -44,10 +48,16 @@ pub async fn run(a: ReplArgs) -> Result<i32> {
         if interactive && (line == "exit" || line == "quit") {
             break;
         }
-        let opts = ExecOptions { argv: vec!["sh".into(), "-c".into(), line.clone()], ..base.clone() };
+        let opts = ExecOptions {
+            argv: vec!["sh".into(), "-c".into(), line.clone()],
+            ..base.clone()
+        };
         let mut out = tokio::io::stdout();
         let mut err = tokio::io::stderr();
-        match vm.exec_stream(opts, tokio::io::empty(), &mut out, &mut err).await {
+        match vm
+            .exec_stream(opts, tokio::io::empty(), &mut out, &mut err)
+            .await
+        {
             Ok(st) => {
                 last = st.shell_code();
                 if interactive && last != 0 {

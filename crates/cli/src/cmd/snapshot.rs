@@ -10,26 +10,52 @@ use crate::cli::{ForkArgs, RestoreArgs, SnapshotArgs};
 use crate::output::print_json;
 
 fn ports(publish: &[String]) -> Result<Vec<machinen::registry::PortForward>> {
-    Ok(publish.iter().map(|p| machinen::ports::parse(p)).collect::<Result<Vec<_>, _>>()?)
+    Ok(publish
+        .iter()
+        .map(|p| machinen::ports::parse(p))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 pub async fn run(a: SnapshotArgs) -> Result<i32> {
     let vm = machinen::attach(&a.target).await?;
-    let out = if a.out.is_absolute() { a.out.clone() } else { std::env::current_dir()?.join(&a.out) };
+    let out = if a.out.is_absolute() {
+        a.out.clone()
+    } else {
+        std::env::current_dir()?.join(&a.out)
+    };
     if a.dry_run {
         if out.exists() {
             return Err(machinen::bundle::BundleError::Exists { path: out }.into());
         }
         let st = vm.status().await?;
         if a.json {
-            print_json(&serde_json::json!({"dry_run": true, "name": vm.name(), "state": st.state, "out": out, "keep_alive": a.keep_alive}));
+            print_json(
+                &serde_json::json!({"dry_run": true, "name": vm.name(), "state": st.state, "out": out, "keep_alive": a.keep_alive}),
+            );
         } else {
-            println!("would snapshot {} ({}) into {}{}", vm.name(), st.state, out.display(), if a.keep_alive { ", keeping it running" } else { ", then stop it" });
+            println!(
+                "would snapshot {} ({}) into {}{}",
+                vm.name(),
+                st.state,
+                out.display(),
+                if a.keep_alive {
+                    ", keeping it running"
+                } else {
+                    ", then stop it"
+                }
+            );
         }
         return Ok(0);
     }
-    let step = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto }.step(format!("snapshotting {}", vm.name()));
-    let report = vm.snapshot(&out, a.keep_alive, Duration::from_secs(a.timeout)).await?;
+    let step = if a.json {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Auto
+    }
+    .step(format!("snapshotting {}", vm.name()));
+    let report = vm
+        .snapshot(&out, a.keep_alive, Duration::from_secs(a.timeout))
+        .await?;
     step.done(format!("snapshot of {} written", vm.name()));
     if a.json {
         print_json(&report);
@@ -42,7 +68,11 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
             report.disk_bytes as f64 / 1048576.0,
             report.elapsed_ms,
             report.paused_ms,
-            if a.keep_alive { "" } else { "; the VM has stopped" }
+            if a.keep_alive {
+                ""
+            } else {
+                "; the VM has stopped"
+            }
         );
     }
     Ok(0)
@@ -57,12 +87,23 @@ fn vm_json(vm: &Vm) -> serde_json::Value {
 
 /// After a restore or fork: run the command (then remove the VM), or print
 /// the VM's identity.
-async fn finish(vm: Vm, cmd: Vec<String>, process: &crate::cli::ProcessArgs, json: bool, what: &str) -> Result<i32> {
+async fn finish(
+    vm: Vm,
+    cmd: Vec<String>,
+    process: &crate::cli::ProcessArgs,
+    json: bool,
+    what: &str,
+) -> Result<i32> {
     if cmd.is_empty() {
         if json {
             print_json(&vm_json(&vm));
         } else {
-            println!("{} (pid {}) {what} in {} ms", vm.name(), vm.pid(), vm.boot_ms().unwrap_or(0));
+            println!(
+                "{} (pid {}) {what} in {} ms",
+                vm.name(),
+                vm.pid(),
+                vm.boot_ms().unwrap_or(0)
+            );
         }
         // A detached VM outlives us; a foreground one without a command has
         // nothing to do (refused before starting).
@@ -91,12 +132,19 @@ async fn supply_secrets(vm: &Vm, secrets: &[machinen::Secret]) -> Result<()> {
 
 fn need_command_or_detach(cmd: &[String], detached: bool) -> Result<()> {
     if cmd.is_empty() && !detached {
-        return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: give a command after `--`, or --detached")
-            .hint("e.g. `--detached`, then `machinen exec NAME -- CMD`")
-            .into());
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "nothing to run: give a command after `--`, or --detached",
+        )
+        .hint("e.g. `--detached`, then `machinen exec NAME -- CMD`")
+        .into());
     }
     if !cmd.is_empty() && detached {
-        return Err(fail(ErrorCode::BootArgsInvalid, "a command cannot be combined with --detached").into());
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "a command cannot be combined with --detached",
+        )
+        .into());
     }
     Ok(())
 }
@@ -107,7 +155,12 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
         if a.json {
             print_json(&serde_json::json!({"dry_run": true, "bundle": a.bundle, "meta": meta}));
         } else {
-            println!("{} is a valid bundle of {:?} taken at {} ms; this host can resume it", a.bundle.display(), meta.source_name, meta.snapped_at_ms);
+            println!(
+                "{} is a valid bundle of {:?} taken at {} ms; this host can resume it",
+                a.bundle.display(),
+                meta.source_name,
+                meta.snapped_at_ms
+            );
         }
         return Ok(0);
     }
@@ -120,7 +173,11 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
     o.own_ram = a.own_ram;
-    o.progress = if a.json { ProgressMode::Quiet } else { ProgressMode::Auto };
+    o.progress = if a.json {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Auto
+    };
     let secrets = a.secrets.parse()?;
     let vm = machinen::restore(o).await?;
     supply_secrets(&vm, &secrets).await?;
@@ -139,9 +196,15 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
     };
     machinen::restore::check_fork_many(&opts, a.count)?;
     if a.count > 1 && !a.detach {
-        return Err(fail(ErrorCode::BootArgsInvalid, format!("--count {} makes several forks: it needs --detach and no command", a.count))
-            .hint("fork with --detach, then `machinen exec NAME -- CMD` in each")
-            .into());
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!(
+                "--count {} makes several forks: it needs --detach and no command",
+                a.count
+            ),
+        )
+        .hint("fork with --detach, then `machinen exec NAME -- CMD` in each")
+        .into());
     }
     let src = machinen::attach(&a.target).await?;
     let secrets = a.secrets.parse()?;
@@ -151,13 +214,23 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
     let (vm, report) = src.fork(opts).await?;
     supply_secrets(&vm, &secrets).await?;
     if !a.json && a.cmd.is_empty() {
-        eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
+        eprintln!(
+            "source {} was paused {} ms",
+            src.name(),
+            report.snapshot.paused_ms
+        );
     }
     finish(vm, a.cmd, &a.process, a.json, "forked").await
 }
 
 /// `fork --count N` (N > 1, detached): N siblings from one snapshot.
-async fn fork_siblings(src: &Vm, opts: ForkOptions, count: usize, secrets: &[machinen::Secret], json: bool) -> Result<i32> {
+async fn fork_siblings(
+    src: &Vm,
+    opts: ForkOptions,
+    count: usize,
+    secrets: &[machinen::Secret],
+    json: bool,
+) -> Result<i32> {
     let (vms, report) = src.fork_many(opts, count).await?;
     for (i, vm) in vms.iter().enumerate() {
         if let Err(e) = supply_secrets(vm, secrets).await {
@@ -173,9 +246,18 @@ async fn fork_siblings(src: &Vm, opts: ForkOptions, count: usize, secrets: &[mac
     if json {
         print_json(&vms.iter().map(vm_json).collect::<Vec<_>>());
     } else {
-        eprintln!("source {} was paused {} ms", src.name(), report.snapshot.paused_ms);
+        eprintln!(
+            "source {} was paused {} ms",
+            src.name(),
+            report.snapshot.paused_ms
+        );
         for vm in &vms {
-            println!("{} (pid {}) forked in {} ms", vm.name(), vm.pid(), vm.boot_ms().unwrap_or(0));
+            println!(
+                "{} (pid {}) forked in {} ms",
+                vm.name(),
+                vm.pid(),
+                vm.boot_ms().unwrap_or(0)
+            );
         }
     }
     for vm in vms {

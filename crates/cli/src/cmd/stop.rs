@@ -13,7 +13,10 @@ pub async fn run(a: StopArgs) -> Result<i32> {
     if a.json {
         print_json(&report);
     } else if report.killed {
-        println!("{} (pid {}) killed after {} s", report.name, report.pid, a.timeout);
+        println!(
+            "{} (pid {}) killed after {} s",
+            report.name, report.pid, a.timeout
+        );
     } else {
         println!("{} (pid {}) stopped", report.name, report.pid);
     }

@@ -15,7 +15,9 @@ pub(crate) fn debian_codename(os_release: &str) -> Option<String> {
     let mut id = None;
     let mut codename = None;
     for line in os_release.lines() {
-        let Some((k, v)) = line.trim().split_once('=') else { continue };
+        let Some((k, v)) = line.trim().split_once('=') else {
+            continue;
+        };
         let v = v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
         match k.trim() {
             "ID" => id = Some(v),
@@ -24,7 +26,9 @@ pub(crate) fn debian_codename(os_release: &str) -> Option<String> {
         }
     }
     match (id.as_deref(), codename) {
-        (Some("debian"), Some(c)) if !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') => {
+        (Some("debian"), Some(c))
+            if !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') =>
+        {
             Some(c)
         }
         _ => None,
@@ -55,8 +59,10 @@ pub(crate) fn kernel_package_from_depends(output: &str, arch: &str) -> Option<St
         let dep = line.strip_prefix("Depends:")?.trim();
         let dep = dep.trim_start_matches('<').trim_end_matches('>');
         let name = dep.split_whitespace().next()?;
-        (name.starts_with("linux-image-") && name.ends_with(&suffix) && name != kernel_meta_package(arch))
-            .then(|| name.to_string())
+        (name.starts_with("linux-image-")
+            && name.ends_with(&suffix)
+            && name != kernel_meta_package(arch))
+        .then(|| name.to_string())
     })
 }
 
@@ -94,8 +100,17 @@ impl Source {
     /// The entry as a one-line `sources.list` line, the form mmdebstrap
     /// accepts as a MIRROR argument.
     pub fn one_line(&self) -> String {
-        let opts = if self.options.is_empty() { String::new() } else { format!("[{}] ", self.options) };
-        format!("deb {opts}{} {} {}", self.uri, self.suite, self.components.join(" "))
+        let opts = if self.options.is_empty() {
+            String::new()
+        } else {
+            format!("[{}] ", self.options)
+        };
+        format!(
+            "deb {opts}{} {} {}",
+            self.uri,
+            self.suite,
+            self.components.join(" ")
+        )
     }
 }
 
@@ -104,7 +119,12 @@ pub(crate) fn parse_one_line_sources(text: &str) -> Vec<Source> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) else { continue };
+        let Some(rest) = line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        else {
+            continue;
+        };
         let rest = rest.trim_start();
         let (options, rest) = match rest.strip_prefix('[') {
             Some(r) => match r.split_once(']') {
@@ -114,7 +134,9 @@ pub(crate) fn parse_one_line_sources(text: &str) -> Vec<Source> {
             None => (String::new(), rest),
         };
         let mut words = rest.split_whitespace();
-        let (Some(uri), Some(suite)) = (words.next(), words.next()) else { continue };
+        let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+            continue;
+        };
         out.push(Source {
             uri: uri.to_string(),
             suite: suite.to_string(),
@@ -132,8 +154,17 @@ pub(crate) fn parse_one_line_sources(text: &str) -> Vec<Source> {
 pub(crate) fn parse_deb822_sources(text: &str) -> Vec<Source> {
     let mut out = Vec::new();
     for stanza in deb822_stanzas(text) {
-        let get = |k: &str| stanza.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
-        if !get("Types").unwrap_or("").split_whitespace().any(|t| t == "deb") {
+        let get = |k: &str| {
+            stanza
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+        };
+        if !get("Types")
+            .unwrap_or("")
+            .split_whitespace()
+            .any(|t| t == "deb")
+        {
             continue;
         }
         if get("Enabled").is_some_and(|v| v.trim().eq_ignore_ascii_case("no")) {
@@ -147,9 +178,16 @@ pub(crate) fn parse_deb822_sources(text: &str) -> Vec<Source> {
             }
         }
         if let Some(a) = get("Architectures") {
-            opts.push(format!("arch={}", a.split_whitespace().collect::<Vec<_>>().join(",")));
+            opts.push(format!(
+                "arch={}",
+                a.split_whitespace().collect::<Vec<_>>().join(",")
+            ));
         }
-        let components: Vec<String> = get("Components").unwrap_or("").split_whitespace().map(str::to_string).collect();
+        let components: Vec<String> = get("Components")
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         for uri in get("URIs").unwrap_or("").split_whitespace() {
             for suite in get("Suites").unwrap_or("").split_whitespace() {
                 out.push(Source {
@@ -201,9 +239,12 @@ fn deb822_stanzas(text: &str) -> Vec<Vec<(String, String)>> {
 pub(crate) fn suite_belongs_to(suite: &str, codename: &str) -> bool {
     let suite = suite.trim_end_matches('/');
     suite == codename
-        || suite
-            .strip_prefix(codename)
-            .is_some_and(|rest| matches!(rest, "-updates" | "-security" | "/updates" | "-proposed-updates"))
+        || suite.strip_prefix(codename).is_some_and(|rest| {
+            matches!(
+                rest,
+                "-updates" | "-security" | "/updates" | "-proposed-updates"
+            )
+        })
 }
 
 /// The host's enabled `deb` sources for `codename`, from `/etc/apt`
@@ -220,7 +261,9 @@ pub(crate) fn host_sources(etc_apt: &Path, codename: &str) -> Vec<Source> {
         .unwrap_or_default();
     parts.sort();
     for p in parts {
-        let Ok(t) = std::fs::read_to_string(&p) else { continue };
+        let Ok(t) = std::fs::read_to_string(&p) else {
+            continue;
+        };
         match p.extension().and_then(|e| e.to_str()) {
             Some("list") => all.extend(parse_one_line_sources(&t)),
             Some("sources") => all.extend(parse_deb822_sources(&t)),
@@ -229,7 +272,8 @@ pub(crate) fn host_sources(etc_apt: &Path, codename: &str) -> Vec<Source> {
     }
     let mut out: Vec<Source> = Vec::new();
     for s in all {
-        if suite_belongs_to(&s.suite, codename) && !s.uri.starts_with("cdrom:") && !out.contains(&s) {
+        if suite_belongs_to(&s.suite, codename) && !s.uri.starts_with("cdrom:") && !out.contains(&s)
+        {
             out.push(s);
         }
     }
@@ -243,7 +287,11 @@ pub(crate) fn proxy_options(apt_config_dump: &str) -> Vec<String> {
         .lines()
         .map(str::trim)
         .filter(|l| {
-            let key = l.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let key = l
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             key.starts_with("acquire::http::proxy") || key.starts_with("acquire::https::proxy")
         })
         .filter(|l| !l.ends_with("\"\";"))
@@ -262,23 +310,41 @@ mod tests {
         let ubuntu = "ID=ubuntu\nID_LIKE=debian\nVERSION_CODENAME=jammy\n";
         assert_eq!(debian_codename(ubuntu), None);
         assert_eq!(debian_codename("ID=debian\n"), None);
-        assert_eq!(debian_codename("ID=debian\nVERSION_CODENAME=\"trixie\"\n").as_deref(), Some("trixie"));
+        assert_eq!(
+            debian_codename("ID=debian\nVERSION_CODENAME=\"trixie\"\n").as_deref(),
+            Some("trixie")
+        );
         assert_eq!(debian_codename("ID=debian\nVERSION_CODENAME=a;rm\n"), None);
     }
 
     #[test]
     fn kernel_package_from_apt_cache_depends() {
         let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
-        assert_eq!(kernel_package_from_depends(out, "amd64").as_deref(), Some("linux-image-6.1.0-56-cloud-amd64"));
+        assert_eq!(
+            kernel_package_from_depends(out, "amd64").as_deref(),
+            Some("linux-image-6.1.0-56-cloud-amd64")
+        );
         let alt = "linux-image-cloud-arm64\n |Depends: <linux-image-6.12.1-cloud-arm64>\n  Depends: other\n";
-        assert_eq!(kernel_package_from_depends(alt, "arm64").as_deref(), Some("linux-image-6.12.1-cloud-arm64"));
-        assert_eq!(kernel_package_from_depends("linux-image-cloud-amd64\n", "amd64"), None);
-        assert_eq!(kernel_package_from_depends("  Depends: linux-image-6.1.0-56-amd64\n", "amd64"), None);
+        assert_eq!(
+            kernel_package_from_depends(alt, "arm64").as_deref(),
+            Some("linux-image-6.12.1-cloud-arm64")
+        );
+        assert_eq!(
+            kernel_package_from_depends("linux-image-cloud-amd64\n", "amd64"),
+            None
+        );
+        assert_eq!(
+            kernel_package_from_depends("  Depends: linux-image-6.1.0-56-amd64\n", "amd64"),
+            None
+        );
     }
 
     #[test]
     fn kernel_release_names() {
-        assert_eq!(kernel_release_from_package("linux-image-6.1.0-56-cloud-amd64"), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(
+            kernel_release_from_package("linux-image-6.1.0-56-cloud-amd64"),
+            Some("6.1.0-56-cloud-amd64")
+        );
         assert_eq!(
             kernel_release_from_package("linux-image-6.12.12+deb13-cloud-amd64-unsigned"),
             Some("6.12.12+deb13-cloud-amd64")
@@ -295,8 +361,14 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].options, "arch=amd64 signed-by=/k.gpg");
         assert_eq!(s[0].components, vec!["main", "contrib"]);
-        assert_eq!(s[0].one_line(), "deb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main contrib");
-        assert_eq!(s[1].one_line(), "deb http://b.example/d bookworm-security main");
+        assert_eq!(
+            s[0].one_line(),
+            "deb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main contrib"
+        );
+        assert_eq!(
+            s[1].one_line(),
+            "deb http://b.example/d bookworm-security main"
+        );
     }
 
     #[test]
@@ -308,9 +380,15 @@ mod tests {
                  Types: deb-src\nURIs: http://src.example\nSuites: bookworm\nComponents: main\n";
         let s = parse_deb822_sources(t);
         assert_eq!(s.len(), 3, "{s:?}");
-        assert_eq!(s[0].one_line(), "deb [signed-by=/usr/share/keyrings/k.gpg] http://a.example/debian bookworm main");
+        assert_eq!(
+            s[0].one_line(),
+            "deb [signed-by=/usr/share/keyrings/k.gpg] http://a.example/debian bookworm main"
+        );
         assert_eq!(s[1].suite, "bookworm-updates");
-        assert_eq!(s[2].one_line(), "deb http://s.example/sec bookworm-security main");
+        assert_eq!(
+            s[2].one_line(),
+            "deb http://s.example/sec bookworm-security main"
+        );
     }
 
     #[test]
@@ -326,16 +404,27 @@ mod tests {
     #[test]
     fn host_sources_from_a_fake_etc_apt() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("sources.list"), "deb http://x.example/debian bookworm main\n").expect("w");
+        std::fs::write(
+            dir.path().join("sources.list"),
+            "deb http://x.example/debian bookworm main\n",
+        )
+        .expect("w");
         std::fs::create_dir(dir.path().join("sources.list.d")).expect("mkdir");
         std::fs::write(
             dir.path().join("sources.list.d/a.sources"),
             "Types: deb\nURIs: http://x.example/debian\nSuites: bookworm bookworm-backports\nComponents: main\n",
         )
         .expect("w");
-        std::fs::write(dir.path().join("sources.list.d/b.list.disabled"), "deb http://y.example bookworm main\n")
-            .expect("w");
-        std::fs::write(dir.path().join("sources.list.d/c.list"), "deb cdrom:[x]/ bookworm main\n").expect("w");
+        std::fs::write(
+            dir.path().join("sources.list.d/b.list.disabled"),
+            "deb http://y.example bookworm main\n",
+        )
+        .expect("w");
+        std::fs::write(
+            dir.path().join("sources.list.d/c.list"),
+            "deb cdrom:[x]/ bookworm main\n",
+        )
+        .expect("w");
         let s = host_sources(dir.path(), "bookworm");
         assert_eq!(
             s.iter().map(Source::one_line).collect::<Vec<_>>(),
@@ -346,8 +435,12 @@ mod tests {
     #[test]
     fn missing_lists_messages() {
         assert!(looks_like_missing_lists("E: No packages found\n"));
-        assert!(looks_like_missing_lists("E: Unable to locate package linux-image-cloud-amd64"));
-        assert!(!looks_like_missing_lists("E: Could not get lock /var/lib/apt/lists/lock"));
+        assert!(looks_like_missing_lists(
+            "E: Unable to locate package linux-image-cloud-amd64"
+        ));
+        assert!(!looks_like_missing_lists(
+            "E: Could not get lock /var/lib/apt/lists/lock"
+        ));
     }
 
     #[test]

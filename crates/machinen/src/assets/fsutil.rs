@@ -25,7 +25,10 @@ fn parent_of(path: &Path) -> &Path {
 /// A temporary sibling name for `dest` (same directory, so the final rename
 /// never crosses filesystems), unique per process and call.
 pub(crate) fn temp_sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let nonce: u32 = rand::random();
     parent_of(dest).join(format!(".{name}.{tag}-{}-{nonce:08x}", std::process::id()))
 }
@@ -38,7 +41,10 @@ pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Like [`write_atomic`], with the content produced by `fill` into the open
 /// temp file (for content too big to build in memory).
-pub(crate) fn write_atomic_with(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+pub(crate) fn write_atomic_with(
+    dest: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = temp_sibling(dest, "tmp");
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -98,8 +104,14 @@ pub(crate) struct FileLock {
 }
 
 pub(crate) fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-    let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let lock =
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))?;
     Ok(FileLock { _lock: lock })
 }
 
@@ -124,7 +136,10 @@ pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -138,7 +153,10 @@ mod tests {
         write_atomic(&p, b"one").expect("write");
         write_atomic(&p, b"two").expect("rewrite");
         assert_eq!(fs::read(&p).expect("read"), b"two");
-        let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.json")]);
     }
 
@@ -163,6 +181,9 @@ mod tests {
         fs::write(&p, b"abc").expect("write");
         let (h, n) = sha256_file(&p).expect("hash");
         assert_eq!(n, 3);
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -48,14 +48,26 @@ pub(super) fn fetch(
     let deb = find_deb(work.path(), &package)?;
 
     let dpkg_deb = need(tool::DPKG_DEB)?;
-    let fields = tool::run(tool::command(&dpkg_deb).args(["--field"]).arg(&deb).arg("Version"))
-        .map_err(|source| InstallError::FetchFailed { what: format!("read the version of {package}"), source })?;
+    let fields = tool::run(
+        tool::command(&dpkg_deb)
+            .args(["--field"])
+            .arg(&deb)
+            .arg("Version"),
+    )
+    .map_err(|source| InstallError::FetchFailed {
+        what: format!("read the version of {package}"),
+        source,
+    })?;
     let package_version = String::from_utf8_lossy(&fields.stdout).trim().to_string();
 
     step.message(format!("Unpacking {package}"));
     let root = work.path().join("root");
-    tool::run(tool::command(&dpkg_deb).arg("-x").arg(&deb).arg(&root))
-        .map_err(|source| InstallError::FetchFailed { what: format!("unpack {package}"), source })?;
+    tool::run(tool::command(&dpkg_deb).arg("-x").arg(&deb).arg(&root)).map_err(|source| {
+        InstallError::FetchFailed {
+            what: format!("unpack {package}"),
+            source,
+        }
+    })?;
     let _ = fs::remove_file(&deb);
 
     let (version, modules_dir) = locate_modules(&root, &package)?;
@@ -68,7 +80,8 @@ pub(super) fn fetch(
     let dep_path = modules_dir.join("modules.dep");
     if !dep_path.is_file() {
         step.message(format!("Indexing the modules of {version}"));
-        let dep = crate::initramfs::generate_modules_dep(&modules_dir).map_err(io_err("index", &modules_dir))?;
+        let dep = crate::initramfs::generate_modules_dep(&modules_dir)
+            .map_err(io_err("index", &modules_dir))?;
         fs::write(&dep_path, dep).map_err(io_err("write", &dep_path))?;
     }
 
@@ -84,27 +97,46 @@ pub(super) fn fetch(
     fsutil::persist(&vmlinuz, &dest_kernel).map_err(io_err("store", &dest_kernel))?;
     drop(work);
 
-    step.done(format!("Fetched kernel {version} ({package} {package_version})"));
-    Ok(FetchedKernel { version, package, package_version })
+    step.done(format!(
+        "Fetched kernel {version} ({package} {package_version})"
+    ));
+    Ok(FetchedKernel {
+        version,
+        package,
+        package_version,
+    })
 }
 
 fn invalid(package: &str, reason: impl Into<String>) -> InstallError {
-    InstallError::KernelPackageInvalid { package: package.to_string(), reason: reason.into() }
+    InstallError::KernelPackageInvalid {
+        package: package.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// The real kernel package behind the meta package, refreshing apt's lists
 /// once (root only) when apt has none.
-fn resolve_package(arch: &str, progress: ProgressMode, apt_updated: &mut bool) -> Result<String, InstallError> {
+fn resolve_package(
+    arch: &str,
+    progress: ProgressMode,
+    apt_updated: &mut bool,
+) -> Result<String, InstallError> {
     let apt_cache = need(tool::APT_CACHE)?;
     let meta = apt::kernel_meta_package(arch);
     loop {
         match tool::run(tool::command(&apt_cache).arg("depends").arg(&meta)) {
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stdout);
-                return apt::kernel_package_from_depends(&text, arch)
-                    .ok_or_else(|| invalid(&meta, format!("it depends on no linux-image-*-cloud-{arch} package")));
+                return apt::kernel_package_from_depends(&text, arch).ok_or_else(|| {
+                    invalid(
+                        &meta,
+                        format!("it depends on no linux-image-*-cloud-{arch} package"),
+                    )
+                });
             }
-            Err(ToolError::Failed { ref stderr_tail, .. }) if apt::looks_like_missing_lists(stderr_tail) => {
+            Err(ToolError::Failed {
+                ref stderr_tail, ..
+            }) if apt::looks_like_missing_lists(stderr_tail) => {
                 if lists_present() {
                     return Err(InstallError::PackageUnavailable { package: meta });
                 }
@@ -115,7 +147,12 @@ fn resolve_package(arch: &str, progress: ProgressMode, apt_updated: &mut bool) -
                 apt_update(progress)?;
                 *apt_updated = true;
             }
-            Err(source) => return Err(InstallError::FetchFailed { what: format!("ask apt about {meta}"), source }),
+            Err(source) => {
+                return Err(InstallError::FetchFailed {
+                    what: format!("ask apt about {meta}"),
+                    source,
+                })
+            }
         }
     }
 }
@@ -128,19 +165,28 @@ fn lists_present() -> bool {
         .and_then(|c| tool::run(tool::command(c).args(["shell", "D", "Dir::State::lists/d"])).ok())
         .and_then(|o| {
             let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            s.strip_prefix("D='").and_then(|r| r.strip_suffix('\'')).map(PathBuf::from)
+            s.strip_prefix("D='")
+                .and_then(|r| r.strip_suffix('\''))
+                .map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from("/var/lib/apt/lists"));
     fs::read_dir(dir)
-        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().contains("_Packages")))
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
         .unwrap_or(false)
 }
 
 fn apt_update(progress: ProgressMode) -> Result<(), InstallError> {
     let apt_get = need(tool::APT_GET)?;
     let step = progress.step("Updating apt's package lists (`apt-get update`)");
-    tool::run(tool::command(apt_get).args(["-q", "update"]))
-        .map_err(|source| InstallError::FetchFailed { what: "update apt's package lists".into(), source })?;
+    tool::run(tool::command(apt_get).args(["-q", "update"])).map_err(|source| {
+        InstallError::FetchFailed {
+            what: "update apt's package lists".into(),
+            source,
+        }
+    })?;
     step.done("Updated apt's package lists");
     Ok(())
 }
@@ -156,7 +202,10 @@ fn download(package: &str, into: &Path) -> Result<(), InstallError> {
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
     cmd.arg(package);
-    tool::run(&mut cmd).map_err(|source| InstallError::FetchFailed { what: format!("download {package}"), source })?;
+    tool::run(&mut cmd).map_err(|source| InstallError::FetchFailed {
+        what: format!("download {package}"),
+        source,
+    })?;
     Ok(())
 }
 
@@ -169,7 +218,10 @@ fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, InstallError> {
         .collect();
     match debs.as_slice() {
         [one] => Ok(one.clone()),
-        _ => Err(invalid(package, format!("apt-get download left {} .deb files", debs.len()))),
+        _ => Err(invalid(
+            package,
+            format!("apt-get download left {} .deb files", debs.len()),
+        )),
     }
 }
 
@@ -179,7 +231,9 @@ fn locate_modules(root: &Path, package: &str) -> Result<(String, PathBuf), Insta
     let expected = apt::kernel_release_from_package(package);
     let mut found = Vec::new();
     for base in ["lib/modules", "usr/lib/modules"] {
-        let Ok(rd) = fs::read_dir(root.join(base)) else { continue };
+        let Ok(rd) = fs::read_dir(root.join(base)) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 found.push((e.file_name().to_string_lossy().into_owned(), e.path()));
@@ -194,7 +248,10 @@ fn locate_modules(root: &Path, package: &str) -> Result<(String, PathBuf), Insta
     match found.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(invalid(package, "no lib/modules/<version> directory")),
-        _ => Err(invalid(package, "more than one lib/modules/<version> directory")),
+        _ => Err(invalid(
+            package,
+            "more than one lib/modules/<version> directory",
+        )),
     }
 }
 
@@ -205,7 +262,8 @@ mod tests {
     #[test]
     fn locates_modules_in_either_layout() {
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::create_dir_all(dir.path().join("usr/lib/modules/6.12.1-cloud-amd64/kernel")).expect("mkdir");
+        fs::create_dir_all(dir.path().join("usr/lib/modules/6.12.1-cloud-amd64/kernel"))
+            .expect("mkdir");
         let (v, p) = locate_modules(dir.path(), "linux-image-6.12.1-cloud-amd64").expect("found");
         assert_eq!(v, "6.12.1-cloud-amd64");
         assert!(p.ends_with("usr/lib/modules/6.12.1-cloud-amd64"));

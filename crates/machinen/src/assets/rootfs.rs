@@ -51,25 +51,35 @@ pub(super) fn build(
         );
     }
     if let Some(mm) = tool::MMDEBSTRAP.find() {
-        let step = progress.step(format!("Building the Debian {suite} base rootfs (mmdebstrap, minbase)"));
+        let step = progress.step(format!(
+            "Building the Debian {suite} base rootfs (mmdebstrap, minbase)"
+        ));
         with_mmdebstrap(&mm, dir, dest, suite, arch, &sources)?;
         step.done(format!("Built the Debian {suite} base rootfs"));
         return Ok(());
     }
     if tool::is_root() && tool::DEBOOTSTRAP.find().is_some() {
-        let step = progress.step(format!("Building the Debian {suite} base rootfs (debootstrap, minbase)"));
+        let step = progress.step(format!(
+            "Building the Debian {suite} base rootfs (debootstrap, minbase)"
+        ));
         with_debootstrap(dir, dest, suite, arch, &sources)?;
         step.done(format!("Built the Debian {suite} base rootfs"));
         return Ok(());
     }
-    Err(InstallError::ToolMissing { tool: tool::MMDEBSTRAP.name, package: tool::MMDEBSTRAP.package })
+    Err(InstallError::ToolMissing {
+        tool: tool::MMDEBSTRAP.name,
+        package: tool::MMDEBSTRAP.package,
+    })
 }
 
 /// A scratch tarball name next to `dest` that still ends in `.tar.gz`
 /// (mmdebstrap picks the output format from the extension).
 fn scratch_tarball(dir: &Path) -> PathBuf {
     let nonce: u32 = rand::random();
-    dir.join(format!(".rootfs-build-{}-{nonce:08x}.tar.gz", std::process::id()))
+    dir.join(format!(
+        ".rootfs-build-{}-{nonce:08x}.tar.gz",
+        std::process::id()
+    ))
 }
 
 /// Removes a scratch file unless it was moved into place.
@@ -91,7 +101,9 @@ fn with_mmdebstrap(
 ) -> Result<(), InstallError> {
     let tmp = Scratch(scratch_tarball(dir));
     let mut cmd = tool::command(mm);
-    cmd.arg("--variant=minbase").arg(format!("--architectures={arch}")).arg(format!("--include={INCLUDE}"));
+    cmd.arg("--variant=minbase")
+        .arg(format!("--architectures={arch}"))
+        .arg(format!("--include={INCLUDE}"));
     for f in DPKG_FILTERS {
         cmd.arg(format!("--dpkgopt={f}"));
     }
@@ -102,7 +114,10 @@ fn with_mmdebstrap(
     for s in sources {
         cmd.arg(s.one_line());
     }
-    tool::run(&mut cmd).map_err(|source| InstallError::RootfsFailed { suite: suite.to_string(), source })?;
+    tool::run(&mut cmd).map_err(|source| InstallError::RootfsFailed {
+        suite: suite.to_string(),
+        source,
+    })?;
     check_output(&tmp.0)?;
     fsutil::persist(&tmp.0, dest).map_err(io_err("store", dest))?;
     Ok(())
@@ -111,7 +126,9 @@ fn with_mmdebstrap(
 /// The host's apt proxy settings, so that mmdebstrap's private apt goes
 /// out the same way the host's does.
 fn host_proxy_options() -> Vec<String> {
-    let Some(apt_config) = tool::APT_CONFIG.find() else { return Vec::new() };
+    let Some(apt_config) = tool::APT_CONFIG.find() else {
+        return Vec::new();
+    };
     match tool::run(tool::command(apt_config).arg("dump")) {
         Ok(out) => apt::proxy_options(&String::from_utf8_lossy(&out.stdout)),
         Err(e) => {
@@ -122,7 +139,9 @@ fn host_proxy_options() -> Vec<String> {
 }
 
 fn check_output(tarball: &Path) -> Result<(), InstallError> {
-    let len = fs::metadata(tarball).map_err(io_err("read", tarball))?.len();
+    let len = fs::metadata(tarball)
+        .map_err(io_err("read", tarball))?
+        .len();
     if len == 0 {
         return Err(InstallError::Io {
             action: "build",
@@ -149,17 +168,26 @@ fn with_debootstrap(
     let root = work.path().join("root");
 
     let mut cmd = tool::command(debootstrap);
-    cmd.arg("--variant=minbase").arg(format!("--arch={arch}")).arg(format!("--include={INCLUDE}"));
+    cmd.arg("--variant=minbase")
+        .arg(format!("--arch={arch}"))
+        .arg(format!("--include={INCLUDE}"));
     // debootstrap takes one mirror: the host's entry for the suite itself.
     let main = sources.iter().find(|s| s.suite == suite);
-    if let Some(keyring) = main.and_then(|s| s.options.split_whitespace().find_map(|o| o.strip_prefix("signed-by="))) {
+    if let Some(keyring) = main.and_then(|s| {
+        s.options
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("signed-by="))
+    }) {
         cmd.arg(format!("--keyring={keyring}"));
     }
     cmd.arg(suite).arg(&root);
     if let Some(s) = main {
         cmd.arg(&s.uri);
     }
-    tool::run(&mut cmd).map_err(|source| InstallError::RootfsFailed { suite: suite.to_string(), source })?;
+    tool::run(&mut cmd).map_err(|source| InstallError::RootfsFailed {
+        suite: suite.to_string(),
+        source,
+    })?;
 
     // What mmdebstrap's cleanup would have removed.
     for sub in ["var/cache/apt/archives", "var/lib/apt/lists"] {
@@ -171,19 +199,32 @@ fn with_debootstrap(
             }
         }
     }
-    for f in ["var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"] {
+    for f in [
+        "var/cache/apt/pkgcache.bin",
+        "var/cache/apt/srcpkgcache.bin",
+    ] {
         let _ = fs::remove_file(root.join(f));
     }
 
     let tmp = Scratch(scratch_tarball(dir));
     let mut pack = tool::command(tar);
-    pack.args(["--create", "--gzip", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name"])
-        .arg("--file")
-        .arg(&tmp.0)
-        .arg("--directory")
-        .arg(&root)
-        .arg(".");
-    tool::run(&mut pack).map_err(|source| InstallError::RootfsFailed { suite: suite.to_string(), source })?;
+    pack.args([
+        "--create",
+        "--gzip",
+        "--numeric-owner",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--sort=name",
+    ])
+    .arg("--file")
+    .arg(&tmp.0)
+    .arg("--directory")
+    .arg(&root)
+    .arg(".");
+    tool::run(&mut pack).map_err(|source| InstallError::RootfsFailed {
+        suite: suite.to_string(),
+        source,
+    })?;
     check_output(&tmp.0)?;
     fsutil::persist(&tmp.0, dest).map_err(io_err("store", dest))?;
     Ok(())
@@ -203,15 +244,41 @@ mod tests {
         let suite = apt::host_suite();
         let sources = apt::host_sources(Path::new("/etc/apt"), &suite);
         let t = std::time::Instant::now();
-        with_debootstrap(dir.path(), &dest, &suite, crate::paths::debian_arch(), &sources).expect("debootstrap");
+        with_debootstrap(
+            dir.path(),
+            &dest,
+            &suite,
+            crate::paths::debian_arch(),
+            &sources,
+        )
+        .expect("debootstrap");
         let size = fs::metadata(&dest).expect("stat").len();
-        println!("debootstrap rootfs: {size} bytes in {} ms", t.elapsed().as_millis());
+        println!(
+            "debootstrap rootfs: {size} bytes in {} ms",
+            t.elapsed().as_millis()
+        );
         let listing = tool::run(tool::command("tar").arg("-tzf").arg(&dest)).expect("list");
         let listing = String::from_utf8_lossy(&listing.stdout);
-        assert!(listing.lines().any(|l| l == "./usr/bin/bash"), "bash in the rootfs");
-        assert!(listing.lines().any(|l| l.starts_with("./etc/ssl/certs/")), "ca-certificates in the rootfs");
-        assert!(!listing.lines().any(|l| l.starts_with("./var/cache/apt/archives/") && l.ends_with(".deb")));
-        let names: Vec<_> = fs::read_dir(dir.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("rootfs.tar.gz")], "no scratch left");
+        assert!(
+            listing.lines().any(|l| l == "./usr/bin/bash"),
+            "bash in the rootfs"
+        );
+        assert!(
+            listing.lines().any(|l| l.starts_with("./etc/ssl/certs/")),
+            "ca-certificates in the rootfs"
+        );
+        assert!(!listing
+            .lines()
+            .any(|l| l.starts_with("./var/cache/apt/archives/") && l.ends_with(".deb")));
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("rootfs.tar.gz")],
+            "no scratch left"
+        );
     }
 }

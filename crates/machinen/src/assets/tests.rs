@@ -41,7 +41,10 @@ fn resolve_says_what_is_missing() {
 
     // Files without a marker: an interrupted install.
     fs::write(paths.assets.join(ROOTFS), b"r").expect("rootfs");
-    assert!(matches!(resolve(&paths), Err(InstallError::KernelNotFound { .. })));
+    assert!(matches!(
+        resolve(&paths),
+        Err(InstallError::KernelNotFound { .. })
+    ));
 }
 
 #[test]
@@ -55,17 +58,33 @@ fn resolve_and_install_use_the_marker() {
     assert_eq!(a.modules_root, paths.assets.join("modules"));
     assert_eq!(a.rootfs, paths.assets.join("rootfs.tar.gz"));
 
-    let r = install(&paths, &InstallOptions { force: false, progress: ProgressMode::Quiet }).expect("no-op install");
+    let r = install(
+        &paths,
+        &InstallOptions {
+            force: false,
+            progress: ProgressMode::Quiet,
+        },
+    )
+    .expect("no-op install");
     assert!(r.already_installed);
     assert_eq!(r.rootfs_sha256, marker.rootfs_sha256);
     assert_eq!(r.kernel_package, marker.kernel_package);
     assert!(r.elapsed_ms < 1000);
     let json = serde_json::to_value(&r).expect("json");
     assert_eq!(json["already_installed"], true);
-    assert_eq!(json["assets"]["kernel_version"], marker.kernel_version.as_str());
+    assert_eq!(
+        json["assets"]["kernel_version"],
+        marker.kernel_version.as_str()
+    );
 
     // A module tree gone missing makes the install incomplete.
-    fs::remove_file(a.modules_root.join("lib/modules").join(&a.kernel_version).join("modules.dep")).expect("rm");
+    fs::remove_file(
+        a.modules_root
+            .join("lib/modules")
+            .join(&a.kernel_version)
+            .join("modules.dep"),
+    )
+    .expect("rm");
     assert!(resolve(&paths).is_err());
 }
 
@@ -74,7 +93,10 @@ fn other_layouts_and_broken_markers() {
     let root = tempfile::tempdir().expect("tempdir");
     let paths = Paths::rooted(root.path());
     fake_install(&paths.assets, ASSETS_LAYOUT + 1);
-    assert!(matches!(resolve(&paths), Err(InstallError::KernelNotFound { .. })));
+    assert!(matches!(
+        resolve(&paths),
+        Err(InstallError::KernelNotFound { .. })
+    ));
 
     fs::write(paths.assets.join(MARKER), b"{\"layout\": ").expect("write");
     let err = resolve(&paths).expect_err("broken marker");
@@ -87,10 +109,18 @@ fn other_layouts_and_broken_markers() {
 
 #[test]
 fn errors_name_packages_and_keep_causes() {
-    let e = InstallError::ToolMissing { tool: "mkfs.ext4", package: "e2fsprogs" };
+    let e = InstallError::ToolMissing {
+        tool: "mkfs.ext4",
+        package: "e2fsprogs",
+    };
     assert_eq!(e.code(), ErrorCode::InstallToolMissing);
-    assert_eq!(e.hint().as_deref(), Some("install it: `apt-get install e2fsprogs`"));
-    let e = InstallError::AptListsMissing { package: "linux-image-cloud-amd64".into() };
+    assert_eq!(
+        e.hint().as_deref(),
+        Some("install it: `apt-get install e2fsprogs`")
+    );
+    let e = InstallError::AptListsMissing {
+        package: "linux-image-cloud-amd64".into(),
+    };
     assert_eq!(e.code(), ErrorCode::InstallFetchFailed);
     assert!(e.hint().is_some_and(|h| h.contains("apt-get update")));
     let lib: crate::Error = e.into();
@@ -107,7 +137,14 @@ fn errors_name_packages_and_keep_causes() {
 fn real_install() {
     let paths = Paths::from_env().expect("paths");
     let force = std::env::var_os("MACHINEN_FORCE_INSTALL").is_some();
-    let r = install(&paths, &InstallOptions { force, progress: ProgressMode::Auto }).unwrap_or_else(|e| {
+    let r = install(
+        &paths,
+        &InstallOptions {
+            force,
+            progress: ProgressMode::Auto,
+        },
+    )
+    .unwrap_or_else(|e| {
         let e: crate::Error = e.into();
         panic!("{}", e.to_json())
     });
@@ -122,7 +159,8 @@ fn real_install() {
 
     for what in ["first", "second"] {
         let t = Instant::now();
-        let img = crate::image::ensure_rootfs_image(&paths, &assets.rootfs, ProgressMode::Auto).expect("image");
+        let img = crate::image::ensure_rootfs_image(&paths, &assets.rootfs, ProgressMode::Auto)
+            .expect("image");
         let used = {
             use std::os::unix::fs::MetadataExt;
             fs::metadata(&img.path).expect("stat").blocks() * 512
@@ -136,7 +174,9 @@ fn real_install() {
         );
     }
 
-    let agent = std::env::var_os("MACHINEN_TEST_AGENT").map(PathBuf::from).unwrap_or_else(|| "/sbin/ldconfig".into());
+    let agent = std::env::var_os("MACHINEN_TEST_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/sbin/ldconfig".into());
     let t = Instant::now();
     let cpio = crate::initramfs::ensure_initramfs(&paths, &assets, &agent).expect("initramfs");
     println!(
@@ -145,12 +185,24 @@ fn real_install() {
         fs::metadata(&cpio).expect("stat").len(),
         t.elapsed().as_millis()
     );
-    if let Some(cpio_tool) = (Tool { name: "cpio", package: "cpio" }).find() {
-        let out =
-            std::process::Command::new(cpio_tool).args(["-itv", "--quiet", "-F"]).arg(&cpio).output().expect("cpio");
+    if let Some(cpio_tool) = (Tool {
+        name: "cpio",
+        package: "cpio",
+    })
+    .find()
+    {
+        let out = std::process::Command::new(cpio_tool)
+            .args(["-itv", "--quiet", "-F"])
+            .arg(&cpio)
+            .output()
+            .expect("cpio");
         let listing = String::from_utf8_lossy(&out.stdout);
         println!("{listing}");
-        assert!(listing.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")));
-        assert!(listing.lines().any(|l| l.ends_with("etc/machinen/modules.load")));
+        assert!(listing
+            .lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")));
+        assert!(listing
+            .lines()
+            .any(|l| l.ends_with("etc/machinen/modules.load")));
     }
 }

@@ -19,17 +19,50 @@ pub(crate) struct Tool {
     pub package: &'static str,
 }
 
-pub(crate) const APT_GET: Tool = Tool { name: "apt-get", package: "apt" };
-pub(crate) const APT_CACHE: Tool = Tool { name: "apt-cache", package: "apt" };
-pub(crate) const APT_CONFIG: Tool = Tool { name: "apt-config", package: "apt" };
-pub(crate) const DPKG_DEB: Tool = Tool { name: "dpkg-deb", package: "dpkg" };
-pub(crate) const MMDEBSTRAP: Tool = Tool { name: "mmdebstrap", package: "mmdebstrap" };
-pub(crate) const DEBOOTSTRAP: Tool = Tool { name: "debootstrap", package: "debootstrap" };
-pub(crate) const TAR: Tool = Tool { name: "tar", package: "tar" };
-pub(crate) const GZIP: Tool = Tool { name: "gzip", package: "gzip" };
-pub(crate) const MKFS_EXT4: Tool = Tool { name: "mkfs.ext4", package: "e2fsprogs" };
-pub(crate) const QEMU_IMG: Tool = Tool { name: "qemu-img", package: "qemu-utils" };
-pub(crate) const FAKEROOT: Tool = Tool { name: "fakeroot", package: "fakeroot" };
+pub(crate) const APT_GET: Tool = Tool {
+    name: "apt-get",
+    package: "apt",
+};
+pub(crate) const APT_CACHE: Tool = Tool {
+    name: "apt-cache",
+    package: "apt",
+};
+pub(crate) const APT_CONFIG: Tool = Tool {
+    name: "apt-config",
+    package: "apt",
+};
+pub(crate) const DPKG_DEB: Tool = Tool {
+    name: "dpkg-deb",
+    package: "dpkg",
+};
+pub(crate) const MMDEBSTRAP: Tool = Tool {
+    name: "mmdebstrap",
+    package: "mmdebstrap",
+};
+pub(crate) const DEBOOTSTRAP: Tool = Tool {
+    name: "debootstrap",
+    package: "debootstrap",
+};
+pub(crate) const TAR: Tool = Tool {
+    name: "tar",
+    package: "tar",
+};
+pub(crate) const GZIP: Tool = Tool {
+    name: "gzip",
+    package: "gzip",
+};
+pub(crate) const MKFS_EXT4: Tool = Tool {
+    name: "mkfs.ext4",
+    package: "e2fsprogs",
+};
+pub(crate) const QEMU_IMG: Tool = Tool {
+    name: "qemu-img",
+    package: "qemu-utils",
+};
+pub(crate) const FAKEROOT: Tool = Tool {
+    name: "fakeroot",
+    package: "fakeroot",
+};
 
 impl Tool {
     /// The tool's absolute path, or `None` when it is not installed.
@@ -38,14 +71,20 @@ impl Tool {
     /// `debootstrap` live there and a non-root user's `PATH` often lacks them.
     pub fn find(self) -> Option<PathBuf> {
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let extra = ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from);
-        std::env::split_paths(&path).chain(extra).map(|dir| dir.join(self.name)).find(|p| is_executable(p))
+        let extra =
+            ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from);
+        std::env::split_paths(&path)
+            .chain(extra)
+            .map(|dir| dir.join(self.name))
+            .find(|p| is_executable(p))
     }
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// A tool that could not be started or did not succeed.
@@ -58,7 +97,11 @@ pub enum ToolError {
         source: io::Error,
     },
     #[error("`{command}` {status}{}", tail_suffix(stderr_tail))]
-    Failed { command: String, status: ExitStatus, stderr_tail: String },
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr_tail: String,
+    },
 }
 
 fn tail_suffix(tail: &str) -> String {
@@ -113,9 +156,16 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output, ToolError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|source| ToolError::Spawn { command: command.clone(), source })?;
+        .map_err(|source| ToolError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(ToolError::Failed { command, status: out.status, stderr_tail: stderr_tail(&out.stderr) });
+        return Err(ToolError::Failed {
+            command,
+            status: out.status,
+            stderr_tail: stderr_tail(&out.stderr),
+        });
     }
     if !out.stderr.is_empty() {
         tracing::debug!(%command, stderr = %stderr_tail(&out.stderr), "tool said");
@@ -143,14 +193,25 @@ mod tests {
 
     #[test]
     fn finds_sh_and_not_nonsense() {
-        assert!(Tool { name: "sh", package: "dash" }.find().is_some());
-        assert!(Tool { name: "no-such-tool-machinen", package: "x" }.find().is_none());
+        assert!(Tool {
+            name: "sh",
+            package: "dash"
+        }
+        .find()
+        .is_some());
+        assert!(Tool {
+            name: "no-such-tool-machinen",
+            package: "x"
+        }
+        .find()
+        .is_none());
     }
 
     #[test]
     fn failed_run_keeps_stderr_tail() {
-        let err = run(command("sh").args(["-c", "echo first >&2; echo 'the real reason' >&2; exit 3"]))
-            .expect_err("must fail");
+        let err =
+            run(command("sh").args(["-c", "echo first >&2; echo 'the real reason' >&2; exit 3"]))
+                .expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.starts_with("`sh -c"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");

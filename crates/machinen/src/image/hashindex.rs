@@ -44,24 +44,42 @@ fn identity(canonical: &Path, m: &fs::Metadata) -> Identity {
         ino: m.ino(),
         size: m.size(),
         // i64 nanoseconds last until 2262.
-        mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-        ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+        mtime_ns: m
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.mtime_nsec()),
+        ctime_ns: m
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.ctime_nsec()),
     }
 }
 
 /// The sha256 of `tarball`'s content, from the index when its identity is
 /// unchanged, else by hashing it (and then remembering the answer).
-pub(super) fn content_sha256(index_dir: &Path, tarball: &Path, progress: ProgressMode) -> Result<String, ImageError> {
-    let unreadable = |source| ImageError::Unreadable { path: tarball.to_path_buf(), source };
+pub(super) fn content_sha256(
+    index_dir: &Path,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<String, ImageError> {
+    let unreadable = |source| ImageError::Unreadable {
+        path: tarball.to_path_buf(),
+        source,
+    };
     let canonical = fs::canonicalize(tarball).map_err(unreadable)?;
     let before = identity(&canonical, &fs::metadata(&canonical).map_err(unreadable)?);
-    let entry_path = index_dir.join(format!("{}.json", hex::encode(Sha256::digest(before.path.as_bytes()))));
+    let entry_path = index_dir.join(format!(
+        "{}.json",
+        hex::encode(Sha256::digest(before.path.as_bytes()))
+    ));
 
     if let Ok(bytes) = fs::read(&entry_path) {
         match serde_json::from_slice::<IndexEntry>(&bytes) {
             Ok(e) if e.id == before && e.sha256.len() == 64 => return Ok(e.sha256),
             Ok(_) => {}
-            Err(e) => tracing::debug!(path = %entry_path.display(), error = %e, "ignoring unreadable hash index entry"),
+            Err(e) => {
+                tracing::debug!(path = %entry_path.display(), error = %e, "ignoring unreadable hash index entry")
+            }
         }
     }
 
@@ -73,7 +91,10 @@ pub(super) fn content_sha256(index_dir: &Path, tarball: &Path, progress: Progres
     // failure to remember costs a re-hash next time, nothing more.
     let after = fs::metadata(&canonical).map(|m| identity(&canonical, &m));
     if after.as_ref().ok() == Some(&before) {
-        let entry = IndexEntry { id: before, sha256: sha256.clone() };
+        let entry = IndexEntry {
+            id: before,
+            sha256: sha256.clone(),
+        };
         let saved = fs::create_dir_all(index_dir).and_then(|()| {
             let json = serde_json::to_vec_pretty(&entry).map_err(std::io::Error::other)?;
             fsutil::write_atomic(&entry_path, &json)
@@ -96,16 +117,28 @@ mod tests {
         let f = dir.path().join("a.tar");
         fs::write(&f, b"abc").expect("write");
         let h1 = content_sha256(&index, &f, ProgressMode::Quiet).expect("hash");
-        assert_eq!(h1, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h1,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(fs::read_dir(&index).expect("ls").count(), 1);
 
         // A stale-looking but matching entry is trusted: prove it by
         // planting a different hash for the same identity.
-        let entry = fs::read_dir(&index).expect("ls").next().expect("one").expect("entry").path();
-        let mut e: IndexEntry = serde_json::from_slice(&fs::read(&entry).expect("read")).expect("json");
+        let entry = fs::read_dir(&index)
+            .expect("ls")
+            .next()
+            .expect("one")
+            .expect("entry")
+            .path();
+        let mut e: IndexEntry =
+            serde_json::from_slice(&fs::read(&entry).expect("read")).expect("json");
         e.sha256 = "0".repeat(64);
         fs::write(&entry, serde_json::to_vec(&e).expect("json")).expect("write");
-        assert_eq!(content_sha256(&index, &f, ProgressMode::Quiet).expect("hash"), "0".repeat(64));
+        assert_eq!(
+            content_sha256(&index, &f, ProgressMode::Quiet).expect("hash"),
+            "0".repeat(64)
+        );
 
         // Any change of the file's identity means hashing again.
         fs::write(&f, b"abd").expect("rewrite");
@@ -115,6 +148,9 @@ mod tests {
 
         // Garbage in the index is ignored, not an error.
         fs::write(&entry, b"{not json").expect("write");
-        assert_eq!(content_sha256(&index, &f, ProgressMode::Quiet).expect("hash"), h2);
+        assert_eq!(
+            content_sha256(&index, &f, ProgressMode::Quiet).expect("hash"),
+            h2
+        );
     }
 }

@@ -13,39 +13,89 @@ fn tiny_rootfs_tar_gz(path: &Path) {
     let f = fs::File::create(path).expect("create");
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut b = tar::Builder::new(gz);
-    let mut add = |name: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_mtime(1_700_000_000);
-        h.set_size(data.len() as u64);
-        if let Some(l) = link {
-            h.set_link_name(l).expect("link name");
-        }
-        h.set_path(name).expect("path");
-        h.set_cksum();
-        b.append(&h, data).expect("append");
-    };
+    let mut add =
+        |name: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link name");
+            }
+            h.set_path(name).expect("path");
+            h.set_cksum();
+            b.append(&h, data).expect("append");
+        };
     add("./", tar::EntryType::Directory, 0o755, 0, b"", None);
     add("./etc/", tar::EntryType::Directory, 0o755, 0, b"", None);
-    add("./etc/hostname", tar::EntryType::Regular, 0o644, 0, b"tiny\n", None);
+    add(
+        "./etc/hostname",
+        tar::EntryType::Regular,
+        0o644,
+        0,
+        b"tiny\n",
+        None,
+    );
     add("./home/", tar::EntryType::Directory, 0o755, 0, b"", None);
-    add("./home/user/", tar::EntryType::Directory, 0o700, 1000, b"", None);
-    add("./home/user/notes.txt", tar::EntryType::Regular, 0o600, 1000, b"owned by 1000\n", None);
+    add(
+        "./home/user/",
+        tar::EntryType::Directory,
+        0o700,
+        1000,
+        b"",
+        None,
+    );
+    add(
+        "./home/user/notes.txt",
+        tar::EntryType::Regular,
+        0o600,
+        1000,
+        b"owned by 1000\n",
+        None,
+    );
     add("./bin/", tar::EntryType::Directory, 0o755, 0, b"", None);
-    add("./bin/hello", tar::EntryType::Regular, 0o755, 0, b"#!/bin/sh\necho hello\n", None);
-    add("./bin/hi", tar::EntryType::Symlink, 0o777, 0, b"", Some("hello"));
+    add(
+        "./bin/hello",
+        tar::EntryType::Regular,
+        0o755,
+        0,
+        b"#!/bin/sh\necho hello\n",
+        None,
+    );
+    add(
+        "./bin/hi",
+        tar::EntryType::Symlink,
+        0o777,
+        0,
+        b"",
+        Some("hello"),
+    );
     add("./proc/", tar::EntryType::Directory, 0o555, 0, b"", None);
     b.into_inner().expect("tar").finish().expect("gz");
 }
 
 /// `debugfs -R <request> <image>`'s output.
 fn debugfs(image: &Path, request: &str) -> String {
-    let debugfs = Tool { name: "debugfs", package: "e2fsprogs" }.find().expect("debugfs (e2fsprogs) is installed");
-    let out = Command::new(debugfs).arg("-R").arg(request).arg(image).output().expect("run debugfs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let debugfs = Tool {
+        name: "debugfs",
+        package: "e2fsprogs",
+    }
+    .find()
+    .expect("debugfs (e2fsprogs) is installed");
+    let out = Command::new(debugfs)
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -58,11 +108,21 @@ fn tarball_becomes_cached_ext4_image_and_overlay() {
 
     let img = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("build image");
     assert!(img.built);
-    assert_eq!(img.path, paths.cache.join("images").join(format!("{}.ext4", img.sha256)));
+    assert_eq!(
+        img.path,
+        paths
+            .cache
+            .join("images")
+            .join(format!("{}.ext4", img.sha256))
+    );
     assert_eq!(img.size, 2 * GIB);
     let meta = fs::metadata(&img.path).expect("stat image");
     assert_eq!(meta.permissions().mode() & 0o777, 0o444);
-    assert!(meta.blocks() * 512 < 64 * MIB, "image should be sparse, uses {} bytes", meta.blocks() * 512);
+    assert!(
+        meta.blocks() * 512 < 64 * MIB,
+        "image should be sparse, uses {} bytes",
+        meta.blocks() * 512
+    );
 
     let notes = debugfs(&img.path, "stat /home/user/notes.txt");
     assert!(notes.contains("User:  1000"), "{notes}");
@@ -71,9 +131,15 @@ fn tarball_becomes_cached_ext4_image_and_overlay() {
     assert!(link.contains("Type: symlink"), "{link}");
     assert!(link.contains("Fast link dest: \"hello\""), "{link}");
     let root = debugfs(&img.path, "stat /");
-    assert!(root.contains("User:     0") && root.contains("Mode:  0755"), "{root}");
+    assert!(
+        root.contains("User:     0") && root.contains("Mode:  0755"),
+        "{root}"
+    );
     let stats = debugfs(&img.path, "stats");
-    assert!(stats.contains(&format!("Filesystem volume name:   {ROOT_LABEL}")), "{stats}");
+    assert!(
+        stats.contains(&format!("Filesystem volume name:   {ROOT_LABEL}")),
+        "{stats}"
+    );
     assert!(stats.contains("Reserved block count:     0"), "{stats}");
 
     // Second boot: same image, untouched, not rebuilt.
@@ -81,7 +147,13 @@ fn tarball_becomes_cached_ext4_image_and_overlay() {
     let again = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("cached image");
     assert!(!again.built);
     assert_eq!(again.path, img.path);
-    assert_eq!(fs::metadata(&img.path).expect("stat").modified().expect("mtime"), mtime);
+    assert_eq!(
+        fs::metadata(&img.path)
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        mtime
+    );
 
     // No scratch left behind next to the cache.
     let leftovers: Vec<_> = fs::read_dir(paths.cache.join("images"))
@@ -95,12 +167,25 @@ fn tarball_becomes_cached_ext4_image_and_overlay() {
     let overlay = dir.path().join("vm").join("disk.qcow2");
     fs::create_dir_all(overlay.parent().expect("parent")).expect("mkdir");
     create_overlay(&img.path, &overlay).expect("overlay");
-    let qemu_img = tool::QEMU_IMG.find().expect("qemu-img (qemu-utils) is installed");
-    let out = Command::new(qemu_img).args(["info", "--output=json"]).arg(&overlay).output().expect("qemu-img info");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let qemu_img = tool::QEMU_IMG
+        .find()
+        .expect("qemu-img (qemu-utils) is installed");
+    let out = Command::new(qemu_img)
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(info["format"], "qcow2");
-    assert_eq!(info["backing-filename"], img.path.to_string_lossy().as_ref());
+    assert_eq!(
+        info["backing-filename"],
+        img.path.to_string_lossy().as_ref()
+    );
     assert_eq!(info["backing-filename-format"], "raw");
     assert_eq!(info["virtual-size"], 2 * GIB);
 }
@@ -136,38 +221,67 @@ fn bad_tarballs_are_invalid_images() {
         }
         let err = ensure_rootfs_image(&paths, &p, ProgressMode::Quiet).expect_err(name);
         assert_eq!(err.code(), ErrorCode::BootImageInvalid, "{name}: {err}");
-        assert!(err.to_string().contains(&p.display().to_string()), "{name}: {err}");
+        assert!(
+            err.to_string().contains(&p.display().to_string()),
+            "{name}: {err}"
+        );
         assert!(err.hint().is_some());
         err
     };
-    assert!(matches!(check("missing.tar.gz", None), ImageError::NotFound { .. }));
-    assert!(matches!(check("empty.tar", Some(b"")), ImageError::Empty { .. }));
-    assert!(matches!(check("zeros.tar", Some(&[0u8; 1024])), ImageError::Empty { .. }));
     assert!(matches!(
-        check("text.tar.gz", Some(&b"hello, not a tarball at all\n".repeat(40))),
+        check("missing.tar.gz", None),
+        ImageError::NotFound { .. }
+    ));
+    assert!(matches!(
+        check("empty.tar", Some(b"")),
+        ImageError::Empty { .. }
+    ));
+    assert!(matches!(
+        check("zeros.tar", Some(&[0u8; 1024])),
+        ImageError::Empty { .. }
+    ));
+    assert!(matches!(
+        check(
+            "text.tar.gz",
+            Some(&b"hello, not a tarball at all\n".repeat(40))
+        ),
         ImageError::NotATarball { .. }
     ));
-    assert!(matches!(check("x.tar.xz", Some(b"\xfd7zXZ\x00rest")), ImageError::NotATarball { .. }));
+    assert!(matches!(
+        check("x.tar.xz", Some(b"\xfd7zXZ\x00rest")),
+        ImageError::NotATarball { .. }
+    ));
 
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&b"just text in a gzip stream\n".repeat(40)).expect("gz");
+    gz.write_all(&b"just text in a gzip stream\n".repeat(40))
+        .expect("gz");
     let gz = gz.finish().expect("gz");
-    assert!(matches!(check("textgz.tar.gz", Some(&gz)), ImageError::NotATarball { .. }));
+    assert!(matches!(
+        check("textgz.tar.gz", Some(&gz)),
+        ImageError::NotATarball { .. }
+    ));
 
     let good = dir.path().join("good.tar.gz");
     tiny_rootfs_tar_gz(&good);
     let mut bytes = fs::read(&good).expect("read");
     bytes.truncate(bytes.len() * 2 / 3);
-    assert!(matches!(check("truncated.tar.gz", Some(&bytes)), ImageError::Corrupt { .. }));
+    assert!(matches!(
+        check("truncated.tar.gz", Some(&bytes)),
+        ImageError::Corrupt { .. }
+    ));
     // A failed build leaves no image and no scratch.
     let images = paths.cache.join("images");
     let names: Vec<_> = fs::read_dir(&images)
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.iter().all(|n| n.ends_with(".lock") || n == "hashes"), "{names:?}");
+    assert!(
+        names.iter().all(|n| n.ends_with(".lock") || n == "hashes"),
+        "{names:?}"
+    );
 
-    let err = create_overlay(&dir.path().join("nope.ext4"), &dir.path().join("o.qcow2")).expect_err("no base");
+    let err = create_overlay(&dir.path().join("nope.ext4"), &dir.path().join("o.qcow2"))
+        .expect_err("no base");
     assert!(matches!(err, ImageError::NotFound { .. }));
 }
 
@@ -182,7 +296,11 @@ fn sizes_leave_room() {
 
 #[test]
 fn tar_corruption_messages() {
-    assert!(tar_says_corrupt("tar: Unexpected EOF in archive\ntar: Error is not recoverable"));
+    assert!(tar_says_corrupt(
+        "tar: Unexpected EOF in archive\ntar: Error is not recoverable"
+    ));
     assert!(tar_says_corrupt("gzip: stdin: unexpected end of file"));
-    assert!(!tar_says_corrupt("tar: ./x: Cannot open: No space left on device"));
+    assert!(!tar_says_corrupt(
+        "tar: ./x: Cannot open: No space left on device"
+    ));
 }

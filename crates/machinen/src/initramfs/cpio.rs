@@ -34,17 +34,26 @@ struct Header<'a> {
 impl<W: Write> CpioWriter<W> {
     pub fn new(w: W) -> CpioWriter<W> {
         // Inode 0 is avoided: some unpackers treat it as "no inode".
-        CpioWriter { w, next_ino: 1, offset: 0 }
+        CpioWriter {
+            w,
+            next_ino: 1,
+            offset: 0,
+        }
     }
 
     fn header(&mut self, h: Header<'_>) -> io::Result<()> {
         if h.name.is_empty() || h.name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cpio entry name {:?}", h.name)));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad cpio entry name {:?}", h.name),
+            ));
         }
         let ino = self.next_ino;
         self.next_ino += 1;
         let namesize = h.name.len() as u32 + 1;
-        let fields = [ino, h.mode, 0, 0, h.nlink, 0, h.size, 0, 0, h.rdev.0, h.rdev.1, namesize, 0];
+        let fields = [
+            ino, h.mode, 0, 0, h.nlink, 0, h.size, 0, 0, h.rdev.0, h.rdev.1, namesize, 0,
+        ];
         let mut buf = Vec::with_capacity(110 + h.name.len() + 4);
         buf.extend_from_slice(MAGIC);
         for f in fields {
@@ -71,30 +80,58 @@ impl<W: Write> CpioWriter<W> {
     }
 
     fn size_of(data: &[u8]) -> io::Result<u32> {
-        u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cpio newc entries are limited to 4 GiB"))
+        u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cpio newc entries are limited to 4 GiB",
+            )
+        })
     }
 
     /// A directory; `mode` holds the permission bits only.
     pub fn dir(&mut self, name: &str, mode: u32) -> io::Result<()> {
-        self.header(Header { name, mode: S_IFDIR | (mode & 0o7777), nlink: 2, size: 0, rdev: (0, 0) })
+        self.header(Header {
+            name,
+            mode: S_IFDIR | (mode & 0o7777),
+            nlink: 2,
+            size: 0,
+            rdev: (0, 0),
+        })
     }
 
     /// A regular file with the given content and permission bits.
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
         let size = Self::size_of(data)?;
-        self.header(Header { name, mode: S_IFREG | (mode & 0o7777), nlink: 1, size, rdev: (0, 0) })?;
+        self.header(Header {
+            name,
+            mode: S_IFREG | (mode & 0o7777),
+            nlink: 1,
+            size,
+            rdev: (0, 0),
+        })?;
         self.data(data)
     }
 
     /// A character device node.
     pub fn char_dev(&mut self, name: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-        self.header(Header { name, mode: S_IFCHR | (mode & 0o7777), nlink: 1, size: 0, rdev: (major, minor) })
+        self.header(Header {
+            name,
+            mode: S_IFCHR | (mode & 0o7777),
+            nlink: 1,
+            size: 0,
+            rdev: (major, minor),
+        })
     }
 
     /// Write the trailer and hand back the sink.
     pub fn finish(mut self) -> io::Result<W> {
-        self.header(Header { name: TRAILER, mode: 0, nlink: 1, size: 0, rdev: (0, 0) })?;
+        self.header(Header {
+            name: TRAILER,
+            mode: 0,
+            nlink: 1,
+            size: 0,
+            rdev: (0, 0),
+        })?;
         self.w.flush()?;
         Ok(self.w)
     }
@@ -126,7 +163,12 @@ pub(crate) fn parse(mut buf: &[u8]) -> Result<Vec<Entry>, String> {
             return Err("bad header".into());
         }
         let h = &buf[..110];
-        let (mode, uid, gid, size) = (field(h, 1)?, field(h, 2)?, field(h, 3)?, field(h, 6)? as usize);
+        let (mode, uid, gid, size) = (
+            field(h, 1)?,
+            field(h, 2)?,
+            field(h, 3)?,
+            field(h, 6)? as usize,
+        );
         let rdev = (field(h, 9)?, field(h, 10)?);
         let namesize = field(h, 11)? as usize;
         let name_end = 110 + namesize;
@@ -144,7 +186,14 @@ pub(crate) fn parse(mut buf: &[u8]) -> Result<Vec<Entry>, String> {
         if name == TRAILER {
             return Ok(out);
         }
-        out.push(Entry { name, mode, uid, gid, rdev, data });
+        out.push(Entry {
+            name,
+            mode,
+            uid,
+            gid,
+            rdev,
+            data,
+        });
     }
 }
 
@@ -156,7 +205,8 @@ mod tests {
         let mut w = CpioWriter::new(Vec::new());
         w.dir("dev", 0o755).expect("dir");
         w.char_dev("dev/console", 0o600, 5, 1).expect("dev");
-        w.file("init", 0o755, b"#!/bin/sh\necho hi\n").expect("file");
+        w.file("init", 0o755, b"#!/bin/sh\necho hi\n")
+            .expect("file");
         w.file("empty", 0o644, b"").expect("file");
         w.finish().expect("finish")
     }
@@ -191,7 +241,11 @@ mod tests {
     /// The OS's own cpio reads what we write (when installed).
     #[test]
     fn os_cpio_lists_it() {
-        let Some(cpio) = crate::assets::tool::Tool { name: "cpio", package: "cpio" }.find() else {
+        let Some(cpio) = crate::assets::tool::Tool {
+            name: "cpio",
+            package: "cpio",
+        }
+        .find() else {
             eprintln!("cpio not installed; skipped");
             return;
         };
@@ -204,13 +258,31 @@ mod tests {
             .env("LC_ALL", "C")
             .output()
             .expect("run cpio");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let listing = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = listing.lines().collect();
         assert_eq!(lines.len(), 4, "{listing}");
-        assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" dev"), "{listing}");
-        assert!(lines[1].starts_with("crw-------") && lines[1].contains("5,") && lines[1].ends_with(" dev/console"));
-        assert!(lines[2].starts_with("-rwxr-xr-x") && lines[2].contains(" 18 ") && lines[2].ends_with(" init"));
-        assert!(lines[3].starts_with("-rw-r--r--") && lines[3].ends_with(" empty"), "{listing}");
+        assert!(
+            lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" dev"),
+            "{listing}"
+        );
+        assert!(
+            lines[1].starts_with("crw-------")
+                && lines[1].contains("5,")
+                && lines[1].ends_with(" dev/console")
+        );
+        assert!(
+            lines[2].starts_with("-rwxr-xr-x")
+                && lines[2].contains(" 18 ")
+                && lines[2].ends_with(" init")
+        );
+        assert!(
+            lines[3].starts_with("-rw-r--r--") && lines[3].ends_with(" empty"),
+            "{listing}"
+        );
     }
 }

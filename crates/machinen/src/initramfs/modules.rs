@@ -16,7 +16,16 @@ use std::path::{Path, PathBuf};
 /// port, the network, the root filesystem and the RNG.
 /// `inet_diag`/`tcp_diag` let the agent find and reset inherited TCP
 /// connections after a fork (the guest has no modprobe to load them on demand).
-pub(crate) const WANTED: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "ext4", "virtio_rng", "inet_diag", "tcp_diag"];
+pub(crate) const WANTED: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "ext4",
+    "virtio_rng",
+    "inet_diag",
+    "tcp_diag",
+];
 
 /// Without these the guest cannot reach its disk or talk to the host.
 pub(crate) const REQUIRED: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "ext4"];
@@ -69,10 +78,13 @@ pub(crate) fn uncompressed_rel(rel: &str) -> &str {
 /// Read a module file, decompressing it if needed.
 pub(crate) fn read_module(path: &Path) -> io::Result<Vec<u8>> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let compression = module_file(name).map(|(_, c)| c).unwrap_or(Compression::None);
+    let compression = module_file(name)
+        .map(|(_, c)| c)
+        .unwrap_or(Compression::None);
     let raw = fs::read(path)?;
-    let bad =
-        |what: &str, e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"));
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
+    };
     match compression {
         Compression::None => Ok(raw),
         Compression::Gzip => {
@@ -82,13 +94,14 @@ pub(crate) fn read_module(path: &Path) -> io::Result<Vec<u8>> {
         }
         Compression::Xz => {
             let mut out = Vec::new();
-            lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out).map_err(|e| bad("bad xz data", &e))?;
+            lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out)
+                .map_err(|e| bad("bad xz data", &e))?;
             Ok(out)
         }
         Compression::Zstd => {
             let mut out = Vec::new();
-            let mut d =
-                ruzstd::decoding::StreamingDecoder::new(raw.as_slice()).map_err(|e| bad("bad zstd data", &e))?;
+            let mut d = ruzstd::decoding::StreamingDecoder::new(raw.as_slice())
+                .map_err(|e| bad("bad zstd data", &e))?;
             d.read_to_end(&mut out)?;
             Ok(out)
         }
@@ -187,7 +200,10 @@ pub(crate) fn generate_modules_dep(dir: &Path) -> io::Result<String> {
     for (i, rel) in files.iter().enumerate() {
         let data = read_module(&dir.join(rel))?;
         let info = modinfo(&data).unwrap_or_default();
-        let file_name = Path::new(rel).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = Path::new(rel)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let name = info
             .iter()
             .find(|(k, _)| k == "name")
@@ -264,21 +280,34 @@ pub(crate) fn resolve(
 ) -> Result<Vec<Module>, ResolveError> {
     let builtin: HashSet<String> = modules_builtin
         .lines()
-        .filter_map(|l| Path::new(l.trim()).file_name().and_then(|n| module_file(&n.to_string_lossy())))
+        .filter_map(|l| {
+            Path::new(l.trim())
+                .file_name()
+                .and_then(|n| module_file(&n.to_string_lossy()))
+        })
         .map(|(n, _)| n)
         .collect();
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in modules_dep.lines() {
-        let Some((rel, rest)) = line.split_once(':') else { continue };
+        let Some((rel, rest)) = line.split_once(':') else {
+            continue;
+        };
         let rel = rel.trim();
-        let Some((name, _)) = Path::new(rel).file_name().and_then(|n| module_file(&n.to_string_lossy())) else {
+        let Some((name, _)) = Path::new(rel)
+            .file_name()
+            .and_then(|n| module_file(&n.to_string_lossy()))
+        else {
             continue;
         };
         let ds = rest.split_whitespace().map(str::to_string).collect();
         deps.entry(name).or_insert((rel.to_string(), ds));
     }
-    let name_of =
-        |rel: &str| Path::new(rel).file_name().and_then(|n| module_file(&n.to_string_lossy())).map(|(n, _)| n);
+    let name_of = |rel: &str| {
+        Path::new(rel)
+            .file_name()
+            .and_then(|n| module_file(&n.to_string_lossy()))
+            .map(|(n, _)| n)
+    };
 
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -292,7 +321,9 @@ pub(crate) fn resolve(
         if !seen.insert(name.to_string()) {
             return;
         }
-        let Some((rel, ds)) = deps.get(name) else { return };
+        let Some((rel, ds)) = deps.get(name) else {
+            return;
+        };
         // depmod lists the module to load last first; walking the list
         // backwards and recursing gives dependencies-first either way.
         for d in ds.iter().rev() {
@@ -300,7 +331,10 @@ pub(crate) fn resolve(
                 visit(&dn, deps, name_of, seen, out);
             }
         }
-        out.push(Module { name: name.to_string(), rel: rel.clone() });
+        out.push(Module {
+            name: name.to_string(),
+            rel: rel.clone(),
+        });
     }
     for w in wanted {
         let w = normalize(w);
@@ -334,12 +368,29 @@ pub(crate) mod tests_support {
     /// virtio_mmio, and a gzip-compressed virtio_blk depending on `blk_deps`.
     pub(crate) fn put_virtio_core(dir: &std::path::Path, blk_deps: &str) {
         use std::io::Write;
-        put(dir, "kernel/drivers/virtio/virtio.ko", &fake_module("virtio", ""));
-        put(dir, "kernel/drivers/virtio/virtio_ring.ko", &fake_module("virtio_ring", ""));
-        put(dir, "kernel/drivers/virtio/virtio_mmio.ko", &fake_module("virtio_mmio", "virtio,virtio_ring"));
+        put(
+            dir,
+            "kernel/drivers/virtio/virtio.ko",
+            &fake_module("virtio", ""),
+        );
+        put(
+            dir,
+            "kernel/drivers/virtio/virtio_ring.ko",
+            &fake_module("virtio_ring", ""),
+        );
+        put(
+            dir,
+            "kernel/drivers/virtio/virtio_mmio.ko",
+            &fake_module("virtio_mmio", "virtio,virtio_ring"),
+        );
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&fake_module("virtio_blk", blk_deps)).expect("gz");
-        put(dir, "kernel/drivers/block/virtio_blk.ko.gz", &gz.finish().expect("gz"));
+        gz.write_all(&fake_module("virtio_blk", blk_deps))
+            .expect("gz");
+        put(
+            dir,
+            "kernel/drivers/block/virtio_blk.ko.gz",
+            &gz.finish().expect("gz"),
+        );
     }
 
     pub(crate) fn fake_module(name: &str, depends: &str) -> Vec<u8> {
@@ -424,8 +475,13 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/drivers/virtio/virtio
 
     #[test]
     fn builtins_are_skipped() {
-        let m = resolve(DEP, "kernel/fs/ext4/ext4.ko\nkernel/drivers/virtio/virtio.ko\n", WANTED, REQUIRED)
-            .expect("resolve");
+        let m = resolve(
+            DEP,
+            "kernel/fs/ext4/ext4.ko\nkernel/drivers/virtio/virtio.ko\n",
+            WANTED,
+            REQUIRED,
+        )
+        .expect("resolve");
         let n = names(&m);
         assert!(!n.contains(&"ext4") && !n.contains(&"jbd2"), "{n:?}");
         // A builtin that only appears as a dependency is still taken from
@@ -438,19 +494,32 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/drivers/virtio/virtio
     fn missing_optional_skipped_required_fails() {
         let no_rng = resolve(DEP, "", &["virtio_rng", "virtio_blk"], REQUIRED).expect("resolve");
         assert_eq!(names(&no_rng), ["virtio", "virtio_ring", "virtio_blk"]);
-        let dep = DEP.replace("kernel/drivers/char/virtio_console.ko.zst", "kernel/drivers/char/other.ko.zst");
-        assert_eq!(resolve(&dep, "", WANTED, REQUIRED), Err(ResolveError::RequiredMissing("virtio_console".into())));
+        let dep = DEP.replace(
+            "kernel/drivers/char/virtio_console.ko.zst",
+            "kernel/drivers/char/other.ko.zst",
+        );
+        assert_eq!(
+            resolve(&dep, "", WANTED, REQUIRED),
+            Err(ResolveError::RequiredMissing("virtio_console".into()))
+        );
     }
 
     #[test]
     fn dashes_and_compression_in_names() {
-        assert_eq!(module_file("crc32c-intel.ko.zst"), Some(("crc32c_intel".into(), Compression::Zstd)));
-        assert_eq!(module_file("x.ko.gz"), Some(("x".into(), Compression::Gzip)));
+        assert_eq!(
+            module_file("crc32c-intel.ko.zst"),
+            Some(("crc32c_intel".into(), Compression::Zstd))
+        );
+        assert_eq!(
+            module_file("x.ko.gz"),
+            Some(("x".into(), Compression::Gzip))
+        );
         assert_eq!(module_file("modules.dep"), None);
         assert_eq!(module_file(".ko"), None);
         assert_eq!(uncompressed_rel("kernel/a/b.ko.xz"), "kernel/a/b.ko");
         assert_eq!(uncompressed_rel("kernel/a/b.ko"), "kernel/a/b.ko");
-        let m = resolve("kernel/x/crc32c-intel.ko:\n", "", &["crc32c_intel"], &[]).expect("resolve");
+        let m =
+            resolve("kernel/x/crc32c-intel.ko:\n", "", &["crc32c_intel"], &[]).expect("resolve");
         assert_eq!(names(&m), ["crc32c_intel"]);
     }
 
@@ -470,23 +539,39 @@ kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/drivers/virtio/virtio
         let dir = tempfile::tempdir().expect("tempdir");
         let put = |rel: &str, data: &[u8]| tests_support::put(dir.path(), rel, data);
         tests_support::put_virtio_core(dir.path(), "virtio_ring,virtio");
-        put("kernel/drivers/char/virtio_console.ko", &fake_module("virtio_console", "virtio,virtio_ring"));
+        put(
+            "kernel/drivers/char/virtio_console.ko",
+            &fake_module("virtio_console", "virtio,virtio_ring"),
+        );
         put("kernel/fs/ext4/ext4.ko", &fake_module("ext4", "jbd2"));
         put("kernel/fs/jbd2/jbd2.ko", &fake_module("jbd2", "crc16"));
         put("kernel/lib/crc16.ko", &fake_module("crc16", ""));
         put("modules.order", b"kernel/fs/ext4/ext4.ko\n");
 
         let dep = generate_modules_dep(dir.path()).expect("depmod");
-        assert!(dep.contains("kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/lib/crc16.ko\n"), "{dep}");
-        assert!(dep.contains("kernel/drivers/block/virtio_blk.ko.gz: "), "{dep}");
+        assert!(
+            dep.contains("kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/lib/crc16.ko\n"),
+            "{dep}"
+        );
+        assert!(
+            dep.contains("kernel/drivers/block/virtio_blk.ko.gz: "),
+            "{dep}"
+        );
         assert_eq!(dep.lines().count(), 8);
         let m = resolve(&dep, "", WANTED, REQUIRED).expect("resolve");
         let n = names(&m);
         let pos = |x: &str| n.iter().position(|y| *y == x).unwrap_or(usize::MAX);
-        assert!(pos("crc16") < pos("jbd2") && pos("jbd2") < pos("ext4"), "{n:?}");
-        assert!(pos("virtio") < pos("virtio_mmio") && pos("virtio_ring") < pos("virtio_blk"), "{n:?}");
+        assert!(
+            pos("crc16") < pos("jbd2") && pos("jbd2") < pos("ext4"),
+            "{n:?}"
+        );
+        assert!(
+            pos("virtio") < pos("virtio_mmio") && pos("virtio_ring") < pos("virtio_blk"),
+            "{n:?}"
+        );
         assert_eq!(n.len(), 8);
-        let blk = read_module(&dir.path().join("kernel/drivers/block/virtio_blk.ko.gz")).expect("read");
+        let blk =
+            read_module(&dir.path().join("kernel/drivers/block/virtio_blk.ko.gz")).expect("read");
         assert_eq!(blk, fake_module("virtio_blk", "virtio_ring,virtio"));
     }
 }

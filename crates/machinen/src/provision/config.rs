@@ -49,7 +49,12 @@ pub struct ImageConfig {
 
 impl Default for ImageConfig {
     fn default() -> Self {
-        ImageConfig { version: IMAGE_CONFIG_VERSION, cmd: None, env: BTreeMap::new(), cwd: None }
+        ImageConfig {
+            version: IMAGE_CONFIG_VERSION,
+            cmd: None,
+            env: BTreeMap::new(),
+            cwd: None,
+        }
     }
 }
 
@@ -64,11 +69,18 @@ impl ImageConfig {
             .hint("upgrade machinen"));
         }
         if matches!(&self.cmd, Some(c) if c.is_empty()) {
-            return Err(fail(ErrorCode::BootImageInvalid, "the baked command is empty"));
+            return Err(fail(
+                ErrorCode::BootImageInvalid,
+                "the baked command is empty",
+            ));
         }
         let probe = ExecOptions {
             argv: vec!["true".into()],
-            env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             cwd: self.cwd.clone(),
         };
         validate_exec(&probe)
@@ -77,7 +89,12 @@ impl ImageConfig {
     /// This config with `env` merged in (later keys win), and `cwd`/`cmd`
     /// replaced when given: how a layered bake and `boot IMAGE` combine a
     /// baked config with new settings.
-    pub fn merged(&self, cmd: Option<Vec<String>>, env: &[(String, String)], cwd: Option<String>) -> ImageConfig {
+    pub fn merged(
+        &self,
+        cmd: Option<Vec<String>>,
+        env: &[(String, String)],
+        cwd: Option<String>,
+    ) -> ImageConfig {
         let mut out = self.clone();
         out.version = IMAGE_CONFIG_VERSION;
         for (k, v) in env {
@@ -95,13 +112,22 @@ impl ImageConfig {
     /// Exec options for `argv` (or the baked command when `None`) with the
     /// baked env and cwd, `env` overriding individual keys and `cwd` the
     /// directory. Fails with `BOOT_ARGS_INVALID` when there is nothing to run.
-    pub fn exec_options(&self, argv: Option<Vec<String>>, env: &[(String, String)], cwd: Option<String>) -> Result<ExecOptions, Failure> {
+    pub fn exec_options(
+        &self,
+        argv: Option<Vec<String>>,
+        env: &[(String, String)],
+        cwd: Option<String>,
+    ) -> Result<ExecOptions, Failure> {
         let merged = self.merged(argv, env, cwd);
         let Some(argv) = merged.cmd else {
             return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: the image has no baked command and none was given after `--`")
                 .hint("give a command, e.g. `machinen boot IMAGE -- sh -c 'echo hi'`, or bake one with `machinen provision --cmd …`"));
         };
-        let opts = ExecOptions { argv, env: merged.env.into_iter().collect(), cwd: merged.cwd };
+        let opts = ExecOptions {
+            argv,
+            env: merged.env.into_iter().collect(),
+            cwd: merged.cwd,
+        };
         validate_exec(&opts)?;
         Ok(opts)
     }
@@ -115,8 +141,13 @@ impl ImageConfig {
 
     /// Parse the stored JSON text (and validate it).
     pub fn from_json(bytes: &[u8]) -> Result<ImageConfig, Failure> {
-        let c: ImageConfig = serde_json::from_slice(bytes)
-            .map_err(|e| fail(ErrorCode::BootImageInvalid, format!("{IMAGE_CONFIG_PATH} in the image is not valid")).source(e))?;
+        let c: ImageConfig = serde_json::from_slice(bytes).map_err(|e| {
+            fail(
+                ErrorCode::BootImageInvalid,
+                format!("{IMAGE_CONFIG_PATH} in the image is not valid"),
+            )
+            .source(e)
+        })?;
         c.validate()?;
         Ok(c)
     }
@@ -131,7 +162,10 @@ pub(crate) fn is_config_member(name: &[u8]) -> bool {
 
 fn read_member(entry: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
     if size > MAX_CONFIG_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{IMAGE_CONFIG_PATH} is {size} bytes; too large")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{IMAGE_CONFIG_PATH} is {size} bytes; too large"),
+        ));
     }
     let mut buf = Vec::with_capacity(size as usize);
     entry.take(MAX_CONFIG_BYTES).read_to_end(&mut buf)?;
@@ -143,14 +177,22 @@ fn read_member(entry: &mut impl Read, size: u64) -> io::Result<Vec<u8>> {
 /// in a full scan. `Ok(None)`: the image has no config.
 pub fn read_from_tarball(tarball: &Path) -> Result<Option<ImageConfig>> {
     let bad = |e: io::Error| -> crate::Error {
-        fail(ErrorCode::BootImageInvalid, format!("cannot read the image config from {}", tarball.display())).source(e).into()
+        fail(
+            ErrorCode::BootImageInvalid,
+            format!("cannot read the image config from {}", tarball.display()),
+        )
+        .source(e)
+        .into()
     };
     let mut f = fs::File::open(tarball).map_err(bad)?;
     let mut magic = [0u8; 2];
     let n = f.read(&mut magic).map_err(bad)?;
     let f = fs::File::open(tarball).map_err(bad)?;
-    let reader: Box<dyn Read> =
-        if n == 2 && magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(io::BufReader::new(f))) } else { Box::new(io::BufReader::new(f)) };
+    let reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(io::BufReader::new(f)))
+    } else {
+        Box::new(io::BufReader::new(f))
+    };
     let mut archive = tar::Archive::new(reader);
     let mut found = None;
     for (i, entry) in archive.entries().map_err(bad)?.enumerate() {
@@ -185,19 +227,29 @@ pub fn image_config(tarball: Option<&Path>, progress: ProgressMode) -> Result<Op
     image_config_in(&paths, &tarball, progress)
 }
 
-pub(crate) fn image_config_in(paths: &Paths, tarball: &Path, progress: ProgressMode) -> Result<Option<ImageConfig>> {
+pub(crate) fn image_config_in(
+    paths: &Paths,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<Option<ImageConfig>> {
     let sha = crate::image::tarball_sha256(paths, tarball, progress)?;
     let images = paths.cache.join("images");
     let record_path = images.join(format!("{sha}.config.json"));
     if let Ok(bytes) = fs::read(&record_path) {
         match serde_json::from_slice::<CacheRecord>(&bytes) {
             Ok(r) => return Ok(r.config),
-            Err(e) => tracing::debug!(path = %record_path.display(), error = %e, "ignoring unreadable image config record"),
+            Err(e) => {
+                tracing::debug!(path = %record_path.display(), error = %e, "ignoring unreadable image config record")
+            }
         }
     }
     let config = read_from_tarball(tarball)?;
-    let json = serde_json::to_vec_pretty(&CacheRecord { config: config.clone() }).map_err(|e| fail(ErrorCode::Io, "cannot encode the image config").source(e))?;
-    let saved = fs::create_dir_all(&images).and_then(|()| fsutil::write_atomic(&record_path, &json));
+    let json = serde_json::to_vec_pretty(&CacheRecord {
+        config: config.clone(),
+    })
+    .map_err(|e| fail(ErrorCode::Io, "cannot encode the image config").source(e))?;
+    let saved =
+        fs::create_dir_all(&images).and_then(|()| fsutil::write_atomic(&record_path, &json));
     if let Err(e) = saved {
         tracing::warn!(path = %record_path.display(), error = %e, "could not cache the image config");
     }
@@ -209,8 +261,14 @@ pub(crate) fn image_config_in(paths: &Paths, tarball: &Path, progress: ProgressM
 pub(crate) fn remember(paths: &Paths, sha256: &str, config: &ImageConfig) {
     let images = paths.cache.join("images");
     let record_path = images.join(format!("{sha256}.config.json"));
-    let Ok(json) = serde_json::to_vec_pretty(&CacheRecord { config: Some(config.clone()) }) else { return };
-    if let Err(e) = fs::create_dir_all(&images).and_then(|()| fsutil::write_atomic(&record_path, &json)) {
+    let Ok(json) = serde_json::to_vec_pretty(&CacheRecord {
+        config: Some(config.clone()),
+    }) else {
+        return;
+    };
+    if let Err(e) =
+        fs::create_dir_all(&images).and_then(|()| fsutil::write_atomic(&record_path, &json))
+    {
         tracing::debug!(path = %record_path.display(), error = %e, "could not cache the image config");
     }
 }

@@ -28,7 +28,10 @@ impl CopySpec {
     /// Parse `HOST:GUEST`. GUEST must be absolute; the split is at the last
     /// `:` followed by `/`, so host paths may contain colons.
     pub fn parse(s: &str) -> Result<CopySpec, ProvisionError> {
-        let invalid = |m: String| ProvisionError::InvalidArgs { message: m, hint: "write --copy HOST:GUEST with an absolute GUEST, e.g. --copy ./app:/app".into() };
+        let invalid = |m: String| ProvisionError::InvalidArgs {
+            message: m,
+            hint: "write --copy HOST:GUEST with an absolute GUEST, e.g. --copy ./app:/app".into(),
+        };
         let Some(i) = s.rfind(":/") else {
             return Err(match s.rfind(':') {
                 Some(_) => invalid(format!("--copy {s:?}: the guest path is not absolute")),
@@ -42,7 +45,10 @@ impl CopySpec {
         CopySpec::new(host, guest)
     }
 
-    pub fn new(host: impl Into<PathBuf>, guest: impl Into<String>) -> Result<CopySpec, ProvisionError> {
+    pub fn new(
+        host: impl Into<PathBuf>,
+        guest: impl Into<String>,
+    ) -> Result<CopySpec, ProvisionError> {
         let guest = guest.into();
         if !guest.starts_with('/') || guest.contains('\0') {
             return Err(ProvisionError::InvalidArgs {
@@ -50,7 +56,10 @@ impl CopySpec {
                 hint: "give the destination as an absolute guest path, e.g. /app".into(),
             });
         }
-        Ok(CopySpec { host: host.into(), guest })
+        Ok(CopySpec {
+            host: host.into(),
+            guest,
+        })
     }
 }
 
@@ -62,7 +71,11 @@ fn dirname(p: &str) -> String {
 }
 
 fn basename(p: &str) -> String {
-    p.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_string()
+    p.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// What goes where: the guest directory to unpack in, and for a single file
@@ -71,7 +84,11 @@ fn plan(spec: &CopySpec, host_is_dir: bool, guest_is_dir: bool) -> (String, Opti
     if host_is_dir {
         return (spec.guest.clone(), None);
     }
-    let file_name = spec.host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    let file_name = spec
+        .host
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
     if spec.guest.ends_with('/') || guest_is_dir || spec.guest == "/" {
         (spec.guest.clone(), Some(file_name))
     } else {
@@ -81,25 +98,47 @@ fn plan(spec: &CopySpec, host_is_dir: bool, guest_is_dir: bool) -> (String, Opti
 
 /// Copy `spec.host` into the guest (see [`CopySpec`]).
 pub async fn copy_into(vm: &Vm, spec: &CopySpec) -> Result<()> {
-    let host_meta = fs::metadata(&spec.host).map_err(|source| ProvisionError::CopySource { path: spec.host.clone(), source })?;
+    let host_meta = fs::metadata(&spec.host).map_err(|source| ProvisionError::CopySource {
+        path: spec.host.clone(),
+        source,
+    })?;
     if !host_meta.is_dir() && !host_meta.is_file() {
         return Err(ProvisionError::CopySource {
             path: spec.host.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or directory"),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or directory",
+            ),
         }
         .into());
     }
     let guest_is_dir = if host_meta.is_dir() || spec.guest.ends_with('/') {
         false
     } else {
-        let probe = ExecOptions { argv: vec!["test".into(), "-d".into(), spec.guest.clone()], ..Default::default() };
+        let probe = ExecOptions {
+            argv: vec!["test".into(), "-d".into(), spec.guest.clone()],
+            ..Default::default()
+        };
         vm.exec(probe).await?.status.code == Some(0)
     };
     let (dir, member) = plan(spec, host_meta.is_dir(), guest_is_dir);
 
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|source| ProvisionError::CopySource { path: spec.host.clone(), source })?;
-    theirs.set_nonblocking(true).map_err(|source| ProvisionError::CopySource { path: spec.host.clone(), source })?;
-    let stdin = tokio::net::UnixStream::from_std(theirs).map_err(|source| ProvisionError::CopySource { path: spec.host.clone(), source })?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|source| ProvisionError::CopySource {
+            path: spec.host.clone(),
+            source,
+        })?;
+    theirs
+        .set_nonblocking(true)
+        .map_err(|source| ProvisionError::CopySource {
+            path: spec.host.clone(),
+            source,
+        })?;
+    let stdin =
+        tokio::net::UnixStream::from_std(theirs).map_err(|source| ProvisionError::CopySource {
+            path: spec.host.clone(),
+            source,
+        })?;
     let src = spec.host.clone();
     let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let w = io::BufWriter::with_capacity(1 << 20, ours);
@@ -109,8 +148,21 @@ pub async fn copy_into(vm: &Vm, spec: &CopySpec) -> Result<()> {
     let argv = ["sh", "-c", script, "sh", &dir].map(String::from).to_vec();
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
-    let status = vm.exec_stream(ExecOptions { argv, ..Default::default() }, stdin, &mut stdout, &mut stderr).await;
-    let produced = producer.await.map_err(|e| ProvisionError::CopySource { path: spec.host.clone(), source: io::Error::other(e) })?;
+    let status = vm
+        .exec_stream(
+            ExecOptions {
+                argv,
+                ..Default::default()
+            },
+            stdin,
+            &mut stdout,
+            &mut stderr,
+        )
+        .await;
+    let produced = producer.await.map_err(|e| ProvisionError::CopySource {
+        path: spec.host.clone(),
+        source: io::Error::other(e),
+    })?;
     let status = status?;
     if status.code != Some(0) {
         return Err(ProvisionError::CopyFailed {
@@ -121,7 +173,10 @@ pub async fn copy_into(vm: &Vm, spec: &CopySpec) -> Result<()> {
         }
         .into());
     }
-    produced.map_err(|source| ProvisionError::CopySource { path: spec.host.clone(), source })?;
+    produced.map_err(|source| ProvisionError::CopySource {
+        path: spec.host.clone(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -154,7 +209,12 @@ fn walk<W: Write>(b: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> io::Result
     Ok(())
 }
 
-fn append<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path, meta: &Metadata) -> io::Result<()> {
+fn append<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &Path,
+    name: &Path,
+    meta: &Metadata,
+) -> io::Result<()> {
     let mut h = tar::Header::new_gnu();
     h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
     h.set_uid(0);
@@ -168,10 +228,16 @@ fn append<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path, meta: &Me
     } else if ft.is_file() {
         let size = meta.len();
         let mut f = File::open(path)?.take(size);
-        let mut counted = CountingReader { inner: &mut f, n: 0 };
+        let mut counted = CountingReader {
+            inner: &mut f,
+            n: 0,
+        };
         b.append_data(&mut h, name, &mut counted)?;
         if counted.n != size {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} changed size while being copied", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} changed size while being copied", path.display()),
+            ));
         }
         Ok(())
     } else if ft.is_symlink() {
@@ -179,7 +245,10 @@ fn append<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path, meta: &Me
         h.set_size(0);
         b.append_link(&mut h, name, target)
     } else {
-        Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a file, directory or symlink", path.display())))
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file, directory or symlink", path.display()),
+        ))
     }
 }
 
@@ -206,18 +275,36 @@ mod tests {
         assert_eq!((c.host, c.guest.as_str()), (PathBuf::from("./app"), "/app"));
         let c = CopySpec::parse("a:b:/x/y").expect("colon in host");
         assert_eq!((c.host, c.guest.as_str()), (PathBuf::from("a:b"), "/x/y"));
-        assert!(matches!(CopySpec::parse("a:rel"), Err(ProvisionError::InvalidArgs { .. })));
-        assert!(matches!(CopySpec::parse("nocolon"), Err(ProvisionError::InvalidArgs { .. })));
-        assert!(matches!(CopySpec::parse(":/x"), Err(ProvisionError::InvalidArgs { .. })));
+        assert!(matches!(
+            CopySpec::parse("a:rel"),
+            Err(ProvisionError::InvalidArgs { .. })
+        ));
+        assert!(matches!(
+            CopySpec::parse("nocolon"),
+            Err(ProvisionError::InvalidArgs { .. })
+        ));
+        assert!(matches!(
+            CopySpec::parse(":/x"),
+            Err(ProvisionError::InvalidArgs { .. })
+        ));
     }
 
     #[test]
     fn plans() {
         let f = CopySpec::new("/h/prog", "/usr/local/bin/tool").expect("ok");
-        assert_eq!(plan(&f, false, false), ("/usr/local/bin".into(), Some("tool".into())));
-        assert_eq!(plan(&f, false, true), ("/usr/local/bin/tool".into(), Some("prog".into())));
+        assert_eq!(
+            plan(&f, false, false),
+            ("/usr/local/bin".into(), Some("tool".into()))
+        );
+        assert_eq!(
+            plan(&f, false, true),
+            ("/usr/local/bin/tool".into(), Some("prog".into()))
+        );
         let f = CopySpec::new("/h/prog", "/opt/").expect("ok");
-        assert_eq!(plan(&f, false, false), ("/opt/".into(), Some("prog".into())));
+        assert_eq!(
+            plan(&f, false, false),
+            ("/opt/".into(), Some("prog".into()))
+        );
         let f = CopySpec::new("/h/prog", "/top").expect("ok");
         assert_eq!(plan(&f, false, false), ("/".into(), Some("top".into())));
         let d = CopySpec::new("/h/dir", "/app").expect("ok");
@@ -233,7 +320,8 @@ mod tests {
         fs::write(src.join("run.sh"), b"#!/bin/sh\necho hi\n").expect("write");
         fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o750)).expect("chmod");
         fs::write(src.join("sub/secret"), b"s").expect("write");
-        fs::set_permissions(src.join("sub/secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        fs::set_permissions(src.join("sub/secret"), fs::Permissions::from_mode(0o600))
+            .expect("chmod");
         std::os::unix::fs::symlink("run.sh", src.join("link")).expect("symlink");
         let long = "n".repeat(150);
         fs::write(src.join("sub").join(&long), b"long").expect("write");
@@ -251,17 +339,39 @@ mod tests {
             match name.as_str() {
                 "run.sh" => assert_eq!(mode, 0o750),
                 "sub/secret" => assert_eq!(mode, 0o600),
-                "link" => assert_eq!(e.link_name().expect("link").expect("some").to_str(), Some("run.sh")),
+                "link" => assert_eq!(
+                    e.link_name().expect("link").expect("some").to_str(),
+                    Some("run.sh")
+                ),
                 _ => {}
             }
             seen.push(name);
         }
-        assert_eq!(seen, vec!["link".to_string(), "run.sh".into(), "sub".into(), format!("sub/{long}"), "sub/secret".into()]);
+        assert_eq!(
+            seen,
+            vec![
+                "link".to_string(),
+                "run.sh".into(),
+                "sub".into(),
+                format!("sub/{long}"),
+                "sub/secret".into()
+            ]
+        );
 
         let mut one = Vec::new();
         write_tar(&mut one, &src.join("run.sh"), Some("tool")).expect("tar");
         let mut a = tar::Archive::new(one.as_slice());
-        let names: Vec<String> = a.entries().expect("e").map(|e| e.expect("e").path().expect("p").to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = a
+            .entries()
+            .expect("e")
+            .map(|e| {
+                e.expect("e")
+                    .path()
+                    .expect("p")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
         assert_eq!(names, vec!["tool"]);
     }
 }

@@ -41,7 +41,10 @@ pub const EXCLUDES: &[&str] = &[
 /// `/etc/resolv.conf` is left out when it is exactly what the agent writes
 /// at every boot (it is the agent's, not the image's).
 pub(crate) fn export_script() -> String {
-    let excludes: Vec<String> = EXCLUDES.iter().map(|e| format!("--exclude='{e}'")).collect();
+    let excludes: Vec<String> = EXCLUDES
+        .iter()
+        .map(|e| format!("--exclude='{e}'"))
+        .collect();
     format!(
         r#"set -e
 mkdir -p /etc/machinen
@@ -88,21 +91,41 @@ impl<W: Write> Write for HashWriter<W> {
 fn umask() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Umask:")
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+        })
         .unwrap_or(0o022)
 }
 
 /// Write the guest's root disk (plus `config`) to `out`, atomically.
-pub(crate) async fn export(vm: &Vm, config: &ImageConfig, out: &Path, progress: ProgressMode) -> Result<Written> {
+pub(crate) async fn export(
+    vm: &Vm,
+    config: &ImageConfig,
+    out: &Path,
+    progress: ProgressMode,
+) -> Result<Written> {
     let output_err = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
-        move |source: io::Error| -> crate::Error { ProvisionError::Output { action, path, source }.into() }
+        move |source: io::Error| -> crate::Error {
+            ProvisionError::Output {
+                action,
+                path,
+                source,
+            }
+            .into()
+        }
     };
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".partial")
@@ -111,17 +134,26 @@ pub(crate) async fn export(vm: &Vm, config: &ImageConfig, out: &Path, progress: 
     // The path guard deletes the temp file on every early return and when
     // this future is dropped (Ctrl-C): OUT only ever appears by rename.
     let (file, tmp_path) = tmp.into_parts();
-    let member = config::tar_member(config, fsutil::unix_now()).map_err(output_err("encode the image config for", out))?;
+    let member = config::tar_member(config, fsutil::unix_now())
+        .map_err(output_err("encode the image config for", out))?;
 
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(output_err("open a pipe for", out))?;
-    theirs.set_nonblocking(true).map_err(output_err("open a pipe for", out))?;
-    let mut stdout = tokio::net::UnixStream::from_std(theirs).map_err(output_err("open a pipe for", out))?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(output_err("open a pipe for", out))?;
+    theirs
+        .set_nonblocking(true)
+        .map_err(output_err("open a pipe for", out))?;
+    let mut stdout =
+        tokio::net::UnixStream::from_std(theirs).map_err(output_err("open a pipe for", out))?;
 
     let step = progress.step(format!("Writing {}", out.display()));
     let display = out.display().to_string();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<(Written, std::fs::File)> {
         let mut ours = ours;
-        let hw = HashWriter { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), n: 0 };
+        let hw = HashWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hash: Sha256::new(),
+            n: 0,
+        };
         let mut gz = flate2::write::GzEncoder::new(hw, flate2::Compression::new(6));
         gz.write_all(&member)?;
         let mut buf = vec![0u8; 1 << 20];
@@ -138,23 +170,49 @@ pub(crate) async fn export(vm: &Vm, config: &ImageConfig, out: &Path, progress: 
             raw += n as u64;
             if raw - shown >= 8 << 20 {
                 shown = raw;
-                step.message(format!("Writing {display} ({} MiB read from the guest)", raw >> 20));
+                step.message(format!(
+                    "Writing {display} ({} MiB read from the guest)",
+                    raw >> 20
+                ));
             }
         }
         let hw = gz.finish()?;
         let HashWriter { inner, hash, n } = hw;
         let file = inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        step.done(format!("Wrote {display} ({} MiB, {} MiB uncompressed)", n >> 20, raw >> 20));
-        Ok((Written { sha256: hex::encode(hash.finalize()), size: n, raw }, file))
+        step.done(format!(
+            "Wrote {display} ({} MiB, {} MiB uncompressed)",
+            n >> 20,
+            raw >> 20
+        ));
+        Ok((
+            Written {
+                sha256: hex::encode(hash.finalize()),
+                size: n,
+                raw,
+            },
+            file,
+        ))
     });
 
     let mut stderr = Vec::new();
     let argv = vec!["sh".to_string(), "-c".into(), export_script()];
-    let status = vm.exec_stream(ExecOptions { argv, ..Default::default() }, tokio::io::empty(), &mut stdout, &mut stderr).await;
+    let status = vm
+        .exec_stream(
+            ExecOptions {
+                argv,
+                ..Default::default()
+            },
+            tokio::io::empty(),
+            &mut stdout,
+            &mut stderr,
+        )
+        .await;
     // End of stream for the writer thread.
     drop(stdout);
-    let written = writer.await.map_err(|e| output_err("write", out)(io::Error::other(e)))?;
+    let written = writer
+        .await
+        .map_err(|e| output_err("write", out)(io::Error::other(e)))?;
     let (written, file) = written.map_err(output_err("write", out))?;
     let status = status?;
     // GNU tar: 1 means "some files changed while being read" (a daemon left
@@ -163,16 +221,32 @@ pub(crate) async fn export(vm: &Vm, config: &ImageConfig, out: &Path, progress: 
     match status.code {
         Some(0) => {}
         Some(1) => tracing::warn!("tar in the guest reported changes while reading: {tail}"),
-        _ => return Err(ProvisionError::ExportFailed { status, stderr: tail }.into()),
+        _ => {
+            return Err(ProvisionError::ExportFailed {
+                status,
+                stderr: tail,
+            }
+            .into())
+        }
     }
     if written.raw % 512 != 0 || written.raw < 2048 {
-        return Err(ProvisionError::ExportFailed { status, stderr: format!("the guest's tar stream is truncated ({} bytes)", written.raw) }.into());
+        return Err(ProvisionError::ExportFailed {
+            status,
+            stderr: format!(
+                "the guest's tar stream is truncated ({} bytes)",
+                written.raw
+            ),
+        }
+        .into());
     }
     // Temp files are created 0600; the image gets what a new file would.
     use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(0o666 & !umask())).map_err(output_err("set the mode of", out))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o666 & !umask()))
+        .map_err(output_err("set the mode of", out))?;
     drop(file);
-    tmp_path.persist(out).map_err(|e| output_err("rename the finished image to", out)(e.error))?;
+    tmp_path
+        .persist(out)
+        .map_err(|e| output_err("rename the finished image to", out)(e.error))?;
     fsutil::fsync_dir(&dir).map_err(output_err("flush the directory of", out))?;
     Ok(written)
 }

@@ -42,7 +42,10 @@ pub enum EngineError {
     #[error("timed out waiting for {what}")]
     Timeout { what: &'static str },
     #[error("QMP command {command} failed: {detail}")]
-    Qmp { command: &'static str, detail: String },
+    Qmp {
+        command: &'static str,
+        detail: String,
+    },
 }
 
 /// A kind of VM engine.
@@ -51,14 +54,20 @@ pub trait Engine {
     fn capabilities(&self) -> &Capabilities;
     /// Start the VM described by `spec`; returns once the engine process runs
     /// and its control channel is connected.
-    fn launch(&self, spec: &VmSpec) -> impl std::future::Future<Output = Result<Self::Machine, EngineError>>;
+    fn launch(
+        &self,
+        spec: &VmSpec,
+    ) -> impl std::future::Future<Output = Result<Self::Machine, EngineError>>;
 }
 
 /// One running VM.
 pub trait Machine {
     fn pid(&self) -> u32;
     /// The byte stream to the guest agent's port.
-    fn connect_agent(&mut self, timeout: Duration) -> impl std::future::Future<Output = Result<UnixStream, EngineError>>;
+    fn connect_agent(
+        &mut self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<UnixStream, EngineError>>;
     /// Resolves when the engine process has exited; returns a description.
     fn wait(&mut self) -> impl std::future::Future<Output = String>;
     /// Ask the engine to quit now (guest state is discarded).

@@ -30,7 +30,11 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         return p.is_file().then_some(p);
     }
     std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
         .unwrap_or(None)
 }
 
@@ -40,11 +44,22 @@ pub struct QemuEngine {
 
 impl QemuEngine {
     pub fn probe(spec: &VmSpec) -> Result<QemuEngine, EngineError> {
-        let name = spec.qemu.as_ref().map(|p| p.display().to_string()).unwrap_or_else(default_binary);
+        let name = spec
+            .qemu
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(default_binary);
         let binary = find_in_path(&name).ok_or(EngineError::Missing { binary: name })?;
         let accel = machinen::accel::probe(spec.accel.as_deref())?;
         let cpu_model = accel.cpu_model().to_string();
-        Ok(QemuEngine { caps: Capabilities { engine: "qemu", accel, cpu_model, binary } })
+        Ok(QemuEngine {
+            caps: Capabilities {
+                engine: "qemu",
+                accel,
+                cpu_model,
+                binary,
+            },
+        })
     }
 
     /// The full QEMU command line for `spec`.
@@ -99,15 +114,26 @@ impl QemuEngine {
             // Always a backend named "ram": the RAM block's name must match
             // between a snapshot's source and the VM that restores it.
             "-object".into(),
-            match (spec.restore.as_ref().and_then(|r| r.ram.as_ref()), &spec.ram_file) {
+            match (
+                spec.restore.as_ref().and_then(|r| r.ram.as_ref()),
+                &spec.ram_file,
+            ) {
                 // Copy-on-write over the bundle's RAM file: pages load on
                 // first touch and stay shared between restores and forks.
                 (Some(ram), _) => {
-                    format!("memory-backend-file,id=ram,size={}M,mem-path={},share=off", spec.memory_mib, ram.display())
+                    format!(
+                        "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
+                        spec.memory_mib,
+                        ram.display()
+                    )
                 }
                 // A booted VM's RAM file, or a restored VM's own copy.
                 (None, Some(file)) => {
-                    format!("memory-backend-file,id=ram,size={}M,mem-path={},share=on", spec.memory_mib, file.display())
+                    format!(
+                        "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+                        spec.memory_mib,
+                        file.display()
+                    )
                 }
                 _ => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
             },
@@ -147,7 +173,10 @@ impl QemuEngine {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", path(files::AGENT)),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path(files::AGENT)
+            ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
             "-qmp".into(),
@@ -166,7 +195,12 @@ impl QemuEngine {
                 a.push("-S".into());
             }
         } else {
-            a.extend(["-kernel".into(), spec.kernel.display().to_string(), "-initrd".into(), spec.initrd.display().to_string()]);
+            a.extend([
+                "-kernel".into(),
+                spec.kernel.display().to_string(),
+                "-initrd".into(),
+                spec.initrd.display().to_string(),
+            ]);
             a.extend(["-append".into(), cmdline.join(" ")]);
         }
         a.into_iter().map(OsString::from).collect()
@@ -189,14 +223,31 @@ fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
     if !constant {
         return None;
     }
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
     (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
 /// Guest hostname: the last segment of a path-shaped name, capped at 63.
 fn hostname_for(name: &str) -> String {
     let last = name.rsplit('/').next().unwrap_or(name);
-    let h: String = last.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(63).collect();
+    let h: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
     if h.is_empty() {
         "machinen".into()
     } else {
@@ -208,18 +259,28 @@ fn tail(path: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let s = s.trim();
     let start = s.len().saturating_sub(max);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     s[start..].to_string()
 }
 
-async fn connect_retry(path: &Path, child: &mut Child, log: &Path, timeout: Duration, what: &'static str) -> Result<UnixStream, EngineError> {
+async fn connect_retry(
+    path: &Path,
+    child: &mut Child,
+    log: &Path,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<UnixStream, EngineError> {
     let deadline = Instant::now() + timeout;
     loop {
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
             Err(_) if Instant::now() < deadline => {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(EngineError::EarlyExit { detail: format!("{status}: {}", tail(log, 2000)) });
+                    return Err(EngineError::EarlyExit {
+                        detail: format!("{status}: {}", tail(log, 2000)),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -237,10 +298,15 @@ impl Engine for QemuEngine {
 
     async fn launch(&self, spec: &VmSpec) -> Result<QemuMachine, EngineError> {
         let log_path = spec.path_in("qemu.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|source| EngineError::Spawn { binary: "qemu.log".into(), source })?;
+        let log = std::fs::File::create(&log_path).map_err(|source| EngineError::Spawn {
+            binary: "qemu.log".into(),
+            source,
+        })?;
         let mut cmd = std::process::Command::new(&self.caps.binary);
-        cmd.args(self.args(spec)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
         // memory of the parent; it makes QEMU die with its supervisor, even on
         // SIGKILL. The supervisor runs a single-threaded runtime, so the
@@ -256,15 +322,31 @@ impl Engine for QemuEngine {
         let mut child = Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| EngineError::Spawn { binary: self.caps.binary.display().to_string(), source })?;
+            .map_err(|source| EngineError::Spawn {
+                binary: self.caps.binary.display().to_string(),
+                source,
+            })?;
         let pid = child.id().unwrap_or(0);
-        let qmp_sock = connect_retry(&spec.path_in(files::QMP), &mut child, &log_path, Duration::from_secs(20), "the QMP socket").await?;
+        let qmp_sock = connect_retry(
+            &spec.path_in(files::QMP),
+            &mut child,
+            &log_path,
+            Duration::from_secs(20),
+            "the QMP socket",
+        )
+        .await?;
         let stream = QmpStreamTokio::open(qmp_sock)
             .await
-            .map_err(|e| EngineError::Qmp { command: "greeting", detail: e.to_string() })?
+            .map_err(|e| EngineError::Qmp {
+                command: "greeting",
+                detail: e.to_string(),
+            })?
             .negotiate()
             .await
-            .map_err(|e| EngineError::Qmp { command: "qmp_capabilities", detail: e.to_string() })?;
+            .map_err(|e| EngineError::Qmp {
+                command: "qmp_capabilities",
+                detail: e.to_string(),
+            })?;
         let (qmp, mut events) = stream.into_parts();
         tokio::spawn(async move {
             while let Some(ev) = events.next().await {
@@ -277,7 +359,13 @@ impl Engine for QemuEngine {
                 }
             }
         });
-        Ok(QemuMachine { child, pid, qmp, log_path, agent_path: spec.path_in(files::AGENT) })
+        Ok(QemuMachine {
+            child,
+            pid,
+            qmp,
+            log_path,
+            agent_path: spec.path_in(files::AGENT),
+        })
     }
 }
 
@@ -291,14 +379,23 @@ pub struct QemuMachine {
 
 impl QemuMachine {
     /// Run a QMP command with a bound on the wait.
-    pub async fn qmp<C>(&self, command: C, name: &'static str, timeout: Duration) -> Result<C::Ok, EngineError>
+    pub async fn qmp<C>(
+        &self,
+        command: C,
+        name: &'static str,
+        timeout: Duration,
+    ) -> Result<C::Ok, EngineError>
     where
         C: qapi::Command,
-        QmpStreamTokio<WriteHalf<UnixStream>>: futures::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
+        QmpStreamTokio<WriteHalf<UnixStream>>:
+            futures::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
     {
         match tokio::time::timeout(timeout, self.qmp.execute(command)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(EngineError::Qmp { command: name, detail: e.to_string() }),
+            Ok(Err(e)) => Err(EngineError::Qmp {
+                command: name,
+                detail: e.to_string(),
+            }),
             Err(_) => Err(EngineError::Timeout { what: name }),
         }
     }
@@ -312,29 +409,50 @@ fn sh_quote(s: &str) -> String {
 impl QemuMachine {
     /// Pause the vCPUs.
     pub async fn pause(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::stop {}, "stop", Duration::from_secs(10)).await.map(|_| ())
+        self.qmp(qapi::qmp::stop {}, "stop", Duration::from_secs(10))
+            .await
+            .map(|_| ())
     }
 
     /// Resume the vCPUs.
     pub async fn resume(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::cont {}, "cont", Duration::from_secs(10)).await.map(|_| ())
+        self.qmp(qapi::qmp::cont {}, "cont", Duration::from_secs(10))
+            .await
+            .map(|_| ())
     }
 
     /// Wait until the migration in progress ends; errors carry QEMU's reason.
     async fn wait_migration(&self, deadline: Instant) -> Result<(), EngineError> {
         use qapi::qmp::MigrationStatus as S;
         loop {
-            let info = self.qmp(qapi::qmp::query_migrate {}, "query-migrate", Duration::from_secs(10)).await?;
+            let info = self
+                .qmp(
+                    qapi::qmp::query_migrate {},
+                    "query-migrate",
+                    Duration::from_secs(10),
+                )
+                .await?;
             match info.status {
                 Some(S::completed) => return Ok(()),
                 Some(S::failed) | Some(S::cancelled) => {
-                    return Err(EngineError::Qmp { command: "migrate", detail: info.error_desc.unwrap_or_else(|| "migration failed".into()) });
+                    return Err(EngineError::Qmp {
+                        command: "migrate",
+                        detail: info.error_desc.unwrap_or_else(|| "migration failed".into()),
+                    });
                 }
                 _ => {}
             }
             if Instant::now() >= deadline {
-                let _ = self.qmp(qapi::qmp::migrate_cancel {}, "migrate_cancel", Duration::from_secs(5)).await;
-                return Err(EngineError::Timeout { what: "the machine state to be written" });
+                let _ = self
+                    .qmp(
+                        qapi::qmp::migrate_cancel {},
+                        "migrate_cancel",
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                return Err(EngineError::Timeout {
+                    what: "the machine state to be written",
+                });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -345,9 +463,14 @@ impl QemuMachine {
     /// sides of a migration.
     pub async fn ignore_shared_ram(&self) -> Result<(), EngineError> {
         let caps = qapi::qmp::migrate_set_capabilities {
-            capabilities: vec![qapi::qmp::MigrationCapabilityStatus { capability: qapi::qmp::MigrationCapability::x_ignore_shared, state: true }],
+            capabilities: vec![qapi::qmp::MigrationCapabilityStatus {
+                capability: qapi::qmp::MigrationCapability::x_ignore_shared,
+                state: true,
+            }],
         };
-        self.qmp(caps, "migrate-set-capabilities", Duration::from_secs(10)).await.map(|_| ())
+        self.qmp(caps, "migrate-set-capabilities", Duration::from_secs(10))
+            .await
+            .map(|_| ())
     }
 
     /// Write the machine state (devices and RAM) to `path`. The VM must be
@@ -355,12 +478,27 @@ impl QemuMachine {
     pub async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
         // The default bandwidth cap (tens of MiB/s) is for live migration over
         // a network; a paused VM saving to a local file should go flat out.
-        let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(serde_json::json!({"max-bandwidth": 64u64 << 30}))
-            .map_err(|e| EngineError::Qmp { command: "migrate-set-parameters", detail: e.to_string() })?;
-        self.qmp(qapi::qmp::migrate_set_parameters(params), "migrate-set-parameters", Duration::from_secs(10)).await?;
+        let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(
+            serde_json::json!({"max-bandwidth": 64u64 << 30}),
+        )
+        .map_err(|e| EngineError::Qmp {
+            command: "migrate-set-parameters",
+            detail: e.to_string(),
+        })?;
+        self.qmp(
+            qapi::qmp::migrate_set_parameters(params),
+            "migrate-set-parameters",
+            Duration::from_secs(10),
+        )
+        .await?;
         self.ignore_shared_ram().await?;
         let uri = format!("exec:cat > {}", sh_quote(&path.display().to_string()));
-        let cmd = qapi::qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None };
+        let cmd = qapi::qmp::migrate {
+            uri: Some(uri),
+            channels: None,
+            detach: None,
+            resume: None,
+        };
         self.qmp(cmd, "migrate", Duration::from_secs(10)).await?;
         self.wait_migration(deadline).await
     }
@@ -369,15 +507,31 @@ impl QemuMachine {
     /// `-incoming defer`; the guest runs again when it returns.
     /// `start`: run the guest once loaded. Otherwise it stays paused (QEMU
     /// was started with `-S`) until [`QemuMachine::resume`].
-    pub async fn load_state(&self, path: &Path, deadline: Instant, start: bool) -> Result<(), EngineError> {
+    pub async fn load_state(
+        &self,
+        path: &Path,
+        deadline: Instant,
+        start: bool,
+    ) -> Result<(), EngineError> {
         self.ignore_shared_ram().await?;
         let uri = format!("exec:cat {}", sh_quote(&path.display().to_string()));
-        let cmd = qapi::qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: None };
-        self.qmp(cmd, "migrate-incoming", Duration::from_secs(10)).await?;
+        let cmd = qapi::qmp::migrate_incoming {
+            uri: Some(uri),
+            channels: None,
+            exit_on_error: None,
+        };
+        self.qmp(cmd, "migrate-incoming", Duration::from_secs(10))
+            .await?;
         self.wait_migration(deadline).await?;
         if start {
             // The guest autostarts after an incoming migration; make sure.
-            let st = self.qmp(qapi::qmp::query_status {}, "query-status", Duration::from_secs(10)).await?;
+            let st = self
+                .qmp(
+                    qapi::qmp::query_status {},
+                    "query-status",
+                    Duration::from_secs(10),
+                )
+                .await?;
             if !st.running {
                 self.resume().await?;
             }
@@ -412,8 +566,13 @@ impl Machine for QemuMachine {
     }
 
     async fn quit(&mut self) {
-        let _ = self.qmp(qapi::qmp::quit {}, "quit", Duration::from_secs(2)).await;
-        if tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await.is_err() {
+        let _ = self
+            .qmp(qapi::qmp::quit {}, "quit", Duration::from_secs(2))
+            .await;
+        if tokio::time::timeout(Duration::from_secs(3), self.child.wait())
+            .await
+            .is_err()
+        {
             self.kill();
         }
     }
@@ -431,9 +590,16 @@ mod tests {
     fn tsc_frequency_from_cpuinfo() {
         let ok = "cpu MHz\t\t: 2596.122\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\n";
         assert_eq!(tsc_khz_from_cpuinfo(ok), Some(2_596_122));
-        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz : 2596.1\nflags : fpu tsc\n"), None, "no constant_tsc");
+        assert_eq!(
+            tsc_khz_from_cpuinfo("cpu MHz : 2596.1\nflags : fpu tsc\n"),
+            None,
+            "no constant_tsc"
+        );
         assert_eq!(tsc_khz_from_cpuinfo("flags : constant_tsc\n"), None);
-        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz : junk\nflags : constant_tsc\n"), None);
+        assert_eq!(
+            tsc_khz_from_cpuinfo("cpu MHz : junk\nflags : constant_tsc\n"),
+            None
+        );
     }
 
     #[test]
