@@ -179,6 +179,12 @@ pub enum BundleError {
         found: String,
         here: String,
     },
+    #[error("bundle disk layer {file} is refused")]
+    UnsafeDisk {
+        file: PathBuf,
+        #[source]
+        source: crate::qcow2::Qcow2Error,
+    },
     #[error("snapshot destination {path} already exists")]
     Exists { path: PathBuf },
     #[error("bundle i/o on {path}")]
@@ -195,7 +201,8 @@ impl Coded for BundleError {
             BundleError::NotABundle { .. }
             | BundleError::Missing { .. }
             | BundleError::Corrupt { .. }
-            | BundleError::Version { .. } => ErrorCode::RestoreBundleInvalid,
+            | BundleError::Version { .. }
+            | BundleError::UnsafeDisk { .. } => ErrorCode::RestoreBundleInvalid,
             BundleError::Foreign { .. } => ErrorCode::RestoreBundleIncompatible,
             BundleError::Exists { .. } => ErrorCode::SnapshotOutExists,
             BundleError::Io { .. } => ErrorCode::SnapshotDumpFailed,
@@ -203,21 +210,16 @@ impl Coded for BundleError {
     }
     fn hint(&self) -> Option<String> {
         Some(match self {
-            BundleError::NotABundle { .. } => {
-                "pass the directory that `machinen snapshot` wrote".into()
-            }
+            BundleError::NotABundle { .. } => "pass the directory that `machinen snapshot` wrote".into(),
             BundleError::Corrupt { .. } | BundleError::Missing { .. } => {
                 "the bundle was damaged in transit or on disk; copy it again from its source".into()
             }
-            BundleError::Version { .. } => {
-                "restore it with the machinen version that wrote it".into()
+            BundleError::Version { .. } => "restore it with the machinen version that wrote it".into(),
+            BundleError::UnsafeDisk { .. } => {
+                "machinen never writes such a layer: the bundle was made or altered by someone else; do not restore it".into()
             }
-            BundleError::Foreign { .. } => {
-                "restore it on a host with the same guest architecture and accelerator".into()
-            }
-            BundleError::Exists { .. } => {
-                "choose a new directory; machinen never overwrites a bundle".into()
-            }
+            BundleError::Foreign { .. } => "restore it on a host with the same guest architecture and accelerator".into(),
+            BundleError::Exists { .. } => "choose a new directory; machinen never overwrites a bundle".into(),
             BundleError::Io { .. } => return None,
         })
     }
@@ -246,15 +248,60 @@ fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     }
 }
 
+/// Open a bundle file for reading, refusing anything but a regular file:
+/// a bundle comes from elsewhere, and a symlink (to `/dev/zero`, to a host
+/// file) or a fifo in it would make a restore read what the author chose,
+/// or hang. The last path component is not followed (`O_NOFOLLOW`) and the
+/// open does not wait for a fifo's writer (`O_NONBLOCK`, which a regular
+/// file ignores).
+pub fn open_regular(path: &Path) -> Result<fs::File, BundleError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => BundleError::Corrupt {
+                file: path.to_path_buf(),
+                detail: "is a symbolic link, not a regular file".into(),
+            },
+            _ => file_error(path)(e),
+        })?;
+    let m = f.metadata().map_err(io(path))?;
+    if !m.is_file() {
+        return Err(BundleError::Corrupt {
+            file: path.to_path_buf(),
+            detail: format!("is not a regular file ({})", file_kind(&m)),
+        });
+    }
+    Ok(f)
+}
+
+fn file_kind(m: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    match () {
+        _ if t.is_dir() => "a directory",
+        _ if t.is_symlink() => "a symbolic link",
+        _ if t.is_fifo() => "a fifo",
+        _ if t.is_socket() => "a socket",
+        _ if t.is_char_device() => "a character device",
+        _ if t.is_block_device() => "a block device",
+        _ => "a special file",
+    }
+}
+
 /// sha256 and size of a file, reading it once.
 pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
-    let (sha, size) = crate::assets::fsutil::sha256_file(path).map_err(file_error(path))?;
-    Ok((size, sha))
+    let mut f = open_regular(path)?;
+    let mut h = sha2::Sha256::default();
+    let size = std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    Ok((size, hex::encode(sha2::Digest::finalize(h))))
 }
 
 /// BLAKE3 and size of a file, reading it once.
 fn blake3_file(path: &Path) -> Result<(u64, String), BundleError> {
-    let mut f = fs::File::open(path).map_err(file_error(path))?;
+    let mut f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     let size = std::io::copy(&mut f, &mut h).map_err(io(path))?;
     Ok((size, h.finalize().to_hex().to_string()))
@@ -321,7 +368,7 @@ fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
 /// holes are skipped without being read, so the cost follows the data, not
 /// the apparent size. Returns (apparent size, hex digest).
 pub fn sparse_digest<H: ChunkHasher>(path: &Path) -> Result<(u64, String), BundleError> {
-    let f = fs::File::open(path).map_err(file_error(path))?;
+    let f = open_regular(path)?;
     let len = f.metadata().map_err(io(path))?.len();
     let mut h = H::default();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -363,7 +410,7 @@ const PAGE: usize = 4096;
 /// the time to read and hash it on every restore. Both digests treat a hole
 /// and zeros alike.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
-    let from = fs::File::open(src).map_err(io(src))?;
+    let from = open_regular(src)?;
     let len = from.metadata().map_err(io(src))?.len();
     let to = fs::OpenOptions::new()
         .write(true)
@@ -559,7 +606,7 @@ fn fsync_dir(dir: &Path) -> Result<(), BundleError> {
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
-    let f = fs::File::open(path).map_err(file_error(path))?;
+    let f = open_regular(path)?;
     let mut bytes = Vec::new();
     f.take(MAX_SMALL_FILE + 1)
         .read_to_end(&mut bytes)
@@ -587,8 +634,33 @@ pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
 /// paused until they pass).
 pub fn open_verified_meta(dir: &Path) -> Result<(Manifest, BundleMeta), BundleError> {
     let manifest = read_manifest(dir)?;
+    check_file_kinds(dir, &manifest)?;
     verify_files(dir, &manifest, &[META])?;
     Ok((manifest, read_meta(dir)?))
+}
+
+/// Every file the manifest lists is a regular file (not a symlink, fifo or
+/// device) of the listed size. Cheap (one `lstat` each), so a restore runs
+/// it before QEMU is given any of them: QEMU reads the state and maps the
+/// RAM file by path, and would hang on a fifo or read a device.
+pub fn check_file_kinds(dir: &Path, manifest: &Manifest) -> Result<(), BundleError> {
+    for e in &manifest.files {
+        let p = dir.join(&e.name);
+        let m = fs::symlink_metadata(&p).map_err(file_error(&p))?;
+        if !m.file_type().is_file() {
+            return Err(BundleError::Corrupt {
+                file: p,
+                detail: format!("is not a regular file ({})", file_kind(&m)),
+            });
+        }
+        if m.len() != e.size {
+            return Err(BundleError::Corrupt {
+                file: p,
+                detail: format!("size {}, manifest says {}", m.len(), e.size),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Check the files named in `names` (those the manifest lists) against the
@@ -700,7 +772,81 @@ pub fn read_meta(dir: &Path) -> Result<BundleMeta, BundleError> {
             found: meta.version,
         });
     }
+    meta.validate().map_err(|detail| BundleError::Corrupt {
+        file: meta_path,
+        detail,
+    })?;
     Ok(meta)
+}
+
+/// The longest `source_name` a bundle may carry: an anonymous restore is
+/// named `<source>/<pid>`, which must still be a valid VM name.
+pub const MAX_SOURCE_NAME: usize = crate::registry::MAX_NAME_LEN - 11;
+
+impl BundleMeta {
+    /// Values a restore acts on are within what `boot` itself accepts: a
+    /// bundle's author controls every field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.engine != "qemu" {
+            return Err(format!(
+                "engine {:?} (this machinen restores \"qemu\" bundles)",
+                short(&self.engine)
+            ));
+        }
+        if let Err(e) = crate::registry::validate_name(&self.source_name) {
+            return Err(format!("source_name: {e}"));
+        }
+        if self.source_name.len() > MAX_SOURCE_NAME {
+            return Err(format!(
+                "source_name is longer than {MAX_SOURCE_NAME} characters"
+            ));
+        }
+        if !(1..=crate::vm::MAX_CPUS).contains(&self.cpus) {
+            return Err(format!(
+                "cpus {} (must be 1 to {})",
+                self.cpus,
+                crate::vm::MAX_CPUS
+            ));
+        }
+        if crate::vm::validate_memory_mib(self.memory_mib).is_err() {
+            return Err(format!(
+                "memory_mib {} (must be {} to {})",
+                self.memory_mib,
+                crate::vm::MIN_MEMORY_MIB,
+                crate::vm::MAX_MEMORY_MIB
+            ));
+        }
+        if self.disk_format != "qcow2" {
+            return Err(format!(
+                "disk_format {:?} (must be \"qcow2\")",
+                short(&self.disk_format)
+            ));
+        }
+        let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex64(&self.image.sha256) {
+            return Err("image.sha256 is not a sha256 digest".into());
+        }
+        let word =
+            |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
+        for (field, v) in [
+            ("kernel.version", &self.kernel.version),
+            ("guest_arch", &self.guest_arch),
+            ("accel", &self.accel),
+            ("cpu_model", &self.cpu_model),
+        ] {
+            if !word(v) {
+                return Err(format!(
+                    "{field} is empty, longer than 256 characters or not printable"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A field value cut short for an error message.
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 /// Refuse a bundle this host cannot resume.
@@ -821,6 +967,130 @@ mod tests {
             fs::write(&p, &orig).expect("restore");
         }
         verify(&dest).expect("intact again");
+    }
+
+    /// Rewrite `meta.json` through `edit` and re-hash it in the manifest,
+    /// as a bundle's author can.
+    fn rehash_meta(dest: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&fs::read(dest.join(META)).expect("read")).expect("json");
+        edit(&mut m);
+        fs::write(dest.join(META), serde_json::to_vec(&m).expect("json")).expect("write");
+        let mut man: Manifest =
+            serde_json::from_slice(&fs::read(dest.join(MANIFEST)).expect("read")).expect("json");
+        let (size, hash) = Digest::Blake3.of_file(&dest.join(META)).expect("hash");
+        let e = man
+            .files
+            .iter_mut()
+            .find(|f| f.name == META)
+            .expect("meta entry");
+        e.size = size;
+        e.hash = hash;
+        fs::write(dest.join(MANIFEST), serde_json::to_vec(&man).expect("json")).expect("write");
+    }
+
+    #[test]
+    fn hostile_meta_values_are_refused_even_when_rehashed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = make(tmp.path());
+        let cases: Vec<(&str, serde_json::Value)> = vec![
+            ("source_name", "../../../etc/evil".into()),
+            ("source_name", "x".repeat(500_000).into()),
+            ("source_name", "x".repeat(MAX_SOURCE_NAME + 1).into()),
+            ("source_name", "".into()),
+            ("cpus", 0.into()),
+            ("cpus", 65.into()),
+            ("memory_mib", 0.into()),
+            ("engine", "firecracker".into()),
+            ("disk_format", "raw".into()),
+            ("guest_arch", "amd64 --evil".into()),
+        ];
+        for (field, value) in cases {
+            let orig = fs::read(dest.join(META)).expect("read");
+            let man = fs::read(dest.join(MANIFEST)).expect("read");
+            rehash_meta(&dest, |m| m[field] = value.clone());
+            let err = verify(&dest).expect_err(field);
+            assert_eq!(
+                err.code(),
+                ErrorCode::RestoreBundleInvalid,
+                "{field}: {err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains(field.split('.').next().expect("field")),
+                "{field}: {err}"
+            );
+            fs::write(dest.join(META), orig).expect("put back");
+            fs::write(dest.join(MANIFEST), man).expect("put back");
+        }
+        rehash_meta(&dest, |m| m["source_name"] = "team/app/web-1".into());
+        verify(&dest).expect("a path-shaped source name is fine");
+    }
+
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dest = make(tmp.path());
+        let fifo = |p: &Path| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo")
+        };
+        for name in [META, MANIFEST, STATE, DISK] {
+            let p = dest.join(name);
+            let keep = tmp.path().join("keep");
+            fs::rename(&p, &keep).expect("move aside");
+            for (kind, make_it) in [
+                ("fifo", &fifo as &dyn Fn(&Path)),
+                ("symlink", &|p: &Path| {
+                    symlink("/dev/zero", p).expect("symlink")
+                }),
+            ] {
+                make_it(&p);
+                // A hang here is the bug: run it on a thread with a bound.
+                let d = dest.clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = tx.send(
+                        verify(&d)
+                            .map(|_| ())
+                            .map_err(|e| (e.code(), e.to_string())),
+                    );
+                });
+                let r = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .unwrap_or_else(|_| panic!("{name} as a {kind}: verify hung"));
+                let (code, msg) = r.expect_err("must refuse");
+                assert_eq!(
+                    code,
+                    ErrorCode::RestoreBundleInvalid,
+                    "{name} as a {kind}: {msg}"
+                );
+                assert!(
+                    msg.contains(name) || (name == MANIFEST && msg.contains("b.snap")),
+                    "{name} as a {kind}: {msg}"
+                );
+                fs::remove_file(&p).expect("rm");
+            }
+            fs::rename(&keep, &p).expect("put back");
+        }
+        // Missing files are named.
+        let man = read_manifest(&dest).expect("manifest");
+        fs::rename(dest.join(DISK), tmp.path().join("disk")).expect("rm");
+        let err = check_file_kinds(&dest, &man).expect_err("missing");
+        assert!(
+            matches!(err, BundleError::Missing { .. }) && err.to_string().contains(DISK),
+            "{err}"
+        );
+        assert_eq!(err.code(), ErrorCode::RestoreBundleInvalid);
+        fs::rename(tmp.path().join("disk"), dest.join(DISK)).expect("put back");
+        // A file of the wrong size is refused before anything reads it.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dest.join(STATE))
+            .expect("open");
+        f.set_len(1).expect("truncate");
+        let err = check_file_kinds(&dest, &man).expect_err("size");
+        assert!(err.to_string().contains(STATE), "{err}");
     }
 
     #[test]

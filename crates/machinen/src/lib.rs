@@ -17,6 +17,7 @@ pub mod ports;
 pub mod progress;
 pub mod provision;
 pub mod pty;
+pub mod qcow2;
 pub mod registry;
 pub mod restore;
 pub mod sandboxes;

@@ -319,7 +319,14 @@ pub fn check_fork_many(
 /// anything (`restore --dry-run`).
 pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
     let d = path.to_path_buf();
-    let meta = blocking(move || Ok(bundle::verify(&d)?)).await?;
+    let meta = blocking(move || {
+        let meta = bundle::verify(&d)?;
+        let disk = d.join(bundle::DISK);
+        crate::qcow2::inspect(&disk)
+            .map_err(|source| bundle::BundleError::UnsafeDisk { file: disk, source })?;
+        Ok(meta)
+    })
+    .await?;
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(
         &meta,
@@ -450,7 +457,22 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         copies.push((src.clone(), dst.clone()));
     }
     for (src, dst) in copies {
-        if let Err(e) = blocking(move || Ok(bundle::sparse_copy(&src, &dst)?)).await {
+        let is_disk = dst == disk;
+        let copied = blocking(move || {
+            bundle::sparse_copy(&src, &dst)?;
+            if is_disk {
+                // The layer comes from the bundle's author: QEMU must not
+                // be handed one whose header names host files.
+                crate::qcow2::sanitize_copy(&dst).map_err(|source| {
+                    bundle::BundleError::UnsafeDisk {
+                        file: src.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Ok(())
+        });
+        if let Err(e) = copied.await {
             if let Some(f) = &own_ram {
                 let _ = std::fs::remove_file(f);
             }

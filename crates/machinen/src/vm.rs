@@ -27,6 +27,8 @@ use crate::{assets, binaries, image, initramfs};
 /// Smallest and largest accepted guest memory, MiB.
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 1024 * 1024;
+/// The most vCPUs a VM may have.
+pub const MAX_CPUS: u32 = 64;
 
 /// Options for [`boot`].
 #[derive(Debug, Clone)]
@@ -222,10 +224,10 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
     let paths = Paths::from_env()?;
     let memory_mib = validate_memory_mib(opts.memory_mib.unwrap_or_else(default_memory_mib))?;
-    if opts.cpus == 0 || opts.cpus > 64 {
+    if opts.cpus == 0 || opts.cpus > MAX_CPUS {
         return Err(fail(
             ErrorCode::BootArgsInvalid,
-            format!("cpus must be between 1 and 64, got {}", opts.cpus),
+            format!("cpus must be between 1 and {MAX_CPUS}, got {}", opts.cpus),
         )
         .into());
     }

@@ -277,6 +277,17 @@ async fn start(
     shared: &Arc<Shared>,
     started: Instant,
 ) -> Result<(QemuMachine, Capabilities), StartError> {
+    // The launcher's verdict can come at any time, and its end of our stdin
+    // closing means it is gone: read it from the start, so a launcher that
+    // dies while QEMU loads the state does not leave us (and a paused QEMU)
+    // waiting for the whole boot timeout.
+    let mut verdict = spec.restore.as_ref().filter(|r| r.gate).map(|_| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(await_gate().await);
+        });
+        rx
+    });
     let engine = QemuEngine::probe(spec)?;
     let caps = engine.capabilities().clone();
     tracing::info!(
@@ -291,7 +302,31 @@ async fn start(
     let deadline = started + budget;
     if let Some(r) = &spec.restore {
         let state = r.bundle.join(machinen::bundle::STATE);
-        if let Err(e) = machine.load_state(&state, deadline, !r.gate).await {
+        // `Some(go)`: the verdict came while the state was loading.
+        let mut early: Option<bool> = None;
+        let loaded = match verdict.as_mut() {
+            Some(v) => {
+                let load = machine.load_state(&state, deadline, false);
+                tokio::pin!(load);
+                tokio::select! {
+                    r = &mut load => r.map_err(|e| e.to_string()),
+                    go = v => {
+                        let go = matches!(go, Ok(Ok(true)));
+                        early = Some(go);
+                        if go {
+                            load.await.map_err(|e| e.to_string())
+                        } else {
+                            Err("the launcher went away or refused the bundle while the state was loading".into())
+                        }
+                    }
+                }
+            }
+            None => machine
+                .load_state(&state, deadline, true)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = loaded {
             machine.kill();
             return Err(StartError {
                 code: ErrorCode::RestoreBundleInvalid,
@@ -304,7 +339,15 @@ async fn start(
         tracing::info!("state loaded after {} ms", started.elapsed().as_millis());
         if r.gate {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let opened = match tokio::time::timeout(remaining, await_gate()).await {
+            let pending = verdict.take().filter(|_| early.is_none());
+            let gate = async move {
+                match (early, pending) {
+                    (Some(go), _) => Ok(go),
+                    (None, Some(v)) => v.await.unwrap_or(Ok(false)),
+                    (None, None) => Ok(false),
+                }
+            };
+            let opened = match tokio::time::timeout(remaining, gate).await {
                 Ok(Ok(true)) => machine
                     .resume()
                     .await
