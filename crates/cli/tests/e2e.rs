@@ -395,6 +395,10 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     env.run_ok(&["stop", "--force", "victim"]);
 }
 
+#[path = "e2e/hostile.rs"]
+mod hostile;
+#[path = "e2e/network.rs"]
+mod network;
 #[path = "e2e/provision.rs"]
 mod provision;
 #[path = "e2e/snapshot.rs"]

@@ -34,9 +34,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Coded, ErrorCode};
 
 /// Bundle format version; bumped on any incompatible change. Version 2
-/// added `ram.img`, version 3 BLAKE3 digests; versions 1 (RAM inside the
-/// state) and 2 still restore.
-pub const FORMAT_VERSION: u32 = 3;
+/// added `ram.img`, version 3 BLAKE3 digests, version 4 the network mode
+/// in `meta.json`; versions 1 (RAM inside the state) to 3 still restore
+/// (with QEMU's user networking, which they were made with).
+pub const FORMAT_VERSION: u32 = 4;
 /// Oldest version this machinen restores.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
@@ -137,6 +138,10 @@ pub struct BundleMeta {
     pub chain_seq: u32,
     #[serde(default)]
     pub chain_parent: Option<String>,
+    /// The network backend the VM ran with (format 4); a restore uses the
+    /// same, since QEMU's user networking keeps state in the stream.
+    #[serde(default = "crate::spec::NetworkMode::legacy")]
+    pub network: crate::spec::NetworkMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -901,6 +906,7 @@ mod tests {
             chain_id: "c".into(),
             chain_seq: 1,
             chain_parent: None,
+            network: crate::spec::NetworkMode::Nat,
         }
     }
 

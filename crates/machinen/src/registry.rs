@@ -166,6 +166,23 @@ pub fn validate_name(name: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// The contents of a small regular file, refusing (not blocking on) a fifo,
+/// a device or a symlink put where an entry's `meta.json` belongs.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    f.take(1 << 20).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Start time of a process (field 22 of `/proc/<pid>/stat`), or `None`
 /// when no such process exists (or it is a zombie).
 pub fn process_start_time(pid: u32) -> Option<u64> {
@@ -258,7 +275,7 @@ impl Registry {
 
     fn read_entry(&self, dir: &Path) -> Result<Option<RegistryEntry>, RegistryError> {
         let path = dir.join("meta.json");
-        match fs::read(&path) {
+        match read_regular(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| RegistryError::Corrupt { path, source }),

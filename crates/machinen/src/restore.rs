@@ -515,6 +515,9 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             gate: gate.is_some(),
         }),
         ram_file: own_ram,
+        // The bundle's migration stream matches its network device's
+        // backend (QEMU's user networking has state of its own in it).
+        network: meta.network,
     };
     let launch = Launch {
         name: opts.name.clone(),

@@ -16,6 +16,8 @@ pub mod files {
     pub const AGENT: &str = "agent.sock";
     pub const CONSOLE: &str = "console.log";
     pub const VMM_LOG: &str = "vmm.log";
+    /// passt's output (`--network nat`).
+    pub const PASST_LOG: &str = "passt.log";
     pub const DISK: &str = "disk.qcow2";
 }
 
@@ -71,6 +73,9 @@ pub struct VmSpec {
     /// Resume from a snapshot bundle instead of booting.
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
+    /// How the guest reaches the network.
+    #[serde(default)]
+    pub network: NetworkMode,
 }
 
 /// How to resume a VM from a bundle.
@@ -158,5 +163,54 @@ mod tests {
             assert!(!s.contains('\n'));
             assert_eq!(serde_json::from_str::<ReadyLine>(&s).expect("de"), l);
         }
+    }
+}
+
+/// How a VM reaches the network. Both give the guest the same view
+/// (10.0.2.15/24, gateway 10.0.2.2, resolver 10.0.2.3); they differ in what
+/// the guest can reach on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// Outbound connections through passt, a user-mode network stack in a
+    /// process of its own: the guest reaches what the host can reach
+    /// outside, but not the host's loopback (services bound to 127.0.0.1,
+    /// other VMs' port forwards). IPv4 only.
+    #[default]
+    Nat,
+    /// QEMU's built-in user networking (slirp), as machinen used before:
+    /// outbound like `nat`, and in addition the gateway 10.0.2.2 is the
+    /// host's loopback, so the guest reaches every service bound to the
+    /// host's 127.0.0.1. Only for guests trusted with that.
+    NatHost,
+}
+
+impl NetworkMode {
+    pub const ALL: [NetworkMode; 2] = [NetworkMode::Nat, NetworkMode::NatHost];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Nat => "nat",
+            NetworkMode::NatHost => "nat-host",
+        }
+    }
+
+    /// Bundles written before the mode was recorded ran QEMU's user
+    /// networking, whose state is in their migration stream.
+    pub fn legacy() -> NetworkMode {
+        NetworkMode::NatHost
+    }
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NetworkMode, String> {
+        NetworkMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| format!("unknown network mode {s:?} (nat or nat-host)"))
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

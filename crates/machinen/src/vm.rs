@@ -40,6 +40,8 @@ pub struct BootOptions {
     /// Guest RAM ceiling in MiB; `None` = [`default_memory_mib`].
     pub memory_mib: Option<u32>,
     pub cpus: u32,
+    /// How the guest reaches the network (see [`NetworkMode`]).
+    pub network: crate::spec::NetworkMode,
     /// Keep running after this process exits.
     pub detached: bool,
     /// Upper bound on boot-to-agent-ready.
@@ -63,6 +65,7 @@ impl Default for BootOptions {
             name: None,
             memory_mib: None,
             cpus: 1,
+            network: crate::spec::NetworkMode::default(),
             detached: false,
             boot_timeout: Duration::from_secs(120),
             accel: None,
@@ -273,6 +276,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         zero_freed_memory: !opts.secrets.is_empty(),
         ram_file: crate::spec::ram_file_for(&claim.id, memory_mib),
         restore: None,
+        network: opts.network,
     };
     if let Err(e) = image::create_overlay(&img.path, &spec.disk) {
         let _ = reg.remove(&claim.id);

@@ -238,6 +238,7 @@ pub async fn take(
         chain_id: chain.id.clone(),
         chain_seq: chain.seq,
         chain_parent: chain.parent.clone(),
+        network: spec.network,
     };
     let scratch = req.scratch;
     let finished = tokio::task::spawn_blocking(move || {

@@ -40,6 +40,10 @@ pub struct StartError {
 impl From<EngineError> for StartError {
     fn from(e: EngineError) -> StartError {
         let (code, hint) = match &e {
+            EngineError::Missing { binary } if binary == "passt" => (
+                ErrorCode::BootEngineMissing,
+                Some("install passt (`apt-get install passt`), or boot with --network nat-host (the guest then also reaches the host's loopback)".to_string()),
+            ),
             EngineError::Missing { .. } => (
                 ErrorCode::BootEngineMissing,
                 Some("install QEMU: `apt-get install qemu-system-x86` (Debian/Ubuntu), `brew install qemu` (macOS)".to_string()),

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use machinen::spec::{files, VmSpec};
+use machinen::spec::{files, NetworkMode, VmSpec};
 use machinen_proto::AGENT_PORT_NAME;
 use qapi::futures::{QapiService, QmpStreamTokio};
 use tokio::io::WriteHalf;
@@ -40,6 +40,66 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 pub struct QemuEngine {
     caps: Capabilities,
+}
+
+/// The descriptor number under which QEMU and passt each find their end of
+/// the socket pair that carries the guest's Ethernet frames.
+const NET_FD: i32 = 3;
+
+/// passt's arguments: the guest's addresses as QEMU's user networking gives
+/// them (the agent configures the guest statically for those), DNS queries
+/// to 10.0.2.3 forwarded to the host's resolver, and `--no-map-gw`: the
+/// gateway is not an alias of the host, so nothing bound to the host's
+/// loopback (other VMs' port forwards included) is reachable. IPv4 only:
+/// one address family to reason about.
+fn passt_args() -> Vec<String> {
+    ["--foreground", "--ipv4-only", "--no-map-gw", "--fd", &NET_FD.to_string()]
+        .into_iter()
+        .chain(["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"])
+        .chain(["--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--no-dhcpv6", "--no-ndp", "--no-ra"])
+        .map(String::from)
+        .collect()
+}
+
+/// Make `fd` the child's descriptor [`NET_FD`] (inheritable: `dup2` clears
+/// close-on-exec on the copy). Runs between fork and exec.
+fn inherit_as_net_fd(fd: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 is async-signal-safe; both descriptors are valid in the
+    // child (the socket pair was created before fork).
+    if unsafe { libc::dup2(fd, NET_FD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Start passt on one end of a socket pair; the other end is for QEMU.
+fn spawn_passt(spec: &VmSpec) -> Result<(Child, std::os::fd::OwnedFd), EngineError> {
+    use std::os::fd::AsRawFd;
+    let binary = std::env::var_os("MACHINEN_PASST").map(PathBuf::from).or_else(|| find_in_path("passt")).ok_or(EngineError::Missing { binary: "passt".into() })?;
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| EngineError::Spawn { binary: "socketpair".into(), source: e.into() })?;
+    let log = std::fs::File::create(spec.path_in(files::PASST_LOG)).map_err(|source| EngineError::Spawn { binary: files::PASST_LOG.into(), source })?;
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.args(passt_args()).stdin(Stdio::null()).stdout(log.try_clone().map_err(|source| EngineError::Spawn { binary: files::PASST_LOG.into(), source })?).stderr(log);
+    let fd = theirs.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (prctl, dup2) between fork and
+    // exec. PDEATHSIG: passt dies with the supervisor, like QEMU.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            inherit_as_net_fd(fd)
+        });
+    }
+    let child = Command::from(cmd).kill_on_drop(true).spawn().map_err(|source| EngineError::Spawn { binary: binary.display().to_string(), source })?;
+    drop(theirs);
+    Ok((child, ours))
 }
 
 impl QemuEngine {
@@ -165,7 +225,11 @@ impl QemuEngine {
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
-            "user,id=net0".into(),
+            match spec.network {
+                // passt's end of the socket pair is QEMU's fd 3 (see `launch`).
+                NetworkMode::Nat => format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                NetworkMode::NatHost => "user,id=net0".into(),
+            },
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
             "-device".into(),
@@ -302,21 +366,33 @@ impl Engine for QemuEngine {
             binary: "qemu.log".into(),
             source,
         })?;
+        let (passt, net_fd) = match spec.network {
+            NetworkMode::Nat => {
+                let (child, fd) = spawn_passt(spec)?;
+                (Some(child), Some(fd))
+            }
+            NetworkMode::NatHost => (None, None),
+        };
+        let qemu_net_fd = net_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = std::process::Command::new(&self.caps.binary);
         cmd.args(self.args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
-        // memory of the parent; it makes QEMU die with its supervisor, even on
-        // SIGKILL. The supervisor runs a single-threaded runtime, so the
-        // "parent" is the thread that lives as long as the process.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and dup2 are async-signal-safe and
+        // touch no memory of the parent; PDEATHSIG makes QEMU die with its
+        // supervisor, even on SIGKILL. The supervisor runs a single-threaded
+        // runtime, so the "parent" is the thread that lives as long as the
+        // process.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                match qemu_net_fd {
+                    Some(fd) => inherit_as_net_fd(fd),
+                    None => Ok(()),
+                }
             });
         }
         let mut child = Command::from(cmd)
@@ -326,6 +402,8 @@ impl Engine for QemuEngine {
                 binary: self.caps.binary.display().to_string(),
                 source,
             })?;
+        // QEMU holds its end now.
+        drop(net_fd);
         let pid = child.id().unwrap_or(0);
         let qmp_sock = connect_retry(
             &spec.path_in(files::QMP),
@@ -361,6 +439,7 @@ impl Engine for QemuEngine {
         });
         Ok(QemuMachine {
             child,
+            passt,
             pid,
             qmp,
             log_path,
@@ -371,6 +450,8 @@ impl Engine for QemuEngine {
 
 pub struct QemuMachine {
     child: Child,
+    /// The user-mode network stack (`--network nat`); killed on drop.
+    passt: Option<Child>,
     pid: u32,
     qmp: Qmp,
     log_path: PathBuf,
@@ -575,10 +656,16 @@ impl Machine for QemuMachine {
         {
             self.kill();
         }
+        if let Some(p) = &mut self.passt {
+            let _ = p.start_kill();
+        }
     }
 
     fn kill(&mut self) {
         let _ = self.child.start_kill();
+        if let Some(p) = &mut self.passt {
+            let _ = p.start_kill();
+        }
     }
 }
 
