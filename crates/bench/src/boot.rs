@@ -87,7 +87,7 @@ async fn boots(ctx: &Ctx, sec: &mut Section, image: &Path) -> Result<()> {
 }
 
 /// The CLI next to this program (for the ad-hoc row), if built.
-fn cli_binary() -> Option<std::path::PathBuf> {
+pub fn cli_binary() -> Option<std::path::PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     [dir.join("machinen"), dir.parent()?.join("machinen")]

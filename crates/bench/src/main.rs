@@ -9,6 +9,7 @@ mod exec;
 mod fork;
 mod host;
 mod memory;
+mod net;
 mod plain;
 mod ports;
 mod qemu;
@@ -39,6 +40,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ),
     ("exec", "exec round-trip latency and stdout throughput"),
     ("ports", "port-forward request latency and throughput"),
+    (
+        "net",
+        "guest download from outside: passt (nat) next to QEMU user networking (nat-host)",
+    ),
     (
         "snapshot",
         "snapshot time and bundle size (idle, N MiB touched), restore to ready",
@@ -78,7 +83,7 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, snapshot, fork, savevm, memory, scale.
+    /// exec, ports, net, snapshot, fork, savevm, memory, scale.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -284,6 +289,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "boot" => boot::run(ctx, sec).await,
         "exec" => exec::run(ctx, sec).await,
         "ports" => ports::run(ctx, sec).await,
+        "net" => net::run(ctx, sec).await,
         "snapshot" => snapshot::run(ctx, sec).await,
         "fork" => fork::run(ctx, sec).await,
         "savevm" => savevm::run(ctx, sec).await,

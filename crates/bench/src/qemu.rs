@@ -71,6 +71,12 @@ impl Guest {
                 it.next();
                 continue;
             }
+            // A VM's passt socket is inherited from its supervisor; a bare
+            // QEMU of ours gets QEMU's built-in user networking instead.
+            if a.starts_with("stream,id=net0,") {
+                out.push("user,id=net0".into());
+                continue;
+            }
             let mut a = a.replace(&self.vm_dir, &dir_s);
             if let Some(start) = a.find("mem-path=").map(|i| i + "mem-path=".len()) {
                 let end = a[start..].find(',').map_or(a.len(), |e| start + e);

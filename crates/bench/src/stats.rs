@@ -157,6 +157,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "savevm.boot_to_agent_ms",
         ),
         (
+            "outbound_nat_over_nat_host",
+            "guest download from outside: nat (passt) / nat-host (QEMU user networking)",
+            "net.outbound_nat_mib_s",
+            "net.outbound_nat_host_mib_s",
+        ),
+        (
+            "ports_nat_over_nat_host",
+            "port-forward throughput: nat / nat-host",
+            "ports.download_mib_s",
+            "ports.download_nat_host_mib_s",
+        ),
+        (
             "restore_over_boot",
             "restore to ready (idle) / cold boot (base)",
             "snapshot.restore_idle_ms",

@@ -9,7 +9,7 @@
 use std::process::{Command, Stdio};
 
 const SECTIONS: &[&str] = &[
-    "plain", "boot", "exec", "ports", "snapshot", "fork", "savevm", "memory", "scale",
+    "plain", "boot", "exec", "ports", "net", "snapshot", "fork", "savevm", "memory", "scale",
 ];
 
 #[test]
@@ -85,6 +85,9 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         "memory.pss_vm_plus_separate_forks_mib",
         "scale.restore_512m_ms",
         "scale.restore_4g_ms",
+        "ports.download_nat_host_mib_s",
+        "net.outbound_nat_mib_s",
+        "net.outbound_nat_host_mib_s",
     ] {
         assert!(rows.iter().any(|r| r["key"] == key), "row {key} missing");
     }
@@ -93,6 +96,8 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         "pss_total_over_one_vm",
         "pss_separate_total_over_one_vm",
         "restore_4g_over_512m",
+        "outbound_nat_over_nat_host",
+        "ports_nat_over_nat_host",
     ] {
         assert!(
             ratios

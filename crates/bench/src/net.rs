@@ -1,0 +1,139 @@
+//! Outbound network: a guest downloads from a server outside it, with
+//! `--network nat` (passt) next to `--network nat-host` (QEMU's built-in
+//! user networking, what every VM used before). The VMs and the server run
+//! in a network namespace of the benchmark's own, the server on an address
+//! of that namespace, so no packet leaves this machine. Needs root and
+//! `ip` (iproute2); without them the section reports nothing.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use machinen::spec::NetworkMode;
+
+use crate::ctx::{sh, stop, Ctx};
+use crate::stats::{mib, Section};
+
+/// The server's address, on the namespace's own veth (TEST-NET-1).
+const OUTSIDE: &str = "192.0.2.1";
+const PORT: u16 = 19000;
+
+/// Answers a line `N` with N × 64 KiB, then closes (as in the ports section).
+const BULK: &str = r#"use strict; use IO::Socket::INET;
+my $s = IO::Socket::INET->new(LocalAddr => shift, LocalPort => shift, Listen => 16, ReuseAddr => 1) or die "listen: $!\n";
+my $b = 'x' x 65536;
+while (my $c = $s->accept) { my $n = <$c> // 0; $n = int($n); print $c $b for 1 .. $n; close $c; }
+"#;
+
+struct Netns {
+    name: String,
+    server: Option<Child>,
+}
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        let name = format!("mnb-{}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name, server: None };
+        let addr = format!("{OUTSIDE}/24");
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            vec!["addr", "add", &addr, "dev", "v0"],
+            vec!["link", "set", "v0", "up"],
+            vec!["link", "set", "v1", "up"],
+            vec!["route", "add", "default", "dev", "v0"],
+        ] {
+            let mut a = vec!["-n", ns.name.as_str()];
+            a.extend(args);
+            ip(&a)?;
+        }
+        Ok(ns)
+    }
+
+    fn exec(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.server {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let st = Command::new("ip").args(args).stdout(Stdio::null()).status().context("running ip")?;
+    if !st.success() {
+        bail!("ip {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
+    if !is_root() {
+        eprintln!("  skipped: a network namespace needs root");
+        return Ok(());
+    }
+    let cli = crate::boot::cli_binary().context("the machinen CLI is not next to the benchmark")?;
+    let mut ns = Netns::create()?;
+    let mut server = ns.exec(std::path::Path::new("perl"));
+    server.args(["-e", BULK, OUTSIDE, &PORT.to_string()]).stdout(Stdio::null());
+    ns.server = Some(server.spawn().context("starting the server")?);
+    for network in [NetworkMode::Nat, NetworkMode::NatHost] {
+        let name = format!("net-{network}");
+        let out = ns
+            .exec(&cli)
+            .args(["boot", "--name", &name, "--detached", "--memory", &ctx.cfg.memory_mib.to_string(), "--network", network.as_str()])
+            .stdin(Stdio::null())
+            .output()
+            .context("booting in the namespace")?;
+        if !out.status.success() {
+            bail!("boot --network {network} in the namespace: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let vm = machinen::attach(&name).await?;
+        let r = measure(ctx, &vm, sec, network).await;
+        stop(vm).await?;
+        r?;
+    }
+    Ok(())
+}
+
+async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, network: NetworkMode) -> Result<()> {
+    let n = ctx.cfg.stream_mib;
+    let fetch = format!("bash -c 'exec 3<>/dev/tcp/{OUTSIDE}/{PORT} && echo {} >&3 && cat <&3' | wc -c", n * 16);
+    // The server may still be starting; the first fetch also warms up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sh(vm, &fetch).await.ok().and_then(|o| o.trim().parse::<u64>().ok()) != Some(u64::from(n) << 20) {
+        if Instant::now() > deadline {
+            bail!("the guest never downloaded {n} MiB from {OUTSIDE}:{PORT}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut tput = Vec::new();
+    for _ in 0..ctx.cfg.runs {
+        let t = Instant::now();
+        let got: u64 = sh(vm, &fetch).await?.trim().parse().context("byte count")?;
+        let secs = t.elapsed().as_secs_f64();
+        if got != u64::from(n) << 20 {
+            bail!("outbound download: got {got} bytes, wanted {n} MiB");
+        }
+        tput.push(mib(got) / secs);
+    }
+    let (key, label) = match network {
+        NetworkMode::Nat => ("outbound_nat_mib_s", "--network nat (passt)"),
+        NetworkMode::NatHost => ("outbound_nat_host_mib_s", "--network nat-host (QEMU user networking)"),
+    };
+    sec.add(key, &format!("guest download from outside ({n} MiB, {label})"), "MiB/s", tput);
+    Ok(())
+}
