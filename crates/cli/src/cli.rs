@@ -368,6 +368,10 @@ pub struct ProvisionArgs {
     /// Virtual CPUs of the install VM.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u32,
+    /// The install VM's network: `nat` (outbound only) or `nat-host`
+    /// (also the host's loopback, e.g. for a package proxy listening there).
+    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host"])]
+    pub network: String,
     /// Seconds to wait for the install VM to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub boot_timeout: u64,

@@ -72,6 +72,10 @@ pub struct ProvisionOptions {
     /// Guest RAM for the install VM; `None` = the boot default.
     pub memory_mib: Option<u32>,
     pub cpus: u32,
+    /// The install VM's network (its steps reach the outside either way;
+    /// `NatHost` also lets them reach services on the host's loopback,
+    /// e.g. a package proxy there).
+    pub network: crate::spec::NetworkMode,
     pub boot_timeout: Duration,
     pub progress: ProgressMode,
 }
@@ -87,6 +91,7 @@ impl Default for ProvisionOptions {
             cwd: None,
             memory_mib: None,
             cpus: 1,
+            network: crate::spec::NetworkMode::default(),
             boot_timeout: Duration::from_secs(120),
             progress: ProgressMode::Auto,
         }
@@ -319,6 +324,7 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         name: Some(name),
         memory_mib: opts.memory_mib,
         cpus: opts.cpus,
+        network: opts.network,
         detached: false,
         boot_timeout: opts.boot_timeout,
         progress: opts.progress,

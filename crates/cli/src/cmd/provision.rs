@@ -135,6 +135,10 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         cwd: a.process.cwd.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
+        network: a
+            .network
+            .parse()
+            .map_err(|e: String| machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e))?,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         progress: if a.json {
             ProgressMode::Quiet
