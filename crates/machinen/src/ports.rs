@@ -52,6 +52,21 @@ pub fn parse(s: &str) -> Result<PortForward, Failure> {
     })
 }
 
+/// The host socket address of a forward (IPv6 addresses need brackets
+/// when spelled with a port, so never build it from strings).
+pub fn host_socket_addr(p: &PortForward) -> Option<std::net::SocketAddr> {
+    let ip: IpAddr = p.host_addr.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, p.host_port))
+}
+
+/// `ADDR:HOST->GUEST`, with an IPv6 address in brackets.
+pub fn display(p: &PortForward) -> String {
+    match host_socket_addr(p) {
+        Some(a) => format!("{a}->{}", p.guest_port),
+        None => format!("{}:{}->{}", p.host_addr, p.host_port, p.guest_port),
+    }
+}
+
 fn overlaps(a: &PortForward, b: &PortForward) -> bool {
     let wild = |x: &str| x == "0.0.0.0" || x == "::";
     a.host_port == b.host_port
@@ -106,7 +121,11 @@ mod tests {
             }
         );
         assert_eq!(parse("0.0.0.0:1:2").expect("3").host_addr, "0.0.0.0");
-        assert_eq!(parse("[::1]:5:6").expect("v6").host_addr, "::1");
+        let v6 = parse("[::1]:5:6").expect("v6");
+        assert_eq!(v6.host_addr, "::1");
+        assert_eq!(host_socket_addr(&v6), Some("[::1]:5".parse().expect("addr")));
+        assert_eq!(display(&v6), "[::1]:5->6");
+        assert_eq!(display(&parse("1:2").expect("v4")), "127.0.0.1:1->2");
         for bad in [
             "80", "a:80", "0:80", "80:70000", "x.y:1:2", "1:2:3:4", "[::1:5:6",
         ] {

@@ -18,12 +18,15 @@ pub async fn bind_all(
 ) -> Result<Vec<(PortForward, TcpListener)>, (PortForward, std::io::Error)> {
     let mut out = Vec::new();
     for p in ports {
-        let addr: SocketAddr = match format!("{}:{}", p.host_addr, p.host_port).parse() {
-            Ok(a) => a,
-            Err(e) => {
+        let addr: SocketAddr = match machinen::ports::host_socket_addr(p) {
+            Some(a) => a,
+            None => {
                 return Err((
                     p.clone(),
-                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{:?} is not an IP address", p.host_addr),
+                    ),
                 ))
             }
         };

@@ -17,7 +17,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
             let ports = v
                 .ports
                 .iter()
-                .map(|p| format!("{}:{}->{}", p.host_addr, p.host_port, p.guest_port))
+                .map(machinen::ports::display)
                 .collect::<Vec<_>>()
                 .join(",");
             [

@@ -21,11 +21,16 @@ fn free_port() -> u16 {
 
 /// GET / on a forwarded port; the counter's answer as a number.
 fn count(port: u16) -> u64 {
+    count_at("127.0.0.1", port)
+}
+
+/// GET / on `addr:port`; the counter's answer as a number.
+fn count_at(addr: &str, port: u16) -> u64 {
     let mut last = String::new();
     // The forward may race the guest server's first accept right after a
     // start; retry briefly.
     for _ in 0..50 {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+        if let Ok(mut s) = TcpStream::connect((addr, port)) {
             s.set_read_timeout(Some(Duration::from_secs(20)))
                 .expect("timeout");
             let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
@@ -468,7 +473,34 @@ fn port_forward_conflicts_refused_ports_and_heavy_traffic() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("BOOT_PORT_FORWARD_CONFLICT"));
 
-    counter_vm(&env, "fw", p1);
+    // The counter VM also listens on IPv6 loopback.
+    let p6 = free_port();
+    env.json(&[
+        "boot",
+        "--name",
+        "fw",
+        "--memory",
+        "512",
+        "--detached",
+        "--json",
+        "-p",
+        &format!("{p1}:8080"),
+        "-p",
+        &format!("[::1]:{p6}:8080"),
+    ]);
+    put(&env, "fw", "/root/counter.pl", COUNTER);
+    env.run_ok(&[
+        "exec",
+        "fw",
+        "--",
+        "sh",
+        "-c",
+        "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &",
+    ]);
+    let first = count(p1);
+    assert_eq!(count_at("::1", p6), first + 1, "the IPv6 forward reaches the same server");
+    let ls = env.run_ok(&["ls"]);
+    assert!(ls.contains(&format!("[::1]:{p6}->8080")), "{ls}");
     let out = env.run(&[
         "boot",
         "--name",
@@ -504,7 +536,7 @@ fn port_forward_conflicts_refused_ports_and_heavy_traffic() {
         .map(|t| t.join().expect("join"))
         .collect();
     got.sort_unstable();
-    assert_eq!(got, (1..=40).collect::<Vec<u64>>());
+    assert_eq!(got, (first + 2..=first + 41).collect::<Vec<u64>>());
 
     // A large transfer both ways through a guest echo server.
     let echo = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => 9000, Listen => 5, ReuseAddr => 1) or die; \
