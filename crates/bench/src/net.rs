@@ -64,12 +64,18 @@ impl Drop for Netns {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let st = Command::new("ip").args(args).stdout(Stdio::null()).status().context("running ip")?;
+    let st = Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .context("running ip")?;
     if !st.success() {
         bail!("ip {} failed ({st})", args.join(" "));
     }
@@ -88,18 +94,32 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let cli = crate::boot::cli_binary().context("the machinen CLI is not next to the benchmark")?;
     let mut ns = Netns::create()?;
     let mut server = ns.exec(std::path::Path::new("perl"));
-    server.args(["-e", BULK, OUTSIDE, &PORT.to_string()]).stdout(Stdio::null());
+    server
+        .args(["-e", BULK, OUTSIDE, &PORT.to_string()])
+        .stdout(Stdio::null());
     ns.server = Some(server.spawn().context("starting the server")?);
     for network in [NetworkMode::Nat, NetworkMode::NatHost] {
         let name = format!("net-{network}");
         let out = ns
             .exec(&cli)
-            .args(["boot", "--name", &name, "--detached", "--memory", &ctx.cfg.memory_mib.to_string(), "--network", network.as_str()])
+            .args([
+                "boot",
+                "--name",
+                &name,
+                "--detached",
+                "--memory",
+                &ctx.cfg.memory_mib.to_string(),
+                "--network",
+                network.as_str(),
+            ])
             .stdin(Stdio::null())
             .output()
             .context("booting in the namespace")?;
         if !out.status.success() {
-            bail!("boot --network {network} in the namespace: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "boot --network {network} in the namespace: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let vm = machinen::attach(&name).await?;
         let r = measure(ctx, &vm, sec, network).await;
@@ -109,12 +129,25 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     Ok(())
 }
 
-async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, network: NetworkMode) -> Result<()> {
+async fn measure(
+    ctx: &Ctx,
+    vm: &machinen::Vm,
+    sec: &mut Section,
+    network: NetworkMode,
+) -> Result<()> {
     let n = ctx.cfg.stream_mib;
-    let fetch = format!("bash -c 'exec 3<>/dev/tcp/{OUTSIDE}/{PORT} && echo {} >&3 && cat <&3' | wc -c", n * 16);
+    let fetch = format!(
+        "bash -c 'exec 3<>/dev/tcp/{OUTSIDE}/{PORT} && echo {} >&3 && cat <&3' | wc -c",
+        n * 16
+    );
     // The server may still be starting; the first fetch also warms up.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sh(vm, &fetch).await.ok().and_then(|o| o.trim().parse::<u64>().ok()) != Some(u64::from(n) << 20) {
+    while sh(vm, &fetch)
+        .await
+        .ok()
+        .and_then(|o| o.trim().parse::<u64>().ok())
+        != Some(u64::from(n) << 20)
+    {
         if Instant::now() > deadline {
             bail!("the guest never downloaded {n} MiB from {OUTSIDE}:{PORT}");
         }
@@ -132,8 +165,16 @@ async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section, network: Netwo
     }
     let (key, label) = match network {
         NetworkMode::Nat => ("outbound_nat_mib_s", "--network nat (passt)"),
-        NetworkMode::NatHost => ("outbound_nat_host_mib_s", "--network nat-host (QEMU user networking)"),
+        NetworkMode::NatHost => (
+            "outbound_nat_host_mib_s",
+            "--network nat-host (QEMU user networking)",
+        ),
     };
-    sec.add(key, &format!("guest download from outside ({n} MiB, {label})"), "MiB/s", tput);
+    sec.add(
+        key,
+        &format!("guest download from outside ({n} MiB, {label})"),
+        "MiB/s",
+        tput,
+    );
     Ok(())
 }

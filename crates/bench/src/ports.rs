@@ -115,7 +115,10 @@ async fn measure(
     }
     let (key, label) = match network {
         NetworkMode::Nat => ("download_mib_s", String::new()),
-        NetworkMode::NatHost => ("download_nat_host_mib_s", ", --network nat-host".to_string()),
+        NetworkMode::NatHost => (
+            "download_nat_host_mib_s",
+            ", --network nat-host".to_string(),
+        ),
     };
     sec.add(
         key,

@@ -123,7 +123,10 @@ mod tests {
         assert_eq!(parse("0.0.0.0:1:2").expect("3").host_addr, "0.0.0.0");
         let v6 = parse("[::1]:5:6").expect("v6");
         assert_eq!(v6.host_addr, "::1");
-        assert_eq!(host_socket_addr(&v6), Some("[::1]:5".parse().expect("addr")));
+        assert_eq!(
+            host_socket_addr(&v6),
+            Some("[::1]:5".parse().expect("addr"))
+        );
         assert_eq!(display(&v6), "[::1]:5->6");
         assert_eq!(display(&parse("1:2").expect("v4")), "127.0.0.1:1->2");
         for bad in [

@@ -176,7 +176,10 @@ fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
     if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
     }
     let mut bytes = Vec::new();
     f.take(1 << 20).read_to_end(&mut bytes)?;

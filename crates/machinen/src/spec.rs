@@ -205,7 +205,10 @@ impl NetworkMode {
 impl std::str::FromStr for NetworkMode {
     type Err = String;
     fn from_str(s: &str) -> Result<NetworkMode, String> {
-        NetworkMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| format!("unknown network mode {s:?} (nat or nat-host)"))
+        NetworkMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown network mode {s:?} (nat or nat-host)"))
     }
 }
 

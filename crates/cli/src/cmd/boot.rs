@@ -74,7 +74,10 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         name: a.name.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
-        network: a.network.parse().map_err(|e: String| fail(ErrorCode::BootArgsInvalid, e))?,
+        network: a
+            .network
+            .parse()
+            .map_err(|e: String| fail(ErrorCode::BootArgsInvalid, e))?,
         detached: a.detached,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         accel: None,

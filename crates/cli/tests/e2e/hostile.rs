@@ -87,7 +87,10 @@ fn refused(env: &Env, bundle: &Path, needle: &str) {
 fn hostile_bundles_are_refused_without_hanging_or_reaching_host_files() {
     let env = Env::new();
     // Bundles live outside the registry, as users keep them.
-    let tmp = tempfile::Builder::new().prefix("mn-bundles-").tempdir_in("/tmp").expect("tmp");
+    let tmp = tempfile::Builder::new()
+        .prefix("mn-bundles-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
     let dir = tmp.path();
     env.json(&[
         "boot",
@@ -141,7 +144,8 @@ fn hostile_bundles_are_refused_without_hanging_or_reaching_host_files() {
     );
 
     // Special files where regular ones belong: refused at once, no hang.
-    let special: [(&str, &dyn Fn(&Path)); 5] = [
+    type Make<'a> = &'a dyn Fn(&Path);
+    let special: [(&str, Make); 5] = [
         ("meta.json", &|p| {
             assert!(Command::new("mkfifo")
                 .arg(p)
@@ -208,11 +212,10 @@ fn hostile_bundles_are_refused_without_hanging_or_reaching_host_files() {
     ]);
     rehash(&b, "rootdisk.qcow2");
     env.run_ok(&["restore", path(&b), "--name", "backed", "--detached"]);
-    assert_eq!(
-        env.run_ok(&["exec", "backed", "--", "cat", "/etc/debian_version"])
+    assert!(
+        !env.run_ok(&["exec", "backed", "--", "cat", "/etc/debian_version"])
             .trim()
             .is_empty(),
-        false,
         "the guest reads its own image"
     );
     let layer = env

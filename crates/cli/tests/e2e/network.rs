@@ -20,11 +20,19 @@ const OUTSIDE: &str = "192.0.2.1";
 impl Netns {
     fn new() -> Option<Netns> {
         let name = format!("mn-e2e-{}", std::process::id());
-        let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         if !ok(&["netns", "add", &name]) {
             return None;
         }
-        let ns = Netns { name, servers: Vec::new() };
+        let ns = Netns {
+            name,
+            servers: Vec::new(),
+        };
         let addr = format!("{OUTSIDE}/24");
         for args in [
             vec!["link", "set", "lo", "up"],
@@ -46,18 +54,43 @@ impl Netns {
     fn serve(&mut self, addr: &str, port: u16) {
         let server = r#"$s=IO::Socket::INET->new(LocalAddr=>$ARGV[0],LocalPort=>$ARGV[1],Listen=>16,ReuseAddr=>1) or die "listen: $!"; while($c=$s->accept){print $c "BANNER $ARGV[0]:$ARGV[1]\n"; close $c}"#;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "perl", "-MIO::Socket::INET", "-e", server, addr, &port.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "perl",
+                "-MIO::Socket::INET",
+                "-e",
+                server,
+                addr,
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("server");
         self.servers.push(child);
-        let probe = r#"exit(IO::Socket::INET->new(PeerAddr=>$ARGV[0],PeerPort=>$ARGV[1],Timeout=>1)?0:1)"#;
-        wait_until("the namespace's server to listen", Duration::from_secs(10), || {
-            Command::new("ip")
-                .args(["netns", "exec", &self.name, "perl", "-MIO::Socket::INET", "-e", probe, addr, &port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        let probe =
+            r#"exit(IO::Socket::INET->new(PeerAddr=>$ARGV[0],PeerPort=>$ARGV[1],Timeout=>1)?0:1)"#;
+        wait_until(
+            "the namespace's server to listen",
+            Duration::from_secs(10),
+            || {
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &self.name,
+                        "perl",
+                        "-MIO::Socket::INET",
+                        "-e",
+                        probe,
+                        addr,
+                        &port.to_string(),
+                    ])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
     }
 
     /// `machinen ARGS` inside the namespace (its supervisor, QEMU and passt
@@ -66,7 +99,10 @@ impl Netns {
     fn machinen(&self, env: &Env, args: &[&str]) -> String {
         let mut c = env.cmd(&[]);
         let bin = c.get_program().to_owned();
-        let envs: Vec<_> = c.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        let envs: Vec<_> = c
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+            .collect();
         c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(bin).args(args);
         for (k, v) in envs {
@@ -76,7 +112,11 @@ impl Netns {
             };
         }
         let out = c.stdin(Stdio::null()).output().expect("machinen");
-        assert!(out.status.success(), "machinen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "machinen {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -87,15 +127,20 @@ impl Drop for Netns {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// What the guest gets from `addr:port`: the banner, or "" when the
 /// connection fails.
 fn guest_fetch(env: &Env, vm: &str, addr: &str, port: u16) -> String {
-    let script = format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && cat <&3' 2>/dev/null; true");
-    env.run_ok(&["exec", vm, "--", "sh", "-c", &script]).trim().to_string()
+    let script =
+        format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && cat <&3' 2>/dev/null; true");
+    env.run_ok(&["exec", vm, "--", "sh", "-c", &script])
+        .trim()
+        .to_string()
 }
 
 #[test]
@@ -114,45 +159,124 @@ fn guests_reach_outside_but_not_the_host_loopback_unless_asked() {
 
     // `nat-host` is the explicit opt-in: its guest reaches the host's
     // loopback, which shows that the checks below can see a leak.
-    ns.machinen(&env, &["boot", "--name", "open", "--memory", "256", "--detached", "--network", "nat-host", "-p", &format!("{forward_port}:8080")]);
+    ns.machinen(
+        &env,
+        &[
+            "boot",
+            "--name",
+            "open",
+            "--memory",
+            "256",
+            "--detached",
+            "--network",
+            "nat-host",
+            "-p",
+            &format!("{forward_port}:8080"),
+        ],
+    );
     env.run_ok(&["exec", "open", "--", "sh", "-c", "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>8080,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"BANNER forward\\n\"; close $c}' >/dev/null 2>&1 &"]);
-    wait_until("the forwarded server", Duration::from_secs(20), || guest_fetch(&env, "open", "127.0.0.1", 8080) == "BANNER forward");
-    assert_eq!(guest_fetch(&env, "open", OUTSIDE, outside_port), format!("BANNER {OUTSIDE}:{outside_port}"));
-    assert_eq!(guest_fetch(&env, "open", "10.0.2.2", loopback_port), format!("BANNER 127.0.0.1:{loopback_port}"), "nat-host maps the gateway to the host's loopback");
-    assert_eq!(guest_fetch(&env, "open", "10.0.2.2", forward_port), "BANNER forward", "and so to published ports");
+    wait_until("the forwarded server", Duration::from_secs(20), || {
+        guest_fetch(&env, "open", "127.0.0.1", 8080) == "BANNER forward"
+    });
+    assert_eq!(
+        guest_fetch(&env, "open", OUTSIDE, outside_port),
+        format!("BANNER {OUTSIDE}:{outside_port}")
+    );
+    assert_eq!(
+        guest_fetch(&env, "open", "10.0.2.2", loopback_port),
+        format!("BANNER 127.0.0.1:{loopback_port}"),
+        "nat-host maps the gateway to the host's loopback"
+    );
+    assert_eq!(
+        guest_fetch(&env, "open", "10.0.2.2", forward_port),
+        "BANNER forward",
+        "and so to published ports"
+    );
 
     // The default: outside yes, the host's loopback and other VMs'
     // published ports no.
-    ns.machinen(&env, &["boot", "--name", "iso", "--memory", "256", "--detached"]);
-    assert_eq!(guest_fetch(&env, "iso", OUTSIDE, outside_port), format!("BANNER {OUTSIDE}:{outside_port}"), "outbound works");
-    assert_eq!(guest_fetch(&env, "iso", "10.0.2.2", loopback_port), "", "the host's loopback is out of reach");
-    assert_eq!(guest_fetch(&env, "iso", "10.0.2.2", forward_port), "", "another VM's published port is out of reach");
+    ns.machinen(
+        &env,
+        &["boot", "--name", "iso", "--memory", "256", "--detached"],
+    );
+    assert_eq!(
+        guest_fetch(&env, "iso", OUTSIDE, outside_port),
+        format!("BANNER {OUTSIDE}:{outside_port}"),
+        "outbound works"
+    );
+    assert_eq!(
+        guest_fetch(&env, "iso", "10.0.2.2", loopback_port),
+        "",
+        "the host's loopback is out of reach"
+    );
+    assert_eq!(
+        guest_fetch(&env, "iso", "10.0.2.2", forward_port),
+        "",
+        "another VM's published port is out of reach"
+    );
 
     // A restore and a fork keep the isolation (and the network).
-    let bundles = tempfile::Builder::new().prefix("mn-net-").tempdir_in("/tmp").expect("tmp");
+    let bundles = tempfile::Builder::new()
+        .prefix("mn-net-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
     let snap = bundles.path().join("iso.snap");
     env.run_ok(&["snapshot", "iso", snap.to_str().expect("path")]);
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta")).expect("json");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta"))
+            .expect("json");
     assert_eq!(meta["network"], "nat", "the bundle records the mode");
-    ns.machinen(&env, &["restore", snap.to_str().expect("path"), "--name", "iso2", "--detached"]);
-    assert_eq!(guest_fetch(&env, "iso2", OUTSIDE, outside_port), format!("BANNER {OUTSIDE}:{outside_port}"));
+    ns.machinen(
+        &env,
+        &[
+            "restore",
+            snap.to_str().expect("path"),
+            "--name",
+            "iso2",
+            "--detached",
+        ],
+    );
+    assert_eq!(
+        guest_fetch(&env, "iso2", OUTSIDE, outside_port),
+        format!("BANNER {OUTSIDE}:{outside_port}")
+    );
     assert_eq!(guest_fetch(&env, "iso2", "10.0.2.2", loopback_port), "");
     // The passt of a stopped VM goes with it.
-    let sup = env.json(&["ls", "--json"]).as_array().expect("ls").iter().find(|v| v["name"] == "iso2").and_then(|v| v["pid"].as_u64()).expect("iso2 pid");
+    let sup = env
+        .json(&["ls", "--json"])
+        .as_array()
+        .expect("ls")
+        .iter()
+        .find(|v| v["name"] == "iso2")
+        .and_then(|v| v["pid"].as_u64())
+        .expect("iso2 pid");
     let passt = children_named(sup, "passt");
     assert_eq!(passt.len(), 1, "one passt per VM");
     env.run_ok(&["stop", "iso2"]);
-    wait_until("the stopped VM's passt to exit", Duration::from_secs(10), || !super::pid_alive(passt[0]));
+    wait_until(
+        "the stopped VM's passt to exit",
+        Duration::from_secs(10),
+        || !super::pid_alive(passt[0]),
+    );
 }
 
 /// Pids of the processes whose name starts with `comm` and whose parent is `parent`.
 fn children_named(parent: u64, comm: &str) -> Vec<u64> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let ppid = stat[close + 2..].split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok());
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u64>().ok());
         // Debian's passt execs a CPU-specific build (`passt.avx2`).
         if stat[open + 1..close].starts_with(comm) && ppid == Some(parent) {
             out.push(pid);
@@ -162,5 +286,8 @@ fn children_named(parent: u64, comm: &str) -> Vec<u64> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

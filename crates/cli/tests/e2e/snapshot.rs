@@ -498,7 +498,11 @@ fn port_forward_conflicts_refused_ports_and_heavy_traffic() {
         "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &",
     ]);
     let first = count(p1);
-    assert_eq!(count_at("::1", p6), first + 1, "the IPv6 forward reaches the same server");
+    assert_eq!(
+        count_at("::1", p6),
+        first + 1,
+        "the IPv6 forward reaches the same server"
+    );
     let ls = env.run_ok(&["ls"]);
     assert!(ls.contains(&format!("[::1]:{p6}->8080")), "{ls}");
     let out = env.run(&[

@@ -53,12 +53,33 @@ const NET_FD: i32 = 3;
 /// loopback (other VMs' port forwards included) is reachable. IPv4 only:
 /// one address family to reason about.
 fn passt_args() -> Vec<String> {
-    ["--foreground", "--ipv4-only", "--no-map-gw", "--fd", &NET_FD.to_string()]
-        .into_iter()
-        .chain(["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"])
-        .chain(["--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--no-dhcpv6", "--no-ndp", "--no-ra"])
-        .map(String::from)
-        .collect()
+    [
+        "--foreground",
+        "--ipv4-only",
+        "--no-map-gw",
+        "--fd",
+        &NET_FD.to_string(),
+    ]
+    .into_iter()
+    .chain([
+        "--address",
+        "10.0.2.15",
+        "--netmask",
+        "24",
+        "--gateway",
+        "10.0.2.2",
+    ])
+    .chain([
+        "--dns-forward",
+        "10.0.2.3",
+        "--dns",
+        "10.0.2.3",
+        "--no-dhcpv6",
+        "--no-ndp",
+        "--no-ra",
+    ])
+    .map(String::from)
+    .collect()
 }
 
 /// Make `fd` the child's descriptor [`NET_FD`] (inheritable: `dup2` clears
@@ -75,17 +96,36 @@ fn inherit_as_net_fd(fd: i32) -> std::io::Result<()> {
 /// Start passt on one end of a socket pair; the other end is for QEMU.
 fn spawn_passt(spec: &VmSpec) -> Result<(Child, std::os::fd::OwnedFd), EngineError> {
     use std::os::fd::AsRawFd;
-    let binary = std::env::var_os("MACHINEN_PASST").map(PathBuf::from).or_else(|| find_in_path("passt")).ok_or(EngineError::Missing { binary: "passt".into() })?;
+    let binary = std::env::var_os("MACHINEN_PASST")
+        .map(PathBuf::from)
+        .or_else(|| find_in_path("passt"))
+        .ok_or(EngineError::Missing {
+            binary: "passt".into(),
+        })?;
     let (ours, theirs) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::Stream,
         None,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| EngineError::Spawn { binary: "socketpair".into(), source: e.into() })?;
-    let log = std::fs::File::create(spec.path_in(files::PASST_LOG)).map_err(|source| EngineError::Spawn { binary: files::PASST_LOG.into(), source })?;
+    .map_err(|e| EngineError::Spawn {
+        binary: "socketpair".into(),
+        source: e.into(),
+    })?;
+    let log = std::fs::File::create(spec.path_in(files::PASST_LOG)).map_err(|source| {
+        EngineError::Spawn {
+            binary: files::PASST_LOG.into(),
+            source,
+        }
+    })?;
     let mut cmd = std::process::Command::new(&binary);
-    cmd.args(passt_args()).stdin(Stdio::null()).stdout(log.try_clone().map_err(|source| EngineError::Spawn { binary: files::PASST_LOG.into(), source })?).stderr(log);
+    cmd.args(passt_args())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|source| EngineError::Spawn {
+            binary: files::PASST_LOG.into(),
+            source,
+        })?)
+        .stderr(log);
     let fd = theirs.as_raw_fd();
     // SAFETY: only async-signal-safe calls (prctl, dup2) between fork and
     // exec. PDEATHSIG: passt dies with the supervisor, like QEMU.
@@ -97,7 +137,13 @@ fn spawn_passt(spec: &VmSpec) -> Result<(Child, std::os::fd::OwnedFd), EngineErr
             inherit_as_net_fd(fd)
         });
     }
-    let child = Command::from(cmd).kill_on_drop(true).spawn().map_err(|source| EngineError::Spawn { binary: binary.display().to_string(), source })?;
+    let child = Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| EngineError::Spawn {
+            binary: binary.display().to_string(),
+            source,
+        })?;
     drop(theirs);
     Ok((child, ours))
 }
@@ -227,7 +273,9 @@ impl QemuEngine {
             "-netdev".into(),
             match spec.network {
                 // passt's end of the socket pair is QEMU's fd 3 (see `launch`).
-                NetworkMode::Nat => format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                NetworkMode::Nat => {
+                    format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}")
+                }
                 NetworkMode::NatHost => "user,id=net0".into(),
             },
             "-device".into(),
