@@ -1288,7 +1288,7 @@ mod tests {
                 .as_deref(),
             Some(Digest::Blake3Sparse.name())
         );
-        assert_eq!(m.version, 3);
+        assert_eq!(m.version, FORMAT_VERSION);
         let f = fs::OpenOptions::new()
             .write(true)
             .open(dest.join(RAM))
