@@ -47,6 +47,7 @@ error_codes! {
     BootImageInvalid = "BOOT_IMAGE_INVALID",
     BootPortForwardInUse = "BOOT_PORT_FORWARD_IN_USE",
     BootPortForwardConflict = "BOOT_PORT_FORWARD_CONFLICT",
+    BootRamDirFull = "BOOT_RAM_DIR_FULL",
     // assets and images
     ProvisionBaseNotFound = "PROVISION_BASE_NOT_FOUND",
     ProvisionKernelNotFound = "PROVISION_KERNEL_NOT_FOUND",
@@ -72,6 +73,7 @@ error_codes! {
     RegistryNameInvalid = "REGISTRY_NAME_INVALID",
     RegistryNotFound = "REGISTRY_NOT_FOUND",
     RegistryIo = "REGISTRY_IO",
+    ControlPermissionDenied = "CONTROL_PERMISSION_DENIED",
     StopTimeout = "STOP_TIMEOUT",
     StopFailed = "STOP_FAILED",
     GcFailed = "GC_FAILED",
@@ -118,6 +120,7 @@ impl ErrorCode {
                 | StopTimeout
                 | InstallFetchFailed
                 | SnapshotTimeout
+                | BootRamDirFull
         )
     }
 
@@ -208,6 +211,8 @@ pub enum Error {
     Provision(#[from] crate::provision::ProvisionError),
     #[error(transparent)]
     Bundle(#[from] crate::bundle::BundleError),
+    #[error(transparent)]
+    Ram(#[from] crate::ramdir::RamError),
 }
 
 impl Error {
@@ -219,6 +224,7 @@ impl Error {
             Error::Registry(e) => e,
             Error::Provision(e) => e,
             Error::Bundle(e) => e,
+            Error::Ram(e) => e,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod provision;
 pub mod pty;
 pub mod qcow2;
+pub mod ramdir;
 pub mod registry;
 pub mod restore;
 pub mod sandboxes;

@@ -433,17 +433,15 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let disk = claim.dir.join(files::DISK);
     let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
     let own_ram = match (&bundle_ram, opts.own_ram) {
-        (Some(_), true) => {
-            match crate::spec::ram_file_for(&claim.id, meta.memory_mib) {
-                Some(f) => Some(f),
-                None => {
-                    let _ = reg.remove(&claim.id);
-                    return Err(fail(ErrorCode::BootArgsInvalid, format!("no room for a {} MiB RAM file in tmpfs", meta.memory_mib))
-                    .hint("free space in /dev/shm (or MACHINEN_RAM_DIR), or restore without --own-ram")
-                    .into());
-                }
+        // Admitted under the registry lock; the copy below creates it at
+        // full size at once, so later admissions count it.
+        (Some(_), true) => match crate::ramdir::admit_path(&claim.id, meta.memory_mib) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let _ = reg.remove(&claim.id);
+                return Err(e.into());
             }
-        }
+        },
         (None, true) => {
             let _ = reg.remove(&claim.id);
             return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")

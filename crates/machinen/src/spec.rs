@@ -95,20 +95,6 @@ pub struct RestoreSpec {
     pub gate: bool,
 }
 
-/// Where a fresh VM's RAM file goes: tmpfs, when it has room for the whole
-/// memory ceiling (a full tmpfs would kill the guest with SIGBUS).
-pub fn ram_file_for(id: &str, memory_mib: u32) -> Option<PathBuf> {
-    let dir = std::env::var_os("MACHINEN_RAM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
-    if std::env::var_os("MACHINEN_RAM_DIR").is_some_and(|v| v.is_empty()) {
-        return None; // explicitly off
-    }
-    let st = nix::sys::statvfs::statvfs(&dir).ok()?;
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-    (free >= (memory_mib as u64) << 20).then(|| dir.join(format!("machinen-{id}.ram")))
-}
-
 impl VmSpec {
     pub fn path_in(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -274,7 +274,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         created_at_ms: registry::now_ms(),
         ports: opts.ports.clone(),
         zero_freed_memory: !opts.secrets.is_empty(),
-        ram_file: crate::spec::ram_file_for(&claim.id, memory_mib),
+        ram_file: None,
         restore: None,
         network: opts.network,
     };
@@ -282,6 +282,10 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         let _ = reg.remove(&claim.id);
         return Err(e.into());
     }
+    let spec = VmSpec {
+        ram_file: boot_ram_file(&claim.id, memory_mib),
+        ..spec
+    };
     let launch = Launch {
         name: Some(name),
         image: Some(tarball),
@@ -298,6 +302,21 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         }
     }
     Ok(vm)
+}
+
+/// A booted VM's RAM: a file in the RAM directory when the directory
+/// admits it (see [`crate::ramdir`]; under the registry lock), else
+/// anonymous memory, which works as well but makes its snapshots carry the
+/// RAM in the migration stream (slower). A VM is never given a RAM file the
+/// directory cannot hold once every VM there has touched all its memory.
+fn boot_ram_file(id: &str, memory_mib: u32) -> Option<PathBuf> {
+    match crate::ramdir::reserve(id, memory_mib) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::info!("guest RAM of {id} is anonymous memory: {e}");
+            None
+        }
+    }
 }
 
 /// The cached ext4 image of `tarball`, built once and reused (blocking file
