@@ -26,7 +26,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -420,6 +420,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
     let to = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(io(dst))?;
     to.set_len(len).map_err(io(dst))?;
@@ -515,7 +516,11 @@ impl Builder {
             .unwrap_or_else(|| "bundle".into());
         let tmp = parent.join(format!(".{base}.partial-{:08x}", rand::random::<u32>()));
         record(&tmp).map_err(io(&tmp))?;
-        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        // 0700 from the start: a bundle holds guest RAM and disk.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io(&tmp))?;
         Ok(Builder { tmp, dest })
     }
 
@@ -533,7 +538,13 @@ impl Builder {
             file: meta_path.clone(),
             detail: e.to_string(),
         })?;
-        fs::write(&meta_path, bytes).map_err(io(&meta_path))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&meta_path)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(io(&meta_path))?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
         let dest = self.dest.clone();
         std::mem::forget(self);
@@ -599,7 +610,13 @@ impl Drop for Builder {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
-    let mut f = fs::File::create(path).map_err(io(path))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }

@@ -343,7 +343,8 @@ pub fn ensure_rootfs_image(
 ) -> Result<CachedImage, ImageError> {
     validate_tarball(tarball)?;
     let images = paths.cache.join("images");
-    fs::create_dir_all(&images).map_err(cache_io("create", &images))?;
+    // Private: an image built from the user's tarball may hold their data.
+    fsutil::create_private_dir_all(&images).map_err(cache_io("create", &images))?;
 
     let sha256 = hashindex::content_sha256(&images.join("hashes"), tarball, progress)?;
     let dest = images.join(format!("{sha256}.ext4"));
@@ -500,9 +501,10 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
         source,
     })?;
 
-    // Read-only on the host: VMs only ever write to their own overlays.
+    // Read-only on the host (VMs only ever write to their own overlays), and
+    // readable by its owner only: it holds whatever the user's tarball held.
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&img, fs::Permissions::from_mode(0o444))
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o400))
         .map_err(cache_io("protect", &img))?;
     fsutil::persist(&img, dest).map_err(cache_io("store", dest))?;
     if fakeroot.is_some() {
@@ -551,6 +553,21 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
         }
     };
     let tmp = fsutil::temp_sibling(overlay, "tmp");
+    // qemu-img keeps the mode of a file that exists: the layer is 0600 from
+    // the start, whatever this process's umask.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|source| ImageError::CacheIo {
+                action: "create",
+                path: tmp.clone(),
+                source,
+            })?;
+    }
     let mut cmd = tool::command(qemu_img);
     cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)

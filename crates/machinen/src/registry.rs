@@ -14,6 +14,7 @@
 
 use std::fs;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -213,7 +214,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+/// Write `bytes` to `path` atomically: temp file (0600), fsync, rename,
+/// fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::assets::fsutil::write_atomic(path, bytes)
 }
@@ -246,8 +248,11 @@ impl Registry {
         &self.root
     }
 
+    /// The root is private to the user who owns the registry (0700): other
+    /// users cannot list, read or connect to anything in it. A root made by
+    /// an older version with 0755 is tightened here.
     fn ensure_root(&self) -> Result<(), RegistryError> {
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))
+        crate::assets::fsutil::create_private_dir_all(&self.root).map_err(io_err(&self.root))
     }
 
     /// Take the registry lock (blocking; held only for short critical sections).
@@ -258,6 +263,7 @@ impl Registry {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_err(&path))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -289,6 +295,7 @@ impl Registry {
 
     /// The per-VM directories (a missing registry has none).
     fn vm_dirs(&self) -> Result<Vec<fs::DirEntry>, RegistryError> {
+        crate::assets::fsutil::tighten_dir(&self.root);
         match fs::read_dir(&self.root) {
             Ok(rd) => Ok(rd
                 .flatten()
@@ -348,7 +355,7 @@ impl Registry {
         loop {
             let id = random_id();
             let dir = self.dir(&id);
-            match fs::create_dir(&dir) {
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => return Ok(Claim { id, dir }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {

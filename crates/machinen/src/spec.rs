@@ -18,6 +18,7 @@ pub mod files {
     pub const VMM_LOG: &str = "vmm.log";
     /// passt's output (`--network nat`).
     pub const PASST_LOG: &str = "passt.log";
+    pub const QEMU_LOG: &str = "qemu.log";
     pub const DISK: &str = "disk.qcow2";
 }
 

@@ -486,6 +486,18 @@ async fn open_gate(child: &mut tokio::process::Child, gate: Gate, detached: bool
     Ok(())
 }
 
+/// Create (or truncate) a file only its owner can read: logs of a VM may
+/// show what ran in it.
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> {
     let spec_path = spec.path_in(files::SPEC);
     let bytes = serde_json::to_vec_pretty(spec)
@@ -497,7 +509,7 @@ fn spawn_supervisor(vmm: &Path, spec: &VmSpec) -> Result<tokio::process::Child> 
         )
         .source(e)
     })?;
-    let log = std::fs::File::create(spec.path_in(files::VMM_LOG))
+    let log = private_file(&spec.path_in(files::VMM_LOG))
         .map_err(|e| fail(ErrorCode::RegistryIo, "cannot create the supervisor log").source(e))?;
     let mut cmd = std::process::Command::new(vmm);
     cmd.arg("--spec")
@@ -592,6 +604,10 @@ pub(crate) fn wire_error(e: proto::WireError) -> Error {
         ErrorCode::ExecVsockUnavailable => {
             Some("the VM may be starting or stopping; `machinen ls` shows its state".into())
         }
+        ErrorCode::ControlPermissionDenied => Some(
+            "only the user who started a VM (or root) may control it; run machinen as that user"
+                .into(),
+        ),
         _ => None,
     };
     let mut f = fail(code, e.message);

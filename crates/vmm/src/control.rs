@@ -58,7 +58,28 @@ fn error(code: &str, message: impl Into<String>) -> Frame {
     })
 }
 
+/// Whether a process of `uid` may control this VM: its owner (the user the
+/// supervisor runs as) and root. The socket's directory is private too;
+/// this holds even if someone opened it up.
+fn peer_allowed(uid: u32) -> bool {
+    uid == nix::unistd::geteuid().as_raw() || uid == 0
+}
+
 async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let uid = conn.peer_cred().map(|c| c.uid()).ok();
+    if !uid.is_some_and(peer_allowed) {
+        tracing::warn!("refused a control connection from uid {uid:?}");
+        let who = uid.map_or_else(|| "an unknown user".to_string(), |u| format!("uid {u}"));
+        let _ = proto::send(
+            &mut conn,
+            &error(
+                "CONTROL_PERMISSION_DENIED",
+                format!("this VM belongs to another user; {who} may not control it"),
+            ),
+        )
+        .await;
+        return Ok(());
+    }
     let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await
     {
         Ok(r) => r?,

@@ -13,6 +13,15 @@ mod supervisor;
 use std::path::PathBuf;
 
 fn main() {
+    // Everything this process and its children (QEMU, the `cat` of a
+    // snapshot) create holds guest data or controls the VM: owner only.
+    // Files are also created with explicit modes; this covers what QEMU
+    // makes itself (its sockets).
+    // SAFETY: umask only sets the process's file mode creation mask; no
+    // memory is involved and no other thread exists yet.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MACHINEN_LOG")

@@ -155,8 +155,17 @@ pub async fn take(
         .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
     let paused_at = Instant::now();
     let saved = async {
+        // QEMU writes the state through `cat > file`, which keeps the mode
+        // of a file that exists: 0600, like the rest of the bundle.
+        let state_path = builder.path(bundle::STATE);
+        machinen::vm::private_file(&state_path).map_err(|e| {
+            err(
+                ErrorCode::SnapshotDumpFailed,
+                format!("cannot create {}: {e}", state_path.display()),
+            )
+        })?;
         machine
-            .save_state(&builder.path(bundle::STATE), deadline)
+            .save_state(&state_path, deadline)
             .await
             .map_err(|e| match e {
                 crate::engine::EngineError::Timeout { .. } => err(

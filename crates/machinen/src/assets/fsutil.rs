@@ -5,6 +5,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -34,7 +35,8 @@ pub(crate) fn temp_sibling(dest: &Path, tag: &str) -> PathBuf {
 }
 
 /// Write `bytes` to `dest` atomically: temp file beside it, fsync, rename,
-/// fsync the directory.
+/// fsync the directory. The file is private to its owner (0600): what
+/// machinen writes describes the user's VMs.
 pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(dest, |f| f.write_all(bytes))
 }
@@ -47,7 +49,11 @@ pub(crate) fn write_atomic_with(
 ) -> io::Result<()> {
     let tmp = temp_sibling(dest, "tmp");
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;
         drop(f);
@@ -87,6 +93,30 @@ pub(crate) fn replace_dir(new: &Path, dest: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Create `dir` and any missing parents as 0700 (from the start: no window
+/// in which another user could open them), and tighten `dir` itself to
+/// 0700 when it already existed with a looser mode.
+pub(crate) fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    tighten_dir(dir);
+    Ok(())
+}
+
+/// Best effort: take group and other permissions off a directory of ours
+/// (one created by an older machinen with 0755). Someone else's directory
+/// is left alone.
+pub(crate) fn tighten_dir(dir: &Path) {
+    let Ok(m) = fs::metadata(dir) else { return };
+    if m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 != 0 {
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(m.mode() & 0o700)) {
+            tracing::warn!(path = %dir.display(), error = %e, "could not make the directory private");
+        }
+    }
 }
 
 /// Flush every pending write of the filesystem holding `path` (cheaper and
@@ -158,6 +188,28 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.json")]);
+    }
+
+    #[test]
+    fn private_files_and_dirs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a.json");
+        write_atomic(&p, b"x").expect("write");
+        assert_eq!(fs::metadata(&p).expect("meta").mode() & 0o777, 0o600);
+        let deep = dir.path().join("x/y");
+        create_private_dir_all(&deep).expect("mkdir");
+        for d in [dir.path().join("x"), deep.clone()] {
+            assert_eq!(
+                fs::metadata(&d).expect("meta").mode() & 0o777,
+                0o700,
+                "{}",
+                d.display()
+            );
+        }
+        // One made by an older version: tightened when used again.
+        fs::set_permissions(&deep, fs::Permissions::from_mode(0o755)).expect("chmod");
+        create_private_dir_all(&deep).expect("again");
+        assert_eq!(fs::metadata(&deep).expect("meta").mode() & 0o777, 0o700);
     }
 
     #[test]

@@ -117,7 +117,7 @@ fn tarball_becomes_cached_ext4_image_and_overlay() {
     );
     assert_eq!(img.size, 2 * GIB);
     let meta = fs::metadata(&img.path).expect("stat image");
-    assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
     assert!(
         meta.blocks() * 512 < 64 * MIB,
         "image should be sparse, uses {} bytes",

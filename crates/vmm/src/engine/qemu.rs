@@ -409,9 +409,17 @@ impl Engine for QemuEngine {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<QemuMachine, EngineError> {
-        let log_path = spec.path_in("qemu.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| EngineError::Spawn {
+        let log_path = spec.path_in(files::QEMU_LOG);
+        let log = machinen::vm::private_file(&log_path).map_err(|source| EngineError::Spawn {
             binary: "qemu.log".into(),
+            source,
+        })?;
+        // QEMU creates the console file 0666 minus the umask; made here
+        // first, it is the owner's only whatever the umask (QEMU keeps the
+        // mode of a file that exists).
+        let console = spec.path_in(files::CONSOLE);
+        machinen::vm::private_file(&console).map_err(|source| EngineError::Spawn {
+            binary: "console.log".into(),
             source,
         })?;
         let (passt, net_fd) = match spec.network {
