@@ -59,9 +59,11 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Clone a running VM: a sibling that starts from the same memory and disk.
     Fork(ForkArgs),
-    /// List live VMs.
+    /// List live VMs, and crashed ones (with the cause) until `gc`.
     #[command(visible_aliases = ["list", "ps"])]
     Ls(LsArgs),
+    /// Print a VM's console log (live or crashed), or its supervisor or QEMU log.
+    Logs(LogsArgs),
     /// Stop a VM (graceful, then forced after a timeout).
     Stop(StopArgs),
     /// Remove what dead VMs left behind.
@@ -95,6 +97,7 @@ impl Command {
             | Command::Completion(_)
             | Command::VmNames => false,
             Command::Ls(a) => a.json,
+            Command::Logs(_) => false,
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
@@ -295,6 +298,21 @@ pub struct LsArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// VM name, pid or id; a crashed VM's too, until `machinen gc`.
+    pub target: String,
+    /// The supervisor's log (vmm.log) instead of the console.
+    #[arg(long, conflicts_with = "qemu")]
+    pub vmm: bool,
+    /// QEMU's own output (qemu.log) instead of the console.
+    #[arg(long)]
+    pub qemu: bool,
+    /// Only the last N lines, or `all` (up to the last 4 MiB).
+    #[arg(long, default_value = "all", value_name = "N|all")]
+    pub tail: String,
 }
 
 #[derive(Debug, Args)]

@@ -35,5 +35,6 @@ pub use pty::{PtyEvent, PtyExec, PtyInput};
 pub use restore::{restore, ForkOptions, ForkReport, RestoreOptions};
 pub use secrets::{Secret, SecretValue};
 pub use vm::{
-    attach, boot, gc, list, BootOptions, ExecOptions, ExecOutput, GcReport, StopReport, Vm, VmInfo,
+    attach, boot, gc, list, list_all, logs, BootOptions, ExecOptions, ExecOutput, GcReport,
+    StopReport, Vm, VmInfo, VmLogs,
 };

@@ -41,7 +41,8 @@ pub struct PortForward {
 pub struct RegistryEntry {
     pub id: String,
     pub name: String,
-    /// `starting`, `running`, `stopping`.
+    /// `starting`, `running`, `stopping`; `crashed` once the VM ended
+    /// without being asked to (see `cause`).
     pub state: String,
     pub supervisor_pid: u32,
     /// Start time of the supervisor process (clock ticks after boot, from
@@ -72,6 +73,33 @@ pub struct RegistryEntry {
     pub detached: bool,
     /// Unix time in milliseconds.
     pub created_at_ms: u64,
+    /// Why a `crashed` VM ended: QEMU's exit status or signal and its last
+    /// words. The entry and the VM's logs stay until `gc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// When a `crashed` VM ended (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<u64>,
+}
+
+/// The state of an entry whose VM ended on its own (see
+/// [`RegistryEntry::cause`]).
+pub const CRASHED: &str = "crashed";
+
+impl RegistryEntry {
+    /// Whether its supervisor still runs.
+    pub fn is_live(&self) -> bool {
+        is_alive(self.supervisor_pid, self.supervisor_start)
+    }
+
+    /// Why a VM that is not live ended: the cause its supervisor recorded,
+    /// or, when the supervisor itself died first, that.
+    pub fn death_cause(&self) -> String {
+        match &self.cause {
+            Some(c) => c.clone(),
+            None => format!("its supervisor (pid {}) died without recording why (killed, or the host restarted)", self.supervisor_pid),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,16 +140,15 @@ impl Coded for RegistryError {
                  optionally in '/'-separated segments, and not all digits"
                     .into(),
             ),
-            RegistryError::NameInUse { name, .. } => Some(format!(
-                "pick another --name, or `machinen stop {name}` first"
-            )),
+            RegistryError::NameInUse { name, .. } => {
+                Some(format!("pick another --name, or `machinen stop {name}` first"))
+            }
             RegistryError::NotFound { .. } => Some("`machinen ls` lists the live VMs".into()),
-            RegistryError::Io { .. } => {
-                Some("check permissions of the registry directory (MACHINEN_REGISTRY_DIR)".into())
-            }
-            RegistryError::Corrupt { .. } => {
-                Some("`machinen gc` removes entries of dead VMs".into())
-            }
+            RegistryError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => Some(
+                "a registry is private to the user who owns it: use your own (MACHINEN_REGISTRY_DIR), or run as its owner".into(),
+            ),
+            RegistryError::Io { .. } => Some("check permissions of the registry directory (MACHINEN_REGISTRY_DIR)".into()),
+            RegistryError::Corrupt { .. } => Some("`machinen gc` removes entries of dead VMs".into()),
         }
     }
 }
@@ -384,6 +411,32 @@ impl Registry {
         write_atomic(&path, &bytes).map_err(io_err(&path))
     }
 
+    /// Find a VM, live or not (for its logs): a live one by name or pid
+    /// first, else the newest dead one with that name, pid or id.
+    pub fn find_any(&self, target: &str) -> Result<RegistryEntry, RegistryError> {
+        if let Ok(e) = self.find(target) {
+            return Ok(e);
+        }
+        let pid: Option<u32> = if target.bytes().all(|b| b.is_ascii_digit()) {
+            target.parse().ok()
+        } else {
+            None
+        };
+        let mut hits: Vec<RegistryEntry> = self
+            .entries()?
+            .into_iter()
+            .filter(|e| {
+                e.name == target
+                    || e.id == target
+                    || pid.is_some_and(|p| e.supervisor_pid == p || e.qemu_pid == Some(p))
+            })
+            .collect();
+        hits.sort_by_key(|e| e.created_at_ms);
+        hits.pop().ok_or_else(|| RegistryError::NotFound {
+            target: target.to_string(),
+        })
+    }
+
     /// Find a live VM by name, or by supervisor or QEMU pid.
     pub fn find(&self, target: &str) -> Result<RegistryEntry, RegistryError> {
         let live = self.live()?;
@@ -423,12 +476,17 @@ impl Registry {
             let id = de.file_name().to_string_lossy().into_owned();
             match self.read_entry(&dir) {
                 Ok(Some(e)) => {
-                    if !is_alive(e.supervisor_pid, e.supervisor_start) {
+                    if !e.is_live() {
+                        let reason = if e.state == CRASHED {
+                            "crashed"
+                        } else {
+                            "supervisor is gone"
+                        };
                         out.push(Stale {
                             id,
                             dir,
                             entry: Some(e),
-                            reason: "supervisor is gone",
+                            reason,
                         });
                     }
                 }
@@ -499,6 +557,8 @@ mod tests {
             accel: "tcg".into(),
             detached: true,
             created_at_ms: now_ms(),
+            cause: None,
+            ended_at_ms: None,
         }
     }
 
@@ -579,6 +639,70 @@ mod tests {
         assert_eq!(stale[0].id, c.id);
         reg.remove(&c.id).expect("remove");
         assert!(!reg.dir(&c.id).exists());
+    }
+
+    #[test]
+    fn crashed_entries_keep_their_cause_and_are_found_by_name_id_or_pid() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let reg = Registry::new(tmp.path().join("vms"));
+        let lock = reg.lock().expect("lock");
+        let c = reg.claim(&lock, "web").expect("claim");
+        let mut e = entry(&reg, &c, "web", 1, u64::MAX);
+        e.qemu_pid = Some(4242);
+        reg.write(&e).expect("write");
+        assert!(reg
+            .find_any("web")
+            .expect("dead")
+            .death_cause()
+            .contains("died without recording why"));
+        e.state = CRASHED.into();
+        e.cause = Some("QEMU was killed by signal 9 (SIGKILL)".into());
+        reg.write(&e).expect("write");
+        assert_eq!(
+            reg.find("web").expect_err("not live").code(),
+            ErrorCode::RegistryNotFound
+        );
+        for t in ["web", c.id.as_str(), "4242"] {
+            assert_eq!(reg.find_any(t).expect(t).id, c.id);
+        }
+        assert!(reg.find_any("nope").is_err());
+        let stale = reg.stale().expect("stale");
+        assert_eq!(
+            (
+                stale[0].reason,
+                stale[0].entry.as_ref().map(|e| e.death_cause())
+            ),
+            ("crashed", e.cause.clone())
+        );
+        // Entries written before `cause` existed still read.
+        let old = serde_json::to_value(entry(&reg, &c, "web", 1, u64::MAX)).expect("json");
+        assert!(
+            old.get("cause").is_none(),
+            "absent, not null, when there is none"
+        );
+        let back: RegistryEntry = serde_json::from_value(old).expect("old entry");
+        assert_eq!(back.cause, None);
+    }
+
+    #[test]
+    fn the_root_and_vm_dirs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("a/vms");
+        let reg = Registry::new(&root);
+        let lock = reg.lock().expect("lock");
+        let c = reg.claim(&lock, "web").expect("claim");
+        reg.write(&entry(&reg, &c, "web", 1, u64::MAX))
+            .expect("write");
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&c.dir), 0o700);
+        assert_eq!(mode(&c.dir.join("meta.json")), 0o600);
+        assert_eq!(mode(&root.join(".lock")), 0o600);
+        // A registry made by an older version is tightened when read.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod");
+        reg.entries().expect("entries");
+        assert_eq!(mode(&root), 0o700);
     }
 
     #[test]

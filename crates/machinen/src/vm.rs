@@ -123,6 +123,9 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     pub control_socket: PathBuf,
     pub console_log: Option<PathBuf>,
+    /// Why a `crashed` VM ended (QEMU's exit status or signal and its last
+    /// words); `None` for a live one.
+    pub cause: Option<String>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -143,6 +146,7 @@ impl From<&RegistryEntry> for VmInfo {
             uptime_ms: registry::now_ms().saturating_sub(e.created_at_ms),
             control_socket: e.control_socket.clone(),
             console_log: e.console_log.clone(),
+            cause: e.cause.clone(),
         }
     }
 }
@@ -413,6 +417,8 @@ pub(crate) async fn launch_vm(
         accel: String::new(),
         detached: spec.detached,
         created_at_ms: spec.created_at_ms,
+        cause: None,
+        ended_at_ms: None,
     };
     if let Err(e) = reg.write(&entry) {
         drop(child);
@@ -871,10 +877,12 @@ pub(crate) async fn stop_entry(
             .ok()?;
         proto::read_frame(&mut s).await.ok()?
     };
-    let acknowledged = matches!(
-        tokio::time::timeout(Duration::from_secs(5), asked).await,
-        Ok(Some(Frame::Response(Response::Stopping)))
-    );
+    let answer = tokio::time::timeout(Duration::from_secs(5), asked).await;
+    if let Ok(Some(Frame::Error(e))) = answer {
+        // Refused (another user's VM): signals would be refused as well.
+        return Err(wire_error(e));
+    }
+    let acknowledged = matches!(answer, Ok(Some(Frame::Response(Response::Stopping))));
     if !acknowledged {
         kill_pid(
             entry.supervisor_pid,
@@ -911,9 +919,16 @@ pub(crate) async fn stop_entry(
             .into());
         }
     }
-    // The supervisor removes its own directory; after a kill we do.
+    // The supervisor removes its own directory; after a kill we do. One
+    // whose VM crashed keeps it (its logs and cause) for `ls`, `logs`, `gc`.
     let _lock = reg.lock()?;
-    reg.remove(&entry.id)?;
+    let crashed = reg
+        .entries()?
+        .iter()
+        .any(|e| e.id == entry.id && e.state == registry::CRASHED);
+    if !crashed {
+        reg.remove(&entry.id)?;
+    }
     Ok(StopReport {
         name: entry.name,
         pid: entry.supervisor_pid,
@@ -932,6 +947,66 @@ pub fn list() -> Result<Vec<VmInfo>> {
         .collect())
 }
 
+/// Live VMs, then the VMs that ended without being stopped (state
+/// `crashed`, with their cause) until `gc` removes them (`machinen ls`).
+pub fn list_all() -> Result<Vec<VmInfo>> {
+    let paths = Paths::from_env()?;
+    let (live, dead): (Vec<RegistryEntry>, Vec<RegistryEntry>) = Registry::new(&paths.registry)
+        .entries()?
+        .into_iter()
+        .partition(|e| e.is_live());
+    let dead = dead.iter().map(|e| {
+        let mut info = VmInfo::from(e);
+        info.state = registry::CRASHED.into();
+        info.cause = Some(e.death_cause());
+        info.uptime_ms = e
+            .ended_at_ms
+            .map_or(0, |end| end.saturating_sub(e.created_at_ms));
+        info
+    });
+    Ok(live.iter().map(VmInfo::from).chain(dead).collect())
+}
+
+/// Where a VM's logs are (`machinen logs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VmLogs {
+    pub name: String,
+    pub id: String,
+    pub state: String,
+    pub cause: Option<String>,
+    /// The guest's serial console.
+    pub console: PathBuf,
+    /// The supervisor's log.
+    pub vmm: PathBuf,
+    /// QEMU's stderr.
+    pub qemu: PathBuf,
+}
+
+/// The logs of a VM, live or crashed, by name, pid or id.
+pub fn logs(target: &str) -> Result<VmLogs> {
+    let paths = Paths::from_env()?;
+    let reg = Registry::new(&paths.registry);
+    let e = reg.find_any(target)?;
+    let dir = reg.dir(&e.id);
+    let (state, cause) = if e.is_live() {
+        (e.state.clone(), None)
+    } else {
+        (registry::CRASHED.to_string(), Some(e.death_cause()))
+    };
+    Ok(VmLogs {
+        console: e
+            .console_log
+            .clone()
+            .unwrap_or_else(|| dir.join(files::CONSOLE)),
+        vmm: dir.join(files::VMM_LOG),
+        qemu: dir.join(files::QEMU_LOG),
+        name: e.name,
+        id: e.id,
+        state,
+        cause,
+    })
+}
+
 /// What `gc` removed (or would remove).
 #[derive(Debug, Clone, Serialize)]
 pub struct GcItem {
@@ -939,6 +1014,8 @@ pub struct GcItem {
     pub name: Option<String>,
     pub pid: Option<u32>,
     pub reason: String,
+    /// Why the VM ended, when there was an entry to say.
+    pub cause: Option<String>,
     pub dir: PathBuf,
     pub bytes: u64,
 }
@@ -990,6 +1067,7 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             name: s.entry.as_ref().map(|e| e.name.clone()),
             pid: s.entry.as_ref().map(|e| e.supervisor_pid),
             reason: s.reason.to_string(),
+            cause: s.entry.as_ref().map(RegistryEntry::death_cause),
             dir: s.dir.clone(),
             bytes,
         });

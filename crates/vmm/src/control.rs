@@ -66,6 +66,14 @@ fn peer_allowed(uid: u32) -> bool {
 }
 
 async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await
+    {
+        Ok(r) => r?,
+        Err(_) => return Ok(()),
+    };
+    let Some(first) = first else { return Ok(()) };
+    // Checked before the request is acted on, answered after it is read, so
+    // that the client gets the refusal instead of a broken pipe.
     let uid = conn.peer_cred().map(|c| c.uid()).ok();
     if !uid.is_some_and(peer_allowed) {
         tracing::warn!("refused a control connection from uid {uid:?}");
@@ -80,12 +88,6 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         .await;
         return Ok(());
     }
-    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, proto::read_frame(&mut conn)).await
-    {
-        Ok(r) => r?,
-        Err(_) => return Ok(()),
-    };
-    let Some(first) = first else { return Ok(()) };
     match first {
         Frame::Request(Request::Ping) => {
             proto::send(&mut conn, &Frame::Response(Response::Pong)).await?

@@ -24,7 +24,7 @@ use machinen_proto::{Frame, Response, WireError};
 use crate::agent::{self, AgentError, AgentSession};
 use crate::control::{self, Shared, SnapshotCmd};
 use crate::engine::qemu::{QemuEngine, QemuMachine};
-use crate::engine::{Capabilities, Engine, EngineError, Machine};
+use crate::engine::{Capabilities, Engine, EngineError, Exit, Machine};
 use crate::{ports, snapshot};
 
 /// How long a graceful stop may take before QEMU is told to quit.
@@ -222,10 +222,10 @@ pub async fn run(spec: VmSpec) -> i32 {
     let mut chain = snapshot::Chain::new(&spec);
     let outcome = loop {
         let cmd = tokio::select! {
-            detail = machine.wait() => { tracing::info!("VM exited: {detail}"); break None }
-            force = stop_rx.recv() => break Some(force.unwrap_or(true)),
-            _ = &mut launcher_gone => { tracing::info!("launcher went away"); break Some(true) }
-            _ = &mut term => break Some(false),
+            exit = machine.wait() => { tracing::info!("VM exited: {exit}"); break Err(exit) }
+            force = stop_rx.recv() => break Ok(force.unwrap_or(true)),
+            _ = &mut launcher_gone => { tracing::info!("launcher went away"); break Ok(true) }
+            _ = &mut term => break Ok(false),
             Some(cmd) = snap_rx.recv() => cmd,
         };
         let keep_alive = cmd.req.keep_alive;
@@ -241,17 +241,77 @@ pub async fn run(spec: VmSpec) -> i32 {
         if done {
             // A destructive snapshot: the bundle holds the VM now.
             tracing::info!("snapshot complete; stopping the source");
-            break Some(true);
+            break Ok(true);
         }
     };
-    if let Some(force) = outcome {
-        shared.status.lock().await.state = "stopping".into();
-        update_entry(&reg, &spec.id, |e| e.state = "stopping".into());
-        let agent = shared.agent.lock().await.take();
-        stop(&mut machine, agent, force).await;
+    match outcome {
+        Ok(force) => {
+            shared.status.lock().await.state = "stopping".into();
+            update_entry(&reg, &spec.id, |e| e.state = "stopping".into());
+            let agent = shared.agent.lock().await.take();
+            stop(&mut machine, agent, force).await;
+        }
+        Err(exit) => {
+            if let Some(cause) = crash_cause(&exit, &console_tail(&spec), spec.ram_file.as_deref())
+            {
+                tracing::error!("the VM crashed: {cause}");
+                keep_crashed(&reg, &spec, cause);
+                return 1;
+            }
+        }
     }
     cleanup(&reg, &spec);
     0
+}
+
+/// Why QEMU's exit was a crash, or `None` when the guest shut itself down
+/// (QEMU exits 0 on a guest poweroff or, with `-no-reboot`, a reboot).
+/// A guest kernel panic also ends in a reboot (`panic=-1`), so the console
+/// tells it apart. A signal or an error status is always a crash.
+pub(crate) fn crash_cause(
+    exit: &Exit,
+    console: &str,
+    ram_file: Option<&std::path::Path>,
+) -> Option<String> {
+    let panic_line = console.lines().rev().find(|l| l.contains("Kernel panic"));
+    let mut cause = match (exit.signal, exit.code, panic_line) {
+        (None, Some(0), None) => return None,
+        (None, Some(0), Some(line)) => format!("the guest kernel panicked: {}", line.trim()),
+        _ => format!("QEMU {}", exit.status()),
+    };
+    if exit.signal == Some(libc::SIGBUS) {
+        // The kernel sends SIGBUS when a page of a shared file mapping
+        // cannot be allocated: the RAM file's filesystem is full.
+        if let Some(ram) = ram_file {
+            let dir = ram.parent().unwrap_or(ram);
+            cause.push_str(&format!(
+                " (the guest touched RAM its file could not get: is {} full?)",
+                dir.display()
+            ));
+        }
+    }
+    if let Some(last) = exit.log_tail.lines().rev().find(|l| !l.trim().is_empty()) {
+        cause.push_str(&format!("; qemu.log: {}", last.trim()));
+    }
+    Some(cause)
+}
+
+/// A crashed VM keeps its directory (logs, disk layer, spec) and records
+/// the cause in its entry (state `crashed`), for `ls`, `logs` and `gc`.
+/// Its RAM file goes: it is useless now and holds tmpfs memory.
+fn keep_crashed(reg: &Registry, spec: &VmSpec, cause: String) {
+    snapshot::remove_partial(spec);
+    if let Some(ram) = &spec.ram_file {
+        let _ = std::fs::remove_file(ram);
+    }
+    for sock in [files::CONTROL, files::QMP, files::AGENT] {
+        let _ = std::fs::remove_file(spec.path_in(sock));
+    }
+    update_entry(reg, &spec.id, |e| {
+        e.state = registry::CRASHED.into();
+        e.cause = Some(cause);
+        e.ended_at_ms = Some(registry::now_ms());
+    });
 }
 
 /// The launcher's verdict on a restore's bundle, one line on our stdin:
@@ -409,8 +469,8 @@ async fn start(
                 ));
             }
         },
-        detail = machine.wait() => {
-            return Err(console_err(ErrorCode::BootEngineFailed, format!("QEMU exited before the guest was ready ({detail})"), "see the VM's qemu.log and console.log"));
+        exit = machine.wait() => {
+            return Err(console_err(ErrorCode::BootEngineFailed, format!("QEMU exited before the guest was ready ({exit})"), "see the VM's qemu.log and console.log"));
         }
     }
     let (session, _done) = AgentSession::start(sock);
@@ -478,5 +538,53 @@ fn cleanup(reg: &Registry, spec: &VmSpec) {
     let _lock = reg.lock();
     if let Err(e) = reg.remove(&spec.id) {
         tracing::warn!("cleanup: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(code: Option<i32>, signal: Option<i32>, log: &str) -> Exit {
+        Exit {
+            code,
+            signal,
+            log_tail: log.into(),
+            wait_error: None,
+        }
+    }
+
+    #[test]
+    fn crashes_are_told_from_guest_shutdowns() {
+        let ram = std::path::Path::new("/dev/shm/machinen-x.ram");
+        assert_eq!(
+            crash_cause(&exit(Some(0), None, ""), "reboot: Power down", Some(ram)),
+            None,
+            "guest poweroff"
+        );
+        let killed = crash_cause(&exit(None, Some(9), ""), "", Some(ram)).expect("crash");
+        assert_eq!(killed, "QEMU killed by signal 9 (SIGKILL)");
+        let bus = crash_cause(&exit(None, Some(libc::SIGBUS), ""), "", Some(ram)).expect("crash");
+        assert!(
+            bus.starts_with("QEMU killed by signal 7 (SIGBUS)")
+                && bus.contains("is /dev/shm full?"),
+            "{bus}"
+        );
+        let failed = crash_cause(
+            &exit(Some(1), None, "qemu: warning\nqemu: fatal: oops\n"),
+            "",
+            None,
+        )
+        .expect("crash");
+        assert_eq!(
+            failed,
+            "QEMU exited with status 1; qemu.log: qemu: fatal: oops"
+        );
+        let console = "[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n[ 1.1] Rebooting in 1 seconds..";
+        let panic = crash_cause(&exit(Some(0), None, ""), console, None).expect("panic");
+        assert_eq!(
+            panic,
+            "the guest kernel panicked: [ 1.0] Kernel panic - not syncing: Attempted to kill init!"
+        );
     }
 }

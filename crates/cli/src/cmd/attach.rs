@@ -20,7 +20,7 @@ pub fn shell_argv(shell: Option<&str>) -> Vec<String> {
 }
 
 /// `--tail` value: a line count, or `all`.
-fn tail_lines(v: &str) -> Result<Option<usize>> {
+pub fn tail_lines(v: &str) -> Result<Option<usize>> {
     if v == "all" {
         return Ok(None);
     }
@@ -43,14 +43,19 @@ pub fn print_tail(log: &std::path::Path, lines: Option<usize>) -> Result<()> {
     let mut f = std::fs::File::open(log).map_err(|e| {
         fail(
             ErrorCode::Io,
-            format!("cannot open the console log {}", log.display()),
+            format!("cannot open the log {}", log.display()),
         )
         .source(e)
     })?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(TAIL_CAP);
-    f.seek(SeekFrom::Start(start))
-        .map_err(|e| fail(ErrorCode::Io, "cannot read the console log").source(e))?;
+    f.seek(SeekFrom::Start(start)).map_err(|e| {
+        fail(
+            ErrorCode::Io,
+            format!("cannot read the log {}", log.display()),
+        )
+        .source(e)
+    })?;
     let mut all: Vec<String> = std::io::BufReader::new(f)
         .split(b'\n')
         .map_while(|l| l.ok())

@@ -14,12 +14,21 @@ pub fn run(a: GcArgs) -> Result<i32> {
     let verb = if a.dry_run { "would remove" } else { "removed" };
     for i in &report.removed {
         let who = i.name.as_deref().unwrap_or("(unnamed)");
-        println!(
-            "{verb} {who} [{}]: {} ({} KiB)",
-            i.id,
-            i.reason,
-            i.bytes / 1024
-        );
+        match &i.cause {
+            Some(cause) => println!(
+                "{verb} {who} [{}]: {}: {} ({} KiB)",
+                i.id,
+                i.reason,
+                cause.replace('\n', " "),
+                i.bytes / 1024
+            ),
+            None => println!(
+                "{verb} {who} [{}]: {} ({} KiB)",
+                i.id,
+                i.reason,
+                i.bytes / 1024
+            ),
+        }
     }
     if report.removed.is_empty() {
         println!("nothing to clean up");

@@ -6,12 +6,15 @@ use crate::cli::LsArgs;
 use crate::output::{human_duration, print_json};
 
 pub fn run(a: LsArgs) -> Result<i32> {
-    let vms = machinen::list()?;
+    let vms = machinen::list_all()?;
     if a.json {
         print_json(&vms);
         return Ok(0);
     }
-    let rows: Vec<[String; 5]> = vms
+    let (crashed, live): (Vec<_>, Vec<_>) = vms
+        .iter()
+        .partition(|v| v.state == machinen::registry::CRASHED);
+    let rows: Vec<[String; 5]> = live
         .iter()
         .map(|v| {
             let ports = v
@@ -29,9 +32,32 @@ pub fn run(a: LsArgs) -> Result<i32> {
             ]
         })
         .collect();
-    let header = ["PID", "NAME", "UP", "PORTS", "FORKED-FROM"].map(String::from);
+    print_table(
+        ["PID", "NAME", "UP", "PORTS", "FORKED-FROM"].map(String::from),
+        &rows,
+    );
+    if !crashed.is_empty() {
+        println!(
+            "\ncrashed (`machinen logs NAME|ID` shows the console, `machinen gc` removes them):"
+        );
+        let rows: Vec<[String; 3]> = crashed
+            .iter()
+            .map(|v| {
+                [
+                    v.id.clone(),
+                    v.name.clone(),
+                    v.cause.clone().unwrap_or_default().replace('\n', " "),
+                ]
+            })
+            .collect();
+        print_table(["ID", "NAME", "CAUSE"].map(String::from), &rows);
+    }
+    Ok(0)
+}
+
+fn print_table<const N: usize>(header: [String; N], rows: &[[String; N]]) {
     let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
@@ -44,5 +70,4 @@ pub fn run(a: LsArgs) -> Result<i32> {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
-    Ok(0)
 }

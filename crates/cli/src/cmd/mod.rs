@@ -8,6 +8,7 @@ mod cp;
 mod exec;
 mod gc;
 mod install;
+mod logs;
 mod ls;
 mod mux;
 mod provision;
@@ -35,6 +36,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Restore(a) => snapshot::restore(a).await,
         Command::Fork(a) => snapshot::fork(a).await,
         Command::Ls(a) => ls::run(a),
+        Command::Logs(a) => logs::run(a),
         Command::Stop(a) => stop::run(a).await,
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,

@@ -68,10 +68,50 @@ pub trait Machine {
         &mut self,
         timeout: Duration,
     ) -> impl std::future::Future<Output = Result<UnixStream, EngineError>>;
-    /// Resolves when the engine process has exited; returns a description.
-    fn wait(&mut self) -> impl std::future::Future<Output = String>;
+    /// Resolves when the engine process has exited; says how it ended.
+    fn wait(&mut self) -> impl std::future::Future<Output = Exit>;
     /// Ask the engine to quit now (guest state is discarded).
     fn quit(&mut self) -> impl std::future::Future<Output = ()>;
     /// Kill the engine process.
     fn kill(&mut self);
+}
+
+/// How the engine process ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exit {
+    /// Its exit status, when it exited by itself.
+    pub code: Option<i32>,
+    /// The signal that killed it.
+    pub signal: Option<i32>,
+    /// The end of its own log (QEMU's stderr), trimmed.
+    pub log_tail: String,
+    /// Set when waiting for it failed (then nothing else is known).
+    pub wait_error: Option<String>,
+}
+
+impl Exit {
+    /// "killed by signal 7 (SIGBUS)", "exited with status 1", …
+    pub fn status(&self) -> String {
+        match (self.signal, self.code, &self.wait_error) {
+            (Some(sig), _, _) => {
+                let name = nix::sys::signal::Signal::try_from(sig)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown signal");
+                format!("killed by signal {sig} ({name})")
+            }
+            (None, Some(code), _) => format!("exited with status {code}"),
+            (None, None, Some(e)) => format!("could not be waited for: {e}"),
+            (None, None, None) => "ended".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.status())?;
+        if !self.log_tail.is_empty() {
+            write!(f, ": {}", self.log_tail)?;
+        }
+        Ok(())
+    }
 }

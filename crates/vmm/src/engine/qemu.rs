@@ -15,7 +15,7 @@ use tokio::io::WriteHalf;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::{Accel, Capabilities, Engine, EngineError, Machine};
+use super::{Accel, Capabilities, Engine, EngineError, Exit, Machine};
 
 type Qmp = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
 
@@ -688,17 +688,19 @@ impl Machine for QemuMachine {
         connect_retry(&path, &mut self.child, &log, timeout, "the agent socket").await
     }
 
-    async fn wait(&mut self) -> String {
+    async fn wait(&mut self) -> Exit {
+        use std::os::unix::process::ExitStatusExt;
         match self.child.wait().await {
-            Ok(status) => {
-                let t = tail(&self.log_path, 1000);
-                if t.is_empty() {
-                    status.to_string()
-                } else {
-                    format!("{status}: {t}")
-                }
-            }
-            Err(e) => format!("wait failed: {e}"),
+            Ok(status) => Exit {
+                code: status.code(),
+                signal: status.signal(),
+                log_tail: tail(&self.log_path, 1000),
+                wait_error: None,
+            },
+            Err(e) => Exit {
+                wait_error: Some(e.to_string()),
+                ..Exit::default()
+            },
         }
     }
 
