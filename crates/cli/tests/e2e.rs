@@ -349,12 +349,42 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
 }
 
 #[test]
-fn gc_cleans_up_after_a_killed_supervisor() {
+fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
     let env = Env::new();
+    // One VM's QEMU is killed: its supervisor records why.
+    let crasher = env.json(&[
+        "boot",
+        "--name",
+        "crasher",
+        "--memory",
+        "256",
+        "--detached",
+        "--json",
+    ]);
+    let crasher_dir = env
+        .registry
+        .path()
+        .join(crasher["id"].as_str().expect("id"));
+    let crasher_ram = Path::new("/dev/shm").join(format!(
+        "machinen-{}.ram",
+        crasher["id"].as_str().expect("id")
+    ));
+    Command::new("kill")
+        .args([
+            "-9",
+            &crasher["qemu_pid"].as_u64().expect("qemu pid").to_string(),
+        ])
+        .status()
+        .expect("kill");
+    wait_until(
+        "the supervisor to record the crash and exit",
+        Duration::from_secs(10),
+        || !pid_alive(crasher["pid"].as_u64().expect("pid")),
+    );
+    // Another VM's supervisor is killed: QEMU dies with it, nobody records why.
     let info = env.json(&["boot", "--name", "victim", "--detached", "--json"]);
     let pid = info["pid"].as_u64().expect("pid");
     let qemu_pid = info["qemu_pid"].as_u64().expect("qemu pid");
-    assert_eq!(env.vm_dirs().len(), 1);
     // Its RAM file on tmpfs (when /dev/shm had room) must not outlive it either.
     let ram =
         Path::new("/dev/shm").join(format!("machinen-{}.ram", info["id"].as_str().expect("id")));
@@ -367,24 +397,78 @@ fn gc_cleans_up_after_a_killed_supervisor() {
     wait_until("QEMU to exit", Duration::from_secs(10), || {
         !pid_alive(qemu_pid)
     });
-    assert_eq!(
-        env.json(&["ls", "--json"]),
-        serde_json::json!([]),
-        "a dead VM is not listed"
+
+    // Both are listed as crashed, each with what is known.
+    let ls = env.json(&["ls", "--json"]);
+    let by_name = |n: &str| {
+        ls.as_array()
+            .expect("array")
+            .iter()
+            .find(|v| v["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} listed: {ls}"))
+    };
+    let c = by_name("crasher");
+    assert_eq!(c["state"], "crashed");
+    assert_eq!(c["cause"], "QEMU killed by signal 9 (SIGKILL)");
+    let v = by_name("victim");
+    assert_eq!(v["state"], "crashed");
+    assert!(
+        v["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains(&format!("supervisor (pid {pid}) died"))),
+        "{v}"
+    );
+    assert!(
+        env.run_ok(&["ls"]).contains("SIGKILL"),
+        "the table shows the cause"
+    );
+    assert!(
+        crasher_dir.join("console.log").exists() && crasher_dir.join("qemu.log").exists(),
+        "logs kept"
+    );
+    assert!(
+        !crasher_dir.join("control.sock").exists(),
+        "no socket of a dead supervisor left"
+    );
+    assert!(
+        !crasher_ram.exists(),
+        "the crashed VM's RAM file is freed at once"
+    );
+    let logs = env.run(&["logs", "crasher", "--tail", "5"]);
+    assert!(logs.status.success() && String::from_utf8_lossy(&logs.stderr).contains("SIGKILL"));
+    assert!(env
+        .run_ok(&["logs", "crasher", "--vmm"])
+        .contains("the VM crashed"));
+    let stop = env.run(&["stop", "crasher"]);
+    assert!(
+        String::from_utf8_lossy(&stop.stderr).contains("REGISTRY_NOT_FOUND"),
+        "a crashed VM is not running"
     );
     assert_eq!(
         env.vm_dirs().len(),
-        1,
-        "its files are still there before gc"
+        2,
+        "their files are still there before gc"
     );
 
     let dry = env.json(&["gc", "--dry-run", "--json"]);
-    assert_eq!(dry["removed"].as_array().map(Vec::len), Some(1));
-    assert_eq!(env.vm_dirs().len(), 1, "dry run removes nothing");
+    let items = dry["removed"].as_array().expect("removed");
+    assert_eq!(items.len(), 2, "{dry}");
+    let crash_item = items
+        .iter()
+        .find(|i| i["name"] == "crasher")
+        .expect("crasher in gc");
+    assert_eq!(
+        (crash_item["reason"].as_str(), crash_item["cause"].as_str()),
+        (Some("crashed"), Some("QEMU killed by signal 9 (SIGKILL)"))
+    );
+    assert!(env.run_ok(&["gc", "--dry-run"]).contains("crasher"));
+    assert_eq!(env.vm_dirs().len(), 2, "dry run removes nothing");
 
     let gc = env.json(&["gc", "--json"]);
-    assert_eq!(gc["removed"][0]["name"], "victim");
+    assert_eq!(gc["removed"].as_array().map(Vec::len), Some(2));
     assert!(env.vm_dirs().is_empty());
+    assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
     assert!(
         !ram.exists(),
         "gc removed the RAM file (it existed: {had_ram_file})"
@@ -399,6 +483,8 @@ fn gc_cleans_up_after_a_killed_supervisor() {
 mod hostile;
 #[path = "e2e/network.rs"]
 mod network;
+#[path = "e2e/isolation.rs"]
+mod isolation;
 #[path = "e2e/provision.rs"]
 mod provision;
 #[path = "e2e/snapshot.rs"]
