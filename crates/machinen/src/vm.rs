@@ -788,12 +788,14 @@ impl Vm {
                 Ok(Some(Frame::Error(e))) => break Err(wire_error(e)),
                 Ok(Some(_)) => continue,
                 Ok(None) => {
-                    break Err(fail(
-                        ErrorCode::ExecVsockUnavailable,
-                        "the connection to the VM closed before the command finished",
-                    )
-                    .hint("the VM may have stopped; `machinen ls` lists live VMs")
-                    .into())
+                    let mut message =
+                        "the connection to the VM closed before the command finished".to_string();
+                    if let Some(cause) = self.crash_cause().await {
+                        message.push_str(&format!(": the VM crashed: {cause}"));
+                    }
+                    break Err(fail(ErrorCode::ExecVsockUnavailable, message)
+                        .hint(format!("the VM may have stopped; `machinen ls` lists VMs, `machinen logs {}` shows its console", self.info.name))
+                        .into());
                 }
                 Err(e) => break Err(protocol_error("reading the command's output", e)),
             }
@@ -802,6 +804,29 @@ impl Vm {
         let _ = stdout.flush().await;
         let _ = stderr.flush().await;
         result
+    }
+
+    /// Why this VM ended, when it crashed: its supervisor records that right
+    /// after QEMU's exit, which a client sees first as a closed connection,
+    /// so wait a little for it. `None` if it is running or was stopped.
+    async fn crash_cause(&self) -> Option<String> {
+        let reg = Registry::new(Paths::from_env().ok()?.registry);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (reg, id) = (reg.clone(), self.info.id.clone());
+            let entry = tokio::task::spawn_blocking(move || {
+                reg.entries().ok()?.into_iter().find(|e| e.id == id)
+            })
+            .await
+            .ok()??;
+            if entry.state == registry::CRASHED || !entry.is_live() {
+                return Some(entry.death_cause());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stop the VM: graceful (guest powers off) unless `force`, escalating

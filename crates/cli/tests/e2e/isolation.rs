@@ -423,6 +423,11 @@ fn ram_admission_never_overcommits_the_ram_dir_and_a_crash_keeps_its_cause() {
     assert!(ok.success());
     let out = run(&["exec", "one", "--", "sh", "-c", TOUCH, "touch", "2", "150"]);
     assert_eq!(out.status.code(), Some(125), "the exec ends with its VM");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("the VM crashed: QEMU killed by signal 7 (SIGBUS)"),
+        "the exec says why"
+    );
     let crashed = || {
         let v = json(&["ls", "--json"]);
         v.as_array()
