@@ -104,10 +104,16 @@ fn vm_files_are_private_and_other_users_can_neither_read_nor_control_them() {
     let root = base.join("vms");
     std::fs::create_dir(&root).expect("mkdir");
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // A RAM directory of the test's own: RAM files in /dev/shm are admitted
+    // only while it has room beside every other VM's, which a busy host
+    // may not have.
+    let shm = Tmpfs::mount(base.join("shm"), "1g");
+    std::fs::set_permissions(&shm.0, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let run = |args: &[&str]| -> String {
         let out = env
             .cmd(args)
             .env("MACHINEN_REGISTRY_DIR", &root)
+            .env("MACHINEN_RAM_DIR", &shm.0)
             .stdin(Stdio::null())
             .output()
             .expect("run");
@@ -155,7 +161,8 @@ fn vm_files_are_private_and_other_users_can_neither_read_nor_control_them() {
     ] {
         assert!(dir.join(f).exists(), "{f} is where the test looks");
     }
-    let ram = ram_file(&dir).expect("a booted VM's RAM is a file in /dev/shm (room for 256 MiB)");
+    let ram = ram_file(&dir).expect("a booted VM's RAM is a file in the RAM directory");
+    assert!(ram.starts_with(&shm.0), "{}", ram.display());
     assert_eq!(mode(&ram), 0o600, "{}", ram.display());
     run(&[
         "exec",
