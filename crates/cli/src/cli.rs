@@ -15,7 +15,8 @@ Examples:
   machinen boot -- uname -a                 boot, run one command, exit with its code
   machinen boot --name web --detached       boot in the background
   machinen exec web -- cat /etc/os-release  run a command in a live VM
-  machinen ls                               list live VMs
+  machinen ls                               list live VMs, and crashed ones with the cause
+  machinen logs web                         print a VM's console log (live or crashed)
   machinen stop web                         stop a VM
 
 Exit codes: a command run in a VM passes its own exit status through (128+N
