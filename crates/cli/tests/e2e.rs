@@ -349,7 +349,7 @@ fn detached_vm_serves_concurrent_execs_large_output_and_stdin_then_stops() {
 }
 
 #[test]
-fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
+fn crashed_vms_keep_their_logs_and_cause_until_gc() {
     let env = Env::new();
     // One VM's QEMU is killed: its supervisor records why.
     let crasher = env.json(&[
@@ -381,6 +381,28 @@ fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
         Duration::from_secs(10),
         || !pid_alive(crasher["pid"].as_u64().expect("pid")),
     );
+    // One guest kernel panics: QEMU exits 0 as on a reboot, the console says why.
+    env.json(&[
+        "boot",
+        "--name",
+        "panicker",
+        "--memory",
+        "256",
+        "--detached",
+        "--json",
+    ]);
+    let out = env.run(&[
+        "exec",
+        "panicker",
+        "--",
+        "sh",
+        "-c",
+        "echo c > /proc/sysrq-trigger",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the VM crashed: the guest kernel panicked"),
+        "the exec says why"
+    );
     // Another VM's supervisor is killed: QEMU dies with it, nobody records why.
     let info = env.json(&["boot", "--name", "victim", "--detached", "--json"]);
     let pid = info["pid"].as_u64().expect("pid");
@@ -411,6 +433,14 @@ fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
     let c = by_name("crasher");
     assert_eq!(c["state"], "crashed");
     assert_eq!(c["cause"], "QEMU killed by signal 9 (SIGKILL)");
+    let p = by_name("panicker");
+    assert_eq!(p["state"], "crashed");
+    assert!(
+        p["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("Kernel panic - not syncing: sysrq triggered crash")),
+        "{p}"
+    );
     let v = by_name("victim");
     assert_eq!(v["state"], "crashed");
     assert!(
@@ -447,13 +477,13 @@ fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
     );
     assert_eq!(
         env.vm_dirs().len(),
-        2,
+        3,
         "their files are still there before gc"
     );
 
     let dry = env.json(&["gc", "--dry-run", "--json"]);
     let items = dry["removed"].as_array().expect("removed");
-    assert_eq!(items.len(), 2, "{dry}");
+    assert_eq!(items.len(), 3, "{dry}");
     let crash_item = items
         .iter()
         .find(|i| i["name"] == "crasher")
@@ -463,10 +493,10 @@ fn a_killed_vm_keeps_its_logs_and_cause_until_gc() {
         (Some("crashed"), Some("QEMU killed by signal 9 (SIGKILL)"))
     );
     assert!(env.run_ok(&["gc", "--dry-run"]).contains("crasher"));
-    assert_eq!(env.vm_dirs().len(), 2, "dry run removes nothing");
+    assert_eq!(env.vm_dirs().len(), 3, "dry run removes nothing");
 
     let gc = env.json(&["gc", "--json"]);
-    assert_eq!(gc["removed"].as_array().map(Vec::len), Some(2));
+    assert_eq!(gc["removed"].as_array().map(Vec::len), Some(3));
     assert!(env.vm_dirs().is_empty());
     assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
     assert!(

@@ -78,9 +78,25 @@ fn emit_ready(line: &ReadyLine) {
 }
 
 fn console_tail(spec: &VmSpec) -> String {
-    let s = std::fs::read_to_string(spec.path_in(files::CONSOLE)).unwrap_or_default();
+    console_lines(spec, 15)
+}
+
+/// The last `n` lines of the console log, reading at most its last 256 KiB
+/// (a guest may have written gigabytes to it).
+fn console_lines(spec: &VmSpec, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(spec.path_in(files::CONSOLE)) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(256 * 1024)))
+            .is_ok()
+        {
+            let _ = f.take(256 * 1024).read_to_end(&mut bytes);
+        }
+    }
+    let s = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn update_entry(reg: &Registry, id: &str, f: impl FnOnce(&mut registry::RegistryEntry)) {
@@ -252,7 +268,9 @@ pub async fn run(spec: VmSpec) -> i32 {
             stop(&mut machine, agent, force).await;
         }
         Err(exit) => {
-            if let Some(cause) = crash_cause(&exit, &console_tail(&spec), spec.ram_file.as_deref())
+            // A panic's own line comes before its call trace: look further back.
+            if let Some(cause) =
+                crash_cause(&exit, &console_lines(&spec, 200), spec.ram_file.as_deref())
             {
                 tracing::error!("the VM crashed: {cause}");
                 keep_crashed(&reg, &spec, cause);
@@ -273,7 +291,10 @@ pub(crate) fn crash_cause(
     console: &str,
     ram_file: Option<&std::path::Path>,
 ) -> Option<String> {
-    let panic_line = console.lines().rev().find(|l| l.contains("Kernel panic"));
+    let panic_line = console
+        .lines()
+        .rev()
+        .find(|l| l.contains("Kernel panic - not syncing"));
     let mut cause = match (exit.signal, exit.code, panic_line) {
         (None, Some(0), None) => return None,
         (None, Some(0), Some(line)) => format!("the guest kernel panicked: {}", line.trim()),
