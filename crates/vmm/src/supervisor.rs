@@ -268,12 +268,21 @@ pub async fn run(spec: VmSpec) -> i32 {
             stop(&mut machine, agent, force).await;
         }
         Err(exit) => {
-            // A panic's own line comes before its call trace: look further back.
-            if let Some(cause) =
-                crash_cause(&exit, &console_lines(&spec, 200), spec.ram_file.as_deref())
-            {
+            // File reads and the registry lock: off the runtime's thread.
+            let (reg2, spec2) = (reg.clone(), spec.clone());
+            let crashed = tokio::task::spawn_blocking(move || {
+                // A panic's own line comes before its call trace: look further back.
+                let cause = crash_cause(
+                    &exit,
+                    &console_lines(&spec2, 200),
+                    spec2.ram_file.as_deref(),
+                )?;
                 tracing::error!("the VM crashed: {cause}");
-                keep_crashed(&reg, &spec, cause);
+                keep_crashed(&reg2, &spec2, cause);
+                Some(())
+            })
+            .await;
+            if matches!(crashed, Ok(Some(()))) {
                 return 1;
             }
         }
