@@ -511,10 +511,10 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
 
 #[path = "e2e/hostile.rs"]
 mod hostile;
-#[path = "e2e/network.rs"]
-mod network;
 #[path = "e2e/isolation.rs"]
 mod isolation;
+#[path = "e2e/network.rs"]
+mod network;
 #[path = "e2e/provision.rs"]
 mod provision;
 #[path = "e2e/snapshot.rs"]
