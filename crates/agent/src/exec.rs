@@ -5,9 +5,17 @@
 //! -> Request(Exec)                         (already read by the dispatcher)
 //! <- Started { pid }  | Error { code, message }
 //! -> Stdin* StdinEof? Signal* Resize*      (any time)
+//! -> Hangup                                (the client went away)
 //! <- Stdout* Stderr*
 //! <- Exit { code, signal }                 (last frame; the stream closes)
 //! ```
+//!
+//! A `Hangup` is what a terminal hang-up is to a shell's job: `SIGHUP` and
+//! `SIGCONT` to the command's process group, then, if the command itself
+//! outlives [`HANGUP_GRACE`], `SIGKILL` to the group. Processes that left
+//! the group (`setsid`) are not touched, and group members that ignore
+//! `SIGHUP` (`nohup`) survive when the command itself ends on it. A stream
+//! that just ends (the session was lost) closes stdin and nothing else.
 //!
 //! The child runs in a session (and process group) of its own; with `tty` a
 //! fresh pty is its controlling terminal. Its exit status comes from the
@@ -43,6 +51,10 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// After the child exited, output still arriving is forwarded; once nothing
 /// arrived for this long (a background grandchild holding the pipes), stop.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// How long a hung-up command has to end on `SIGHUP` before its process
+/// group is killed.
+pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
 /// Error codes sent in `Frame::Error` by an exec.
 pub mod code {
@@ -351,9 +363,14 @@ where
         debug!("exec pid {pid}: host went away before Started: {e}");
         connected = false;
     }
-    let input = tokio::spawn(input_loop(rd, sp.stdin, pid, sp.pty));
+    let (hangup_tx, hangup_rx) = oneshot::channel();
+    let input = tokio::spawn(input_loop(rd, sp.stdin, pid, sp.pty, hangup_tx));
+    let outputs = Outputs {
+        stdout: sp.stdout,
+        stderr: sp.stderr,
+    };
     let (status, connected) =
-        pump_output(&mut wr, connected, pid, sp.stdout, sp.stderr, sp.exit).await;
+        pump_output(&mut wr, connected, pid, outputs, sp.exit, hangup_rx).await;
     input.abort();
     debug!("exec pid {pid}: done, {status:?}");
     if connected {
@@ -364,13 +381,16 @@ where
     }
 }
 
-/// Frames from the host: stdin data, EOF, signals, resizes. Ends when the
-/// stream does (then the child's stdin is closed).
+/// Frames from the host: stdin data, EOF, signals, resizes, a hang-up.
+/// Ends when the stream does or the client hung up (then the child's stdin
+/// is closed); a hang-up is passed on to the output pump, which knows
+/// whether the command still runs.
 async fn input_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     mut stdin: StdinSink,
     pid: u32,
     pty: Option<FdIo>,
+    hangup: oneshot::Sender<()>,
 ) {
     loop {
         let frame = match read_frame(&mut rd).await {
@@ -408,6 +428,11 @@ async fn input_loop<R: AsyncRead + Unpin>(
                 }
             },
             Frame::Signal(n) => signal_group(pid, n),
+            Frame::Hangup => {
+                debug!("exec pid {pid}: the client hung up");
+                let _ = hangup.send(());
+                break;
+            }
             Frame::Resize(ws) => match &pty {
                 Some(m) => {
                     if let Err(e) = set_winsize(m.raw_fd(), ws) {
@@ -457,6 +482,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Signal(_) => "Signal",
         Frame::Data(_) => "Data",
         Frame::Eof => "Eof",
+        Frame::Hangup => "Hangup",
     }
 }
 
@@ -468,25 +494,34 @@ async fn read_some(r: &mut Option<BoxRead>, buf: &mut [u8]) -> io::Result<usize>
     }
 }
 
+/// The child's output streams.
+struct Outputs {
+    stdout: BoxRead,
+    stderr: Option<BoxRead>,
+}
+
 /// Forward the child's output until it exited and its output ended (or went
 /// idle for [`DRAIN_IDLE`] after the exit). Returns the exit status, and
 /// whether the stream still works.
 ///
 /// When the stream fails (the host went away), the output is still read
 /// and dropped: the command keeps running as if nothing happened, instead
-/// of dying of SIGPIPE or blocking on a full pipe.
+/// of dying of SIGPIPE or blocking on a full pipe. When the client hung up,
+/// the command's group is signalled (see the module documentation).
 async fn pump_output<W: AsyncWrite + Unpin>(
     wr: &mut W,
     mut connected: bool,
     pid: u32,
-    stdout: BoxRead,
-    stderr: Option<BoxRead>,
+    outputs: Outputs,
     mut exit: oneshot::Receiver<ExitStatus>,
+    mut hangup: oneshot::Receiver<()>,
 ) -> (ExitStatus, bool) {
-    let mut out = Some(stdout);
-    let mut err = stderr;
+    let mut out = Some(outputs.stdout);
+    let mut err = outputs.stderr;
     let mut status: Option<ExitStatus> = None;
     let mut idle_deadline: Option<Instant> = None;
+    let mut hangup_open = true;
+    let mut kill_deadline: Option<Instant> = None;
     let mut obuf = vec![0u8; MAX_CHUNK];
     let mut ebuf = vec![0u8; MAX_CHUNK];
     loop {
@@ -501,12 +536,40 @@ async fn pump_output<W: AsyncWrite + Unpin>(
                 None => std::future::pending().await,
             }
         };
+        let kill = async {
+            match kill_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         // Which output produced data, and how much.
         let got = tokio::select! {
+            // The exit first: a command known to have ended (its pid maybe
+            // reused) is never signalled.
+            biased;
             r = &mut exit, if status.is_none() => {
                 // The reaper never drops a registered sender; be safe anyway.
                 status = Some(r.unwrap_or(ExitStatus { code: None, signal: None }));
                 idle_deadline = Some(Instant::now() + DRAIN_IDLE);
+                None
+            }
+            r = &mut hangup, if hangup_open => {
+                hangup_open = false;
+                // An error is the input loop ending without a hang-up.
+                if r.is_ok() && status.is_none() {
+                    debug!("exec pid {pid}: hung up; SIGHUP to its process group");
+                    signal_group(pid, libc::SIGHUP);
+                    signal_group(pid, libc::SIGCONT);
+                    kill_deadline = Some(Instant::now() + HANGUP_GRACE);
+                    // Nobody reads the output any more.
+                    connected = false;
+                }
+                None
+            }
+            _ = kill, if status.is_none() => {
+                kill_deadline = None;
+                debug!("exec pid {pid}: still running {} ms after the hang-up; SIGKILL to its process group", HANGUP_GRACE.as_millis());
+                signal_group(pid, libc::SIGKILL);
                 None
             }
             r = read_some(&mut out, &mut obuf) => match r {

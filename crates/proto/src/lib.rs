@@ -42,7 +42,17 @@
 //! client -> peer : Stdin(bytes)* StdinEof?    (any time, interleaved)
 //! peer -> client : Stdout(bytes)* Stderr(bytes)*
 //! peer -> client : Exit { code, signal }      (last frame; stream closes)
+//! client -> peer : Hangup                     (instead of further input)
 //! ```
+//!
+//! `StdinEof` closes the command's stdin and nothing else; a client that goes
+//! away before `Exit` is a terminal hang-up, which the supervisor tells the
+//! agent with `Hangup` when the client's control connection ends early. The
+//! agent then sends `SIGHUP` (and `SIGCONT`) to the command's process group
+//! and, if the command itself still runs after a short grace period,
+//! `SIGKILL` to the group. A stream that merely ends (its session was lost,
+//! as when a restored guest's old session is broken) is not a hang-up: the
+//! command keeps running, so a snapshot never kills it.
 //!
 //! Files (one stream per transfer, on either link):
 //!
@@ -220,6 +230,7 @@ mod tag {
     pub const SIGNAL: u8 = 13;
     pub const DATA: u8 = 14;
     pub const EOF: u8 = 15;
+    pub const HANGUP: u8 = 16;
 }
 
 /// First frame of a session, sent by the host.
@@ -508,7 +519,9 @@ pub enum Frame {
     HelloAck(HelloAck),
     Request(Request),
     Response(Response),
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdin(Vec<u8>),
     StdinEof,
     Stdout(Vec<u8>),
@@ -519,6 +532,8 @@ pub enum Frame {
     Signal(i32),
     Data(Vec<u8>),
     Eof,
+    /// The client of an exec went away (see the message sequence).
+    Hangup,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -591,6 +606,7 @@ impl Frame {
             Frame::Signal(s) => (tag::SIGNAL, Owned(json(&SignalBody { signal: *s }))),
             Frame::Data(b) => (tag::DATA, Borrowed(b)),
             Frame::Eof => (tag::EOF, Borrowed(&[])),
+            Frame::Hangup => (tag::HANGUP, Borrowed(&[])),
         }
     }
 
@@ -631,6 +647,7 @@ impl Frame {
             tag::SIGNAL => Frame::Signal(from_json::<SignalBody>(tag, body)?.signal),
             tag::DATA => Frame::Data(body.to_vec()),
             tag::EOF => Frame::Eof,
+            tag::HANGUP => Frame::Hangup,
             tag => return Err(DecodeError::UnknownTag { tag }),
         })
     }
@@ -828,6 +845,7 @@ mod tests {
             Frame::Signal(2),
             Frame::Data(vec![9; 1000]),
             Frame::Eof,
+            Frame::Hangup,
         ]
     }
 

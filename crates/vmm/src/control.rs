@@ -12,7 +12,9 @@ use machinen_proto::{self as proto, Frame, Request, Response, WireError};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 
-use crate::agent::AgentSession;
+use tokio::io::AsyncWriteExt;
+
+use crate::agent::{AgentSession, AgentStream};
 
 /// What the control server needs to know and do.
 pub struct Shared {
@@ -156,11 +158,14 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                     return Ok(());
                 }
             };
+            let is_exec = matches!(req, Request::Exec(_));
             proto::send(&mut stream, &Frame::Request(req)).await?;
-            // Either side closing ends the splice; errors here are ordinary
-            // disconnects (a client killed mid-exec) and not worth more than a log.
-            if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut stream).await {
-                tracing::debug!("exec splice ended: {e}");
+            if is_exec {
+                splice_exec(conn, stream).await;
+            } else if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut stream).await {
+                // Either side closing ends the splice; errors here are
+                // ordinary disconnects and not worth more than a log.
+                tracing::debug!("splice ended: {e}");
             }
         }
         other => {
@@ -175,4 +180,52 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// Splice an exec's client connection onto its agent stream. Output is
+/// copied as bytes; input is forwarded frame by frame, so that when the
+/// client goes away before the command ended (killed, or a dropped library
+/// future) a `Hangup` can follow the last whole frame: the agent then hangs
+/// the command up as a terminal would. Clients keep their connection open
+/// until `Exit` (stdin's end is the `StdinEof` frame, not a half-close).
+async fn splice_exec(conn: UnixStream, stream: AgentStream) {
+    let (mut crd, mut cwr) = conn.into_split();
+    let (mut ard, mut awr) = tokio::io::split(stream);
+    let output = async {
+        if let Err(e) = tokio::io::copy(&mut ard, &mut cwr).await {
+            tracing::debug!("exec output splice ended: {e}");
+        }
+        let _ = cwr.shutdown().await;
+    };
+    let input = async {
+        loop {
+            match proto::read_frame(&mut crd).await {
+                Ok(Some(f)) => {
+                    if let Err(e) = proto::send(&mut awr, &f).await {
+                        tracing::debug!("exec input splice ended: {e}");
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::debug!("exec client connection failed: {e}");
+                    return true;
+                }
+            }
+        }
+    };
+    let mut input = Box::pin(input);
+    tokio::pin!(output);
+    // The agent's side ending (after `Exit`, or with its session) ends the
+    // splice: the client then sees the end of its connection.
+    let client_gone = tokio::select! {
+        _ = &mut output => false,
+        gone = &mut input => gone,
+    };
+    drop(input);
+    if client_gone {
+        tracing::debug!("exec client went away; hanging the command up");
+        let _ = proto::send(&mut awr, &Frame::Hangup).await;
+        let _ = awr.shutdown().await;
+    }
 }

@@ -475,6 +475,106 @@ async fn killed_by_a_signal() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+/// Whether `pid` runs (a zombie does not count).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+async fn wait_gone(pid: i32, within: Duration) -> Duration {
+    let start = Instant::now();
+    while running(pid) {
+        assert!(
+            start.elapsed() < within,
+            "pid {pid} still runs {within:?} after the hang-up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// Start `script` and read `lines` lines of its stdout (pids it reports).
+async fn started_with_pids(client: &Client, script: &str, lines: usize) -> (Stream, i32, Vec<i32>) {
+    let mut s = client.stream().await;
+    send(
+        &mut s,
+        &Frame::Request(Request::Exec(exec(&["sh", "-c", script]))),
+    )
+    .await
+    .expect("send");
+    let Some(Frame::Started { pid }) = read_frame(&mut s).await.expect("read") else {
+        panic!("no Started")
+    };
+    let mut out = Vec::new();
+    while out.iter().filter(|b| **b == b'\n').count() < lines {
+        match read_frame(&mut s).await.expect("read") {
+            Some(Frame::Stdout(b)) => out.extend(b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let pids = String::from_utf8(out)
+        .expect("utf8")
+        .lines()
+        .map(|l| l.trim().parse().expect("pid"))
+        .collect();
+    (s, pid as i32, pids)
+}
+
+#[tokio::test]
+async fn hangup_ends_the_command_and_its_group_but_not_what_left_it() {
+    let (client, _) = session();
+    // The second pid is printed once it has left the group.
+    let script = "sleep 30 & echo $!; setsid sh -c 'echo $$; exec sleep 31' & exec sleep 32";
+    let (mut s, leader, pids) = started_with_pids(&client, script, 2).await;
+    let (member, escaped) = (pids[0], pids[1]);
+    assert!(running(leader) && running(member) && running(escaped));
+    send(&mut s, &Frame::Hangup).await.expect("hangup");
+    // SIGHUP ends both at once, well before the SIGKILL grace.
+    let took = wait_gone(leader, Duration::from_secs(10)).await;
+    assert!(
+        took < exec::HANGUP_GRACE,
+        "the command ended on SIGHUP, not SIGKILL ({took:?})"
+    );
+    wait_gone(member, Duration::from_secs(10)).await;
+    // It left the group (setsid): a hang-up is not for it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        running(escaped),
+        "a process in its own session survives the hang-up"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    // Stdin EOF and a stream that ends are no hang-up: the command runs on.
+    let (mut s, leader, _) = started_with_pids(&client, "echo $$; exec sleep 30", 1).await;
+    send(&mut s, &Frame::StdinEof).await.expect("eof");
+    tokio::io::AsyncWriteExt::shutdown(&mut s)
+        .await
+        .expect("close");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        running(leader),
+        "stdin EOF or a closed stream must not end the command"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[tokio::test]
+async fn a_command_that_ignores_the_hangup_is_killed_after_the_grace() {
+    let (client, _) = session();
+    let script = "trap '' HUP; sleep 30 & echo $!; wait";
+    let (mut s, leader, pids) = started_with_pids(&client, script, 1).await;
+    send(&mut s, &Frame::Hangup).await.expect("hangup");
+    tokio::time::sleep(exec::HANGUP_GRACE / 2).await;
+    assert!(running(leader) && running(pids[0]), "SIGHUP is ignored");
+    wait_gone(leader, exec::HANGUP_GRACE * 5).await;
+    wait_gone(pids[0], Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn two_execs_run_concurrently() {
     // Each command waits for the other to have started: they only finish if
