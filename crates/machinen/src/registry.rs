@@ -41,9 +41,13 @@ pub struct PortForward {
 pub struct RegistryEntry {
     pub id: String,
     pub name: String,
-    /// `starting`, `running`, `stopping`; `crashed` once the VM ended
-    /// without being asked to (see `cause`).
+    /// `starting`, `running`, `recovering` (the agent session is being
+    /// re-established), `unhealthy` (it could not be), `stopping`;
+    /// `crashed` once the VM ended without being asked to (see `cause`).
     pub state: String,
+    /// Why the VM is `recovering` or `unhealthy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub supervisor_pid: u32,
     /// Start time of the supervisor process (clock ticks after boot, from
     /// `/proc/<pid>/stat`), to detect pid reuse.
@@ -542,6 +546,7 @@ mod tests {
             id: claim.id.clone(),
             name: name.into(),
             state: "running".into(),
+            reason: None,
             supervisor_pid: pid,
             supervisor_start: start,
             qemu_pid: None,

@@ -113,6 +113,9 @@ pub struct VmInfo {
     pub pid: u32,
     pub qemu_pid: Option<u32>,
     pub state: String,
+    /// Why the VM is `recovering` or `unhealthy` (see [`RegistryEntry::state`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub image: Option<PathBuf>,
     pub ports: Vec<registry::PortForward>,
     pub forked_from: Option<String>,
@@ -136,6 +139,7 @@ impl From<&RegistryEntry> for VmInfo {
             pid: e.supervisor_pid,
             qemu_pid: e.qemu_pid,
             state: e.state.clone(),
+            reason: e.reason.clone(),
             image: e.image.clone(),
             ports: e.ports.clone(),
             forked_from: e.forked_from.clone(),
@@ -402,6 +406,7 @@ pub(crate) async fn launch_vm(
         id: spec.id.clone(),
         name,
         state: "starting".into(),
+        reason: None,
         supervisor_pid: pid,
         supervisor_start: registry::process_start_time(pid).unwrap_or(0),
         qemu_pid: None,

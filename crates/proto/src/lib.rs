@@ -366,8 +366,12 @@ pub enum Response {
 /// What the supervisor knows about its VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
-    /// `starting`, `running`, `stopping`.
+    /// `starting`, `running`, `recovering` (the agent session failed and is
+    /// being re-established), `unhealthy` (it could not be), `stopping`.
     pub state: String,
+    /// Why the VM is `recovering` or `unhealthy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub supervisor_pid: u32,
     #[serde(default)]
     pub qemu_pid: Option<u32>,
@@ -821,8 +825,16 @@ mod tests {
             Frame::Response(Response::Stopping),
             Frame::Response(Response::Status(VmStatus {
                 state: "running".into(),
+                reason: None,
                 supervisor_pid: 7,
                 qemu_pid: Some(8),
+                agent: None,
+            })),
+            Frame::Response(Response::Status(VmStatus {
+                state: "unhealthy".into(),
+                reason: Some("the guest agent does not answer".into()),
+                supervisor_pid: 7,
+                qemu_pid: None,
                 agent: None,
             })),
             Frame::Started { pid: 42 },

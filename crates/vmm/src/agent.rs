@@ -130,6 +130,8 @@ type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 #[derive(Clone)]
 pub struct AgentSession {
     open_tx: mpsc::Sender<OpenReply>,
+    /// Ends the session from our side (a session that stopped answering).
+    close: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl AgentSession {
@@ -141,10 +143,12 @@ impl AgentSession {
         let mut conn = yamux::Connection::new(sock.compat(), cfg, yamux::Mode::Client);
         let (open_tx, mut open_rx) = mpsc::channel::<OpenReply>(64);
         let (done_tx, done_rx) = oneshot::channel();
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        let closed = close.clone();
         tokio::spawn(async move {
             let mut pending: Vec<OpenReply> = Vec::new();
             let mut requests_open = true;
-            let result = poll_fn(|cx| {
+            let driven = poll_fn(|cx| {
                 while requests_open {
                     match open_rx.poll_recv(cx) {
                         Poll::Ready(Some(r)) => pending.push(r),
@@ -170,8 +174,13 @@ impl AgentSession {
                         Poll::Pending => return Poll::Pending,
                     }
                 }
-            })
-            .await;
+            });
+            // Dropping the connection (when this task ends) closes the
+            // socket, so a new session starts on a fresh connection.
+            let result = tokio::select! {
+                r = driven => r,
+                _ = closed.notified() => Err(yamux::ConnectionError::Closed),
+            };
             if let Err(e) = result {
                 tracing::warn!("agent session ended: {e}");
             } else {
@@ -179,7 +188,12 @@ impl AgentSession {
             }
             let _ = done_tx.send(());
         });
-        (AgentSession { open_tx }, done_rx)
+        (AgentSession { open_tx, close }, done_rx)
+    }
+
+    /// End the session (its streams fail, the socket is closed).
+    pub fn close(&self) {
+        self.close.notify_one();
     }
 
     /// Open a new stream to the agent.

@@ -23,6 +23,9 @@ pub struct Shared {
     pub stop_tx: mpsc::Sender<bool>,
     /// Snapshots run in the supervisor's main loop, which owns the machine.
     pub snap_tx: mpsc::Sender<SnapshotCmd>,
+    /// A snapshot is in progress (the guest may be paused: it cannot
+    /// answer liveness probes).
+    pub pausing: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot request handed to the main loop, with where to answer.

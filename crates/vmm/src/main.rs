@@ -6,6 +6,7 @@
 mod agent;
 mod control;
 mod engine;
+mod keeper;
 mod ports;
 mod snapshot;
 mod supervisor;

@@ -17,7 +17,7 @@ use machinen_proto::VmStatus;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use machinen_proto::{Frame, Response, WireError};
 
@@ -25,7 +25,7 @@ use crate::agent::{self, AgentError, AgentSession};
 use crate::control::{self, Shared, SnapshotCmd};
 use crate::engine::qemu::{QemuEngine, QemuMachine};
 use crate::engine::{Capabilities, Engine, EngineError, Exit, Machine};
-use crate::{ports, snapshot};
+use crate::{keeper, ports, snapshot};
 
 /// How long a graceful stop may take before QEMU is told to quit.
 const GRACEFUL_STOP: Duration = Duration::from_secs(10);
@@ -99,7 +99,7 @@ fn console_lines(spec: &VmSpec, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn update_entry(reg: &Registry, id: &str, f: impl FnOnce(&mut registry::RegistryEntry)) {
+pub(crate) fn update_entry(reg: &Registry, id: &str, f: impl FnOnce(&mut registry::RegistryEntry)) {
     let res = (|| -> Result<(), registry::RegistryError> {
         let _lock = reg.lock()?;
         let mut entry = reg
@@ -174,6 +174,7 @@ pub async fn run(spec: VmSpec) -> i32 {
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
             state: "starting".into(),
+            reason: None,
             supervisor_pid: std::process::id(),
             qemu_pid: None,
             agent: None,
@@ -181,13 +182,21 @@ pub async fn run(spec: VmSpec) -> i32 {
         agent: Mutex::new(None),
         stop_tx: stop_tx.clone(),
         snap_tx,
+        pausing: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
 
-    let (mut machine, caps) = match start(&spec, &shared, started).await {
+    let (mut machine, caps, session_done) = match start(&spec, &shared, started).await {
         Ok(v) => v,
         Err(e) => return fail_start(e),
     };
+    let keeper = keeper::Keeper {
+        shared: shared.clone(),
+        agent_path: spec.path_in(files::AGENT),
+        registry: reg.clone(),
+        id: spec.id.clone(),
+    };
+    tokio::spawn(keeper::run(keeper, session_done));
     for (forward, listener) in forwards {
         tokio::spawn(ports::serve(forward, listener, shared.clone()));
     }
@@ -245,7 +254,13 @@ pub async fn run(spec: VmSpec) -> i32 {
             Some(cmd) = snap_rx.recv() => cmd,
         };
         let keep_alive = cmd.req.keep_alive;
+        shared
+            .pausing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let result = snapshot::take(&machine, &shared, &spec, &caps, &mut chain, cmd.req).await;
+        shared
+            .pausing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let done = result.is_ok() && !keep_alive;
         let _ = cmd.reply.send(match result {
             Ok(report) => Frame::Response(Response::Snapshotted(report)),
@@ -370,7 +385,7 @@ async fn start(
     spec: &VmSpec,
     shared: &Arc<Shared>,
     started: Instant,
-) -> Result<(QemuMachine, Capabilities), StartError> {
+) -> Result<(QemuMachine, Capabilities, oneshot::Receiver<()>), StartError> {
     // The launcher's verdict can come at any time, and its end of our stdin
     // closing means it is gone: read it from the start, so a launcher that
     // dies while QEMU loads the state does not leave us (and a paused QEMU)
@@ -503,7 +518,7 @@ async fn start(
             return Err(console_err(ErrorCode::BootEngineFailed, format!("QEMU exited before the guest was ready ({exit})"), "see the VM's qemu.log and console.log"));
         }
     }
-    let (session, _done) = AgentSession::start(sock);
+    let (session, done) = AgentSession::start(sock);
     let ack = match tokio::time::timeout(Duration::from_secs(30), session.handshake()).await {
         Ok(Ok(ack)) => ack,
         Ok(Err(e)) => {
@@ -539,7 +554,7 @@ async fn start(
     }
     shared.status.lock().await.agent = Some(ack);
     *shared.agent.lock().await = Some(session);
-    Ok((machine, caps))
+    Ok((machine, caps, done))
 }
 
 /// Stop the VM: graceful (guest powers off) unless `force`, escalating to

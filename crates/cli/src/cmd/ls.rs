@@ -14,7 +14,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
     let (crashed, live): (Vec<_>, Vec<_>) = vms
         .iter()
         .partition(|v| v.state == machinen::registry::CRASHED);
-    let rows: Vec<[String; 5]> = live
+    let rows: Vec<[String; 6]> = live
         .iter()
         .map(|v| {
             let ports = v
@@ -26,6 +26,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
             [
                 v.pid.to_string(),
                 v.name.clone(),
+                v.state.clone(),
                 human_duration(v.uptime_ms),
                 ports,
                 v.forked_from.clone().unwrap_or_default(),
@@ -33,9 +34,15 @@ pub fn run(a: LsArgs) -> Result<i32> {
         })
         .collect();
     print_table(
-        ["PID", "NAME", "UP", "PORTS", "FORKED-FROM"].map(String::from),
+        ["PID", "NAME", "STATE", "UP", "PORTS", "FORKED-FROM"].map(String::from),
         &rows,
     );
+    // A VM that is not healthy says why, below the table.
+    for v in &live {
+        if let Some(reason) = &v.reason {
+            println!("{} is {}: {reason}", v.name, v.state);
+        }
+    }
     if !crashed.is_empty() {
         println!(
             "\ncrashed (`machinen logs NAME|ID` shows the console, `machinen gc` removes them):"

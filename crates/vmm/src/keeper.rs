@@ -1,0 +1,261 @@
+//! Keeping the agent session up while the VM runs.
+//!
+//! A session can fail under a running guest: bytes that are not yamux on the
+//! channel (a program that is root in the guest can write to the agent's
+//! port) end it at once; an agent that stops answering leaves it hanging.
+//! The keeper notices (the session's driver ends, or liveness probes go
+//! unanswered), marks the VM `recovering`, and starts a fresh session on a
+//! new connection to the agent socket with the preamble a restore uses
+//! (`machinen_proto::preamble`): the agent drops its stale session and
+//! answers. Attempts back off; after [`QUICK_ATTEMPTS`] failures the VM is
+//! `unhealthy`, with the reason, in `ls` and `status`, and the keeper tries
+//! again every [`SLOW_RETRY`]. Commands the lost session ran keep running.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machinen::registry::Registry;
+use machinen_proto::{Request, Response};
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+
+use crate::agent::{self, AgentSession};
+use crate::control::Shared;
+
+/// How often an idle session is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(15);
+/// How long one probe may take (a loaded TCG guest can be slow).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Consecutive unanswered probes after which a session counts as failed.
+const PROBE_MISSES: u32 = 3;
+/// Failed attempts after which the VM is reported `unhealthy`.
+pub const QUICK_ATTEMPTS: u32 = 5;
+/// Delay between attempts once the VM is `unhealthy`.
+pub const SLOW_RETRY: Duration = Duration::from_secs(30);
+/// A session that lived this long resets the backoff when it fails; one
+/// that failed sooner counts as a failed attempt.
+const STABLE: Duration = Duration::from_secs(60);
+/// Bounds on one attempt: connecting, the preamble, the hello.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PREAMBLE_BUDGET: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the keeper needs.
+pub struct Keeper {
+    pub shared: Arc<Shared>,
+    /// The QEMU chardev socket of the agent port.
+    pub agent_path: PathBuf,
+    pub registry: Registry,
+    pub id: String,
+}
+
+/// Delay before attempt number `failures + 1`.
+pub fn backoff(failures: u32) -> Duration {
+    if failures >= QUICK_ATTEMPTS {
+        return SLOW_RETRY;
+    }
+    Duration::from_millis(100) * 3u32.pow(failures)
+}
+
+/// Keep the session whose end `done` reports up, until the VM stops.
+pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
+    let mut failures = 0u32;
+    let mut since = Instant::now();
+    loop {
+        let Some(why) = watch(&k, &mut done).await else {
+            return;
+        };
+        if stopping(&k).await {
+            return;
+        }
+        tracing::warn!("agent session failed: {why}; re-establishing it");
+        // A session that failed soon after it started counts as a failed
+        // attempt: a guest that keeps breaking its sessions ends up
+        // `unhealthy` instead of being reconnected at full speed forever.
+        if since.elapsed() >= STABLE {
+            failures = 0;
+        } else {
+            failures += 1;
+        }
+        if failures >= QUICK_ATTEMPTS {
+            set_state(
+                &k,
+                "unhealthy",
+                Some(unhealthy_reason(
+                    &why,
+                    failures,
+                    "its sessions keep failing soon after they start",
+                )),
+            )
+            .await;
+        } else {
+            set_state(
+                &k,
+                "recovering",
+                Some(format!("re-establishing the guest agent session: {why}")),
+            )
+            .await;
+        }
+        loop {
+            tokio::time::sleep(backoff(failures)).await;
+            if stopping(&k).await {
+                return;
+            }
+            match reconnect(&k.agent_path).await {
+                Ok((session, d)) => {
+                    let mut slot = k.shared.agent.lock().await;
+                    if stopping(&k).await {
+                        session.close();
+                        return;
+                    }
+                    *slot = Some(session);
+                    drop(slot);
+                    set_state(&k, "running", None).await;
+                    tracing::info!("agent session re-established after {failures} failed attempts");
+                    done = d;
+                    since = Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(
+                        "re-establishing the agent session failed (attempt {failures}): {e}"
+                    );
+                    if failures >= QUICK_ATTEMPTS {
+                        set_state(&k, "unhealthy", Some(unhealthy_reason(&why, failures, &e)))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unhealthy_reason(why: &str, failures: u32, last: &str) -> String {
+    format!(
+        "the guest agent session failed ({why}) and {failures} attempts to re-establish it did not last (last: {last}); retrying every {} s",
+        SLOW_RETRY.as_secs()
+    )
+}
+
+/// Wait until the session fails (`Some(why)`) or the VM stops (`None`).
+async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
+    let mut misses = 0u32;
+    loop {
+        tokio::select! {
+            _ = &mut *done => return Some("the session ended (the channel carried bytes that are not the protocol, or the agent closed it)".into()),
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+        if stopping(k).await {
+            return None;
+        }
+        // A paused guest (a snapshot in progress) cannot answer.
+        if k.shared.pausing.load(Ordering::SeqCst) {
+            misses = 0;
+            continue;
+        }
+        let Some(session) = k.shared.agent.lock().await.clone() else {
+            continue;
+        };
+        match session.request(Request::Ping, PROBE_TIMEOUT).await {
+            Ok(Response::Pong) => misses = 0,
+            _ if k.shared.pausing.load(Ordering::SeqCst) => misses = 0,
+            other => {
+                misses += 1;
+                tracing::warn!("agent liveness probe {misses}/{PROBE_MISSES} failed: {other:?}");
+                if misses >= PROBE_MISSES {
+                    session.close();
+                    return Some(format!("the agent did not answer {misses} liveness probes"));
+                }
+            }
+        }
+    }
+}
+
+async fn stopping(k: &Keeper) -> bool {
+    k.shared.status.lock().await.state == "stopping"
+}
+
+/// A fresh connection to the agent socket and a new session on it.
+async fn reconnect(
+    path: &std::path::Path,
+) -> Result<(AgentSession, oneshot::Receiver<()>), String> {
+    let mut sock = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", path.display())),
+        Err(_) => {
+            return Err(format!(
+                "connecting to {} took over {} s",
+                path.display(),
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        }
+    };
+    // The agent may still be inside the old session: break it (resume).
+    agent::preamble(&mut sock, PREAMBLE_BUDGET, true)
+        .await
+        .map_err(|e| format!("session preamble: {e}"))?;
+    let (session, done) = AgentSession::start(sock);
+    match tokio::time::timeout(HELLO_TIMEOUT, session.handshake()).await {
+        Ok(Ok(ack)) => {
+            tracing::info!("agent {} answers again", ack.agent_version);
+            Ok((session, done))
+        }
+        Ok(Err(e)) => {
+            session.close();
+            Err(format!("handshake: {e}"))
+        }
+        Err(_) => {
+            session.close();
+            Err(format!(
+                "no handshake answer within {} s",
+                HELLO_TIMEOUT.as_secs()
+            ))
+        }
+    }
+}
+
+/// Record the VM's state for `status` (the supervisor) and `ls` (the
+/// registry entry). While not running, no agent session is offered.
+async fn set_state(k: &Keeper, state: &str, reason: Option<String>) {
+    {
+        let mut st = k.shared.status.lock().await;
+        if st.state == "stopping" {
+            return;
+        }
+        st.state = state.to_string();
+        st.reason = reason.clone();
+    }
+    if state != "running" {
+        if let Some(old) = k.shared.agent.lock().await.take() {
+            old.close();
+        }
+    }
+    let (reg, id, state) = (k.registry.clone(), k.id.clone(), state.to_string());
+    let _ = tokio::task::spawn_blocking(move || {
+        crate::supervisor::update_entry(&reg, &id, |e| {
+            e.state = state;
+            e.reason = reason;
+        })
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_settles() {
+        let delays: Vec<Duration> = (0..=QUICK_ATTEMPTS + 1).map(backoff).collect();
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert_eq!(delays[0], Duration::from_millis(100));
+        // Five quick attempts take about 12 s in all, then the slow pace.
+        let quick: Duration = delays[..QUICK_ATTEMPTS as usize].iter().sum();
+        assert!(quick < Duration::from_secs(15), "{quick:?}");
+        assert_eq!(backoff(QUICK_ATTEMPTS), SLOW_RETRY);
+        assert_eq!(backoff(100), SLOW_RETRY);
+    }
+}
