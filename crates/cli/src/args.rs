@@ -37,6 +37,11 @@ SRC and DST: a host path, `-` (stdin/stdout), or TARGET:/guest/path (TARGET is a
 the guest path is absolute). Exactly one side is in a VM. Binary-safe and streamed; missing parent
 directories are created on the receiving side; the file's mode is kept.
 
+Copies out of a VM are bounded: at most --max-size (default 4G), and the host filesystem keeps a
+free-space reserve (the smaller of 1 GiB and 5% of its size; MACHINEN_DISK_RESERVE=2G, 10% or 0
+overrides it). The file appears complete or not at all: an error, Ctrl-C or SIGTERM leaves nothing
+behind (where the filesystem supports O_TMPFILE, not even SIGKILL does).
+
 Examples:
   machinen cp ./app.tar.gz web:/srv/app.tar.gz
   machinen cp web:/var/log/syslog ./syslog
@@ -55,6 +60,9 @@ pub struct CpArgs {
     /// Append to the destination instead of replacing it (guest destinations).
     #[arg(long)]
     pub append: bool,
+    /// Largest file copied out of a VM: bytes or 10K/500M/20G/1T, or `unlimited` (default 4G).
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

@@ -95,9 +95,13 @@ error_codes! {
     FilesNotRegular = "FILES_NOT_REGULAR",
     FilesNoSpace = "FILES_NO_SPACE",
     FilesIo = "FILES_IO",
+    FilesTooLarge = "FILES_TOO_LARGE",
+    FilesHostDiskReserve = "FILES_HOST_DISK_RESERVE",
     // secrets
     SecretsInvalid = "SECRETS_INVALID",
     SecretsFailed = "SECRETS_FAILED",
+    // the user stopped the operation (Ctrl-C, SIGTERM, SIGHUP)
+    Interrupted = "INTERRUPTED",
     // anything the host OS refused that fits nowhere else
     Io = "IO",
 }
@@ -132,6 +136,8 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             ExecCommandNotFound => 127,
+            // As a shell reports a command ended by Ctrl-C.
+            Interrupted => 130,
             ExecSpawnFailed => 126,
             BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
             | FilesPathInvalid | SecretsInvalid => 2,

@@ -6,12 +6,14 @@
 //! [`proto::MAX_CHUNK`], never held whole in memory, with the agent link's
 //! flow control slowing a fast sender down.
 
+use std::path::Path;
 use std::time::Duration;
 
 use machinen_proto::{self as proto, FileInfo, Frame, Request, Response, WriteFileRequest};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{fail, ErrorCode, Result};
+use crate::hostfile::{self, ReadFileOptions};
 use crate::vm::{protocol_error, wire_error, Vm};
 
 pub use machinen_proto::FileInfo as GuestFileInfo;
@@ -177,15 +179,96 @@ impl Vm {
         Ok((info, out))
     }
 
-    /// Stream the guest file `path` into `writer`; fails when the guest sends
-    /// more than `max_bytes`. Returns the file's mode and the size it had
-    /// when the transfer started.
+    /// Stream the guest file `path` into `writer`; fails with
+    /// `FILES_TOO_LARGE` when the guest announces or sends more than
+    /// `max_bytes`. Returns the file's mode and the size it had when the
+    /// transfer started.
     pub async fn read_file_to<W: AsyncWrite + Unpin>(
         &self,
         path: &str,
         writer: &mut W,
         max_bytes: u64,
     ) -> Result<FileInfo> {
+        let mut rd = self.open_read(path, max_bytes).await?;
+        while let Some(b) = rd.next().await? {
+            writer.write_all(&b).await.map_err(|e| {
+                fail(
+                    ErrorCode::Io,
+                    format!("writing the contents of {path} failed"),
+                )
+                .source(e)
+            })?;
+        }
+        writer.flush().await.map_err(|e| {
+            fail(
+                ErrorCode::Io,
+                format!("writing the contents of {path} failed"),
+            )
+            .source(e)
+        })?;
+        Ok(rd.info)
+    }
+
+    /// Copy the guest file `path` to the host file `dest`, bounded by
+    /// `opts.max_bytes` and the destination filesystem's free-space reserve
+    /// (see [`crate::hostfile`]). Missing parent directories are created;
+    /// `dest` appears complete, with the guest file's mode (or `opts.mode`),
+    /// or not at all: a failure or a dropped future leaves no partial file.
+    /// Returns the bytes copied and the mode given.
+    pub async fn read_file_to_path(
+        &self,
+        path: &str,
+        dest: &Path,
+        opts: ReadFileOptions,
+    ) -> Result<(u64, u32)> {
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut rd = self.open_read(path, opts.max_bytes).await?;
+        let (announced, reserve) = (rd.info.size, opts.reserve);
+        let pending = blocking(move || {
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| host_error(&parent, "cannot create the directory", e))?;
+            hostfile::check_room(&parent, announced, reserve)?;
+            hostfile::PendingFile::create(&parent)
+        })
+        .await?;
+        let mut file = tokio::fs::File::from_std(pending.handle()?);
+        let mut got = 0u64;
+        let mut unchecked = 0u64;
+        while let Some(b) = rd.next().await? {
+            file.write_all(&b)
+                .await
+                .map_err(|e| host_error(dest, "write failed", e))?;
+            got += b.len() as u64;
+            unchecked += b.len() as u64;
+            // The guest may send more than it announced: keep checking.
+            if unchecked >= RESERVE_CHECK_EVERY {
+                unchecked = 0;
+                let (dir, left) = (pending.dir().to_path_buf(), announced.saturating_sub(got));
+                blocking(move || hostfile::check_room(&dir, left, reserve)).await?;
+            }
+        }
+        file.flush()
+            .await
+            .map_err(|e| host_error(dest, "write failed", e))?;
+        drop(file);
+        if got > announced {
+            // More than the guest announced, and maybe less than a check's
+            // worth since the last one: the reserve must hold at the end too.
+            let dir = pending.dir().to_path_buf();
+            blocking(move || hostfile::check_room(&dir, 0, reserve)).await?;
+        }
+        let mode = opts.mode.unwrap_or(rd.info.mode);
+        let dest_owned = dest.to_path_buf();
+        blocking(move || pending.persist(&dest_owned, mode)).await?;
+        Ok((got, mode))
+    }
+
+    /// Start reading `path`: its info, then its data through [`GuestReader::next`].
+    async fn open_read(&self, path: &str, max_bytes: u64) -> Result<GuestReader> {
         validate_guest_path(path)?;
         let mut conn = self.connect().await?;
         let what = format!("reading {path}");
@@ -209,46 +292,87 @@ impl Vm {
             }
             None => return Err(closed(&what)),
         };
-        let mut got: u64 = 0;
-        loop {
-            match next_frame(&mut conn, &what).await? {
-                Some(Frame::Data(b)) => {
-                    got += b.len() as u64;
-                    if got > max_bytes {
-                        return Err(fail(
-                            ErrorCode::FilesIo,
-                            format!("{path} is larger than the limit of {max_bytes} bytes"),
-                        )
-                        .into());
-                    }
-                    writer.write_all(&b).await.map_err(|e| {
-                        fail(
-                            ErrorCode::Io,
-                            format!("writing the contents of {path} failed"),
-                        )
-                        .source(e)
-                    })?;
-                }
-                Some(Frame::Eof) => break,
-                Some(Frame::Error(e)) => return Err(file_hint(wire_error(e), path)),
-                Some(other) => {
-                    return Err(fail(
-                        ErrorCode::ProtocolError,
-                        format!("unexpected frame in a file read: {other:?}"),
-                    )
-                    .into())
-                }
-                None => return Err(closed(&what)),
-            }
+        if info.size > max_bytes {
+            return Err(hostfile::too_large(
+                path,
+                max_bytes,
+                &format!("has {} bytes, over", info.size),
+            ));
         }
-        writer.flush().await.map_err(|e| {
-            fail(
-                ErrorCode::Io,
-                format!("writing the contents of {path} failed"),
+        Ok(GuestReader {
+            conn,
+            info,
+            path: path.to_owned(),
+            what,
+            got: 0,
+            max_bytes,
+            done: false,
+        })
+    }
+}
+
+/// How often (in bytes written) a host transfer re-checks the free space.
+const RESERVE_CHECK_EVERY: u64 = 16 << 20;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| fail(ErrorCode::Io, "a file task failed").source(e))?
+}
+
+fn host_error(path: &Path, what: &str, e: std::io::Error) -> crate::Error {
+    let code = match e.kind() {
+        std::io::ErrorKind::NotFound => ErrorCode::FilesNotFound,
+        std::io::ErrorKind::PermissionDenied => ErrorCode::FilesPermissionDenied,
+        _ if e.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::FilesHostDiskReserve,
+        _ => ErrorCode::FilesIo,
+    };
+    fail(code, format!("{}: {what}", path.display()))
+        .source(e)
+        .into()
+}
+
+/// The data of one guest file read, chunk by chunk, within its limit.
+struct GuestReader {
+    conn: tokio::net::UnixStream,
+    info: FileInfo,
+    path: String,
+    what: String,
+    got: u64,
+    max_bytes: u64,
+    done: bool,
+}
+
+impl GuestReader {
+    /// The next chunk, or `None` at the end of the file.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        match next_frame(&mut self.conn, &self.what).await? {
+            Some(Frame::Data(b)) => {
+                self.got += b.len() as u64;
+                if self.got > self.max_bytes {
+                    return Err(hostfile::too_large(
+                        &self.path,
+                        self.max_bytes,
+                        "sent more than",
+                    ));
+                }
+                Ok(Some(b))
+            }
+            Some(Frame::Eof) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(Frame::Error(e)) => Err(file_hint(wire_error(e), &self.path)),
+            Some(other) => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected frame in a file read: {other:?}"),
             )
-            .source(e)
-        })?;
-        Ok(info)
+            .into()),
+            None => Err(closed(&self.what)),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod binaries;
 pub mod bundle;
 pub mod error;
 pub mod files;
+pub mod hostfile;
 pub mod image;
 pub mod initramfs;
 pub mod paths;
@@ -29,6 +30,7 @@ pub mod vm;
 
 pub use error::{Error, ErrorCode, Failure, Result};
 pub use files::WriteFileOptions;
+pub use hostfile::{DiskReserve, ReadFileOptions};
 pub use paths::Paths;
 pub use provision::{provision, ImageConfig, ProvisionOptions, ProvisionResult};
 pub use pty::{PtyEvent, PtyExec, PtyInput};

@@ -136,12 +136,13 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         ) => {
             let agent = shared.agent.lock().await.clone();
             let Some(agent) = agent else {
-                let state = shared.status.lock().await.state.clone();
+                let st = shared.status.lock().await.clone();
+                let why = st.reason.map(|r| format!(": {r}")).unwrap_or_default();
                 proto::send(
                     &mut conn,
                     &error(
                         "EXEC_VSOCK_UNAVAILABLE",
-                        format!("the guest agent is not connected (VM is {state})"),
+                        format!("the guest agent is not connected (VM is {}{why})", st.state),
                     ),
                 )
                 .await?;

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use machinen::error::fail;
-use machinen::{ErrorCode, Result, WriteFileOptions};
+use machinen::{DiskReserve, ErrorCode, ReadFileOptions, Result, WriteFileOptions};
 use serde::Serialize;
 
 use crate::cli::CpArgs;
@@ -86,6 +86,10 @@ pub async fn run(a: CpArgs) -> Result<i32> {
     let src = parse_location(&a.src);
     let dst = parse_location(&a.dst);
     let mode = a.mode.as_deref().map(parse_mode).transpose()?;
+    let max_bytes = match &a.max_size {
+        Some(s) => machinen::hostfile::parse_max_size(s)?,
+        None => machinen::hostfile::DEFAULT_MAX_BYTES,
+    };
     let (bytes, shown_mode) = match (&src, &dst) {
         (Location::Guest { .. }, Location::Guest { .. }) => {
             return Err(fail(ErrorCode::BootArgsInvalid, "both sides are in a VM")
@@ -167,8 +171,13 @@ pub async fn run(a: CpArgs) -> Result<i32> {
                     if a.dst.ends_with('/') || p.is_dir() {
                         dest = p.join(base_name(path).unwrap_or("file"));
                     }
-                    let n = copy_out(&vm, path, &dest, mode).await?;
-                    (n.0, Some(n.1))
+                    let opts = ReadFileOptions {
+                        max_bytes,
+                        reserve: DiskReserve::from_env()?,
+                        mode,
+                    };
+                    let (n, mode) = interruptible(vm.read_file_to_path(path, &dest, opts)).await?;
+                    (n, Some(mode))
                 }
                 _ => {
                     let mut out = tokio::io::stdout();
@@ -176,7 +185,8 @@ pub async fn run(a: CpArgs) -> Result<i32> {
                         inner: &mut out,
                         n: 0,
                     };
-                    let info = vm.read_file_to(path, &mut counter, u64::MAX).await?;
+                    let info =
+                        interruptible(vm.read_file_to(path, &mut counter, max_bytes)).await?;
                     (counter.n, Some(info.mode))
                 }
             }
@@ -195,47 +205,33 @@ pub async fn run(a: CpArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Guest file to host file: into a temporary file next to `dest`, then
-/// renamed over it with the guest file's mode (or `mode`).
-async fn copy_out(
-    vm: &machinen::Vm,
-    path: &str,
-    dest: &Path,
-    mode: Option<u32>,
-) -> Result<(u64, u32)> {
-    let parent = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| host_err(parent, "cannot create the directory", e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".machinen-cp-")
-        .tempfile_in(parent)
-        .map_err(|e| host_err(parent, "cannot create a temporary file", e))?;
-    let std_file = tmp
-        .reopen()
-        .map_err(|e| host_err(tmp.path(), "cannot open the temporary file", e))?;
-    let mut file = tokio::fs::File::from_std(std_file);
-    let mut counter = Counter {
-        inner: &mut file,
-        n: 0,
+/// Run `copy` unless SIGINT, SIGTERM or SIGHUP arrives first: then it is
+/// dropped, which removes its unfinished file (the default action of those
+/// signals would end the process before any cleanup).
+async fn interruptible<T>(copy: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |k: SignalKind| {
+        signal(k).map_err(|e| {
+            machinen::Error::from(fail(ErrorCode::Io, "cannot watch for signals").source(e))
+        })
     };
-    let info = vm.read_file_to(path, &mut counter, u64::MAX).await?;
-    let n = counter.n;
-    use tokio::io::AsyncWriteExt;
-    file.flush()
-        .await
-        .map_err(|e| host_err(dest, "write failed", e))?;
-    file.sync_all()
-        .await
-        .map_err(|e| host_err(dest, "write failed", e))?;
-    let mode = mode.unwrap_or(info.mode);
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode))
-        .map_err(|e| host_err(dest, "cannot set the mode", e))?;
-    tmp.persist(dest)
-        .map_err(|e| host_err(dest, "cannot move the file into place", e.error))?;
-    Ok((n, mode))
+    let (mut int, mut term, mut hup) = (
+        watch(SignalKind::interrupt())?,
+        watch(SignalKind::terminate())?,
+        watch(SignalKind::hangup())?,
+    );
+    let name = tokio::select! {
+        r = copy => return r,
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    };
+    Err(fail(
+        ErrorCode::Interrupted,
+        format!("the copy was interrupted by {name}; nothing was written"),
+    )
+    .hint("run it again to copy the file")
+    .into())
 }
 
 /// Counts what passes through.
