@@ -515,6 +515,8 @@ mod hostile;
 mod isolation;
 #[path = "e2e/network.rs"]
 mod network;
+#[path = "e2e/ops.rs"]
+mod ops;
 #[path = "e2e/provision.rs"]
 mod provision;
 #[path = "e2e/snapshot.rs"]

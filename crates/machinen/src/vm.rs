@@ -612,9 +612,10 @@ pub(crate) fn wire_error(e: proto::WireError) -> Error {
         ErrorCode::ExecCommandNotFound => {
             Some("check the command name, or install it in the image".to_string())
         }
-        ErrorCode::ExecVsockUnavailable => {
-            Some("the VM may be starting or stopping; `machinen ls` shows its state".into())
-        }
+        ErrorCode::ExecVsockUnavailable => Some(
+            "the VM may be starting, stopping or re-establishing its agent session; `machinen ls` shows its state and why"
+                .into(),
+        ),
         ErrorCode::ControlPermissionDenied => Some(
             "only the user who started a VM (or root) may control it; run machinen as that user"
                 .into(),

@@ -94,7 +94,9 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
             set_state(
                 &k,
                 "recovering",
-                Some(format!("re-establishing the guest agent session: {why}")),
+                Some(format!(
+                    "re-establishing the guest agent session, which failed: {why}"
+                )),
             )
             .await;
         }
@@ -135,7 +137,7 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
 
 fn unhealthy_reason(why: &str, failures: u32, last: &str) -> String {
     format!(
-        "the guest agent session failed ({why}) and {failures} attempts to re-establish it did not last (last: {last}); retrying every {} s",
+        "the guest agent session failed: {why}; {failures} attempts to re-establish it did not last (last: {last}); retrying every {} s",
         SLOW_RETRY.as_secs()
     )
 }
@@ -145,7 +147,7 @@ async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
     let mut misses = 0u32;
     loop {
         tokio::select! {
-            _ = &mut *done => return Some("the session ended (the channel carried bytes that are not the protocol, or the agent closed it)".into()),
+            _ = &mut *done => return Some("it ended (the channel carried bytes that are not the protocol, or the agent closed it)".into()),
             _ = tokio::time::sleep(PROBE_EVERY) => {}
         }
         if stopping(k).await {
@@ -167,7 +169,9 @@ async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
                 tracing::warn!("agent liveness probe {misses}/{PROBE_MISSES} failed: {other:?}");
                 if misses >= PROBE_MISSES {
                     session.close();
-                    return Some(format!("the agent did not answer {misses} liveness probes"));
+                    return Some(format!(
+                        "the agent did not answer {misses} liveness probes in a row"
+                    ));
                 }
             }
         }
