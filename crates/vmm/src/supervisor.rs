@@ -25,7 +25,7 @@ use crate::agent::{self, AgentError, AgentSession};
 use crate::control::{self, Shared, SnapshotCmd};
 use crate::engine::qemu::{QemuEngine, QemuMachine};
 use crate::engine::{Capabilities, Engine, EngineError, Exit, Machine};
-use crate::{keeper, ports, snapshot};
+use crate::{console, keeper, ports, snapshot};
 
 /// How long a graceful stop may take before QEMU is told to quit.
 const GRACEFUL_STOP: Duration = Duration::from_secs(10);
@@ -185,6 +185,10 @@ pub async fn run(spec: VmSpec) -> i32 {
         pausing: std::sync::atomic::AtomicBool::new(false),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
+    tokio::spawn(console::cap(
+        spec.path_in(files::CONSOLE),
+        console::max_from_env(),
+    ));
 
     let (mut machine, caps, session_done) = match start(&spec, &shared, started).await {
         Ok(v) => v,

@@ -59,9 +59,44 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_cp_out_is_bounded() {
+fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_host_writes_of_guest_data_are_bounded(
+) {
     let env = Env::new();
-    env.run_ok(&["boot", "--name", "ops", "--detached"]);
+    let boot = env
+        .cmd(&["boot", "--name", "ops", "--detached"])
+        .env("MACHINEN_CONSOLE_LOG_MAX", "256K")
+        .output()
+        .expect("boot");
+    assert!(boot.status.success(), "{}", err_text(&boot));
+
+    // 0. The guest's console output is bounded on the host: 600 kB written
+    // to the serial console leave a log under its limit (plus what arrives
+    // between two checks, a second apart), ending with the newest bytes.
+    env.run_ok(&[
+        "exec",
+        "ops",
+        "--",
+        "sh",
+        "-c",
+        "head -c 600000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo console-end > /dev/ttyS0",
+    ]);
+    let console = env.vm_dirs()[0].join("console.log");
+    let vmm_log = env.vm_dirs()[0].join("vmm.log");
+    let logged = |what: &str| std::fs::read_to_string(&vmm_log).is_ok_and(|l| l.contains(what));
+    wait_until("the console log to be cut", Duration::from_secs(10), || {
+        logged("console log over")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = std::fs::read(&console).expect("console.log");
+    assert!(
+        text.len() < 400 << 10,
+        "console.log has {} bytes",
+        text.len()
+    );
+    assert!(
+        String::from_utf8_lossy(&text).contains("console-end"),
+        "the newest output is kept"
+    );
 
     // 1. Killing an exec client hangs its command up. Its stdin is empty
     // (EOF at once), which must not count as a hang-up; the nohup'd
@@ -143,7 +178,6 @@ fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_cp_o
         .write_all(INJECT.as_bytes())
         .expect("write");
     assert!(c.wait().expect("cp").success());
-    let vmm_log = env.vm_dirs()[0].join("vmm.log");
     let out = env.run(&["exec", "ops", "--", "perl", "/root/inject.pl", "0", "0"]);
     assert_eq!(
         out.status.code(),
@@ -151,7 +185,6 @@ fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_cp_o
         "the injecting exec loses its session: {}",
         err_text(&out)
     );
-    let logged = |what: &str| std::fs::read_to_string(&vmm_log).is_ok_and(|l| l.contains(what));
     wait_until(
         "the supervisor to see the session fail",
         Duration::from_secs(10),

@@ -147,7 +147,19 @@ pub(crate) async fn export(
 
     let step = progress.step(format!("Writing {}", out.display()));
     let display = out.display().to_string();
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<(Written, std::fs::File)> {
+    // What the guest streams is the guest's to decide: the host filesystem
+    // keeps its free-space reserve whatever arrives.
+    let reserve = crate::hostfile::DiskReserve::from_env()?;
+    let (out_path, reserve_dir) = (out.to_path_buf(), dir.clone());
+    let writer = tokio::task::spawn_blocking(move || -> Result<(Written, std::fs::File)> {
+        let write_err = |e: io::Error| -> crate::Error {
+            ProvisionError::Output {
+                action: "write",
+                path: out_path.clone(),
+                source: e,
+            }
+            .into()
+        };
         let mut ours = ours;
         let hw = HashWriter {
             inner: BufWriter::with_capacity(1 << 20, file),
@@ -155,7 +167,7 @@ pub(crate) async fn export(
             n: 0,
         };
         let mut gz = flate2::write::GzEncoder::new(hw, flate2::Compression::new(6));
-        gz.write_all(&member)?;
+        gz.write_all(&member).map_err(write_err)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut raw = member.len() as u64;
         let mut shown = 0u64;
@@ -164,9 +176,9 @@ pub(crate) async fn export(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(write_err(e)),
             };
-            gz.write_all(&buf[..n])?;
+            gz.write_all(&buf[..n]).map_err(write_err)?;
             raw += n as u64;
             if raw - shown >= 8 << 20 {
                 shown = raw;
@@ -174,12 +186,13 @@ pub(crate) async fn export(
                     "Writing {display} ({} MiB read from the guest)",
                     raw >> 20
                 ));
+                crate::hostfile::check_room(&reserve_dir, 0, reserve)?;
             }
         }
-        let hw = gz.finish()?;
+        let hw = gz.finish().map_err(write_err)?;
         let HashWriter { inner, hash, n } = hw;
-        let file = inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        let file = inner.into_inner().map_err(|e| write_err(e.into_error()))?;
+        file.sync_all().map_err(write_err)?;
         step.done(format!(
             "Wrote {display} ({} MiB, {} MiB uncompressed)",
             n >> 20,
@@ -213,7 +226,7 @@ pub(crate) async fn export(
     let written = writer
         .await
         .map_err(|e| output_err("write", out)(io::Error::other(e)))?;
-    let (written, file) = written.map_err(output_err("write", out))?;
+    let (written, file) = written?;
     let status = status?;
     // GNU tar: 1 means "some files changed while being read" (a daemon left
     // running by an install step, say); the archive is still complete.

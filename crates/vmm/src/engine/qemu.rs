@@ -251,7 +251,9 @@ impl QemuEngine {
             "none".into(),
             "-no-reboot".into(),
             "-chardev".into(),
-            format!("file,id=con,path={}", path(files::CONSOLE)),
+            // Appending: the supervisor drops the log's head when it grows
+            // too large (`console.rs`), and QEMU's writes must follow the end.
+            format!("file,id=con,path={},append=on", path(files::CONSOLE)),
             "-serial".into(),
             "chardev:con".into(),
             // The backing chain is given explicitly, so the paths recorded
