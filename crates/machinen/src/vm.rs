@@ -753,7 +753,10 @@ impl Vm {
                 .into())
             }
         }
-        let pump = tokio::spawn(async move {
+        // Aborted when this future ends or is dropped: the task holds the
+        // connection's write half, and the supervisor hangs the command up
+        // only once the whole connection is closed.
+        let pump = AbortOnDrop(tokio::spawn(async move {
             let mut stdin = stdin;
             let mut buf = vec![0u8; proto::MAX_CHUNK];
             loop {
@@ -773,7 +776,7 @@ impl Vm {
             // Keep the write half open until the exec ends: dropping it would
             // half-close the control connection.
             std::future::pending::<()>().await;
-        });
+        }));
         let result = loop {
             match proto::read_frame(&mut rd).await {
                 Ok(Some(Frame::Stdout(b))) => {
@@ -806,7 +809,7 @@ impl Vm {
                 Err(e) => break Err(protocol_error("reading the command's output", e)),
             }
         };
-        pump.abort();
+        drop(pump);
         let _ = stdout.flush().await;
         let _ = stderr.flush().await;
         result
@@ -850,6 +853,15 @@ impl Vm {
     pub fn into_info(mut self) -> VmInfo {
         self.owned = None;
         self.info.clone()
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1148,6 +1160,72 @@ mod tests {
             ("A".into(), "b=c".into())
         );
         assert!(parse_env_pair("A").is_err());
+    }
+
+    /// A caller that drops a running exec closes its connection, so that
+    /// the supervisor sees the hang-up (the stdin task must not keep it).
+    #[tokio::test]
+    async fn a_dropped_exec_closes_its_connection() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("control.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+        let entry = RegistryEntry {
+            id: "x".into(),
+            name: "x".into(),
+            state: "running".into(),
+            reason: None,
+            supervisor_pid: 1,
+            supervisor_start: 0,
+            qemu_pid: None,
+            qemu_start: None,
+            control_socket: sock.clone(),
+            console_log: None,
+            image: None,
+            disk: None,
+            ports: Vec::new(),
+            forked_from: None,
+            memory_mib: 0,
+            cpus: 1,
+            accel: String::new(),
+            detached: true,
+            created_at_ms: 0,
+        };
+        let vm = Vm {
+            info: VmInfo::from(&entry),
+            owned: None,
+            boot_ms: None,
+        };
+        let supervisor = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            assert!(matches!(
+                proto::read_frame(&mut conn).await,
+                Ok(Some(Frame::Request(Request::Exec(_))))
+            ));
+            proto::send(&mut conn, &Frame::Started { pid: 7 })
+                .await
+                .expect("started");
+            // StdinEof (the stdin below is empty), then nothing until the end.
+            let mut frames = Vec::new();
+            while let Some(f) = proto::read_frame(&mut conn).await.expect("frame") {
+                frames.push(f);
+            }
+            frames
+        });
+        let opts = ExecOptions {
+            argv: vec!["sleep".into(), "300".into()],
+            ..Default::default()
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let exec = vm.exec_stream(opts, tokio::io::empty(), &mut out, &mut err);
+        // Started, and the stdin task had its time: then the caller gives up.
+        assert!(tokio::time::timeout(Duration::from_millis(500), exec)
+            .await
+            .is_err());
+        let frames = tokio::time::timeout(Duration::from_secs(5), supervisor)
+            .await
+            .expect("the connection closed")
+            .expect("join");
+        assert_eq!(frames, vec![Frame::StdinEof]);
     }
 
     #[test]
