@@ -450,6 +450,9 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }
         _ => None,
     };
+    // A dropped restore (the caller gave up) removes the RAM copy; once the
+    // supervisor runs, it owns the file.
+    let mut ram_guard = RemoveOnDrop(own_ram.clone());
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
     if let (Some(src), Some(dst)) = (&bundle_ram, &own_ram) {
         copies.push((src.clone(), dst.clone()));
@@ -529,5 +532,17 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         timeout: opts.boot_timeout,
         gate,
     };
+    ram_guard.0 = None;
     launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

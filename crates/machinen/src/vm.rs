@@ -1087,10 +1087,12 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
                 p.file_name()
                     .is_some_and(|n| n.to_string_lossy().contains(".partial-"))
             });
-        // Its RAM file on tmpfs (named in its spec).
+        // Its RAM file on tmpfs (named in its spec; a restore interrupted
+        // while copying its own RAM had not written a spec yet).
         let ram = VmSpec::load(&s.dir.join(files::SPEC))
             .ok()
-            .and_then(|sp| sp.ram_file);
+            .and_then(|sp| sp.ram_file)
+            .or_else(|| crate::spec::ram_path(&s.id).filter(|p| p.exists()));
         if !dry_run {
             if let Some(p) = &partial {
                 let _ = std::fs::remove_dir_all(p);
