@@ -68,8 +68,10 @@
 //! `Request(WipeSecrets)` → `Response(SecretsWiped)` (before a snapshot).
 //!
 //! Control requests (client ↔ supervisor only): `Request(Status)` →
-//! `Response(Status{..})`; `Request(Stop { force })` → `Response(Stopping)`,
-//! then the supervisor shuts the VM down and exits.
+//! `Response(Status{..})` (its `state` is `recovering` or `unhealthy`, with
+//! a `reason`, while the agent session is being re-established or could not
+//! be); `Request(Stop { force })` → `Response(Stopping)`, then the
+//! supervisor shuts the VM down and exits.
 //!
 //! Versioning: [`PROTOCOL_VERSION`] is bumped on any incompatible change to a
 //! frame tag or a body. New optional JSON fields are compatible (serde
@@ -88,7 +90,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// matching answer, starts the yamux client. Stale bytes of an earlier
 /// session (a restored guest's in-flight output, a half-sent frame) are
 /// thereby skipped on both sides. An agent whose yamux session fails goes
-/// back to scanning for a preamble.
+/// back to scanning for a preamble. A supervisor whose session fails under a
+/// running guest (bytes that are not yamux on the channel, an agent that
+/// stopped answering) starts over the same way, on a fresh connection, with
+/// the break in front of the hello.
 pub mod preamble {
     /// Sent by a host before its hello to a guest that may still be inside
     /// an earlier session (a restored one): no yamux peer accepts it as a
