@@ -211,8 +211,13 @@ pub(crate) struct PendingFile {
 impl PendingFile {
     /// Create it in `dir` (which must exist).
     pub(crate) fn create(dir: &Path) -> Result<PendingFile> {
+        PendingFile::create_as(dir, true)
+    }
+
+    /// `unnamed`: try `O_TMPFILE` first (the tests also take the other way).
+    fn create_as(dir: &Path, unnamed: bool) -> Result<PendingFile> {
         #[cfg(target_os = "linux")]
-        {
+        if unnamed {
             use std::os::unix::fs::OpenOptionsExt;
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -388,9 +393,21 @@ mod tests {
 
     #[test]
     fn a_pending_file_leaves_nothing_until_persisted() {
+        for unnamed in [true, false] {
+            pending_file_round_trip(unnamed);
+        }
+    }
+
+    fn pending_file_round_trip(unnamed: bool) {
         let dir = tempfile::tempdir().expect("tmp");
         let dest = dir.path().join("out.bin");
-        let p = PendingFile::create(dir.path()).expect("create");
+        let p = PendingFile::create_as(dir.path(), unnamed).expect("create");
+        // (A filesystem without O_TMPFILE takes the named way either way.)
+        if !unnamed {
+            assert!(p.named.as_ref().is_some_and(|n| n
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(TEMP_PREFIX))));
+        }
         p.handle()
             .expect("handle")
             .write_all(b"partial")
@@ -404,7 +421,7 @@ mod tests {
 
         // New name, then replacing an existing file.
         for round in 0..2 {
-            let p = PendingFile::create(dir.path()).expect("create");
+            let p = PendingFile::create_as(dir.path(), unnamed).expect("create");
             p.handle()
                 .expect("handle")
                 .write_all(format!("round {round}").as_bytes())
