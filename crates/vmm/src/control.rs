@@ -222,14 +222,20 @@ async fn splice_exec(conn: UnixStream, stream: AgentStream) {
     tokio::pin!(output);
     // The agent's side ending (after `Exit`, or with its session) ends the
     // splice: the client then sees the end of its connection.
-    let client_gone = tokio::select! {
-        _ = &mut output => false,
-        gone = &mut input => gone,
+    let input_ended = tokio::select! {
+        _ = &mut output => None,
+        gone = &mut input => Some(gone),
     };
     drop(input);
-    if client_gone {
-        tracing::debug!("exec client went away; hanging the command up");
-        let _ = proto::send(&mut awr, &Frame::Hangup).await;
-        let _ = awr.shutdown().await;
+    match input_ended {
+        Some(true) => {
+            tracing::debug!("exec client went away; hanging the command up");
+            let _ = proto::send(&mut awr, &Frame::Hangup).await;
+            let _ = awr.shutdown().await;
+        }
+        // The agent takes no more input (the command ended): its last
+        // output, `Exit` included, still goes to the client.
+        Some(false) => output.await,
+        None => {}
     }
 }
