@@ -7,9 +7,9 @@
 //! unanswered), marks the VM `recovering`, and starts a fresh session on a
 //! new connection to the agent socket with the preamble a restore uses
 //! (`machinen_proto::preamble`): the agent drops its stale session and
-//! answers. Attempts back off; after [`QUICK_ATTEMPTS`] failures the VM is
+//! answers. Attempts back off; after five failures ([`Pace`]) the VM is
 //! `unhealthy`, with the reason, in `ls` and `status`, and the keeper tries
-//! again every [`SLOW_RETRY`]. Commands the lost session ran keep running.
+//! again every 30 s. Commands the lost session ran keep running.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -24,23 +24,52 @@ use tokio::sync::oneshot;
 use crate::agent::{self, AgentSession};
 use crate::control::Shared;
 
-/// How often an idle session is probed.
-const PROBE_EVERY: Duration = Duration::from_secs(15);
-/// How long one probe may take (a loaded TCG guest can be slow).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Consecutive unanswered probes after which a session counts as failed.
-const PROBE_MISSES: u32 = 3;
-/// Failed attempts after which the VM is reported `unhealthy`.
-pub const QUICK_ATTEMPTS: u32 = 5;
-/// Delay between attempts once the VM is `unhealthy`.
-pub const SLOW_RETRY: Duration = Duration::from_secs(30);
-/// A session that lived this long resets the backoff when it fails; one
-/// that failed sooner counts as a failed attempt.
-const STABLE: Duration = Duration::from_secs(60);
-/// Bounds on one attempt: connecting, the preamble, the hello.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const PREAMBLE_BUDGET: Duration = Duration::from_secs(10);
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The keeper's timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// How often an idle session is probed.
+    pub probe_every: Duration,
+    /// How long one probe may take (a loaded TCG guest can be slow).
+    pub probe_timeout: Duration,
+    /// Consecutive unanswered probes after which a session counts as failed.
+    pub probe_misses: u32,
+    /// Failed attempts after which the VM is reported `unhealthy`.
+    pub quick_attempts: u32,
+    /// The first delay; each next one is three times longer.
+    pub first_delay: Duration,
+    /// Delay between attempts once the VM is `unhealthy`.
+    pub slow_retry: Duration,
+    /// A session that lived this long resets the backoff when it fails; one
+    /// that failed sooner counts as a failed attempt.
+    pub stable: Duration,
+    /// Bound on one attempt's connection, preamble and hello, each.
+    pub attempt_step: Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            probe_every: Duration::from_secs(15),
+            probe_timeout: Duration::from_secs(20),
+            probe_misses: 3,
+            quick_attempts: 5,
+            first_delay: Duration::from_millis(100),
+            slow_retry: Duration::from_secs(30),
+            stable: Duration::from_secs(60),
+            attempt_step: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Pace {
+    /// Delay before attempt number `failures + 1`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        if failures >= self.quick_attempts {
+            return self.slow_retry;
+        }
+        self.first_delay * 3u32.pow(failures)
+    }
+}
 
 /// What the keeper needs.
 pub struct Keeper {
@@ -49,14 +78,7 @@ pub struct Keeper {
     pub agent_path: PathBuf,
     pub registry: Registry,
     pub id: String,
-}
-
-/// Delay before attempt number `failures + 1`.
-pub fn backoff(failures: u32) -> Duration {
-    if failures >= QUICK_ATTEMPTS {
-        return SLOW_RETRY;
-    }
-    Duration::from_millis(100) * 3u32.pow(failures)
+    pub pace: Pace,
 }
 
 /// Keep the session whose end `done` reports up, until the VM stops.
@@ -74,16 +96,17 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
         // A session that failed soon after it started counts as a failed
         // attempt: a guest that keeps breaking its sessions ends up
         // `unhealthy` instead of being reconnected at full speed forever.
-        if since.elapsed() >= STABLE {
+        if since.elapsed() >= k.pace.stable {
             failures = 0;
         } else {
             failures += 1;
         }
-        if failures >= QUICK_ATTEMPTS {
+        if failures >= k.pace.quick_attempts {
             set_state(
                 &k,
                 "unhealthy",
                 Some(unhealthy_reason(
+                    &k.pace,
                     &why,
                     failures,
                     "its sessions keep failing soon after they start",
@@ -101,11 +124,11 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
             .await;
         }
         loop {
-            tokio::time::sleep(backoff(failures)).await;
+            tokio::time::sleep(k.pace.backoff(failures)).await;
             if stopping(&k).await {
                 return;
             }
-            match reconnect(&k.agent_path).await {
+            match reconnect(&k.agent_path, k.pace.attempt_step).await {
                 Ok((session, d)) => {
                     let mut slot = k.shared.agent.lock().await;
                     if stopping(&k).await {
@@ -125,9 +148,13 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
                     tracing::warn!(
                         "re-establishing the agent session failed (attempt {failures}): {e}"
                     );
-                    if failures >= QUICK_ATTEMPTS {
-                        set_state(&k, "unhealthy", Some(unhealthy_reason(&why, failures, &e)))
-                            .await;
+                    if failures >= k.pace.quick_attempts {
+                        set_state(
+                            &k,
+                            "unhealthy",
+                            Some(unhealthy_reason(&k.pace, &why, failures, &e)),
+                        )
+                        .await;
                     }
                 }
             }
@@ -135,10 +162,10 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
     }
 }
 
-fn unhealthy_reason(why: &str, failures: u32, last: &str) -> String {
+fn unhealthy_reason(pace: &Pace, why: &str, failures: u32, last: &str) -> String {
     format!(
         "the guest agent session failed: {why}; {failures} attempts to re-establish it did not last (last: {last}); retrying every {} s",
-        SLOW_RETRY.as_secs()
+        pace.slow_retry.as_secs()
     )
 }
 
@@ -148,7 +175,7 @@ async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
     loop {
         tokio::select! {
             _ = &mut *done => return Some("it ended (the channel carried bytes that are not the protocol, or the agent closed it)".into()),
-            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = tokio::time::sleep(k.pace.probe_every) => {}
         }
         if stopping(k).await {
             return None;
@@ -161,13 +188,16 @@ async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
         let Some(session) = k.shared.agent.lock().await.clone() else {
             continue;
         };
-        match session.request(Request::Ping, PROBE_TIMEOUT).await {
+        match session.request(Request::Ping, k.pace.probe_timeout).await {
             Ok(Response::Pong) => misses = 0,
             _ if k.shared.pausing.load(Ordering::SeqCst) => misses = 0,
             other => {
                 misses += 1;
-                tracing::warn!("agent liveness probe {misses}/{PROBE_MISSES} failed: {other:?}");
-                if misses >= PROBE_MISSES {
+                tracing::warn!(
+                    "agent liveness probe {misses}/{} failed: {other:?}",
+                    k.pace.probe_misses
+                );
+                if misses >= k.pace.probe_misses {
                     session.close();
                     return Some(format!(
                         "the agent did not answer {misses} liveness probes in a row"
@@ -182,27 +212,29 @@ async fn stopping(k: &Keeper) -> bool {
     k.shared.status.lock().await.state == "stopping"
 }
 
-/// A fresh connection to the agent socket and a new session on it.
+/// A fresh connection to the agent socket and a new session on it, each
+/// step bounded by `step`.
 async fn reconnect(
     path: &std::path::Path,
+    step: Duration,
 ) -> Result<(AgentSession, oneshot::Receiver<()>), String> {
-    let mut sock = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
+    let mut sock = match tokio::time::timeout(step, UnixStream::connect(path)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", path.display())),
         Err(_) => {
             return Err(format!(
-                "connecting to {} took over {} s",
+                "connecting to {} took over {} ms",
                 path.display(),
-                CONNECT_TIMEOUT.as_secs()
+                step.as_millis()
             ))
         }
     };
     // The agent may still be inside the old session: break it (resume).
-    agent::preamble(&mut sock, PREAMBLE_BUDGET, true)
+    agent::preamble(&mut sock, step, true)
         .await
         .map_err(|e| format!("session preamble: {e}"))?;
     let (session, done) = AgentSession::start(sock);
-    match tokio::time::timeout(HELLO_TIMEOUT, session.handshake()).await {
+    match tokio::time::timeout(step, session.handshake()).await {
         Ok(Ok(ack)) => {
             tracing::info!("agent {} answers again", ack.agent_version);
             Ok((session, done))
@@ -214,8 +246,8 @@ async fn reconnect(
         Err(_) => {
             session.close();
             Err(format!(
-                "no handshake answer within {} s",
-                HELLO_TIMEOUT.as_secs()
+                "no handshake answer within {} ms",
+                step.as_millis()
             ))
         }
     }
@@ -248,18 +280,4 @@ async fn set_state(k: &Keeper, state: &str, reason: Option<String>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_then_settles() {
-        let delays: Vec<Duration> = (0..=QUICK_ATTEMPTS + 1).map(backoff).collect();
-        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
-        assert_eq!(delays[0], Duration::from_millis(100));
-        // Five quick attempts take about 12 s in all, then the slow pace.
-        let quick: Duration = delays[..QUICK_ATTEMPTS as usize].iter().sum();
-        assert!(quick < Duration::from_secs(15), "{quick:?}");
-        assert_eq!(backoff(QUICK_ATTEMPTS), SLOW_RETRY);
-        assert_eq!(backoff(100), SLOW_RETRY);
-    }
-}
+mod tests;

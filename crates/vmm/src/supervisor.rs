@@ -199,6 +199,7 @@ pub async fn run(spec: VmSpec) -> i32 {
         agent_path: spec.path_in(files::AGENT),
         registry: reg.clone(),
         id: spec.id.clone(),
+        pace: keeper::Pace::default(),
     };
     tokio::spawn(keeper::run(keeper, session_done));
     for (forward, listener) in forwards {
