@@ -359,8 +359,9 @@ pub fn ensure_rootfs_image(
     if let Some(img) = cached(&dest, &sha256)? {
         return Ok(img);
     }
+    remove_abandoned_builds(&images, &sha256);
     let step = progress.step(format!("Converting {} to an ext4 image", tarball.display()));
-    let size = build_image(tarball, &images, &dest)?;
+    let size = build_image(tarball, &images, &dest, &sha256)?;
     step.done(format!(
         "Converted {} to an ext4 image ({} MiB, sparse)",
         tarball.display(),
@@ -404,7 +405,12 @@ fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> 
 
 /// Unpack and mkfs in a scratch directory next to `dest`, then rename the
 /// finished image into place. Returns the image size.
-fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageError> {
+fn build_image(
+    tarball: &Path,
+    images: &Path,
+    dest: &Path,
+    sha256: &str,
+) -> Result<u64, ImageError> {
     let tar = need(tool::TAR)?;
     let mkfs = need(tool::MKFS_EXT4)?;
     // As root the tools can set ownership themselves; otherwise fakeroot
@@ -416,7 +422,7 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
     };
 
     let work = tempfile::Builder::new()
-        .prefix(".build-")
+        .prefix(&build_prefix(sha256))
         .tempdir_in(images)
         .map_err(cache_io("create a scratch directory in", images))?;
     let root = work.path().join("root");
@@ -514,6 +520,36 @@ fn build_image(tarball: &Path, images: &Path, dest: &Path) -> Result<u64, ImageE
     }
     drop(work);
     Ok(size)
+}
+
+/// Scratch directories of builds of the image `sha256` start with this.
+fn build_prefix(sha256: &str) -> String {
+    format!(".build-{sha256}-")
+}
+
+/// Remove the scratch directories of earlier builds of `sha256` that were
+/// interrupted (a killed `boot`: an unpacked rootfs and a partial image,
+/// hundreds of MiB). Called with the image's build lock held, so none of
+/// them is in use.
+fn remove_abandoned_builds(images: &Path, sha256: &str) {
+    let prefix = build_prefix(sha256);
+    let Ok(rd) = fs::read_dir(images) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let dir = e.path();
+            make_removable(&dir);
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by an interrupted image build",
+                    dir.display()
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot remove {}, left by an interrupted image build: {e}",
+                    dir.display()
+                ),
+            }
+        }
+    }
 }
 
 /// Give the owner write and search permission on every directory under

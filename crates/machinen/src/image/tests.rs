@@ -304,3 +304,31 @@ fn tar_corruption_messages() {
         "tar: ./x: Cannot open: No space left on device"
     ));
 }
+
+#[test]
+fn scratch_of_an_interrupted_build_is_removed_by_the_next_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = Paths::rooted(dir.path());
+    let tarball = dir.path().join("tiny.tar.gz");
+    tiny_rootfs_tar_gz(&tarball);
+    let img = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("build image");
+    // A build of this image killed half-way (read-only directories, as an
+    // unprivileged unpack leaves them), and one of another image.
+    let images = paths.cache.join("images");
+    let stale = images.join(format!("{}abc123", build_prefix(&img.sha256)));
+    let locked = stale.join("root").join("usr");
+    fs::create_dir_all(&locked).expect("mkdir");
+    fs::write(locked.join("f"), "x").expect("write");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o555)).expect("chmod");
+    let other = images.join(format!("{}def456", build_prefix(&"0".repeat(64))));
+    fs::create_dir_all(&other).expect("mkdir");
+    fs::remove_file(&img.path).expect("forget the image");
+
+    let again = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("rebuild");
+    assert!(again.built);
+    assert!(!stale.exists(), "the interrupted build's scratch is gone");
+    assert!(
+        other.exists(),
+        "another image's build is not ours to remove"
+    );
+}
