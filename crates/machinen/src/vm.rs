@@ -1191,6 +1191,8 @@ mod tests {
             accel: String::new(),
             detached: true,
             created_at_ms: 0,
+            cause: None,
+            ended_at_ms: None,
         };
         let vm = Vm {
             info: VmInfo::from(&entry),
