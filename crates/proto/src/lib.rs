@@ -743,6 +743,9 @@ pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(),
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
