@@ -775,6 +775,14 @@ fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
             detail: format!("unexpected file list {names:?}"),
         });
     }
+    // Restore maps a `ram.img` it finds as guest RAM: one the manifest does
+    // not list would go unverified.
+    if !names.contains(&RAM) && fs::symlink_metadata(dir.join(RAM)).is_ok() {
+        return Err(BundleError::Corrupt {
+            file: mpath,
+            detail: format!("{RAM} is in the bundle but not in the manifest"),
+        });
+    }
     Ok(manifest)
 }
 
@@ -1328,3 +1336,7 @@ mod tests {
         assert!(check_compatible(&m, "amd64", "kvm", "host").is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "bundle/fuzz_tests.rs"]
+mod fuzz_tests;

@@ -10,6 +10,8 @@ pub mod binaries;
 pub mod bundle;
 pub mod error;
 pub mod files;
+#[cfg(test)]
+mod fuzzing;
 pub mod hostfile;
 pub mod image;
 pub mod initramfs;
