@@ -627,3 +627,6 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -445,3 +445,6 @@ async fn bake(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz_tests;

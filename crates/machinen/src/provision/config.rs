@@ -148,7 +148,19 @@ impl ImageConfig {
             )
             .source(e)
         })?;
-        c.validate()?;
+        // The image is what is wrong, not the caller's arguments: whatever
+        // the check says, the error names the image.
+        c.validate().map_err(|e| match e.code {
+            ErrorCode::BootImageInvalid => e,
+            _ => fail(
+                ErrorCode::BootImageInvalid,
+                format!(
+                    "{IMAGE_CONFIG_PATH} in the image is not valid: {}",
+                    e.message
+                ),
+            )
+            .hint("rebuild the image with valid settings (`machinen provision --cmd/--env/--cwd`)"),
+        })?;
         Ok(c)
     }
 }
