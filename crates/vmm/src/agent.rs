@@ -265,3 +265,6 @@ impl AgentSession {
             .is_ok()
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;
