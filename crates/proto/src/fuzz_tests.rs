@@ -589,7 +589,7 @@ fn json_tag(frame: &Frame) -> Option<u8> {
 // The tests.
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(256))]
 
     /// Every message survives encode → decode, alone and with whatever
     /// bytes follow it on the stream.
@@ -774,7 +774,7 @@ fn fuzz_generators_cover_every_message() {
         std::collections::BTreeSet::new(),
     );
     let strategy = frame();
-    for _ in 0..4000 {
+    for _ in 0..1500 {
         let f = strategy
             .new_tree(&mut runner)
             .map(|t| t.current())
@@ -813,7 +813,9 @@ fn fuzz_generators_cover_every_message() {
 /// property tests enforce (peak below 64 bytes per body byte).
 #[test]
 fn fuzz_worst_case_json_expansion_is_bounded() {
-    let n = MAX_FRAME_LEN - 1;
+    // A quarter of the limit: the ratio is the same at 1 MiB, four times
+    // cheaper to check in a debug build.
+    let n = MAX_FRAME_LEN / 4;
     let fill = |head: &str, item: &str, end: &str| {
         let mut s = head.to_string();
         while s.len() + item.len() + end.len() < n {

@@ -35,7 +35,7 @@ fn gzip(b: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(256))]
 
     #[test]
     fn fuzz_tarball_first_block_never_panics(

@@ -85,7 +85,7 @@ fn member_name() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(256))]
 
     /// The config's JSON text, generated and mutated.
     #[test]

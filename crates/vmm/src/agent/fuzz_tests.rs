@@ -125,7 +125,7 @@ fn fuzz_preamble_ignores_answers_to_other_nonces() {
         let r = runtime().block_on(async {
             let (mut host, guest) = UnixStream::pair().expect("pair");
             let agent = tokio::spawn(fake_agent(guest, Vec::new(), reply, b"", 64));
-            let r = preamble(&mut host, Duration::from_millis(300), false).await;
+            let r = preamble(&mut host, Duration::from_millis(100), false).await;
             drop(host);
             let _ = agent.await;
             r
