@@ -483,6 +483,8 @@ pub fn dir_usage(dir: &Path) -> (u64, u64) {
 pub struct Builder {
     pub tmp: PathBuf,
     pub dest: PathBuf,
+    /// Renamed into place: nothing for `Drop` to remove.
+    finished: bool,
 }
 
 impl Builder {
@@ -521,7 +523,11 @@ impl Builder {
             .mode(0o700)
             .create(&tmp)
             .map_err(io(&tmp))?;
-        Ok(Builder { tmp, dest })
+        Ok(Builder {
+            tmp,
+            dest,
+            finished: false,
+        })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -532,7 +538,7 @@ impl Builder {
     /// scratch bundle, restored right away on this host without
     /// verification and then removed. With no manifest, [`verify`] refuses
     /// it, so it cannot pass for a bundle that was checked.
-    pub fn finish_scratch(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+    pub fn finish_scratch(mut self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
             file: meta_path.clone(),
@@ -547,12 +553,12 @@ impl Builder {
             .map_err(io(&meta_path))?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
         let dest = self.dest.clone();
-        std::mem::forget(self);
+        self.finished = true;
         Ok(dest)
     }
 
     /// Write meta and manifest, sync everything, and rename into place.
-    pub fn finish(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+    pub fn finish(mut self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
             file: meta_path.clone(),
@@ -597,7 +603,7 @@ impl Builder {
             fsync_dir(parent)?;
         }
         let dest = self.dest.clone();
-        std::mem::forget(self);
+        self.finished = true;
         Ok(dest)
     }
 }
@@ -605,7 +611,9 @@ impl Builder {
 impl Drop for Builder {
     fn drop(&mut self) {
         // An abandoned bundle leaves nothing behind.
-        let _ = fs::remove_dir_all(&self.tmp);
+        if !self.finished {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
     }
 }
 

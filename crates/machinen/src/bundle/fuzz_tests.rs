@@ -90,6 +90,7 @@ fn sample_meta() -> BundleMeta {
         chain_id: "c".into(),
         chain_seq: 1,
         chain_parent: None,
+        network: crate::spec::NetworkMode::Nat,
     }
 }
 
@@ -276,12 +277,7 @@ fn fuzz_bundle_unlisted_ram_is_refused() {
 
 /// A bundle file that is not a regular file (a directory, a FIFO, a
 /// symlink to an endless device) must be refused promptly, as invalid.
-/// Ignored until verification checks file types: today a FIFO blocks the
-/// open forever, `/dev/zero` is hashed forever, and a directory fails as
-/// i/o (`SNAPSHOT_DUMP_FAILED`). `cargo test -p machinen --lib -- --ignored
-/// fuzz_bundle_special` shows which.
 #[test]
-#[ignore = "bundle verification does not check file types yet"]
 fn fuzz_bundle_special_files_are_refused_promptly() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut failures = Vec::new();
