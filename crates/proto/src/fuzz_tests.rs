@@ -194,13 +194,15 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u32>(),
         prop::option::of(any::<u32>()),
         prop::option::of(hello_ack()),
+        prop::option::of(text()),
     )
-        .prop_map(|(state, supervisor_pid, qemu_pid, agent)| {
+        .prop_map(|(state, supervisor_pid, qemu_pid, agent, reason)| {
             Response::Status(VmStatus {
                 state,
                 supervisor_pid,
                 qemu_pid,
                 agent,
+                reason,
             })
         });
     let fixed = (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
@@ -259,6 +261,7 @@ pub(crate) fn frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(|pid| Frame::Started { pid }),
         bytes(300).prop_map(Frame::Stdin),
         Just(Frame::StdinEof),
+        Just(Frame::Hangup),
         bytes(300).prop_map(Frame::Stdout),
         bytes(300).prop_map(Frame::Stderr),
         exit,
@@ -578,6 +581,7 @@ fn json_tag(frame: &Frame) -> Option<u8> {
         Frame::Signal(_) => Some(tag::SIGNAL),
         Frame::Stdin(_)
         | Frame::StdinEof
+        | Frame::Hangup
         | Frame::Stdout(_)
         | Frame::Stderr(_)
         | Frame::Data(_)
@@ -797,7 +801,7 @@ fn fuzz_generators_cover_every_message() {
     }
     assert_eq!(
         tags,
-        (tag::HELLO..=tag::EOF).collect(),
+        (tag::HELLO..=tag::HANGUP).collect(),
         "frame tags generated"
     );
     assert_eq!(
