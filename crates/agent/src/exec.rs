@@ -58,8 +58,8 @@ pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
 /// Error codes sent in `Frame::Error` by an exec.
 pub mod code {
-    pub const COMMAND_NOT_FOUND: &str = "EXEC_COMMAND_NOT_FOUND";
-    pub const SPAWN_FAILED: &str = "EXEC_SPAWN_FAILED";
+    pub const COMMAND_NOT_FOUND: &str = machinen_proto::ErrorCode::ExecCommandNotFound.as_str();
+    pub const SPAWN_FAILED: &str = machinen_proto::ErrorCode::ExecSpawnFailed.as_str();
 }
 
 fn wire_error(code: &str, message: impl Into<String>) -> WireError {

@@ -31,14 +31,14 @@ use crate::log::debug;
 
 /// Error codes sent in `Frame::Error` by file transfers.
 pub mod code {
-    pub const PATH_INVALID: &str = "FILES_PATH_INVALID";
-    pub const NOT_FOUND: &str = "FILES_NOT_FOUND";
-    pub const PERMISSION_DENIED: &str = "FILES_PERMISSION_DENIED";
-    pub const IS_DIRECTORY: &str = "FILES_IS_DIRECTORY";
-    pub const NOT_A_DIRECTORY: &str = "FILES_NOT_A_DIRECTORY";
-    pub const NOT_REGULAR: &str = "FILES_NOT_REGULAR";
-    pub const NO_SPACE: &str = "FILES_NO_SPACE";
-    pub const IO: &str = "FILES_IO";
+    pub const PATH_INVALID: &str = machinen_proto::ErrorCode::FilesPathInvalid.as_str();
+    pub const NOT_FOUND: &str = machinen_proto::ErrorCode::FilesNotFound.as_str();
+    pub const PERMISSION_DENIED: &str = machinen_proto::ErrorCode::FilesPermissionDenied.as_str();
+    pub const IS_DIRECTORY: &str = machinen_proto::ErrorCode::FilesIsDirectory.as_str();
+    pub const NOT_A_DIRECTORY: &str = machinen_proto::ErrorCode::FilesNotADirectory.as_str();
+    pub const NOT_REGULAR: &str = machinen_proto::ErrorCode::FilesNotRegular.as_str();
+    pub const NO_SPACE: &str = machinen_proto::ErrorCode::FilesNoSpace.as_str();
+    pub const IO: &str = machinen_proto::ErrorCode::FilesIo.as_str();
 }
 
 fn err(code: &str, message: impl Into<String>) -> WireError {
@@ -251,7 +251,7 @@ where
             Ok(Some(Frame::Eof)) => break,
             Ok(Some(other)) => {
                 let e = err(
-                    "PROTOCOL_ERROR",
+                    machinen_proto::ErrorCode::ProtocolError.as_str(),
                     format!(
                         "expected Data or Eof during a file write, got {}",
                         crate::exec::frame_name(&other)

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::log::{debug, error};
 
-pub const FIXUP_FAILED: &str = "FIXUP_FAILED";
+pub const FIXUP_FAILED: &str = machinen_proto::ErrorCode::FixupFailed.as_str();
 
 /// Most entropy accepted in one request.
 pub const MAX_ENTROPY: usize = 512;

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::log::debug;
 
-pub const PORT_FORWARD_REFUSED: &str = "PORT_FORWARD_REFUSED";
+pub const PORT_FORWARD_REFUSED: &str = machinen_proto::ErrorCode::PortForwardRefused.as_str();
 
 /// Connect, answer `Connected`, then splice raw bytes until either side
 /// closes. A refused or timed-out connect is answered with an error and the

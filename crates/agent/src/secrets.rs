@@ -27,8 +27,8 @@ pub const SECRETS_DIR: &str = "/run/machinen/secrets";
 pub const MAX_TOTAL: usize = 512 * 1024;
 
 pub mod code {
-    pub const INVALID: &str = "SECRETS_INVALID";
-    pub const FAILED: &str = "SECRETS_FAILED";
+    pub const INVALID: &str = machinen_proto::ErrorCode::SecretsInvalid.as_str();
+    pub const FAILED: &str = machinen_proto::ErrorCode::SecretsFailed.as_str();
 }
 
 /// Whether this agent mounted the tmpfs (as PID 1 in a guest).

@@ -21,8 +21,9 @@ use crate::log::{debug, error, info};
 
 /// Error codes of the dispatcher (exec's own are in [`exec::code`]).
 pub mod code {
-    pub const PROTOCOL_VERSION_MISMATCH: &str = "PROTOCOL_VERSION_MISMATCH";
-    pub const PROTOCOL_ERROR: &str = "PROTOCOL_ERROR";
+    pub const PROTOCOL_VERSION_MISMATCH: &str =
+        machinen_proto::ErrorCode::ProtocolVersionMismatch.as_str();
+    pub const PROTOCOL_ERROR: &str = machinen_proto::ErrorCode::ProtocolError.as_str();
 }
 
 /// What the host is told about this guest, and how to power it off.

@@ -12,6 +12,7 @@
 //! with the process start time recorded next to it, so a recycled pid is
 //! never mistaken for our supervisor.
 
+use machinen_proto::VmState;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -44,7 +45,7 @@ pub struct RegistryEntry {
     /// `starting`, `running`, `recovering` (the agent session is being
     /// re-established), `unhealthy` (it could not be), `stopping`;
     /// `crashed` once the VM ended without being asked to (see `cause`).
-    pub state: String,
+    pub state: VmState,
     /// Why the VM is `recovering` or `unhealthy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -88,7 +89,7 @@ pub struct RegistryEntry {
 
 /// The state of an entry whose VM ended on its own (see
 /// [`RegistryEntry::cause`]).
-pub const CRASHED: &str = "crashed";
+pub const CRASHED: VmState = VmState::Crashed;
 
 impl RegistryEntry {
     /// Whether its supervisor still runs.
@@ -545,7 +546,7 @@ mod tests {
         RegistryEntry {
             id: claim.id.clone(),
             name: name.into(),
-            state: "running".into(),
+            state: VmState::Running,
             reason: None,
             supervisor_pid: pid,
             supervisor_start: start,
@@ -660,7 +661,7 @@ mod tests {
             .expect("dead")
             .death_cause()
             .contains("died without recording why"));
-        e.state = CRASHED.into();
+        e.state = CRASHED;
         e.cause = Some("QEMU was killed by signal 9 (SIGKILL)".into());
         reg.write(&e).expect("write");
         assert_eq!(

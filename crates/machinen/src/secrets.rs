@@ -17,11 +17,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use machinen_proto::{self as proto, Frame, Request, Response};
+use machinen_proto::exchange::{SetSecrets, WipeSecrets};
 pub use machinen_proto::{Secret, SecretValue};
 
 use crate::error::{fail, ErrorCode, Result};
-use crate::vm::{protocol_error, wire_error, Vm};
+use crate::vm::Vm;
 
 /// Where the guest keeps secrets.
 pub const GUEST_DIR: &str = "/run/machinen/secrets";
@@ -119,71 +119,18 @@ impl Vm {
     /// Install (or replace) secrets in the running guest.
     pub async fn set_secrets(&self, secrets: &[Secret]) -> Result<SecretsReport> {
         validate(secrets)?;
-        let req = Frame::Request(Request::Secrets {
+        let set = SetSecrets {
             secrets: secrets.to_vec(),
-        });
-        match self.agent_call(req, "installing secrets").await? {
-            Response::SecretsSet { count, dir } => Ok(SecretsReport { count, dir }),
-            other => Err(fail(
-                ErrorCode::ProtocolError,
-                format!("unexpected answer to Secrets: {other:?}"),
-            )
-            .into()),
-        }
+        };
+        let (count, dir) = self.call(set, TIMEOUT, ErrorCode::SecretsFailed).await?;
+        Ok(SecretsReport { count, dir })
     }
 
     /// Zero, remove and unmount every secret in the guest (call before a
     /// snapshot). Returns how many were removed.
     pub async fn wipe_secrets(&self) -> Result<u32> {
-        match self
-            .agent_call(Frame::Request(Request::WipeSecrets), "wiping secrets")
-            .await?
-        {
-            Response::SecretsWiped { count } => Ok(count),
-            other => Err(fail(
-                ErrorCode::ProtocolError,
-                format!("unexpected answer to WipeSecrets: {other:?}"),
-            )
-            .into()),
-        }
-    }
-
-    /// One request answered by one `Response` (or `Error`), with a timeout.
-    async fn agent_call(&self, req: Frame, what: &str) -> Result<Response> {
-        let call = async {
-            let mut conn = self.connect().await?;
-            proto::send(&mut conn, &req)
-                .await
-                .map_err(|e| protocol_error(what, e))?;
-            match proto::read_frame(&mut conn)
-                .await
-                .map_err(|e| protocol_error(what, e))?
-            {
-                Some(Frame::Response(r)) => Ok(r),
-                Some(Frame::Error(e)) => Err(wire_error(e)),
-                Some(other) => Err(fail(
-                    ErrorCode::ProtocolError,
-                    format!("unexpected answer while {what}: {other:?}"),
-                )
-                .into()),
-                None => Err(fail(
-                    ErrorCode::ExecVsockUnavailable,
-                    format!("the VM closed the connection while {what}"),
-                )
-                .into()),
-            }
-        };
-        match tokio::time::timeout(TIMEOUT, call).await {
-            Ok(r) => r,
-            Err(_) => Err(fail(
-                ErrorCode::SecretsFailed,
-                format!(
-                    "the guest did not answer within {} s while {what}",
-                    TIMEOUT.as_secs()
-                ),
-            )
-            .into()),
-        }
+        self.call(WipeSecrets, TIMEOUT, ErrorCode::SecretsFailed)
+            .await
     }
 }
 

@@ -27,6 +27,9 @@ use crate::{assets, binaries, image, initramfs};
 /// Smallest and largest accepted guest memory, MiB.
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 1024 * 1024;
+/// How long a status request may take (the supervisor answers from memory).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The most vCPUs a VM may have.
 pub const MAX_CPUS: u32 = 64;
 
@@ -112,7 +115,7 @@ pub struct VmInfo {
     pub id: String,
     pub pid: u32,
     pub qemu_pid: Option<u32>,
-    pub state: String,
+    pub state: machinen_proto::VmState,
     /// Why the VM is `recovering` or `unhealthy` (see [`RegistryEntry::state`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -138,7 +141,7 @@ impl From<&RegistryEntry> for VmInfo {
             id: e.id.clone(),
             pid: e.supervisor_pid,
             qemu_pid: e.qemu_pid,
-            state: e.state.clone(),
+            state: e.state,
             reason: e.reason.clone(),
             image: e.image.clone(),
             ports: e.ports.clone(),
@@ -405,7 +408,7 @@ pub(crate) async fn launch_vm(
     let entry = RegistryEntry {
         id: spec.id.clone(),
         name,
-        state: "starting".into(),
+        state: machinen_proto::VmState::Starting,
         reason: None,
         supervisor_pid: pid,
         supervisor_start: registry::process_start_time(pid).unwrap_or(0),
@@ -449,7 +452,7 @@ pub(crate) async fn launch_vm(
             let mut info = VmInfo::from(&entry);
             info.qemu_pid = Some(qemu_pid);
             info.accel = accel;
-            info.state = "running".into();
+            info.state = machinen_proto::VmState::Running;
             let owned = if spec.detached { None } else { Some(child) };
             Ok(Vm {
                 info,
@@ -674,18 +677,59 @@ impl Vm {
 
     /// Supervisor status.
     pub async fn status(&self) -> Result<proto::VmStatus> {
-        let mut s = self.connect().await?;
-        proto::send(&mut s, &Frame::Request(Request::Status))
-            .await
-            .map_err(|e| protocol_error("asking for status", e))?;
-        match proto::read_frame(&mut s)
-            .await
-            .map_err(|e| protocol_error("reading status", e))?
-        {
-            Some(Frame::Response(Response::Status(st))) => Ok(st),
-            other => Err(fail(
-                ErrorCode::ProtocolError,
-                format!("unexpected answer {other:?}"),
+        self.call(
+            proto::exchange::GetStatus,
+            STATUS_TIMEOUT,
+            ErrorCode::ExecVsockUnavailable,
+        )
+        .await
+    }
+
+    /// One typed request on the control socket and its one answer: an
+    /// `Error` frame becomes the error it names, another kind of answer a
+    /// `PROTOCOL_ERROR`, no answer within `timeout` an error with
+    /// `timeout_code`.
+    pub(crate) async fn call<E: proto::exchange::Exchange>(
+        &self,
+        exchange: E,
+        timeout: Duration,
+        timeout_code: ErrorCode,
+    ) -> Result<E::Reply> {
+        let what = E::WHAT;
+        let call = async {
+            let mut conn = self.connect().await?;
+            proto::send(&mut conn, &Frame::Request(exchange.request()))
+                .await
+                .map_err(|e| protocol_error(what, e))?;
+            match proto::read_frame(&mut conn)
+                .await
+                .map_err(|e| protocol_error(what, e))?
+            {
+                Some(Frame::Response(r)) => E::reply(r).map_err(|other| {
+                    fail(
+                        ErrorCode::ProtocolError,
+                        format!("unexpected answer while {what}: {other:?}"),
+                    )
+                    .into()
+                }),
+                Some(Frame::Error(e)) => Err(wire_error(e)),
+                Some(other) => Err(fail(
+                    ErrorCode::ProtocolError,
+                    format!("unexpected answer while {what}: {other:?}"),
+                )
+                .into()),
+                None => Err(fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    format!("the VM closed the connection while {what}"),
+                )
+                .into()),
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(fail(
+                timeout_code,
+                format!("no answer within {} s while {what}", timeout.as_secs()),
             )
             .into()),
         }
@@ -1000,7 +1044,7 @@ pub fn list_all() -> Result<Vec<VmInfo>> {
         .partition(|e| e.is_live());
     let dead = dead.iter().map(|e| {
         let mut info = VmInfo::from(e);
-        info.state = registry::CRASHED.into();
+        info.state = registry::CRASHED;
         info.cause = Some(e.death_cause());
         info.uptime_ms = e
             .ended_at_ms
@@ -1015,7 +1059,7 @@ pub fn list_all() -> Result<Vec<VmInfo>> {
 pub struct VmLogs {
     pub name: String,
     pub id: String,
-    pub state: String,
+    pub state: machinen_proto::VmState,
     pub cause: Option<String>,
     /// The guest's serial console.
     pub console: PathBuf,
@@ -1032,9 +1076,9 @@ pub fn logs(target: &str) -> Result<VmLogs> {
     let e = reg.find_any(target)?;
     let dir = reg.dir(&e.id);
     let (state, cause) = if e.is_live() {
-        (e.state.clone(), None)
+        (e.state, None)
     } else {
-        (registry::CRASHED.to_string(), Some(e.death_cause()))
+        (registry::CRASHED, Some(e.death_cause()))
     };
     Ok(VmLogs {
         console: e
@@ -1174,7 +1218,7 @@ mod tests {
         let entry = RegistryEntry {
             id: "x".into(),
             name: "x".into(),
-            state: "running".into(),
+            state: machinen_proto::VmState::Running,
             reason: None,
             supervisor_pid: 1,
             supervisor_start: 0,

@@ -190,7 +190,7 @@ fn request() -> impl Strategy<Value = Request> {
 
 fn response() -> impl Strategy<Value = Response> {
     let status = (
-        text(),
+        prop::sample::select(crate::VmState::ALL.to_vec()),
         any::<u32>(),
         prop::option::of(any::<u32>()),
         prop::option::of(hello_ack()),

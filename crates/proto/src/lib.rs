@@ -94,6 +94,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// running guest (bytes that are not yamux on the channel, an agent that
 /// stopped answering) starts over the same way, on a fresh connection, with
 /// the break in front of the hello.
+pub mod error_code;
+pub mod exchange;
+pub mod state;
+
+pub use error_code::ErrorCode;
+pub use state::VmState;
+
 pub mod preamble {
     /// Sent by a host before its hello to a guest that may still be inside
     /// an earlier session (a restored one): no yamux peer accepts it as a
@@ -371,9 +378,8 @@ pub enum Response {
 /// What the supervisor knows about its VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
-    /// `starting`, `running`, `recovering` (the agent session failed and is
-    /// being re-established), `unhealthy` (it could not be), `stopping`.
-    pub state: String,
+    /// Where the VM is in its lifecycle ([`VmState`]).
+    pub state: VmState,
     /// Why the VM is `recovering` or `unhealthy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -832,14 +838,14 @@ mod tests {
             Frame::Response(Response::Pong),
             Frame::Response(Response::Stopping),
             Frame::Response(Response::Status(VmStatus {
-                state: "running".into(),
+                state: VmState::Running,
                 reason: None,
                 supervisor_pid: 7,
                 qemu_pid: Some(8),
                 agent: None,
             })),
             Frame::Response(Response::Status(VmStatus {
-                state: "unhealthy".into(),
+                state: VmState::Unhealthy,
                 reason: Some("the guest agent does not answer".into()),
                 supervisor_pid: 7,
                 qemu_pid: None,

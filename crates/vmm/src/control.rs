@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use machinen_proto::{self as proto, Frame, Request, Response, WireError};
+use machinen_proto::{self as proto, ErrorCode, Frame, Request, Response, WireError};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, Mutex};
 
@@ -26,6 +26,9 @@ pub struct Shared {
     /// A snapshot is in progress (the guest may be paused: it cannot
     /// answer liveness probes).
     pub pausing: std::sync::atomic::AtomicBool,
+    /// Where the VM's registry entry is (its registry and id), for
+    /// [`Shared::transition`]; `None` in tests that have no registry.
+    pub registry: Option<(machinen::registry::Registry, String)>,
 }
 
 /// A snapshot request handed to the main loop, with where to answer.
@@ -56,9 +59,9 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-fn error(code: &str, message: impl Into<String>) -> Frame {
+fn error(code: ErrorCode, message: impl Into<String>) -> Frame {
     Frame::Error(WireError {
-        code: code.into(),
+        code: code.as_str().into(),
         message: message.into(),
     })
 }
@@ -86,7 +89,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         let _ = proto::send(
             &mut conn,
             &error(
-                "CONTROL_PERMISSION_DENIED",
+                ErrorCode::ControlPermissionDenied,
                 format!("this VM belongs to another user; {who} may not control it"),
             ),
         )
@@ -102,7 +105,11 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             proto::send(&mut conn, &Frame::Response(Response::Status(st))).await?;
         }
         Frame::Request(Request::Stop { force }) => {
-            shared.status.lock().await.state = "stopping".into();
+            // Refused only when already stopping (or gone): the stop
+            // request is passed on either way.
+            let _ = shared
+                .transition(proto::VmState::Stopping, None, |_| {})
+                .await;
             let _ = shared.stop_tx.send(force).await;
             proto::send(&mut conn, &Frame::Response(Response::Stopping)).await?;
         }
@@ -114,11 +121,11 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                 .await
                 .is_err()
             {
-                error("SNAPSHOT_STATE_INVALID", "the VM is shutting down")
+                error(ErrorCode::SnapshotStateInvalid, "the VM is shutting down")
             } else {
                 rx.await.unwrap_or_else(|_| {
                     error(
-                        "SNAPSHOT_DUMP_FAILED",
+                        ErrorCode::SnapshotDumpFailed,
                         "the supervisor dropped the snapshot",
                     )
                 })
@@ -141,7 +148,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                 proto::send(
                     &mut conn,
                     &error(
-                        "EXEC_VSOCK_UNAVAILABLE",
+                        ErrorCode::ExecVsockUnavailable,
                         format!("the guest agent is not connected (VM is {}{why})", st.state),
                     ),
                 )
@@ -154,7 +161,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                     proto::send(
                         &mut conn,
                         &error(
-                            "EXEC_VSOCK_UNAVAILABLE",
+                            ErrorCode::ExecVsockUnavailable,
                             format!("cannot reach the guest agent: {e}"),
                         ),
                     )
@@ -176,7 +183,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             proto::send(
                 &mut conn,
                 &error(
-                    "PROTOCOL_ERROR",
+                    ErrorCode::ProtocolError,
                     format!("unexpected first frame {other:?}"),
                 ),
             )

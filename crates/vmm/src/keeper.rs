@@ -11,12 +11,12 @@
 //! `unhealthy`, with the reason, in `ls` and `status`, and the keeper tries
 //! again every 30 s. Commands the lost session ran keep running.
 
+use machinen_proto::VmState;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use machinen::registry::Registry;
 use machinen_proto::{Request, Response};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
@@ -76,8 +76,6 @@ pub struct Keeper {
     pub shared: Arc<Shared>,
     /// The QEMU chardev socket of the agent port.
     pub agent_path: PathBuf,
-    pub registry: Registry,
-    pub id: String,
     pub pace: Pace,
 }
 
@@ -104,7 +102,7 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
         if failures >= k.pace.quick_attempts {
             set_state(
                 &k,
-                "unhealthy",
+                VmState::Unhealthy,
                 Some(unhealthy_reason(
                     &k.pace,
                     &why,
@@ -116,7 +114,7 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
         } else {
             set_state(
                 &k,
-                "recovering",
+                VmState::Recovering,
                 Some(format!(
                     "re-establishing the guest agent session, which failed: {why}"
                 )),
@@ -137,7 +135,7 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
                     }
                     *slot = Some(session);
                     drop(slot);
-                    set_state(&k, "running", None).await;
+                    set_state(&k, VmState::Running, None).await;
                     tracing::info!("agent session re-established after {failures} failed attempts");
                     done = d;
                     since = Instant::now();
@@ -151,7 +149,7 @@ pub async fn run(k: Keeper, mut done: oneshot::Receiver<()>) {
                     if failures >= k.pace.quick_attempts {
                         set_state(
                             &k,
-                            "unhealthy",
+                            VmState::Unhealthy,
                             Some(unhealthy_reason(&k.pace, &why, failures, &e)),
                         )
                         .await;
@@ -209,7 +207,10 @@ async fn watch(k: &Keeper, done: &mut oneshot::Receiver<()>) -> Option<String> {
 }
 
 async fn stopping(k: &Keeper) -> bool {
-    k.shared.status.lock().await.state == "stopping"
+    matches!(
+        k.shared.state().await,
+        VmState::Stopping | VmState::Stopped | VmState::Crashed
+    )
 }
 
 /// A fresh connection to the agent socket and a new session on it, each
@@ -253,30 +254,18 @@ async fn reconnect(
     }
 }
 
-/// Record the VM's state for `status` (the supervisor) and `ls` (the
-/// registry entry). While not running, no agent session is offered.
-async fn set_state(k: &Keeper, state: &str, reason: Option<String>) {
-    {
-        let mut st = k.shared.status.lock().await;
-        if st.state == "stopping" {
-            return;
-        }
-        st.state = state.to_string();
-        st.reason = reason.clone();
+/// Record the VM's state for `status` and `ls` (one writer:
+/// [`Shared::transition`]); refused when the VM is stopping. While not
+/// running, no agent session is offered.
+async fn set_state(k: &Keeper, state: VmState, reason: Option<String>) {
+    if k.shared.transition(state, reason, |_| {}).await.is_err() {
+        return;
     }
-    if state != "running" {
+    if state != VmState::Running {
         if let Some(old) = k.shared.agent.lock().await.take() {
             old.close();
         }
     }
-    let (reg, id, state) = (k.registry.clone(), k.id.clone(), state.to_string());
-    let _ = tokio::task::spawn_blocking(move || {
-        crate::supervisor::update_entry(&reg, &id, |e| {
-            e.state = state;
-            e.reason = reason;
-        })
-    })
-    .await;
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod console;
 mod control;
 mod engine;
 mod keeper;
+mod lifecycle;
 mod ports;
 mod snapshot;
 mod supervisor;

@@ -68,7 +68,7 @@ pub fn remove_partial(spec: &VmSpec) {
     }
 }
 
-fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
+pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
     StartError {
         code,
         message: message.into(),
@@ -96,13 +96,6 @@ pub async fn take(
         return Err(err(
             ErrorCode::SnapshotDumpFailed,
             format!("snapshot destination {} is not absolute", out.display()),
-        ));
-    }
-    let state = shared.status.lock().await.state.clone();
-    if state != "running" {
-        return Err(err(
-            ErrorCode::SnapshotStateInvalid,
-            format!("the VM is {state}, not running"),
         ));
     }
     let agent = shared.agent.lock().await.clone().ok_or_else(|| {

@@ -5,6 +5,7 @@
 //! State machine: `starting` → `running` → `stopping` → (process exits).
 //! Every control operation checks the state first (see `control.rs`).
 
+use machinen_proto::VmState;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -173,7 +174,7 @@ pub async fn run(spec: VmSpec) -> i32 {
     let (snap_tx, mut snap_rx) = mpsc::channel::<SnapshotCmd>(4);
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
-            state: "starting".into(),
+            state: VmState::Starting,
             reason: None,
             supervisor_pid: std::process::id(),
             qemu_pid: None,
@@ -183,6 +184,7 @@ pub async fn run(spec: VmSpec) -> i32 {
         stop_tx: stop_tx.clone(),
         snap_tx,
         pausing: std::sync::atomic::AtomicBool::new(false),
+        registry: Some((reg.clone(), spec.id.clone())),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
     tokio::spawn(console::cap(
@@ -197,8 +199,6 @@ pub async fn run(spec: VmSpec) -> i32 {
     let keeper = keeper::Keeper {
         shared: shared.clone(),
         agent_path: spec.path_in(files::AGENT),
-        registry: reg.clone(),
-        id: spec.id.clone(),
         pace: keeper::Pace::default(),
     };
     tokio::spawn(keeper::run(keeper, session_done));
@@ -207,13 +207,18 @@ pub async fn run(spec: VmSpec) -> i32 {
     }
     let engine_accel = caps.accel.as_str().to_string();
     let qemu_pid = machine.pid();
-    update_entry(&reg, &spec.id, |e| {
-        e.state = "running".into();
-        e.qemu_pid = Some(qemu_pid);
-        e.qemu_start = registry::process_start_time(qemu_pid);
-        e.accel = engine_accel.clone();
-    });
-    shared.status.lock().await.state = "running".into();
+    let accel = engine_accel.clone();
+    let up = shared
+        .transition(VmState::Running, None, move |e| {
+            e.qemu_pid = Some(qemu_pid);
+            e.qemu_start = registry::process_start_time(qemu_pid);
+            e.accel = accel;
+        })
+        .await;
+    if let Err(refused) = up {
+        // A stop arrived during start-up: it is waiting in `stop_rx`.
+        tracing::info!("not marking the VM running: {refused}");
+    }
     let boot_ms = started.elapsed().as_millis() as u64;
     tracing::info!("ready after {boot_ms} ms");
     emit_ready(&ReadyLine::Ready {
@@ -259,14 +264,34 @@ pub async fn run(spec: VmSpec) -> i32 {
             Some(cmd) = snap_rx.recv() => cmd,
         };
         let keep_alive = cmd.req.keep_alive;
-        shared
-            .pausing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let result = snapshot::take(&machine, &shared, &spec, &caps, &mut chain, cmd.req).await;
-        shared
-            .pausing
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // Only a running VM is snapshotted; a stop during the snapshot wins
+        // over its return to running (see `lifecycle`).
+        let entered = shared.transition(VmState::Snapshotting, None, |_| {}).await;
+        let result = match entered {
+            Err(refused) => Err(snapshot::err(
+                ErrorCode::SnapshotStateInvalid,
+                format!("the VM is {}, not running", refused.from),
+            )),
+            Ok(_) => {
+                shared
+                    .pausing
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                let r = snapshot::take(&machine, &shared, &spec, &caps, &mut chain, cmd.req).await;
+                shared
+                    .pausing
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                r
+            }
+        };
         let done = result.is_ok() && !keep_alive;
+        if entered.is_ok() {
+            let next = if done {
+                VmState::Stopping
+            } else {
+                VmState::Running
+            };
+            let _ = shared.transition(next, None, |_| {}).await;
+        }
         let _ = cmd.reply.send(match result {
             Ok(report) => Frame::Response(Response::Snapshotted(report)),
             Err(e) => Frame::Error(WireError {
@@ -282,14 +307,13 @@ pub async fn run(spec: VmSpec) -> i32 {
     };
     match outcome {
         Ok(force) => {
-            shared.status.lock().await.state = "stopping".into();
-            update_entry(&reg, &spec.id, |e| e.state = "stopping".into());
+            let _ = shared.transition(VmState::Stopping, None, |_| {}).await;
             let agent = shared.agent.lock().await.take();
             stop(&mut machine, agent, force).await;
         }
         Err(exit) => {
-            // File reads and the registry lock: off the runtime's thread.
-            let (reg2, spec2) = (reg.clone(), spec.clone());
+            // File reads and removals: off the runtime's thread.
+            let spec2 = spec.clone();
             let crashed = tokio::task::spawn_blocking(move || {
                 // A panic's own line comes before its call trace: look further back.
                 let cause = crash_cause(
@@ -298,11 +322,20 @@ pub async fn run(spec: VmSpec) -> i32 {
                     spec2.ram_file.as_deref(),
                 )?;
                 tracing::error!("the VM crashed: {cause}");
-                keep_crashed(&reg2, &spec2, cause);
-                Some(())
+                keep_crashed(&spec2);
+                Some(cause)
             })
             .await;
-            if matches!(crashed, Ok(Some(()))) {
+            if let Ok(Some(cause)) = crashed {
+                let recorded = shared
+                    .transition(VmState::Crashed, None, move |e| {
+                        e.cause = Some(cause);
+                        e.ended_at_ms = Some(registry::now_ms());
+                    })
+                    .await;
+                if let Err(refused) = recorded {
+                    tracing::warn!("recording the crash: {refused}");
+                }
                 return 1;
             }
         }
@@ -346,10 +379,11 @@ pub(crate) fn crash_cause(
     Some(cause)
 }
 
-/// A crashed VM keeps its directory (logs, disk layer, spec) and records
-/// the cause in its entry (state `crashed`), for `ls`, `logs` and `gc`.
-/// Its RAM file goes: it is useless now and holds tmpfs memory.
-fn keep_crashed(reg: &Registry, spec: &VmSpec, cause: String) {
+/// A crashed VM keeps its directory (logs, disk layer, spec); its entry
+/// records the cause (state `crashed`, written by the caller) for `ls`,
+/// `logs` and `gc`. Its RAM file goes: it is useless now and holds tmpfs
+/// memory.
+fn keep_crashed(spec: &VmSpec) {
     snapshot::remove_partial(spec);
     if let Some(ram) = &spec.ram_file {
         let _ = std::fs::remove_file(ram);
@@ -357,11 +391,6 @@ fn keep_crashed(reg: &Registry, spec: &VmSpec, cause: String) {
     for sock in [files::CONTROL, files::QMP, files::AGENT] {
         let _ = std::fs::remove_file(spec.path_in(sock));
     }
-    update_entry(reg, &spec.id, |e| {
-        e.state = registry::CRASHED.into();
-        e.cause = Some(cause);
-        e.ended_at_ms = Some(registry::now_ms());
-    });
 }
 
 /// The launcher's verdict on a restore's bundle, one line on our stdin:

@@ -26,7 +26,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
             [
                 v.pid.to_string(),
                 v.name.clone(),
-                v.state.clone(),
+                v.state.to_string(),
                 human_duration(v.uptime_ms),
                 ports,
                 v.forked_from.clone().unwrap_or_default(),

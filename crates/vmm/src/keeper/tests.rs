@@ -173,7 +173,7 @@ async fn setup(first: Peer) -> Setup {
     let (snap_tx, snap_rx) = mpsc::channel(1);
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
-            state: "running".into(),
+            state: VmState::Running,
             reason: None,
             supervisor_pid: 1,
             qemu_pid: None,
@@ -183,12 +183,11 @@ async fn setup(first: Peer) -> Setup {
         stop_tx,
         snap_tx,
         pausing: AtomicBool::new(false),
+        registry: None,
     });
     let k = Keeper {
         shared: shared.clone(),
         agent_path: path,
-        registry: Registry::new(dir.path()),
-        id: "test".into(),
         pace: fast(),
     };
     let keeper = tokio::spawn(run(k, done));
@@ -201,12 +200,12 @@ async fn setup(first: Peer) -> Setup {
     }
 }
 
-async fn state(shared: &Shared) -> (String, Option<String>) {
+async fn state(shared: &Shared) -> (VmState, Option<String>) {
     let st = shared.status.lock().await;
-    (st.state.clone(), st.reason.clone())
+    (st.state, st.reason.clone())
 }
 
-async fn wait_for_state(shared: &Shared, want: &str, within: Duration) -> Option<String> {
+async fn wait_for_state(shared: &Shared, want: VmState, within: Duration) -> Option<String> {
     let start = Instant::now();
     loop {
         let (s, reason) = state(shared).await;
@@ -243,7 +242,7 @@ async fn a_stalled_session_is_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    wait_for_state(&t.shared, "running", Duration::from_secs(5)).await;
+    wait_for_state(&t.shared, VmState::Running, Duration::from_secs(5)).await;
     assert!(answers(&t.shared).await, "the new session works");
     t.keeper.abort();
 }
@@ -252,7 +251,7 @@ async fn a_stalled_session_is_replaced() {
 async fn an_unreachable_agent_makes_the_vm_unhealthy_until_it_answers_again() {
     let t = setup(Peer::Close).await;
     t.fake.then(Peer::Silent);
-    let reason = wait_for_state(&t.shared, "unhealthy", Duration::from_secs(20))
+    let reason = wait_for_state(&t.shared, VmState::Unhealthy, Duration::from_secs(20))
         .await
         .expect("a reason");
     assert!(reason.contains("attempts to re-establish it"), "{reason}");
@@ -261,12 +260,12 @@ async fn an_unreachable_agent_makes_the_vm_unhealthy_until_it_answers_again() {
         "no session is offered while unhealthy"
     );
     t.fake.then(Peer::Answer);
-    let reason = wait_for_state(&t.shared, "running", Duration::from_secs(10)).await;
+    let reason = wait_for_state(&t.shared, VmState::Running, Duration::from_secs(10)).await;
     assert_eq!(reason, None);
     assert!(answers(&t.shared).await);
 
     // A stopping VM is left alone.
-    t.shared.status.lock().await.state = "stopping".into();
+    t.shared.status.lock().await.state = VmState::Stopping;
     if let Some(s) = t.shared.agent.lock().await.clone() {
         s.close();
     }
@@ -274,7 +273,7 @@ async fn an_unreachable_agent_makes_the_vm_unhealthy_until_it_answers_again() {
         .await
         .expect("the keeper ends")
         .expect("join");
-    assert_eq!(state(&t.shared).await.0, "stopping");
+    assert_eq!(state(&t.shared).await.0, VmState::Stopping);
 }
 
 #[test]

@@ -1,0 +1,156 @@
+//! The one vocabulary of error codes, shared by the guest agent, the
+//! supervisor, the library, the CLI and the bindings: an agent or
+//! supervisor answers with [`ErrorCode::as_str`] on the wire and the
+//! library parses it back with [`ErrorCode::from_wire`], so a code that
+//! exists on one side exists on every side.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Defines [`ErrorCode`], its wire spelling and [`ALL`] from one list, so
+/// the three cannot drift apart.
+macro_rules! error_codes {
+    ($($variant:ident = $wire:literal,)*) => {
+        /// Stable, machine-readable error codes. The names follow the original
+        /// TypeScript runtime's `ErrorCode` where one exists; never rename one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// The wire/JSON spelling, e.g. `"REGISTRY_NAME_IN_USE"`.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $wire,)*
+                }
+            }
+        }
+
+        /// Every code, for docs and tests.
+        pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+    };
+}
+
+error_codes! {
+    // boot
+    BootTimeout = "BOOT_TIMEOUT",
+    BootDetachedReadinessFailed = "BOOT_DETACHED_READINESS_FAILED",
+    BootMemoryInvalid = "BOOT_MEMORY_INVALID",
+    BootVmmMissing = "BOOT_VMM_MISSING",
+    BootEngineMissing = "BOOT_ENGINE_MISSING",
+    BootEngineFailed = "BOOT_ENGINE_FAILED",
+    BootArgsInvalid = "BOOT_ARGS_INVALID",
+    BootImageInvalid = "BOOT_IMAGE_INVALID",
+    BootPortForwardInUse = "BOOT_PORT_FORWARD_IN_USE",
+    BootPortForwardConflict = "BOOT_PORT_FORWARD_CONFLICT",
+    BootRamDirFull = "BOOT_RAM_DIR_FULL",
+    // assets and images
+    ProvisionBaseNotFound = "PROVISION_BASE_NOT_FOUND",
+    ProvisionKernelNotFound = "PROVISION_KERNEL_NOT_FOUND",
+    ProvisionAssetsDirInvalid = "PROVISION_ASSETS_DIR_INVALID",
+    ProvisionArgsInvalid = "PROVISION_ARGS_INVALID",
+    ProvisionStepFailed = "PROVISION_STEP_FAILED",
+    ProvisionCopyFailed = "PROVISION_COPY_FAILED",
+    ProvisionExportFailed = "PROVISION_EXPORT_FAILED",
+    ProvisionOutputFailed = "PROVISION_OUTPUT_FAILED",
+    InstallToolMissing = "INSTALL_TOOL_MISSING",
+    InstallFetchFailed = "INSTALL_FETCH_FAILED",
+    InstallRootfsFailed = "INSTALL_ROOTFS_FAILED",
+    CacheImageBuildFailed = "CACHE_IMAGE_BUILD_FAILED",
+    CacheInitramfsBuildFailed = "CACHE_INITRAMFS_BUILD_FAILED",
+    // exec and the agent channel
+    ExecVsockUnavailable = "EXEC_VSOCK_UNAVAILABLE",
+    ExecCommandNotFound = "EXEC_COMMAND_NOT_FOUND",
+    ExecSpawnFailed = "EXEC_SPAWN_FAILED",
+    ExecFailed = "EXEC_FAILED",
+    ProtocolError = "PROTOCOL_ERROR",
+    ProtocolVersionMismatch = "PROTOCOL_VERSION_MISMATCH",
+    PortForwardRefused = "PORT_FORWARD_REFUSED",
+    FixupFailed = "FIXUP_FAILED",
+    // registry and lifecycle
+    RegistryNameInUse = "REGISTRY_NAME_IN_USE",
+    RegistryNameInvalid = "REGISTRY_NAME_INVALID",
+    RegistryNotFound = "REGISTRY_NOT_FOUND",
+    RegistryIo = "REGISTRY_IO",
+    ControlPermissionDenied = "CONTROL_PERMISSION_DENIED",
+    StopTimeout = "STOP_TIMEOUT",
+    StopFailed = "STOP_FAILED",
+    GcFailed = "GC_FAILED",
+    // snapshot, restore, fork
+    SnapshotDumpFailed = "SNAPSHOT_DUMP_FAILED",
+    SnapshotTimeout = "SNAPSHOT_TIMEOUT",
+    SnapshotOutExists = "SNAPSHOT_OUT_EXISTS",
+    SnapshotStateInvalid = "SNAPSHOT_STATE_INVALID",
+    RestoreBundleInvalid = "RESTORE_BUNDLE_INVALID",
+    RestoreBundleIncompatible = "RESTORE_BUNDLE_INCOMPATIBLE",
+    RestoreImageMismatch = "RESTORE_IMAGE_MISMATCH",
+    BootVmstateReseedFailed = "BOOT_VMSTATE_RESEED_FAILED",
+    // files in and out of the guest
+    FilesPathInvalid = "FILES_PATH_INVALID",
+    FilesNotFound = "FILES_NOT_FOUND",
+    FilesPermissionDenied = "FILES_PERMISSION_DENIED",
+    FilesIsDirectory = "FILES_IS_DIRECTORY",
+    FilesNotADirectory = "FILES_NOT_A_DIRECTORY",
+    FilesNotRegular = "FILES_NOT_REGULAR",
+    FilesNoSpace = "FILES_NO_SPACE",
+    FilesIo = "FILES_IO",
+    FilesTooLarge = "FILES_TOO_LARGE",
+    FilesHostDiskReserve = "FILES_HOST_DISK_RESERVE",
+    // secrets
+    SecretsInvalid = "SECRETS_INVALID",
+    SecretsFailed = "SECRETS_FAILED",
+    // the user stopped the operation (Ctrl-C, SIGTERM, SIGHUP)
+    Interrupted = "INTERRUPTED",
+    // anything the host OS refused that fits nowhere else
+    Io = "IO",
+}
+
+impl ErrorCode {
+    /// Parse the wire spelling (used for errors the agent reports).
+    pub fn from_wire(s: &str) -> Option<ErrorCode> {
+        ALL.iter().copied().find(|c| c.as_str() == s)
+    }
+
+    /// Whether trying the same operation again may succeed without the
+    /// caller changing anything.
+    pub fn retryable(self) -> bool {
+        use ErrorCode::*;
+        matches!(
+            self,
+            BootTimeout
+                | BootDetachedReadinessFailed
+                | ExecVsockUnavailable
+                | StopTimeout
+                | InstallFetchFailed
+                | SnapshotTimeout
+                | BootRamDirFull
+        )
+    }
+
+    /// The CLI's exit status for this error. Commands run in a VM pass their
+    /// own status through, so machinen's own failures use the band
+    /// 125 (machinen failed), 126 (command cannot run), 127 (command not found),
+    /// and 2 for bad arguments, like `docker run` and `env` do.
+    pub fn exit_code(self) -> i32 {
+        use ErrorCode::*;
+        match self {
+            ExecCommandNotFound => 127,
+            // As a shell reports a command ended by Ctrl-C.
+            Interrupted => 130,
+            ExecSpawnFailed => 126,
+            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
+            | FilesPathInvalid | SecretsInvalid => 2,
+            _ => 125,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
