@@ -1,9 +1,8 @@
-//! Our own QEMU command lines for the baselines. Rather than rebuilding the
-//! supervisor's command line (which changes with the engine), we boot one
-//! machinen VM, read its QEMU's argv from `/proc/<pid>/cmdline`, stop it,
-//! and reuse that argv with the VM's directory replaced by ours: same
-//! machine type, accelerator, CPU, memory, kernel, initramfs, kernel flags
-//! and devices, by construction.
+//! Our own QEMU command lines for the baselines. We boot one machinen VM,
+//! read its spec, stop it, and build its command line with the function the
+//! supervisor starts QEMU with (`machinen::qemu_args`), then move the VM's
+//! directory to ours: same machine type, accelerator, CPU, memory, kernel,
+//! initramfs, kernel flags and devices, by construction.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,10 +25,10 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Boot a VM with the benchmark's settings and capture its QEMU argv.
+    /// Boot a VM with the benchmark's settings and build its QEMU argv.
     pub async fn capture(ctx: &Ctx) -> Result<Guest> {
         let vm = ctx.boot("argv").await?;
-        let r = read_argv(&vm);
+        let r = build_argv(&vm);
         stop(vm).await?;
         let (args, vm_dir) = r?;
         let value_of = |flag: &str| {
@@ -69,12 +68,6 @@ impl Guest {
         while let Some(a) = it.next() {
             if a == "-incoming" {
                 it.next();
-                continue;
-            }
-            // A VM's passt socket is inherited from its supervisor; a bare
-            // QEMU of ours gets QEMU's built-in user networking instead.
-            if a.starts_with("stream,id=net0,") {
-                out.push("user,id=net0".into());
                 continue;
             }
             let mut a = a.replace(&self.vm_dir, &dir_s);
@@ -139,27 +132,26 @@ pub fn replace_arg(args: &mut [String], prefix: &str, value: String) -> Result<(
     Ok(())
 }
 
-fn read_argv(vm: &machinen::Vm) -> Result<(Vec<String>, String)> {
-    let pid = vm.info().qemu_pid.context("the VM has no QEMU pid")?;
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("reading the command line of QEMU (pid {pid})"))?;
-    let mut args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    if args.is_empty() {
-        bail!("QEMU (pid {pid}) has an empty command line");
-    }
-    args.remove(0);
+/// The argv the VM's supervisor gave its QEMU, from the VM's spec and this
+/// host, except for the network: a VM's passt socket is inherited from its
+/// supervisor, so a bare QEMU of ours gets QEMU's built-in user networking.
+fn build_argv(vm: &machinen::Vm) -> Result<(Vec<String>, String)> {
     let dir = vm
         .info()
         .control_socket
         .parent()
         .context("control socket without a directory")?
-        .display()
-        .to_string();
-    Ok((args, dir))
+        .to_path_buf();
+    let spec_path = dir.join(machinen::spec::files::SPEC);
+    let mut spec = machinen::spec::VmSpec::load(&spec_path)
+        .with_context(|| format!("reading {}", spec_path.display()))?;
+    spec.network = machinen::spec::NetworkMode::NatHost;
+    let accel = machinen::accel::probe(spec.accel.as_deref())?;
+    let host = machinen::qemu_args::QemuHost::probe(accel);
+    Ok((
+        machinen::qemu_args::qemu_args(&spec, &host),
+        dir.display().to_string(),
+    ))
 }
 
 /// `qemu-system-<arch> --version`, first line.

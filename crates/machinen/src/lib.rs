@@ -21,6 +21,7 @@ pub mod progress;
 pub mod provision;
 pub mod pty;
 pub mod qcow2;
+pub mod qemu_args;
 pub mod ramdir;
 pub mod registry;
 pub mod restore;

@@ -1,0 +1,285 @@
+//! The QEMU and passt command lines of a VM, as pure functions of its spec
+//! and of what the host gave the engine (accelerator, CPU model, TSC rate).
+//!
+//! The supervisor starts QEMU with [`qemu_args`]; the benchmark builds its
+//! bare-QEMU baselines from the same function, so both run the same guest.
+
+use crate::accel::Accel;
+use crate::spec::{files, NetworkMode, VmSpec};
+use machinen_proto::AGENT_PORT_NAME;
+
+/// The descriptor number under which QEMU and passt each find their end of
+/// the socket pair that carries the guest's Ethernet frames.
+pub const NET_FD: i32 = 3;
+
+/// The host-side inputs of the QEMU command line, probed once by the caller
+/// so that [`qemu_args`] reads nothing from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuHost {
+    pub accel: Accel,
+    /// CPU model the guest sees (`-cpu`).
+    pub cpu_model: String,
+    /// The host's constant TSC rate in kHz, when known (see [`host_tsc_khz`]).
+    pub tsc_khz: Option<u64>,
+    /// Extra kernel arguments (`MACHINEN_KERNEL_ARGS`), a debugging knob.
+    pub extra_kernel_args: Vec<String>,
+}
+
+impl QemuHost {
+    /// The inputs as this host and environment give them for `accel`.
+    pub fn probe(accel: Accel) -> QemuHost {
+        QemuHost {
+            accel,
+            cpu_model: accel.cpu_model().to_string(),
+            tsc_khz: host_tsc_khz(),
+            extra_kernel_args: std::env::var("MACHINEN_KERNEL_ARGS")
+                .map(|s| s.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// passt's arguments: the guest's addresses as QEMU's user networking gives
+/// them (the agent configures the guest statically for those), DNS queries
+/// to 10.0.2.3 forwarded to the host's resolver, and `--no-map-gw`: the
+/// gateway is not an alias of the host, so nothing bound to the host's
+/// loopback (other VMs' port forwards included) is reachable. IPv4 only:
+/// one address family to reason about.
+pub fn passt_args() -> Vec<String> {
+    [
+        "--foreground",
+        "--ipv4-only",
+        "--no-map-gw",
+        "--fd",
+        &NET_FD.to_string(),
+    ]
+    .into_iter()
+    .chain([
+        "--address",
+        "10.0.2.15",
+        "--netmask",
+        "24",
+        "--gateway",
+        "10.0.2.2",
+    ])
+    .chain([
+        "--dns-forward",
+        "10.0.2.3",
+        "--dns",
+        "10.0.2.3",
+        "--no-dhcpv6",
+        "--no-ndp",
+        "--no-ra",
+    ])
+    .map(String::from)
+    .collect()
+}
+
+/// The guest kernel's command line for a booted (not restored) VM.
+fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
+    let mut cmdline = vec![
+        "console=ttyS0".to_string(),
+        "quiet".into(),
+        "panic=-1".into(),
+        "machinen.net=1".into(),
+        format!("machinen.hostname={}", hostname_for(&spec.name)),
+    ];
+    // Under TCG the guest TSC ticks at the host's TSC rate, but the
+    // kernel's PIT calibration of it fails when the host is busy (the
+    // vCPU thread is descheduled mid-measurement); the kernel then falls
+    // back to jiffies before timers run and hangs early in boot. Measured:
+    // 4 parallel boots on 2 cores hung 4/4 without this, 8/8 booted with it.
+    if host.accel == Accel::Tcg {
+        if let Some(khz) = host.tsc_khz {
+            cmdline.push(format!("tsc_early_khz={khz}"));
+            cmdline.push("tsc=reliable".into());
+        }
+    }
+    // With secrets, freed guest pages are zeroed, so secrets wiped before
+    // a snapshot leave no copy in pipe, serial or process memory. Only
+    // then: it makes the kernel touch (zero) all of guest RAM at boot,
+    // which costs the whole memory ceiling in host RSS (measured: 4.3 GB
+    // for an idle 4 GiB VM) and seconds of boot under TCG.
+    if spec.zero_freed_memory {
+        cmdline.push("init_on_free=1".into());
+    }
+    cmdline.extend(host.extra_kernel_args.iter().cloned());
+    if spec.debug {
+        cmdline.push("machinen.debug=1".into());
+        cmdline.retain(|a| a != "quiet");
+    }
+    cmdline.join(" ")
+}
+
+/// The full QEMU command line for `spec` (without the program name).
+pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
+    let path = |f: &str| spec.path_in(f).display().to_string();
+    let mut a: Vec<String> = vec![
+        "-M".into(),
+        "microvm,acpi=on,memory-backend=ram".into(),
+        "-accel".into(),
+        match host.accel {
+            Accel::Tcg if spec.cpus > 1 => "tcg,thread=multi".into(),
+            other => other.as_str().into(),
+        },
+        "-cpu".into(),
+        host.cpu_model.clone(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        // Always a backend named "ram": the RAM block's name must match
+        // between a snapshot's source and the VM that restores it.
+        "-object".into(),
+        match (
+            spec.restore.as_ref().and_then(|r| r.ram.as_ref()),
+            &spec.ram_file,
+        ) {
+            // Copy-on-write over the bundle's RAM file: pages load on
+            // first touch and stay shared between restores and forks.
+            (Some(ram), _) => {
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
+                    spec.memory_mib,
+                    ram.display()
+                )
+            }
+            // A booted VM's RAM file, or a restored VM's own copy.
+            (None, Some(file)) => {
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+                    spec.memory_mib,
+                    file.display()
+                )
+            }
+            _ => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+        },
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-chardev".into(),
+        // Appending: the supervisor drops the log's head when it grows
+        // too large (`console.rs`), and QEMU's writes must follow the end.
+        format!("file,id=con,path={},append=on", path(files::CONSOLE)),
+        "-serial".into(),
+        "chardev:con".into(),
+        // The backing chain is given explicitly, so the paths recorded
+        // inside qcow2 layers (possibly from another host) never matter.
+        "-blockdev".into(),
+        serde_json::json!({
+            "driver": "raw", "node-name": "base", "read-only": true,
+            "file": {"driver": "file", "filename": spec.base_image, "read-only": true}
+        })
+        .to_string(),
+        "-blockdev".into(),
+        serde_json::json!({
+            "driver": "qcow2", "node-name": "root", "backing": "base", "discard": "unmap",
+            "file": {"driver": "file", "filename": spec.disk}
+        })
+        .to_string(),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+        "-netdev".into(),
+        match spec.network {
+            // passt's end of the socket pair is QEMU's fd NET_FD (the
+            // supervisor puts it there before exec).
+            NetworkMode::Nat => {
+                format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}")
+            }
+            NetworkMode::NatHost => "user,id=net0".into(),
+        },
+        "-device".into(),
+        "virtio-net-device,netdev=net0".into(),
+        "-device".into(),
+        "virtio-rng-device".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            path(files::AGENT)
+        ),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", path(files::QMP)),
+    ];
+    if let Some(restore) = &spec.restore {
+        // No -kernel/-initrd: the restored guest's kernel is already in
+        // its RAM and never reads fw_cfg again, while QEMU would keep a
+        // private heap copy of the kernel image (13.5 MiB of PSS per VM)
+        // for it. The migration stream does not carry fw_cfg's files, so
+        // the devices still match the source's.
+        a.push("-incoming".into());
+        a.push("defer".into());
+        if restore.gate {
+            // Do not run the guest when the state is loaded: the launcher
+            // releases it once the bundle is verified.
+            a.push("-S".into());
+        }
+    } else {
+        a.extend([
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            kernel_cmdline(spec, host),
+        ]);
+    }
+    a
+}
+
+/// The host's TSC frequency in kHz, when the CPU says it is constant.
+pub fn host_tsc_khz() -> Option<u64> {
+    if std::env::consts::ARCH != "x86_64" {
+        return None;
+    }
+    tsc_khz_from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
+    let constant = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "constant_tsc"));
+    if !constant {
+        return None;
+    }
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 100.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Guest hostname: the last segment of a path-shaped name, capped at 63.
+fn hostname_for(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let h: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if h.is_empty() {
+        "machinen".into()
+    } else {
+        h
+    }
+}
+
+#[cfg(test)]
+#[path = "qemu_args_tests.rs"]
+mod tests;
