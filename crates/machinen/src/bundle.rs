@@ -86,11 +86,20 @@ impl Digest {
 
     /// (apparent size, hex digest) of the file at `path`.
     pub fn of_file(self, path: &Path) -> Result<(u64, String), BundleError> {
+        self.of_file_until(path, None)
+    }
+
+    /// [`Digest::of_file`], giving up once `deadline` passes.
+    pub fn of_file_until(
+        self,
+        path: &Path,
+        deadline: Deadline,
+    ) -> Result<(u64, String), BundleError> {
         match self {
             Digest::Sha256 => hash_file(path),
-            Digest::Blake3 => blake3_file(path),
-            Digest::Sha256Sparse => sparse_digest::<sha2::Sha256>(path),
-            Digest::Blake3Sparse => sparse_digest::<Blake3>(path),
+            Digest::Blake3 => blake3_file(path, deadline),
+            Digest::Sha256Sparse => sparse_digest_until::<sha2::Sha256>(path, deadline),
+            Digest::Blake3Sparse => sparse_digest_until::<Blake3>(path, deadline),
         }
     }
 }
@@ -192,6 +201,8 @@ pub enum BundleError {
     },
     #[error("snapshot destination {path} already exists")]
     Exists { path: PathBuf },
+    #[error("the deadline passed while {doing}")]
+    Deadline { doing: &'static str },
     #[error("bundle i/o on {path}")]
     Io {
         path: PathBuf,
@@ -211,6 +222,7 @@ impl Coded for BundleError {
             BundleError::Foreign { .. } => ErrorCode::RestoreBundleIncompatible,
             BundleError::Exists { .. } => ErrorCode::SnapshotOutExists,
             BundleError::Io { .. } => ErrorCode::SnapshotDumpFailed,
+            BundleError::Deadline { .. } => ErrorCode::SnapshotTimeout,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -225,6 +237,9 @@ impl Coded for BundleError {
             }
             BundleError::Foreign { .. } => "restore it on a host with the same guest architecture and accelerator".into(),
             BundleError::Exists { .. } => "choose a new directory; machinen never overwrites a bundle".into(),
+            BundleError::Deadline { .. } => {
+                "the bundle was removed and the source runs on; give the snapshot a longer --timeout".into()
+            }
             BundleError::Io { .. } => return None,
         })
     }
@@ -234,6 +249,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     move |source| BundleError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A point in time after which a long bundle operation gives up, checked
+/// between chunks (`None`: no bound). Snapshots bound every phase with it,
+/// so a late snapshot is abandoned rather than completed behind the back of
+/// a client that has been told it failed.
+pub type Deadline = Option<std::time::Instant>;
+
+/// [`BundleError::Deadline`] once `deadline` has passed.
+pub fn check_deadline(deadline: Deadline, doing: &'static str) -> Result<(), BundleError> {
+    match deadline {
+        Some(d) if std::time::Instant::now() >= d => Err(BundleError::Deadline { doing }),
+        _ => Ok(()),
     }
 }
 
@@ -305,10 +334,23 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), BundleError> {
 }
 
 /// BLAKE3 and size of a file, reading it once.
-fn blake3_file(path: &Path) -> Result<(u64, String), BundleError> {
+fn blake3_file(path: &Path, deadline: Deadline) -> Result<(u64, String), BundleError> {
+    use std::io::Read;
     let mut f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
-    let size = std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        check_deadline(deadline, "hashing the bundle")?;
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(path)(e)),
+        };
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
     Ok((size, h.finalize().to_hex().to_string()))
 }
 
@@ -373,6 +415,14 @@ fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
 /// holes are skipped without being read, so the cost follows the data, not
 /// the apparent size. Returns (apparent size, hex digest).
 pub fn sparse_digest<H: ChunkHasher>(path: &Path) -> Result<(u64, String), BundleError> {
+    sparse_digest_until::<H>(path, None)
+}
+
+/// [`sparse_digest`], giving up once `deadline` passes.
+fn sparse_digest_until<H: ChunkHasher>(
+    path: &Path,
+    deadline: Deadline,
+) -> Result<(u64, String), BundleError> {
     let f = open_regular(path)?;
     let len = f.metadata().map_err(io(path))?.len();
     let mut h = H::default();
@@ -381,6 +431,10 @@ pub fn sparse_digest<H: ChunkHasher>(path: &Path) -> Result<(u64, String), Bundl
     for (data, end) in data_extents(&f, len) {
         let mut chunk = (data / CHUNK).max(next_chunk);
         while chunk * CHUNK < end {
+            // Every 16 MiB: the clock is cheap next to that much hashing.
+            if chunk.is_multiple_of(256) {
+                check_deadline(deadline, "hashing the bundle")?;
+            }
             let off = chunk * CHUNK;
             let want = CHUNK.min(len - off) as usize;
             f.read_exact_at(&mut buf[..want], off).map_err(io(path))?;
@@ -415,6 +469,12 @@ const PAGE: usize = 4096;
 /// the time to read and hash it on every restore. Both digests treat a hole
 /// and zeros alike.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
+    sparse_copy_until(src, dst, None)
+}
+
+/// [`sparse_copy`], giving up (leaving a partial `dst`) once `deadline`
+/// passes.
+pub fn sparse_copy_until(src: &Path, dst: &Path, deadline: Deadline) -> Result<u64, BundleError> {
     let from = open_regular(src)?;
     let len = from.metadata().map_err(io(src))?.len();
     let to = fs::OpenOptions::new()
@@ -428,6 +488,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
     for (data, end) in data_extents(&from, len) {
         let mut off = data;
         while off < end {
+            check_deadline(deadline, "copying into the bundle")?;
             let want = ((end - off) as usize).min(buf.len());
             from.read_exact_at(&mut buf[..want], off).map_err(io(src))?;
             // Write each run of non-zero pages with one call.
@@ -538,7 +599,17 @@ impl Builder {
     /// scratch bundle, restored right away on this host without
     /// verification and then removed. With no manifest, [`verify`] refuses
     /// it, so it cannot pass for a bundle that was checked.
-    pub fn finish_scratch(mut self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+    pub fn finish_scratch(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+        self.finish_scratch_until(meta, None)
+    }
+
+    /// [`Builder::finish_scratch`], abandoned when `deadline` passes before
+    /// the rename.
+    pub fn finish_scratch_until(
+        mut self,
+        meta: &BundleMeta,
+        deadline: Deadline,
+    ) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
             file: meta_path.clone(),
@@ -551,6 +622,7 @@ impl Builder {
             .open(&meta_path)
             .and_then(|mut f| f.write_all(&bytes))
             .map_err(io(&meta_path))?;
+        check_deadline(deadline, "writing the bundle")?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
         let dest = self.dest.clone();
         self.finished = true;
@@ -558,7 +630,19 @@ impl Builder {
     }
 
     /// Write meta and manifest, sync everything, and rename into place.
-    pub fn finish(mut self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+    pub fn finish(self, meta: &BundleMeta) -> Result<PathBuf, BundleError> {
+        self.finish_until(meta, None)
+    }
+
+    /// [`Builder::finish`], abandoned (the temp directory removed) when
+    /// `deadline` passes before the rename. The rename is the commit point:
+    /// the deadline is checked right before it, so a bundle never appears
+    /// after its deadline.
+    pub fn finish_until(
+        mut self,
+        meta: &BundleMeta,
+        deadline: Deadline,
+    ) -> Result<PathBuf, BundleError> {
         let meta_path = self.path(META);
         let bytes = serde_json::to_vec_pretty(meta).map_err(|e| BundleError::Corrupt {
             file: meta_path.clone(),
@@ -576,9 +660,10 @@ impl Builder {
             } else {
                 Digest::Blake3
             };
-            let (size, hash) = digest.of_file(&p)?;
+            let (size, hash) = digest.of_file_until(&p, deadline)?;
             let f = fs::File::open(&p).map_err(io(&p))?;
             f.sync_all().map_err(io(&p))?;
+            check_deadline(deadline, "syncing the bundle")?;
             files.push(FileEntry {
                 name: name.into(),
                 size,
@@ -598,13 +683,17 @@ impl Builder {
         })?;
         write_synced(&mpath, &bytes)?;
         fsync_dir(&self.tmp)?;
+        check_deadline(deadline, "syncing the bundle")?;
         fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
-        if let Some(parent) = self.dest.parent() {
-            fsync_dir(parent)?;
-        }
-        let dest = self.dest.clone();
         self.finished = true;
-        Ok(dest)
+        // Past the rename the bundle is complete and is reported as such;
+        // a failed sync of its parent only risks the rename on power loss.
+        if let Some(parent) = self.dest.parent() {
+            if let Err(e) = fsync_dir(parent) {
+                tracing::warn!("syncing {}: {e}", parent.display());
+            }
+        }
+        Ok(self.dest.clone())
     }
 }
 
@@ -915,7 +1004,7 @@ pub fn check_compatible(
 mod tests {
     use super::*;
 
-    fn meta() -> BundleMeta {
+    pub(super) fn meta() -> BundleMeta {
         BundleMeta {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
@@ -1345,6 +1434,9 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+#[path = "bundle/deadline_tests.rs"]
+mod deadline_tests;
 #[cfg(test)]
 #[path = "bundle/fuzz_tests.rs"]
 mod fuzz_tests;

@@ -99,6 +99,16 @@ pub struct ForkReport {
     pub bundle_kept: bool,
 }
 
+/// The bound on a snapshot when none is given (a zero timeout).
+pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How much longer than the snapshot's own bound the client waits for the
+/// answer. The supervisor enforces the bound over every phase and never
+/// publishes a bundle after it, then resumes the source, removes the temp
+/// bundle and answers; the margin covers that, so the client does not give
+/// up on a snapshot the supervisor could still complete.
+pub const SNAPSHOT_REPLY_MARGIN: Duration = Duration::from_secs(30);
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -134,6 +144,11 @@ impl Vm {
         if out.exists() {
             return Err(bundle::BundleError::Exists { path: out }.into());
         }
+        let timeout = if timeout.is_zero() {
+            DEFAULT_SNAPSHOT_TIMEOUT
+        } else {
+            timeout
+        };
         let req = SnapshotRequest {
             out: out.display().to_string(),
             keep_alive,
@@ -150,18 +165,16 @@ impl Vm {
                 )
                 .source(e)
             })?;
-        let answer =
-            tokio::time::timeout(timeout + Duration::from_secs(30), proto::read_frame(&mut s))
-                .await
-                .map_err(|_| {
-                    fail(
-                        ErrorCode::SnapshotTimeout,
-                        format!(
-                            "no answer to the snapshot within {} s",
-                            timeout.as_secs() + 30
-                        ),
-                    )
-                })?
+        let wait = timeout + SNAPSHOT_REPLY_MARGIN;
+        let answer = tokio::time::timeout(wait, proto::read_frame(&mut s))
+            .await
+            .map_err(|_| {
+                fail(
+                    ErrorCode::SnapshotTimeout,
+                    format!("no answer to the snapshot within {} s", wait.as_secs()),
+                )
+                .hint("past its deadline the supervisor publishes no bundle and resumes the source; `machinen ls` shows it")
+            })?
                 .map_err(|e| {
                     fail(
                         ErrorCode::SnapshotDumpFailed,
@@ -257,7 +270,7 @@ impl Vm {
         // A kept bundle (`out_dir`) is a real one; a temporary one is read
         // once, here, and needs no digests or fsync.
         let snap = self
-            .snapshot_to(&bundle_dir, true, Duration::from_secs(90), !kept)
+            .snapshot_to(&bundle_dir, true, DEFAULT_SNAPSHOT_TIMEOUT, !kept)
             .await?;
         let mut vms: Vec<Vm> = Vec::with_capacity(count);
         for name in names {

@@ -6,7 +6,8 @@
 //! and manifest, sync, rename into place. The bundle is built in a hidden
 //! temp directory and recorded in `<vm dir>/snapshot.partial`, so a crash at
 //! any point leaves nothing that restore accepts and nothing `gc` cannot
-//! find. Any failure resumes the source.
+//! find. Any failure, the deadline passing in any phase included, removes
+//! the temp directory and resumes the source.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,8 +26,9 @@ use crate::engine::qemu::QemuMachine;
 use crate::engine::{Capabilities, Machine};
 use crate::supervisor::StartError;
 
-/// Default bound on a whole snapshot.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default bound on a whole snapshot (shared with the client, which waits
+/// longer).
+const DEFAULT_TIMEOUT: Duration = machinen::restore::DEFAULT_SNAPSHOT_TIMEOUT;
 
 /// Marker naming the bundle being written, inside the VM's directory.
 pub const PARTIAL_MARKER: &str = "snapshot.partial";
@@ -76,6 +78,48 @@ pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
     }
 }
 
+/// The snapshot's deadline passed during `doing`.
+fn late(timeout: Duration, doing: &str) -> StartError {
+    StartError {
+        code: ErrorCode::SnapshotTimeout,
+        message: format!(
+            "the snapshot did not complete within {} s (it was {doing}); \
+             no bundle was written and the source runs on",
+            timeout.as_secs_f64()
+        ),
+        hint: Some("give the snapshot a longer --timeout".into()),
+    }
+}
+
+/// A bundle error, as the snapshot's answer.
+fn bundle_err(timeout: Duration, what: &str, e: bundle::BundleError) -> StartError {
+    match e {
+        bundle::BundleError::Deadline { doing } => late(timeout, doing),
+        e => err(
+            machinen::error::Coded::code(&e),
+            format!("{what} failed: {e}"),
+        ),
+    }
+}
+
+/// What is left of the snapshot's time, capped at `cap` (a bound of a step's
+/// own); `None` once the deadline has passed.
+fn left(deadline: Instant, cap: Duration) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .map(|d| d.min(cap))
+}
+
+/// Take a snapshot into `req.out`. The deadline (`req.timeout_ms`) covers
+/// every phase: the guest's wipe and flush, the machine state, the sparse
+/// copies, the digests, the syncs and the rename that publishes the bundle
+/// (checked between chunks, and last right before the rename). So the
+/// outcome is one of two: `Ok`, the bundle is complete in place; or `Err`,
+/// there is no bundle (its temp directory and marker removed) and the
+/// source runs. Only the caller stops the source, and only after `Ok` of a
+/// destructive snapshot: it does so whether or not the client is still
+/// there to read the answer, since the bundle is complete.
 pub async fn take(
     machine: &QemuMachine,
     shared: &Shared,
@@ -85,12 +129,7 @@ pub async fn take(
     req: SnapshotRequest,
 ) -> Result<SnapshotReport, StartError> {
     let t0 = Instant::now();
-    let timeout = if req.timeout_ms == 0 {
-        DEFAULT_TIMEOUT
-    } else {
-        Duration::from_millis(req.timeout_ms)
-    };
-    let deadline = t0 + timeout;
+    let deadline = t0 + timeout_of(&req);
     let out = PathBuf::from(&req.out);
     if !out.is_absolute() {
         return Err(err(
@@ -107,169 +146,249 @@ pub async fn take(
     // The marker names the temp bundle before it exists, so a crash at any
     // point leaves gc a way to find it.
     let marker = spec.path_in(PARTIAL_MARKER);
-    let builder = Builder::new_recorded(&out, |tmp| {
-        registry::write_atomic(&marker, tmp.display().to_string().as_bytes())
-    })
-    .map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
-
-    // Secrets must not reach the bundle; a guest that cannot wipe them is
-    // not snapshotted.
-    match agent
-        .request(Request::WipeSecrets, Duration::from_secs(10))
-        .await
-    {
-        Ok(Response::SecretsWiped { .. }) => {}
-        Ok(other) => {
-            return Err(err(
-                ErrorCode::SnapshotDumpFailed,
-                format!("wiping secrets: unexpected answer {other:?}"),
-            ))
-        }
-        Err(e) => {
-            return Err(err(
-                ErrorCode::SnapshotDumpFailed,
-                format!("wiping secrets in the guest failed: {e}"),
-            ))
-        }
-    }
-    if let Err(e) = agent
-        .request(Request::Quiesce, Duration::from_secs(30))
-        .await
-    {
-        return Err(err(
-            ErrorCode::SnapshotDumpFailed,
-            format!("flushing guest filesystems failed: {e}"),
-        ));
-    }
-
-    machine
-        .pause()
-        .await
-        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
-    let paused_at = Instant::now();
-    let saved = async {
-        // QEMU writes the state through `cat > file`, which keeps the mode
-        // of a file that exists: 0600, like the rest of the bundle.
-        let state_path = builder.path(bundle::STATE);
-        machinen::vm::private_file(&state_path).map_err(|e| {
-            err(
-                ErrorCode::SnapshotDumpFailed,
-                format!("cannot create {}: {e}", state_path.display()),
-            )
-        })?;
-        machine
-            .save_state(&state_path, deadline)
-            .await
-            .map_err(|e| match e {
-                crate::engine::EngineError::Timeout { .. } => err(
-                    ErrorCode::SnapshotTimeout,
-                    format!(
-                        "the snapshot did not complete within {} s",
-                        timeout.as_secs()
-                    ),
-                ),
-                e => err(
-                    ErrorCode::SnapshotDumpFailed,
-                    format!("saving the machine state failed: {e}"),
-                ),
-            })?;
-        // The disk layer and, when RAM is a shared file (skipped by the
-        // migration stream), the RAM: both copied sparse while paused.
-        let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
-        if let Some(ram) = &spec.ram_file {
-            copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
-        }
-        for (src, dst, what) in copies {
-            tokio::task::spawn_blocking(move || bundle::sparse_copy(&src, &dst))
-                .await
-                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-                .map_err(|e| {
-                    err(
-                        ErrorCode::SnapshotDumpFailed,
-                        format!("copying the {what} failed: {e}"),
-                    )
-                })?;
-        }
-        Ok::<(), StartError>(())
-    }
-    .await;
-    if saved.is_err() || req.keep_alive {
-        // Whatever happened, a keep-alive source and a failed snapshot's
-        // source run on.
-        if let Err(e) = machine.resume().await {
-            tracing::error!("resuming after the snapshot failed: {e}");
-        }
-    }
-    let paused_ms = paused_at.elapsed().as_millis() as u64;
-    saved?;
-
-    chain.seq += 1;
-    let kernel_sha = match &chain.kernel_sha {
-        Some(h) => h.clone(),
-        None => {
-            let k = spec.kernel.clone();
-            let h = tokio::task::spawn_blocking(move || bundle::hash_file(&k))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|(_, h)| h);
-            chain.kernel_sha.clone_from(&h);
-            h.unwrap_or_default()
-        }
-    };
-    let meta = BundleMeta {
-        format: bundle::FORMAT_NAME.into(),
-        version: bundle::FORMAT_VERSION,
-        engine: caps.engine.into(),
-        source_name: spec.name.clone(),
-        image: ImageIdentity {
-            path: spec.image.clone().unwrap_or_default(),
-            sha256: spec.image_sha256.clone().unwrap_or_default(),
-        },
-        snapped_at_ms: registry::now_ms(),
-        guest_arch: machinen::paths::debian_arch().into(),
-        accel: caps.accel.as_str().into(),
-        cpu_model: caps.cpu_model.clone(),
-        memory_mib: spec.memory_mib,
-        cpus: spec.cpus,
-        kernel: KernelIdentity {
-            version: spec.kernel_version.clone(),
-            sha256: kernel_sha,
-        },
-        disk_format: "qcow2".into(),
-        chain_id: chain.id.clone(),
-        chain_seq: chain.seq,
-        chain_parent: chain.parent.clone(),
-        network: spec.network,
-    };
-    let scratch = req.scratch;
-    let finished = tokio::task::spawn_blocking(move || {
-        if scratch {
-            builder.finish_scratch(&meta)
-        } else {
-            builder.finish(&meta)
-        }
+    let builder = tokio::task::spawn_blocking(move || {
+        Builder::new_recorded(&out, |tmp| {
+            registry::write_atomic(&marker, tmp.display().to_string().as_bytes())
+        })
     })
     .await
     .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-    .map_err(|e| {
-        err(
-            ErrorCode::SnapshotDumpFailed,
-            format!("writing the bundle failed: {e}"),
-        )
-    })?;
-    let _ = std::fs::remove_file(&marker);
-    chain.parent = Some(finished.display().to_string());
-    let (bytes, disk_bytes) = bundle::dir_usage(&finished);
-    let report = SnapshotReport {
-        out: finished.display().to_string(),
-        elapsed_ms: t0.elapsed().as_millis() as u64,
-        paused_ms,
-        bytes,
-        disk_bytes,
+    .map_err(|e| err(machinen::error::Coded::code(&e), e.to_string()))?;
+
+    let phases = Phases {
+        machine,
+        agent: &agent,
+        spec,
+        caps,
+        req: &req,
+        deadline,
     };
-    tracing::info!("snapshot {report:?}; machine pid {}", machine.pid());
-    Ok(report)
+    let result = phases.build(chain, builder).await;
+    match result {
+        Ok(mut report) => {
+            report.elapsed_ms = t0.elapsed().as_millis() as u64;
+            tracing::info!("snapshot {report:?}; machine pid {}", machine.pid());
+            Ok(report)
+        }
+        Err(e) => {
+            // Whatever failed, the source runs on (a keep-alive source may
+            // already run; `cont` on a running VM is harmless).
+            if let Err(e) = machine.resume().await {
+                tracing::error!("resuming after the snapshot failed: {e}");
+            }
+            // The builder was dropped (its temp directory removed) where
+            // the failure happened; the marker goes too.
+            let spec = spec.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_partial(&spec)).await;
+            tracing::warn!("snapshot failed: {}", e.message);
+            Err(e)
+        }
+    }
+}
+
+/// The snapshot's bound: `timeout_ms`, or the default for 0.
+fn timeout_of(req: &SnapshotRequest) -> Duration {
+    if req.timeout_ms == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_millis(req.timeout_ms)
+    }
+}
+
+/// What the snapshot's phases work with.
+struct Phases<'a> {
+    machine: &'a QemuMachine,
+    agent: &'a AgentSession,
+    spec: &'a VmSpec,
+    caps: &'a Capabilities,
+    req: &'a SnapshotRequest,
+    deadline: Instant,
+}
+
+impl Phases<'_> {
+    /// The snapshot's phases, each bounded by the deadline; on error the caller
+    /// resumes the source and clears the marker.
+    async fn build(
+        &self,
+        chain: &mut Chain,
+        builder: Builder,
+    ) -> Result<SnapshotReport, StartError> {
+        let Phases {
+            machine,
+            agent,
+            spec,
+            caps,
+            req,
+            deadline,
+        } = *self;
+        let timeout = timeout_of(req);
+        // Dropping a builder removes its temp directory: file I/O, off the
+        // runtime's thread.
+        let abandon = |builder: Builder, e: StartError| async move {
+            let _ = tokio::task::spawn_blocking(move || drop(builder)).await;
+            Err::<SnapshotReport, StartError>(e)
+        };
+
+        // Secrets must not reach the bundle; a guest that cannot wipe them is
+        // not snapshotted.
+        let Some(wait) = left(deadline, Duration::from_secs(10)) else {
+            return abandon(builder, late(timeout, "wiping secrets")).await;
+        };
+        match agent.request(Request::WipeSecrets, wait).await {
+            Ok(Response::SecretsWiped { .. }) => {}
+            Ok(other) => {
+                let e = err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("wiping secrets: unexpected answer {other:?}"),
+                );
+                return abandon(builder, e).await;
+            }
+            Err(_) if left(deadline, Duration::MAX).is_none() => {
+                return abandon(builder, late(timeout, "wiping secrets")).await;
+            }
+            Err(e) => {
+                let e = err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("wiping secrets in the guest failed: {e}"),
+                );
+                return abandon(builder, e).await;
+            }
+        }
+        let Some(wait) = left(deadline, Duration::from_secs(30)) else {
+            return abandon(builder, late(timeout, "flushing guest filesystems")).await;
+        };
+        if let Err(e) = agent.request(Request::Quiesce, wait).await {
+            let e = if left(deadline, Duration::MAX).is_none() {
+                late(timeout, "flushing guest filesystems")
+            } else {
+                err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("flushing guest filesystems failed: {e}"),
+                )
+            };
+            return abandon(builder, e).await;
+        }
+
+        if let Err(e) = machine.pause().await {
+            return abandon(builder, err(ErrorCode::SnapshotDumpFailed, e.to_string())).await;
+        }
+        let paused_at = Instant::now();
+        let saved = async {
+            // QEMU writes the state through `cat > file`, which keeps the mode
+            // of a file that exists: 0600, like the rest of the bundle.
+            let state_path = builder.path(bundle::STATE);
+            machinen::vm::private_file(&state_path).map_err(|e| {
+                err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("cannot create {}: {e}", state_path.display()),
+                )
+            })?;
+            machine
+                .save_state(&state_path, deadline)
+                .await
+                .map_err(|e| match e {
+                    crate::engine::EngineError::Timeout { .. } => {
+                        late(timeout, "writing the machine state")
+                    }
+                    e => err(
+                        ErrorCode::SnapshotDumpFailed,
+                        format!("saving the machine state failed: {e}"),
+                    ),
+                })?;
+            // The disk layer and, when RAM is a shared file (skipped by the
+            // migration stream), the RAM: both copied sparse while paused.
+            let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
+            if let Some(ram) = &spec.ram_file {
+                copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
+            }
+            for (src, dst, what) in copies {
+                tokio::task::spawn_blocking(move || {
+                    bundle::sparse_copy_until(&src, &dst, Some(deadline))
+                })
+                .await
+                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+                .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
+            }
+            Ok::<(), StartError>(())
+        }
+        .await;
+        if let Err(e) = saved {
+            return abandon(builder, e).await;
+        }
+        if req.keep_alive {
+            // A keep-alive source runs on while the bundle is hashed and synced.
+            if let Err(e) = machine.resume().await {
+                tracing::error!("resuming after the snapshot failed: {e}");
+            }
+        }
+        let paused_ms = paused_at.elapsed().as_millis() as u64;
+
+        let kernel_sha = match &chain.kernel_sha {
+            Some(h) => h.clone(),
+            None => {
+                let k = spec.kernel.clone();
+                let h = tokio::task::spawn_blocking(move || bundle::hash_file(&k))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map(|(_, h)| h);
+                chain.kernel_sha.clone_from(&h);
+                h.unwrap_or_default()
+            }
+        };
+        let meta = BundleMeta {
+            format: bundle::FORMAT_NAME.into(),
+            version: bundle::FORMAT_VERSION,
+            engine: caps.engine.into(),
+            source_name: spec.name.clone(),
+            image: ImageIdentity {
+                path: spec.image.clone().unwrap_or_default(),
+                sha256: spec.image_sha256.clone().unwrap_or_default(),
+            },
+            snapped_at_ms: registry::now_ms(),
+            guest_arch: machinen::paths::debian_arch().into(),
+            accel: caps.accel.as_str().into(),
+            cpu_model: caps.cpu_model.clone(),
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            kernel: KernelIdentity {
+                version: spec.kernel_version.clone(),
+                sha256: kernel_sha,
+            },
+            disk_format: "qcow2".into(),
+            chain_id: chain.id.clone(),
+            chain_seq: chain.seq + 1,
+            chain_parent: chain.parent.clone(),
+            network: spec.network,
+        };
+        let scratch = req.scratch;
+        let marker = spec.path_in(PARTIAL_MARKER);
+        // The digests, syncs and rename, bounded by the deadline; a failure
+        // drops the builder (removing the temp directory) on the blocking task.
+        let finished = tokio::task::spawn_blocking(move || {
+            let done = if scratch {
+                builder.finish_scratch_until(&meta, Some(deadline))
+            } else {
+                builder.finish_until(&meta, Some(deadline))
+            }?;
+            let _ = std::fs::remove_file(&marker);
+            let usage = bundle::dir_usage(&done);
+            Ok::<_, bundle::BundleError>((done, usage))
+        })
+        .await
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+        .map_err(|e| bundle_err(timeout, "writing the bundle", e))?;
+        let (finished, (bytes, disk_bytes)) = finished;
+        chain.seq += 1;
+        chain.parent = Some(finished.display().to_string());
+        Ok(SnapshotReport {
+            out: finished.display().to_string(),
+            elapsed_ms: 0,
+            paused_ms,
+            bytes,
+            disk_bytes,
+        })
+    }
 }
 
 /// After a restore: set the clock, reseed the RNG with fresh host entropy,

@@ -1,0 +1,99 @@
+//! The snapshot deadline covers the whole operation: a snapshot that runs
+//! past it leaves no bundle (not even a hidden temp directory), answers
+//! SNAPSHOT_TIMEOUT, and the source runs on.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::Env;
+
+/// Entries of `dir`, hidden ones included.
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
+    let env = Env::new();
+    let info = env.json(&[
+        "boot",
+        "--name",
+        "big",
+        "--memory",
+        "1024",
+        "--detached",
+        "--json",
+    ]);
+    let vm_dir = Path::new(info["control_socket"].as_str().expect("control socket"))
+        .parent()
+        .expect("vm dir")
+        .to_path_buf();
+    // 400 MiB of non-zero guest RAM (tmpfs pages): the sparse copy, digest
+    // and sync of the RAM file after the migration take well over a second.
+    env.run_ok(&[
+        "exec",
+        "big",
+        "--",
+        "sh",
+        "-c",
+        "head -c 1048576 /dev/urandom > /tmp/mib && \
+         for i in $(seq 400); do cat /tmp/mib; done > /dev/shm/fill && \
+         wc -c < /dev/shm/fill",
+    ]);
+
+    let out_dir = tempfile::tempdir().expect("tmp");
+    let out = out_dir.path().join("late.snap");
+    let t0 = Instant::now();
+    let r = env.run(&[
+        "snapshot",
+        "big",
+        out.to_str().expect("path"),
+        "--timeout",
+        "1",
+    ]);
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "the snapshot cannot finish in 1 s");
+    assert!(
+        stderr.contains("SNAPSHOT_TIMEOUT"),
+        "a late snapshot answers SNAPSHOT_TIMEOUT: {stderr}"
+    );
+    // The supervisor answered at its deadline (plus cleanup), not the client
+    // at its own, later one.
+    assert!(
+        took.as_secs() < 25,
+        "the answer came after {took:?}, the client's margin"
+    );
+    assert!(!out.exists(), "no bundle past the deadline");
+    assert_eq!(
+        entries(out_dir.path()),
+        Vec::<String>::new(),
+        "no hidden temp bundle"
+    );
+    assert!(
+        !vm_dir.join("snapshot.partial").exists(),
+        "the partial-bundle marker is gone"
+    );
+
+    // The source runs on: listed as running, and its guest answers.
+    let ls = env.json(&["ls", "--json"]);
+    assert_eq!(ls[0]["name"], "big");
+    assert_eq!(ls[0]["state"], "running", "{ls}");
+    let out_s = env.run_ok(&["exec", "big", "--", "sh", "-c", "wc -c < /dev/shm/fill"]);
+    assert_eq!(out_s.trim(), (400u64 << 20).to_string());
+
+    // With time enough, the same VM snapshots (so the failure above was the
+    // deadline, not the VM), and the source stops with a complete bundle.
+    let good = out_dir.path().join("good.snap");
+    let rep = env.json(&["snapshot", "big", good.to_str().expect("path"), "--json"]);
+    eprintln!("snapshot with the default deadline: {rep}");
+    assert!(good.join("manifest.json").exists(), "a complete bundle");
+    assert_eq!(entries(out_dir.path()), vec!["good.snap".to_string()]);
+    assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
+}
