@@ -1,6 +1,7 @@
 //! The snapshot deadline covers the whole operation: a snapshot that runs
 //! past it leaves no bundle (not even a hidden temp directory), answers
-//! SNAPSHOT_TIMEOUT, and the source runs on.
+//! SNAPSHOT_TIMEOUT, and the source runs on. And the QEMU command line a
+//! VM runs is the library's, which the benchmark builds its baselines from.
 
 use std::path::Path;
 use std::time::Instant;
@@ -96,4 +97,32 @@ fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
     assert!(good.join("manifest.json").exists(), "a complete bundle");
     assert_eq!(entries(out_dir.path()), vec!["good.snap".to_string()]);
     assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
+}
+
+/// The command line a live VM's QEMU runs is the library's `qemu_args` of
+/// its spec: what the benchmark's baselines rely on instead of reading it
+/// from `/proc`.
+#[test]
+fn a_running_qemu_has_the_library_command_line() {
+    let env = Env::new();
+    let info = env.json(&["boot", "--name", "argv", "--detached", "--json"]);
+    let vm_dir = Path::new(info["control_socket"].as_str().expect("control socket"))
+        .parent()
+        .expect("vm dir")
+        .to_path_buf();
+    let ls = env.json(&["ls", "--json"]);
+    let pid = ls[0]["qemu_pid"].as_u64().expect("qemu pid");
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let live: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .skip(1)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let spec =
+        machinen::spec::VmSpec::load(&vm_dir.join(machinen::spec::files::SPEC)).expect("spec");
+    let accel = machinen::accel::probe(spec.accel.as_deref()).expect("accel");
+    let host = machinen::qemu_args::QemuHost::probe(accel);
+    assert_eq!(live, machinen::qemu_args::qemu_args(&spec, &host));
+    env.run_ok(&["stop", "--force", "argv"]);
 }
