@@ -123,7 +123,7 @@ fn host_main() -> i32 {
     install_panic_hook();
     let mut transport = Transport::FindPort;
     let mut args = std::env::args_os().skip(1);
-    let debug_env = std::env::var_os("MACHINEN_AGENT_DEBUG").is_some_and(|v| v == "1");
+    let debug_env = std::env::var_os(machinen_proto::env::AGENT_DEBUG).is_some_and(|v| v == "1");
     log::set_debug(debug_env);
     while let Some(arg) = args.next() {
         match arg.to_str() {

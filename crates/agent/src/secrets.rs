@@ -193,7 +193,7 @@ pub fn dir() -> PathBuf {
     if is_pid1() {
         return PathBuf::from(SECRETS_DIR);
     }
-    std::env::var_os("MACHINEN_AGENT_SECRETS_DIR")
+    std::env::var_os(machinen_proto::env::AGENT_SECRETS_DIR)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             std::env::temp_dir().join(format!("machinen-agent-secrets-{}", std::process::id()))

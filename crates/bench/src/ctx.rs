@@ -180,7 +180,7 @@ pub fn free_port() -> Result<u16> {
 
 /// The QEMU binary the VMs use.
 pub fn qemu_binary() -> String {
-    std::env::var("MACHINEN_QEMU")
+    std::env::var(machinen_proto::env::QEMU)
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    std::env::set_var("MACHINEN_REGISTRY_DIR", registry.path());
+    std::env::set_var(machinen_proto::env::REGISTRY_DIR, registry.path());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

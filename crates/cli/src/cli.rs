@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use machinen_proto::timeouts;
 
 pub use crate::args::{
     AgentContextArgs, AttachArgs, CompletionArgs, CpArgs, MuxArgs, ReplArgs, SecretArgs,
@@ -23,16 +24,23 @@ Exit codes: a command run in a VM passes its own exit status through (128+N
 when killed by signal N). machinen's own failures exit with 125, 126 (command
 cannot run), 127 (command not found) or 2 (bad arguments); the error line names
 a stable code such as REGISTRY_NAME_IN_USE.
+";
 
-Environment: MACHINEN_HOME, MACHINEN_ASSETS_DIR, MACHINEN_CACHE_DIR,
-MACHINEN_REGISTRY_DIR, MACHINEN_ACCEL (kvm|hvf|tcg), MACHINEN_LOG.";
+/// The examples and exit codes, then the environment variables from their
+/// one list (`machinen_proto::env`).
+fn after_help() -> String {
+    format!(
+        "{AFTER_HELP}\n{}",
+        machinen_proto::env::help_text().trim_end()
+    )
+}
 
 #[derive(Debug, Parser)]
 #[command(
     name = "machinen",
     version = concat!(env!("CARGO_PKG_VERSION"), " (protocol ", "1", ")"),
     about = "Linux microVMs that can be frozen, moved, resumed and forked",
-    after_help = AFTER_HELP,
+    after_help = after_help(),
     propagate_version = true
 )]
 pub struct Cli {
@@ -153,7 +161,7 @@ pub struct BootArgs {
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Seconds to wait for the guest to become ready.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
     pub boot_timeout: u64,
     /// Verbose guest agent logs in the VM's console log.
     #[arg(long)]
@@ -200,7 +208,7 @@ pub struct SnapshotArgs {
     #[arg(long)]
     pub keep_alive: bool,
     /// Seconds the snapshot may take.
-    #[arg(long, default_value_t = 90, value_name = "SECS")]
+    #[arg(long, default_value_t = timeouts::SNAPSHOT.as_secs(), value_name = "SECS")]
     pub timeout: u64,
     /// Check the VM and the destination, write nothing.
     #[arg(long)]
@@ -241,7 +249,7 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Seconds to wait for the restored guest to answer.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
     pub boot_timeout: u64,
     /// Verify the bundle and check this host can resume it; start nothing.
     #[arg(long)]
@@ -324,7 +332,7 @@ pub struct StopArgs {
     #[arg(long, short = 'f')]
     pub force: bool,
     /// Seconds to wait before killing the VM.
-    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    #[arg(long, default_value_t = timeouts::STOP.as_secs(), value_name = "SECS")]
     pub timeout: u64,
     /// Print machine-readable JSON.
     #[arg(long)]
@@ -392,7 +400,7 @@ pub struct ProvisionArgs {
     #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host"])]
     pub network: String,
     /// Seconds to wait for the install VM to become ready.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
     pub boot_timeout: u64,
     /// Print machine-readable JSON (step output goes to stderr).
     #[arg(long)]

@@ -71,7 +71,7 @@ fn kvm_usable() -> bool {
 /// Pick the accelerator: `MACHINEN_ACCEL`, else an explicit request, else
 /// HVF on macOS, KVM where it really works, else TCG.
 pub fn probe(requested: Option<&str>) -> Result<Accel, BadAccel> {
-    let env = std::env::var("MACHINEN_ACCEL").ok();
+    let env = std::env::var(machinen_proto::env::ACCEL).ok();
     if let Some(r) = env
         .as_deref()
         .or(requested)
@@ -93,7 +93,7 @@ mod tests {
 
     #[test]
     fn explicit_choices_and_validation() {
-        if std::env::var_os("MACHINEN_ACCEL").is_some() {
+        if std::env::var_os(machinen_proto::env::ACCEL).is_some() {
             return; // the environment decides; nothing to check here
         }
         assert_eq!(probe(Some("tcg")).expect("tcg"), Accel::Tcg);

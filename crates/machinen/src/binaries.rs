@@ -31,7 +31,7 @@ fn from_env(var: &str) -> Option<PathBuf> {
 
 /// The supervisor binary.
 pub fn vmm() -> Result<PathBuf, Failure> {
-    if let Some(p) = from_env("MACHINEN_VMM") {
+    if let Some(p) = from_env(machinen_proto::env::VMM) {
         return if p.is_file() {
             Ok(p)
         } else {
@@ -62,7 +62,7 @@ pub fn vmm() -> Result<PathBuf, Failure> {
 pub fn agent() -> Result<PathBuf, Failure> {
     let hint =
         "build it with `scripts/build` (a static build of crates/agent), or set MACHINEN_AGENT";
-    let candidates: Vec<PathBuf> = match from_env("MACHINEN_AGENT") {
+    let candidates: Vec<PathBuf> = match from_env(machinen_proto::env::AGENT) {
         Some(p) => vec![p],
         None => {
             let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);

@@ -24,7 +24,7 @@ use crate::error::{fail, ErrorCode, Failure, Result};
 pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
 
 /// Environment variable overriding the free-space reserve.
-pub const RESERVE_ENV: &str = "MACHINEN_DISK_RESERVE";
+pub const RESERVE_ENV: &str = machinen_proto::env::DISK_RESERVE;
 
 /// Prefix of the named temporary file used without `O_TMPFILE`.
 pub const TEMP_PREFIX: &str = ".machinen-cp-";

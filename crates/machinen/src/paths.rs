@@ -45,7 +45,7 @@ impl Paths {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
-        let home = match var("MACHINEN_HOME") {
+        let home = match var(machinen_proto::env::HOME) {
             Some(h) => h,
             None => var("HOME")
                 .ok_or_else(|| {
@@ -58,16 +58,16 @@ impl Paths {
                 .join(".machinen"),
         };
         let versioned = home.join(LAYOUT_VERSION);
-        let assets = var("MACHINEN_ASSETS_DIR").unwrap_or_else(|| {
+        let assets = var(machinen_proto::env::ASSETS_DIR).unwrap_or_else(|| {
             versioned
                 .join("bases")
                 .join(format!("debian-{}", debian_arch()))
         });
-        let cache = var("MACHINEN_CACHE_DIR").unwrap_or_else(|| versioned.join("cache"));
-        let registry = var("MACHINEN_REGISTRY_DIR").unwrap_or_else(|| home.join("vms"));
+        let cache = var(machinen_proto::env::CACHE_DIR).unwrap_or_else(|| versioned.join("cache"));
+        let registry = var(machinen_proto::env::REGISTRY_DIR).unwrap_or_else(|| home.join("vms"));
         for (what, p) in [
-            ("MACHINEN_ASSETS_DIR", &assets),
-            ("MACHINEN_REGISTRY_DIR", &registry),
+            (machinen_proto::env::ASSETS_DIR, &assets),
+            (machinen_proto::env::REGISTRY_DIR, &registry),
         ] {
             if !p.is_absolute() {
                 return Err(fail(

@@ -32,7 +32,7 @@ impl QemuHost {
             accel,
             cpu_model: accel.cpu_model().to_string(),
             tsc_khz: host_tsc_khz(),
-            extra_kernel_args: std::env::var("MACHINEN_KERNEL_ARGS")
+            extra_kernel_args: std::env::var(machinen_proto::env::KERNEL_ARGS)
                 .map(|s| s.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
         }

@@ -29,7 +29,7 @@ const SUFFIX: &str = ".ram";
 /// The RAM directory, or `None` when RAM files are turned off
 /// (`MACHINEN_RAM_DIR` set and empty).
 pub fn ram_dir() -> Option<PathBuf> {
-    match std::env::var_os("MACHINEN_RAM_DIR") {
+    match std::env::var_os(machinen_proto::env::RAM_DIR) {
         Some(v) if v.is_empty() => None,
         Some(v) => Some(PathBuf::from(v)),
         None => Some(PathBuf::from("/dev/shm")),

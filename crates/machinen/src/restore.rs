@@ -512,7 +512,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         memory_mib: meta.memory_mib,
         cpus: meta.cpus,
         accel: Some(meta.accel.clone()),
-        qemu: std::env::var_os("MACHINEN_QEMU").map(PathBuf::from),
+        qemu: std::env::var_os(machinen_proto::env::QEMU).map(PathBuf::from),
         boot_timeout_ms: opts.boot_timeout.as_millis() as u64,
         detached: opts.detached,
         debug: false,

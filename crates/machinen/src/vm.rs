@@ -278,7 +278,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         memory_mib,
         cpus: opts.cpus,
         accel: opts.accel.clone(),
-        qemu: std::env::var_os("MACHINEN_QEMU").map(PathBuf::from),
+        qemu: std::env::var_os(machinen_proto::env::QEMU).map(PathBuf::from),
         boot_timeout_ms: opts.boot_timeout.as_millis() as u64,
         detached: opts.detached,
         debug: opts.debug,

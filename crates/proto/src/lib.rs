@@ -82,6 +82,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub mod env;
+pub mod timeouts;
+
 /// The line-based preamble that starts every agent session, below yamux.
 ///
 /// The host writes `MACHINEN-HELLO <nonce>\n`; the agent, which discards

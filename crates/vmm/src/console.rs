@@ -19,7 +19,7 @@ pub const DEFAULT_MAX: u64 = 16 << 20;
 /// Smallest accepted limit.
 const MIN_MAX: u64 = 64 << 10;
 /// Environment variable overriding the limit (`8M`, `1G`).
-pub const MAX_ENV: &str = "MACHINEN_CONSOLE_LOG_MAX";
+pub const MAX_ENV: &str = machinen_proto::env::CONSOLE_LOG_MAX;
 /// How often the size is checked; what a guest writes in this time is the
 /// most the file can exceed its limit by.
 const CHECK_EVERY: Duration = Duration::from_secs(1);

@@ -27,7 +27,7 @@ fn main() {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MACHINEN_LOG")
+            tracing_subscriber::EnvFilter::try_from_env(machinen_proto::env::LOG)
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)

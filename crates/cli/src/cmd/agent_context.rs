@@ -106,14 +106,13 @@ pub fn context() -> Value {
             ],
             "codes": codes,
         },
-        "environment": [
-            { "name": "MACHINEN_HOME", "meaning": "root of machinen's files (default ~/.machinen)" },
-            { "name": "MACHINEN_ASSETS_DIR", "meaning": "kernel, modules and base rootfs" },
-            { "name": "MACHINEN_CACHE_DIR", "meaning": "ext4 images and initramfs cache" },
-            { "name": "MACHINEN_REGISTRY_DIR", "meaning": "one directory per live VM" },
-            { "name": "MACHINEN_ACCEL", "meaning": "kvm, hvf or tcg (default: probed)" },
-            { "name": "MACHINEN_LOG", "meaning": "log filter (warn, info, debug)" },
-        ],
+        "environment": machinen_proto::env::user_vars()
+            .map(|v| json!({
+                "name": v.name,
+                "default": machinen_proto::env::plain(v.default),
+                "meaning": machinen_proto::env::plain(v.meaning),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -186,6 +185,15 @@ mod tests {
         assert!(codes
             .iter()
             .any(|c| c["code"] == "EXEC_COMMAND_NOT_FOUND" && c["exit_code"] == 127));
+        // The environment section is the list, and `--help` names it too.
+        let vars = ctx["environment"].as_array().expect("environment");
+        let listed: Vec<&str> = machinen_proto::env::user_vars().map(|v| v.name).collect();
+        let documented: Vec<&str> = vars.iter().filter_map(|v| v["name"].as_str()).collect();
+        assert_eq!(documented, listed);
+        assert!(documented.contains(&machinen_proto::env::KERNEL_ARGS));
+        for name in listed {
+            assert!(top_help.contains(name), "{name} missing from --help");
+        }
         assert!(
             !ctx.to_string().contains("__vm-names"),
             "hidden commands stay hidden"

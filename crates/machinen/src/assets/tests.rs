@@ -136,7 +136,7 @@ fn errors_name_packages_and_keep_causes() {
 #[ignore = "fetches a kernel and builds a rootfs through apt (minutes, network)"]
 fn real_install() {
     let paths = Paths::from_env().expect("paths");
-    let force = std::env::var_os("MACHINEN_FORCE_INSTALL").is_some();
+    let force = std::env::var_os(machinen_proto::env::FORCE_INSTALL).is_some();
     let r = install(
         &paths,
         &InstallOptions {
@@ -174,7 +174,7 @@ fn real_install() {
         );
     }
 
-    let agent = std::env::var_os("MACHINEN_TEST_AGENT")
+    let agent = std::env::var_os(machinen_proto::env::TEST_AGENT)
         .map(PathBuf::from)
         .unwrap_or_else(|| "/sbin/ldconfig".into());
     let t = Instant::now();

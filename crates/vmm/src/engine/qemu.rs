@@ -57,7 +57,7 @@ fn inherit_as_net_fd(fd: i32) -> std::io::Result<()> {
 /// Start passt on one end of a socket pair; the other end is for QEMU.
 fn spawn_passt(spec: &VmSpec) -> Result<(Child, std::os::fd::OwnedFd), EngineError> {
     use std::os::fd::AsRawFd;
-    let binary = std::env::var_os("MACHINEN_PASST")
+    let binary = std::env::var_os(machinen_proto::env::PASST)
         .map(PathBuf::from)
         .or_else(|| find_in_path("passt"))
         .ok_or(EngineError::Missing {
