@@ -23,6 +23,7 @@
 //! written to the stream with its flow control, so a fast producer is slowed
 //! down to the host's pace instead of being buffered.
 
+use machinen_proto::timeouts;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -50,11 +51,11 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// After the child exited, output still arriving is forwarded; once nothing
 /// arrived for this long (a background grandchild holding the pipes), stop.
-pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+pub const DRAIN_IDLE: Duration = timeouts::DRAIN_IDLE;
 
 /// How long a hung-up command has to end on `SIGHUP` before its process
 /// group is killed.
-pub const HANGUP_GRACE: Duration = Duration::from_secs(2);
+pub const HANGUP_GRACE: Duration = timeouts::HANGUP_GRACE;
 
 /// Error codes sent in `Frame::Error` by an exec.
 pub mod code {

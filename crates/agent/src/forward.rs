@@ -1,7 +1,7 @@
 //! `Request::Connect`: one host port-forward connection, carried to the
 //! guest's `127.0.0.1:<port>`.
 
-use std::time::Duration;
+use machinen_proto::timeouts;
 
 use machinen_proto::{send, Frame, Response, WireError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -19,7 +19,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let conn = tokio::time::timeout(
-        Duration::from_secs(10),
+        timeouts::FORWARD_CONNECT,
         TcpStream::connect(("127.0.0.1", port)),
     )
     .await;

@@ -1,6 +1,7 @@
 //! PID 1 duties: bring the guest up from the initramfs into the root disk,
 //! and take it down.
 
+use machinen_proto::timeouts;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -16,7 +17,7 @@ use crate::net;
 /// The root disk (virtio-blk, ext4 on the whole disk).
 pub const ROOT_DEVICE: &str = "/dev/vda";
 /// How long to wait for the root disk to show up.
-pub const ROOT_DEVICE_WAIT: Duration = Duration::from_secs(10);
+pub const ROOT_DEVICE_WAIT: Duration = timeouts::ROOT_DEVICE_WAIT;
 /// Where the root disk is mounted before the switch.
 pub const NEW_ROOT: &str = "/newroot";
 /// Modules to load, absolute paths in dependency order.
@@ -155,7 +156,7 @@ fn wait_for(path: &str, timeout: Duration) -> bool {
         if start.elapsed() >= timeout {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(timeouts::STATE_POLL);
     }
 }
 
@@ -378,7 +379,7 @@ pub fn boot() -> Result<BootConfig, Fatal> {
     net::set_hostname(hostname);
 
     if cfg.net {
-        if let Err(e) = net::configure(Duration::from_secs(5)) {
+        if let Err(e) = net::configure(timeouts::NET_CONFIGURE) {
             error!("network setup: {e}");
         }
         match net::ensure_resolv_conf(Path::new("/etc/resolv.conf")) {
@@ -428,9 +429,9 @@ pub fn poweroff() {
     use nix::unistd::Pid;
     debug!("powering off");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + timeouts::POWEROFF_TERM_GRACE;
     while other_processes() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(timeouts::EXIT_POLL);
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     nix::unistd::sync();
@@ -452,7 +453,7 @@ pub fn poweroff() {
 pub fn fatal(msg: &str) -> ! {
     error!("FATAL: {msg}");
     info!("the guest cannot serve the host; powering off in 5 s");
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(timeouts::FATAL_POWEROFF_DELAY);
     nix::unistd::sync();
     let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     error!("power off: {e}");

@@ -34,10 +34,10 @@ mod zalloc;
 #[global_allocator]
 static ALLOC: zalloc::ZeroOnFree = zalloc::ZeroOnFree;
 
+use machinen_proto::timeouts;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use machinen_proto::AGENT_PORT_NAME;
 
@@ -102,7 +102,7 @@ fn pid1_main() -> ! {
             Ok(Err(e)) => error!("cannot start the serving loop: {e}; retrying"),
             Err(_) => error!("the serving loop panicked; restarting it"),
         }
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(timeouts::SERVE_RESTART);
     }
 }
 
@@ -210,7 +210,7 @@ async fn listen(path: &std::path::Path, ctx: Arc<Ctx>) -> i32 {
             }
             Err(e) => {
                 error!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(timeouts::ACCEPT_RETRY).await;
             }
         }
     }

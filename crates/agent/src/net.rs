@@ -1,6 +1,7 @@
 //! Guest networking on QEMU user networking (slirp): fixed addresses, plain
 //! ioctls, and `/etc/resolv.conf`.
 
+use machinen_proto::timeouts;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -135,7 +136,7 @@ pub fn configure(wait: Duration) -> io::Result<()> {
                 ),
             ));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(timeouts::STATE_POLL);
     }
     set_addr(
         &sock,

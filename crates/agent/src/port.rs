@@ -6,6 +6,7 @@
 //! [`RECONNECT_POLL`]) until a host is connected again and start a fresh
 //! session on the same descriptor.
 
+use machinen_proto::timeouts;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -21,7 +22,7 @@ use crate::log::{debug, error};
 use crate::server::{serve_sessions, Ctx};
 
 /// How often the port is checked for a (re)connected host.
-pub const RECONNECT_POLL: Duration = Duration::from_millis(25);
+pub const RECONNECT_POLL: Duration = timeouts::PORT_RECONNECT_POLL;
 
 const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
 
@@ -51,11 +52,11 @@ pub async fn wait_for_port(name: &str) -> PathBuf {
                 return p;
             }
         }
-        if !warned && start.elapsed() > Duration::from_secs(10) {
+        if !warned && start.elapsed() > timeouts::PORT_WAIT_WARN {
             error!("no virtio-serial port named {name} after 10 s (is virtio_console loaded and the port configured?); still waiting");
             warned = true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(timeouts::SLOW_POLL).await;
     }
 }
 
@@ -93,7 +94,7 @@ pub async fn serve_port(path: &Path, ctx: Arc<Ctx>) {
                     "cannot open the agent port {}: {e}; retrying",
                     path.display()
                 );
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(timeouts::PORT_REOPEN).await;
             }
         }
     };
@@ -112,7 +113,7 @@ pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
             // the new host's hello is already waiting.
             let quick = last
                 .replace(Instant::now())
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                .is_some_and(|t| t.elapsed() < timeouts::PORT_QUICK_RECONNECT);
             let port = &port;
             async move {
                 if quick {
@@ -136,7 +137,7 @@ pub async fn serve_port_fd(port: OwnedFd, ctx: Arc<Ctx>) {
                         }
                         Err(e) => {
                             error!("cannot set up the agent port for a session: {e}; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            tokio::time::sleep(timeouts::PORT_REOPEN).await;
                         }
                     }
                 }

@@ -15,6 +15,7 @@
 //! kept for [`UNCLAIMED_TTL`] in case a pid is registered late (a spawner
 //! that did not use [`Reaper::spawn`]).
 
+use machinen_proto::timeouts;
 use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
@@ -30,7 +31,7 @@ use tokio::sync::oneshot;
 use crate::log::{debug, error};
 
 /// How long the status of an unregistered pid is kept.
-pub const UNCLAIMED_TTL: Duration = Duration::from_secs(30);
+pub const UNCLAIMED_TTL: Duration = timeouts::UNCLAIMED_TTL;
 /// At most this many unclaimed statuses are kept (orphans can be many).
 const UNCLAIMED_MAX: usize = 4096;
 
@@ -179,7 +180,7 @@ fn start_thread() {
                     error!("reaper: cannot build its runtime: {e}; falling back to polling");
                     let _ = ready_tx.send(());
                     loop {
-                        std::thread::sleep(Duration::from_millis(200));
+                        std::thread::sleep(timeouts::REAPER_SWEEP_NO_RUNTIME);
                         Reaper::global().reap_all();
                     }
                 }
@@ -195,9 +196,9 @@ fn start_thread() {
                 };
                 let _ = ready_tx.send(());
                 let period = if sigchld.is_some() {
-                    Duration::from_secs(1)
+                    timeouts::REAPER_SWEEP
                 } else {
-                    Duration::from_millis(100)
+                    timeouts::REAPER_SWEEP_NO_SIGCHLD
                 };
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,7 +224,7 @@ fn start_thread() {
     match spawned {
         // The SIGCHLD handler is installed before anything is spawned.
         Ok(_) => {
-            let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+            let _ = ready_rx.recv_timeout(timeouts::REAPER_READY);
         }
         Err(e) => error!("cannot start the reaper thread: {e}"),
     }

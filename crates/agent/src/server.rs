@@ -5,9 +5,9 @@
 //! so that it runs the same over the virtio-serial port in the guest, a unix
 //! socket in host test mode, and an in-memory pipe in the tests.
 
+use machinen_proto::timeouts;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::poll_fn;
 use machinen_proto::{
@@ -117,7 +117,7 @@ where
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;
             let _ = s.shutdown().await;
             // Give the session a moment to put the answer on the wire.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(timeouts::POWEROFF_ANSWER_FLUSH).await;
             let ctx2 = ctx.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || (ctx2.poweroff)()).await {
                 error!("poweroff: {e}");
@@ -166,14 +166,14 @@ async fn wait_for_crng() {
     let start = std::time::Instant::now();
     let mut warned = false;
     while !crng_ready() {
-        if !warned && start.elapsed() > Duration::from_secs(1) {
+        if !warned && start.elapsed() > timeouts::CRNG_WARN {
             error!(
                 "waiting for the kernel's random number generator to be initialised (the session needs it); \
                  give the VM an entropy source: a CPU with RDRAND (QEMU -cpu max / host) or a virtio-rng device"
             );
             warned = true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(timeouts::SLOW_POLL).await;
     }
     if warned {
         info!(

@@ -438,6 +438,37 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    fn default_secs(cmd: &str, flag: &str) -> u64 {
+        let root = Cli::command();
+        let sub = root.find_subcommand(cmd).expect("command");
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag))
+            .expect("flag");
+        arg.get_default_values()[0]
+            .to_str()
+            .and_then(|v| v.parse().ok())
+            .expect("a number of seconds")
+    }
+
+    /// A flag's default and the library's default for the same wait are
+    /// the same named timeout, so the CLI and a library caller agree.
+    #[test]
+    fn timeout_defaults_match_the_library() {
+        let boot = machinen::BootOptions::default().boot_timeout.as_secs();
+        assert_eq!(default_secs("boot", "boot-timeout"), boot);
+        let restore = machinen::RestoreOptions::new("b").boot_timeout.as_secs();
+        assert_eq!(default_secs("restore", "boot-timeout"), restore);
+        let provision = machinen::ProvisionOptions::default().boot_timeout.as_secs();
+        assert_eq!(default_secs("provision", "boot-timeout"), provision);
+        assert_eq!(
+            default_secs("snapshot", "timeout"),
+            timeouts::SNAPSHOT.as_secs()
+        );
+        assert_eq!(default_secs("stop", "timeout"), timeouts::STOP.as_secs());
+        assert_eq!(boot, timeouts::BOOT.as_secs());
+    }
+
     #[test]
     fn provision_keeps_the_order_of_run_and_copy() {
         let args = [

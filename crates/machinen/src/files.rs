@@ -6,6 +6,7 @@
 //! [`proto::MAX_CHUNK`], never held whole in memory, with the agent link's
 //! flow control slowing a fast sender down.
 
+use machinen_proto::timeouts;
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::vm::{protocol_error, wire_error, Vm};
 pub use machinen_proto::FileInfo as GuestFileInfo;
 
 /// How long a transfer may go without any progress before it fails.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const IDLE_TIMEOUT: Duration = timeouts::FILE_IDLE;
 
 /// Default bound on what [`Vm::read_file`] collects into memory.
 pub const READ_FILE_MAX: u64 = 1 << 30;

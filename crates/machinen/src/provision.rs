@@ -27,6 +27,7 @@ mod config;
 mod copy;
 mod export;
 
+use machinen_proto::timeouts;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -92,7 +93,7 @@ impl Default for ProvisionOptions {
             memory_mib: None,
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: timeouts::BOOT,
             progress: ProgressMode::Auto,
         }
     }
@@ -343,7 +344,7 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
     )
     .await;
     // The VM is disposable: its disk is in the image now (or the bake failed).
-    if let Err(e) = vm.stop(true, Duration::from_secs(10)).await {
+    if let Err(e) = vm.stop(true, timeouts::CLEANUP_STOP).await {
         tracing::warn!("stopping the install VM: {e}");
     }
     let written = baked_result?;

@@ -7,6 +7,7 @@
 //! guest's line discipline turns it into SIGINT for the guest's foreground
 //! process group, exactly like a local terminal.
 
+use machinen_proto::timeouts;
 use std::sync::Arc;
 
 use machinen_proto::{self as proto, ExecRequest, ExitStatus, Frame, Request, WinSize};
@@ -125,17 +126,14 @@ impl Vm {
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await
             .map_err(|e| protocol_error("starting the command", e))?;
-        let first = tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            proto::read_frame(&mut rd),
-        )
-        .await
-        .map_err(|_| {
-            fail(
-                ErrorCode::ExecVsockUnavailable,
-                "the guest did not start the command within 60 s",
-            )
-        })?;
+        let first = tokio::time::timeout(timeouts::PTY_FIRST_FRAME, proto::read_frame(&mut rd))
+            .await
+            .map_err(|_| {
+                fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    "the guest did not start the command within 60 s",
+                )
+            })?;
         match first.map_err(|e| protocol_error("starting the command", e))? {
             Some(Frame::Started { pid }) => Ok(PtyExec {
                 pid,

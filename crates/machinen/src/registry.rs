@@ -12,6 +12,7 @@
 //! with the process start time recorded next to it, so a recycled pid is
 //! never mistaken for our supervisor.
 
+use machinen_proto::timeouts;
 use machinen_proto::VmState;
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -27,7 +28,7 @@ use crate::error::{Coded, ErrorCode};
 pub const MAX_NAME_LEN: usize = 128;
 
 /// A directory without `meta.json` younger than this is a VM being created.
-const CLAIM_GRACE: Duration = Duration::from_secs(120);
+const CLAIM_GRACE: Duration = timeouts::REGISTRY_CLAIM_GRACE;
 
 /// One port forward, as recorded for `ls`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 //! snapshot plus a restore under a new name; `Vm::fork_many` restores one
 //! snapshot several times, so the siblings share its RAM pages.
 
+use machinen_proto::timeouts;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ impl RestoreOptions {
             image: None,
             ports: Vec::new(),
             detached: false,
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: timeouts::BOOT,
             reset_tcp: false,
             progress: ProgressMode::Auto,
             forked_from: None,
@@ -100,14 +101,14 @@ pub struct ForkReport {
 }
 
 /// The bound on a snapshot when none is given (a zero timeout).
-pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(90);
+pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = machinen_proto::timeouts::SNAPSHOT;
 
 /// How much longer than the snapshot's own bound the client waits for the
 /// answer. The supervisor enforces the bound over every phase and never
 /// publishes a bundle after it, then resumes the source, removes the temp
 /// bundle and answers; the margin covers that, so the client does not give
 /// up on a snapshot the supervisor could still complete.
-pub const SNAPSHOT_REPLY_MARGIN: Duration = Duration::from_secs(30);
+pub const SNAPSHOT_REPLY_MARGIN: Duration = machinen_proto::timeouts::SNAPSHOT_REPLY_SLACK;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -188,7 +189,8 @@ impl Vm {
                     // The bundle holds the VM now and its supervisor is on
                     // its way out: return once it is gone, so its name and
                     // host ports are free for the restore that usually follows.
-                    crate::vm::stop_entry(self.info(), true, Duration::from_secs(20)).await?;
+                    crate::vm::stop_entry(self.info(), true, timeouts::SNAPSHOT_SOURCE_EXIT)
+                        .await?;
                 }
                 Ok(r)
             }
@@ -292,7 +294,7 @@ impl Vm {
                 Ok(vm) => vms.push(vm),
                 Err(e) => {
                     for vm in vms {
-                        let _ = vm.stop(true, Duration::from_secs(10)).await;
+                        let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
                     }
                     return Err(e);
                 }

@@ -14,6 +14,7 @@
 //! * After a restore or fork the caller supplies the secrets again
 //!   (`--secret` on `restore`/`fork`, or [`Vm::set_secrets`]).
 
+use machinen_proto::timeouts;
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ pub const GUEST_DIR: &str = "/run/machinen/secrets";
 /// Largest total size accepted (the agent enforces the same).
 pub const MAX_TOTAL: usize = 512 * 1024;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+const TIMEOUT: Duration = timeouts::SECRETS;
 
 /// A secret name is a file name: letters, digits, `_`, `-`, `.`, 1 to 128
 /// bytes, not starting with a dot.

@@ -7,6 +7,7 @@
 //! pipe the handle holds and stops the VM when it closes, even if this
 //! process is killed.
 
+use machinen_proto::timeouts;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -70,7 +71,7 @@ impl Default for BootOptions {
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
             detached: false,
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: timeouts::BOOT,
             accel: None,
             debug: false,
             progress: ProgressMode::Auto,
@@ -308,7 +309,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await?;
     if !opts.secrets.is_empty() {
         if let Err(e) = vm.set_secrets(&opts.secrets).await {
-            let _ = vm.stop(true, Duration::from_secs(10)).await;
+            let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
             return Err(e);
         }
     }
@@ -444,7 +445,12 @@ pub(crate) async fn launch_vm(
             return Err(e);
         }
     }
-    let ready = wait_ready(&mut child, spec, launch.timeout + Duration::from_secs(30)).await;
+    let ready = wait_ready(
+        &mut child,
+        spec,
+        launch.timeout + timeouts::READY_LINE_SLACK,
+    )
+    .await;
     match ready {
         Ok(ReadyLine::Ready {
             qemu_pid, accel, ..
@@ -864,7 +870,7 @@ impl Vm {
     /// so wait a little for it. `None` if it is running or was stopped.
     async fn crash_cause(&self) -> Option<String> {
         let reg = Registry::new(Paths::from_env().ok()?.registry);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let deadline = tokio::time::Instant::now() + timeouts::CRASH_CAUSE;
         loop {
             let (reg, id) = (reg.clone(), self.info.id.clone());
             let entry = tokio::task::spawn_blocking(move || {
@@ -878,7 +884,7 @@ impl Vm {
             if tokio::time::Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(timeouts::SLOW_POLL).await;
         }
     }
 
@@ -935,7 +941,7 @@ async fn wait_gone(pid: u32, start: u64, timeout: Duration) -> bool {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(timeouts::EXIT_POLL).await;
     }
     true
 }
@@ -964,7 +970,7 @@ pub(crate) async fn stop_entry(
             .ok()?;
         proto::read_frame(&mut s).await.ok()?
     };
-    let answer = tokio::time::timeout(Duration::from_secs(5), asked).await;
+    let answer = tokio::time::timeout(timeouts::CONTROL_ANSWER, asked).await;
     if let Ok(Some(Frame::Error(e))) = answer {
         // Refused (another user's VM): signals would be refused as well.
         return Err(wire_error(e));
@@ -991,7 +997,7 @@ pub(crate) async fn stop_entry(
         if !wait_gone(
             entry.supervisor_pid,
             entry.supervisor_start,
-            Duration::from_secs(5),
+            timeouts::SUPERVISOR_EXIT,
         )
         .await
         {

@@ -187,6 +187,46 @@ pub const PORT_REOPEN: Duration = secs(1);
 /// After this long without a ready kernel CRNG, the agent logs an error.
 pub const CRNG_WARN: Duration = secs(1);
 
+// ---- polling and retry intervals -------------------------------------------
+
+/// Poll of something that appears within milliseconds: QEMU's sockets, the
+/// migration status, the root block device, the guest's link.
+pub const STATE_POLL: Duration = millis(10);
+
+/// Poll for processes to be gone (a supervisor, the guest's other
+/// processes at power-off).
+pub const EXIT_POLL: Duration = millis(20);
+
+/// Poll of slower things: a crash record being written, the agent's
+/// virtio-serial port appearing, the kernel CRNG becoming ready.
+pub const SLOW_POLL: Duration = millis(50);
+
+/// Pause after a failed `accept` on the control socket or the agent's
+/// listener (e.g. out of file descriptors), so the loop does not spin.
+pub const ACCEPT_RETRY: Duration = millis(100);
+
+/// Pause after a failed `accept` on a host port-forward listener.
+pub const FORWARD_ACCEPT_RETRY: Duration = millis(50);
+
+/// Agent: time for the `Stopping` answer to reach the wire before the guest
+/// powers off.
+pub const POWEROFF_ANSWER_FLUSH: Duration = millis(100);
+
+/// Agent: pause before restarting a serving loop that ended or panicked.
+pub const SERVE_RESTART: Duration = secs(1);
+
+/// Agent: a session that ends within this long of the previous one's start
+/// is followed at once (a restored guest's host is already waiting).
+pub const PORT_QUICK_RECONNECT: Duration = secs(1);
+
+/// Agent reaper: sweep of unreaped children with SIGCHLD delivery (a safety
+/// net), without it (the only way), and when the reaper has no runtime.
+pub const REAPER_SWEEP: Duration = secs(1);
+/// See [`REAPER_SWEEP`].
+pub const REAPER_SWEEP_NO_SIGCHLD: Duration = millis(100);
+/// See [`REAPER_SWEEP`].
+pub const REAPER_SWEEP_NO_RUNTIME: Duration = millis(200);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +253,9 @@ mod tests {
         assert!(PREAMBLE_RETRY_FIRST < PREAMBLE_RETRY_MAX);
         // A hung-up command is killed and drained well within a stop.
         assert!(HANGUP_GRACE + DRAIN_IDLE < GRACEFUL_STOP);
+        // Polls are much finer than the waits they serve.
+        assert!(STATE_POLL * 10 <= QMP_COMMAND && EXIT_POLL * 10 <= SUPERVISOR_EXIT);
+        assert!(SLOW_POLL * 10 <= CRASH_CAUSE && SLOW_POLL * 10 <= PORT_WAIT_WARN);
         // A half-created VM is not taken for debris while it may still boot.
         assert!(REGISTRY_CLAIM_GRACE >= BOOT);
     }

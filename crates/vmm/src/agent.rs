@@ -5,6 +5,7 @@
 //! updates), so one task owns it and serves "open a stream" requests sent
 //! over a channel.
 
+use machinen_proto::timeouts;
 use std::future::poll_fn;
 use std::task::Poll;
 use std::time::Duration;
@@ -54,7 +55,7 @@ pub async fn preamble(
     // body takes the break and hello as payload, though: retry soon (a new
     // break completes the body or fails the next header), then back off.
     let mut attempt = if resume {
-        Duration::from_millis(150)
+        timeouts::PREAMBLE_RETRY_FIRST
     } else {
         budget
     };
@@ -101,7 +102,7 @@ pub async fn preamble(
             Err(_) if tokio::time::Instant::now() >= deadline => return Err(AgentError::NoAnswer),
             Err(_) => {
                 tracing::debug!("no answer to session preamble {nonce}; retrying");
-                attempt = (attempt * 2).min(Duration::from_secs(2));
+                attempt = (attempt * 2).min(timeouts::PREAMBLE_RETRY_MAX);
             }
         }
     }

@@ -8,6 +8,7 @@
 //! (`append=on`), so its writes always land at the current end, whatever
 //! was removed in front of them.
 
+use machinen_proto::timeouts;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -22,7 +23,7 @@ const MIN_MAX: u64 = 64 << 10;
 pub const MAX_ENV: &str = machinen_proto::env::CONSOLE_LOG_MAX;
 /// How often the size is checked; what a guest writes in this time is the
 /// most the file can exceed its limit by.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+const CHECK_EVERY: Duration = timeouts::CONSOLE_CHECK;
 
 /// The limit: [`MAX_ENV`] when set to a size, else [`DEFAULT_MAX`].
 pub fn max_from_env() -> u64 {

@@ -5,6 +5,7 @@
 //! splicing the two byte streams: the rest of the conversation (stdin,
 //! output, exit; file data) passes through untouched.
 
+use machinen_proto::timeouts;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub struct SnapshotCmd {
 }
 
 /// How long a client may take to send its first frame.
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+const FIRST_FRAME_TIMEOUT: Duration = timeouts::CONTROL_FIRST_FRAME;
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     loop {
@@ -53,7 +54,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             }
             Err(e) => {
                 tracing::error!("control socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(timeouts::ACCEPT_RETRY).await;
             }
         }
     }

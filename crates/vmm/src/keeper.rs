@@ -11,6 +11,7 @@
 //! `unhealthy`, with the reason, in `ls` and `status`, and the keeper tries
 //! again every 30 s. Commands the lost session ran keep running.
 
+use machinen_proto::timeouts;
 use machinen_proto::VmState;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -49,14 +50,14 @@ pub struct Pace {
 impl Default for Pace {
     fn default() -> Self {
         Pace {
-            probe_every: Duration::from_secs(15),
-            probe_timeout: Duration::from_secs(20),
+            probe_every: timeouts::KEEPER_PROBE_EVERY,
+            probe_timeout: timeouts::KEEPER_PROBE_TIMEOUT,
             probe_misses: 3,
             quick_attempts: 5,
-            first_delay: Duration::from_millis(100),
-            slow_retry: Duration::from_secs(30),
-            stable: Duration::from_secs(60),
-            attempt_step: Duration::from_secs(10),
+            first_delay: timeouts::KEEPER_FIRST_DELAY,
+            slow_retry: timeouts::KEEPER_SLOW_RETRY,
+            stable: timeouts::KEEPER_STABLE,
+            attempt_step: timeouts::KEEPER_ATTEMPT_STEP,
         }
     }
 }

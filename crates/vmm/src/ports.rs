@@ -3,6 +3,7 @@
 //! to the guest's `127.0.0.1:GUEST`. Needs no host networking privileges and
 //! works the same after restore and for forks.
 
+use machinen_proto::timeouts;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,7 +46,7 @@ pub async fn serve(forward: PortForward, listener: TcpListener, shared: Arc<Shar
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("accept on {}:{}: {e}", forward.host_addr, forward.host_port);
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(timeouts::FORWARD_ACCEPT_RETRY).await;
                 continue;
             }
         };

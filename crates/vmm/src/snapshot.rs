@@ -9,6 +9,7 @@
 //! find. Any failure, the deadline passing in any phase included, removes
 //! the temp directory and resumes the source.
 
+use machinen_proto::timeouts;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -231,7 +232,7 @@ impl Phases<'_> {
 
         // Secrets must not reach the bundle; a guest that cannot wipe them is
         // not snapshotted.
-        let Some(wait) = left(deadline, Duration::from_secs(10)) else {
+        let Some(wait) = left(deadline, timeouts::WIPE_SECRETS) else {
             return abandon(builder, late(timeout, "wiping secrets")).await;
         };
         match agent.request(Request::WipeSecrets, wait).await {
@@ -254,7 +255,7 @@ impl Phases<'_> {
                 return abandon(builder, e).await;
             }
         }
-        let Some(wait) = left(deadline, Duration::from_secs(30)) else {
+        let Some(wait) = left(deadline, timeouts::QUIESCE) else {
             return abandon(builder, late(timeout, "flushing guest filesystems")).await;
         };
         if let Err(e) = agent.request(Request::Quiesce, wait).await {
@@ -410,10 +411,7 @@ pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport,
         entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(),
         reset_tcp,
     };
-    match agent
-        .request(Request::Fixup(req), Duration::from_secs(20))
-        .await?
-    {
+    match agent.request(Request::Fixup(req), timeouts::FIXUP).await? {
         Response::FixedUp(r) => Ok(r),
         other => Err(format!("unexpected answer {other:?}")),
     }

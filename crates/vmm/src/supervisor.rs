@@ -5,6 +5,7 @@
 //! State machine: `starting` → `running` → `stopping` → (process exits).
 //! Every control operation checks the state first (see `control.rs`).
 
+use machinen_proto::timeouts;
 use machinen_proto::VmState;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -29,7 +30,7 @@ use crate::engine::{Capabilities, Engine, EngineError, Exit, Machine};
 use crate::{console, keeper, ports, snapshot};
 
 /// How long a graceful stop may take before QEMU is told to quit.
-const GRACEFUL_STOP: Duration = Duration::from_secs(10);
+const GRACEFUL_STOP: Duration = timeouts::GRACEFUL_STOP;
 
 /// A start-up failure, reported on the ready line.
 pub struct StartError {
@@ -518,7 +519,7 @@ async fn start(
             );
         }
     }
-    let mut sock = machine.connect_agent(Duration::from_secs(20)).await?;
+    let mut sock = machine.connect_agent(timeouts::AGENT_CONNECT).await?;
     let console_err = |code, what: String, hint: &str| StartError {
         code,
         message: format!(
@@ -553,7 +554,7 @@ async fn start(
         }
     }
     let (session, done) = AgentSession::start(sock);
-    let ack = match tokio::time::timeout(Duration::from_secs(30), session.handshake()).await {
+    let ack = match tokio::time::timeout(timeouts::AGENT_HANDSHAKE, session.handshake()).await {
         Ok(Ok(ack)) => ack,
         Ok(Err(e)) => {
             machine.kill();
@@ -596,7 +597,7 @@ async fn start(
 async fn stop<M: Machine>(machine: &mut M, agent: Option<AgentSession>, force: bool) {
     if !force {
         if let Some(agent) = agent {
-            if agent.poweroff(Duration::from_secs(3)).await
+            if agent.poweroff(timeouts::POWEROFF_REQUEST).await
                 && tokio::time::timeout(GRACEFUL_STOP, machine.wait())
                     .await
                     .is_ok()

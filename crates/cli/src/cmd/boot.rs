@@ -1,5 +1,6 @@
 //! `machinen boot [IMAGE] [opts] [-- CMD…]`
 
+use machinen_proto::timeouts;
 use std::time::Duration;
 
 use machinen::error::fail;
@@ -111,7 +112,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
                 super::exec::run_in(&vm, exec, a.json).await
             };
             // The VM is disposable: no graceful guest shutdown needed.
-            let _ = vm.stop(true, Duration::from_secs(10)).await;
+            let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
             result
         }
     }

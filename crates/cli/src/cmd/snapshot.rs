@@ -1,5 +1,6 @@
 //! `machinen snapshot`, `restore` and `fork`.
 
+use machinen_proto::timeouts;
 use std::time::Duration;
 
 use machinen::error::fail;
@@ -112,7 +113,7 @@ async fn finish(
     }
     let exec = super::exec::exec_options(process, cmd)?;
     let result = super::exec::run_in(&vm, exec, json).await;
-    let _ = vm.stop(true, Duration::from_secs(10)).await;
+    let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
     result
 }
 
@@ -123,7 +124,7 @@ async fn supply_secrets(vm: &Vm, secrets: &[machinen::Secret]) -> Result<()> {
     }
     if let Err(e) = vm.set_secrets(secrets).await {
         if let Ok(handle) = machinen::attach(vm.name()).await {
-            let _ = handle.stop(true, Duration::from_secs(10)).await;
+            let _ = handle.stop(true, timeouts::CLEANUP_STOP).await;
         }
         return Err(e);
     }
@@ -237,7 +238,7 @@ async fn fork_siblings(
             // That fork is gone already; do not leave its siblings half set up.
             for (j, other) in vms.into_iter().enumerate() {
                 if j != i {
-                    let _ = other.stop(true, Duration::from_secs(10)).await;
+                    let _ = other.stop(true, timeouts::CLEANUP_STOP).await;
                 }
             }
             return Err(e);

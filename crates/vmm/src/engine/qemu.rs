@@ -1,6 +1,7 @@
 //! The QEMU engine: `qemu-system-<arch> -M microvm`, direct kernel boot,
 //! driven over QMP.
 
+use machinen_proto::timeouts;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -158,7 +159,7 @@ async fn connect_retry(
                         detail: format!("{status}: {}", tail(log, 2000)),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(timeouts::STATE_POLL).await;
             }
             Err(_) => return Err(EngineError::Timeout { what }),
         }
@@ -229,7 +230,7 @@ impl Engine for QemuEngine {
             &spec.path_in(files::QMP),
             &mut child,
             &log_path,
-            Duration::from_secs(20),
+            timeouts::QMP_CONNECT,
             "the QMP socket",
         )
         .await?;
@@ -310,14 +311,14 @@ fn sh_quote(s: &str) -> String {
 impl QemuMachine {
     /// Pause the vCPUs.
     pub async fn pause(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::stop {}, "stop", Duration::from_secs(10))
+        self.qmp(qapi::qmp::stop {}, "stop", timeouts::QMP_COMMAND)
             .await
             .map(|_| ())
     }
 
     /// Resume the vCPUs.
     pub async fn resume(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::cont {}, "cont", Duration::from_secs(10))
+        self.qmp(qapi::qmp::cont {}, "cont", timeouts::QMP_COMMAND)
             .await
             .map(|_| ())
     }
@@ -330,7 +331,7 @@ impl QemuMachine {
                 .qmp(
                     qapi::qmp::query_migrate {},
                     "query-migrate",
-                    Duration::from_secs(10),
+                    timeouts::QMP_COMMAND,
                 )
                 .await?;
             match info.status {
@@ -348,14 +349,14 @@ impl QemuMachine {
                     .qmp(
                         qapi::qmp::migrate_cancel {},
                         "migrate_cancel",
-                        Duration::from_secs(5),
+                        timeouts::QMP_MIGRATE_CANCEL,
                     )
                     .await;
                 return Err(EngineError::Timeout {
                     what: "the machine state to be written",
                 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(timeouts::STATE_POLL).await;
         }
     }
 
@@ -369,7 +370,7 @@ impl QemuMachine {
                 state: true,
             }],
         };
-        self.qmp(caps, "migrate-set-capabilities", Duration::from_secs(10))
+        self.qmp(caps, "migrate-set-capabilities", timeouts::QMP_COMMAND)
             .await
             .map(|_| ())
     }
@@ -389,7 +390,7 @@ impl QemuMachine {
         self.qmp(
             qapi::qmp::migrate_set_parameters(params),
             "migrate-set-parameters",
-            Duration::from_secs(10),
+            timeouts::QMP_COMMAND,
         )
         .await?;
         self.ignore_shared_ram().await?;
@@ -400,7 +401,7 @@ impl QemuMachine {
             detach: None,
             resume: None,
         };
-        self.qmp(cmd, "migrate", Duration::from_secs(10)).await?;
+        self.qmp(cmd, "migrate", timeouts::QMP_COMMAND).await?;
         self.wait_migration(deadline).await
     }
 
@@ -421,7 +422,7 @@ impl QemuMachine {
             channels: None,
             exit_on_error: None,
         };
-        self.qmp(cmd, "migrate-incoming", Duration::from_secs(10))
+        self.qmp(cmd, "migrate-incoming", timeouts::QMP_COMMAND)
             .await?;
         self.wait_migration(deadline).await?;
         if start {
@@ -430,7 +431,7 @@ impl QemuMachine {
                 .qmp(
                     qapi::qmp::query_status {},
                     "query-status",
-                    Duration::from_secs(10),
+                    timeouts::QMP_COMMAND,
                 )
                 .await?;
             if !st.running {
@@ -470,9 +471,9 @@ impl Machine for QemuMachine {
 
     async fn quit(&mut self) {
         let _ = self
-            .qmp(qapi::qmp::quit {}, "quit", Duration::from_secs(2))
+            .qmp(qapi::qmp::quit {}, "quit", timeouts::QMP_QUIT)
             .await;
-        if tokio::time::timeout(Duration::from_secs(3), self.child.wait())
+        if tokio::time::timeout(timeouts::QEMU_EXIT_AFTER_QUIT, self.child.wait())
             .await
             .is_err()
         {
