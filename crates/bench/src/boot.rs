@@ -4,7 +4,7 @@
 //! through the CLI.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use machinen::progress::ProgressMode;
@@ -143,7 +143,7 @@ async fn bake(ctx: &Ctx, sec: &mut Section) -> Result<BakedImage> {
         cmd: Some(vec!["true".into()]),
         memory_mib: Some(ctx.cfg.memory_mib),
         progress: ProgressMode::Quiet,
-        boot_timeout: Duration::from_secs(180),
+        boot_timeout: crate::ctx::BOOT_TIMEOUT,
         ..Default::default()
     })
     .await

@@ -47,7 +47,7 @@ impl Ctx {
             // close and stops the VM.
             detached: false,
             progress: ProgressMode::Quiet,
-            boot_timeout: Duration::from_secs(180),
+            boot_timeout: BOOT_TIMEOUT,
             ..Default::default()
         }
     }
@@ -82,13 +82,52 @@ impl Ctx {
     }
 }
 
-/// Upper bound on one snapshot in the benchmark (a large, busy guest).
+// The benchmark's own bounds, looser than the product's defaults
+// (`machinen_proto::timeouts`): it runs large guests, many at once, under TCG
+// on a loaded host, and a slow run is a result, not a failure.
+
+/// Upper bound on one boot or restore (a large guest, a busy host).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Upper bound on one snapshot, or one QMP `savevm`/`loadvm` (a large, busy
+/// guest).
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Bound on a forced stop.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Pause before a measurement so the host's accounting (PSS, dirty pages)
+/// settles after the guest's last command.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// Bound on a guest service (perl listeners, a download) starting up under
+/// TCG, and the pauses between tries.
+pub const SERVICE_START: Duration = Duration::from_secs(60);
+/// See [`SERVICE_START`]: the pause between port-forward tries.
+pub const SERVICE_POLL: Duration = Duration::from_millis(100);
+/// See [`SERVICE_START`]: the pause between download tries.
+pub const FETCH_RETRY: Duration = Duration::from_millis(200);
+
+/// Bound on one request through a port forward, and on connecting to a
+/// plain QEMU's sockets.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bound on one read of a bulk transfer going idle.
+pub const TRANSFER_IDLE: Duration = Duration::from_secs(120);
+
+/// Bound on a plain QEMU (no machinen) printing its boot marker, and on it
+/// exiting afterwards.
+pub const PLAIN_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// See [`PLAIN_BOOT_TIMEOUT`].
+pub const PLAIN_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on QMP `quit` of a plain QEMU.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Stop at once (no data to keep).
 pub async fn stop(vm: Vm) -> Result<()> {
     let name = vm.name().to_string();
-    vm.stop(true, Duration::from_secs(20))
+    vm.stop(true, STOP_TIMEOUT)
         .await
         .with_context(|| format!("stopping {name}"))?;
     Ok(())
@@ -184,4 +223,19 @@ pub fn qemu_binary() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("qemu-system-{}", std::env::consts::ARCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use machinen_proto::timeouts;
+
+    /// The benchmark only ever waits longer than the product would, so a
+    /// slow run is measured rather than failed.
+    #[test]
+    fn bounds_are_at_least_the_products() {
+        assert!(BOOT_TIMEOUT >= timeouts::BOOT);
+        assert!(SNAPSHOT_TIMEOUT >= timeouts::SNAPSHOT);
+        assert!(STOP_TIMEOUT >= timeouts::CLEANUP_STOP);
+    }
 }

@@ -20,7 +20,7 @@ mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use serde_json::json;
@@ -304,7 +304,7 @@ async fn stop_all() {
     let Ok(vms) = machinen::list() else { return };
     for info in vms {
         if let Ok(vm) = machinen::attach(&info.pid.to_string()).await {
-            let _ = vm.stop(true, Duration::from_secs(20)).await;
+            let _ = vm.stop(true, ctx::STOP_TIMEOUT).await;
         }
     }
 }

@@ -4,8 +4,6 @@
 //! side by side the same number of forks made one `fork` call each (a
 //! bundle per fork, nothing shared).
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result};
 use machinen::{ForkOptions, Vm};
 
@@ -36,7 +34,7 @@ async fn total_pss(src: &Vm, forks: &[Vm]) -> Result<(u64, Vec<f64>)> {
     for f in forks {
         sh(f, "true").await?;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(crate::ctx::SETTLE).await;
     let (s, q) = vm_pss_kib(src)?;
     let mut total = s + q;
     let mut per_fork = Vec::new();
@@ -54,7 +52,7 @@ async fn measure(ctx: &Ctx, src: &Vm, forks: &mut Vec<Vm>, sec: &mut Section) ->
         sh(src, &format!("head -c {n}M /dev/urandom > /dev/shm/touch")).await?;
     }
     sh(src, "true").await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(crate::ctx::SETTLE).await;
     let (sup, qemu) = vm_pss_kib(src)?;
     let what = format!("one VM with {n} MiB touched");
     sec.one(

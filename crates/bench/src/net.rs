@@ -6,7 +6,7 @@
 //! `ip` (iproute2); without them the section reports nothing.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use machinen::spec::NetworkMode;
@@ -141,7 +141,7 @@ async fn measure(
         n * 16
     );
     // The server may still be starting; the first fetch also warms up.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + crate::ctx::SERVICE_START;
     while sh(vm, &fetch)
         .await
         .ok()
@@ -151,7 +151,7 @@ async fn measure(
         if Instant::now() > deadline {
             bail!("the guest never downloaded {n} MiB from {OUTSIDE}:{PORT}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(crate::ctx::FETCH_RETRY).await;
     }
     let mut tput = Vec::new();
     for _ in 0..ctx.cfg.runs {

@@ -8,7 +8,7 @@
 //! `qemu.rs`): machine type, accelerator, CPU, memory, kernel flags, devices.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use tokio::io::AsyncReadExt;
@@ -200,7 +200,7 @@ async fn boot_once(args: &[String]) -> Result<(f64, Option<f64>)> {
     let mut out = child.stdout.take().context("stdout")?;
     let mut seen: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
-    let found = tokio::time::timeout(Duration::from_secs(120), async {
+    let found = tokio::time::timeout(crate::ctx::PLAIN_BOOT_TIMEOUT, async {
         loop {
             let n = out.read(&mut buf).await?;
             if n == 0 {
@@ -230,7 +230,7 @@ async fn boot_once(args: &[String]) -> Result<(f64, Option<f64>)> {
     }
     // Keep draining the console so QEMU never blocks on the pipe.
     tokio::spawn(async move { while matches!(out.read(&mut buf).await, Ok(n) if n > 0) {} });
-    let exit = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+    let exit = match tokio::time::timeout(crate::ctx::PLAIN_EXIT_TIMEOUT, child.wait()).await {
         Ok(_) => Some(ms(t0)),
         Err(_) => {
             let _ = child.start_kill();

@@ -2,7 +2,7 @@
 //! request, as a browser or curl would) and bulk throughput, host
 //! `127.0.0.1:HOST` → supervisor → agent stream → guest `127.0.0.1:GUEST`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use machinen::registry::PortForward;
@@ -68,12 +68,12 @@ async fn measure(
     put(vm, "/root/bulk.pl", BULK.as_bytes()).await?;
     sh(vm, "nohup perl /root/counter.pl 8080 >/dev/null 2>&1 & nohup perl /root/bulk.pl 9000 >/dev/null 2>&1 &").await?;
     // Wait until the counter answers (perl starting up under TCG).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + crate::ctx::SERVICE_START;
     while get(p_counter).await.is_err() {
         if Instant::now() > deadline {
             bail!("the guest counter never answered on port {p_counter}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(crate::ctx::SERVICE_POLL).await;
     }
     if network == NetworkMode::Nat {
         let mut lat = Vec::new();
@@ -99,7 +99,7 @@ async fn measure(
         let mut buf = vec![0u8; 256 << 10];
         let mut total = 0u64;
         loop {
-            let k = tokio::time::timeout(Duration::from_secs(120), s.read(&mut buf))
+            let k = tokio::time::timeout(crate::ctx::TRANSFER_IDLE, s.read(&mut buf))
                 .await
                 .context("bulk read timed out")??;
             if k == 0 {
@@ -141,7 +141,7 @@ async fn get(port: u16) -> Result<u64> {
             .and_then(|b| b.trim().parse().ok())
             .with_context(|| format!("bad answer {body:?}"))
     };
-    tokio::time::timeout(Duration::from_secs(30), fut)
+    tokio::time::timeout(crate::ctx::REQUEST_TIMEOUT, fut)
         .await
         .context("request timed out")?
 }

@@ -182,7 +182,7 @@ pub async fn connect_retry(
                 if std::time::Instant::now() > deadline {
                     return Err(e).with_context(|| format!("connecting {}", path.display()));
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(machinen_proto::timeouts::STATE_POLL).await;
             }
         }
     }

@@ -8,7 +8,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use futures::StreamExt;
@@ -99,7 +99,7 @@ async fn measure(
     overlay: &Path,
     savevm: bool,
 ) -> Result<f64> {
-    let qmp = connect_retry(qmp_path, Duration::from_secs(30), child).await?;
+    let qmp = connect_retry(qmp_path, crate::ctx::REQUEST_TIMEOUT, child).await?;
     let stream = QmpStreamTokio::open(qmp)
         .await
         .context("QMP greeting")?
@@ -110,7 +110,7 @@ async fn measure(
     tokio::spawn(async move { while let Some(Ok(_)) = events.next().await {} });
 
     // Agent-ready: the agent answers the session preamble once it serves.
-    let mut agent = connect_retry(agent_path, Duration::from_secs(30), child).await?;
+    let mut agent = connect_retry(agent_path, crate::ctx::REQUEST_TIMEOUT, child).await?;
     let nonce = format!(
         "{:016x}",
         t0.elapsed().as_nanos() as u64 ^ u64::from(std::process::id())
@@ -119,7 +119,7 @@ async fn measure(
         .write_all(machinen_proto::preamble::hello(&nonce).as_bytes())
         .await?;
     let want = machinen_proto::preamble::ready(&nonce);
-    let ready = tokio::time::timeout(Duration::from_secs(180), async {
+    let ready = tokio::time::timeout(crate::ctx::BOOT_TIMEOUT, async {
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         loop {
@@ -146,7 +146,7 @@ async fn measure(
     if !savevm {
         return Ok(boot_ms);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(crate::ctx::SETTLE).await;
 
     let hmp = |line: &str| {
         let cmd = qapi::qmp::human_monitor_command {
@@ -156,7 +156,7 @@ async fn measure(
         let line = line.to_string();
         let fut = qmp.execute(cmd);
         async move {
-            let out = tokio::time::timeout(Duration::from_secs(300), fut)
+            let out = tokio::time::timeout(crate::ctx::SNAPSHOT_TIMEOUT, fut)
                 .await
                 .with_context(|| format!("`{line}` timed out"))?
                 .with_context(|| format!("`{line}`"))?;
@@ -200,6 +200,6 @@ async fn measure(
         "MiB",
         grow_disk,
     );
-    let _ = tokio::time::timeout(Duration::from_secs(3), qmp.execute(qapi::qmp::quit {})).await;
+    let _ = tokio::time::timeout(crate::ctx::QUIT_TIMEOUT, qmp.execute(qapi::qmp::quit {})).await;
     Ok(boot_ms)
 }
