@@ -1038,6 +1038,17 @@ fn agent_context_parses_and_matches_help() {
         .expect("codes")
         .iter()
         .any(|c| c["code"] == "REGISTRY_NOT_FOUND" && c["exit_code"] == 125));
+    // The environment list of the binary's agent-context is its --help's.
+    let vars = v["environment"].as_array().expect("environment");
+    assert!(vars.iter().any(|e| e["name"] == "MACHINEN_KERNEL_ARGS"));
+    for e in vars {
+        let name = e["name"].as_str().expect("name");
+        assert!(
+            top.contains(name),
+            "{name} in agent-context but not in --help"
+        );
+        assert!(e["default"].is_string() && e["meaning"].is_string());
+    }
     let bash = env.run_ok(&["completion", "bash"]);
     assert!(bash.contains("__vm-names") && bash.contains("complete -F"));
 }
