@@ -231,25 +231,114 @@ async fn fail<W: AsyncWrite + Unpin>(wr: &mut W, e: WireError) {
     let _ = wr.shutdown().await;
 }
 
+/// Run blocking file work on the blocking pool: the agent's runtime has one
+/// thread, and a write, read or flush there would hold every exec and port
+/// forward of the VM until it returned.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(err(
+            code::IO,
+            format!("{}: the file worker failed: {e}", path.display()),
+        ))
+    })
+}
+
+/// The nice value of a file worker: a copy shares the guest's vCPUs with
+/// execs and port forwards, and a user waiting on those should not queue
+/// behind a bulk transfer's writes and flushes.
+const WORKER_NICE: i32 = 10;
+
+/// The calling thread runs at `WORKER_NICE` while this lives; the blocking
+/// pool reuses threads, so the default comes back on drop.
+struct Background;
+
+impl Background {
+    fn enter() -> Background {
+        set_thread_nice(WORKER_NICE);
+        Background
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        set_thread_nice(0);
+    }
+}
+
+fn set_thread_nice(nice: i32) {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority(2) takes integers only and touches no memory; with
+    // PRIO_PROCESS and a thread id it changes that one thread on Linux.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        debug!(
+            "files: cannot set the worker's nice value to {nice}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Chunks in flight between the stream and the file worker: enough to keep
+/// both busy, few enough that a slow disk holds back the host, not memory.
+const QUEUE: usize = 4;
+
+/// What the stream hands the write worker.
+enum WriteOp {
+    Data(Vec<u8>),
+    /// The host sent `Eof`: flush and move the file into place.
+    Finish,
+}
+
+/// The write worker: writes chunks until `Finish` (then `Some(bytes)`) or
+/// until the stream side goes away (then `None`, and dropping the writer
+/// removes a temporary file).
+fn write_worker(
+    mut w: Writer,
+    mut rx: tokio::sync::mpsc::Receiver<WriteOp>,
+) -> Result<Option<u64>, WireError> {
+    let _nice = Background::enter();
+    while let Some(op) = rx.blocking_recv() {
+        match op {
+            WriteOp::Data(b) => w.write(&b)?,
+            WriteOp::Finish => return w.finish().map(Some),
+        }
+    }
+    Ok(None)
+}
+
 /// Serve one `WriteFile`.
 pub async fn write_file<S>(stream: S, req: WriteFileRequest)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut w = match Writer::open(&req) {
+    let path = PathBuf::from(&req.path);
+    let req_path = req.path.clone();
+    let w = match blocking(&path, move || Writer::open(&req)).await {
         Ok(w) => w,
         Err(e) => return fail(&mut wr, e).await,
     };
+    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+    let worker = tokio::task::spawn_blocking(move || write_worker(w, rx));
     loop {
         match read_frame(&mut rd).await {
             Ok(Some(Frame::Data(b))) => {
-                if let Err(e) = w.write(&b) {
-                    return fail(&mut wr, e).await;
+                // A closed channel means the worker stopped on an error;
+                // its result says which.
+                if tx.send(WriteOp::Data(b)).await.is_err() {
+                    break;
                 }
             }
-            Ok(Some(Frame::Eof)) => break,
+            Ok(Some(Frame::Eof)) => {
+                let _ = tx.send(WriteOp::Finish).await;
+                break;
+            }
             Ok(Some(other)) => {
+                drop(tx);
+                let _ = worker.await;
                 let e = err(
                     machinen_proto::ErrorCode::ProtocolError.as_str(),
                     format!(
@@ -260,19 +349,26 @@ where
                 return fail(&mut wr, e).await;
             }
             Ok(None) | Err(_) => {
-                debug!(
-                    "files: {}: the host went away mid-transfer; nothing written",
-                    req.path
-                );
+                drop(tx);
+                let _ = worker.await;
+                debug!("files: {req_path}: the host went away mid-transfer; nothing written");
                 return;
             }
         }
     }
-    match w.finish() {
-        Ok(bytes) => {
+    drop(tx);
+    let res = worker.await.unwrap_or_else(|e| {
+        Err(err(
+            code::IO,
+            format!("{}: the file worker failed: {e}", path.display()),
+        ))
+    });
+    match res {
+        Ok(Some(bytes)) => {
             let _ = send(&mut wr, &Frame::Response(Response::Written { bytes })).await;
             let _ = wr.shutdown().await;
         }
+        Ok(None) => debug!("files: {req_path}: the write ended before Eof"),
         Err(e) => fail(&mut wr, e).await,
     }
 }
@@ -308,13 +404,42 @@ fn open_for_read(path: &str) -> Result<(File, FileInfo), WireError> {
     ))
 }
 
+/// The read worker: sends chunks until end of file, an error, or the
+/// stream side going away. An empty chunk is never sent: the end of the
+/// channel is the end of the file.
+fn read_worker(
+    mut file: File,
+    path: PathBuf,
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, WireError>>,
+) {
+    let _nice = Background::enter();
+    loop {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let item = match file.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(buf)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(io_error(&path, "read failed", &e)),
+        };
+        let last = item.is_err();
+        if tx.blocking_send(item).is_err() || last {
+            return;
+        }
+    }
+}
+
 /// Serve one `ReadFile`.
 pub async fn read_file<S>(stream: S, path: String)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut s = stream;
-    let (mut file, info) = match open_for_read(&path) {
+    let p = PathBuf::from(&path);
+    let open_path = path.clone();
+    let (file, info) = match blocking(&p, move || open_for_read(&open_path)).await {
         Ok(x) => x,
         Err(e) => return fail(&mut s, e).await,
     };
@@ -324,17 +449,19 @@ where
     {
         return;
     }
-    let mut buf = vec![0u8; MAX_CHUNK];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return fail(&mut s, io_error(Path::new(&path), "read failed", &e)).await,
-        };
-        if send(&mut s, &Frame::Data(buf[..n].to_vec())).await.is_err() {
-            debug!("files: {path}: the host went away mid-transfer");
-            return;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
+    // Dropping the receiver (the host went away) ends the worker at its
+    // next chunk.
+    tokio::task::spawn_blocking(move || read_worker(file, p, tx));
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(b) => {
+                if send(&mut s, &Frame::Data(b)).await.is_err() {
+                    debug!("files: {path}: the host went away mid-transfer");
+                    return;
+                }
+            }
+            Err(e) => return fail(&mut s, e).await,
         }
     }
     let _ = send(&mut s, &Frame::Eof).await;
