@@ -67,12 +67,14 @@ fn busy_round_trips(env: &Env, vm: &str, args: &[&str]) -> Vec<Duration> {
 
 #[test]
 fn a_200_mib_cp_does_not_stall_concurrent_execs() {
-    // Medians of several round trips on both sides, and a bound of 2x, keep a
-    // loaded 2-core TCG host's noise (a round trip is a CLI start, a control
-    // socket and an agent stream) from deciding the outcome; a stalled agent
-    // holds a round trip for the whole flush of the file, many times that.
+    // Medians of several round trips on both sides keep a loaded 2-core TCG
+    // host's noise from deciding the outcome. The bound is 3x, not 2x: the
+    // host's two cores also run the guest's vCPU, the cp client and the
+    // supervisor relaying 200 MiB, which alone cost up to ~2.3x here with
+    // the agent off the hot path; an agent that does the file I/O on its
+    // runtime thread measured 7.7x for a copy out.
     const IDLE_SAMPLES: usize = 9;
-    const MAX_RATIO: f64 = 2.0;
+    const MAX_RATIO: f64 = 3.0;
     const SIZE: usize = 200 * 1024 * 1024;
 
     let env = Env::new();
