@@ -22,7 +22,7 @@ use crate::paths::Paths;
 use crate::progress::ProgressMode;
 use crate::registry::{self, PortForward, Registry};
 use crate::spec::{files, RestoreSpec, VmSpec};
-use crate::vm::{launch_vm, Launch, Vm};
+use crate::vm::{blocking, launch_vm, lock_registry, Launch, Vm};
 use crate::{accel, assets, binaries};
 
 /// Options for [`restore`].
@@ -109,12 +109,6 @@ pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = machinen_proto::timeouts::SNAPSHO
 /// bundle and answers; the margin covers that, so the client does not give
 /// up on a snapshot the supervisor could still complete.
 pub const SNAPSHOT_REPLY_MARGIN: Duration = machinen_proto::timeouts::SNAPSHOT_REPLY_SLACK;
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))?
-}
 
 impl Vm {
     /// Write a snapshot bundle to `out` (which must not exist). Unless
@@ -439,11 +433,18 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
-    let lock = reg.lock()?;
-    crate::ports::check(&opts.ports, &reg.live()?)?;
-    let claim = match &opts.name {
-        Some(n) => reg.claim(&lock, n)?,
-        None => reg.claim_anonymous(&lock)?,
+    let lock = lock_registry(&reg).await?;
+    let (claim, lock) = {
+        let (reg, ports, name) = (reg.clone(), opts.ports.clone(), opts.name.clone());
+        blocking(move || {
+            crate::ports::check(&ports, &reg.live()?)?;
+            let claim = match &name {
+                Some(n) => reg.claim(&lock, n)?,
+                None => reg.claim_anonymous(&lock)?,
+            };
+            Ok((claim, lock))
+        })
+        .await?
     };
     let disk = claim.dir.join(files::DISK);
     let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());

@@ -262,9 +262,16 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
 
-    let lock = reg.lock()?;
-    crate::ports::check(&opts.ports, &reg.live()?)?;
-    let claim = reg.claim(&lock, &name)?;
+    let lock = lock_registry(&reg).await?;
+    let (claim, lock) = {
+        let (reg, ports, name) = (reg.clone(), opts.ports.clone(), name.clone());
+        blocking(move || {
+            crate::ports::check(&ports, &reg.live()?)?;
+            let claim = reg.claim(&lock, &name)?;
+            Ok((claim, lock))
+        })
+        .await?
+    };
     let spec = VmSpec {
         id: claim.id.clone(),
         name: name.clone(),
@@ -290,9 +297,14 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         restore: None,
         network: opts.network,
     };
-    if let Err(e) = image::create_overlay(&img.path, &spec.disk) {
+    // A child process (qemu-img): on the blocking pool.
+    let overlay = {
+        let (base, disk) = (img.path.clone(), spec.disk.clone());
+        blocking(move || Ok(image::create_overlay(&base, &disk)?)).await
+    };
+    if let Err(e) = overlay {
         let _ = reg.remove(&claim.id);
-        return Err(e.into());
+        return Err(e);
     }
     let spec = VmSpec {
         ram_file: boot_ram_file(&claim.id, memory_mib),
@@ -356,6 +368,24 @@ pub(crate) struct Launch {
     /// Checks that must pass before the guest may run (a restore's bundle
     /// verification); the supervisor holds the guest paused until then.
     pub gate: Option<Gate>,
+}
+
+/// Run `f` on the blocking pool: file I/O, child processes and the registry
+/// lock (whose holder may be another process copying GiBs) must not hold a
+/// runtime thread that also drives sockets and timers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| fail(ErrorCode::Io, "a background task failed").source(e))?
+}
+
+/// Take the registry lock without blocking the runtime while another
+/// process holds it.
+pub(crate) async fn lock_registry(reg: &Registry) -> Result<registry::RegistryLock> {
+    let reg = reg.clone();
+    blocking(move || Ok(reg.lock()?)).await
 }
 
 /// See [`Launch::gate`].
@@ -429,12 +459,21 @@ pub(crate) async fn launch_vm(
         cause: None,
         ended_at_ms: None,
     };
-    if let Err(e) = reg.write(&entry) {
+    // An atomic write with fsyncs; the lock goes with it, released once the
+    // entry is on disk.
+    let written = {
+        let (reg, entry) = (reg.clone(), entry.clone());
+        blocking(move || {
+            let _lock = lock;
+            Ok(reg.write(&entry)?)
+        })
+        .await
+    };
+    if let Err(e) = written {
         drop(child);
         abandon();
-        return Err(e.into());
+        return Err(e);
     }
-    drop(lock);
 
     let mut child = child;
     if let Some(gate) = launch.gate {
@@ -1014,13 +1053,22 @@ pub(crate) async fn stop_entry(
     }
     // The supervisor removes its own directory; after a kill we do. One
     // whose VM crashed keeps it (its logs and cause) for `ls`, `logs`, `gc`.
-    let _lock = reg.lock()?;
-    let crashed = reg
-        .entries()?
-        .iter()
-        .any(|e| e.id == entry.id && e.state == registry::CRASHED);
-    if !crashed {
-        reg.remove(&entry.id)?;
+    let lock = lock_registry(&reg).await?;
+    {
+        // Removing the directory deletes the VM's disk layer: GiBs, maybe.
+        let (reg, id) = (reg.clone(), entry.id.clone());
+        blocking(move || {
+            let _lock = lock;
+            let crashed = reg
+                .entries()?
+                .iter()
+                .any(|e| e.id == id && e.state == registry::CRASHED);
+            if !crashed {
+                reg.remove(&id)?;
+            }
+            Ok(())
+        })
+        .await?;
     }
     Ok(StopReport {
         name: entry.name,
