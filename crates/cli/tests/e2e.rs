@@ -509,10 +509,10 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
     env.run_ok(&["stop", "--force", "victim"]);
 }
 
-#[path = "e2e/deadline.rs"]
-mod deadline;
 #[path = "e2e/blocking.rs"]
 mod blocking;
+#[path = "e2e/deadline.rs"]
+mod deadline;
 #[path = "e2e/hostile.rs"]
 mod hostile;
 #[path = "e2e/isolation.rs"]

@@ -341,7 +341,11 @@ pub async fn run(spec: VmSpec) -> i32 {
             }
         }
     }
-    cleanup(&reg, &spec);
+    // Removes a partial bundle (possibly GiBs) and takes the registry lock.
+    let (reg2, spec2) = (reg.clone(), spec.clone());
+    if let Err(e) = tokio::task::spawn_blocking(move || cleanup(&reg2, &spec2)).await {
+        tracing::warn!("cleanup task failed: {e}");
+    }
     0
 }
 
