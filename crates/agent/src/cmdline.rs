@@ -9,6 +9,9 @@ pub struct BootConfig {
     pub hostname: Option<String>,
     /// `machinen.debug=1`: log every step to the console.
     pub debug: bool,
+    /// `machinen.mtu=<bytes>`: the MTU of `eth0` (passt takes 65520-byte
+    /// frames; QEMU's user networking only the default 1500).
+    pub mtu: Option<u32>,
 }
 
 /// Default hostname when the cmdline names none.
@@ -88,6 +91,11 @@ pub fn parse(cmdline: &str) -> BootConfig {
         match key {
             "machinen.net" => cfg.net = truthy(value),
             "machinen.debug" => cfg.debug = truthy(value),
+            "machinen.mtu" => {
+                cfg.mtu = value
+                    .and_then(|v| v.parse().ok())
+                    .filter(|m| (68..=65535).contains(m));
+            }
             "machinen.hostname" => {
                 cfg.hostname = value.filter(|v| !v.is_empty()).map(str::to_owned);
             }
@@ -104,15 +112,18 @@ mod tests {
     #[test]
     fn parses_our_keys() {
         let c =
-            parse("console=ttyS0 quiet machinen.net=1 machinen.hostname=web-1 machinen.debug=1\n");
+            parse("console=ttyS0 quiet machinen.net=1 machinen.hostname=web-1 machinen.debug=1 machinen.mtu=65520\n");
         assert_eq!(
             c,
             BootConfig {
                 net: true,
                 hostname: Some("web-1".into()),
-                debug: true
+                debug: true,
+                mtu: Some(65520),
             }
         );
+        assert_eq!(parse("machinen.mtu=9").mtu, None, "below IPv4's minimum");
+        assert_eq!(parse("machinen.mtu=x").mtu, None);
         assert_eq!(c.hostname(), "web-1");
     }
 

@@ -379,7 +379,7 @@ pub fn boot() -> Result<BootConfig, Fatal> {
     net::set_hostname(hostname);
 
     if cfg.net {
-        if let Err(e) = net::configure(timeouts::NET_CONFIGURE) {
+        if let Err(e) = net::configure(timeouts::NET_CONFIGURE, cfg.mtu) {
             error!("network setup: {e}");
         }
         match net::ensure_resolv_conf(Path::new("/etc/resolv.conf")) {

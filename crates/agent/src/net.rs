@@ -119,9 +119,15 @@ fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
     Ok(())
 }
 
-/// Bring `lo` and `eth0` up with the slirp addresses and a default route.
-/// Waits up to `wait` for `eth0` to appear.
-pub fn configure(wait: Duration) -> io::Result<()> {
+fn set_mtu(sock: &OwnedFd, ifname: &str, mtu: u32) -> io::Result<()> {
+    let mut req = ifreq(ifname)?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    ioctl_ifreq(sock, libc::SIOCSIFMTU, &mut req, "SIOCSIFMTU")
+}
+
+/// Bring `lo` and `eth0` up with the slirp addresses and a default route,
+/// `eth0` with `mtu` when given. Waits up to `wait` for `eth0` to appear.
+pub fn configure(wait: Duration, mtu: Option<u32>) -> io::Result<()> {
     let sock = inet_socket()?;
     link_up(&sock, "lo").map_err(|e| io::Error::new(e.kind(), format!("lo: {e}")))?;
     debug!("lo up");
@@ -152,6 +158,13 @@ pub fn configure(wait: Duration) -> io::Result<()> {
         NETMASK,
         "eth0 SIOCSIFNETMASK",
     )?;
+    if let Some(mtu) = mtu {
+        // A failure costs throughput, not connectivity: go on.
+        match set_mtu(&sock, "eth0", mtu) {
+            Ok(()) => debug!("eth0 mtu {mtu}"),
+            Err(e) => debug!("eth0 mtu {mtu}: {e}"),
+        }
+    }
     link_up(&sock, "eth0").map_err(|e| io::Error::new(e.kind(), format!("eth0: {e}")))?;
     debug!("eth0 {GUEST_ADDR}/24 up");
     add_default_route(&sock, GATEWAY)?;
