@@ -66,32 +66,9 @@ const MANIFEST_WORDS: &[&str] = &[
     "sha256-nonzero-64k",
 ];
 
+/// The unit tests' sample meta: one fixture for both.
 fn sample_meta() -> BundleMeta {
-    BundleMeta {
-        format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
-        engine: "qemu".into(),
-        source_name: "web".into(),
-        image: ImageIdentity {
-            path: "/x/rootfs.tar.gz".into(),
-            sha256: "ab".repeat(32),
-        },
-        snapped_at_ms: 1,
-        guest_arch: "amd64".into(),
-        accel: "tcg".into(),
-        cpu_model: "max".into(),
-        memory_mib: 512,
-        cpus: 1,
-        kernel: KernelIdentity {
-            version: "6.1".into(),
-            sha256: "cd".repeat(32),
-        },
-        disk_format: "qcow2".into(),
-        chain_id: "c".into(),
-        chain_seq: 1,
-        chain_parent: None,
-        network: crate::spec::NetworkMode::Nat,
-    }
+    super::tests::meta()
 }
 
 /// A small complete bundle under `dir`, with `ram.img` when `ram`.
