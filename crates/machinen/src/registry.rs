@@ -88,10 +88,6 @@ pub struct RegistryEntry {
     pub ended_at_ms: Option<u64>,
 }
 
-/// The state of an entry whose VM ended on its own (see
-/// [`RegistryEntry::cause`]).
-pub const CRASHED: VmState = VmState::Crashed;
-
 impl RegistryEntry {
     /// Whether its supervisor still runs.
     pub fn is_live(&self) -> bool {
@@ -483,7 +479,7 @@ impl Registry {
             match self.read_entry(&dir) {
                 Ok(Some(e)) => {
                     if !e.is_live() {
-                        let reason = if e.state == CRASHED {
+                        let reason = if e.state == VmState::Crashed {
                             "crashed"
                         } else {
                             "supervisor is gone"
@@ -662,7 +658,7 @@ mod tests {
             .expect("dead")
             .death_cause()
             .contains("died without recording why"));
-        e.state = CRASHED;
+        e.state = VmState::Crashed;
         e.cause = Some("QEMU was killed by signal 9 (SIGKILL)".into());
         reg.write(&e).expect("write");
         assert_eq!(

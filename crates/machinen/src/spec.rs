@@ -96,11 +96,6 @@ pub struct RestoreSpec {
     pub gate: bool,
 }
 
-/// Where the RAM file of VM `id` goes (whether or not it has one).
-pub fn ram_path(id: &str) -> Option<PathBuf> {
-    crate::ramdir::ram_dir().map(|dir| crate::ramdir::ram_file_path(&dir, id))
-}
-
 impl VmSpec {
     pub fn path_in(&self, name: &str) -> PathBuf {
         self.dir.join(name)

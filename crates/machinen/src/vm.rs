@@ -917,7 +917,7 @@ impl Vm {
             })
             .await
             .ok()??;
-            if entry.state == registry::CRASHED || !entry.is_live() {
+            if entry.state == machinen_proto::VmState::Crashed || !entry.is_live() {
                 return Some(entry.death_cause());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -1062,7 +1062,7 @@ pub(crate) async fn stop_entry(
             let crashed = reg
                 .entries()?
                 .iter()
-                .any(|e| e.id == id && e.state == registry::CRASHED);
+                .any(|e| e.id == id && e.state == machinen_proto::VmState::Crashed);
             if !crashed {
                 reg.remove(&id)?;
             }
@@ -1098,7 +1098,7 @@ pub fn list_all() -> Result<Vec<VmInfo>> {
         .partition(|e| e.is_live());
     let dead = dead.iter().map(|e| {
         let mut info = VmInfo::from(e);
-        info.state = registry::CRASHED;
+        info.state = machinen_proto::VmState::Crashed;
         info.cause = Some(e.death_cause());
         info.uptime_ms = e
             .ended_at_ms
@@ -1132,7 +1132,7 @@ pub fn logs(target: &str) -> Result<VmLogs> {
     let (state, cause) = if e.is_live() {
         (e.state, None)
     } else {
-        (registry::CRASHED, Some(e.death_cause()))
+        (machinen_proto::VmState::Crashed, Some(e.death_cause()))
     };
     Ok(VmLogs {
         console: e
@@ -1190,7 +1190,11 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
         let ram = VmSpec::load(&s.dir.join(files::SPEC))
             .ok()
             .and_then(|sp| sp.ram_file)
-            .or_else(|| crate::spec::ram_path(&s.id).filter(|p| p.exists()));
+            .or_else(|| {
+                crate::ramdir::ram_dir()
+                    .map(|dir| crate::ramdir::ram_file_path(&dir, &s.id))
+                    .filter(|p| p.exists())
+            });
         if !dry_run {
             if let Some(p) = &partial {
                 let _ = std::fs::remove_dir_all(p);

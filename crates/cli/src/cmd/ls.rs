@@ -13,7 +13,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
     }
     let (crashed, live): (Vec<_>, Vec<_>) = vms
         .iter()
-        .partition(|v| v.state == machinen::registry::CRASHED);
+        .partition(|v| v.state == machinen_proto::VmState::Crashed);
     let rows: Vec<[String; 6]> = live
         .iter()
         .map(|v| {
