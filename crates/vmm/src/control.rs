@@ -124,10 +124,12 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             {
                 error(ErrorCode::SnapshotStateInvalid, "the VM is shutting down")
             } else {
+                // The loop that owns the machine answers every snapshot it
+                // takes; a dropped one never started.
                 rx.await.unwrap_or_else(|_| {
                     error(
-                        ErrorCode::SnapshotDumpFailed,
-                        "the supervisor dropped the snapshot",
+                        ErrorCode::SnapshotStateInvalid,
+                        "the VM stopped before the snapshot could start",
                     )
                 })
             };

@@ -6,11 +6,15 @@
 mod agent;
 mod console;
 mod control;
+mod controller;
 mod engine;
+#[cfg(test)]
+mod fake_agent;
 mod keeper;
 mod lifecycle;
 mod ports;
 mod snapshot;
+mod startup;
 mod supervisor;
 
 use std::path::PathBuf;

@@ -23,7 +23,6 @@ use machinen_proto::{
 
 use crate::agent::AgentSession;
 use crate::control::Shared;
-use crate::engine::qemu::QemuMachine;
 use crate::engine::{Capabilities, Machine};
 use crate::supervisor::StartError;
 
@@ -121,8 +120,8 @@ fn left(deadline: Instant, cap: Duration) -> Option<Duration> {
 /// source runs. Only the caller stops the source, and only after `Ok` of a
 /// destructive snapshot: it does so whether or not the client is still
 /// there to read the answer, since the bundle is complete.
-pub async fn take(
-    machine: &QemuMachine,
+pub async fn take<M: Machine>(
+    machine: &M,
     shared: &Shared,
     spec: &VmSpec,
     caps: &Capabilities,
@@ -197,8 +196,8 @@ fn timeout_of(req: &SnapshotRequest) -> Duration {
 }
 
 /// What the snapshot's phases work with.
-struct Phases<'a> {
-    machine: &'a QemuMachine,
+struct Phases<'a, M> {
+    machine: &'a M,
     agent: &'a AgentSession,
     spec: &'a VmSpec,
     caps: &'a Capabilities,
@@ -206,7 +205,7 @@ struct Phases<'a> {
     deadline: Instant,
 }
 
-impl Phases<'_> {
+impl<M: Machine> Phases<'_, M> {
     /// The snapshot's phases, each bounded by the deadline; on error the caller
     /// resumes the source and clears the marker.
     async fn build(

@@ -3,10 +3,12 @@
 //!
 //! `Engine` is what a host can run (probed once); `Machine` is one running VM.
 
+#[cfg(test)]
+pub mod fake;
 pub mod qemu;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use machinen::spec::VmSpec;
 use serde::Serialize;
@@ -60,9 +62,33 @@ pub trait Engine {
     ) -> impl std::future::Future<Output = Result<Self::Machine, EngineError>>;
 }
 
-/// One running VM.
+/// One running VM: what the supervisor's controller does with it. The
+/// controller (`controller.rs`, `supervisor.rs`, `snapshot.rs`) sees only
+/// this trait, so a second engine plugs in beside QEMU, and the lifecycle
+/// is unit-tested against a fake one (`engine::fake`).
 pub trait Machine {
     fn pid(&self) -> u32;
+    /// Stop the vCPUs (the guest's clocks stop with them).
+    fn pause(&self) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Run the vCPUs again.
+    fn resume(&self) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Write the machine state (devices, and RAM unless it lives in a
+    /// shared file) to `path`. The VM must be paused and stays paused.
+    /// Gives up with [`EngineError::Timeout`] at `deadline`.
+    fn save_state(
+        &self,
+        path: &Path,
+        deadline: Instant,
+    ) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Load the state written by `save_state` into a machine launched for
+    /// a restore (`spec.restore`). `start`: run the guest once loaded;
+    /// otherwise it stays paused until [`Machine::resume`].
+    fn load_state(
+        &self,
+        path: &Path,
+        deadline: Instant,
+        start: bool,
+    ) -> impl std::future::Future<Output = Result<(), EngineError>>;
     /// The byte stream to the guest agent's port.
     fn connect_agent(
         &mut self,

@@ -309,20 +309,6 @@ fn sh_quote(s: &str) -> String {
 }
 
 impl QemuMachine {
-    /// Pause the vCPUs.
-    pub async fn pause(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::stop {}, "stop", timeouts::QMP_COMMAND)
-            .await
-            .map(|_| ())
-    }
-
-    /// Resume the vCPUs.
-    pub async fn resume(&self) -> Result<(), EngineError> {
-        self.qmp(qapi::qmp::cont {}, "cont", timeouts::QMP_COMMAND)
-            .await
-            .map(|_| ())
-    }
-
     /// Wait until the migration in progress ends; errors carry QEMU's reason.
     async fn wait_migration(&self, deadline: Instant) -> Result<(), EngineError> {
         use qapi::qmp::MigrationStatus as S;
@@ -363,7 +349,7 @@ impl QemuMachine {
     /// Skip RAM that lives in a shared file (`x-ignore-shared`): it is
     /// copied (snapshot) or mapped (restore) as a file instead. Set on both
     /// sides of a migration.
-    pub async fn ignore_shared_ram(&self) -> Result<(), EngineError> {
+    async fn ignore_shared_ram(&self) -> Result<(), EngineError> {
         let caps = qapi::qmp::migrate_set_capabilities {
             capabilities: vec![qapi::qmp::MigrationCapabilityStatus {
                 capability: qapi::qmp::MigrationCapability::x_ignore_shared,
@@ -374,10 +360,26 @@ impl QemuMachine {
             .await
             .map(|_| ())
     }
+}
+
+impl Machine for QemuMachine {
+    /// Pause the vCPUs.
+    async fn pause(&self) -> Result<(), EngineError> {
+        self.qmp(qapi::qmp::stop {}, "stop", timeouts::QMP_COMMAND)
+            .await
+            .map(|_| ())
+    }
+
+    /// Resume the vCPUs.
+    async fn resume(&self) -> Result<(), EngineError> {
+        self.qmp(qapi::qmp::cont {}, "cont", timeouts::QMP_COMMAND)
+            .await
+            .map(|_| ())
+    }
 
     /// Write the machine state (devices and RAM) to `path`. The VM must be
     /// paused; it stays paused.
-    pub async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
+    async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
         // The default bandwidth cap (tens of MiB/s) is for live migration over
         // a network; a paused VM saving to a local file should go flat out.
         let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(
@@ -408,8 +410,8 @@ impl QemuMachine {
     /// Load machine state from `path` into a QEMU started with
     /// `-incoming defer`; the guest runs again when it returns.
     /// `start`: run the guest once loaded. Otherwise it stays paused (QEMU
-    /// was started with `-S`) until [`QemuMachine::resume`].
-    pub async fn load_state(
+    /// was started with `-S`) until [`Machine::resume`].
+    async fn load_state(
         &self,
         path: &Path,
         deadline: Instant,
@@ -440,9 +442,7 @@ impl QemuMachine {
         }
         Ok(())
     }
-}
 
-impl Machine for QemuMachine {
     fn pid(&self) -> u32 {
         self.pid
     }

@@ -2,137 +2,14 @@
 //! QEMU's agent chardev: sessions that end, stall, or cannot be started.
 //! (The e2e tests break real guests' sessions; these cover the timings.)
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
+use std::sync::atomic::AtomicBool;
 
-use futures::future::poll_fn;
-use machinen_proto::{self as proto, preamble, Frame, HelloAck, VmStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use machinen_proto::VmStatus;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, Mutex, Notify};
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio::sync::{mpsc, Mutex};
 
 use super::*;
-
-/// What the peer does with the next connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Peer {
-    /// A working agent.
-    Answer = 0,
-    /// Answers the hello, then never again (the connection stays open).
-    Stall = 1,
-    /// Reads everything, answers nothing.
-    Silent = 2,
-    /// Answers the hello, then closes the connection.
-    Close = 3,
-}
-
-struct Fake {
-    next: Arc<AtomicU8>,
-    sessions: Arc<AtomicU32>,
-}
-
-impl Fake {
-    fn start(listener: UnixListener, first: Peer) -> Fake {
-        let next = Arc::new(AtomicU8::new(first as u8));
-        let sessions = Arc::new(AtomicU32::new(0));
-        let (n, s) = (next.clone(), sessions.clone());
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                let peer = match n.load(Ordering::SeqCst) {
-                    0 => Peer::Answer,
-                    1 => Peer::Stall,
-                    2 => Peer::Silent,
-                    _ => Peer::Close,
-                };
-                tokio::spawn(serve(conn, peer, s.clone()));
-            }
-        });
-        Fake { next, sessions }
-    }
-
-    fn then(&self, peer: Peer) {
-        self.next.store(peer as u8, Ordering::SeqCst);
-    }
-}
-
-async fn serve(mut sock: UnixStream, peer: Peer, sessions: Arc<AtomicU32>) {
-    let mut byte = [0u8; 1];
-    if peer == Peer::Silent {
-        while sock.read(&mut byte).await.is_ok_and(|n| n > 0) {}
-        return;
-    }
-    let mut lines = preamble::LineTail::default();
-    loop {
-        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
-            return;
-        }
-        if let Some(nonce) = lines
-            .push(byte[0])
-            .as_deref()
-            .and_then(preamble::hello_at_end)
-        {
-            if sock
-                .write_all(preamble::ready(nonce).as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            break;
-        }
-    }
-    sessions.fetch_add(1, Ordering::SeqCst);
-    let mut conn =
-        yamux::Connection::new(sock.compat(), yamux::Config::default(), yamux::Mode::Server);
-    let hello = Arc::new(Notify::new());
-    let mut until: Option<tokio::time::Instant> = None;
-    loop {
-        let deadline = async {
-            match until {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            s = poll_fn(|cx| conn.poll_next_inbound(cx)) => match s {
-                Some(Ok(stream)) => { tokio::spawn(answer(stream.compat(), hello.clone())); }
-                _ => return,
-            },
-            // Time for the hello's answer to leave before stalling or closing.
-            _ = hello.notified(), if until.is_none() && peer != Peer::Answer => {
-                until = Some(tokio::time::Instant::now() + Duration::from_millis(100));
-            }
-            _ = deadline => {
-                if peer == Peer::Stall {
-                    // Holds the connection, polls it no more.
-                    std::future::pending::<()>().await;
-                }
-                return;
-            }
-        }
-    }
-}
-
-async fn answer(mut s: tokio_util::compat::Compat<yamux::Stream>, hello: Arc<Notify>) {
-    match proto::read_frame(&mut s).await {
-        Ok(Some(Frame::Hello(_))) => {
-            let ack = HelloAck {
-                version: proto::PROTOCOL_VERSION,
-                agent_version: "fake".into(),
-                kernel: String::new(),
-                boot_id: String::new(),
-            };
-            let _ = proto::send(&mut s, &Frame::HelloAck(ack)).await;
-            hello.notify_one();
-        }
-        Ok(Some(Frame::Request(Request::Ping))) => {
-            let _ = proto::send(&mut s, &Frame::Response(Response::Pong)).await;
-        }
-        _ => {}
-    }
-    let _ = s.shutdown().await;
-}
+use crate::fake_agent::{Fake, Peer};
 
 fn fast() -> Pace {
     Pace {
