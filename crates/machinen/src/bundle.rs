@@ -475,14 +475,35 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, BundleError> {
 /// [`sparse_copy`], giving up (leaving a partial `dst`) once `deadline`
 /// passes.
 pub fn sparse_copy_until(src: &Path, dst: &Path, deadline: Deadline) -> Result<u64, BundleError> {
-    let from = open_regular(src)?;
-    let len = from.metadata().map_err(io(src))?.len();
     let to = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)
         .map_err(io(dst))?;
+    copy_extents(src, &to, dst, deadline)
+}
+
+/// [`sparse_copy`] into `dst`, a regular file that exists and holds no
+/// data yet (a RAM file reserved at full size under the registry lock, so
+/// that admissions count it before the copy fills it).
+pub fn sparse_copy_into(src: &Path, dst: &Path) -> Result<u64, BundleError> {
+    let to = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)
+        .map_err(io(dst))?;
+    copy_extents(src, &to, dst, None)
+}
+
+fn copy_extents(
+    src: &Path,
+    to: &fs::File,
+    dst: &Path,
+    deadline: Deadline,
+) -> Result<u64, BundleError> {
+    let from = open_regular(src)?;
+    let len = from.metadata().map_err(io(src))?.len();
     to.set_len(len).map_err(io(dst))?;
     let mut buf = vec![0u8; 1 << 20];
     for (data, end) in data_extents(&from, len) {

@@ -86,6 +86,11 @@ pub struct RegistryEntry {
     /// When a `crashed` VM ended (Unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at_ms: Option<u64>,
+    /// A placeholder: the directory is claimed and its disk being prepared
+    /// by `supervisor_pid`, the launching process (no supervisor yet, so
+    /// nothing to stop; see `vm::hold_claim`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preparing: bool,
 }
 
 impl RegistryEntry {
@@ -481,6 +486,8 @@ impl Registry {
                     if !e.is_live() {
                         let reason = if e.state == VmState::Crashed {
                             "crashed"
+                        } else if e.preparing {
+                            "its launcher died while preparing it"
                         } else {
                             "supervisor is gone"
                         };
@@ -562,6 +569,7 @@ mod tests {
             created_at_ms: now_ms(),
             cause: None,
             ended_at_ms: None,
+            preparing: false,
         }
     }
 

@@ -22,7 +22,7 @@ use crate::paths::Paths;
 use crate::progress::ProgressMode;
 use crate::registry::{self, PortForward, Registry};
 use crate::spec::{files, RestoreSpec, VmSpec};
-use crate::vm::{blocking, launch_vm, lock_registry, Launch, Vm};
+use crate::vm::{blocking, hold_claim, launch_vm, lock_registry, Launch, Vm};
 use crate::{accel, assets, binaries};
 
 /// Options for [`restore`].
@@ -434,41 +434,49 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
     let lock = lock_registry(&reg).await?;
-    let (claim, lock) = {
+    let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
+    if bundle_ram.is_none() && opts.own_ram {
+        return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")
+            .hint("snapshots of booted VMs, and of VMs restored or forked with --own-ram, have ram.img; go without --own-ram here")
+            .into());
+    }
+    let (claim, own_ram, lock) = {
         let (reg, ports, name) = (reg.clone(), opts.ports.clone(), opts.name.clone());
+        let own_ram = opts.own_ram;
+        let memory_mib = meta.memory_mib;
         blocking(move || {
             crate::ports::check(&ports, &reg.live()?)?;
             let claim = match &name {
                 Some(n) => reg.claim(&lock, n)?,
                 None => reg.claim_anonymous(&lock)?,
             };
-            Ok((claim, lock))
+            // The VM's own RAM file is admitted and created at full size
+            // under the lock, so later admissions count it; the copy below
+            // fills it.
+            let ram = if own_ram {
+                match crate::ramdir::reserve(&claim.id, memory_mib) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        let _ = reg.remove(&claim.id);
+                        return Err(e.into());
+                    }
+                }
+            } else {
+                None
+            };
+            Ok((claim, ram, lock))
         })
         .await?
-    };
-    let disk = claim.dir.join(files::DISK);
-    let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
-    let own_ram = match (&bundle_ram, opts.own_ram) {
-        // Admitted under the registry lock; the copy below creates it at
-        // full size at once, so later admissions count it.
-        (Some(_), true) => match crate::ramdir::admit_path(&claim.id, meta.memory_mib) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                let _ = reg.remove(&claim.id);
-                return Err(e.into());
-            }
-        },
-        (None, true) => {
-            let _ = reg.remove(&claim.id);
-            return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")
-                .hint("snapshots of booted VMs, and of VMs restored or forked with --own-ram, have ram.img; go without --own-ram here")
-                .into());
-        }
-        _ => None,
     };
     // A dropped restore (the caller gave up) removes the RAM copy; once the
     // supervisor runs, it owns the file.
     let mut ram_guard = RemoveOnDrop(own_ram.clone());
+    let held_name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}/{}", meta.source_name, std::process::id()));
+    hold_claim(&reg, lock, &claim, held_name, opts.ports.clone()).await?;
+    let disk = claim.dir.join(files::DISK);
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
     if let (Some(src), Some(dst)) = (&bundle_ram, &own_ram) {
         copies.push((src.clone(), dst.clone()));
@@ -476,27 +484,33 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     for (src, dst) in copies {
         let is_disk = dst == disk;
         let copied = blocking(move || {
-            bundle::sparse_copy(&src, &dst)?;
-            if is_disk {
-                // The layer comes from the bundle's author: QEMU must not
-                // be handed one whose header names host files.
-                crate::qcow2::sanitize_copy(&dst).map_err(|source| {
-                    bundle::BundleError::UnsafeDisk {
-                        file: src.clone(),
-                        source,
-                    }
-                })?;
+            if !is_disk {
+                bundle::sparse_copy_into(&src, &dst)?;
+                return Ok(());
             }
+            bundle::sparse_copy(&src, &dst)?;
+            // The layer comes from the bundle's author: QEMU must not be
+            // handed one whose header names host files.
+            crate::qcow2::sanitize_copy(&dst).map_err(|source| {
+                bundle::BundleError::UnsafeDisk {
+                    file: src.clone(),
+                    source,
+                }
+            })?;
             Ok(())
         });
         if let Err(e) = copied.await {
-            if let Some(f) = &own_ram {
-                let _ = std::fs::remove_file(f);
-            }
             let _ = reg.remove(&claim.id);
             return Err(e);
         }
     }
+    let lock = match lock_registry(&reg).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
+    };
     let spec = VmSpec {
         id: claim.id.clone(),
         // Anonymous restores are named after the source (plus the pid).

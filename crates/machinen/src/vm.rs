@@ -263,15 +263,24 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let reg = Registry::new(&paths.registry);
 
     let lock = lock_registry(&reg).await?;
-    let (claim, lock) = {
+    let (claim, ram_file, lock) = {
         let (reg, ports, name) = (reg.clone(), opts.ports.clone(), name.clone());
         blocking(move || {
             crate::ports::check(&ports, &reg.live()?)?;
             let claim = reg.claim(&lock, &name)?;
-            Ok((claim, lock))
+            // Admitted under the lock, created at full size: later
+            // admissions count it.
+            let ram = boot_ram_file(&claim.id, memory_mib);
+            Ok((claim, ram, lock))
         })
         .await?
     };
+    if let Err(e) = hold_claim(&reg, lock, &claim, name.clone(), opts.ports.clone()).await {
+        if let Some(r) = &ram_file {
+            let _ = std::fs::remove_file(r);
+        }
+        return Err(e);
+    }
     let spec = VmSpec {
         id: claim.id.clone(),
         name: name.clone(),
@@ -302,13 +311,20 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         let (base, disk) = (img.path.clone(), spec.disk.clone());
         blocking(move || Ok(image::create_overlay(&base, &disk)?)).await
     };
-    if let Err(e) = overlay {
-        let _ = reg.remove(&claim.id);
-        return Err(e);
-    }
-    let spec = VmSpec {
-        ram_file: boot_ram_file(&claim.id, memory_mib),
-        ..spec
+    let spec = VmSpec { ram_file, ..spec };
+    let lock = match overlay {
+        Ok(()) => lock_registry(&reg).await,
+        Err(e) => Err(e),
+    };
+    let lock = match lock {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(r) = &spec.ram_file {
+                let _ = std::fs::remove_file(r);
+            }
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
     };
     let launch = Launch {
         name: Some(name),
@@ -388,6 +404,57 @@ pub(crate) async fn lock_registry(reg: &Registry) -> Result<registry::RegistryLo
     blocking(move || Ok(reg.lock()?)).await
 }
 
+/// Record `claim` (made under `lock`) as a VM this process is starting,
+/// then release the lock: the slow preparation that follows (a `qemu-img`
+/// child, multi-GB sparse copies) then holds up no other VM's start, stop
+/// or `ls`. While this process lives, the entry (state `starting`, this
+/// process as its supervisor) takes `name` and `ports` for `claim` and
+/// `live()`; should it die, the entry is dead and `gc` removes the
+/// directory. [`launch_vm`] replaces the entry under the lock again.
+pub(crate) async fn hold_claim(
+    reg: &Registry,
+    lock: registry::RegistryLock,
+    claim: &registry::Claim,
+    name: String,
+    ports: Vec<crate::registry::PortForward>,
+) -> Result<()> {
+    let me = std::process::id();
+    let entry = RegistryEntry {
+        id: claim.id.clone(),
+        name,
+        state: machinen_proto::VmState::Starting,
+        reason: Some("preparing the VM's disk".into()),
+        supervisor_pid: me,
+        supervisor_start: registry::process_start_time(me).unwrap_or(0),
+        qemu_pid: None,
+        qemu_start: None,
+        control_socket: claim.dir.join(files::CONTROL),
+        console_log: None,
+        image: None,
+        disk: None,
+        ports,
+        forked_from: None,
+        memory_mib: 0,
+        cpus: 0,
+        accel: String::new(),
+        detached: false,
+        created_at_ms: registry::now_ms(),
+        cause: None,
+        ended_at_ms: None,
+        preparing: true,
+    };
+    let reg = reg.clone();
+    let id = claim.id.clone();
+    blocking(move || {
+        let _lock = lock;
+        reg.write(&entry).inspect_err(|_| {
+            let _ = reg.remove(&id);
+        })?;
+        Ok(())
+    })
+    .await
+}
+
 /// See [`Launch::gate`].
 pub(crate) type Gate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
@@ -458,6 +525,7 @@ pub(crate) async fn launch_vm(
         created_at_ms: spec.created_at_ms,
         cause: None,
         ended_at_ms: None,
+        preparing: false,
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1002,6 +1070,19 @@ pub(crate) async fn stop_entry(
             elapsed_ms: 0,
         });
     };
+    if entry.preparing && registry::is_alive(entry.supervisor_pid, entry.supervisor_start) {
+        // Its "supervisor" is the program starting it (maybe a library
+        // user's process): not something to signal.
+        return Err(fail(
+            ErrorCode::StopFailed,
+            format!(
+                "VM {:?} is still being prepared by process {}; it has no supervisor to stop yet",
+                entry.name, entry.supervisor_pid
+            ),
+        )
+        .hint("stop it once it is running (retry in a moment), or stop the process that starts it")
+        .into());
+    }
     let asked = async {
         let mut s = UnixStream::connect(&entry.control_socket).await.ok()?;
         proto::send(&mut s, &Frame::Request(Request::Stop { force }))
@@ -1266,6 +1347,41 @@ mod tests {
         assert!(parse_env_pair("A").is_err());
     }
 
+    /// A claim held while its disk is prepared keeps its name taken
+    /// without the registry lock, and is gc's once its holder is gone.
+    #[tokio::test]
+    async fn a_held_claim_keeps_its_name_without_the_lock() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = Registry::new(dir.path());
+        let lock = lock_registry(&reg).await.expect("lock");
+        let claim = reg.claim(&lock, "held").expect("claim");
+        hold_claim(&reg, lock, &claim, "held".into(), Vec::new())
+            .await
+            .expect("hold");
+        // The lock is free again; the name is not.
+        let lock = reg.lock().expect("the lock is released");
+        assert!(matches!(
+            reg.claim(&lock, "held"),
+            Err(registry::RegistryError::NameInUse { .. })
+        ));
+        let mut entry = reg
+            .entries()
+            .expect("entries")
+            .into_iter()
+            .find(|e| e.id == claim.id)
+            .expect("the placeholder");
+        assert!(entry.preparing && entry.state == machinen_proto::VmState::Starting);
+        assert!(reg.stale().expect("stale").is_empty(), "its holder lives");
+        // The holder dies before the supervisor took over.
+        entry.supervisor_start = 1;
+        reg.write(&entry).expect("write");
+        let stale = reg.stale().expect("stale");
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].id, claim.id);
+        assert_eq!(stale[0].reason, "its launcher died while preparing it");
+        reg.claim(&lock, "held").expect("the name is free again");
+    }
+
     /// A caller that drops a running exec closes its connection, so that
     /// the supervisor sees the hang-up (the stdin task must not keep it).
     #[tokio::test]
@@ -1295,6 +1411,7 @@ mod tests {
             created_at_ms: 0,
             cause: None,
             ended_at_ms: None,
+            preparing: false,
         };
         let vm = Vm {
             info: VmInfo::from(&entry),
