@@ -84,6 +84,12 @@ fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
         "console=ttyS0".to_string(),
         "quiet".into(),
         "panic=-1".into(),
+        // Reboot (a panic's included) by triple fault: the default chain
+        // (ACPI reset register, keyboard controller, …) can spin forever
+        // on microvm, leaving a panicked guest's QEMU running (seen with
+        // Debian's 6.1.0-57 cloud kernel); `-no-reboot` turns the triple
+        // fault into QEMU's exit.
+        "reboot=t".into(),
         "machinen.net=1".into(),
         format!("machinen.hostname={}", hostname_for(&spec.name)),
     ];

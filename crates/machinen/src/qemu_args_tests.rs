@@ -55,7 +55,7 @@ const ROOT: &str = r#"{"backing":"base","discard":"unmap","driver":"qcow2","file
 const PASST: &str = "stream,id=net0,server=off,addr.type=fd,addr.str=3";
 const SHARED_RAM: &str =
     "memory-backend-file,id=ram,size=512M,mem-path=/dev/shm/machinen-0123abcd.ram,share=on";
-const BOOT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520 tsc_early_khz=2596122 tsc=reliable";
+const BOOT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520 tsc_early_khz=2596122 tsc=reliable";
 
 /// The whole argv, with the parts the cases vary as parameters.
 fn golden(
@@ -157,7 +157,7 @@ fn fresh_boot_without_ram_file_under_kvm() {
                 "/c/initrd.cpio",
                 "-append",
                 // The TSC hint is for TCG only.
-                "console=ttyS0 quiet panic=-1 machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520"
+                "console=ttyS0 quiet panic=-1 reboot=t machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520"
             ]
         )
     );
@@ -247,7 +247,7 @@ fn nat_host_uses_qemu_user_networking() {
                 "-initrd",
                 "/c/initrd.cpio",
                 "-append",
-                "console=ttyS0 quiet panic=-1 machinen.net=1 machinen.hostname=web-1 tsc_early_khz=2596122 tsc=reliable"
+                "console=ttyS0 quiet panic=-1 reboot=t machinen.net=1 machinen.hostname=web-1 tsc_early_khz=2596122 tsc=reliable"
             ]
         )
     );
@@ -274,7 +274,7 @@ fn secrets_debug_and_extra_kernel_args() {
                 "-initrd",
                 "/c/initrd.cpio",
                 "-append",
-                "console=ttyS0 panic=-1 machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520 \
+                "console=ttyS0 panic=-1 reboot=t machinen.net=1 machinen.hostname=web-1 machinen.mtu=65520 \
                  tsc_early_khz=2596122 tsc=reliable init_on_free=1 initcall_debug machinen.debug=1"
             ]
         )
@@ -302,7 +302,7 @@ fn multi_cpu_tcg_runs_a_thread_per_vcpu() {
                 "-initrd",
                 "/c/initrd.cpio",
                 "-append",
-                "console=ttyS0 quiet panic=-1 machinen.net=1 machinen.hostname=machinen machinen.mtu=65520"
+                "console=ttyS0 quiet panic=-1 reboot=t machinen.net=1 machinen.hostname=machinen machinen.mtu=65520"
             ]
         )
     );
