@@ -107,6 +107,11 @@ error_codes! {
     Interrupted = "INTERRUPTED",
     // anything the host OS refused that fits nowhere else
     Io = "IO",
+    // added later; kept at the end so merges stay easy
+    ExecTimeout = "EXEC_TIMEOUT",
+    FilesPathEscape = "FILES_PATH_ESCAPE",
+    FilesExists = "FILES_EXISTS",
+    BootNestedVirtUnsupported = "BOOT_NESTED_VIRT_UNSUPPORTED",
 }
 
 impl ErrorCode {
@@ -139,6 +144,8 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             ExecCommandNotFound => 127,
+            // As timeout(1) reports a command it had to stop.
+            ExecTimeout => 124,
             // As a shell reports a command ended by Ctrl-C.
             Interrupted => 130,
             ExecSpawnFailed => 126,

@@ -185,6 +185,10 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Quiesce),
         fixup,
         snapshot,
+        (text(), prop::option::of(any::<u32>()))
+            .prop_map(|(path, mode)| Request::PushDir(PushDirRequest { path, mode })),
+        (text(), prop::collection::vec(text(), 0..4))
+            .prop_map(|(path, exclude)| Request::PullDir(PullDirRequest { path, exclude })),
     ]
 }
 
@@ -243,6 +247,15 @@ fn response() -> impl Strategy<Value = Response> {
         Just(Response::Quiesced),
         fixed,
         snapped,
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(entries, bytes)| Response::DirWritten { entries, bytes }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(mode, entries, bytes)| {
+            Response::DirInfo(DirInfo {
+                mode,
+                entries,
+                bytes,
+            })
+        }),
     ]
 }
 
@@ -806,7 +819,7 @@ fn fuzz_generators_cover_every_message() {
     );
     assert_eq!(
         ops.len(),
-        13 + 11,
+        15 + 13,
         "request and response variants generated: {ops:?}"
     );
 }

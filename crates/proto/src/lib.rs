@@ -64,6 +64,16 @@
 //! peer -> client : Response(FileInfo { mode, size }) Data* Eof | Error
 //! ```
 //!
+//! Directory trees (one stream per transfer; the data is one tar stream):
+//!
+//! ```text
+//! client -> peer : Request(PushDir { path, mode }) Data* Eof
+//! peer -> client : Response(DirWritten { entries, bytes }) | Error
+//!
+//! client -> peer : Request(PullDir { path, exclude })
+//! peer -> client : Response(DirInfo { mode, entries, bytes }) Data* Eof | Error
+//! ```
+//!
 //! Secrets: `Request(Secrets { secrets })` → `Response(SecretsSet)`;
 //! `Request(WipeSecrets)` → `Response(SecretsWiped)` (before a snapshot).
 //!
@@ -82,8 +92,11 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub mod chan;
 pub mod env;
+pub mod exclude;
 pub mod timeouts;
+pub mod tree;
 
 /// The line-based preamble that starts every agent session, below yamux.
 ///
@@ -344,6 +357,13 @@ pub enum Request {
     /// `Response(Snapshotted)` once the bundle is complete; unless
     /// `keep_alive`, the VM then stops.
     Snapshot(SnapshotRequest),
+    /// Unpack a directory tree into the guest (agent link, forwarded from
+    /// the control link). The client then sends one tar stream as
+    /// `Data* Eof`; the agent answers `Response(DirWritten)` or `Error`.
+    PushDir(PushDirRequest),
+    /// Pack a guest directory tree. Answered with `Response(DirInfo)` then
+    /// one tar stream as `Data* Eof`, or `Error`.
+    PullDir(PullDirRequest),
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -376,6 +396,13 @@ pub enum Response {
     FixedUp(FixupReport),
     /// A snapshot bundle is complete.
     Snapshotted(SnapshotReport),
+    /// A `PushDir` completed: entries unpacked and file bytes written.
+    DirWritten {
+        entries: u64,
+        bytes: u64,
+    },
+    /// What a `PullDir` is about to send (before its `Data`).
+    DirInfo(DirInfo),
 }
 
 /// What the supervisor knows about its VM.
@@ -477,6 +504,39 @@ pub struct WriteFileRequest {
     /// Append instead of replacing (a replacement is atomic: temp + rename).
     #[serde(default)]
     pub append: bool,
+}
+
+/// Where to unpack a tar stream in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PushDirRequest {
+    /// Absolute guest directory; created (with its parents) when missing,
+    /// merged into when it exists.
+    pub path: String,
+    /// Permission bits of `path` itself when the agent creates it.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// Which guest directory to pack, and what to leave out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PullDirRequest {
+    /// Absolute guest directory.
+    pub path: String,
+    /// Glob patterns on paths relative to `path` ([`exclude`]).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// The tree a `PullDir` sends, counted before the first byte (the guest
+/// may change it while it is packed: the host bounds what arrives anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DirInfo {
+    /// Permission bits of the directory itself.
+    pub mode: u32,
+    /// Entries in the stream (files, directories, symlinks).
+    pub entries: u64,
+    /// Bytes of regular-file data.
+    pub bytes: u64,
 }
 
 /// A guest file's metadata.
@@ -872,6 +932,23 @@ mod tests {
                 cols: 132,
             }),
             Frame::Signal(2),
+            Frame::Request(Request::PushDir(PushDirRequest {
+                path: "/srv/app".into(),
+                mode: Some(0o750),
+            })),
+            Frame::Request(Request::PullDir(PullDirRequest {
+                path: "/srv/app".into(),
+                exclude: vec!["*.o".into(), "target/**".into()],
+            })),
+            Frame::Response(Response::DirWritten {
+                entries: 1000,
+                bytes: 1 << 20,
+            }),
+            Frame::Response(Response::DirInfo(DirInfo {
+                mode: 0o755,
+                entries: 3,
+                bytes: 4096,
+            })),
             Frame::Data(vec![9; 1000]),
             Frame::Eof,
             Frame::Hangup,

@@ -77,6 +77,11 @@ pub const FILE_IDLE: Duration = secs(120);
 /// and the boot timeout bounds the rest.
 pub const REGISTRY_CLAIM_GRACE: Duration = secs(120);
 
+/// After `exec --timeout` expired and the command's process group was sent
+/// `SIGKILL`, how long the client waits for the guest to report its end
+/// (it normally does at once; a VM that does not answer is not waited for).
+pub const EXEC_KILL_CONFIRM: Duration = secs(10);
+
 // ---- supervisor ------------------------------------------------------------
 
 /// How long the supervisor gives a powered-off guest to end before it sends
