@@ -41,7 +41,7 @@ pub mod code {
     pub const IO: &str = machinen_proto::ErrorCode::FilesIo.as_str();
 }
 
-fn err(code: &str, message: impl Into<String>) -> WireError {
+pub(crate) fn err(code: &str, message: impl Into<String>) -> WireError {
     WireError {
         code: code.to_owned(),
         message: message.into(),
@@ -225,7 +225,7 @@ impl Drop for Writer {
     }
 }
 
-async fn fail<W: AsyncWrite + Unpin>(wr: &mut W, e: WireError) {
+pub(crate) async fn fail<W: AsyncWrite + Unpin>(wr: &mut W, e: WireError) {
     debug!("files: {}: {}", e.code, e.message);
     let _ = send(wr, &Frame::Error(e)).await;
     let _ = wr.shutdown().await;
@@ -234,7 +234,7 @@ async fn fail<W: AsyncWrite + Unpin>(wr: &mut W, e: WireError) {
 /// Run blocking file work on the blocking pool: the agent's runtime has one
 /// thread, and a write, read or flush there would hold every exec and port
 /// forward of the VM until it returned.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T, WireError> + Send + 'static,
 ) -> Result<T, WireError> {
@@ -253,10 +253,10 @@ const WORKER_NICE: i32 = 10;
 
 /// The calling thread runs at `WORKER_NICE` while this lives; the blocking
 /// pool reuses threads, so the default comes back on drop.
-struct Background;
+pub(crate) struct Background;
 
 impl Background {
-    fn enter() -> Background {
+    pub(crate) fn enter() -> Background {
         set_thread_nice(WORKER_NICE);
         Background
     }
@@ -283,7 +283,7 @@ fn set_thread_nice(nice: i32) {
 
 /// Chunks in flight between the stream and the file worker: enough to keep
 /// both busy, few enough that a slow disk holds back the host, not memory.
-const QUEUE: usize = 4;
+pub(crate) const QUEUE: usize = 4;
 
 /// What the stream hands the write worker.
 enum WriteOp {

@@ -368,6 +368,8 @@ pub fn boot() -> Result<BootConfig, Fatal> {
 
     switch_root()?;
     setup_new_root();
+    // `boot --disk-size`: a root disk larger than the image's filesystem.
+    crate::growfs::grow_root(ROOT_DEVICE, "/");
 
     let hostname = match cfg.hostname.as_deref() {
         Some(h) if !cmdline::valid_hostname(h) => {

@@ -15,11 +15,13 @@
 //! ```
 
 mod cmdline;
+mod dirs;
 mod exec;
 mod fdio;
 mod files;
 mod fixup;
 mod forward;
+mod growfs;
 mod init;
 mod log;
 mod net;

@@ -105,6 +105,8 @@ where
         Frame::Request(Request::Exec(req)) => exec::run(s, req, &ctx.hostname).await,
         Frame::Request(Request::WriteFile(req)) => crate::files::write_file(s, req).await,
         Frame::Request(Request::ReadFile { path }) => crate::files::read_file(s, path).await,
+        Frame::Request(Request::PushDir(req)) => crate::dirs::push_dir(s, req).await,
+        Frame::Request(Request::PullDir(req)) => crate::dirs::pull_dir(s, req).await,
         Frame::Request(Request::Secrets { secrets }) => {
             crate::secrets::serve_install(&mut s, secrets).await
         }

@@ -141,6 +141,8 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             req @ (Request::Exec(_)
             | Request::WriteFile(_)
             | Request::ReadFile { .. }
+            | Request::PushDir(_)
+            | Request::PullDir(_)
             | Request::Secrets { .. }
             | Request::WipeSecrets),
         ) => {
