@@ -87,9 +87,168 @@ pub fn probe(requested: Option<&str>) -> Result<Accel, BadAccel> {
     Ok(if kvm_usable() { Accel::Kvm } else { Accel::Tcg })
 }
 
+/// What the host offers for nested virtualisation, as read from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NestedHost {
+    /// The accelerator this boot would use.
+    pub accel: Option<Accel>,
+    /// `/dev/kvm` opens read-write.
+    pub kvm_dev: bool,
+    /// `vmx` or `svm` in `/proc/cpuinfo`.
+    pub cpu_flag: Option<&'static str>,
+    /// `/sys/module/kvm_intel/parameters/nested`, when the module is loaded.
+    pub kvm_intel_nested: Option<String>,
+    /// `/sys/module/kvm_amd/parameters/nested`, when the module is loaded.
+    pub kvm_amd_nested: Option<String>,
+}
+
+impl NestedHost {
+    /// Read this host (the accelerator as [`probe`] picks it for `requested`).
+    pub fn read(requested: Option<&str>) -> NestedHost {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .flat_map(|l| l.split_whitespace())
+            .collect();
+        let param = |m: &str| {
+            std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        };
+        NestedHost {
+            accel: probe(requested).ok(),
+            kvm_dev: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
+            cpu_flag: ["vmx", "svm"].into_iter().find(|f| flags.contains(f)),
+            kvm_intel_nested: param("kvm_intel"),
+            kvm_amd_nested: param("kvm_amd"),
+        }
+    }
+
+    /// `Ok` when a guest can run its own VMs here, else what is missing.
+    pub fn missing(&self) -> Result<(), Vec<String>> {
+        let mut lacks = Vec::new();
+        if !self.kvm_dev {
+            lacks.push(
+                "a usable /dev/kvm (it is missing or cannot be opened read-write)".to_owned(),
+            );
+        }
+        if self.cpu_flag.is_none() {
+            lacks.push(
+                "hardware virtualisation in the CPU (no vmx or svm flag in /proc/cpuinfo)"
+                    .to_owned(),
+            );
+        }
+        let on = |v: &Option<String>| v.as_deref().is_some_and(|v| v == "Y" || v == "1");
+        match (&self.kvm_intel_nested, &self.kvm_amd_nested) {
+            (None, None) => lacks.push(
+                "a loaded kvm_intel or kvm_amd module (/sys/module/kvm_intel/parameters/nested and /sys/module/kvm_amd/parameters/nested do not exist)".to_owned(),
+            ),
+            (i, a) if !on(i) && !on(a) => {
+                let (m, v) = match (i, a) {
+                    (Some(v), _) => ("kvm_intel", v),
+                    (_, Some(v)) => ("kvm_amd", v),
+                    _ => ("kvm", &String::new()),
+                };
+                lacks.push(format!(
+                    "nested support in {m} (/sys/module/{m}/parameters/nested is {v:?}, not Y)"
+                ));
+            }
+            _ => {}
+        }
+        if lacks.is_empty() && self.accel != Some(Accel::Kvm) {
+            lacks.push(format!(
+                "the KVM accelerator for this VM (it would run under {})",
+                self.accel
+                    .map(Accel::as_str)
+                    .unwrap_or("an unknown accelerator")
+            ));
+        }
+        if lacks.is_empty() {
+            Ok(())
+        } else {
+            Err(lacks)
+        }
+    }
+}
+
+/// The `BOOT_NESTED_VIRT_UNSUPPORTED` failure for what `host` lacks, if
+/// anything.
+pub fn nested_support(host: &NestedHost) -> Result<(), crate::Failure> {
+    host.missing().map_err(|lacks| {
+        crate::error::fail(
+            crate::ErrorCode::BootNestedVirtUnsupported,
+            format!(
+                "--nested needs KVM with nested virtualisation; this host lacks {}",
+                lacks.join("; and ")
+            ),
+        )
+        .hint("boot without --nested, or on a Linux host with KVM where nested is on (`modprobe kvm_intel nested=1`, or kvm_amd); under TCG emulation a guest cannot run VMs of its own")
+    })
+}
+
+/// Refuse `--nested` unless this host supports it.
+pub fn check_nested(requested: Option<&str>) -> Result<(), crate::Failure> {
+    nested_support(&NestedHost::read(requested))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nested_probe_names_what_is_missing() {
+        let msg = |h: &NestedHost| nested_support(h).expect_err("refused").message;
+        let none = NestedHost {
+            accel: Some(Accel::Tcg),
+            ..NestedHost::default()
+        };
+        let m = msg(&none);
+        assert!(
+            m.contains("/dev/kvm")
+                && m.contains("vmx or svm")
+                && m.contains("kvm_intel or kvm_amd"),
+            "{m}"
+        );
+        assert_eq!(
+            nested_support(&none).expect_err("x").code,
+            crate::ErrorCode::BootNestedVirtUnsupported
+        );
+        let off = NestedHost {
+            accel: Some(Accel::Kvm),
+            kvm_dev: true,
+            cpu_flag: Some("vmx"),
+            kvm_intel_nested: Some("N".into()),
+            kvm_amd_nested: None,
+        };
+        let m = msg(&off);
+        assert!(
+            m.contains("/sys/module/kvm_intel/parameters/nested is \"N\""),
+            "{m}"
+        );
+        assert!(!m.contains("/dev/kvm"), "{m}");
+        let tcg = NestedHost {
+            accel: Some(Accel::Tcg),
+            kvm_intel_nested: Some("Y".into()),
+            ..off.clone()
+        };
+        assert!(msg(&tcg).contains("run under tcg"), "{}", msg(&tcg));
+        let ok = NestedHost {
+            kvm_amd_nested: Some("1".into()),
+            kvm_intel_nested: None,
+            cpu_flag: Some("svm"),
+            ..off
+        };
+        assert!(nested_support(&ok).is_ok());
+        // This host: KVM is not usable in CI's VMs, so this is refused.
+        if !kvm_usable() {
+            assert!(check_nested(None).is_err());
+        }
+    }
 
     #[test]
     fn explicit_choices_and_validation() {

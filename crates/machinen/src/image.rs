@@ -575,6 +575,17 @@ fn make_removable(root: &Path) {
 
 /// Create a qcow2 overlay at `overlay` backed by the raw image `base`.
 pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
+    create_overlay_sized(base, overlay, None)
+}
+
+/// [`create_overlay`] with a virtual size of `size` bytes instead of the
+/// base's (`boot --disk-size`; the guest agent grows its filesystem into
+/// the rest). The caller checks that `size` is not below the base's.
+pub fn create_overlay_sized(
+    base: &Path,
+    overlay: &Path,
+    size: Option<u64>,
+) -> Result<(), ImageError> {
     let qemu_img = need(tool::QEMU_IMG)?;
     let base = match fs::canonicalize(base) {
         Ok(b) => b,
@@ -608,6 +619,9 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
     cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
         .arg(&tmp);
+    if let Some(size) = size {
+        cmd.arg(size.to_string());
+    }
     if let Err(source) = tool::run(&mut cmd) {
         let _ = fs::remove_file(&tmp);
         return Err(ImageError::OverlayFailed {

@@ -8,7 +8,9 @@ pub mod accel;
 pub mod assets;
 pub mod binaries;
 pub mod bundle;
+pub mod dirs;
 pub mod error;
+pub mod feedback;
 pub mod files;
 #[cfg(test)]
 mod fuzzing;
@@ -31,6 +33,7 @@ pub mod spec;
 pub mod terminal;
 pub mod vm;
 
+pub use dirs::{DirReport, PullDirOptions, PushDirOptions};
 pub use error::{Error, ErrorCode, Failure, Result};
 pub use files::WriteFileOptions;
 pub use hostfile::{DiskReserve, ReadFileOptions};

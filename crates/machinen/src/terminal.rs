@@ -158,6 +158,19 @@ pub enum Outcome {
 /// plain stdio when there is none): raw mode while it runs, the window size
 /// at start and on every SIGWINCH, bytes forwarded untouched.
 pub async fn run_interactive(vm: &Vm, opts: ExecOptions) -> Result<Outcome> {
+    run_interactive_timeout(vm, opts, None).await
+}
+
+/// [`run_interactive`] with a time limit: past `timeout` the guest
+/// command's process group gets `SIGKILL` and the call fails with
+/// `EXEC_TIMEOUT` (the terminal is restored first).
+pub async fn run_interactive_timeout(
+    vm: &Vm,
+    opts: ExecOptions,
+    timeout: Option<std::time::Duration>,
+) -> Result<Outcome> {
+    let program = opts.argv.first().cloned().unwrap_or_default();
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut exec = vm.exec_pty(opts, host_winsize()).await?;
     let input = exec.input();
     let sig = |k| {
@@ -206,7 +219,30 @@ pub async fn run_interactive(vm: &Vm, opts: ExecOptions) -> Result<Outcome> {
                 let _ = input.signal(libc::SIGHUP).await;
                 return Ok(Outcome::Signalled(libc::SIGHUP));
             }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                input.signal(libc::SIGKILL).await?;
+                // Wait (bounded) for the guest to confirm the end.
+                let confirm = async {
+                    loop {
+                        if let PtyEvent::Exit(_) = exec.next().await? {
+                            return Ok::<_, crate::Error>(());
+                        }
+                    }
+                };
+                let confirmed = matches!(
+                    tokio::time::timeout(machinen_proto::timeouts::EXEC_KILL_CONFIRM, confirm).await,
+                    Ok(Ok(()))
+                );
+                return Err(crate::vm::exec_timeout_error(&program, timeout, confirmed));
+            }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

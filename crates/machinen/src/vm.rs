@@ -60,6 +60,14 @@ pub struct BootOptions {
     /// Secrets installed in the guest's tmpfs once it is ready (see
     /// [`crate::secrets`]); never written anywhere on the host or guest disk.
     pub secrets: Vec<crate::secrets::Secret>,
+    /// Size of the root disk in bytes (`None`: the image's filesystem
+    /// size). Larger than the image: the guest grows its root filesystem to
+    /// fill it at boot. Sparse on the host: unused room costs nothing.
+    pub disk_size: Option<u64>,
+    /// Expose hardware virtualisation to the guest (nested VMs). Needs KVM
+    /// with nested support; refused with `BOOT_NESTED_VIRT_UNSUPPORTED`
+    /// naming what the host lacks (see [`crate::accel::nested_support`]).
+    pub nested: bool,
 }
 
 impl Default for BootOptions {
@@ -77,6 +85,8 @@ impl Default for BootOptions {
             progress: ProgressMode::Auto,
             ports: Vec::new(),
             secrets: Vec::new(),
+            disk_size: None,
+            nested: false,
         }
     }
 }
@@ -228,6 +238,35 @@ pub fn parse_env_pair(s: &str) -> Result<(String, String), Failure> {
     }
 }
 
+/// Largest `--disk-size` accepted (qcow2 handles far more; this catches
+/// typos such as a size in bytes given with a unit).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// A root disk size must hold the image's filesystem (`image`: its size,
+/// once known) and stay below [`MAX_DISK_SIZE`].
+pub fn check_disk_size(size: u64, image: Option<u64>) -> Result<(), Failure> {
+    const MIB: u64 = 1 << 20;
+    if !(64 * MIB..=MAX_DISK_SIZE).contains(&size) {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!("a root disk of {size} bytes is outside 64 MiB..64 TiB"),
+        )
+        .hint("e.g. --disk-size 8G or 20G"));
+    }
+    if let Some(img) = image.filter(|img| size < *img) {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!(
+                "--disk-size {} MiB is smaller than the image's root filesystem ({} MiB); a disk cannot shrink it",
+                size / MIB,
+                img.div_ceil(MIB)
+            ),
+        )
+        .hint(format!("give at least {} MiB, or leave --disk-size out", img.div_ceil(MIB))));
+    }
+    Ok(())
+}
+
 fn generated_name() -> String {
     use rand::Rng;
     let n: u32 = rand::thread_rng().gen();
@@ -249,10 +288,19 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let name = opts.name.clone().unwrap_or_else(generated_name);
     registry::validate_name(&name)?;
     crate::secrets::validate(&opts.secrets)?;
+    if opts.nested {
+        crate::accel::check_nested(opts.accel.as_deref())?;
+    }
+    if let Some(size) = opts.disk_size {
+        check_disk_size(size, None)?;
+    }
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
     let img = prepare_disk(&paths, &tarball, progress).await?;
+    if let Some(size) = opts.disk_size {
+        check_disk_size(size, Some(img.size))?;
+    }
     let initrd = {
         let (paths, assets, agent) = (paths.clone(), assets.clone(), binaries::agent()?);
         tokio::task::spawn_blocking(move || initramfs::ensure_initramfs(&paths, &assets, &agent))
@@ -308,8 +356,8 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     };
     // A child process (qemu-img): on the blocking pool.
     let overlay = {
-        let (base, disk) = (img.path.clone(), spec.disk.clone());
-        blocking(move || Ok(image::create_overlay(&base, &disk)?)).await
+        let (base, disk, size) = (img.path.clone(), spec.disk.clone(), opts.disk_size);
+        blocking(move || Ok(image::create_overlay_sized(&base, &disk, size)?)).await
     };
     let spec = VmSpec { ram_file, ..spec };
     let lock = match overlay {
@@ -876,7 +924,47 @@ impl Vm {
         O: AsyncWrite + Unpin,
         E: AsyncWrite + Unpin,
     {
+        self.exec_stream_timeout(opts, None, stdin, stdout, stderr)
+            .await
+    }
+
+    /// [`Vm::exec`] with a time limit: see [`Vm::exec_stream_timeout`].
+    pub async fn exec_timeout(
+        &self,
+        opts: ExecOptions,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let status = self
+            .exec_stream_timeout(opts, timeout, tokio::io::empty(), &mut stdout, &mut stderr)
+            .await?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// [`Vm::exec_stream`], and when the command runs longer than
+    /// `timeout`, its process group in the guest gets `SIGKILL` and the
+    /// call fails with `EXEC_TIMEOUT` once the guest confirmed its end (the
+    /// output it wrote until then has been passed on).
+    pub async fn exec_stream_timeout<I, O, E>(
+        &self,
+        opts: ExecOptions,
+        timeout: Option<Duration>,
+        stdin: I,
+        stdout: &mut O,
+        stderr: &mut E,
+    ) -> Result<ExitStatus>
+    where
+        I: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
         validate_exec(&opts)?;
+        let program = opts.argv.first().cloned().unwrap_or_default();
         let conn = self.connect().await?;
         let (mut rd, mut wr) = conn.into_split();
         let req = ExecRequest {
@@ -913,29 +1001,78 @@ impl Vm {
         // Aborted when this future ends or is dropped: the task holds the
         // connection's write half, and the supervisor hangs the command up
         // only once the whole connection is closed.
+        // The pump owns the write half; a timeout asks it to send the kill.
+        let (kill_tx, mut kill_rx) = tokio::sync::oneshot::channel::<()>();
         let pump = AbortOnDrop(tokio::spawn(async move {
             let mut stdin = stdin;
             let mut buf = vec![0u8; proto::MAX_CHUNK];
+            let mut stdin_open = true;
             loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if proto::send(&mut wr, &Frame::Stdin(buf[..n].to_vec()))
-                            .await
-                            .is_err()
-                        {
-                            return;
+                tokio::select! {
+                    r = stdin.read(&mut buf), if stdin_open => match r {
+                        Ok(0) | Err(_) => {
+                            stdin_open = false;
+                            let _ = proto::send(&mut wr, &Frame::StdinEof).await;
                         }
+                        Ok(n) => {
+                            if proto::send(&mut wr, &Frame::Stdin(buf[..n].to_vec()))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    },
+                    r = &mut kill_rx => {
+                        if r.is_ok() {
+                            let _ = proto::send(&mut wr, &Frame::Signal(libc::SIGKILL)).await;
+                        }
+                        break;
                     }
                 }
             }
-            let _ = proto::send(&mut wr, &Frame::StdinEof).await;
             // Keep the write half open until the exec ends: dropping it would
             // half-close the control connection.
             std::future::pending::<()>().await;
         }));
+        let mut kill_tx = Some(kill_tx);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // Set once the kill went out: then only the guest's confirmation counts.
+        let mut killed_at: Option<tokio::time::Instant> = None;
         let result = loop {
-            match proto::read_frame(&mut rd).await {
+            let wait_until = match (killed_at, deadline) {
+                (Some(k), _) => Some(k + timeouts::EXEC_KILL_CONFIRM),
+                (None, d) => d,
+            };
+            let next = async {
+                match wait_until {
+                    Some(t) => tokio::time::timeout_at(t, proto::read_frame(&mut rd))
+                        .await
+                        .ok(),
+                    None => Some(proto::read_frame(&mut rd).await),
+                }
+            };
+            let Some(frame) = next.await else {
+                if killed_at.is_some() {
+                    break Err(exec_timeout_error(&program, timeout, false));
+                }
+                if let Some(k) = kill_tx.take() {
+                    let _ = k.send(());
+                }
+                killed_at = Some(tokio::time::Instant::now());
+                continue;
+            };
+            if killed_at.is_some() {
+                match &frame {
+                    Ok(Some(Frame::Exit(_))) => {
+                        break Err(exec_timeout_error(&program, timeout, true))
+                    }
+                    Ok(None) | Err(_) => break Err(exec_timeout_error(&program, timeout, false)),
+                    // Output written before the kill is still passed on.
+                    Ok(Some(_)) => {}
+                }
+            }
+            match frame {
                 Ok(Some(Frame::Stdout(b))) => {
                     if let Err(e) = stdout.write_all(&b).await {
                         break Err(fail(ErrorCode::Io, "writing the command's stdout failed")
@@ -1011,6 +1148,27 @@ impl Vm {
         self.owned = None;
         self.info.clone()
     }
+}
+
+/// `EXEC_TIMEOUT`: the command ran past its time limit and was killed
+/// (`confirmed`: the guest reported its end).
+pub(crate) fn exec_timeout_error(
+    program: &str,
+    timeout: Option<Duration>,
+    confirmed: bool,
+) -> Error {
+    let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
+    let how = if confirmed {
+        "its process group was killed (SIGKILL) in the guest"
+    } else {
+        "SIGKILL was sent to its process group, but the guest did not confirm its end"
+    };
+    fail(
+        ErrorCode::ExecTimeout,
+        format!("{program:?} ran longer than the time limit of {secs} s; {how}"),
+    )
+    .hint("raise the limit (`exec --timeout SECS`), or run it in the background: `machinen exec VM -- sh -c 'nohup CMD >/tmp/out.log 2>&1 &'`")
+    .into()
 }
 
 /// Aborts a task when dropped.
