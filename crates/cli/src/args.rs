@@ -42,11 +42,24 @@ free-space reserve (the smaller of 1 GiB and 5% of its size; MACHINEN_DISK_RESER
 overrides it). The file appears complete or not at all: an error, Ctrl-C or SIGTERM leaves nothing
 behind (where the filesystem supports O_TMPFILE, not even SIGKILL does).
 
+Directories (-r): one tar stream each way; modes, mtimes and symlinks are kept (links are never
+followed), owners are not. Into a VM, SRC's contents go into the guest directory DST (created when
+missing, merged into when it exists); DST ending in `/` means DST/NAME-OF-SRC. Out of a VM, an
+existing directory DST means DST/NAME-OF-SRC; the target must not exist (or be an empty directory)
+and appears complete or not at all; every entry must stay inside it (no `..`, absolute paths, writes
+through symlinks or hard links to outside: FILES_PATH_ESCAPE), devices and FIFOs are skipped,
+set-id bits dropped, and --max-size counts file data plus 512 bytes an entry.
+--exclude PATTERN (repeatable) leaves out matching paths, relative to SRC: `*.o` or `node_modules`
+(no `/`) match a name at any depth; `build/*.log`, `/top` and `**/cache` match the relative path
+(`*` stays within one directory, `**` spans any); a trailing `/` matches directories only.
+
 Examples:
   machinen cp ./app.tar.gz web:/srv/app.tar.gz
   machinen cp web:/var/log/syslog ./syslog
   machinen cp web:/etc/hostname -            print to stdout
-  echo hi | machinen cp - web:/tmp/greeting")]
+  echo hi | machinen cp - web:/tmp/greeting
+  machinen cp -r ./src web:/srv/app --exclude target --exclude '*.o'
+  machinen cp -r web:/srv/app/out ./out")]
 pub struct CpArgs {
     /// Source: HOST_PATH, `-`, or TARGET:/GUEST_PATH.
     #[arg(value_name = "SRC")]
@@ -60,9 +73,15 @@ pub struct CpArgs {
     /// Append to the destination instead of replacing it (guest destinations).
     #[arg(long)]
     pub append: bool,
-    /// Largest file copied out of a VM: bytes or 10K/500M/20G/1T, or `unlimited` (default 4G).
+    /// Largest file (or directory tree) copied out of a VM: bytes or 10K/500M/20G/1T, or `unlimited` (default 4G).
     #[arg(long, value_name = "SIZE")]
     pub max_size: Option<String>,
+    /// Copy a directory tree (as one streamed tar), like cp -r.
+    #[arg(long, short = 'r', visible_short_alias = 'R')]
+    pub recursive: bool,
+    /// Leave out paths matching this glob, relative to SRC (repeatable; needs -r).
+    #[arg(long, value_name = "PATTERN", requires = "recursive")]
+    pub exclude: Vec<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

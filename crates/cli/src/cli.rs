@@ -88,6 +88,8 @@ pub enum Command {
     /// Names of live VMs, one a line (used by the completion scripts).
     #[command(name = "__vm-names", hide = true)]
     VmNames,
+    /// Leave a note about machinen (kept locally in ~/.machinen/feedback.jsonl, never sent), or list them.
+    Feedback(FeedbackArgs),
 }
 
 impl Command {
@@ -111,6 +113,7 @@ impl Command {
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
             Command::Provision(a) => a.json,
+            Command::Feedback(a) => a.json,
         }
     }
 }
@@ -166,6 +169,12 @@ pub struct BootArgs {
     /// Verbose guest agent logs in the VM's console log.
     #[arg(long)]
     pub debug: bool,
+    /// Size of the root disk: 8G, 20G, 512M (default: the image's filesystem, at least 2 GiB with 1 GiB free). The guest grows its root filesystem to fill it; the disk is sparse on the host.
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    pub disk_size: Option<u64>,
+    /// Let the guest run VMs of its own (nested virtualisation). Needs KVM with nested support; refused with BOOT_NESTED_VIRT_UNSUPPORTED naming what the host lacks.
+    #[arg(long)]
+    pub nested: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -174,9 +183,17 @@ pub struct BootArgs {
     pub cmd: Vec<String>,
 }
 
+/// A disk size: bytes, or with a binary suffix (K, M, G, T).
+fn parse_disk_size(s: &str) -> Result<u64, String> {
+    let n = machinen::hostfile::parse_size(s)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 8G, 20G, 512M)"))?;
+    machinen::vm::check_disk_size(n, None).map_err(|f| f.message)?;
+    Ok(n)
+}
+
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top"
+    after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top\n  machinen exec --timeout 60 web -- make test     exit 124 (EXEC_TIMEOUT) if it runs longer"
 )]
 pub struct ExecArgs {
     /// VM name or pid.
@@ -184,14 +201,27 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
     /// Run on a pseudo-terminal: the host terminal goes raw, keys (Ctrl-C, Ctrl-Z) and window size reach the command.
-    #[arg(long, short = 't', conflicts_with = "json")]
+    #[arg(long, short = 't', visible_alias = "pty", conflicts_with = "json")]
     pub tty: bool,
+    /// Kill the command (SIGKILL to its process group in the guest) after SECS seconds; then exit 124 with EXEC_TIMEOUT, like timeout(1).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Option<std::time::Duration>,
     /// Print one JSON object with the exit status and the captured output.
     #[arg(long)]
     pub json: bool,
     /// Command to run.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// A positive number of seconds, fractions allowed (`1`, `0.5`, `90`).
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not a positive number of seconds (e.g. 30 or 0.5)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -334,6 +364,9 @@ pub struct StopArgs {
     /// Seconds to wait before killing the VM.
     #[arg(long, default_value_t = timeouts::STOP.as_secs(), value_name = "SECS")]
     pub timeout: u64,
+    /// Say which VM would be stopped (and how); stop nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -342,8 +375,32 @@ pub struct StopArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Only show what would be removed.
-    #[arg(long)]
+    #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Notes go to $MACHINEN_HOME/feedback.jsonl (default ~/.machinen), one JSON object a line with
+the time and the machinen version. Nothing is sent anywhere; share the file if you want to.
+
+Examples:
+  machinen feedback \"restore needed --image although the tarball had not moved\"
+  machinen feedback --list")]
+pub struct FeedbackArgs {
+    /// The note (quote it).
+    #[arg(
+        value_name = "TEXT",
+        required_unless_present = "list",
+        conflicts_with = "list"
+    )]
+    pub text: Option<String>,
+    /// List the notes recorded so far.
+    #[arg(long)]
+    pub list: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

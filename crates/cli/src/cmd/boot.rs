@@ -90,6 +90,8 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         },
         ports,
         secrets: a.secrets.parse()?,
+        disk_size: a.disk_size,
+        nested: a.nested,
     };
     let vm = machinen::boot(opts).await?;
     match exec {

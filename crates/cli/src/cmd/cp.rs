@@ -64,6 +64,85 @@ struct CpJson {
     to: String,
     bytes: u64,
     mode: Option<String>,
+    /// Entries of a directory copy (`-r`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entries: Option<u64>,
+}
+
+fn dir_needs_r(what: &str) -> machinen::Error {
+    fail(
+        ErrorCode::FilesIsDirectory,
+        format!("{what} is a directory (not copied)"),
+    )
+    .hint("add -r to copy a directory tree, e.g. `machinen cp -r ./src web:/srv/src`")
+    .into()
+}
+
+/// The name a copy keeps when its destination is a directory.
+fn keep_name(p: &Path) -> String {
+    base_name(&p.to_string_lossy())
+        .map(str::to_owned)
+        .or_else(|| {
+            std::fs::canonicalize(p)
+                .ok()
+                .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "dir".to_owned())
+}
+
+/// `cp -r` of a directory: `Some((entries, bytes))`, or `None` when SRC
+/// turned out to be a file (then the file copy runs, as `cp -r FILE` does).
+async fn copy_dir(
+    a: &CpArgs,
+    src: &Location,
+    dst: &Location,
+    max_bytes: u64,
+) -> Result<Option<(u64, u64)>> {
+    match (src, dst) {
+        (Location::Host(p), Location::Guest { target, path }) => {
+            let meta = tokio::fs::metadata(p)
+                .await
+                .map_err(|e| host_err(p, "cannot stat", e))?;
+            if !meta.is_dir() {
+                return Ok(None);
+            }
+            let guest = if path.ends_with('/') {
+                format!("{path}{}", keep_name(p))
+            } else {
+                path.clone()
+            };
+            let vm = machinen::attach(target).await?;
+            let opts = machinen::PushDirOptions {
+                exclude: a.exclude.clone(),
+            };
+            let r = interruptible(vm.push_dir(p, &guest, opts)).await?;
+            Ok(Some((r.entries, r.bytes)))
+        }
+        (Location::Guest { target, path }, Location::Host(p)) => {
+            let vm = machinen::attach(target).await?;
+            let mut dest = p.clone();
+            if a.dst.ends_with('/') || p.is_dir() {
+                dest = p.join(base_name(path.trim_end_matches('/')).unwrap_or("dir"));
+            }
+            let opts = machinen::PullDirOptions {
+                exclude: a.exclude.clone(),
+                max_bytes,
+                reserve: DiskReserve::from_env()?,
+            };
+            match interruptible(vm.pull_dir(path, &dest, opts)).await {
+                Ok(r) => Ok(Some((r.entries, r.bytes))),
+                Err(e) if e.code() == ErrorCode::FilesNotADirectory => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        (Location::Stdio, _) | (_, Location::Stdio) => Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "a directory copy (-r) needs a path on both sides, not `-`",
+        )
+        .hint("e.g. `machinen cp -r ./dir web:/srv/dir`")
+        .into()),
+        _ => Ok(None),
+    }
 }
 
 fn host_err(path: &Path, what: &str, e: std::io::Error) -> machinen::Error {
@@ -90,6 +169,30 @@ pub async fn run(a: CpArgs) -> Result<i32> {
         Some(s) => machinen::hostfile::parse_max_size(s)?,
         None => machinen::hostfile::DEFAULT_MAX_BYTES,
     };
+    let guest_sides = matches!(
+        (&src, &dst),
+        (Location::Guest { .. }, Location::Host(_) | Location::Stdio)
+            | (Location::Host(_) | Location::Stdio, Location::Guest { .. })
+    );
+    if a.recursive && guest_sides {
+        if let Some((entries, bytes)) = copy_dir(&a, &src, &dst, max_bytes).await? {
+            if a.json {
+                print_json(&CpJson {
+                    from: a.src.clone(),
+                    to: a.dst.clone(),
+                    bytes,
+                    mode: None,
+                    entries: Some(entries),
+                });
+            } else {
+                eprintln!(
+                    "copied {entries} entries, {bytes} bytes of file data: {} -> {}",
+                    a.src, a.dst
+                );
+            }
+            return Ok(0);
+        }
+    }
     let (bytes, shown_mode) = match (&src, &dst) {
         (Location::Guest { .. }, Location::Guest { .. }) => {
             return Err(fail(ErrorCode::BootArgsInvalid, "both sides are in a VM")
@@ -113,12 +216,7 @@ pub async fn run(a: CpArgs) -> Result<i32> {
                         .await
                         .map_err(|e| host_err(p, "cannot stat", e))?;
                     if meta.is_dir() {
-                        return Err(fail(
-                            ErrorCode::FilesIsDirectory,
-                            format!("{}: is a directory; cp copies one file", p.display()),
-                        )
-                        .hint("pack it first, e.g. `tar czf d.tgz DIR`, then copy d.tgz")
-                        .into());
+                        return Err(dir_needs_r(&p.display().to_string()));
                     }
                     let guest = if path.ends_with('/') {
                         format!(
@@ -176,7 +274,14 @@ pub async fn run(a: CpArgs) -> Result<i32> {
                         reserve: DiskReserve::from_env()?,
                         mode,
                     };
-                    let (n, mode) = interruptible(vm.read_file_to_path(path, &dest, opts)).await?;
+                    let (n, mode) = interruptible(vm.read_file_to_path(path, &dest, opts))
+                        .await
+                        .map_err(|e| match e.code() {
+                            ErrorCode::FilesIsDirectory if !a.recursive => {
+                                dir_needs_r(&format!("{target}:{path}"))
+                            }
+                            _ => e,
+                        })?;
                     (n, Some(mode))
                 }
                 _ => {
@@ -198,6 +303,7 @@ pub async fn run(a: CpArgs) -> Result<i32> {
             to: a.dst.clone(),
             bytes,
             mode: shown_mode.map(|m| format!("{m:04o}")),
+            entries: None,
         });
     } else if dst != Location::Stdio {
         eprintln!("copied {bytes} bytes: {} -> {}", a.src, a.dst);

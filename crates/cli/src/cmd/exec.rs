@@ -35,8 +35,18 @@ struct ExecJson<'a> {
 /// Run `opts` in `vm` with this process's stdio (streamed), or captured
 /// into one JSON object. Returns the shell-style exit code.
 pub async fn run_in(vm: &Vm, opts: ExecOptions, json: bool) -> Result<i32> {
+    run_in_timeout(vm, opts, json, None).await
+}
+
+/// [`run_in`], killing the command after `timeout` (`EXEC_TIMEOUT`).
+pub async fn run_in_timeout(
+    vm: &Vm,
+    opts: ExecOptions,
+    json: bool,
+    timeout: Option<std::time::Duration>,
+) -> Result<i32> {
     if json {
-        let out = vm.exec(opts).await?;
+        let out = vm.exec_timeout(opts, timeout).await?;
         print_json(&ExecJson {
             name: vm.name(),
             exit_code: out.status.shell_code(),
@@ -50,7 +60,7 @@ pub async fn run_in(vm: &Vm, opts: ExecOptions, json: bool) -> Result<i32> {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let status = vm
-        .exec_stream(opts, tokio::io::stdin(), &mut stdout, &mut stderr)
+        .exec_stream_timeout(opts, timeout, tokio::io::stdin(), &mut stdout, &mut stderr)
         .await?;
     Ok(status.shell_code())
 }
@@ -67,7 +77,11 @@ pub async fn run(a: ExecArgs) -> Result<i32> {
     let opts = exec_options(&a.process, a.cmd)?;
     let vm = machinen::attach(&a.target).await?;
     if a.tty {
-        return run_tty(&vm, opts).await;
+        return Ok(
+            machinen::terminal::run_interactive_timeout(&vm, opts, a.timeout)
+                .await?
+                .shell_code(),
+        );
     }
-    run_in(&vm, opts, a.json).await
+    run_in_timeout(&vm, opts, a.json, a.timeout).await
 }

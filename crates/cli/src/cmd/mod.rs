@@ -6,6 +6,7 @@ mod boot;
 mod completion;
 mod cp;
 mod exec;
+mod feedback;
 mod gc;
 mod install;
 mod logs;
@@ -41,5 +42,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,
         Command::Provision(a) => provision::run(a).await,
+        Command::Feedback(a) => feedback::run(a),
     }
 }

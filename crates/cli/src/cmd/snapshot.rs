@@ -131,6 +131,42 @@ async fn supply_secrets(vm: &Vm, secrets: &[machinen::Secret]) -> Result<()> {
     Ok(())
 }
 
+/// Neither a command nor `--detached`: the new VM gets an interactive
+/// shell (as `fork` without `--detach` in the reference runtime), and
+/// stops when the shell exits. Returns whether that is the case.
+fn interactive_shell(cmd: &[String], detached: bool, json: bool) -> Result<bool> {
+    let interactive = cmd.is_empty() && !detached;
+    if interactive && json {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "--json needs --detached or a command: without them an interactive shell is opened",
+        )
+        .hint("add --detached (then `machinen attach NAME`), or a command after `--`")
+        .into());
+    }
+    if !interactive {
+        need_command_or_detach(cmd, detached)?;
+    }
+    Ok(interactive)
+}
+
+/// Open a login shell on `vm` (a guest pty on this terminal), then stop the
+/// VM: it was started for this session. Returns the shell's status.
+async fn shell_then_stop(vm: Vm, process: &crate::cli::ProcessArgs, what: &str) -> Result<i32> {
+    eprintln!(
+        "{} (pid {}) {what}; opening a shell in it. The VM stops when the shell exits (--detached keeps it running).",
+        vm.name(),
+        vm.pid()
+    );
+    let mut opts = super::exec::exec_options(process, super::attach::shell_argv(None))?;
+    if opts.cwd.is_none() {
+        opts.cwd = Some("/root".into());
+    }
+    let result = super::exec::run_tty(&vm, opts).await;
+    let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
+    result
+}
+
 fn need_command_or_detach(cmd: &[String], detached: bool) -> Result<()> {
     if cmd.is_empty() && !detached {
         return Err(fail(
@@ -165,7 +201,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    need_command_or_detach(&a.cmd, a.detached)?;
+    let interactive = interactive_shell(&a.cmd, a.detached, a.json)?;
     let mut o = RestoreOptions::new(&a.bundle);
     o.name = a.name.clone();
     o.image = a.image.clone();
@@ -182,11 +218,17 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     let secrets = a.secrets.parse()?;
     let vm = machinen::restore(o).await?;
     supply_secrets(&vm, &secrets).await?;
+    if interactive {
+        return shell_then_stop(vm, &a.process, "restored").await;
+    }
     finish(vm, a.cmd, &a.process, a.json, "restored").await
 }
 
 pub async fn fork(a: ForkArgs) -> Result<i32> {
-    need_command_or_detach(&a.cmd, a.detach)?;
+    let interactive = a.count <= 1 && interactive_shell(&a.cmd, a.detach, a.json)?;
+    if !interactive {
+        need_command_or_detach(&a.cmd, a.detach)?;
+    }
     let opts = ForkOptions {
         new_name: a.new_name.clone(),
         out_dir: a.out_dir.clone(),
@@ -220,6 +262,9 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
             src.name(),
             report.snapshot.paused_ms
         );
+    }
+    if interactive {
+        return shell_then_stop(vm, &a.process, "forked").await;
     }
     finish(vm, a.cmd, &a.process, a.json, "forked").await
 }
