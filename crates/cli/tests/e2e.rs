@@ -513,6 +513,8 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
 mod blocking;
 #[path = "e2e/deadline.rs"]
 mod deadline;
+#[path = "e2e/dirs.rs"]
+mod dirs;
 #[path = "e2e/hostile.rs"]
 mod hostile;
 #[path = "e2e/isolation.rs"]
@@ -521,6 +523,8 @@ mod isolation;
 mod network;
 #[path = "e2e/ops.rs"]
 mod ops;
+#[path = "e2e/parity.rs"]
+mod parity;
 #[path = "e2e/provision.rs"]
 mod provision;
 #[path = "e2e/snapshot.rs"]
