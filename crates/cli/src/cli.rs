@@ -22,7 +22,8 @@ Examples:
 
 Exit codes: a command run in a VM passes its own exit status through (128+N
 when killed by signal N). machinen's own failures exit with 125, 126 (command
-cannot run), 127 (command not found) or 2 (bad arguments); the error line names
+cannot run), 127 (command not found), 124 (exec --timeout expired) or 2 (bad
+arguments); the error line names
 a stable code such as REGISTRY_NAME_IN_USE.
 ";
 
@@ -58,7 +59,7 @@ pub enum Command {
     Attach(AttachArgs),
     /// Run each input line as its own command in a live VM.
     Repl(ReplArgs),
-    /// Copy a file into or out of a live VM.
+    /// Copy a file, or a directory tree with -r, into or out of a live VM.
     Cp(CpArgs),
     /// One terminal for many VMs: list, attach, detach (Ctrl-] Ctrl-]), re-attach.
     Mux(MuxArgs),
@@ -187,7 +188,7 @@ pub struct BootArgs {
 fn parse_disk_size(s: &str) -> Result<u64, String> {
     let n = machinen::hostfile::parse_size(s)
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 8G, 20G, 512M)"))?;
-    machinen::vm::check_disk_size(n, None).map_err(|f| f.message)?;
+    machinen::image::check_disk_size(n, None).map_err(|f| f.message)?;
     Ok(n)
 }
 
@@ -575,6 +576,69 @@ mod tests {
                 .is_err(),
             "--cmd or argv, not both"
         );
+    }
+
+    #[test]
+    fn parity_flags_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        let Ok(Command::Exec(e)) = parse(&[
+            "machinen",
+            "exec",
+            "--pty",
+            "--timeout",
+            "1.5",
+            "web",
+            "--",
+            "true",
+        ]) else {
+            panic!("exec")
+        };
+        assert!(e.tty);
+        assert_eq!(e.timeout, Some(std::time::Duration::from_millis(1500)));
+        for bad in ["0", "-1", "soon", "inf"] {
+            assert!(
+                parse(&["machinen", "exec", "--timeout", bad, "web", "--", "true"]).is_err(),
+                "{bad}"
+            );
+        }
+        let Ok(Command::Gc(g)) = parse(&["machinen", "gc", "-n"]) else {
+            panic!("gc")
+        };
+        assert!(g.dry_run);
+        let Ok(Command::Stop(st)) = parse(&["machinen", "stop", "--dry-run", "web"]) else {
+            panic!("stop")
+        };
+        assert!(st.dry_run);
+        let Ok(Command::Cp(c)) = parse(&[
+            "machinen",
+            "cp",
+            "-r",
+            "--exclude",
+            "*.o",
+            "--exclude",
+            "target",
+            "a",
+            "web:/b",
+        ]) else {
+            panic!("cp")
+        };
+        assert!(c.recursive && c.exclude == ["*.o", "target"]);
+        assert!(
+            parse(&["machinen", "cp", "--exclude", "x", "a", "web:/b"]).is_err(),
+            "--exclude needs -r"
+        );
+        let Ok(Command::Boot(b)) = parse(&["machinen", "boot", "--disk-size", "8G", "--nested"])
+        else {
+            panic!("boot")
+        };
+        assert_eq!((b.disk_size, b.nested), (Some(8 << 30), true));
+        assert!(parse(&["machinen", "boot", "--disk-size", "1M"]).is_err());
+        assert!(parse(&["machinen", "feedback"]).is_err(), "text or --list");
+        assert!(parse(&["machinen", "feedback", "x", "--list"]).is_err());
+        assert!(matches!(
+            parse(&["machinen", "feedback", "--list"]),
+            Ok(Command::Feedback(_))
+        ));
     }
 
     #[test]

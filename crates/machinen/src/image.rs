@@ -573,6 +573,35 @@ fn make_removable(root: &Path) {
     }
 }
 
+/// Largest `--disk-size` accepted (qcow2 handles far more; this catches
+/// typos such as a size in bytes given with a unit).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// A root disk size must hold the image's filesystem (`image`: its size,
+/// once known) and stay below [`MAX_DISK_SIZE`].
+pub fn check_disk_size(size: u64, image: Option<u64>) -> Result<(), crate::Failure> {
+    const MIB: u64 = 1 << 20;
+    if !(64 * MIB..=MAX_DISK_SIZE).contains(&size) {
+        return Err(crate::error::fail(
+            crate::ErrorCode::BootArgsInvalid,
+            format!("a root disk of {size} bytes is outside 64 MiB..64 TiB"),
+        )
+        .hint("e.g. --disk-size 8G or 20G"));
+    }
+    if let Some(img) = image.filter(|img| size < *img) {
+        return Err(crate::error::fail(
+            crate::ErrorCode::BootArgsInvalid,
+            format!(
+                "--disk-size {} MiB is smaller than the image's root filesystem ({} MiB); a disk cannot shrink it",
+                size / MIB,
+                img.div_ceil(MIB)
+            ),
+        )
+        .hint(format!("give at least {} MiB, or leave --disk-size out", img.div_ceil(MIB))));
+    }
+    Ok(())
+}
+
 /// Create a qcow2 overlay at `overlay` backed by the raw image `base`.
 pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ImageError> {
     create_overlay_sized(base, overlay, None)

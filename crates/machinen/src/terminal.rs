@@ -233,7 +233,7 @@ pub async fn run_interactive_timeout(
                     tokio::time::timeout(machinen_proto::timeouts::EXEC_KILL_CONFIRM, confirm).await,
                     Ok(Ok(()))
                 );
-                return Err(crate::vm::exec_timeout_error(&program, timeout, confirmed));
+                return Err(exec_timeout_error(&program, timeout, confirmed));
             }
         }
     }
@@ -254,4 +254,25 @@ impl Outcome {
             Outcome::Signalled(s) => 128 + s,
         }
     }
+}
+
+/// `EXEC_TIMEOUT`: the command ran past its time limit and was killed
+/// (`confirmed`: the guest reported its end).
+pub(crate) fn exec_timeout_error(
+    program: &str,
+    timeout: Option<std::time::Duration>,
+    confirmed: bool,
+) -> crate::Error {
+    let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
+    let how = if confirmed {
+        "its process group was killed (SIGKILL) in the guest"
+    } else {
+        "SIGKILL was sent to its process group, but the guest did not confirm its end"
+    };
+    fail(
+        ErrorCode::ExecTimeout,
+        format!("{program:?} ran longer than the time limit of {secs} s; {how}"),
+    )
+    .hint("raise the limit (`exec --timeout SECS`), or run it in the background: `machinen exec VM -- sh -c 'nohup CMD >/tmp/out.log 2>&1 &'`")
+    .into()
 }

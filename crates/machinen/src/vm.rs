@@ -238,35 +238,6 @@ pub fn parse_env_pair(s: &str) -> Result<(String, String), Failure> {
     }
 }
 
-/// Largest `--disk-size` accepted (qcow2 handles far more; this catches
-/// typos such as a size in bytes given with a unit).
-pub const MAX_DISK_SIZE: u64 = 64 << 40;
-
-/// A root disk size must hold the image's filesystem (`image`: its size,
-/// once known) and stay below [`MAX_DISK_SIZE`].
-pub fn check_disk_size(size: u64, image: Option<u64>) -> Result<(), Failure> {
-    const MIB: u64 = 1 << 20;
-    if !(64 * MIB..=MAX_DISK_SIZE).contains(&size) {
-        return Err(fail(
-            ErrorCode::BootArgsInvalid,
-            format!("a root disk of {size} bytes is outside 64 MiB..64 TiB"),
-        )
-        .hint("e.g. --disk-size 8G or 20G"));
-    }
-    if let Some(img) = image.filter(|img| size < *img) {
-        return Err(fail(
-            ErrorCode::BootArgsInvalid,
-            format!(
-                "--disk-size {} MiB is smaller than the image's root filesystem ({} MiB); a disk cannot shrink it",
-                size / MIB,
-                img.div_ceil(MIB)
-            ),
-        )
-        .hint(format!("give at least {} MiB, or leave --disk-size out", img.div_ceil(MIB))));
-    }
-    Ok(())
-}
-
 fn generated_name() -> String {
     use rand::Rng;
     let n: u32 = rand::thread_rng().gen();
@@ -292,14 +263,14 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         crate::accel::check_nested(opts.accel.as_deref())?;
     }
     if let Some(size) = opts.disk_size {
-        check_disk_size(size, None)?;
+        image::check_disk_size(size, None)?;
     }
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
     let img = prepare_disk(&paths, &tarball, progress).await?;
     if let Some(size) = opts.disk_size {
-        check_disk_size(size, Some(img.size))?;
+        image::check_disk_size(size, Some(img.size))?;
     }
     let initrd = {
         let (paths, assets, agent) = (paths.clone(), assets.clone(), binaries::agent()?);
@@ -1054,7 +1025,9 @@ impl Vm {
             };
             let Some(frame) = next.await else {
                 if killed_at.is_some() {
-                    break Err(exec_timeout_error(&program, timeout, false));
+                    break Err(crate::terminal::exec_timeout_error(
+                        &program, timeout, false,
+                    ));
                 }
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
@@ -1065,9 +1038,13 @@ impl Vm {
             if killed_at.is_some() {
                 match &frame {
                     Ok(Some(Frame::Exit(_))) => {
-                        break Err(exec_timeout_error(&program, timeout, true))
+                        break Err(crate::terminal::exec_timeout_error(&program, timeout, true))
                     }
-                    Ok(None) | Err(_) => break Err(exec_timeout_error(&program, timeout, false)),
+                    Ok(None) | Err(_) => {
+                        break Err(crate::terminal::exec_timeout_error(
+                            &program, timeout, false,
+                        ))
+                    }
                     // Output written before the kill is still passed on.
                     Ok(Some(_)) => {}
                 }
@@ -1148,27 +1125,6 @@ impl Vm {
         self.owned = None;
         self.info.clone()
     }
-}
-
-/// `EXEC_TIMEOUT`: the command ran past its time limit and was killed
-/// (`confirmed`: the guest reported its end).
-pub(crate) fn exec_timeout_error(
-    program: &str,
-    timeout: Option<Duration>,
-    confirmed: bool,
-) -> Error {
-    let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
-    let how = if confirmed {
-        "its process group was killed (SIGKILL) in the guest"
-    } else {
-        "SIGKILL was sent to its process group, but the guest did not confirm its end"
-    };
-    fail(
-        ErrorCode::ExecTimeout,
-        format!("{program:?} ran longer than the time limit of {secs} s; {how}"),
-    )
-    .hint("raise the limit (`exec --timeout SECS`), or run it in the background: `machinen exec VM -- sh -c 'nohup CMD >/tmp/out.log 2>&1 &'`")
-    .into()
 }
 
 /// Aborts a task when dropped.
