@@ -100,6 +100,7 @@ pub fn context() -> Value {
             "fixed": [
                 { "exit_code": 0, "meaning": "success" },
                 { "exit_code": 2, "meaning": "bad arguments (usage errors and the codes listed with exit_code 2)" },
+                { "exit_code": 124, "meaning": "exec --timeout expired: the guest command was killed (EXEC_TIMEOUT), as timeout(1)" },
                 { "exit_code": 125, "meaning": "machinen itself failed (see the error code)" },
                 { "exit_code": 126, "meaning": "the guest command cannot be run" },
                 { "exit_code": 127, "meaning": "the guest command was not found" },
