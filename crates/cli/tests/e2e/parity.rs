@@ -1,6 +1,6 @@
 //! Reference-CLI parity: `exec --timeout`, `stop --dry-run`, `boot
 //! --disk-size`, `boot --nested`, `restore` into an interactive shell,
-//! `feedback`.
+//! `gc -n`, `feedback`.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -208,6 +208,8 @@ fn nested_is_refused_naming_what_the_host_lacks_and_feedback_stays_local() {
         "{err}"
     );
     assert!(env.vm_dirs().is_empty(), "nothing was started");
+    // gc -n is gc --dry-run.
+    assert!(env.run_ok(&["gc", "-n"]).contains("nothing to clean up"));
 
     let home = tempfile::tempdir().expect("home");
     let run = |args: &[&str]| {

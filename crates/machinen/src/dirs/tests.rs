@@ -1,5 +1,6 @@
 //! The host-side unpack of a guest's tar stream: hostile streams are
 //! refused and never write outside the destination.
+//! `PROPTEST_CASES=N cargo test -p machinen --lib fuzz_hostile_dir` runs longer.
 
 use super::unpack::{confine, unpack_confined, ENTRY_COST};
 use crate::error::ErrorCode;
@@ -222,12 +223,12 @@ fn raw() -> impl Strategy<Value = Raw> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(crate::fuzzing::config(256))]
 
     /// Whatever a guest sends, nothing appears or changes outside the
     /// destination, and nothing panics.
     #[test]
-    fn hostile_streams_stay_inside(entries in prop::collection::vec(raw(), 1..12)) {
+    fn fuzz_hostile_dir_streams_stay_inside(entries in prop::collection::vec(raw(), 1..12)) {
         let outer = tempfile::tempdir().expect("tmp");
         let sentinel = outer.path().join("sentinel");
         std::fs::write(&sentinel, b"untouched").expect("write");
