@@ -149,6 +149,14 @@ fn cp_r_round_trips_a_tree_of_1000_files_with_modes_links_and_excludes() {
         )
     );
 
+    // Into a guest path that is a file: refused, nothing changes.
+    let out = env.run(&["cp", "-r", s, "files:/etc/hostname"]);
+    assert!(
+        err_text(&out).contains("FILES_NOT_A_DIRECTORY"),
+        "{}",
+        err_text(&out)
+    );
+
     // Out: back on the host, identical again.
     let back = work.path().join("back");
     let out = env.run(&["cp", "files:/srv/tree", back.to_str().expect("path")]);

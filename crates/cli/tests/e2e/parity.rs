@@ -115,8 +115,8 @@ fn exec_timeout_stop_dry_run_and_restore_shell() {
     assert_eq!(ls[0]["name"], "par");
     assert_eq!(ls[0]["state"], "running");
 
-    // restore without --detached or a command: an interactive shell in the
-    // restored VM (here fed from a pipe), which stops with it.
+    // restore (and fork) without --detached or a command: an interactive
+    // shell in the new VM (here fed from a pipe), which stops with it.
     env.run_ok(&[
         "exec",
         "par",
@@ -125,23 +125,48 @@ fn exec_timeout_stop_dry_run_and_restore_shell() {
         "-c",
         "echo remembered > /root/mark",
     ]);
+    let shell = |args: &[&str], input: &[u8]| {
+        let mut child = env
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("feed the shell");
+        child.wait_with_output().expect("wait")
+    };
+    let out = shell(
+        &["fork", "par", "--new-name", "forked"],
+        b"cat /root/mark; echo fork-$((6*7)); exit 3\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{}", err_text(&out));
+    assert!(
+        stdout.contains("remembered") && stdout.contains("fork-42"),
+        "{stdout}"
+    );
+    super::wait_until(
+        "the fork to stop with its shell",
+        Duration::from_secs(20),
+        || {
+            env.json_quiet(&["ls", "--json"])
+                .as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["name"] == "par")
+        },
+    );
     let work = tempfile::tempdir().expect("tmp");
     let snap = work.path().join("par.snap");
     env.run_ok(&["snapshot", "par", snap.to_str().expect("path")]);
-    let mut child = env
-        .cmd(&["restore", snap.to_str().expect("path"), "--name", "shell"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("restore");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"cat /root/mark; echo in-$((6*7)); exit 5\n")
-        .expect("feed the shell");
-    let out = child.wait_with_output().expect("restore");
+    let out = shell(
+        &["restore", snap.to_str().expect("path"), "--name", "shell"],
+        b"cat /root/mark; echo in-$((6*7)); exit 5\n",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(5), "{stdout}\n{}", err_text(&out));
     assert!(
