@@ -330,9 +330,15 @@ impl Vm {
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
         let (root, max) = (tmp.path().to_path_buf(), opts.max_bytes);
-        let worker = tokio::task::spawn_blocking(move || {
-            unpack::unpack_confined(ChanReader::new(rx), &root, max)
-        });
+        let worker = std::thread::Builder::new()
+            .name("machinen-pull-dir".into())
+            .spawn(move || unpack::unpack_confined(ChanReader::new(rx), &root, max))
+            .map_err(|e| fail(ErrorCode::Io, "cannot start the directory unpacker").source(e))?;
+        let mut job = Unpacking {
+            tx: Some(tx),
+            worker: Some(worker),
+            tmp: Some(tmp),
+        };
         let mut got = 0u64;
         let mut unchecked = 0u64;
         let stream_result: Result<()> = loop {
@@ -351,6 +357,7 @@ impl Vm {
                     }
                     // A closed channel: the unpacker stopped (refused an
                     // entry, or the stream ended); its result says why.
+                    let Some(tx) = &job.tx else { break Ok(()) };
                     if tx.send(b).await.is_err() {
                         break Ok(());
                     }
@@ -362,10 +369,14 @@ impl Vm {
                 Err(e) => break Err(e),
             }
         };
-        drop(tx);
-        let unpacked = worker
-            .await
-            .map_err(|e| fail(ErrorCode::Io, "the directory unpacker failed").source(e))?;
+        // The end of the stream ends the unpacker's input.
+        job.tx = None;
+        let worker = job.worker.take();
+        let unpacked = blocking(move || match worker.map(|w| w.join()) {
+            Some(Ok(r)) => Ok(r),
+            _ => Err(fail(ErrorCode::Io, "the directory unpacker failed").into()),
+        })
+        .await?;
         // The unpacker's own refusal (an escape, the size bound) is the
         // better explanation of a stream cut short by it.
         let done = match (unpacked, stream_result) {
@@ -375,6 +386,13 @@ impl Vm {
         };
         let dest_owned = dest.to_path_buf();
         let mode = done.root_mode.unwrap_or(info.mode) & 0o777;
+        let Some(tmp) = job.tmp.take() else {
+            return Err(fail(
+                ErrorCode::Io,
+                "the directory copy lost its temporary directory",
+            )
+            .into());
+        };
         blocking(move || {
             use std::os::unix::fs::PermissionsExt;
             hostfile::check_room(tmp.path(), 0, reserve)?;
@@ -395,6 +413,29 @@ impl Vm {
             entries: done.entries,
             bytes: done.bytes,
         })
+    }
+}
+
+/// A pull in progress. Dropped before it completes (an error, or the
+/// future dropped on Ctrl-C), it ends the unpacker's input, waits for the
+/// unpacker to stop, and only then removes the temporary directory, so no
+/// file is created in it after its removal began. That wait blocks the
+/// dropping thread briefly: with its input gone, the unpacker stops at its
+/// next read.
+struct Unpacking {
+    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<Result<unpack::Unpacked, crate::Failure>>>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Unpacking {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        // TempDir's own drop removes the directory.
+        self.tmp = None;
     }
 }
 

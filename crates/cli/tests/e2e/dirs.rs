@@ -240,5 +240,42 @@ fn cp_r_round_trips_a_tree_of_1000_files_with_modes_links_and_excludes() {
     assert!(got
         .iter()
         .any(|l| l.starts_with("d4/dangling|l|777|/nonexistent/target|")));
+
+    // Interrupted (SIGINT) in the middle of a pull: exit 130, nothing left,
+    // not even the hidden directory it was unpacking into.
+    env.run_ok(&[
+        "exec",
+        "files",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /srv/big && dd if=/dev/zero of=/srv/big/zeros bs=1M count=256 status=none",
+    ]);
+    let landing = work.path().join("landing");
+    std::fs::create_dir(&landing).expect("mkdir");
+    let c = env
+        .cmd(&[
+            "cp",
+            "-r",
+            "files:/srv/big",
+            landing.join("big").to_str().expect("path"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cp");
+    let pid = c.id();
+    let present = || std::fs::read_dir(&landing).expect("ls").count();
+    super::wait_until(
+        "the pull to be under way",
+        std::time::Duration::from_secs(120),
+        || present() > 0,
+    );
+    // SAFETY: kill(2) on the pid of our own child, which we have not
+    // waited for, so it cannot have been reused.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let out = c.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "{}", err_text(&out));
+    assert!(err_text(&out).contains("INTERRUPTED"), "{}", err_text(&out));
+    assert_eq!(present(), 0, "an interrupted pull leaves nothing");
     env.run_ok(&["stop", "--force", "files"]);
 }
