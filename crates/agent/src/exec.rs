@@ -142,20 +142,20 @@ pub fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Resolved {
     }
 }
 
-type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
+pub(crate) type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Where the host's stdin goes.
-enum StdinSink {
+pub(crate) enum StdinSink {
     Pipe(Option<pipe::Sender>),
     Pty(FdIo),
 }
 
-struct Spawned {
-    pid: u32,
-    exit: oneshot::Receiver<ExitStatus>,
-    stdin: StdinSink,
-    stdout: BoxRead,
-    stderr: Option<BoxRead>,
+pub(crate) struct Spawned {
+    pub(crate) pid: u32,
+    pub(crate) exit: oneshot::Receiver<ExitStatus>,
+    pub(crate) stdin: StdinSink,
+    pub(crate) stdout: BoxRead,
+    pub(crate) stderr: Option<BoxRead>,
     /// The pty master, for `Resize`.
     pty: Option<FdIo>,
 }
@@ -204,7 +204,7 @@ fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
-fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
+pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
     let Some(argv0) = req.argv.first() else {
         return Err(wire_error(code::SPAWN_FAILED, "empty argv: nothing to run"));
     };
@@ -488,7 +488,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
 }
 
 /// Read from an optional source; a missing one never yields.
-async fn read_some(r: &mut Option<BoxRead>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) async fn read_some(r: &mut Option<BoxRead>, buf: &mut [u8]) -> io::Result<usize> {
     match r {
         Some(r) => r.read(buf).await,
         None => std::future::pending().await,

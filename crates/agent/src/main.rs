@@ -29,6 +29,7 @@ mod port;
 mod reaper;
 mod secrets;
 mod server;
+mod service;
 mod tcpreset;
 mod zalloc;
 
@@ -87,6 +88,7 @@ fn pid1_main() -> ! {
         kernel: init::kernel_release(),
         boot_id: init::boot_id(),
         poweroff: Box::new(init::poweroff),
+        main: Default::default(),
     });
     debug!("kernel {}, boot id {}", ctx.kernel, ctx.boot_id);
     loop {
@@ -164,6 +166,7 @@ fn host_main() -> i32 {
             info!("poweroff requested (host test mode): exiting");
             std::process::exit(0);
         }),
+        main: Default::default(),
     });
     let rt = match runtime() {
         Ok(rt) => rt,

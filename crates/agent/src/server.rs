@@ -33,6 +33,8 @@ pub struct Ctx {
     pub boot_id: String,
     /// Called (on a blocking thread) after `Response::Stopping` went out.
     pub poweroff: Box<dyn Fn() + Send + Sync>,
+    /// The VM's main command, shared by every session (see [`crate::service`]).
+    pub main: Arc<crate::service::MainSlot>,
 }
 
 impl Ctx {
@@ -114,6 +116,12 @@ where
         Frame::Request(Request::Connect { port }) => crate::forward::serve(s, port).await,
         Frame::Request(Request::Quiesce) => crate::fixup::serve_quiesce(s).await,
         Frame::Request(Request::Fixup(req)) => crate::fixup::serve_fixup(s, req).await,
+        Frame::Request(Request::StartMain(req)) => {
+            crate::service::start(s, ctx.main.clone(), req, &ctx.hostname).await
+        }
+        Frame::Request(Request::AttachMain { from_seq }) => {
+            crate::service::attach(s, ctx.main.clone(), from_seq).await
+        }
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;

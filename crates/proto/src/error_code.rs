@@ -112,6 +112,10 @@ error_codes! {
     FilesPathEscape = "FILES_PATH_ESCAPE",
     FilesExists = "FILES_EXISTS",
     BootNestedVirtUnsupported = "BOOT_NESTED_VIRT_UNSUPPORTED",
+    // the VM's main command (service VMs)
+    MainAlreadyRunning = "MAIN_ALREADY_RUNNING",
+    MainNotRunning = "MAIN_NOT_RUNNING",
+    WaitTimeout = "WAIT_TIMEOUT",
 }
 
 impl ErrorCode {

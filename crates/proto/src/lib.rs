@@ -364,6 +364,24 @@ pub enum Request {
     /// Pack a guest directory tree. Answered with `Response(DirInfo)` then
     /// one tar stream as `Data* Eof`, or `Error`.
     PullDir(PullDirRequest),
+    /// Start the VM's main command (agent link): a guest process like an
+    /// exec's, but owned by the agent rather than by the stream. Its stdin
+    /// is `/dev/null`; its stdout and stderr go to a bounded ring of
+    /// sequence-numbered records in the agent, and its exit status is kept,
+    /// so that any later session (after a snapshot and restore, too) can
+    /// read them with `AttachMain`. Answered with `Started { pid }`, or
+    /// `Error` (`EXEC_*`, or `MAIN_ALREADY_RUNNING`: one per guest).
+    StartMain(ExecRequest),
+    /// Follow the main command (agent link): answered with
+    /// `Response(MainAttached { pid, seq })`, then its output records from
+    /// `from_seq` on as `Stdout`/`Stderr` frames numbered `seq`, `seq + 1`,
+    /// … (a new `MainAttached` says where the numbering resumes after
+    /// records the ring dropped), and `Exit` once it ended and every record
+    /// went out. `Error(MAIN_NOT_RUNNING)` when no main command was started.
+    AttachMain {
+        #[serde(default)]
+        from_seq: u64,
+    },
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -403,6 +421,12 @@ pub enum Response {
     },
     /// What a `PullDir` is about to send (before its `Data`).
     DirInfo(DirInfo),
+    /// `AttachMain` accepted: the main command's pid, and the sequence
+    /// number of the next output record on this stream.
+    MainAttached {
+        pid: u32,
+        seq: u64,
+    },
 }
 
 /// What the supervisor knows about its VM.
@@ -855,6 +879,15 @@ mod tests {
                 scratch: true,
             })),
             Frame::Response(Response::Connected),
+            Frame::Request(Request::StartMain(ExecRequest {
+                argv: vec!["httpd".into(), "-f".into()],
+                env: vec![("PORT".into(), "8080".into())],
+                cwd: Some("/srv".into()),
+                tty: false,
+                winsize: None,
+            })),
+            Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
+            Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),
             Frame::Response(Response::Quiesced),
             Frame::Response(Response::FixedUp(FixupReport {
                 clock_was_ns: 2,

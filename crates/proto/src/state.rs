@@ -11,10 +11,13 @@
 //!               Recovering <──> Unhealthy  snapshot done)
 //!
 //! any live state ── QEMU died unasked ──> Crashed
+//! Stopping ── (the main command exited) ──> Exited
 //! ```
 //!
-//! `Stopped` and `Crashed` are final. A registry entry in `Crashed` stays
-//! (with its logs and cause) until `gc`; a `Stopped` one is removed.
+//! `Stopped`, `Crashed` and `Exited` are final. A registry entry in
+//! `Crashed` stays (with its logs and cause) until `gc`, and so does an
+//! `Exited` one (with the main command's exit status and output); a
+//! `Stopped` one is removed.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,10 +45,14 @@ pub enum VmState {
     /// Gone without being asked (QEMU killed, a guest panic, the supervisor
     /// died): the entry keeps the logs and the cause until `gc`.
     Crashed,
+    /// Gone because its main command exited (and the VM was not kept
+    /// alive): the entry keeps the exit status and the command's output
+    /// until `gc`, for `wait` and `logs`.
+    Exited,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 8] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Starting,
         VmState::Running,
         VmState::Snapshotting,
@@ -54,6 +61,7 @@ impl VmState {
         VmState::Stopping,
         VmState::Stopped,
         VmState::Crashed,
+        VmState::Exited,
     ];
 
     /// The wire spelling, e.g. `"running"`.
@@ -67,6 +75,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
+            VmState::Exited => "exited",
         }
     }
 
@@ -76,10 +85,13 @@ impl VmState {
         use VmState::*;
         match (self, to) {
             // Final states go nowhere.
-            (Stopped | Crashed, _) => false,
+            (Stopped | Crashed | Exited, _) => false,
             // Anything alive can be stopped (asked), end (a guest powering
             // itself off) or crash.
             (_, Stopping | Stopped | Crashed) => true,
+            // The main command's end stops the VM (Stopping), which then
+            // ends as Exited instead of Stopped.
+            (Stopping, Exited) => true,
             (Starting, Running) => true,
             // A session that keeps failing right after it starts goes
             // straight to Unhealthy.
@@ -95,7 +107,7 @@ impl VmState {
 
     /// The supervisor runs (whatever the health of the guest).
     pub fn is_live(self) -> bool {
-        !matches!(self, VmState::Stopped | VmState::Crashed)
+        !matches!(self, VmState::Stopped | VmState::Crashed | VmState::Exited)
     }
 
     /// Operations on the guest (exec, files, snapshot) may start.
@@ -150,9 +162,10 @@ mod tests {
                 Unhealthy,
                 &[Running, Recovering, Stopping, Stopped, Crashed],
             ),
-            (Stopping, &[Stopped, Crashed]),
+            (Stopping, &[Stopped, Crashed, Exited]),
             (Stopped, &[]),
             (Crashed, &[]),
+            (Exited, &[]),
         ];
         for (from, tos) in allowed {
             for to in VmState::ALL {

@@ -206,6 +206,17 @@ pub const EXIT_POLL: Duration = millis(20);
 /// virtio-serial port appearing, the kernel CRNG becoming ready.
 pub const SLOW_POLL: Duration = millis(50);
 
+/// Poll of a VM's logs and registry entry by `logs -f` and `wait` (the
+/// files are written by another process; a human reads the result).
+pub const LOG_FOLLOW_POLL: Duration = millis(200);
+
+/// Supervisor: pause before re-attaching to the main command after its
+/// agent stream failed (the session is being re-established).
+pub const MAIN_REATTACH: Duration = millis(500);
+
+/// Supervisor: bound on the agent's answer to `StartMain`.
+pub const MAIN_START: Duration = secs(10);
+
 /// Pause after a failed `accept` on the control socket or the agent's
 /// listener (e.g. out of file descriptors), so the loop does not spin.
 pub const ACCEPT_RETRY: Duration = millis(100);

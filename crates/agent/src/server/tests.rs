@@ -122,6 +122,7 @@ pub(crate) fn test_ctx() -> (Arc<Ctx>, Arc<AtomicBool>) {
         kernel: "6.1.0-test".into(),
         boot_id: "00000000-0000-0000-0000-000000000001".into(),
         poweroff: Box::new(move || flag.store(true, Ordering::SeqCst)),
+        main: Default::default(),
     };
     (Arc::new(ctx), powered_off)
 }
