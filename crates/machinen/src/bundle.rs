@@ -47,6 +47,9 @@ pub const STATE: &str = "state.vmstate";
 pub const DISK: &str = "rootdisk.qcow2";
 pub const MANIFEST: &str = "manifest.json";
 pub const RAM: &str = "ram.img";
+/// The main command's output log up to the snapshot (service VMs;
+/// optional): a restored VM's `logs` starts with it.
+pub const MAIN_LOG: &str = crate::service::MAIN_LOG;
 
 /// How a manifest entry's `hash` was computed (its `digest` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +154,10 @@ pub struct BundleMeta {
     /// same, since QEMU's user networking keeps state in the stream.
     #[serde(default = "crate::spec::NetworkMode::legacy")]
     pub network: crate::spec::NetworkMode,
+    /// The main command the guest runs (service VMs; its environment is
+    /// left out): a restored VM's supervisor re-attaches to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<crate::service::MainSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -671,9 +678,9 @@ impl Builder {
         })?;
         write_synced(&meta_path, &bytes)?;
         let mut files = Vec::new();
-        for name in [META, STATE, DISK, RAM] {
+        for name in [META, STATE, DISK, RAM, MAIN_LOG] {
             let p = self.path(name);
-            if name == RAM && !p.exists() {
+            if (name == RAM || name == MAIN_LOG) && !p.exists() {
                 continue;
             }
             let digest = if name == RAM {
@@ -775,7 +782,9 @@ pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
 pub fn open_verified_meta(dir: &Path) -> Result<(Manifest, BundleMeta), BundleError> {
     let manifest = read_manifest(dir)?;
     check_file_kinds(dir, &manifest)?;
-    verify_files(dir, &manifest, &[META])?;
+    // The main log is small and copied into the restored VM's directory
+    // before the large files are checked: checked here.
+    verify_files(dir, &manifest, &[META, MAIN_LOG])?;
     Ok((manifest, read_meta(dir)?))
 }
 
@@ -885,7 +894,12 @@ fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
             found: manifest.version,
         });
     }
-    let mut names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    let mut names: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .filter(|n| *n != MAIN_LOG)
+        .collect();
     names.sort_unstable();
     if names != [META, DISK, STATE] && names != [META, RAM, DISK, STATE] {
         return Err(BundleError::Corrupt {
@@ -1050,6 +1064,7 @@ mod tests {
             chain_seq: 1,
             chain_parent: None,
             network: crate::spec::NetworkMode::Nat,
+            main: None,
         }
     }
 

@@ -29,6 +29,7 @@ pub mod registry;
 pub mod restore;
 pub mod sandboxes;
 pub mod secrets;
+pub mod service;
 pub mod spec;
 pub mod terminal;
 pub mod vm;

@@ -29,6 +29,7 @@ fn spec() -> VmSpec {
         ram_file: Some(PathBuf::from("/dev/shm/machinen-0123abcd.ram")),
         restore: None,
         network: NetworkMode::Nat,
+        main: None,
     }
 }
 

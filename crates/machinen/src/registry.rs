@@ -91,6 +91,9 @@ pub struct RegistryEntry {
     /// nothing to stop; see `vm::hold_claim`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preparing: bool,
+    /// The VM's main command and, once it exited, how (service VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<crate::service::MainRecord>,
 }
 
 impl RegistryEntry {
@@ -488,6 +491,8 @@ impl Registry {
                             "crashed"
                         } else if e.preparing {
                             "its launcher died while preparing it"
+                        } else if e.state == VmState::Exited {
+                            "exited"
                         } else {
                             "supervisor is gone"
                         };
@@ -570,6 +575,7 @@ mod tests {
             cause: None,
             ended_at_ms: None,
             preparing: false,
+            main: None,
         }
     }
 

@@ -511,6 +511,27 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             return Err(e);
         }
     };
+    // The main command's log up to the snapshot (checked against the
+    // manifest with meta.json): the restored VM's log continues it.
+    {
+        let (src, dst) = (
+            bundle_dir.join(bundle::MAIN_LOG),
+            claim.dir.join(crate::service::MAIN_LOG),
+        );
+        if let Err(e) = blocking(move || {
+            if src.is_file() {
+                std::fs::copy(&src, &dst).map_err(|e| {
+                    fail(ErrorCode::Io, format!("copying {}", src.display())).source(e)
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        {
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
+    }
     let spec = VmSpec {
         id: claim.id.clone(),
         // Anonymous restores are named after the source (plus the pid).
@@ -549,6 +570,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         // The bundle's migration stream matches its network device's
         // backend (QEMU's user networking has state of its own in it).
         network: meta.network,
+        main: meta.main.clone(),
     };
     let launch = Launch {
         name: opts.name.clone(),

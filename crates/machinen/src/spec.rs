@@ -20,6 +20,8 @@ pub mod files {
     pub const PASST_LOG: &str = "passt.log";
     pub const QEMU_LOG: &str = "qemu.log";
     pub const DISK: &str = "disk.qcow2";
+    /// The main command's output (see [`crate::service`]).
+    pub const MAIN_LOG: &str = crate::service::MAIN_LOG;
 }
 
 /// One VM to start.
@@ -77,6 +79,11 @@ pub struct VmSpec {
     /// How the guest reaches the network.
     #[serde(default)]
     pub network: NetworkMode,
+    /// The VM's main command (service VMs): started once the guest is
+    /// ready; on a restore, the one the bundle's guest already runs, which
+    /// the supervisor re-attaches to.
+    #[serde(default)]
+    pub main: Option<crate::service::MainSpec>,
 }
 
 /// How to resume a VM from a bundle.

@@ -68,6 +68,17 @@ pub struct BootOptions {
     /// with nested support; refused with `BOOT_NESTED_VIRT_UNSUPPORTED`
     /// naming what the host lacks (see [`crate::accel::nested_support`]).
     pub nested: bool,
+    /// The VM's main command (service VMs; empty: none). It starts once the
+    /// guest is ready, its output goes to the VM's log ([`Vm::follow_logs`],
+    /// `machinen logs`), and when it exits the VM stops, its status kept
+    /// for [`Vm::wait`], unless `keep_alive_on_exit`.
+    pub cmd: Vec<String>,
+    /// Environment of the main command (over the agent's defaults).
+    pub env: Vec<(String, String)>,
+    /// Working directory of the main command (absolute; `/` when `None`).
+    pub cwd: Option<String>,
+    /// Keep the VM running after its main command exited.
+    pub keep_alive_on_exit: bool,
 }
 
 impl Default for BootOptions {
@@ -87,6 +98,10 @@ impl Default for BootOptions {
             secrets: Vec::new(),
             disk_size: None,
             nested: false,
+            cmd: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            keep_alive_on_exit: false,
         }
     }
 }
@@ -143,6 +158,9 @@ pub struct VmInfo {
     /// Why a `crashed` VM ended (QEMU's exit status or signal and its last
     /// words); `None` for a live one.
     pub cause: Option<String>,
+    /// The VM's main command and, once it exited, its status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub main: Option<crate::service::MainRecord>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -165,6 +183,7 @@ impl From<&RegistryEntry> for VmInfo {
             control_socket: e.control_socket.clone(),
             console_log: e.console_log.clone(),
             cause: e.cause.clone(),
+            main: e.main.clone(),
         }
     }
 }
@@ -265,6 +284,13 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     if let Some(size) = opts.disk_size {
         image::check_disk_size(size, None)?;
     }
+    if !opts.cmd.is_empty() {
+        validate_exec(&ExecOptions {
+            argv: opts.cmd.clone(),
+            env: opts.env.clone(),
+            cwd: opts.cwd.clone(),
+        })?;
+    }
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
@@ -324,6 +350,12 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         ram_file: None,
         restore: None,
         network: opts.network,
+        main: (!opts.cmd.is_empty()).then(|| crate::service::MainSpec {
+            argv: opts.cmd.clone(),
+            env: opts.env.clone(),
+            cwd: opts.cwd.clone(),
+            keep_alive_on_exit: opts.keep_alive_on_exit,
+        }),
     };
     // A child process (qemu-img): on the blocking pool.
     let overlay = {
@@ -545,6 +577,12 @@ pub(crate) async fn launch_vm(
         cause: None,
         ended_at_ms: None,
         preparing: false,
+        main: spec.main.as_ref().map(|m| crate::service::MainRecord {
+            argv: m.argv.clone(),
+            keep_alive_on_exit: m.keep_alive_on_exit,
+            exit: None,
+            exited_at_ms: None,
+        }),
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1293,8 +1331,13 @@ pub fn list_all() -> Result<Vec<VmInfo>> {
         .partition(|e| e.is_live());
     let dead = dead.iter().map(|e| {
         let mut info = VmInfo::from(e);
-        info.state = machinen_proto::VmState::Crashed;
-        info.cause = Some(e.death_cause());
+        if e.state == machinen_proto::VmState::Exited {
+            // Its main command ended it: the status is the cause.
+            info.cause = e.main.as_ref().and_then(|m| m.status_text());
+        } else {
+            info.state = machinen_proto::VmState::Crashed;
+            info.cause = Some(e.death_cause());
+        }
         info.uptime_ms = e
             .ended_at_ms
             .map_or(0, |end| end.saturating_sub(e.created_at_ms));
@@ -1316,6 +1359,11 @@ pub struct VmLogs {
     pub vmm: PathBuf,
     /// QEMU's stderr.
     pub qemu: PathBuf,
+    /// The VM's directory (its main command's log is `main.log` there).
+    pub dir: PathBuf,
+    /// The registry entry, for following the logs of a live VM.
+    #[serde(skip)]
+    pub entry: Option<RegistryEntry>,
 }
 
 /// The logs of a VM, live or crashed, by name, pid or id.
@@ -1326,6 +1374,8 @@ pub fn logs(target: &str) -> Result<VmLogs> {
     let dir = reg.dir(&e.id);
     let (state, cause) = if e.is_live() {
         (e.state, None)
+    } else if e.state == machinen_proto::VmState::Exited {
+        (e.state, e.main.as_ref().and_then(|m| m.status_text()))
     } else {
         (machinen_proto::VmState::Crashed, Some(e.death_cause()))
     };
@@ -1336,6 +1386,8 @@ pub fn logs(target: &str) -> Result<VmLogs> {
             .unwrap_or_else(|| dir.join(files::CONSOLE)),
         vmm: dir.join(files::VMM_LOG),
         qemu: dir.join(files::QEMU_LOG),
+        dir: dir.clone(),
+        entry: Some(e.clone()),
         name: e.name,
         id: e.id,
         state,
@@ -1526,6 +1578,7 @@ mod tests {
             cause: None,
             ended_at_ms: None,
             preparing: false,
+            main: None,
         };
         let vm = Vm {
             info: VmInfo::from(&entry),

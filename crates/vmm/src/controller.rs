@@ -128,6 +128,8 @@ pub async fn run<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
         // A stop arrived during start-up: it is waiting in `stop_rx`.
         tracing::info!("not marking the VM running: {refused}");
     }
+    // Service VMs: start (or, restored, re-attach to) the main command.
+    tokio::spawn(crate::service::run(spec.clone(), shared.clone()));
     let boot_ms = started.elapsed().as_millis() as u64;
     tracing::info!("ready after {boot_ms} ms");
     (launcher.ready)(&ReadyLine::Ready {
@@ -266,6 +268,10 @@ pub async fn conclude<M: Machine>(
                 return 1;
             }
         }
+    }
+    // A VM stopped by its main command's exit keeps an `exited` record.
+    if crate::service::keep_exited(shared, spec).await {
+        return 0;
     }
     // Removes a partial bundle (possibly GiBs) and takes the registry lock.
     let (reg, spec2) = (shared.registry.clone(), spec.clone());

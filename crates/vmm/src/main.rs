@@ -13,6 +13,7 @@ mod fake_agent;
 mod keeper;
 mod lifecycle;
 mod ports;
+mod service;
 mod snapshot;
 mod startup;
 mod supervisor;

@@ -301,6 +301,11 @@ impl<M: Machine> Phases<'_, M> {
             if let Some(ram) = &spec.ram_file {
                 copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
             }
+            // The main command's log so far (service VMs), for the
+            // restored VM's `logs`; it re-attaches after its last record.
+            if let Some(log) = crate::service::log_for_bundle(spec) {
+                copies.push((log, builder.path(bundle::MAIN_LOG), "main command's log"));
+            }
             for (src, dst, what) in copies {
                 tokio::task::spawn_blocking(move || {
                     bundle::sparse_copy_until(&src, &dst, Some(deadline))
@@ -360,6 +365,7 @@ impl<M: Machine> Phases<'_, M> {
             chain_seq: chain.seq + 1,
             chain_parent: chain.parent.clone(),
             network: spec.network,
+            main: crate::service::bundle_main(spec),
         };
         let scratch = req.scratch;
         let marker = spec.path_in(PARTIAL_MARKER);
