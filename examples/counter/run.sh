@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The handoff quickstart: a counter that lives only in a VM's memory keeps
-# counting across snapshot and restore, and a fork continues from the same
-# value independently.
+# The service quickstart: bake the counter into an image as its command, boot
+# it as a detached service VM (the counter is the VM's main command), read
+# its log, and watch its in-memory count survive snapshot and restore; a
+# fork continues from the same value independently, and `wait` returns the
+# counter's exit status when it is told to quit.
 #
 #   examples/counter/run.sh            (uses target/release/machinen, or MACHINEN=...)
 set -euo pipefail
@@ -12,16 +14,17 @@ fork_port=${FORK_PORT:-3001}
 work=$(mktemp -d)
 trap '$m stop --force counter >/dev/null 2>&1 || true; $m stop --force counter-b >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
-get() { curl -fsS --retry 20 --retry-connrefused --retry-delay 0 "http://127.0.0.1:$1/"; }
+get() { curl -fsS --retry 30 --retry-connrefused --retry-delay 0 "http://127.0.0.1:$1/${2:-}"; }
 
-say machinen boot --name counter --detached --memory 512 -p $port:8080
-$m boot --name counter --detached --memory 512 -p "$port:8080"
-$m cp counter.pl counter:/root/counter.pl >/dev/null 2>&1
-$m exec counter -- sh -c 'nohup perl /root/counter.pl 8080 >/dev/null 2>&1 &'
-# Wait until the guest server listens (8080 is 0x1F90 in /proc/net/tcp).
-$m exec counter -- sh -c 'until grep -q ":1F90 00000000:0000 0A" /proc/net/tcp; do sleep 0.1; done'
+say machinen provision --copy counter.pl:/srv/counter.pl --cmd "'perl /srv/counter.pl 8080'" -o app.tar.gz
+$m provision --copy counter.pl:/srv/counter.pl --cmd 'perl /srv/counter.pl 8080' -o "$work/app.tar.gz"
+say machinen boot --name counter --detached --memory 512 -p $port:8080 app.tar.gz
+$m boot --name counter --detached --memory 512 -p "$port:8080" "$work/app.tar.gz"
 say curl localhost:$port; get "$port"
 say curl localhost:$port; get "$port"
+say "machinen logs counter   # the counter's stdout and stderr, kept per VM"
+sleep 0.5
+$m logs counter
 
 say machinen snapshot counter "$work/counter.snap"
 $m snapshot counter "$work/counter.snap"
@@ -36,9 +39,14 @@ say machinen fork counter --new-name counter-b --detach -p $fork_port:8080
 $m fork counter --new-name counter-b --detach -p "$fork_port:8080"
 say "curl localhost:$fork_port   # the fork starts from the same value"
 get "$fork_port"
-say "curl localhost:$fork_port"
-get "$fork_port"
 say "curl localhost:$port   # the source counts on its own"
 get "$port"
+say "machinen logs counter   # its log goes on across the restore"
+sleep 0.5
+$m logs counter
 say machinen ls
 $m ls
+
+say "curl localhost:$fork_port/quit; machinen wait counter-b   # the counter exits 0, the VM stops"
+get "$fork_port" quit
+$m wait counter-b && echo "counter-b exited with status $?"

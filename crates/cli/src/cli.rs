@@ -72,8 +72,10 @@ pub enum Command {
     /// List live VMs, and crashed ones (with the cause) until `gc`.
     #[command(visible_aliases = ["list", "ps"])]
     Ls(LsArgs),
-    /// Print a VM's console log (live or crashed), or its supervisor or QEMU log.
+    /// Print a VM's main command output (or its console, supervisor or QEMU log); -f follows.
     Logs(LogsArgs),
+    /// Wait until a VM's main command exits (or the VM ends); exit with its status.
+    Wait(WaitArgs),
     /// Stop a VM (graceful, then forced after a timeout).
     Stop(StopArgs),
     /// Remove what dead VMs left behind.
@@ -109,7 +111,8 @@ impl Command {
             | Command::Completion(_)
             | Command::VmNames => false,
             Command::Ls(a) => a.json,
-            Command::Logs(_) => false,
+            Command::Logs(a) => a.json,
+            Command::Wait(a) => a.json,
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
@@ -132,7 +135,7 @@ pub struct ProcessArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run"
+    after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run\n  machinen boot --name web --detached -p 3000:8080 ./app.tar.gz     service: the image's command is the VM's main command\n  machinen boot --name job --detached -- sh -c 'make test'        then `machinen logs -f job`, `machinen wait job`\n\nWith --detached and a command (after `--`, or the image's baked one), the command is the VM's\nmain command: its output is kept (`machinen logs`), and when it exits the VM stops and keeps its\nexit status for `machinen wait` (and `ls`) until `machinen gc`; --keep-alive-on-exit keeps the VM up."
 )]
 pub struct BootArgs {
     /// Rootfs tarball to boot (default: the installed Debian base).
@@ -159,9 +162,14 @@ pub struct BootArgs {
     /// Forward a host port to a guest port: HOST:GUEST or ADDR:HOST:GUEST (repeatable; ADDR defaults to 127.0.0.1).
     #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
     pub publish: Vec<String>,
-    /// Return once the guest is ready and leave the VM running.
+    /// Return once the guest is ready and leave the VM running; a command
+    /// (after `--`, or the image's baked one) becomes its main command.
     #[arg(long, short = 'd', visible_alias = "detach")]
     pub detached: bool,
+    /// With --detached: keep the VM running after its main command exited
+    /// (`ls` then shows `exited N`), instead of stopping it.
+    #[arg(long, visible_alias = "keep-on-exit", requires = "detached")]
+    pub keep_alive_on_exit: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Seconds to wait for the guest to become ready.
@@ -341,18 +349,48 @@ pub struct LsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen logs web                  the main command's stdout and stderr (kept per VM, rotated at 8 MiB)\n  machinen logs -f --tail 20 web     the last 20 lines, then new output until the VM ends\n  machinen logs --since 10m --json web\n  machinen logs --console web        the guest's console (the default for a VM without a main command)\n\nThe main command's stdout goes to stdout and its stderr to stderr; with --json, one record a line:\n{\"seq\":N,\"t_ms\":UNIX_MS,\"stream\":\"stdout\"|\"stderr\"|\"exit\"|\"gap\",\"data\":TEXT | \"hex\":HEX,\"exit\":{\"code\",\"signal\"}}."
+)]
 pub struct LogsArgs {
-    /// VM name, pid or id; a crashed VM's too, until `machinen gc`.
+    /// VM name, pid or id; a crashed or exited VM's too, until `machinen gc`.
     pub target: String,
-    /// The supervisor's log (vmm.log) instead of the console.
+    /// The guest's console log instead of the main command's output.
+    #[arg(long, conflicts_with_all = ["vmm", "qemu"])]
+    pub console: bool,
+    /// The supervisor's log (vmm.log).
     #[arg(long, conflicts_with = "qemu")]
     pub vmm: bool,
-    /// QEMU's own output (qemu.log) instead of the console.
+    /// QEMU's own output (qemu.log).
     #[arg(long)]
     pub qemu: bool,
-    /// Only the last N lines, or `all` (up to the last 4 MiB).
-    #[arg(long, default_value = "all", value_name = "N|all")]
+    /// Only the last N lines, or `all` (the console: up to its last 4 MiB).
+    #[arg(long, short = 'n', default_value = "all", value_name = "N|all")]
     pub tail: String,
+    /// Keep printing new output until the VM ends (or its main command exits).
+    #[arg(long, short = 'f', conflicts_with_all = ["vmm", "qemu"])]
+    pub follow: bool,
+    /// Only output from this time on: a duration back (30s, 10m, 2h, 1d), Unix seconds, or 2026-01-31T12:00:00Z.
+    #[arg(long, value_name = "DURATION|TIME", conflicts_with_all = ["console", "vmm", "qemu"])]
+    pub since: Option<String>,
+    /// The main command's output as JSON records, one a line.
+    #[arg(long, conflicts_with_all = ["console", "vmm", "qemu"])]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen wait web; echo $?\n  machinen wait --timeout 60 --json web\n\nExit status: the main command's (128+N when killed by signal N); 143 when the VM was stopped\n(or had no main command); 125 when it crashed. A VM that already ended is answered at once."
+)]
+pub struct WaitArgs {
+    /// VM name, pid or id; one that already ended too, until `machinen gc`.
+    pub target: String,
+    /// Give up after SECS with WAIT_TIMEOUT (default: wait as long as it takes).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Print how the VM ended as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -527,6 +527,8 @@ mod ops;
 mod parity;
 #[path = "e2e/provision.rs"]
 mod provision;
+#[path = "e2e/service.rs"]
+mod service;
 #[path = "e2e/snapshot.rs"]
 mod snapshot;
 

@@ -50,20 +50,42 @@ fn foreground_exec(a: &BootArgs) -> Result<ExecOptions> {
     Ok(config.exec_options(argv, &env, a.process.cwd.clone())?)
 }
 
-pub async fn run(a: BootArgs) -> Result<i32> {
-    if a.detached && !a.cmd.is_empty() {
-        return Err(fail(
-            ErrorCode::BootArgsInvalid,
-            "a command cannot be combined with --detached yet",
-        )
-        .hint("boot with --detached, then run it with `machinen exec NAME -- CMD`")
-        .into());
+/// What a detached boot runs as the VM's main command: the command after
+/// `--`, else the image's baked one (env and cwd as for a foreground boot);
+/// `None` (a VM that just stays up) when there is neither.
+fn main_command(a: &BootArgs) -> Result<Option<ExecOptions>> {
+    let baked = match &a.image {
+        Some(img) if a.cmd.is_empty() => {
+            let progress = if a.json {
+                ProgressMode::Quiet
+            } else {
+                ProgressMode::Auto
+            };
+            machinen::provision::image_config(Some(img), progress)?
+                .filter(|c| c.cmd.as_ref().is_some_and(|v| !v.is_empty()))
+                .is_some()
+        }
+        _ => false,
+    };
+    if a.cmd.is_empty() && !baked {
+        if a.keep_alive_on_exit {
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                "--keep-alive-on-exit needs a main command (after `--`, or baked into the image)",
+            )
+            .into());
+        }
+        return Ok(None);
     }
+    foreground_exec(a).map(Some)
+}
+
+pub async fn run(a: BootArgs) -> Result<i32> {
     // Check the command before paying for a boot.
-    let exec = if a.detached {
-        None
+    let (exec, main) = if a.detached {
+        (None, main_command(&a)?)
     } else {
-        Some(foreground_exec(&a)?)
+        (Some(foreground_exec(&a)?), None)
     };
     let ports = a
         .publish
@@ -92,6 +114,10 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         secrets: a.secrets.parse()?,
         disk_size: a.disk_size,
         nested: a.nested,
+        cmd: main.as_ref().map(|m| m.argv.clone()).unwrap_or_default(),
+        env: main.as_ref().map(|m| m.env.clone()).unwrap_or_default(),
+        cwd: main.as_ref().and_then(|m| m.cwd.clone()),
+        keep_alive_on_exit: a.keep_alive_on_exit,
     };
     let vm = machinen::boot(opts).await?;
     match exec {
@@ -100,6 +126,8 @@ pub async fn run(a: BootArgs) -> Result<i32> {
                 let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
                 v["boot_ms"] = vm.boot_ms().into();
                 print_json(&v);
+            } else if main.is_some() {
+                println!("{} (pid {}) runs its main command; `machinen logs -f {}` shows its output, `machinen wait {}` waits for its exit", vm.name(), vm.pid(), vm.name(), vm.name());
             } else {
                 println!("{} (pid {}) is running; `machinen exec {} -- CMD` to use it, `machinen stop {}` to stop it", vm.name(), vm.pid(), vm.name(), vm.name());
             }

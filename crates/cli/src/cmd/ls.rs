@@ -11,9 +11,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
         print_json(&vms);
         return Ok(0);
     }
-    let (crashed, live): (Vec<_>, Vec<_>) = vms
-        .iter()
-        .partition(|v| v.state == machinen_proto::VmState::Crashed);
+    let (crashed, live): (Vec<_>, Vec<_>) = vms.iter().partition(|v| !v.state.is_live());
     let rows: Vec<[String; 6]> = live
         .iter()
         .map(|v| {
@@ -26,7 +24,12 @@ pub fn run(a: LsArgs) -> Result<i32> {
             [
                 v.pid.to_string(),
                 v.name.clone(),
-                v.state.to_string(),
+                // A VM kept alive after its main command exited says so.
+                v.main
+                    .as_ref()
+                    .and_then(|m| m.status_text())
+                    .filter(|_| v.state == machinen_proto::VmState::Running)
+                    .unwrap_or_else(|| v.state.to_string()),
                 human_duration(v.uptime_ms),
                 ports,
                 v.forked_from.clone().unwrap_or_default(),
@@ -34,7 +37,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
         })
         .collect();
     print_table(
-        ["PID", "NAME", "STATE", "UP", "PORTS", "FORKED-FROM"].map(String::from),
+        ["PID", "NAME", "STATUS", "UP", "PORTS", "FORKED-FROM"].map(String::from),
         &rows,
     );
     // A VM that is not healthy says why, below the table.
@@ -45,7 +48,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
     }
     if !crashed.is_empty() {
         println!(
-            "\ncrashed (`machinen logs NAME|ID` shows the console, `machinen gc` removes them):"
+            "\nended: crashed, or exited with their main command (`machinen logs NAME|ID` shows the output or console, `machinen gc` removes them):"
         );
         let rows: Vec<[String; 3]> = crashed
             .iter()

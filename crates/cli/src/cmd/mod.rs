@@ -16,6 +16,7 @@ mod provision;
 mod repl;
 mod snapshot;
 mod stop;
+mod wait;
 
 use machinen::Result;
 
@@ -37,7 +38,8 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Restore(a) => snapshot::restore(a).await,
         Command::Fork(a) => snapshot::fork(a).await,
         Command::Ls(a) => ls::run(a),
-        Command::Logs(a) => logs::run(a),
+        Command::Logs(a) => logs::run(a).await,
+        Command::Wait(a) => wait::run(a).await,
         Command::Stop(a) => stop::run(a).await,
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,
