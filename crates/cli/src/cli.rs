@@ -74,7 +74,7 @@ pub enum Command {
     Ls(LsArgs),
     /// Print a VM's main command output (or its console, supervisor or QEMU log); -f follows.
     Logs(LogsArgs),
-    /// Wait until a VM's main command exits (or the VM ends); exit with its status.
+    /// Wait until a VM ends (or its kept-alive main command exits); exit with the command's status.
     Wait(WaitArgs),
     /// Stop a VM (graceful, then forced after a timeout).
     Stop(StopArgs),

@@ -514,7 +514,12 @@ impl LogFollower {
 pub enum WaitOutcome {
     /// The main command exited with this status (the VM stopped, or runs
     /// on when it was kept alive).
-    Exited { status: ExitStatus, code: i32 },
+    Exited {
+        status: ExitStatus,
+        /// The shell's spelling of `status` (`exit_code` in the CLI's JSON).
+        #[serde(skip)]
+        code: i32,
+    },
     /// The VM was stopped (or snapshotted away, or powered itself off)
     /// before a main command ended.
     Stopped,
@@ -542,11 +547,16 @@ fn read_entry(dir: &Path) -> Option<RegistryEntry> {
 
 /// The outcome of an entry that says it ended, if it does.
 fn outcome_of(e: &RegistryEntry) -> Option<WaitOutcome> {
-    if let Some(status) = e.main.as_ref().and_then(|m| m.exit) {
-        return Some(WaitOutcome::Exited {
-            status,
-            code: status.shell_code(),
-        });
+    if let Some(m) = &e.main {
+        // A VM its main command stops is waited for until it is gone (as
+        // `docker wait` returns once the container stopped); one kept alive
+        // answers at the exit.
+        if let Some(status) = m.exit.filter(|_| m.keep_alive_on_exit || !e.is_live()) {
+            return Some(WaitOutcome::Exited {
+                status,
+                code: status.shell_code(),
+            });
+        }
     }
     if !e.is_live() {
         return Some(match e.state {
@@ -560,7 +570,8 @@ fn outcome_of(e: &RegistryEntry) -> Option<WaitOutcome> {
 }
 
 /// Block until the VM `target` (name, pid or id; a VM that already ended
-/// too) ends, or its main command exits: then how. `timeout` bounds the
+/// too) ends, or the main command of a VM kept alive after it exits: then
+/// how. `timeout` bounds the
 /// wait (`None`: as long as it takes), failing with `WAIT_TIMEOUT`.
 pub async fn wait(target: &str, timeout: Option<Duration>) -> Result<(RegistryEntry, WaitOutcome)> {
     let paths = Paths::from_env()?;

@@ -137,6 +137,7 @@ impl ErrorCode {
                 | InstallFetchFailed
                 | SnapshotTimeout
                 | BootRamDirFull
+                | WaitTimeout
         )
     }
 

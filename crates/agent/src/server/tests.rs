@@ -926,3 +926,65 @@ async fn a_hello_right_behind_a_break_is_answered_after_the_stale_session() {
         .expect("the hello behind the break is answered without a retry");
     server.abort();
 }
+
+/// The main command outlives the streams that started and followed it: its
+/// output and status wait in the agent for any session (a restored guest's
+/// next one) to attach, from any record on.
+#[tokio::test]
+async fn the_main_command_is_kept_for_any_session_to_attach() {
+    let (ctx, _) = test_ctx();
+    let (a, b) = duplex(64 * 1024);
+    tokio::spawn(serve_session(a, ctx.clone()));
+    let c = Client::new(b);
+    let none = c
+        .call(Frame::Request(Request::AttachMain { from_seq: 0 }))
+        .await;
+    assert!(
+        matches!(&none[..], [Frame::Error(e)] if e.code == "MAIN_NOT_RUNNING"),
+        "{none:?}"
+    );
+    let script = "echo out; sleep 0.3; echo err >&2; exit 3";
+    let started = c
+        .call(Frame::Request(Request::StartMain(exec(&[
+            "sh", "-c", script,
+        ]))))
+        .await;
+    let Some(Frame::Started { pid }) = started.first().cloned() else {
+        panic!("{started:?}");
+    };
+    let again = c
+        .call(Frame::Request(Request::StartMain(exec(&["true"]))))
+        .await;
+    assert!(
+        matches!(&again[..], [Frame::Error(e)] if e.code == "MAIN_ALREADY_RUNNING"),
+        "{again:?}"
+    );
+    let frames = c
+        .call(Frame::Request(Request::AttachMain { from_seq: 0 }))
+        .await;
+    assert_eq!(
+        frames,
+        [
+            Frame::Response(Response::MainAttached { pid, seq: 0 }),
+            Frame::Stdout(b"out\n".to_vec()),
+            Frame::Stderr(b"err\n".to_vec()),
+            Frame::Exit(code(3).expect("status")),
+        ]
+    );
+    c.disconnect();
+    // A new session re-attaches after the records it has.
+    let (a, b) = duplex(64 * 1024);
+    tokio::spawn(serve_session(a, ctx));
+    let c = Client::new(b);
+    let frames = c
+        .call(Frame::Request(Request::AttachMain { from_seq: 1 }))
+        .await;
+    assert_eq!(
+        frames,
+        [
+            Frame::Response(Response::MainAttached { pid, seq: 1 }),
+            Frame::Stderr(b"err\n".to_vec()),
+            Frame::Exit(code(3).expect("status")),
+        ]
+    );
+}
