@@ -430,7 +430,10 @@ impl LogFollower {
         }
         match self.source {
             LogSource::Console => {
-                let seq = file.stream_position().unwrap_or(0) - buf.len() as u64;
+                let seq = file
+                    .stream_position()
+                    .unwrap_or(0)
+                    .saturating_sub(buf.len() as u64);
                 self.pending.push_back(LogEvent::Chunk {
                     stream: LogStream::Console,
                     data: buf,

@@ -93,7 +93,7 @@ pub async fn run(spec: VmSpec, shared: Arc<Shared>) {
                 tracing::error!("{}", text.trim_end());
                 log.append(LogRecord::chunk(next, LogStream::Stderr, text.as_bytes()))
                     .await;
-                next += 1;
+                next = next.saturating_add(1);
                 Some(status)
             }
         }
@@ -127,7 +127,7 @@ pub async fn run(spec: VmSpec, shared: Arc<Shared>) {
 async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)> {
     let agent = shared.agent.lock().await.clone().ok_or_else(|| {
         (
-            "EXEC_VSOCK_UNAVAILABLE".to_string(),
+            ErrorCode::ExecVsockUnavailable.as_str().to_string(),
             "the guest agent is not connected".to_string(),
         )
     })?;
@@ -213,12 +213,12 @@ async fn attach_once(shared: &Shared, log: &mut Log, next: &mut u64) -> Attach {
             Frame::Stdout(b) => {
                 log.append(LogRecord::chunk(*next, LogStream::Stdout, &b))
                     .await;
-                *next += 1;
+                *next = next.saturating_add(1);
             }
             Frame::Stderr(b) => {
                 log.append(LogRecord::chunk(*next, LogStream::Stderr, &b))
                     .await;
-                *next += 1;
+                *next = next.saturating_add(1);
             }
             Frame::Exit(st) => return Attach::Exited(st),
             Frame::Error(e) if e.code == ErrorCode::MainNotRunning.as_str() => return Attach::None,
