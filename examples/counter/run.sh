@@ -20,6 +20,8 @@ say machinen provision --copy counter.pl:/srv/counter.pl --cmd "'perl /srv/count
 $m provision --copy counter.pl:/srv/counter.pl --cmd 'perl /srv/counter.pl 8080' -o "$work/app.tar.gz"
 say machinen boot --name counter --detached --memory 512 -p $port:8080 app.tar.gz
 $m boot --name counter --detached --memory 512 -p "$port:8080" "$work/app.tar.gz"
+# The counter says on stderr when it listens: wait for that in its log.
+for _ in $(seq 100); do $m logs counter 2>&1 | grep -q 'counter listening' && break; sleep 0.2; done
 say curl localhost:$port; get "$port"
 say curl localhost:$port; get "$port"
 say "machinen logs counter   # the counter's stdout and stderr, kept per VM"
