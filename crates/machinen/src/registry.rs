@@ -105,6 +105,11 @@ impl RegistryEntry {
     /// Why a VM that is not live ended: the cause its supervisor recorded,
     /// or, when the supervisor itself died first, that.
     pub fn death_cause(&self) -> String {
+        if self.state == VmState::Exited {
+            if let Some(text) = self.main.as_ref().and_then(|m| m.status_text()) {
+                return format!("its main command {text}");
+            }
+        }
         match &self.cause {
             Some(c) => c.clone(),
             None => format!("its supervisor (pid {}) died without recording why (killed, or the host restarted)", self.supervisor_pid),
@@ -699,6 +704,36 @@ mod tests {
         );
         let back: RegistryEntry = serde_json::from_value(old).expect("old entry");
         assert_eq!(back.cause, None);
+        assert_eq!(back.main, None, "entries from before service VMs read");
+    }
+
+    #[test]
+    fn exited_entries_say_how_their_main_command_ended() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let reg = Registry::new(tmp.path().join("vms"));
+        let lock = reg.lock().expect("lock");
+        let c = reg.claim(&lock, "job").expect("claim");
+        let mut e = entry(&reg, &c, "job", 1, u64::MAX);
+        e.state = VmState::Exited;
+        e.main = Some(crate::service::MainRecord {
+            argv: vec!["make".into()],
+            keep_alive_on_exit: false,
+            exit: Some(machinen_proto::ExitStatus {
+                code: Some(7),
+                signal: None,
+            }),
+            exited_at_ms: Some(2),
+        });
+        reg.write(&e).expect("write");
+        let stale = reg.stale().expect("stale");
+        assert_eq!(
+            (
+                stale[0].reason,
+                stale[0].entry.as_ref().map(|e| e.death_cause())
+            ),
+            ("exited", Some("its main command exited 7".to_string()))
+        );
+        assert_eq!(reg.find_any("job").expect("ended").main, e.main);
     }
 
     #[test]
