@@ -8,7 +8,7 @@ use super::{sha256_hex, Env};
 
 /// Drop the cached ext4 image and config of a baked tarball, so test runs do
 /// not pile up images in the shared cache.
-struct Forget(Vec<PathBuf>);
+pub(super) struct Forget(pub(super) Vec<PathBuf>);
 
 impl Drop for Forget {
     fn drop(&mut self) {

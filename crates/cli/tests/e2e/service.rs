@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::provision::Forget;
 use super::{pid_alive, wait_until, Env};
 
 /// A small HTTP server: logs each request line to stdout (its start to
@@ -86,8 +87,24 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
     let env = Env::new();
     let work = tempfile::tempdir().expect("tmp");
     let (p1, p2) = (free_port(), free_port());
+    // The server baked into an image as its command, as a service is
+    // shipped; a detached boot of the image runs it as the main command.
+    let server = work.path().join("server.pl");
+    std::fs::write(&server, SERVER).expect("write");
+    let image = work.path().join("app.tar.gz");
+    let _forget = Forget(vec![image.clone()]);
+    env.run_ok(&[
+        "provision",
+        "--copy",
+        &format!("{}:/srv/server.pl", server.display()),
+        "--cmd",
+        "perl /srv/server.pl",
+        "-o",
+        image.to_str().expect("utf8"),
+    ]);
     let info = env.json(&[
         "boot",
+        image.to_str().expect("utf8"),
         "--name",
         "svc",
         "--memory",
@@ -96,12 +113,8 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
         "--json",
         "-p",
         &format!("{p1}:8080"),
-        "--",
-        "perl",
-        "-e",
-        SERVER,
     ]);
-    assert_eq!(info["main"]["argv"][0], "perl", "{info}");
+    assert_eq!(info["main"]["argv"][2], "perl /srv/server.pl", "{info}");
 
     // The main command serves; its stdout and stderr are kept apart.
     assert_eq!(get(p1, "/hello"), 1);
