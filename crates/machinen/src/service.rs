@@ -692,6 +692,80 @@ mod tests {
         assert_eq!(next_seq(dir.path()), 150);
     }
 
+    /// A follower sees records as they are appended, across a rotation,
+    /// skips what the caller already showed, and ends at the exit record.
+    #[tokio::test]
+    async fn a_follower_streams_appended_records_across_rotation_until_the_exit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let me = std::process::id();
+        let entry: RegistryEntry = serde_json::from_value(serde_json::json!({
+            "id": "x", "name": "x", "state": "running",
+            "supervisor_pid": me,
+            "supervisor_start": registry::process_start_time(me).expect("start"),
+            "control_socket": "/nonexistent", "created_at_ms": 0,
+        }))
+        .expect("entry");
+        let mut w = LogWriter::new(dir.path());
+        w.append(&LogRecord::chunk(0, LogStream::Stdout, b"old\n"))
+            .expect("append");
+        let mut f = LogFollower::new(&entry, dir.path(), LogSource::Main, true);
+        f.skip_through(0);
+        let path = dir.path().to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut w = LogWriter::new(&path);
+            w.append(&LogRecord::chunk(1, LogStream::Stderr, b"one\n"))
+                .expect("append");
+            // Rotate: the follower finishes the old file, then reads the new.
+            std::thread::sleep(Duration::from_millis(300));
+            let big = "y".repeat(machinen_proto::MAX_CHUNK);
+            for seq in 2..140 {
+                w.append(&LogRecord::chunk(seq, LogStream::Stdout, big.as_bytes()))
+                    .expect("append");
+            }
+            w.append(&LogRecord::chunk(140, LogStream::Stdout, b"last\n"))
+                .expect("append");
+            w.append(&LogRecord::exit(
+                141,
+                ExitStatus {
+                    code: Some(7),
+                    signal: None,
+                },
+            ))
+            .expect("append");
+        });
+        let mut seqs = Vec::new();
+        let mut exit = None;
+        let collect = async {
+            while let Some(ev) = f.next().await {
+                match ev {
+                    LogEvent::Chunk {
+                        seq, stream, data, ..
+                    } => {
+                        if seq == 1 {
+                            assert_eq!(
+                                (stream, data.as_slice()),
+                                (LogStream::Stderr, &b"one\n"[..])
+                            );
+                        }
+                        seqs.push(seq);
+                    }
+                    LogEvent::Exit(st) => exit = Some(st),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), collect)
+            .await
+            .expect("the follower ends at the exit record");
+        writer.await.expect("writer");
+        assert!(dir.path().join(MAIN_LOG_OLD).exists(), "the log rotated");
+        assert_eq!(
+            seqs,
+            (1..=140).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        assert_eq!(exit.and_then(|e| e.code), Some(7));
+    }
+
     #[test]
     fn tail_counts_lines_and_since_filters_by_time() {
         let mk = |seq, t_ms, s: &str| LogRecord {
