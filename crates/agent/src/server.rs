@@ -110,7 +110,9 @@ where
         Frame::Request(Request::PushDir(req)) => crate::dirs::push_dir(s, req).await,
         Frame::Request(Request::PullDir(req)) => crate::dirs::pull_dir(s, req).await,
         Frame::Request(Request::Secrets { secrets }) => {
-            crate::secrets::serve_install(&mut s, secrets).await
+            crate::secrets::serve_install(&mut s, secrets).await;
+            // A main command waiting for them starts now.
+            ctx.main.secrets_installed();
         }
         Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
         Frame::Request(Request::Connect { port }) => crate::forward::serve(s, port).await,

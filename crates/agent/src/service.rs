@@ -21,7 +21,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use machinen_proto::{send, ExecRequest, ExitStatus, Frame, Response, WireError, MAX_CHUNK};
+use machinen_proto::{
+    send, timeouts, ExecRequest, ExitStatus, Frame, MainRequest, Response, WireError, MAX_CHUNK,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -100,6 +102,9 @@ impl Main {
 pub struct MainSlot {
     main: Mutex<Option<Main>>,
     changed: Notify,
+    /// The host installed secrets (see `MainRequest::after_secrets`).
+    secrets: std::sync::atomic::AtomicBool,
+    secrets_set: Notify,
 }
 
 impl MainSlot {
@@ -113,6 +118,33 @@ impl MainSlot {
             m.push(stdout, data);
         }
         self.changed.notify_waiters();
+    }
+
+    /// Called after a `Secrets` request was served.
+    pub fn secrets_installed(&self) {
+        self.secrets
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.secrets_set.notify_waiters();
+    }
+
+    async fn wait_for_secrets(&self) {
+        let wait = async {
+            loop {
+                let notified = self.secrets_set.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.secrets.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(timeouts::MAIN_SECRETS_WAIT, wait)
+            .await
+            .is_err()
+        {
+            debug!("main command: no secrets arrived; starting it without them");
+        }
     }
 
     fn finish(&self, status: ExitStatus) {
@@ -131,10 +163,20 @@ fn wire_error(code: &str, message: impl Into<String>) -> Frame {
 }
 
 /// `StartMain`: spawn the command and start collecting its output.
-pub async fn start<S>(mut s: S, slot: Arc<MainSlot>, mut req: ExecRequest, hostname: &str)
+pub async fn start<S>(mut s: S, slot: Arc<MainSlot>, main: MainRequest, hostname: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if main.after_secrets {
+        slot.wait_for_secrets().await;
+    }
+    let req = ExecRequest {
+        argv: main.argv,
+        env: main.env,
+        cwd: main.cwd,
+        tty: false,
+        winsize: None,
+    };
     let reply = {
         let running = slot
             .lock()
@@ -147,7 +189,6 @@ where
                 format!("this VM's main command already runs (pid {pid})"),
             ),
             None => {
-                req.tty = false;
                 match exec::spawn(&req, hostname) {
                     Err(e) => Frame::Error(e),
                     Ok(sp) => {

@@ -49,6 +49,9 @@ pub struct MainSpec {
     /// Keep the VM running after the command exited.
     #[serde(default)]
     pub keep_alive_on_exit: bool,
+    /// The VM gets secrets once it is ready: start the command after them.
+    #[serde(default)]
+    pub after_secrets: bool,
 }
 
 /// What the registry entry says about the main command.

@@ -355,6 +355,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             env: opts.env.clone(),
             cwd: opts.cwd.clone(),
             keep_alive_on_exit: opts.keep_alive_on_exit,
+            after_secrets: !opts.secrets.is_empty(),
         }),
     };
     // A child process (qemu-img): on the blocking pool.

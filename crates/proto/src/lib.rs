@@ -303,6 +303,24 @@ pub struct ExecRequest {
     pub winsize: Option<WinSize>,
 }
 
+/// The VM's main command (`Request::StartMain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MainRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment, applied over the agent's default environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute); `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Start it only once the host has installed the VM's secrets (a VM
+    /// booted with secrets: the host sends them after the guest is ready),
+    /// so that the command finds them; the answer waits as long.
+    #[serde(default)]
+    pub after_secrets: bool,
+}
+
 /// A terminal's size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WinSize {
@@ -371,7 +389,7 @@ pub enum Request {
     /// so that any later session (after a snapshot and restore, too) can
     /// read them with `AttachMain`. Answered with `Started { pid }`, or
     /// `Error` (`EXEC_*`, or `MAIN_ALREADY_RUNNING`: one per guest).
-    StartMain(ExecRequest),
+    StartMain(MainRequest),
     /// Follow the main command (agent link): answered with
     /// `Response(MainAttached { pid, seq })`, then its output records from
     /// `from_seq` on as `Stdout`/`Stderr` frames numbered `seq`, `seq + 1`,
@@ -879,12 +897,11 @@ mod tests {
                 scratch: true,
             })),
             Frame::Response(Response::Connected),
-            Frame::Request(Request::StartMain(ExecRequest {
+            Frame::Request(Request::StartMain(MainRequest {
                 argv: vec!["httpd".into(), "-f".into()],
                 env: vec![("PORT".into(), "8080".into())],
                 cwd: Some("/srv".into()),
-                tty: false,
-                winsize: None,
+                after_secrets: true,
             })),
             Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
             Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),

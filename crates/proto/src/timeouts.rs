@@ -217,6 +217,12 @@ pub const MAIN_REATTACH: Duration = millis(500);
 /// Supervisor: bound on the agent's answer to `StartMain`.
 pub const MAIN_START: Duration = secs(10);
 
+/// Agent: how long a main command that waits for the VM's secrets waits
+/// (the host sends them right after the guest is ready; past this the
+/// launcher gave up and stops the VM). The supervisor then waits this long
+/// plus [`MAIN_START`] for the answer.
+pub const MAIN_SECRETS_WAIT: Duration = BOOT;
+
 /// Pause after a failed `accept` on the control socket or the agent's
 /// listener (e.g. out of file descriptors), so the loop does not spin.
 pub const ACCEPT_RETRY: Duration = millis(100);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use machinen::registry;
 use machinen::service::{self as svc, LogRecord, LogStream, LogWriter, MainSpec};
 use machinen::spec::{files, VmSpec};
-use machinen_proto::{self as proto, timeouts, ExecRequest, ExitStatus, Frame, Request, Response};
+use machinen_proto::{self as proto, timeouts, ExitStatus, Frame, MainRequest, Request, Response};
 use machinen_proto::{ErrorCode, VmState};
 
 use crate::control::Shared;
@@ -131,12 +131,11 @@ async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)
             "the guest agent is not connected".to_string(),
         )
     })?;
-    let req = ExecRequest {
+    let req = MainRequest {
         argv: main.argv.clone(),
         env: main.env.clone(),
         cwd: main.cwd.clone(),
-        tty: false,
-        winsize: None,
+        after_secrets: main.after_secrets,
     };
     let io_err = |e: String| (ErrorCode::ExecFailed.as_str().to_string(), e);
     let answer = async {
@@ -150,7 +149,13 @@ async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)
             other => Err(io_err(format!("unexpected answer {other:?}"))),
         }
     };
-    tokio::time::timeout(timeouts::MAIN_START, answer)
+    // The agent answers once the secrets it waits for are installed.
+    let bound = if main.after_secrets {
+        timeouts::MAIN_SECRETS_WAIT + timeouts::MAIN_START
+    } else {
+        timeouts::MAIN_START
+    };
+    tokio::time::timeout(bound, answer)
         .await
         .map_err(|_| io_err("the guest agent did not answer in time".into()))?
 }

@@ -927,6 +927,13 @@ async fn a_hello_right_behind_a_break_is_answered_after_the_stale_session() {
     server.abort();
 }
 
+fn main(argv: &[&str]) -> machinen_proto::MainRequest {
+    machinen_proto::MainRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 /// The main command outlives the streams that started and followed it: its
 /// output and status wait in the agent for any session (a restored guest's
 /// next one) to attach, from any record on.
@@ -945,7 +952,7 @@ async fn the_main_command_is_kept_for_any_session_to_attach() {
     );
     let script = "echo out; sleep 0.3; echo err >&2; exit 3";
     let started = c
-        .call(Frame::Request(Request::StartMain(exec(&[
+        .call(Frame::Request(Request::StartMain(main(&[
             "sh", "-c", script,
         ]))))
         .await;
@@ -953,7 +960,7 @@ async fn the_main_command_is_kept_for_any_session_to_attach() {
         panic!("{started:?}");
     };
     let again = c
-        .call(Frame::Request(Request::StartMain(exec(&["true"]))))
+        .call(Frame::Request(Request::StartMain(main(&["true"]))))
         .await;
     assert!(
         matches!(&again[..], [Frame::Error(e)] if e.code == "MAIN_ALREADY_RUNNING"),

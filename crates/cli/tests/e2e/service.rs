@@ -218,7 +218,8 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
     assert_eq!(json["exit_code"], 7, "{json}");
 
     // With --keep-alive-on-exit the VM stays up and `ls` says how its
-    // main command ended.
+    // main command ended. A VM given secrets starts its main command once
+    // they are installed (the library sends them after the guest is ready).
     env.run_ok(&[
         "boot",
         "--name",
@@ -227,10 +228,12 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
         "512",
         "--detached",
         "--keep-alive-on-exit",
+        "--secret",
+        "TOKEN=s3cr3t",
         "--",
         "sh",
         "-c",
-        "echo bye; exit 7",
+        "cat /run/machinen/secrets/TOKEN; echo; echo bye; exit 7",
     ]);
     let waited = env.run(&["wait", "kept", "--timeout", "120"]);
     assert_eq!(waited.status.code(), Some(7));
@@ -244,6 +247,6 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
         env.run_ok(&["exec", "kept", "--", "echo", "still", "up"]),
         "still up\n"
     );
-    assert_eq!(logs_until(&env, "kept", "bye").0, "bye\n");
+    assert_eq!(logs_until(&env, "kept", "bye").0, "s3cr3t\nbye\n");
     env.run_ok(&["stop", "kept"]);
 }
