@@ -380,7 +380,7 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen wait web; echo $?\n  machinen wait --timeout 60 --json web\n\nExit status: the main command's (128+N when killed by signal N); 143 when the VM was stopped\n(or had no main command); 125 when it crashed. A VM that already ended is answered at once."
+    after_help = "Examples:\n  machinen wait web; echo $?\n  machinen wait --timeout 60 --json web\n\nExit status: the main command's (128+N when killed by signal N); 143 when the VM was stopped\n(or had no main command); 125 when it crashed. A VM that already exited or crashed is answered\nat once (until `machinen gc`); a stopped VM leaves no entry (REGISTRY_NOT_FOUND)."
 )]
 pub struct WaitArgs {
     /// VM name, pid or id; one that already ended too, until `machinen gc`.
