@@ -321,10 +321,14 @@ pub fn select(
             if lines >= n {
                 break;
             }
-            lines += r
-                .data
-                .as_deref()
-                .map_or(1, |d| d.matches('\n').count().max(1));
+            // Exit and gap records are not lines: they come along.
+            lines += match r.stream {
+                LogStream::Stdout | LogStream::Stderr => r
+                    .data
+                    .as_deref()
+                    .map_or(1, |d| d.matches('\n').count().max(1)),
+                _ => 0,
+            };
             keep = i;
         }
         recs.drain(..keep);
@@ -781,7 +785,17 @@ mod tests {
         assert_eq!(seqs(select(recs.clone(), Some(3), None)), [1, 2]);
         assert_eq!(seqs(select(recs.clone(), None, Some(20))), [1, 2]);
         assert_eq!(seqs(select(recs.clone(), Some(1), None)), [2]);
-        assert_eq!(seqs(select(recs, None, None)), [0, 1, 2]);
+        assert_eq!(seqs(select(recs.clone(), None, None)), [0, 1, 2]);
+        let mut ended = recs;
+        ended.push(LogRecord::exit(
+            3,
+            ExitStatus {
+                code: Some(0),
+                signal: None,
+            },
+        ));
+        assert_eq!(seqs(select(ended.clone(), Some(1), None)), [2, 3]);
+        assert!(select(ended, Some(0), None).is_empty());
     }
 
     #[test]
