@@ -74,6 +74,18 @@
 //! peer -> client : Response(DirInfo { mode, entries, bytes }) Data* Eof | Error
 //! ```
 //!
+//! The VM's main command (agent link; service VMs), owned by the agent, its
+//! output kept in a ring of numbered records that any later session reads:
+//!
+//! ```text
+//! host -> agent : Request(StartMain { argv, env, cwd, after_secrets })
+//! agent -> host : Started { pid }            | Error { code, message }
+//! host -> agent : Request(AttachMain { from_seq })
+//! agent -> host : Response(MainAttached { pid, seq })   (again after a gap)
+//! agent -> host : Stdout(bytes)* Stderr(bytes)*  (records seq, seq+1, …)
+//! agent -> host : Exit { code, signal }      (once it ended and all went out)
+//! ```
+//!
 //! Secrets: `Request(Secrets { secrets })` → `Response(SecretsSet)`;
 //! `Request(WipeSecrets)` → `Response(SecretsWiped)` (before a snapshot).
 //!
