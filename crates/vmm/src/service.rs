@@ -213,7 +213,15 @@ async fn attach_once(shared: &Shared, log: &mut Log, next: &mut u64) -> Attach {
                 *next = seq;
             }
             Frame::Stdout(b) | Frame::Stderr(b) if b.len() > proto::MAX_CHUNK => {
-                return Attach::Lost(format!("a record of {} bytes is over the limit", b.len()));
+                // The agent never sends one; a guest that does loses it
+                // (skipped, not re-fetched: re-attaching would get it again).
+                tracing::warn!(
+                    "main command: a record of {} bytes is over the limit; skipped",
+                    b.len()
+                );
+                *next = next.saturating_add(1);
+                log.append(LogRecord::chunk(*next, LogStream::Gap, b""))
+                    .await;
             }
             Frame::Stdout(b) => {
                 log.append(LogRecord::chunk(*next, LogStream::Stdout, &b))
