@@ -494,6 +494,7 @@ pub(crate) async fn hold_claim(
         cause: None,
         ended_at_ms: None,
         preparing: true,
+        main: None,
     };
     let reg = reg.clone();
     let id = claim.id.clone();

@@ -86,6 +86,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
             gate: true,
         }),
         network: NetworkMode::Nat,
+        main: None,
     }
 }
 
