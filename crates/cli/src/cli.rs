@@ -184,6 +184,9 @@ pub struct BootArgs {
     /// Let the guest run VMs of its own (nested virtualisation). Needs KVM with nested support; refused with BOOT_NESTED_VIRT_UNSUPPORTED naming what the host lacks.
     #[arg(long)]
     pub nested: bool,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -252,6 +255,9 @@ pub struct SnapshotArgs {
     /// Check the VM and the destination, write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -293,6 +299,9 @@ pub struct RestoreArgs {
     /// Verify the bundle and check this host can resume it; start nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -333,6 +342,9 @@ pub struct ForkArgs {
     pub publish: Vec<String>,
     #[command(flatten)]
     pub process: ProcessArgs,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -498,6 +510,9 @@ pub struct ProvisionArgs {
     /// Seconds to wait for the install VM to become ready.
     #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
     pub boot_timeout: u64,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
     /// Print machine-readable JSON (step output goes to stderr).
     #[arg(long)]
     pub json: bool,

@@ -41,6 +41,19 @@ pub fn human_duration(ms: u64) -> String {
     }
 }
 
+/// With `--timings`: print each phase on stderr as it ends.
+pub fn phase_printer(enabled: bool) -> machinen::phases::OnPhase {
+    if !enabled {
+        return Default::default();
+    }
+    machinen::phases::OnPhase::new(print_phase)
+}
+
+/// One phase line on stderr: `phase NAME   MS ms (at MS ms)`.
+pub fn print_phase(p: &machinen::phases::Phase) {
+    eprintln!("phase {:<22} {:>7} ms  (at {} ms)", p.name, p.ms, p.at_ms);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod hostfile;
 pub mod image;
 pub mod initramfs;
 pub mod paths;
+pub mod phases;
 pub mod ports;
 pub mod progress;
 pub mod provision;

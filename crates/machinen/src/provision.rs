@@ -79,6 +79,9 @@ pub struct ProvisionOptions {
     pub network: crate::spec::NetworkMode,
     pub boot_timeout: Duration,
     pub progress: ProgressMode,
+    /// Called with each phase as it ends: the install VM's boot phases,
+    /// then `install` and `export`.
+    pub on_phase: crate::phases::OnPhase,
 }
 
 impl Default for ProvisionOptions {
@@ -95,6 +98,7 @@ impl Default for ProvisionOptions {
             network: crate::spec::NetworkMode::default(),
             boot_timeout: timeouts::BOOT,
             progress: ProgressMode::Auto,
+            on_phase: Default::default(),
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct ProvisionResult {
     pub boot_ms: u64,
     pub install_ms: u64,
     pub export_ms: u64,
+    /// Where the time went: the install VM's boot phases, `install`,
+    /// `export`.
+    pub phases: Vec<crate::phases::Phase>,
 }
 
 /// An install step, as the CLI's `--run` and `--copy` express them.
@@ -329,10 +336,12 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         detached: false,
         boot_timeout: opts.boot_timeout,
         progress: opts.progress,
+        on_phase: opts.on_phase.clone(),
         ..Default::default()
     })
     .await?;
     let boot_ms = vm.boot_ms().unwrap_or(0);
+    let mut phases = vm.phases().to_vec();
     let mut timings = (0u64, 0u64);
     let baked_result = bake(
         &vm,
@@ -348,6 +357,19 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         tracing::warn!("stopping the install VM: {e}");
     }
     let written = baked_result?;
+    let booted_at = (t0.elapsed().as_millis() as u64).saturating_sub(timings.0 + timings.1);
+    for (name, at_ms, ms) in [
+        ("install", booted_at + timings.0, timings.0),
+        ("export", booted_at + timings.0 + timings.1, timings.1),
+    ] {
+        let p = crate::phases::Phase {
+            name: name.into(),
+            at_ms,
+            ms,
+        };
+        opts.on_phase.emit(&p);
+        phases.push(p);
+    }
     config::remember(&paths, &written.sha256, &baked);
     Ok(ProvisionResult {
         path: opts.out,
@@ -360,6 +382,7 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         boot_ms,
         install_ms: timings.0,
         export_ms: timings.1,
+        phases,
     })
 }
 

@@ -56,6 +56,10 @@ pub struct RestoreOptions {
     /// file of its own: booted, or restored or forked with `own_ram`);
     /// refused for a bundle that carries RAM inside the state.
     pub own_ram: bool,
+    /// Called with each phase of the restore as it ends (bundle check,
+    /// image, copies, the supervisor's engine start, state load, bundle
+    /// verification, agent, guest repair, …); [`Vm::phases`] has them all.
+    pub on_phase: crate::phases::OnPhase,
 }
 
 impl RestoreOptions {
@@ -72,6 +76,7 @@ impl RestoreOptions {
             forked_from: None,
             verify: true,
             own_ram: false,
+            on_phase: Default::default(),
         }
     }
 }
@@ -91,6 +96,10 @@ pub struct ForkOptions {
     /// [`RestoreOptions::own_ram`]): no sharing, but the fork can be
     /// snapshotted or forked again as quickly as a booted VM.
     pub own_ram: bool,
+    /// Called with each phase as it ends: the snapshot's (named
+    /// `snapshot-wipe-secrets`, `snapshot-state`, …), then each fork's
+    /// restore phases (see [`RestoreOptions::on_phase`]).
+    pub on_phase: crate::phases::OnPhase,
 }
 
 /// What `fork` did.
@@ -268,6 +277,12 @@ impl Vm {
         let snap = self
             .snapshot_to(&bundle_dir, true, DEFAULT_SNAPSHOT_TIMEOUT, !kept)
             .await?;
+        for p in &snap.phases {
+            opts.on_phase.emit(&crate::phases::Phase {
+                name: format!("snapshot-{}", p.name),
+                ..p.clone()
+            });
+        }
         let mut vms: Vec<Vm> = Vec::with_capacity(count);
         for name in names {
             let mut r = RestoreOptions::new(&bundle_dir);
@@ -284,6 +299,7 @@ impl Vm {
             // can go once the last one is up.
             r.verify = false;
             r.own_ram = opts.own_ram;
+            r.on_phase = opts.on_phase.clone();
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
                 Err(e) => {
@@ -349,6 +365,7 @@ pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
 /// Resume a VM from a bundle.
 pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
+    let mut timeline = crate::phases::Timeline::new(t0, opts.on_phase.clone());
     let paths = Paths::from_env()?;
     let bundle_dir = std::fs::canonicalize(&opts.bundle).map_err(|e| {
         fail(
@@ -367,6 +384,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     } else {
         (None, bundle::read_meta(&bundle_dir)?)
     };
+    timeline.mark("bundle-meta");
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(
         &meta,
@@ -415,6 +433,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     });
     // The restored kernel is in the bundle's RAM: no initramfs needed.
     let img = crate::vm::prepare_disk(&paths, &tarball, opts.progress).await?;
+    timeline.mark("image");
     if img.sha256 != meta.image.sha256 {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,
@@ -476,6 +495,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .clone()
         .unwrap_or_else(|| format!("{}/{}", meta.source_name, std::process::id()));
     hold_claim(&reg, lock, &claim, held_name, opts.ports.clone()).await?;
+    timeline.mark("claim");
     let disk = claim.dir.join(files::DISK);
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
     if let (Some(src), Some(dst)) = (&bundle_ram, &own_ram) {
@@ -504,6 +524,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             return Err(e);
         }
     }
+    timeline.mark("copies");
     let lock = match lock_registry(&reg).await {
         Ok(l) => l,
         Err(e) => {
@@ -585,7 +606,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         gate,
     };
     ram_guard.0 = None;
-    launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await
+    launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await
 }
 
 /// Removes a file when dropped.

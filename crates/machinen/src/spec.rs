@@ -125,6 +125,10 @@ pub enum ReadyLine {
         qemu_pid: u32,
         accel: String,
         boot_ms: u64,
+        /// The supervisor's phases (engine start, state load, agent ready,
+        /// …), timed from its own start.
+        #[serde(default)]
+        phases: Vec<machinen_proto::Phase>,
     },
     Failed {
         code: String,
@@ -146,6 +150,11 @@ mod tests {
                 qemu_pid: 2,
                 accel: "tcg".into(),
                 boot_ms: 3,
+                phases: vec![machinen_proto::Phase {
+                    name: "engine-start".into(),
+                    at_ms: 1,
+                    ms: 1,
+                }],
             },
             ReadyLine::Failed {
                 code: "BOOT_TIMEOUT".into(),

@@ -20,6 +20,7 @@ use tokio::net::UnixStream;
 
 use crate::error::{fail, Error, ErrorCode, Failure, Result};
 use crate::paths::Paths;
+use crate::phases::Timeline;
 use crate::progress::ProgressMode;
 use crate::registry::{self, Registry, RegistryEntry};
 use crate::spec::{files, ReadyLine, VmSpec};
@@ -79,6 +80,10 @@ pub struct BootOptions {
     pub cwd: Option<String>,
     /// Keep the VM running after its main command exited.
     pub keep_alive_on_exit: bool,
+    /// Called with each phase of the boot as it ends (image, initramfs,
+    /// engine start, guest boot, agent ready, …); [`Vm::phases`] has them
+    /// all afterwards.
+    pub on_phase: crate::phases::OnPhase,
 }
 
 impl Default for BootOptions {
@@ -102,6 +107,7 @@ impl Default for BootOptions {
             env: Vec::new(),
             cwd: None,
             keep_alive_on_exit: false,
+            on_phase: Default::default(),
         }
     }
 }
@@ -196,6 +202,8 @@ pub struct Vm {
     owned: Option<tokio::process::Child>,
     /// Milliseconds from `boot()` entry to agent-ready, when booted here.
     boot_ms: Option<u64>,
+    /// Where that time went, when booted or restored here.
+    phases: Vec<crate::phases::Phase>,
 }
 
 /// Output of [`Vm::exec`].
@@ -266,6 +274,7 @@ fn generated_name() -> String {
 /// Boot a VM and wait until its guest agent answers.
 pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
+    let mut timeline = Timeline::new(t0, opts.on_phase.clone());
     let paths = Paths::from_env()?;
     let memory_mib = validate_memory_mib(opts.memory_mib.unwrap_or_else(default_memory_mib))?;
     if opts.cpus == 0 || opts.cpus > MAX_CPUS {
@@ -295,6 +304,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
     let img = prepare_disk(&paths, &tarball, progress).await?;
+    timeline.mark("image");
     if let Some(size) = opts.disk_size {
         image::check_disk_size(size, Some(img.size))?;
     }
@@ -304,6 +314,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             .await
             .map_err(|e| fail(ErrorCode::Io, "initramfs preparation task failed").source(e))??
     };
+    timeline.mark("initramfs");
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
 
@@ -326,6 +337,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         }
         return Err(e);
     }
+    timeline.mark("claim");
     let spec = VmSpec {
         id: claim.id.clone(),
         name: name.clone(),
@@ -378,6 +390,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             return Err(e);
         }
     };
+    timeline.mark("disk");
     let launch = Launch {
         name: Some(name),
         image: Some(tarball),
@@ -386,7 +399,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         timeout: opts.boot_timeout,
         gate: None,
     };
-    let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, t0).await?;
+    let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await?;
     if !opts.secrets.is_empty() {
         if let Err(e) = vm.set_secrets(&opts.secrets).await {
             let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
@@ -521,7 +534,7 @@ pub(crate) async fn launch_vm(
     vmm: &Path,
     spec: &VmSpec,
     launch: Launch,
-    t0: std::time::Instant,
+    mut timeline: Timeline,
 ) -> Result<Vm> {
     // On failure: the claimed directory goes, and the RAM file a dead
     // supervisor did not get to remove (the registry entry that would let
@@ -545,6 +558,9 @@ pub(crate) async fn launch_vm(
         .hint("use a shorter MACHINEN_REGISTRY_DIR")
         .into());
     }
+    // The supervisor's phases are timed from its own start, a little
+    // after this (an estimate that never puts them after our later marks).
+    let spawned_ms = timeline.elapsed_ms();
     let child = match spawn_supervisor(vmm, spec) {
         Ok(c) => c,
         Err(e) => {
@@ -619,8 +635,14 @@ pub(crate) async fn launch_vm(
     .await;
     match ready {
         Ok(ReadyLine::Ready {
-            qemu_pid, accel, ..
+            qemu_pid,
+            accel,
+            phases,
+            ..
         }) => {
+            timeline.merge(spawned_ms, &phases);
+            timeline.mark("ready");
+            let boot_ms = timeline.elapsed_ms();
             let mut info = VmInfo::from(&entry);
             info.qemu_pid = Some(qemu_pid);
             info.accel = accel;
@@ -629,7 +651,8 @@ pub(crate) async fn launch_vm(
             Ok(Vm {
                 info,
                 owned,
-                boot_ms: Some(t0.elapsed().as_millis() as u64),
+                boot_ms: Some(boot_ms),
+                phases: timeline.into_phases(),
             })
         }
         Ok(ReadyLine::Failed {
@@ -777,6 +800,7 @@ pub async fn attach(target: &str) -> Result<Vm> {
         info: VmInfo::from(&entry),
         owned: None,
         boot_ms: None,
+        phases: Vec::new(),
     })
 }
 
@@ -831,6 +855,13 @@ impl Vm {
     /// Time from `boot()` entry to agent-ready, when this handle booted the VM.
     pub fn boot_ms(&self) -> Option<u64> {
         self.boot_ms
+    }
+
+    /// The phases of this VM's boot or restore (empty for a VM found by
+    /// name): image, initramfs, disk, the supervisor's engine start, state
+    /// load, guest boot, agent ready, …, each with its duration and end.
+    pub fn phases(&self) -> &[crate::phases::Phase] {
+        &self.phases
     }
 
     pub(crate) async fn connect(&self) -> Result<UnixStream> {
@@ -1586,6 +1617,7 @@ mod tests {
             info: VmInfo::from(&entry),
             owned: None,
             boot_ms: None,
+            phases: Vec::new(),
         };
         let supervisor = tokio::spawn(async move {
             let (mut conn, _) = listener.accept().await.expect("accept");

@@ -232,6 +232,11 @@ fn response() -> impl Strategy<Value = Response> {
                 paused_ms,
                 bytes,
                 disk_bytes,
+                phases: vec![Phase {
+                    name: "state".into(),
+                    at_ms: paused_ms,
+                    ms: elapsed_ms,
+                }],
             })
         });
     prop_oneof![

@@ -124,9 +124,11 @@ pub mod tree;
 /// the break in front of the hello.
 pub mod error_code;
 pub mod exchange;
+pub mod phase;
 pub mod state;
 
 pub use error_code::ErrorCode;
+pub use phase::{Phase, PhaseClock};
 pub use state::VmState;
 
 pub mod preamble {
@@ -545,6 +547,9 @@ pub struct SnapshotReport {
     /// Apparent and on-disk bytes of the bundle.
     pub bytes: u64,
     pub disk_bytes: u64,
+    /// Where the time went (wipe, flush, pause, state, copies, …).
+    #[serde(default)]
+    pub phases: Vec<Phase>,
 }
 
 /// Where and how to write a guest file.
@@ -929,6 +934,11 @@ mod tests {
                 paused_ms: 2,
                 bytes: 3,
                 disk_bytes: 4,
+                phases: vec![Phase {
+                    name: "copies".into(),
+                    at_ms: 5,
+                    ms: 6,
+                }],
             })),
             Frame::Request(Request::WriteFile(WriteFileRequest {
                 path: "/a/b".into(),

@@ -16,7 +16,7 @@ use std::time::Instant;
 use machinen::registry::{self, Registry};
 use machinen::spec::{files, ReadyLine, VmSpec};
 use machinen::ErrorCode;
-use machinen_proto::{timeouts, Frame, Response, VmState, WireError};
+use machinen_proto::{timeouts, Frame, PhaseClock, Response, VmState, WireError};
 use tokio::io::AsyncRead;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -89,8 +89,9 @@ pub async fn run<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
     started: Instant,
 ) -> i32 {
     let caps = engine.capabilities().clone();
+    let mut clock = PhaseClock::starting_at(started);
     let (mut machine, session_done) =
-        match startup::start(engine, spec, shared, started, launcher.gate).await {
+        match startup::start(engine, spec, shared, started, launcher.gate, &mut clock).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!("start failed: {}", e.message);
@@ -137,6 +138,7 @@ pub async fn run<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
         qemu_pid,
         accel: engine_accel,
         boot_ms,
+        phases: clock.into_phases(),
     });
     let ends = async {
         tokio::select! {

@@ -9,7 +9,7 @@
 //! find. Any failure, the deadline passing in any phase included, removes
 //! the temp directory and resumes the source.
 
-use machinen_proto::timeouts;
+use machinen_proto::{timeouts, PhaseClock};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -163,10 +163,12 @@ pub async fn take<M: Machine>(
         req: &req,
         deadline,
     };
-    let result = phases.build(chain, builder).await;
+    let mut clock = PhaseClock::starting_at(t0);
+    let result = phases.build(chain, builder, &mut clock).await;
     match result {
         Ok(mut report) => {
             report.elapsed_ms = t0.elapsed().as_millis() as u64;
+            report.phases = clock.into_phases();
             tracing::info!("snapshot {report:?}; machine pid {}", machine.pid());
             Ok(report)
         }
@@ -212,6 +214,7 @@ impl<M: Machine> Phases<'_, M> {
         &self,
         chain: &mut Chain,
         builder: Builder,
+        clock: &mut PhaseClock,
     ) -> Result<SnapshotReport, StartError> {
         let Phases {
             machine,
@@ -254,6 +257,7 @@ impl<M: Machine> Phases<'_, M> {
                 return abandon(builder, e).await;
             }
         }
+        clock.mark("wipe-secrets");
         let Some(wait) = left(deadline, timeouts::QUIESCE) else {
             return abandon(builder, late(timeout, "flushing guest filesystems")).await;
         };
@@ -269,9 +273,11 @@ impl<M: Machine> Phases<'_, M> {
             return abandon(builder, e).await;
         }
 
+        clock.mark("flush");
         if let Err(e) = machine.pause().await {
             return abandon(builder, err(ErrorCode::SnapshotDumpFailed, e.to_string())).await;
         }
+        clock.mark("pause");
         let paused_at = Instant::now();
         let saved = async {
             // QEMU writes the state through `cat > file`, which keeps the mode
@@ -295,6 +301,7 @@ impl<M: Machine> Phases<'_, M> {
                         format!("saving the machine state failed: {e}"),
                     ),
                 })?;
+            clock.mark("state");
             // The disk layer and, when RAM is a shared file (skipped by the
             // migration stream), the RAM: both copied sparse while paused.
             let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
@@ -314,6 +321,7 @@ impl<M: Machine> Phases<'_, M> {
                 .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
                 .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
             }
+            clock.mark("copies");
             Ok::<(), StartError>(())
         }
         .await;
@@ -325,6 +333,7 @@ impl<M: Machine> Phases<'_, M> {
             if let Err(e) = machine.resume().await {
                 tracing::error!("resuming after the snapshot failed: {e}");
             }
+            clock.mark("resume");
         }
         let paused_ms = paused_at.elapsed().as_millis() as u64;
 
@@ -384,6 +393,7 @@ impl<M: Machine> Phases<'_, M> {
         .await
         .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
         .map_err(|e| bundle_err(timeout, "writing the bundle", e))?;
+        clock.mark("finish");
         let (finished, (bytes, disk_bytes)) = finished;
         chain.seq += 1;
         chain.parent = Some(finished.display().to_string());
@@ -393,6 +403,7 @@ impl<M: Machine> Phases<'_, M> {
             paused_ms,
             bytes,
             disk_bytes,
+            phases: Vec::new(),
         })
     }
 }

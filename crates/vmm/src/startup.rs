@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use machinen::spec::VmSpec;
 use machinen::ErrorCode;
-use machinen_proto::timeouts;
+use machinen_proto::{timeouts, PhaseClock};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
 
@@ -46,6 +46,7 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
     shared: &Arc<Shared>,
     started: Instant,
     gate: G,
+    clock: &mut PhaseClock,
 ) -> Result<(E::Machine, oneshot::Receiver<()>), StartError> {
     // The launcher's verdict can come at any time, and its end of our stdin
     // closing means it is gone: read it from the start, so a launcher that
@@ -66,6 +67,7 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
         caps.cpu_model
     );
     let mut machine = engine.launch(spec).await?;
+    clock.mark("engine-start");
     shared.status.lock().await.qemu_pid = Some(machine.pid());
     let budget = Duration::from_millis(spec.boot_timeout_ms);
     let deadline = started + budget;
@@ -111,6 +113,7 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
             machine.kill();
             return Err(e);
         }
+        clock.mark("state-load");
         tracing::info!("state loaded after {} ms", started.elapsed().as_millis());
         if r.gate {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -144,6 +147,7 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
                     hint: None,
                 });
             }
+            clock.mark("bundle-verify");
             tracing::info!(
                 "bundle verified; guest running after {} ms",
                 started.elapsed().as_millis()
@@ -184,6 +188,11 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
             return Err(console_err(ErrorCode::BootEngineFailed, format!("QEMU exited before the guest was ready ({exit})"), "see the VM's qemu.log and console.log"));
         }
     }
+    clock.mark(if spec.restore.is_some() {
+        "agent-reconnect"
+    } else {
+        "guest-boot"
+    });
     let (session, done) = AgentSession::start(sock);
     let ack = match tokio::time::timeout(timeouts::AGENT_HANDSHAKE, session.handshake()).await {
         Ok(Ok(ack)) => ack,
@@ -204,10 +213,14 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
             ));
         }
     };
+    clock.mark("agent-ready");
     tracing::info!("agent {} on kernel {}", ack.agent_version, ack.kernel);
     if let Some(r) = &spec.restore {
         match snapshot::fixup(&session, r.reset_tcp).await {
-            Ok(report) => tracing::info!("fixup: {report:?}"),
+            Ok(report) => {
+                clock.mark("guest-repair");
+                tracing::info!("fixup: {report:?}")
+            }
             Err(e) => {
                 machine.kill();
                 return Err(StartError {

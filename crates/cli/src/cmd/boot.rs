@@ -118,6 +118,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         env: main.as_ref().map(|m| m.env.clone()).unwrap_or_default(),
         cwd: main.as_ref().and_then(|m| m.cwd.clone()),
         keep_alive_on_exit: a.keep_alive_on_exit,
+        on_phase: crate::output::phase_printer(a.timings),
     };
     let vm = machinen::boot(opts).await?;
     match exec {
@@ -125,6 +126,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             if a.json {
                 let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
                 v["boot_ms"] = vm.boot_ms().into();
+                v["phases"] = serde_json::to_value(vm.phases()).unwrap_or_default();
                 print_json(&v);
             } else if main.is_some() {
                 println!("{} (pid {}) runs its main command; `machinen logs -f {}` shows its output, `machinen wait {}` waits for its exit", vm.name(), vm.pid(), vm.name(), vm.name());

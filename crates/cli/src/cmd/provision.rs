@@ -145,6 +145,7 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         } else {
             ProgressMode::Auto
         },
+        on_phase: crate::output::phase_printer(a.timings),
     };
     // Dropping the bake on a signal removes its temp file and closes the
     // install VM's lifeline (its supervisor stops it): nothing is left.

@@ -58,6 +58,9 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
         .snapshot(&out, a.keep_alive, Duration::from_secs(a.timeout))
         .await?;
     step.done(format!("snapshot of {} written", vm.name()));
+    if a.timings {
+        report.phases.iter().for_each(crate::output::print_phase);
+    }
     if a.json {
         print_json(&report);
     } else {
@@ -83,6 +86,7 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
 fn vm_json(vm: &Vm) -> serde_json::Value {
     let mut v = serde_json::to_value(vm.info()).unwrap_or_default();
     v["ready_ms"] = vm.boot_ms().into();
+    v["phases"] = serde_json::to_value(vm.phases()).unwrap_or_default();
     v
 }
 
@@ -216,6 +220,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
         ProgressMode::Auto
     };
     let secrets = a.secrets.parse()?;
+    o.on_phase = crate::output::phase_printer(a.timings);
     let vm = machinen::restore(o).await?;
     supply_secrets(&vm, &secrets).await?;
     if interactive {
@@ -236,6 +241,7 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         detached: a.detach,
         ports: ports(&a.publish)?,
         own_ram: a.own_ram,
+        on_phase: crate::output::phase_printer(a.timings),
     };
     machinen::restore::check_fork_many(&opts, a.count)?;
     if a.count > 1 && !a.detach {

@@ -90,6 +90,31 @@ fn counter_vm(env: &Env, name: &str, host_port: u16) -> serde_json::Value {
     info
 }
 
+/// `v["phases"]` names `want` in that order, each ending no earlier than
+/// the one before.
+fn phases_in_order(v: &serde_json::Value, want: &[&str]) {
+    let phases = v["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases in {v}"));
+    let names: Vec<&str> = phases
+        .iter()
+        .map(|p| p["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, want, "{v}");
+    let ends: Vec<u64> = phases
+        .iter()
+        .map(|p| p["at_ms"].as_u64().expect("at_ms"))
+        .collect();
+    assert!(
+        ends.windows(2).all(|w| w[0] <= w[1]),
+        "phases out of order: {v}"
+    );
+    assert!(
+        phases.iter().all(|p| p["ms"].as_u64().is_some()),
+        "a phase without a duration: {v}"
+    );
+}
+
 fn bundle(env: &Env, name: &str) -> PathBuf {
     env.registry.path().join(format!("{name}.snap"))
 }
@@ -179,14 +204,40 @@ fn counter_survives_handoff_and_forks_diverge() {
 fn three_snapshot_restore_cycles_keep_exec_and_ports_working() {
     let env = Env::new();
     let p = free_port();
-    counter_vm(&env, "cyc", p);
+    let booted = counter_vm(&env, "cyc", p);
+    // Where the boot's time went: the library's phases around the
+    // supervisor's, in order.
+    phases_in_order(
+        &booted,
+        &[
+            "image",
+            "initramfs",
+            "claim",
+            "disk",
+            "engine-start",
+            "guest-boot",
+            "agent-ready",
+            "ready",
+        ],
+    );
     assert_eq!(count(p), 1);
     env.run_ok(&["exec", "cyc", "--", "sh", "-c", "echo 0 > /root/n"]);
     let mut target = "cyc".to_string();
     for cycle in 1..=3u64 {
         let snap = bundle(&env, &format!("cyc{cycle}"));
-        env.run_ok(&["snapshot", &target, snap.to_str().expect("path")]);
-        let r = env.json(&[
+        let report = env.json(&["snapshot", &target, snap.to_str().expect("path"), "--json"]);
+        phases_in_order(
+            &report,
+            &[
+                "wipe-secrets",
+                "flush",
+                "pause",
+                "state",
+                "copies",
+                "finish",
+            ],
+        );
+        let mut restore = env.cmd(&[
             "restore",
             snap.to_str().expect("path"),
             "--name",
@@ -195,7 +246,39 @@ fn three_snapshot_restore_cycles_keep_exec_and_ports_working() {
             &format!("{p}:8080"),
             "--detached",
             "--json",
+            "--timings",
         ]);
+        let out = restore.output().expect("run restore");
+        assert!(
+            out.status.success(),
+            "restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("restore json");
+        let restored = [
+            "bundle-meta",
+            "image",
+            "claim",
+            "copies",
+            "engine-start",
+            "state-load",
+            "bundle-verify",
+            "agent-reconnect",
+            "agent-ready",
+            "guest-repair",
+            "ready",
+        ];
+        phases_in_order(&r, &restored);
+        // --timings prints the same phases on stderr as they end.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for name in restored {
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.starts_with(&format!("phase {name} "))),
+                "no {name} line in: {stderr}"
+            );
+        }
         target = r["name"].as_str().expect("name").to_string();
         assert_eq!(count(p), cycle + 1, "cycle {cycle}: count continues");
         let n = env.run_ok(&[
