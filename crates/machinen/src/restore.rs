@@ -320,6 +320,10 @@ impl Vm {
     }
 }
 
+/// Bytes (allocated) of a restore's copies from which the registry lock is
+/// released while they run (see `vm::hold_claim`).
+const HOLD_CLAIM_ABOVE: u64 = 64 << 20;
+
 /// The most forks one `Vm::fork_many` call makes.
 pub const MAX_FORKS: usize = 64;
 
@@ -494,13 +498,26 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .name
         .clone()
         .unwrap_or_else(|| format!("{}/{}", meta.source_name, std::process::id()));
-    hold_claim(&reg, lock, &claim, held_name, opts.ports.clone()).await?;
-    timeline.mark("claim");
     let disk = claim.dir.join(files::DISK);
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
     if let (Some(src), Some(dst)) = (&bundle_ram, &own_ram) {
         copies.push((src.clone(), dst.clone()));
     }
+    // Large copies run without the registry lock (a placeholder entry
+    // holds the claim); small ones (a fork's disk layer, mostly) are
+    // quicker than the placeholder's synced write, and keep the lock.
+    let to_copy: u64 = copies
+        .iter()
+        .filter_map(|(src, _)| std::fs::metadata(src).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
+        .sum();
+    let mut lock = Some(lock);
+    if to_copy >= HOLD_CLAIM_ABOVE {
+        if let Some(l) = lock.take() {
+            hold_claim(&reg, l, &claim, held_name, opts.ports.clone()).await?;
+        }
+    }
+    timeline.mark("claim");
     for (src, dst) in copies {
         let is_disk = dst == disk;
         let copied = blocking(move || {
@@ -525,12 +542,15 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }
     }
     timeline.mark("copies");
-    let lock = match lock_registry(&reg).await {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = reg.remove(&claim.id);
-            return Err(e);
-        }
+    let lock = match lock {
+        Some(l) => l,
+        None => match lock_registry(&reg).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = reg.remove(&claim.id);
+                return Err(e);
+            }
+        },
     };
     // The main command's log up to the snapshot (checked against the
     // manifest with meta.json): the restored VM's log continues it.
