@@ -9,8 +9,18 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{fail, ErrorCode, Failure};
 
+/// A directory searched before the running program's own: set by embedders
+/// whose program is not machinen's (the Node addon runs inside `node`).
+static SEARCH_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Look for `machinen-vmm` and `machinen-agent` in `dir` first (after the
+/// environment overrides). The first call wins; later ones are ignored.
+pub fn set_search_dir(dir: impl Into<PathBuf>) {
+    let _ = SEARCH_DIR.set(dir.into());
+}
+
 fn exe_dirs() -> Vec<PathBuf> {
-    let mut out = Vec::new();
+    let mut out: Vec<PathBuf> = SEARCH_DIR.get().cloned().into_iter().collect();
     if let Ok(exe) = std::env::current_exe() {
         let mut d = exe.parent().map(Path::to_path_buf);
         for _ in 0..2 {

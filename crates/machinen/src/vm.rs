@@ -198,8 +198,9 @@ impl From<&RegistryEntry> for VmInfo {
 #[derive(Debug)]
 pub struct Vm {
     info: VmInfo,
-    /// Foreground VMs: the supervisor and the pipe that keeps it alive.
-    owned: Option<tokio::process::Child>,
+    /// Foreground VMs: the supervisor and the pipe that keeps it alive
+    /// (behind a lock so that a shared handle can still detach).
+    owned: std::sync::Mutex<Option<tokio::process::Child>>,
     /// Milliseconds from `boot()` entry to agent-ready, when booted here.
     boot_ms: Option<u64>,
     /// Where that time went, when booted or restored here.
@@ -650,7 +651,7 @@ pub(crate) async fn launch_vm(
             let owned = if spec.detached { None } else { Some(child) };
             Ok(Vm {
                 info,
-                owned,
+                owned: std::sync::Mutex::new(owned),
                 boot_ms: Some(boot_ms),
                 phases: timeline.into_phases(),
             })
@@ -798,7 +799,7 @@ pub async fn attach(target: &str) -> Result<Vm> {
     let entry = Registry::new(&paths.registry).find(target)?;
     Ok(Vm {
         info: VmInfo::from(&entry),
-        owned: None,
+        owned: Default::default(),
         boot_ms: None,
         phases: Vec::new(),
     })
@@ -1182,18 +1183,63 @@ impl Vm {
 
     /// Stop the VM: graceful (guest powers off) unless `force`, escalating
     /// to killing the supervisor after `timeout`.
-    pub async fn stop(mut self, force: bool, timeout: Duration) -> Result<StopReport> {
+    pub async fn stop(self, force: bool, timeout: Duration) -> Result<StopReport> {
         let report = stop_entry(&self.info, force, timeout).await;
-        if let Some(mut child) = self.owned.take() {
+        if let Some(mut child) = self.take_owned() {
             let _ = child.wait().await;
         }
         report
     }
 
-    /// Give up ownership: a foreground VM keeps running until its supervisor
-    /// is told to stop (used by `--detached` style callers after the fact).
-    pub fn into_info(mut self) -> VmInfo {
-        self.owned = None;
+    /// [`Vm::stop`] through a shared handle: the handle stays usable for
+    /// reading its info (its operations then fail: the VM is gone).
+    pub async fn shutdown(&self, force: bool, timeout: Duration) -> Result<StopReport> {
+        let report = stop_entry(&self.info, force, timeout).await;
+        if let Some(mut child) = self.take_owned() {
+            let _ = child.wait().await;
+        }
+        report
+    }
+
+    /// Let a VM started in the foreground outlive this process, as if it
+    /// had been booted `detached`: it runs until `machinen stop` (or
+    /// [`Vm::stop`] through [`attach`]). Nothing to do for a VM that is
+    /// already detached or was attached to.
+    pub async fn detach(&self) -> Result<()> {
+        let Some(mut child) = self.take_owned() else {
+            return Ok(());
+        };
+        let Some(mut stdin) = child.stdin.take() else {
+            return Ok(());
+        };
+        stdin
+            .write_all(proto::DETACH_LINE)
+            .await
+            .and(stdin.flush().await)
+            .map_err(|e| {
+                fail(
+                    ErrorCode::ExecVsockUnavailable,
+                    format!("cannot reach the supervisor of VM {:?}", self.info.name),
+                )
+                .source(e)
+                .hint("the VM may have stopped; `machinen ls` lists live VMs")
+            })?;
+        // The supervisor reads the line before it sees the pipe close.
+        drop(stdin);
+        Ok(())
+    }
+
+    fn take_owned(&self) -> Option<tokio::process::Child> {
+        self.owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Give up ownership: a foreground VM then stops, as when this process
+    /// exits (use [`Vm::detach`] to keep it running).
+    pub fn into_info(self) -> VmInfo {
+        drop(self.take_owned());
         self.info.clone()
     }
 }
@@ -1615,7 +1661,7 @@ mod tests {
         };
         let vm = Vm {
             info: VmInfo::from(&entry),
-            owned: None,
+            owned: Default::default(),
             boot_ms: None,
             phases: Vec::new(),
         };

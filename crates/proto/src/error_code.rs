@@ -116,6 +116,9 @@ error_codes! {
     MainAlreadyRunning = "MAIN_ALREADY_RUNNING",
     MainNotRunning = "MAIN_NOT_RUNNING",
     WaitTimeout = "WAIT_TIMEOUT",
+    // a command the caller required to succeed exited non-zero (the Node
+    // binding's throwing `exec`)
+    ExecNonzeroExit = "EXEC_NONZERO_EXIT",
 }
 
 impl ErrorCode {

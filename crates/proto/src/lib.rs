@@ -245,6 +245,11 @@ pub mod preamble {
 /// Incompatible protocol changes bump this.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// What a launcher writes on a foreground supervisor's stdin (after the
+/// restore gate's line, if any) before closing it, to let the VM outlive
+/// it: without this line, the pipe closing stops the VM.
+pub const DETACH_LINE: &[u8] = b"detach\n";
+
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "org.machinen.agent";
 

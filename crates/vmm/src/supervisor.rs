@@ -196,10 +196,22 @@ pub async fn run(spec: VmSpec) -> i32 {
         }
         let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 64];
+        // Only the tail matters: the detach line may arrive split.
+        let mut seen: Vec<u8> = Vec::new();
         while let Ok(n) = stdin.read(&mut buf).await {
             if n == 0 {
                 break;
             }
+            seen.extend_from_slice(&buf[..n]);
+            if seen
+                .windows(machinen_proto::DETACH_LINE.len())
+                .any(|w| w == machinen_proto::DETACH_LINE)
+            {
+                tracing::info!("the launcher detached: the VM outlives it");
+                std::future::pending::<()>().await;
+            }
+            let keep = seen.len().saturating_sub(machinen_proto::DETACH_LINE.len());
+            seen.drain(..keep);
         }
     };
     let mut sigterm = signal(SignalKind::terminate()).ok();
