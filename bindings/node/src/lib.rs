@@ -1,0 +1,107 @@
+//! The native half of the `@machinen/runtime` Node.js package.
+//!
+//! Thin by design: each function maps JS options onto the library's, runs
+//! the library's operation on napi's tokio runtime (never on Node's event
+//! loop; blocking registry work goes to `spawn_blocking`), and turns a
+//! library error into a JS error whose message carries the error's JSON
+//! after [`ERROR_MARK`]. `index.js` turns that into a `MachinenError` and
+//! gives the API the reference runtime's shape (argv or shell string,
+//! output callbacks, `AbortSignal`, camelCase results).
+
+mod cancel;
+mod exec;
+mod handle;
+mod options;
+mod provision;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+pub use cancel::{cancel, new_cancel, release_cancel};
+pub use handle::{attach, boot, restore, VmHandle};
+pub use provision::{provision_start, Provisioning};
+
+/// Prefix of the message of every error raised by the library: the rest is
+/// `{"code","message","causes","hint","retryable"}`.
+pub const ERROR_MARK: &str = "machinen-error:";
+
+/// The message of an operation given up because its `AbortSignal` fired.
+pub const ABORT_MARK: &str = "machinen-aborted";
+
+pub(crate) fn js_error(e: machinen::Error) -> napi::Error {
+    let json = e.to_json()["error"].clone();
+    napi::Error::new(Status::GenericFailure, format!("{ERROR_MARK}{json}"))
+}
+
+pub(crate) fn invalid(code: machinen::ErrorCode, message: String, hint: &str) -> napi::Error {
+    js_error(machinen::error::fail(code, message).hint(hint).into())
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| napi::Error::from_reason(e.to_string()))
+}
+
+/// Run blocking library work (registry files) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> machinen::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| napi::Error::from_reason(format!("a blocking task failed: {e}")))?
+        .map_err(js_error)
+}
+
+/// One entry of [`error_codes`].
+#[napi(object)]
+pub struct ErrorCodeInfo {
+    pub code: String,
+    pub retryable: bool,
+}
+
+/// Every error code the library can raise: `ErrorCode` in `index.js` is
+/// built from this list, so the two cannot drift.
+#[napi]
+pub fn error_codes() -> Vec<ErrorCodeInfo> {
+    machinen::error::ALL
+        .iter()
+        .map(|c| ErrorCodeInfo {
+            code: c.as_str().to_owned(),
+            retryable: c.retryable(),
+        })
+        .collect()
+}
+
+/// Where the package keeps `machinen-vmm` and `machinen-agent`: searched
+/// before the running program's directory (which is Node's).
+#[napi]
+pub fn set_bin_dir(dir: String) {
+    machinen::binaries::set_search_dir(dir);
+}
+
+/// The library's version.
+#[napi]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_owned()
+}
+
+/// Live VMs (`all`: and those that ended without being stopped), as
+/// `machinen ls --json` shows them.
+#[napi]
+pub async fn list(all: bool) -> Result<serde_json::Value> {
+    let vms = blocking(move || {
+        if all {
+            machinen::list_all()
+        } else {
+            machinen::list()
+        }
+    })
+    .await?;
+    to_value(&vms)
+}
+
+/// Clean up after VMs that crashed or whose supervisor died.
+#[napi]
+pub async fn run_gc(dry_run: bool) -> Result<serde_json::Value> {
+    let report = blocking(move || machinen::gc(dry_run)).await?;
+    to_value(&report)
+}

@@ -1,0 +1,231 @@
+//! The options objects JS passes, and their mapping onto the library's
+//! option structs. Field names become camelCase in JS (`memoryMib`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use machinen::ErrorCode;
+use napi::Result;
+use napi_derive::napi;
+
+use crate::invalid;
+
+#[napi(object)]
+#[derive(Default)]
+pub struct BootOpts {
+    pub image: Option<String>,
+    pub name: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    /// `nat` (default) or `nat-host`.
+    pub network: Option<String>,
+    pub detached: Option<bool>,
+    pub boot_timeout_ms: Option<u32>,
+    pub accel: Option<String>,
+    pub debug: Option<bool>,
+    /// `[HOST_ADDR:]HOST_PORT:GUEST_PORT`, as `-p` takes them.
+    pub ports: Option<Vec<String>>,
+    pub secrets: Option<HashMap<String, String>>,
+    /// Bytes, or a size with a unit (`4G`).
+    pub disk_size: Option<String>,
+    pub nested: Option<bool>,
+    /// The VM's main command (a service VM).
+    pub cmd: Option<Vec<String>>,
+    pub env: Option<HashMap<String, String>>,
+    pub cwd: Option<String>,
+    pub keep_alive_on_exit: Option<bool>,
+}
+
+#[napi(object)]
+#[derive(Default)]
+pub struct RestoreOpts {
+    pub bundle: String,
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub ports: Option<Vec<String>>,
+    pub detached: Option<bool>,
+    pub boot_timeout_ms: Option<u32>,
+    pub reset_tcp: Option<bool>,
+    pub verify: Option<bool>,
+    pub own_ram: Option<bool>,
+}
+
+#[napi(object)]
+#[derive(Default)]
+pub struct ForkOpts {
+    pub name: Option<String>,
+    pub out_dir: Option<String>,
+    pub tcp_keep: Option<bool>,
+    pub detached: Option<bool>,
+    pub ports: Option<Vec<String>>,
+    pub own_ram: Option<bool>,
+}
+
+#[napi(object)]
+#[derive(Default)]
+pub struct ExecOpts {
+    pub argv: Vec<String>,
+    pub env: Option<HashMap<String, String>>,
+    pub cwd: Option<String>,
+    /// The command's process group is killed after this long
+    /// (`EXEC_TIMEOUT`).
+    pub timeout_ms: Option<u32>,
+}
+
+#[napi(object)]
+#[derive(Default)]
+pub struct ProvisionOpts {
+    pub base: Option<String>,
+    pub out: String,
+    pub cmd: Option<Vec<String>>,
+    pub env: Option<HashMap<String, String>>,
+    pub cwd: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub network: Option<String>,
+    pub boot_timeout_ms: Option<u32>,
+}
+
+fn pairs(m: Option<HashMap<String, String>>) -> Vec<(String, String)> {
+    let mut v: Vec<_> = m.unwrap_or_default().into_iter().collect();
+    v.sort();
+    v
+}
+
+fn ports(p: Option<Vec<String>>) -> Result<Vec<machinen::registry::PortForward>> {
+    p.unwrap_or_default()
+        .iter()
+        .map(|s| machinen::ports::parse(s).map_err(|f| crate::js_error(f.into())))
+        .collect()
+}
+
+fn network(n: Option<String>) -> Result<machinen::spec::NetworkMode> {
+    match n {
+        None => Ok(Default::default()),
+        Some(s) => s.parse().map_err(|_| {
+            invalid(
+                ErrorCode::BootArgsInvalid,
+                format!("unknown network mode {s:?}"),
+                "network is \"nat\" (the default) or \"nat-host\"",
+            )
+        }),
+    }
+}
+
+fn ms(v: Option<u32>, default: Duration) -> Duration {
+    v.map(|ms| Duration::from_millis(ms.into()))
+        .unwrap_or(default)
+}
+
+fn path(p: Option<String>) -> Option<PathBuf> {
+    p.map(PathBuf::from)
+}
+
+impl BootOpts {
+    pub fn into_lib(self) -> Result<machinen::BootOptions> {
+        let d = machinen::BootOptions::default();
+        let disk_size = match self.disk_size {
+            None => None,
+            Some(s) => Some(machinen::hostfile::parse_size(&s).ok_or_else(|| {
+                invalid(
+                    ErrorCode::BootArgsInvalid,
+                    format!("cannot read disk size {s:?}"),
+                    "give bytes or a size with a unit, e.g. \"4G\"",
+                )
+            })?),
+        };
+        let secrets = pairs(self.secrets)
+            .into_iter()
+            .map(|(name, value)| machinen::Secret {
+                name,
+                value: machinen::SecretValue(value.into_bytes()),
+            })
+            .collect();
+        Ok(machinen::BootOptions {
+            image: path(self.image),
+            name: self.name,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus.unwrap_or(d.cpus),
+            network: network(self.network)?,
+            detached: self.detached.unwrap_or(false),
+            boot_timeout: ms(self.boot_timeout_ms, d.boot_timeout),
+            accel: self.accel,
+            debug: self.debug.unwrap_or(false),
+            progress: machinen::progress::ProgressMode::Quiet,
+            ports: ports(self.ports)?,
+            secrets,
+            disk_size,
+            nested: self.nested.unwrap_or(false),
+            cmd: self.cmd.unwrap_or_default(),
+            env: pairs(self.env),
+            cwd: self.cwd,
+            keep_alive_on_exit: self.keep_alive_on_exit.unwrap_or(false),
+            on_phase: Default::default(),
+        })
+    }
+}
+
+impl RestoreOpts {
+    pub fn into_lib(self) -> Result<machinen::RestoreOptions> {
+        let mut o = machinen::RestoreOptions::new(self.bundle);
+        o.name = self.name;
+        o.image = path(self.image);
+        o.ports = ports(self.ports)?;
+        o.detached = self.detached.unwrap_or(false);
+        o.boot_timeout = ms(self.boot_timeout_ms, o.boot_timeout);
+        o.reset_tcp = self.reset_tcp.unwrap_or(false);
+        o.verify = self.verify.unwrap_or(true);
+        o.own_ram = self.own_ram.unwrap_or(false);
+        o.progress = machinen::progress::ProgressMode::Quiet;
+        Ok(o)
+    }
+}
+
+impl ForkOpts {
+    pub fn into_lib(self) -> Result<machinen::ForkOptions> {
+        Ok(machinen::ForkOptions {
+            new_name: self.name,
+            out_dir: path(self.out_dir),
+            tcp_keep: self.tcp_keep.unwrap_or(false),
+            detached: self.detached.unwrap_or(false),
+            ports: ports(self.ports)?,
+            own_ram: self.own_ram.unwrap_or(false),
+            on_phase: Default::default(),
+        })
+    }
+}
+
+impl ExecOpts {
+    pub fn into_lib(self) -> (machinen::ExecOptions, Option<Duration>) {
+        let timeout = self.timeout_ms.map(|t| Duration::from_millis(t.into()));
+        (
+            machinen::ExecOptions {
+                argv: self.argv,
+                env: pairs(self.env),
+                cwd: self.cwd,
+            },
+            timeout,
+        )
+    }
+}
+
+impl ProvisionOpts {
+    pub fn into_lib(self) -> Result<machinen::ProvisionOptions> {
+        let d = machinen::ProvisionOptions::default();
+        Ok(machinen::ProvisionOptions {
+            base: path(self.base),
+            out: PathBuf::from(self.out),
+            install: None,
+            cmd: self.cmd,
+            env: pairs(self.env),
+            cwd: self.cwd,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus.unwrap_or(d.cpus),
+            network: network(self.network)?,
+            boot_timeout: ms(self.boot_timeout_ms, d.boot_timeout),
+            progress: machinen::progress::ProgressMode::Quiet,
+            on_phase: Default::default(),
+        })
+    }
+}

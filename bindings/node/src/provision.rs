@@ -1,0 +1,107 @@
+//! `provision()` with an async JS install hook. The library calls the hook
+//! with the live install VM and awaits it; JS cannot be called from here
+//! and awaited, so the hook hands JS a handle through a channel
+//! (`installVm()`), then waits for JS to say it is done (`installDone()`).
+
+use std::sync::Arc;
+
+use machinen::ErrorCode;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use tokio::sync::{oneshot, Mutex};
+
+use crate::handle::VmHandle;
+use crate::options::ProvisionOpts;
+use crate::{js_error, to_value};
+
+/// A bake in progress, from `provisionStart`.
+#[napi]
+pub struct Provisioning {
+    vm: Arc<Mutex<Option<oneshot::Receiver<machinen::Vm>>>>,
+    done: Arc<std::sync::Mutex<Option<oneshot::Sender<Option<String>>>>>,
+    result:
+        Arc<Mutex<Option<tokio::task::JoinHandle<machinen::Result<machinen::ProvisionResult>>>>>,
+}
+
+/// Start baking an image; with `install`, the bake waits in the install VM
+/// for `installVm()` and `installDone()`.
+#[napi]
+pub async fn provision_start(opts: ProvisionOpts, install: bool) -> Result<Provisioning> {
+    let mut opts = opts.into_lib()?;
+    let (vm_tx, vm_rx) = oneshot::channel::<machinen::Vm>();
+    let (done_tx, done_rx) = oneshot::channel::<Option<String>>();
+    if install {
+        opts.install = Some(Box::new(move |vm: &machinen::Vm, _| {
+            let name = vm.name().to_owned();
+            Box::pin(async move {
+                let handle = machinen::attach(&name).await?;
+                if vm_tx.send(handle).is_err() {
+                    return Err(machinen::error::fail(
+                        ErrorCode::ProvisionStepFailed,
+                        "the install hook's caller went away",
+                    )
+                    .into());
+                }
+                match done_rx.await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(message)) => Err(machinen::error::fail(
+                        ErrorCode::ProvisionStepFailed,
+                        format!("the install hook failed: {message}"),
+                    )
+                    .hint("the error the hook threw is this error's cause")
+                    .into()),
+                    Err(_) => Err(machinen::error::fail(
+                        ErrorCode::ProvisionStepFailed,
+                        "the install hook never finished",
+                    )
+                    .into()),
+                }
+            })
+        }));
+    }
+    let task = tokio::spawn(machinen::provision(opts));
+    Ok(Provisioning {
+        vm: Arc::new(Mutex::new(Some(vm_rx))),
+        done: Arc::new(std::sync::Mutex::new(Some(done_tx))),
+        result: Arc::new(Mutex::new(Some(task))),
+    })
+}
+
+#[napi]
+impl Provisioning {
+    /// The install VM once it is up; `null` when the bake failed before
+    /// (`result()` says why).
+    #[napi]
+    pub async fn install_vm(&self) -> Result<Option<VmHandle>> {
+        let Some(rx) = self.vm.lock().await.take() else {
+            return Ok(None);
+        };
+        Ok(rx.await.ok().map(VmHandle::attached))
+    }
+
+    /// The hook ended: `error` is its failure's message, `null` on success.
+    #[napi]
+    pub fn install_done(&self, error: Option<String>) {
+        let tx = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(error);
+        }
+    }
+
+    /// What the bake made (as `machinen provision --json` shows it).
+    #[napi]
+    pub async fn result(&self) -> Result<serde_json::Value> {
+        let Some(task) = self.result.lock().await.take() else {
+            return Err(napi::Error::from_reason("result() was already taken"));
+        };
+        let r = task
+            .await
+            .map_err(|e| napi::Error::from_reason(format!("the provision task failed: {e}")))?
+            .map_err(js_error)?;
+        to_value(&r)
+    }
+}
