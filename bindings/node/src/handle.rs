@@ -59,10 +59,39 @@ impl VmHandle {
 /// Boot a VM from an image (the installed Debian base by default).
 #[napi]
 pub async fn boot(opts: BootOpts, cancel: Option<u32>) -> Result<VmHandle> {
-    let opts = opts.into_lib()?;
+    let mut opts = opts.into_lib()?;
+    apply_baked(&mut opts).await?;
     let keep = !opts.detached;
     let vm = cancellable(cancel, machinen::boot(opts)).await?;
     Ok(VmHandle::new(vm, keep))
+}
+
+/// An image made by `provision()` carries a default command, env and cwd:
+/// without a `cmd`, the baked command becomes the VM's main command (as
+/// `machinen boot IMAGE` runs it); the baked env and cwd apply under the
+/// caller's.
+async fn apply_baked(opts: &mut machinen::BootOptions) -> Result<()> {
+    let Some(image) = opts.image.clone() else {
+        return Ok(());
+    };
+    let config = crate::blocking(move || {
+        machinen::provision::image_config(Some(&image), machinen::progress::ProgressMode::Quiet)
+    })
+    .await?;
+    let Some(config) = config else {
+        return Ok(());
+    };
+    let argv = (!opts.cmd.is_empty()).then(|| opts.cmd.clone());
+    if argv.is_none() && config.cmd.as_ref().is_none_or(|c| c.is_empty()) {
+        return Ok(());
+    }
+    let main = config
+        .exec_options(argv, &opts.env, opts.cwd.clone())
+        .map_err(|f| js_error(f.into()))?;
+    opts.cmd = main.argv;
+    opts.env = main.env;
+    opts.cwd = main.cwd;
+    Ok(())
 }
 
 /// Restore a snapshot bundle into a new VM.

@@ -42,7 +42,7 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
 }
 
 /// Run blocking library work (registry files) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> machinen::Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)

@@ -8,6 +8,51 @@ use machinen::ExecOptions;
 use crate::ctx::{sh, stop, Counter, Ctx};
 use crate::stats::{mib, ms, Section};
 
+/// `--exec-rtt-of VM`: the library's exec round-trip against a VM someone
+/// else booted, printed as a JSON array of milliseconds.
+pub fn rtt_of_main(vm: &str, reps: usize) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(rtt_of(vm, reps)) {
+        Ok(lat) => {
+            println!("{}", serde_json::Value::from(lat));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn rtt_of(name: &str, reps: usize) -> Result<Vec<f64>> {
+    let vm = machinen::attach(name).await?;
+    sh(&vm, "true").await?;
+    let mut lat = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let o = vm
+            .exec(ExecOptions {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?;
+        lat.push(ms(t));
+        if o.status.code != Some(0) {
+            bail!("`true` failed: {:?}", o.status);
+        }
+    }
+    Ok(lat)
+}
+
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let vm = ctx.boot("exec").await?;
     let r = measure(ctx, &vm, sec).await;

@@ -98,6 +98,11 @@ struct Args {
     /// Forks next to the source in the memory section, as siblings and as separate forks (default 4; 2 with --quick).
     #[arg(long)]
     forks: Option<usize>,
+    /// Measure only the exec round-trip of `true` in this live VM (name or
+    /// pid, in the caller's registry) and print the latencies in ms as a
+    /// JSON array: the Node binding's benchmark runs it beside its own.
+    #[arg(long, value_name = "VM")]
+    exec_rtt_of: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +116,9 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+    }
+    if let Some(vm) = &args.exec_rtt_of {
+        return exec::rtt_of_main(vm, args.reps.unwrap_or(30).max(1));
     }
     // An isolated registry (short path: unix socket paths are limited) and
     // scratch space, both removed at the end. Set before any thread starts.

@@ -1,0 +1,374 @@
+// Type declarations of @machinen/runtime. The ErrorCode block is generated
+// from the native addon (`npm run gen-dts`); test/api.test.mjs fails when
+// this file and the binding disagree.
+
+/// <reference types="node" />
+
+// BEGIN GENERATED ERROR CODES
+export declare const ErrorCode: {
+  readonly BOOT_TIMEOUT: "BOOT_TIMEOUT";
+  readonly BOOT_DETACHED_READINESS_FAILED: "BOOT_DETACHED_READINESS_FAILED";
+  readonly BOOT_MEMORY_INVALID: "BOOT_MEMORY_INVALID";
+  readonly BOOT_VMM_MISSING: "BOOT_VMM_MISSING";
+  readonly BOOT_ENGINE_MISSING: "BOOT_ENGINE_MISSING";
+  readonly BOOT_ENGINE_FAILED: "BOOT_ENGINE_FAILED";
+  readonly BOOT_ARGS_INVALID: "BOOT_ARGS_INVALID";
+  readonly BOOT_IMAGE_INVALID: "BOOT_IMAGE_INVALID";
+  readonly BOOT_PORT_FORWARD_IN_USE: "BOOT_PORT_FORWARD_IN_USE";
+  readonly BOOT_PORT_FORWARD_CONFLICT: "BOOT_PORT_FORWARD_CONFLICT";
+  readonly BOOT_RAM_DIR_FULL: "BOOT_RAM_DIR_FULL";
+  readonly PROVISION_BASE_NOT_FOUND: "PROVISION_BASE_NOT_FOUND";
+  readonly PROVISION_KERNEL_NOT_FOUND: "PROVISION_KERNEL_NOT_FOUND";
+  readonly PROVISION_ASSETS_DIR_INVALID: "PROVISION_ASSETS_DIR_INVALID";
+  readonly PROVISION_ARGS_INVALID: "PROVISION_ARGS_INVALID";
+  readonly PROVISION_STEP_FAILED: "PROVISION_STEP_FAILED";
+  readonly PROVISION_COPY_FAILED: "PROVISION_COPY_FAILED";
+  readonly PROVISION_EXPORT_FAILED: "PROVISION_EXPORT_FAILED";
+  readonly PROVISION_OUTPUT_FAILED: "PROVISION_OUTPUT_FAILED";
+  readonly INSTALL_TOOL_MISSING: "INSTALL_TOOL_MISSING";
+  readonly INSTALL_FETCH_FAILED: "INSTALL_FETCH_FAILED";
+  readonly INSTALL_ROOTFS_FAILED: "INSTALL_ROOTFS_FAILED";
+  readonly CACHE_IMAGE_BUILD_FAILED: "CACHE_IMAGE_BUILD_FAILED";
+  readonly CACHE_INITRAMFS_BUILD_FAILED: "CACHE_INITRAMFS_BUILD_FAILED";
+  readonly EXEC_VSOCK_UNAVAILABLE: "EXEC_VSOCK_UNAVAILABLE";
+  readonly EXEC_COMMAND_NOT_FOUND: "EXEC_COMMAND_NOT_FOUND";
+  readonly EXEC_SPAWN_FAILED: "EXEC_SPAWN_FAILED";
+  readonly EXEC_FAILED: "EXEC_FAILED";
+  readonly PROTOCOL_ERROR: "PROTOCOL_ERROR";
+  readonly PROTOCOL_VERSION_MISMATCH: "PROTOCOL_VERSION_MISMATCH";
+  readonly PORT_FORWARD_REFUSED: "PORT_FORWARD_REFUSED";
+  readonly FIXUP_FAILED: "FIXUP_FAILED";
+  readonly REGISTRY_NAME_IN_USE: "REGISTRY_NAME_IN_USE";
+  readonly REGISTRY_NAME_INVALID: "REGISTRY_NAME_INVALID";
+  readonly REGISTRY_NOT_FOUND: "REGISTRY_NOT_FOUND";
+  readonly REGISTRY_IO: "REGISTRY_IO";
+  readonly CONTROL_PERMISSION_DENIED: "CONTROL_PERMISSION_DENIED";
+  readonly STOP_TIMEOUT: "STOP_TIMEOUT";
+  readonly STOP_FAILED: "STOP_FAILED";
+  readonly GC_FAILED: "GC_FAILED";
+  readonly SNAPSHOT_DUMP_FAILED: "SNAPSHOT_DUMP_FAILED";
+  readonly SNAPSHOT_TIMEOUT: "SNAPSHOT_TIMEOUT";
+  readonly SNAPSHOT_OUT_EXISTS: "SNAPSHOT_OUT_EXISTS";
+  readonly SNAPSHOT_STATE_INVALID: "SNAPSHOT_STATE_INVALID";
+  readonly RESTORE_BUNDLE_INVALID: "RESTORE_BUNDLE_INVALID";
+  readonly RESTORE_BUNDLE_INCOMPATIBLE: "RESTORE_BUNDLE_INCOMPATIBLE";
+  readonly RESTORE_IMAGE_MISMATCH: "RESTORE_IMAGE_MISMATCH";
+  readonly BOOT_VMSTATE_RESEED_FAILED: "BOOT_VMSTATE_RESEED_FAILED";
+  readonly FILES_PATH_INVALID: "FILES_PATH_INVALID";
+  readonly FILES_NOT_FOUND: "FILES_NOT_FOUND";
+  readonly FILES_PERMISSION_DENIED: "FILES_PERMISSION_DENIED";
+  readonly FILES_IS_DIRECTORY: "FILES_IS_DIRECTORY";
+  readonly FILES_NOT_A_DIRECTORY: "FILES_NOT_A_DIRECTORY";
+  readonly FILES_NOT_REGULAR: "FILES_NOT_REGULAR";
+  readonly FILES_NO_SPACE: "FILES_NO_SPACE";
+  readonly FILES_IO: "FILES_IO";
+  readonly FILES_TOO_LARGE: "FILES_TOO_LARGE";
+  readonly FILES_HOST_DISK_RESERVE: "FILES_HOST_DISK_RESERVE";
+  readonly SECRETS_INVALID: "SECRETS_INVALID";
+  readonly SECRETS_FAILED: "SECRETS_FAILED";
+  readonly INTERRUPTED: "INTERRUPTED";
+  readonly IO: "IO";
+  readonly EXEC_TIMEOUT: "EXEC_TIMEOUT";
+  readonly FILES_PATH_ESCAPE: "FILES_PATH_ESCAPE";
+  readonly FILES_EXISTS: "FILES_EXISTS";
+  readonly BOOT_NESTED_VIRT_UNSUPPORTED: "BOOT_NESTED_VIRT_UNSUPPORTED";
+  readonly MAIN_ALREADY_RUNNING: "MAIN_ALREADY_RUNNING";
+  readonly MAIN_NOT_RUNNING: "MAIN_NOT_RUNNING";
+  readonly WAIT_TIMEOUT: "WAIT_TIMEOUT";
+  readonly EXEC_NONZERO_EXIT: "EXEC_NONZERO_EXIT";
+};
+// END GENERATED ERROR CODES
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+export interface MachinenErrorOptions {
+  hint?: string;
+  retryable?: boolean;
+  cause?: unknown;
+  /** The chain of lower-level causes, outermost first. */
+  causes?: string[];
+}
+
+/** Every error the package raises: a stable `code` and what to do (`hint`). */
+export declare class MachinenError extends Error {
+  constructor(code: ErrorCode, message: string, opts?: MachinenErrorOptions);
+  readonly name: "MachinenError";
+  readonly code: ErrorCode;
+  /** Whether the same call may succeed if tried again unchanged. */
+  readonly retryable: boolean;
+  readonly hint?: string;
+  readonly causes: string[];
+  /** EXEC_NONZERO_EXIT only: the command's result. */
+  exitCode?: number;
+  stdout?: string | Buffer;
+  stderr?: string | Buffer;
+}
+
+export declare function isMachinenError(err: unknown, code?: ErrorCode): err is MachinenError;
+/** The CLI's rendering: `error[CODE]: message`, its causes, its hint. */
+export declare function formatMachinenError(err: MachinenError): string;
+
+/** `"[HOST_ADDR:]HOST_PORT:GUEST_PORT"`, a port (same on both sides), or an object. */
+export type PortForwardSpec = string | number | { hostAddr?: string; hostPort?: number; guestPort: number };
+
+export interface BootOptions {
+  /** Rootfs tarball (e.g. from `provision()`); the installed Debian base when omitted. */
+  image?: string;
+  /** The VM's main command: a shell string or argv. Its output goes to the VM's log and `wait()` reports its exit. */
+  cmd?: string | string[];
+  /** Unique among live VMs; generated when omitted. */
+  name?: string;
+  /** Guest RAM ceiling in MiB (default `min(host RAM / 2, 4096)`, at least 512). */
+  memoryMib?: number;
+  cpus?: number;
+  /** `"nat"` (default: outbound, not the host's loopback) or `"nat-host"` (the host's loopback too). */
+  network?: "nat" | "nat-host";
+  /** Keep running after this process exits (reattach with `attach()`). */
+  detached?: boolean;
+  bootTimeoutMs?: number;
+  /** `"kvm"`, `"hvf"` or `"tcg"`; probed when omitted. */
+  accel?: string;
+  debug?: boolean;
+  ports?: PortForwardSpec[];
+  /** Installed in the guest's tmpfs under /run/machinen/secrets, never on a disk. */
+  secrets?: Record<string, string>;
+  /** Root disk size: bytes or with a unit (`"4G"`). */
+  diskSize?: number | string;
+  nested?: boolean;
+  /** Environment and working directory of the main command. */
+  env?: Record<string, string | number | boolean | undefined>;
+  cwd?: string;
+  /** Keep the VM running after its main command exited. */
+  keepAliveOnExit?: boolean;
+  signal?: AbortSignal;
+  /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
+  onLog?: (evt: unknown) => void;
+}
+
+export interface AttachOptions {
+  name?: string;
+  pid?: number;
+}
+
+export interface RestoreOptions {
+  /** Snapshot bundle directory written by `vm.snapshot()`. */
+  snapDir: string;
+  name?: string;
+  /** The rootfs tarball, when not where the bundle recorded it (its sha256 must match). */
+  image?: string;
+  ports?: PortForwardSpec[];
+  detached?: boolean;
+  bootTimeoutMs?: number;
+  /** Reset TCP connections inherited from the snapshot. */
+  resetTcp?: boolean;
+  /** Check every file of the bundle first (default true). */
+  verify?: boolean;
+  /** Give the VM its own copy of the RAM (cheaper snapshots and forks of it later). */
+  ownRam?: boolean;
+  signal?: AbortSignal;
+  onLog?: (evt: unknown) => void;
+}
+
+export interface ForkOptions {
+  name?: string;
+  /** Keep the intermediate bundle here (default: a temporary directory, removed). */
+  outDir?: string;
+  detached?: boolean;
+  ports?: PortForwardSpec[];
+  ownRam?: boolean;
+  /** Keep TCP connections inherited from the source. */
+  tcpKeep?: boolean;
+  signal?: AbortSignal;
+  onLog?: (evt: unknown) => void;
+}
+
+export interface ExecOptions {
+  env?: Record<string, string | number | boolean | undefined>;
+  /** Absolute guest path. */
+  cwd?: string;
+  /** The command's process group is killed after this long: `EXEC_TIMEOUT`. */
+  timeoutMs?: number;
+  /** Bytes for the command's stdin (closed after them; no stdin otherwise). */
+  stdin?: string | Buffer;
+  onStdout?: (chunk: Buffer) => void;
+  onStderr?: (chunk: Buffer) => void;
+  /** Aborting kills the command and rejects with the signal's reason. */
+  signal?: AbortSignal;
+  /** `"buffer"` for Buffers; a text encoding otherwise (default utf8). */
+  encoding?: BufferEncoding | "buffer";
+}
+
+export interface ExecResult<T = string> {
+  /** The exit code, or 128 + N when killed by signal N. */
+  exitCode: number;
+  signal?: number;
+  stdout: T;
+  stderr: T;
+}
+
+export interface ExecPtyOptions {
+  env?: Record<string, string | number | boolean | undefined>;
+  cwd?: string;
+  rows?: number;
+  cols?: number;
+  /** Terminal output as it comes; without it, `result.output` collects it. */
+  onData?: (chunk: Buffer) => void;
+  /** Aborting sends SIGKILL to the command. */
+  signal?: AbortSignal;
+}
+
+export interface ExecPtyHandle {
+  /** The command's pid in the guest. */
+  pid: number;
+  write(data: string | Buffer): Promise<void>;
+  resize(rows: number, cols: number): Promise<void>;
+  signal(sig: NodeJS.Signals | number): Promise<void>;
+  /** End of input (^D). */
+  eof(): Promise<void>;
+  result: Promise<{ exitCode: number; signal?: number; output: Buffer }>;
+}
+
+export interface WriteFileOptions {
+  /** Permission bits, e.g. 0o755 (default: keep an existing file's, else 0o644). */
+  mode?: number;
+  /** Append instead of replacing; a replacement is atomic. */
+  append?: boolean;
+}
+
+export interface SnapshotOptions {
+  /** Where to write the bundle; must not exist. */
+  outDir: string;
+  /** `false`: the VM stops once the bundle is complete. Default true. */
+  leaveRunning?: boolean;
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  onLog?: (evt: unknown) => void;
+}
+
+export interface Phase {
+  name: string;
+  /** End of the phase, ms since the operation started. */
+  atMs: number;
+  ms: number;
+}
+
+export interface SnapshotResult {
+  outDir: string;
+  /** Time from the call to the complete bundle. */
+  elapsedMs: number;
+  /** How long the guest was paused. */
+  pausedMs: number;
+  bytes: number;
+  diskBytes: number;
+  phases: Phase[];
+}
+
+export interface VmInfo {
+  name: string;
+  id: string;
+  /** The supervisor's pid. */
+  pid: number;
+  qemuPid: number | null;
+  state: "starting" | "running" | "snapshotting" | "stopping" | "stopped" | "crashed" | "exited" | "recovering" | "unhealthy" | (string & {});
+  reason?: string;
+  image: string | null;
+  ports: { hostAddr: string; hostPort: number; guestPort: number }[];
+  forkedFrom: string | null;
+  memoryMib: number;
+  cpus: number;
+  accel: string;
+  createdAtMs: number;
+  uptimeMs: number;
+  controlSocket: string;
+  consoleLog: string | null;
+  cause: string | null;
+  main?: { argv: string[]; [k: string]: unknown };
+}
+
+export interface StopReport {
+  name: string;
+  pid: number;
+  /** True when the supervisor had to be killed. */
+  killed: boolean;
+  elapsedMs: number;
+}
+
+export type WaitResult =
+  | { reason: "exited"; exitCode: number; status: { code: number | null; signal: number | null } }
+  | { reason: "stopped"; exitCode: number }
+  | { reason: "crashed"; exitCode: number; cause: string };
+
+export declare class VmHandle {
+  private constructor();
+  readonly name: string;
+  readonly id: string;
+  /** The supervisor's pid (what `machinen ls` shows). */
+  readonly pid: number;
+  info(): VmInfo;
+  phases(): Phase[];
+  status(): Promise<{ state: string; supervisorPid: number; qemuPid: number | null; [k: string]: unknown }>;
+  /** Throws `EXEC_NONZERO_EXIT` unless the command exits 0. */
+  exec(cmd: string | string[], opts: ExecOptions & { encoding: "buffer" }): Promise<ExecResult<Buffer>>;
+  exec(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;
+  /** The result whatever the exit code. */
+  execRaw(cmd: string | string[], opts: ExecOptions & { encoding: "buffer" }): Promise<ExecResult<Buffer>>;
+  execRaw(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;
+  execPty(cmd: string | string[], opts?: ExecPtyOptions): Promise<ExecPtyHandle>;
+  writeFile(guestPath: string, contents: Buffer | Uint8Array | string, opts?: WriteFileOptions): Promise<void>;
+  readFile(guestPath: string): Promise<Buffer>;
+  readFile(guestPath: string, opts: { encoding: BufferEncoding }): Promise<string>;
+  snapshot(opts: SnapshotOptions): Promise<SnapshotResult>;
+  fork(opts?: ForkOptions): Promise<VmHandle>;
+  /** Stop the VM at once; `graceful: true` lets the guest power off first. */
+  kill(opts?: { graceful?: boolean; timeoutMs?: number }): Promise<StopReport>;
+  /** Let the VM outlive this process; `attach({ name })` finds it again. */
+  detach(): Promise<void>;
+  /** Until the main command exits (or the VM ends). */
+  wait(opts?: { timeoutMs?: number; signal?: AbortSignal }): Promise<WaitResult>;
+}
+
+export interface ProvisionOptions {
+  /** Rootfs tarball to start from; the installed Debian base when omitted. */
+  base?: string;
+  /** Where to write the image (.tar.gz); replaced atomically. */
+  out: string;
+  /** Runs against the live install VM; a throw fails the bake (`PROVISION_STEP_FAILED`, with it as `cause`). */
+  install?: (vm: VmHandle) => Promise<void>;
+  /** Default command baked into the image. */
+  cmd?: string | string[];
+  env?: Record<string, string | number | boolean | undefined>;
+  cwd?: string;
+  memoryMib?: number;
+  cpus?: number;
+  network?: "nat" | "nat-host";
+  bootTimeoutMs?: number;
+  onLog?: (evt: unknown) => void;
+}
+
+export interface ProvisionResult {
+  path: string;
+  sha256: string;
+  size: number;
+  uncompressedSize: number;
+  config: { version: number; cmd?: string[]; env: Record<string, string>; cwd?: string };
+  base: string;
+  elapsedMs: number;
+  bootMs: number;
+  installMs: number;
+  exportMs: number;
+  phases: Phase[];
+}
+
+export interface GcResult {
+  dryRun: boolean;
+  removed: { id: string; name: string; reason: string; [k: string]: unknown }[];
+  bytes: number;
+}
+
+export declare function boot(opts?: BootOptions): Promise<VmHandle>;
+export declare function attach(opts: AttachOptions | string): Promise<VmHandle>;
+export declare function list(opts?: { all?: boolean }): Promise<VmInfo[]>;
+export declare function restore(opts: RestoreOptions): Promise<VmHandle>;
+export declare function provision(opts: ProvisionOptions): Promise<ProvisionResult>;
+export declare function runGc(opts?: { dryRun?: boolean }): Promise<GcResult>;
+/** The package's (and the library's) version. */
+export declare const version: string;

@@ -1,0 +1,194 @@
+// One VM booted from Node, shared by the checks that do not disturb each
+// other: exec (streamed, exit codes, stdin, env, timeouts, aborts, 20 at
+// once), files, the terminal, and what the CLI sees of it.
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { cli, cliJson, m, rejectsWith, until } from './helpers.mjs';
+
+let vm;
+
+before(async () => {
+  vm = await m.boot({ name: 'node-shared', memoryMib: 512 });
+});
+
+after(async () => {
+  await vm?.kill();
+});
+
+test('boot gives a live handle that list() and the CLI both see', async () => {
+  assert.equal(vm.name, 'node-shared');
+  assert.equal(typeof vm.pid, 'number');
+  const listed = (await m.list()).find((v) => v.name === 'node-shared');
+  assert.equal(listed.state, 'running');
+  assert.equal(listed.pid, vm.pid);
+  assert.ok(vm.phases().some((p) => p.name === 'ready' || p.ms >= 0));
+  const ls = cliJson('ls', '--json');
+  const row = (Array.isArray(ls) ? ls : ls.vms).find((v) => v.name === 'node-shared');
+  assert.equal(row.pid, vm.pid);
+  const status = await vm.status();
+  assert.equal(status.state, 'running');
+});
+
+test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {
+  const r = await vm.exec('echo out; echo err >&2');
+  assert.deepEqual(r, { exitCode: 0, signal: undefined, stdout: 'out\n', stderr: 'err\n' });
+  assert.equal((await vm.execRaw(['sh', '-c', 'exit 3'])).exitCode, 3);
+  const killed = await vm.execRaw('kill -9 $$');
+  assert.equal(killed.exitCode, 137);
+  assert.equal(killed.signal, 9);
+  const e = await rejectsWith(vm.exec('echo partial; exit 4'), 'EXEC_NONZERO_EXIT');
+  assert.equal(e.exitCode, 4);
+  assert.equal(e.stdout, 'partial\n');
+  await rejectsWith(vm.exec(['/no/such/program']), 'EXEC_COMMAND_NOT_FOUND');
+  const bin = await vm.exec(['printf', '\\377\\000'], { encoding: 'buffer' });
+  assert.deepEqual([...bin.stdout], [255, 0]);
+});
+
+test('exec: env, cwd, stdin', async () => {
+  const r = await vm.exec('echo $GREETING from $PWD', { env: { GREETING: 'hi' }, cwd: '/tmp' });
+  assert.equal(r.stdout, 'hi from /tmp\n');
+  const data = randomBytes(300_000);
+  const sum = await vm.exec('sha256sum | cut -d" " -f1', { stdin: data });
+  assert.equal(sum.stdout.trim(), createHash('sha256').update(data).digest('hex'));
+});
+
+test('exec: output streams to the callbacks as it comes, in order', async () => {
+  const seen = [];
+  const t0 = Date.now();
+  const times = [];
+  const r = await vm.exec('for i in 1 2 3; do echo $i; echo e$i >&2; sleep 0.5; done', {
+    onStdout: (c) => {
+      seen.push(`out:${c}`);
+      times.push(Date.now() - t0);
+    },
+    onStderr: (c) => seen.push(`err:${c}`),
+  });
+  assert.equal(r.stdout, '1\n2\n3\n');
+  assert.equal(r.stderr, 'e1\ne2\ne3\n');
+  assert.deepEqual(
+    seen.filter((s) => s.startsWith('out:')).join(''),
+    'out:1\nout:2\nout:3\n',
+  );
+  // The first chunk arrived long before the command ended (streamed, not
+  // collected): at least one later chunk came in a separate callback.
+  assert.ok(times.length >= 2, `got ${times.length} stdout chunks`);
+});
+
+test('exec: a timeout kills the command (EXEC_TIMEOUT)', async () => {
+  await rejectsWith(vm.exec('sleep 30', { timeoutMs: 1000 }), 'EXEC_TIMEOUT');
+  const left = await vm.execRaw('pgrep -x sleep');
+  assert.equal(left.stdout, '');
+});
+
+test('exec: an AbortSignal gives up the command and the guest kills it', async () => {
+  for (const streamed of [false, true]) {
+    const ac = new AbortController();
+    const p = vm.exec('echo started; sleep 300', streamed ? { signal: ac.signal, onStdout: () => ac.abort() } : { signal: ac.signal });
+    if (!streamed) setTimeout(() => ac.abort(), 1500);
+    await assert.rejects(p, (e) => e.name === 'AbortError');
+    await until(async () => (await vm.execRaw('pgrep -x sleep')).stdout === '', 20_000, 'the aborted sleep to end');
+  }
+});
+
+test('20 concurrent execs from one process', async () => {
+  const rs = await Promise.all(
+    Array.from({ length: 20 }, (_, i) => vm.exec(`echo ${i}; echo ${i * 2} >&2; exit $(( ${i} % 3 ))`).catch((e) => e)),
+  );
+  rs.forEach((r, i) => {
+    if (i % 3 === 0) {
+      assert.equal(r.stdout, `${i}\n`);
+      assert.equal(r.stderr, `${i * 2}\n`);
+    } else {
+      assert.ok(m.isMachinenError(r, 'EXEC_NONZERO_EXIT'));
+      assert.equal(r.exitCode, i % 3);
+      assert.equal(r.stdout, `${i}\n`);
+    }
+  });
+});
+
+test('writeFile and readFile: binary data, modes, append', async () => {
+  const all = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
+  await vm.writeFile('/tmp/node/all.bin', all);
+  assert.deepEqual(await vm.readFile('/tmp/node/all.bin'), all);
+  const big = randomBytes(3 << 20);
+  await vm.writeFile('/tmp/node/big.bin', big, { mode: 0o600 });
+  const inGuest = await vm.exec('sha256sum /tmp/node/big.bin; stat -c %a /tmp/node/big.bin');
+  const [sum, mode] = inGuest.stdout.trim().split('\n');
+  assert.equal(sum.split(' ')[0], createHash('sha256').update(big).digest('hex'));
+  assert.equal(mode, '600');
+  assert.ok((await vm.readFile('/tmp/node/big.bin')).equals(big));
+  await vm.writeFile('/tmp/node/log.txt', 'a\n');
+  await vm.writeFile('/tmp/node/log.txt', 'b\n', { append: true });
+  assert.equal(await vm.readFile('/tmp/node/log.txt', { encoding: 'utf8' }), 'a\nb\n');
+  await rejectsWith(vm.readFile('/tmp/node/missing'), 'FILES_NOT_FOUND');
+  await rejectsWith(vm.writeFile('relative/path', 'x'), 'FILES_PATH_INVALID');
+});
+
+test('execPty: a terminal with input, size and signals', async () => {
+  const chunks = [];
+  const pty = await vm.execPty('stty size; tty; read line; echo "got $line"; sleep 100', {
+    rows: 30,
+    cols: 100,
+    onData: (c) => chunks.push(c),
+  });
+  assert.ok(pty.pid > 0);
+  await until(() => Buffer.concat(chunks).toString().includes('/dev/pts'), 20_000, 'the tty line');
+  assert.match(Buffer.concat(chunks).toString(), /30 100/);
+  await pty.write('hello\n');
+  await until(() => Buffer.concat(chunks).toString().includes('got hello'), 20_000, 'the echo');
+  await pty.resize(40, 120);
+  await pty.signal('SIGTERM');
+  const r = await pty.result;
+  assert.equal(r.exitCode, 143);
+});
+
+test('attach from another handle, and a VM the CLI booted', async () => {
+  const again = await m.attach({ name: 'node-shared' });
+  assert.equal((await again.exec('echo attached')).stdout, 'attached\n');
+  const byPid = await m.attach({ pid: vm.pid });
+  assert.equal(byPid.name, 'node-shared');
+
+  const booted = cli('boot', '--name', 'from-cli', '--memory', '256', '--detached');
+  assert.equal(booted.status, 0, booted.stderr);
+  try {
+    assert.ok((await m.list()).some((v) => v.name === 'from-cli'));
+    const other = await m.attach({ name: 'from-cli' });
+    assert.equal((await other.exec('hostname')).exitCode, 0);
+    await other.kill();
+    assert.ok(!(await m.list()).some((v) => v.name === 'from-cli'));
+  } finally {
+    cli('stop', '--force', 'from-cli');
+  }
+});
+
+test('detach: a VM booted from Node outlives its process; without detach it does not', async () => {
+  const { execFileSync } = await import('node:child_process');
+  const { join } = await import('node:path');
+  const { pkgDir } = await import('./helpers.mjs');
+  const script = (detach) => `
+    const m = require(${JSON.stringify(join(pkgDir, 'index.js'))});
+    (async () => {
+      const vm = await m.boot({ name: ${JSON.stringify(detach ? 'node-detached' : 'node-fg')}, memoryMib: 256 });
+      await vm.exec('echo alive > /tmp/mark');
+      ${detach ? 'await vm.detach();' : ''}
+      console.log(vm.pid);
+    })().catch((e) => { console.error(e); process.exit(1); });`;
+  try {
+    const pid = Number(execFileSync(process.execPath, ['-e', script(true)], { encoding: 'utf8' }).trim());
+    const row = cliJson('ls', '--json');
+    const found = (Array.isArray(row) ? row : row.vms).find((v) => v.name === 'node-detached');
+    assert.equal(found?.pid, pid);
+    const back = await m.attach({ name: 'node-detached' });
+    assert.equal(await back.readFile('/tmp/mark', { encoding: 'utf8' }), 'alive\n');
+    const stopped = cli('stop', 'node-detached');
+    assert.equal(stopped.status, 0, stopped.stderr);
+
+    // The same without detach(): the VM stops with the process.
+    execFileSync(process.execPath, ['-e', script(false)], { encoding: 'utf8' });
+    await until(async () => !(await m.list()).some((v) => v.name === 'node-fg'), 60_000, 'the foreground VM to stop');
+  } finally {
+    cli('stop', '--force', 'node-detached');
+    cli('stop', '--force', 'node-fg');
+  }
+});
