@@ -29,5 +29,12 @@ const ship = [
 for (const [from, name] of ship) {
   copyFileSync(from, join(out, name));
   chmodSync(join(out, name), 0o755);
+  // Debug info is most of a binary's size and no use to the package's
+  // users (`npm pack` would ship hundreds of MiB).
+  try {
+    execFileSync('strip', ['--strip-debug', join(out, name)]);
+  } catch {
+    console.warn(`strip is not available: ${name} keeps its debug info`);
+  }
 }
 console.log(`built ${out}: ${ship.map(([, n]) => n).join(', ')} (${profile})`);
