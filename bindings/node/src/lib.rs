@@ -105,3 +105,35 @@ pub async fn run_gc(dry_run: bool) -> Result<serde_json::Value> {
     let report = blocking(move || machinen::gc(dry_run)).await?;
     to_value(&report)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_code_is_listed_once() {
+        let codes = super::error_codes();
+        assert_eq!(codes.len(), machinen::error::ALL.len());
+        let mut names: Vec<_> = codes.iter().map(|c| c.code.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), codes.len());
+        assert!(names.contains(&"EXEC_NONZERO_EXIT"));
+        assert!(codes
+            .iter()
+            .any(|c| c.code == "EXEC_VSOCK_UNAVAILABLE" && c.retryable));
+    }
+
+    #[test]
+    fn library_errors_travel_as_json_after_the_mark() {
+        let e = super::js_error(
+            machinen::error::fail(machinen::ErrorCode::FilesNotFound, "no /x")
+                .hint("look elsewhere")
+                .into(),
+        );
+        let json = e.reason.strip_prefix(super::ERROR_MARK).expect("marked");
+        let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert_eq!(v["code"], "FILES_NOT_FOUND");
+        assert_eq!(v["message"], "no /x");
+        assert_eq!(v["hint"], "look elsewhere");
+        assert_eq!(v["retryable"], false);
+    }
+}

@@ -229,3 +229,106 @@ impl ProvisionOpts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: napi::Error) -> String {
+        let json = e
+            .reason
+            .strip_prefix(crate::ERROR_MARK)
+            .expect("a library error");
+        let v: serde_json::Value = serde_json::from_str(json).expect("JSON after the mark");
+        v["code"].as_str().expect("a code").to_owned()
+    }
+
+    #[test]
+    fn boot_defaults_match_the_library() {
+        let o = BootOpts::default().into_lib().expect("defaults are valid");
+        let d = machinen::BootOptions::default();
+        assert_eq!(o.cpus, d.cpus);
+        assert_eq!(o.boot_timeout, d.boot_timeout);
+        assert!(!o.detached);
+        assert!(o.cmd.is_empty());
+    }
+
+    #[test]
+    fn boot_options_map_and_sort_env() {
+        let o = BootOpts {
+            memory_mib: Some(512),
+            ports: Some(vec!["8080:80".into(), "127.0.0.1:9000:90".into()]),
+            env: Some(HashMap::from([
+                ("B".into(), "2".into()),
+                ("A".into(), "1".into()),
+            ])),
+            secrets: Some(HashMap::from([("TOKEN".into(), "s3cret".into())])),
+            disk_size: Some("2G".into()),
+            network: Some("nat-host".into()),
+            boot_timeout_ms: Some(1500),
+            ..Default::default()
+        }
+        .into_lib()
+        .expect("valid");
+        assert_eq!(o.memory_mib, Some(512));
+        assert_eq!(o.ports.len(), 2);
+        assert_eq!(o.ports[1].host_addr, "127.0.0.1");
+        assert_eq!(o.ports[1].guest_port, 90);
+        assert_eq!(
+            o.env,
+            vec![("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
+        assert_eq!(o.secrets[0].value.0, b"s3cret");
+        assert_eq!(o.disk_size, Some(2 << 30));
+        assert_eq!(o.network, machinen::spec::NetworkMode::NatHost);
+        assert_eq!(o.boot_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn bad_options_carry_a_code() {
+        let bad = |o: BootOpts| code_of(o.into_lib().expect_err("refused"));
+        assert_eq!(
+            bad(BootOpts {
+                network: Some("wifi".into()),
+                ..Default::default()
+            }),
+            "BOOT_ARGS_INVALID"
+        );
+        assert_eq!(
+            bad(BootOpts {
+                disk_size: Some("lots".into()),
+                ..Default::default()
+            }),
+            "BOOT_ARGS_INVALID"
+        );
+        assert_eq!(
+            bad(BootOpts {
+                ports: Some(vec!["x".into()]),
+                ..Default::default()
+            }),
+            "BOOT_ARGS_INVALID"
+        );
+    }
+
+    #[test]
+    fn exec_and_restore_options() {
+        let (o, t) = ExecOpts {
+            argv: vec!["true".into()],
+            timeout_ms: Some(250),
+            cwd: Some("/tmp".into()),
+            ..Default::default()
+        }
+        .into_lib();
+        assert_eq!(o.argv, vec!["true".to_string()]);
+        assert_eq!(o.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(t, Some(Duration::from_millis(250)));
+        let r = RestoreOpts {
+            bundle: "/b".into(),
+            own_ram: Some(true),
+            ..Default::default()
+        }
+        .into_lib()
+        .expect("valid");
+        assert!(r.own_ram && r.verify && !r.detached);
+    }
+}
