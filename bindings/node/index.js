@@ -258,10 +258,10 @@ class VmHandle {
   async exec(cmd, opts = {}) {
     const r = await this.execRaw(cmd, opts);
     if (r.exitCode !== 0) {
-      const argv = toArgv(cmd);
+      const shown = typeof cmd === 'string' ? cmd : cmd.join(' ');
       const err = new MachinenError(
         ErrorCode.EXEC_NONZERO_EXIT,
-        `${JSON.stringify(argv.join(' '))} exited with ${r.exitCode}`,
+        `${JSON.stringify(shown)} exited with ${r.exitCode}`,
         { hint: 'use execRaw() to get the result of a command that may fail' },
       );
       err.exitCode = r.exitCode;

@@ -38,6 +38,7 @@ test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {
   assert.equal(killed.exitCode, 137);
   assert.equal(killed.signal, 9);
   const e = await rejectsWith(vm.exec('echo partial; exit 4'), 'EXEC_NONZERO_EXIT');
+  assert.equal(e.message, '"echo partial; exit 4" exited with 4');
   assert.equal(e.exitCode, 4);
   assert.equal(e.stdout, 'partial\n');
   await rejectsWith(vm.exec(['/no/such/program']), 'EXEC_COMMAND_NOT_FOUND');
