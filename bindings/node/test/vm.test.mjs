@@ -193,3 +193,25 @@ test('detach: a VM booted from Node outlives its process; without detach it does
     cli('stop', '--force', 'node-fg');
   }
 });
+
+test('a service VM: its main command runs, wait() reports its exit', async () => {
+  const svc = await m.boot({
+    name: 'node-service',
+    memoryMib: 256,
+    cmd: 'echo "serving $MODE from $PWD"; sleep 1; exit 7',
+    env: { MODE: 'test' },
+    cwd: '/tmp',
+  });
+  try {
+    const info = svc.info();
+    assert.deepEqual(info.main?.argv, ['/bin/sh', '-c', 'echo "serving $MODE from $PWD"; sleep 1; exit 7']);
+    const w = await svc.wait({ timeoutMs: 120_000 });
+    assert.equal(w.reason, 'exited');
+    assert.equal(w.exitCode, 7);
+    const logs = cli('logs', 'node-service');
+    assert.match(logs.stdout, /serving test from \/tmp/);
+  } finally {
+    await svc.kill().catch(() => {});
+    cli('gc');
+  }
+});
