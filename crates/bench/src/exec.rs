@@ -10,32 +10,17 @@ use crate::stats::{mib, ms, Section};
 
 /// `--exec-rtt-of VM`: the library's exec round-trip against a VM someone
 /// else booted, printed as a JSON array of milliseconds.
-pub fn rtt_of_main(vm: &str, reps: usize) -> std::process::ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(rtt_of(vm, reps)) {
-        Ok(lat) => {
-            println!("{}", serde_json::Value::from(lat));
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+pub async fn rtt_of(name: &str, reps: usize) -> Result<()> {
+    let vm = machinen::attach(name).await?;
+    let lat = round_trips(&vm, reps).await?;
+    println!("{}", serde_json::Value::from(lat));
+    Ok(())
 }
 
-async fn rtt_of(name: &str, reps: usize) -> Result<Vec<f64>> {
-    let vm = machinen::attach(name).await?;
-    sh(&vm, "true").await?;
+/// `reps` exec round-trips of `true`, in ms, after a warm-up (the first
+/// exec pages in the guest's `true`).
+async fn round_trips(vm: &machinen::Vm, reps: usize) -> Result<Vec<f64>> {
+    sh(vm, "true").await?;
     let mut lat = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t = Instant::now();
@@ -61,22 +46,7 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
 }
 
 async fn measure(ctx: &Ctx, vm: &machinen::Vm, sec: &mut Section) -> Result<()> {
-    // Warm up: the first exec pages in the guest's `true`.
-    sh(vm, "true").await?;
-    let mut lat = Vec::new();
-    for _ in 0..ctx.cfg.reps {
-        let t = Instant::now();
-        let o = vm
-            .exec(ExecOptions {
-                argv: vec!["true".into()],
-                ..Default::default()
-            })
-            .await?;
-        lat.push(ms(t));
-        if o.status.code != Some(0) {
-            bail!("`true` failed: {:?}", o.status);
-        }
-    }
+    let lat = round_trips(vm, ctx.cfg.reps).await?;
     sec.add("latency_ms", "exec round-trip of `true`", "ms", lat);
 
     let n = ctx.cfg.stream_mib;

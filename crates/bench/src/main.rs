@@ -117,8 +117,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if let Some(vm) = &args.exec_rtt_of {
-        return exec::rtt_of_main(vm, args.reps.unwrap_or(30).max(1));
+    if let Some(vm) = args.exec_rtt_of.clone() {
+        let reps = args.reps.unwrap_or(30).max(1);
+        return match runtime() {
+            Ok(rt) => match rt.block_on(exec::rtt_of(&vm, reps)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(code) => code,
+        };
     }
     // An isolated registry (short path: unix socket paths are limited) and
     // scratch space, both removed at the end. Set before any thread starts.
@@ -131,21 +141,25 @@ fn main() -> ExitCode {
         }
     };
     std::env::set_var(machinen_proto::env::REGISTRY_DIR, registry.path());
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let code = rt.block_on(run(args, work.path().to_path_buf()));
     drop(rt);
     drop(work);
     drop(registry);
     code
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: tokio runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 fn config(args: &Args) -> Config {

@@ -868,15 +868,16 @@ impl Vm {
     pub(crate) async fn connect(&self) -> Result<UnixStream> {
         UnixStream::connect(&self.info.control_socket)
             .await
-            .map_err(|e| {
-                fail(
-                    ErrorCode::ExecVsockUnavailable,
-                    format!("cannot reach the supervisor of VM {:?}", self.info.name),
-                )
-                .source(e)
-                .hint("the VM may have stopped; `machinen ls` lists live VMs")
-                .into()
-            })
+            .map_err(|e| self.unreachable(e).into())
+    }
+
+    fn unreachable(&self, e: std::io::Error) -> Failure {
+        fail(
+            ErrorCode::ExecVsockUnavailable,
+            format!("cannot reach the supervisor of VM {:?}", self.info.name),
+        )
+        .source(e)
+        .hint("the VM may have stopped; `machinen ls` lists live VMs")
     }
 
     /// Supervisor status.
@@ -1216,14 +1217,7 @@ impl Vm {
             .write_all(proto::DETACH_LINE)
             .await
             .and(stdin.flush().await)
-            .map_err(|e| {
-                fail(
-                    ErrorCode::ExecVsockUnavailable,
-                    format!("cannot reach the supervisor of VM {:?}", self.info.name),
-                )
-                .source(e)
-                .hint("the VM may have stopped; `machinen ls` lists live VMs")
-            })?;
+            .map_err(|e| self.unreachable(e))?;
         // The supervisor reads the line before it sees the pipe close.
         drop(stdin);
         Ok(())
