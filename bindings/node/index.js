@@ -309,6 +309,8 @@ class VmHandle {
       }
       await feed;
     } catch (e) {
+      // A throwing callback (or a failed write) gives the command up.
+      s.abort();
       throw convert(e, signal);
     } finally {
       signal?.removeEventListener('abort', onAbort);
@@ -363,6 +365,9 @@ class VmHandle {
         opts.signal?.removeEventListener('abort', onAbort);
       }
     })();
+    // Handled here too, so that a terminal nobody awaits cannot end the
+    // process with an unhandled rejection; awaiting it still throws.
+    result.catch(() => {});
     const wrap = (f) => f.catch((e) => Promise.reject(convert(e)));
     return {
       pid: p.pid,

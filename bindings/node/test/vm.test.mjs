@@ -215,3 +215,13 @@ test('a service VM: its main command runs, wait() reports its exit', async () =>
     cli('gc');
   }
 });
+
+test('a throwing output callback gives the command up', async () => {
+  const p = vm.exec('echo first; sleep 300', {
+    onStdout: () => {
+      throw new Error('callback broke');
+    },
+  });
+  await assert.rejects(p, /callback broke/);
+  await until(async () => (await vm.execRaw('pgrep -x sleep')).stdout === '', 20_000, 'the sleep to end');
+});
