@@ -341,6 +341,8 @@ export interface ProvisionOptions {
   cpus?: number;
   network?: "nat" | "nat-host";
   bootTimeoutMs?: number;
+  /** Aborting stops the install VM and writes no image. */
+  signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
 

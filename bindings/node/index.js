@@ -511,7 +511,7 @@ async function restore(opts) {
  * export its root filesystem to `out` (a .tar.gz).
  */
 async function provision(opts) {
-  checkKeys(opts, ['base', 'out', 'install', 'cmd', 'env', 'cwd', 'memoryMib', 'cpus', 'network', 'bootTimeoutMs', 'onLog'], 'provision');
+  checkKeys(opts, ['base', 'out', 'install', 'cmd', 'env', 'cwd', 'memoryMib', 'cpus', 'network', 'bootTimeoutMs', 'signal', 'onLog'], 'provision');
   if (!opts || typeof opts.out !== 'string') {
     throw invalid('provision needs out', 'e.g. provision({ out: "./image.tar.gz" })', ErrorCode.PROVISION_ARGS_INVALID);
   }
@@ -526,28 +526,36 @@ async function provision(opts) {
     network: opts.network,
     bootTimeoutMs: ms(opts.bootTimeoutMs, 'bootTimeoutMs'),
   };
+  const { signal } = opts;
+  if (signal?.aborted) throw signal.reason;
   const p = await call(undefined, () => native.provisionStart(o, typeof opts.install === 'function'));
+  const onAbort = () => p.abort();
+  signal?.addEventListener('abort', onAbort, { once: true });
   let hookError;
-  if (typeof opts.install === 'function') {
-    const vm = await call(undefined, () => p.installVm());
-    if (vm !== null) {
-      try {
-        await opts.install(new VmHandle(vm));
-        p.installDone(null);
-      } catch (e) {
-        hookError = e;
-        p.installDone(e instanceof Error ? e.message : String(e));
+  try {
+    if (typeof opts.install === 'function') {
+      const vm = await call(undefined, () => p.installVm());
+      if (vm !== null && !signal?.aborted) {
+        try {
+          await opts.install(new VmHandle(vm));
+          p.installDone(null);
+        } catch (e) {
+          hookError = e;
+          p.installDone(e instanceof Error ? e.message : String(e));
+        }
       }
     }
-  }
-  try {
-    return camel(await p.result());
-  } catch (e) {
-    const err = convert(e);
-    if (hookError !== undefined && isMachinenError(err)) {
-      throw new MachinenError(err.code, err.message, { hint: err.hint, causes: err.causes, cause: hookError });
+    try {
+      return camel(await p.result());
+    } catch (e) {
+      const err = convert(e, signal);
+      if (hookError !== undefined && isMachinenError(err)) {
+        throw new MachinenError(err.code, err.message, { hint: err.hint, causes: err.causes, cause: hookError });
+      }
+      throw err;
     }
-    throw err;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
   }
 }
 

@@ -92,16 +92,33 @@ impl Provisioning {
         }
     }
 
+    /// Give the bake up: its future is dropped, which stops the install VM
+    /// and removes the half-written image; `result()` then rejects.
+    #[napi]
+    pub fn abort(&self) {
+        if let Ok(g) = self.result.try_lock() {
+            if let Some(task) = g.as_ref() {
+                task.abort();
+            }
+        }
+        self.install_done(Some("aborted".into()));
+    }
+
     /// What the bake made (as `machinen provision --json` shows it).
     #[napi]
     pub async fn result(&self) -> Result<serde_json::Value> {
         let Some(task) = self.result.lock().await.take() else {
             return Err(napi::Error::from_reason("result() was already taken"));
         };
-        let r = task
-            .await
-            .map_err(|e| napi::Error::from_reason(format!("the provision task failed: {e}")))?
-            .map_err(js_error)?;
+        let r = match task.await {
+            Ok(r) => r.map_err(js_error)?,
+            Err(e) if e.is_cancelled() => return Err(napi::Error::from_reason(crate::ABORT_MARK)),
+            Err(e) => {
+                return Err(napi::Error::from_reason(format!(
+                    "the provision task failed: {e}"
+                )))
+            }
+        };
         to_value(&r)
     }
 }

@@ -64,3 +64,23 @@ test('provision: a throwing install hook fails the bake with it as the cause', {
   assert.match(e.message, /the hook gave up/);
   assert.deepEqual(await m.list(), []);
 });
+
+test('provision: an AbortSignal stops the bake, no image, no VM left', { timeout: 300_000 }, async () => {
+  const { existsSync } = await import('node:fs');
+  const work = mkdtempSync('/tmp/mnn-prov-');
+  const ac = new AbortController();
+  const out = join(work, 'never.tar.gz');
+  const p = m.provision({
+    out,
+    signal: ac.signal,
+    install: async (vm) => {
+      ac.abort();
+      await vm.exec('sleep 2');
+    },
+  });
+  await assert.rejects(p, (e) => e.name === 'AbortError');
+  assert.ok(!existsSync(out));
+  const end = Date.now() + 60_000;
+  while ((await m.list()).length && Date.now() < end) await new Promise((r) => setTimeout(r, 250));
+  assert.deepEqual(await m.list(), []);
+});
