@@ -153,8 +153,11 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
     );
 
     // `logs -f` on the restored VM shows the new requests as they come.
+    // `--tail 1` first prints the last request from before the snapshot:
+    // once it is read the follower is in place, and the next request
+    // cannot slip in before it.
     let mut follow = env
-        .cmd(&["logs", "-f", "--tail", "0", "svc2"])
+        .cmd(&["logs", "-f", "--tail", "1", "svc2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -169,6 +172,10 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
             }
         }
     });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("`logs -f --tail 1` showed no history within 60 s");
+    assert_eq!(line, "request 1: GET /hello HTTP/1.0");
     assert_eq!(get(p2, "/after-restore"), 2, "the count continues");
     let line = rx
         .recv_timeout(Duration::from_secs(60))
