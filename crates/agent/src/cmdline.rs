@@ -12,6 +12,9 @@ pub struct BootConfig {
     /// `machinen.mtu=<bytes>`: the MTU of `eth0` (passt takes 65520-byte
     /// frames; QEMU's user networking only the default 1500).
     pub mtu: Option<u32>,
+    /// `machinen.mount=<i>:<guest path>`, repeated: the copy-once mounts
+    /// (disk index, guest path), in the order given.
+    pub mounts: Vec<(u32, String)>,
 }
 
 /// Default hostname when the cmdline names none.
@@ -96,6 +99,14 @@ pub fn parse(cmdline: &str) -> BootConfig {
                     .and_then(|v| v.parse().ok())
                     .filter(|m| (68..=65535).contains(m));
             }
+            "machinen.mount" => {
+                if let Some((i, path)) = value
+                    .and_then(|v| v.split_once(':'))
+                    .and_then(|(i, p)| Some((i.parse().ok()?, p.to_owned())))
+                {
+                    cfg.mounts.push((i, path));
+                }
+            }
             "machinen.hostname" => {
                 cfg.hostname = value.filter(|v| !v.is_empty()).map(str::to_owned);
             }
@@ -120,7 +131,12 @@ mod tests {
                 hostname: Some("web-1".into()),
                 debug: true,
                 mtu: Some(65520),
+                mounts: vec![],
             }
+        );
+        assert_eq!(
+            parse("machinen.mount=0:/work/src machinen.mount=1:/data machinen.mount=x:/y machinen.mount=2").mounts,
+            vec![(0, "/work/src".to_string()), (1, "/data".to_string())]
         );
         assert_eq!(parse("machinen.mtu=9").mtu, None, "below IPv4's minimum");
         assert_eq!(parse("machinen.mtu=x").mtu, None);

@@ -370,6 +370,8 @@ pub fn boot() -> Result<BootConfig, Fatal> {
     setup_new_root();
     // `boot --disk-size`: a root disk larger than the image's filesystem.
     crate::growfs::grow_root(ROOT_DEVICE, "/");
+    // `boot --mount`: before anything runs, so the main command finds them.
+    crate::mounts::mount_all(&cfg.mounts, ROOT_DEVICE_WAIT).map_err(Fatal)?;
 
     let hostname = match cfg.hostname.as_deref() {
         Some(h) if !cmdline::valid_hostname(h) => {

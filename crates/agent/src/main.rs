@@ -24,6 +24,7 @@ mod forward;
 mod growfs;
 mod init;
 mod log;
+mod mounts;
 mod net;
 mod port;
 mod reaper;

@@ -135,7 +135,7 @@ pub struct ProcessArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run\n  machinen boot --name web --detached -p 3000:8080 ./app.tar.gz     service: the image's command is the VM's main command\n  machinen boot --name job --detached -- sh -c 'make test'        then `machinen logs -f job`, `machinen wait job`\n\nWith --detached and a command (after `--`, or the image's baked one), the command is the VM's\nmain command: its output is kept (`machinen logs`), and when it exits the VM stops and keeps its\nexit status for `machinen wait` (and `ls`) until `machinen gc`; --keep-alive-on-exit keeps the VM up."
+    after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run\n  machinen boot --name web --detached -p 3000:8080 ./app.tar.gz     service: the image's command is the VM's main command\n  machinen boot --name job --detached -- sh -c 'make test'        then `machinen logs -f job`, `machinen wait job`\n  machinen boot --mount .:/work --cwd /work -- make test          the current directory, copied in\n\nWith --detached and a command (after `--`, or the image's baked one), the command is the VM's\nmain command: its output is kept (`machinen logs`), and when it exits the VM stops and keeps its\nexit status for `machinen wait` (and `ls`) until `machinen gc`; --keep-alive-on-exit keeps the VM up."
 )]
 pub struct BootArgs {
     /// Rootfs tarball to boot (default: the installed Debian base).
@@ -184,6 +184,12 @@ pub struct BootArgs {
     /// Let the guest run VMs of its own (nested virtualisation). Needs KVM with nested support; refused with BOOT_NESTED_VIRT_UNSUPPORTED naming what the host lacks.
     #[arg(long)]
     pub nested: bool,
+    /// Copy a host directory into the VM at GUEST_PATH (repeatable, up to 8). The guest may change its copy; the host never sees those changes, and the VM never sees the host's later ones. Snapshots, restores and forks keep the guest's copy.
+    #[arg(long = "mount", value_name = "HOST_DIR:GUEST_PATH")]
+    pub mounts: Vec<String>,
+    /// Room for the guest's writes to its --mount copies, all together: 512M, 4G (default 1G; sparse on the host).
+    #[arg(long, value_name = "SIZE", value_parser = parse_upper_size, requires = "mounts")]
+    pub mount_upper_size: Option<u64>,
     /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
     #[arg(long)]
     pub timings: bool,
@@ -193,6 +199,13 @@ pub struct BootArgs {
     /// Command to run in the guest.
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// A size for --mount-upper-size: bytes, or with a binary suffix.
+fn parse_upper_size(s: &str) -> Result<u64, String> {
+    let n = machinen::hostfile::parse_size(s)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 4G)"))?;
+    machinen::mounts::check_upper_size(n).map_err(|f| f.message)
 }
 
 /// A disk size: bytes, or with a binary suffix (K, M, G, T).
@@ -686,6 +699,29 @@ mod tests {
         };
         assert_eq!((b.disk_size, b.nested), (Some(8 << 30), true));
         assert!(parse(&["machinen", "boot", "--disk-size", "1M"]).is_err());
+        let Ok(Command::Boot(b)) = parse(&[
+            "machinen",
+            "boot",
+            "--mount",
+            "/a:/x",
+            "--mount",
+            "b:/y",
+            "--mount-upper-size",
+            "64M",
+        ]) else {
+            panic!("mounts")
+        };
+        assert_eq!((b.mounts.len(), b.mount_upper_size), (2, Some(64 << 20)));
+        assert!(parse(&["machinen", "boot", "--mount-upper-size", "64M"]).is_err());
+        assert!(parse(&[
+            "machinen",
+            "boot",
+            "--mount",
+            "/a:/x",
+            "--mount-upper-size",
+            "x"
+        ])
+        .is_err());
         assert!(parse(&["machinen", "feedback"]).is_err(), "text or --list");
         assert!(parse(&["machinen", "feedback", "x", "--list"]).is_err());
         assert!(matches!(

@@ -519,6 +519,8 @@ mod dirs;
 mod hostile;
 #[path = "e2e/isolation.rs"]
 mod isolation;
+#[path = "e2e/mounts.rs"]
+mod mounts;
 #[path = "e2e/network.rs"]
 mod network;
 #[path = "e2e/ops.rs"]

@@ -6,6 +6,10 @@
 //! <bundle>/rootdisk.qcow2   the VM's disk layer over its image (qcow2, sparse)
 //! <bundle>/ram.img          guest RAM as a sparse file, when the VM's RAM was a
 //!                           shared file (then `state.vmstate` holds devices only)
+//! <bundle>/mounts.qcow2     the layer of the VM's copy-once mounts over their
+//!                           lower (qcow2, sparse; only with `--mount`)
+//! <bundle>/mounts-lower.ext4  that lower, as cached when the VM booted (a hard
+//!                           link to the cache where the filesystem allows)
 //! <bundle>/manifest.json    size and digest of every other file
 //! ```
 //!
@@ -35,9 +39,10 @@ use crate::error::{Coded, ErrorCode};
 
 /// Bundle format version; bumped on any incompatible change. Version 2
 /// added `ram.img`, version 3 BLAKE3 digests, version 4 the network mode
-/// in `meta.json`; versions 1 (RAM inside the state) to 3 still restore
-/// (with QEMU's user networking, which they were made with).
-pub const FORMAT_VERSION: u32 = 4;
+/// in `meta.json`, version 5 copy-once mounts; versions 1 (RAM inside the
+/// state) to 3 still restore (with QEMU's user networking, which they were
+/// made with).
+pub const FORMAT_VERSION: u32 = 5;
 /// Oldest version this machinen restores.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
@@ -47,6 +52,9 @@ pub const STATE: &str = "state.vmstate";
 pub const DISK: &str = "rootdisk.qcow2";
 pub const MANIFEST: &str = "manifest.json";
 pub const RAM: &str = "ram.img";
+/// The copy-once mounts' layer and lower (see [`crate::mounts`]).
+pub const MOUNTS_LAYER: &str = "mounts.qcow2";
+pub const MOUNTS_LOWER: &str = "mounts-lower.ext4";
 /// The main command's output log up to the snapshot (service VMs;
 /// optional): a restored VM's `logs` starts with it.
 pub const MAIN_LOG: &str = crate::service::MAIN_LOG;
@@ -158,6 +166,22 @@ pub struct BundleMeta {
     /// left out): a restored VM's supervisor re-attaches to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main: Option<crate::service::MainSpec>,
+    /// The copy-once mounts (format 5): [`MOUNTS_LAYER`] over
+    /// [`MOUNTS_LOWER`], mounted in the guest where these say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts: Option<BundleMounts>,
+}
+
+/// `meta.json`'s copy-once mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleMounts {
+    /// Host directory (as it was on the snapshotting host) and guest path
+    /// of each mount, in disk order.
+    pub mounts: Vec<crate::mounts::Mount>,
+    /// The lower's cache key (sha256 of the trees' tar stream): a restore
+    /// on a host that has it cached uses that copy.
+    pub lower_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -678,9 +702,9 @@ impl Builder {
         })?;
         write_synced(&meta_path, &bytes)?;
         let mut files = Vec::new();
-        for name in [META, STATE, DISK, RAM, MAIN_LOG] {
+        for name in [META, STATE, DISK, RAM, MAIN_LOG, MOUNTS_LAYER, MOUNTS_LOWER] {
             let p = self.path(name);
-            if (name == RAM || name == MAIN_LOG) && !p.exists() {
+            if ![META, STATE, DISK].contains(&name) && !p.exists() {
                 continue;
             }
             let digest = if name == RAM {
@@ -769,9 +793,13 @@ fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
 
 /// Check every file of the bundle at `dir` against its manifest and return
 /// the parsed meta. Nothing in the bundle is modified.
+/// The files [`verify_files`] checks after [`open_verified_meta`] (those a
+/// bundle lacks are skipped).
+pub const LARGE_FILES: &[&str] = &[STATE, DISK, RAM, MOUNTS_LAYER, MOUNTS_LOWER];
+
 pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
     let (manifest, meta) = open_verified_meta(dir)?;
-    verify_files(dir, &manifest, &[STATE, DISK, RAM])?;
+    verify_files(dir, &manifest, LARGE_FILES)?;
     Ok(meta)
 }
 
@@ -870,7 +898,7 @@ fn verify_entry(dir: &Path, entry: &FileEntry) -> Result<(), BundleError> {
 }
 
 /// `manifest.json`, checked for format, version and file list.
-fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
+pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
     let mpath = dir.join(MANIFEST);
     if !mpath.exists() {
         return Err(BundleError::NotABundle {
@@ -901,19 +929,28 @@ fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
         .filter(|n| *n != MAIN_LOG)
         .collect();
     names.sort_unstable();
-    if names != [META, DISK, STATE] && names != [META, RAM, DISK, STATE] {
+    let mounts = names.contains(&MOUNTS_LAYER) || names.contains(&MOUNTS_LOWER);
+    let both_mounts = names.contains(&MOUNTS_LAYER) && names.contains(&MOUNTS_LOWER);
+    let core: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != MOUNTS_LAYER && *n != MOUNTS_LOWER)
+        .collect();
+    if (core != [META, DISK, STATE] && core != [META, RAM, DISK, STATE]) || mounts != both_mounts {
         return Err(BundleError::Corrupt {
             file: mpath,
             detail: format!("unexpected file list {names:?}"),
         });
     }
-    // Restore maps a `ram.img` it finds as guest RAM: one the manifest does
-    // not list would go unverified.
-    if !names.contains(&RAM) && fs::symlink_metadata(dir.join(RAM)).is_ok() {
-        return Err(BundleError::Corrupt {
-            file: mpath,
-            detail: format!("{RAM} is in the bundle but not in the manifest"),
-        });
+    // Restore maps a `ram.img` it finds as guest RAM, and copies mount
+    // files it finds: one the manifest does not list would go unverified.
+    for f in [RAM, MOUNTS_LAYER, MOUNTS_LOWER] {
+        if !names.contains(&f) && fs::symlink_metadata(dir.join(f)).is_ok() {
+            return Err(BundleError::Corrupt {
+                file: mpath,
+                detail: format!("{f} is in the bundle but not in the manifest"),
+            });
+        }
     }
     Ok(manifest)
 }
@@ -1065,6 +1102,7 @@ mod tests {
             chain_parent: None,
             network: crate::spec::NetworkMode::Nat,
             main: None,
+            mounts: None,
         }
     }
 

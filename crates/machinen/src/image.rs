@@ -361,7 +361,7 @@ pub fn ensure_rootfs_image(
     }
     remove_abandoned_builds(&images, &sha256);
     let step = progress.step(format!("Converting {} to an ext4 image", tarball.display()));
-    let size = build_image(tarball, &images, &dest, &sha256)?;
+    let size = build_image(tarball, &images, &dest, &sha256, &Layout::ROOTFS)?;
     step.done(format!(
         "Converted {} to an ext4 image ({} MiB, sparse)",
         tarball.display(),
@@ -390,7 +390,7 @@ pub fn tarball_sha256(
     )
 }
 
-fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> {
+pub(crate) fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> {
     match fs::metadata(dest) {
         Ok(m) => Ok(Some(CachedImage {
             path: dest.to_path_buf(),
@@ -403,13 +403,42 @@ fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> 
     }
 }
 
+/// What an ext4 image built from a tarball looks like.
+pub(crate) struct Layout {
+    /// The filesystem's label.
+    pub label: &'static str,
+    /// Room beyond the tree: `None` leaves the root disk's generous room
+    /// ([`image_size`]); `Some` makes the filesystem just hold the tree
+    /// (with ext4's own overhead), so that the guest's room is what the
+    /// caller adds by growing the disk.
+    pub tight: bool,
+}
+
+impl Layout {
+    pub const ROOTFS: Layout = Layout {
+        label: ROOT_LABEL,
+        tight: false,
+    };
+}
+
+/// Size of a filesystem that just holds `content` bytes (as [`tree_usage`]
+/// counts them): ext4's metadata (inode tables, bitmaps, a journal of up to
+/// 32 MiB at these sizes) on top, rounded to MiB. `attempt` doubles the
+/// margin when mkfs found the previous size too small.
+fn tight_size(content: u64, attempt: u32) -> u64 {
+    let margin = (content / 8 + 40 * MIB).saturating_mul(1 << attempt);
+    let size = content.saturating_add(margin).min(1 << 50);
+    size.div_ceil(MIB) * MIB
+}
+
 /// Unpack and mkfs in a scratch directory next to `dest`, then rename the
 /// finished image into place. Returns the image size.
-fn build_image(
+pub(crate) fn build_image(
     tarball: &Path,
     images: &Path,
     dest: &Path,
     sha256: &str,
+    layout: &Layout,
 ) -> Result<u64, ImageError> {
     let tar = need(tool::TAR)?;
     let mkfs = need(tool::MKFS_EXT4)?;
@@ -483,29 +512,44 @@ fn build_image(
             path: tarball.to_path_buf(),
         });
     }
-    let size = image_size(content);
-    // mke2fs's default of one inode per 16 KiB can be too few for trees of
-    // many small files; ask for twice what the tree has in that case.
-    let default_inodes = size / 16384;
     let img = work.path().join("image.ext4");
-    let f = fs::File::create(&img).map_err(cache_io("create", &img))?;
-    f.set_len(size).map_err(cache_io("size", &img))?;
-    drop(f);
+    let mut attempt = 0;
+    let size = loop {
+        let size = if layout.tight {
+            tight_size(content, attempt)
+        } else {
+            image_size(content)
+        };
+        // mke2fs's default of one inode per 16 KiB can be too few for trees
+        // of many small files; ask for twice what the tree has in that case.
+        let default_inodes = size / 16384;
+        let _ = fs::remove_file(&img);
+        let f = fs::File::create(&img).map_err(cache_io("create", &img))?;
+        f.set_len(size).map_err(cache_io("size", &img))?;
+        drop(f);
 
-    let mut mkfs_cmd = wrapped(&mkfs, false);
-    // lazy_journal_init: the journal of a fresh sparse file already reads as
-    // zeros, so writing 64 MiB of them only un-sparses the image.
-    mkfs_cmd.args(["-q", "-F", "-t", "ext4", "-L", ROOT_LABEL, "-m", "0"]);
-    mkfs_cmd.args(["-E", "root_owner=0:0,lazy_journal_init=1"]);
-    if inodes * 2 > default_inodes {
-        mkfs_cmd.arg("-N").arg((inodes * 2).to_string());
-    }
-    mkfs_cmd.arg("-d").arg(&root).arg(&img);
-    tool::run(&mut mkfs_cmd).map_err(|source| ImageError::BuildFailed {
-        step: "make the ext4 image",
-        path: tarball.to_path_buf(),
-        source,
-    })?;
+        let mut mkfs_cmd = wrapped(&mkfs, false);
+        // lazy_journal_init: the journal of a fresh sparse file already reads
+        // as zeros, so writing 64 MiB of them only un-sparses the image.
+        mkfs_cmd.args(["-q", "-F", "-t", "ext4", "-L", layout.label, "-m", "0"]);
+        mkfs_cmd.args(["-E", "root_owner=0:0,lazy_journal_init=1"]);
+        if inodes * 2 > default_inodes {
+            mkfs_cmd.arg("-N").arg((inodes * 2).to_string());
+        }
+        mkfs_cmd.arg("-d").arg(&root).arg(&img);
+        match tool::run(&mut mkfs_cmd) {
+            Ok(_) => break size,
+            // A tight estimate that proved too small: more room, twice.
+            Err(_) if layout.tight && attempt < 2 => attempt += 1,
+            Err(source) => {
+                return Err(ImageError::BuildFailed {
+                    step: "make the ext4 image",
+                    path: tarball.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    };
 
     // Read-only on the host (VMs only ever write to their own overlays), and
     // readable by its owner only: it holds whatever the user's tarball held.
@@ -531,7 +575,7 @@ fn build_prefix(sha256: &str) -> String {
 /// interrupted (a killed `boot`: an unpacked rootfs and a partial image,
 /// hundreds of MiB). Called with the image's build lock held, so none of
 /// them is in use.
-fn remove_abandoned_builds(images: &Path, sha256: &str) {
+pub(crate) fn remove_abandoned_builds(images: &Path, sha256: &str) {
     let prefix = build_prefix(sha256);
     let Ok(rd) = fs::read_dir(images) else { return };
     for e in rd.flatten() {

@@ -17,6 +17,7 @@ mod fuzzing;
 pub mod hostfile;
 pub mod image;
 pub mod initramfs;
+pub mod mounts;
 pub mod paths;
 pub mod phases;
 pub mod ports;

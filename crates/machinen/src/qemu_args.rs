@@ -118,6 +118,9 @@ fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
     if spec.zero_freed_memory {
         cmdline.push("init_on_free=1".into());
     }
+    if let Some(m) = &spec.mounts {
+        cmdline.extend(crate::mounts::cmdline_words(&m.mounts));
+    }
     cmdline.extend(host.extra_kernel_args.iter().cloned());
     if spec.debug {
         cmdline.push("machinen.debug=1".into());
@@ -196,6 +199,32 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
         .to_string(),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
+    ];
+    // Copy-once mounts: the VM's layer over the cached lower, one disk for
+    // all of them, found by the agent through its serial. After the root
+    // disk, which the guest kernel then still names /dev/vda.
+    if let Some(m) = &spec.mounts {
+        a.extend([
+            "-blockdev".into(),
+            serde_json::json!({
+                "driver": "raw", "node-name": "mlower", "read-only": true,
+                "file": {"driver": "file", "filename": m.lower, "read-only": true}
+            })
+            .to_string(),
+            "-blockdev".into(),
+            serde_json::json!({
+                "driver": "qcow2", "node-name": "mounts", "backing": "mlower", "discard": "unmap",
+                "file": {"driver": "file", "filename": m.layer}
+            })
+            .to_string(),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=mounts,serial={}",
+                crate::mounts::DISK_SERIAL
+            ),
+        ]);
+    }
+    a.extend([
         "-netdev".into(),
         match spec.network {
             // passt's end of the socket pair is QEMU's fd NET_FD (the
@@ -220,7 +249,7 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
         format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", path(files::QMP)),
-    ];
+    ]);
     if let Some(restore) = &spec.restore {
         // No -kernel/-initrd: the restored guest's kernel is already in
         // its RAM and never reads fw_cfg again, while QEMU would keep a

@@ -30,6 +30,7 @@ fn spec() -> VmSpec {
         restore: None,
         network: NetworkMode::Nat,
         main: None,
+        mounts: None,
     }
 }
 

@@ -350,9 +350,13 @@ pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
     let d = path.to_path_buf();
     let meta = blocking(move || {
         let meta = bundle::verify(&d)?;
-        let disk = d.join(bundle::DISK);
-        crate::qcow2::inspect(&disk)
-            .map_err(|source| bundle::BundleError::UnsafeDisk { file: disk, source })?;
+        for layer in [bundle::DISK, bundle::MOUNTS_LAYER] {
+            let disk = d.join(layer);
+            if layer == bundle::DISK || meta.mounts.is_some() {
+                crate::qcow2::inspect(&disk)
+                    .map_err(|source| bundle::BundleError::UnsafeDisk { file: disk, source })?;
+            }
+        }
         Ok(meta)
     })
     .await?;
@@ -423,9 +427,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let gate = manifest.map(|m| {
         let d = bundle_dir.clone();
         let step = opts.progress.step(format!("verifying {}", d.display()));
-        let check = tokio::task::spawn_blocking(move || {
-            bundle::verify_files(&d, &m, &[bundle::STATE, bundle::DISK, bundle::RAM])
-        });
+        let check =
+            tokio::task::spawn_blocking(move || bundle::verify_files(&d, &m, bundle::LARGE_FILES));
         Box::pin(async move {
             let r = check.await.map_err(|e| {
                 fail(ErrorCode::Io, "the bundle verification task failed").source(e)
@@ -454,6 +457,17 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     if let Some(n) = &opts.name {
         registry::validate_name(n)?;
     }
+    // The copy-once mounts' lower, from this host's cache or (checked
+    // first) from the bundle.
+    let mounts_lower = match &meta.mounts {
+        None => None,
+        Some(bm) => {
+            let (paths, d, bm) = (paths.clone(), bundle_dir.clone(), bm.clone());
+            let lower = blocking(move || crate::mounts::lower_from_bundle(&paths, &d, &bm)).await?;
+            timeline.mark("mounts");
+            Some(lower)
+        }
+    };
     let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
     let lock = lock_registry(&reg).await?;
@@ -499,7 +513,11 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .clone()
         .unwrap_or_else(|| format!("{}/{}", meta.source_name, std::process::id()));
     let disk = claim.dir.join(files::DISK);
+    let mounts_layer = claim.dir.join(crate::mounts::LAYER);
     let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
+    if mounts_lower.is_some() {
+        copies.push((bundle_dir.join(bundle::MOUNTS_LAYER), mounts_layer.clone()));
+    }
     if let (Some(src), Some(dst)) = (&bundle_ram, &own_ram) {
         copies.push((src.clone(), dst.clone()));
     }
@@ -519,7 +537,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     timeline.mark("claim");
     for (src, dst) in copies {
-        let is_disk = dst == disk;
+        let is_disk = dst == disk || dst == mounts_layer;
         let copied = blocking(move || {
             if !is_disk {
                 bundle::sparse_copy_into(&src, &dst)?;
@@ -612,6 +630,14 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         // backend (QEMU's user networking has state of its own in it).
         network: meta.network,
         main: meta.main.clone(),
+        mounts: meta.mounts.as_ref().zip(mounts_lower).map(|(bm, lower)| {
+            crate::mounts::MountsDisk {
+                mounts: bm.mounts.clone(),
+                lower,
+                lower_sha256: bm.lower_sha256.clone(),
+                layer: mounts_layer.clone(),
+            }
+        }),
     };
     let launch = Launch {
         name: opts.name.clone(),

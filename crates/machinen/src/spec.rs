@@ -84,6 +84,9 @@ pub struct VmSpec {
     /// the supervisor re-attaches to.
     #[serde(default)]
     pub main: Option<crate::service::MainSpec>,
+    /// Copy-once mounts (one disk for all of them; see [`crate::mounts`]).
+    #[serde(default)]
+    pub mounts: Option<crate::mounts::MountsDisk>,
 }
 
 /// How to resume a VM from a bundle.

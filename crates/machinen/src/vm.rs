@@ -84,6 +84,12 @@ pub struct BootOptions {
     /// engine start, guest boot, agent ready, …); [`Vm::phases`] has them
     /// all afterwards.
     pub on_phase: crate::phases::OnPhase,
+    /// Host directories copied into the VM at boot (see [`crate::mounts`]):
+    /// the guest may change its copy; the host never sees those changes.
+    pub mounts: Vec<crate::mounts::Mount>,
+    /// Room for the guest's writes to its copy-once mounts, all of them
+    /// together (`None`: [`crate::mounts::DEFAULT_UPPER_SIZE`]).
+    pub mount_upper_size: Option<u64>,
 }
 
 impl Default for BootOptions {
@@ -108,6 +114,8 @@ impl Default for BootOptions {
             cwd: None,
             keep_alive_on_exit: false,
             on_phase: Default::default(),
+            mounts: Vec::new(),
+            mount_upper_size: None,
         }
     }
 }
@@ -301,11 +309,33 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             cwd: opts.cwd.clone(),
         })?;
     }
+    let mounts = crate::mounts::check(&opts.mounts)?;
+    let upper_size = match opts.mount_upper_size {
+        Some(_) if mounts.is_empty() => {
+            return Err(fail(
+                ErrorCode::BootMountInvalid,
+                "a mount upper size without a copy-once mount",
+            )
+            .hint("add --mount HOST_DIR:GUEST_PATH, or drop --mount-upper-size")
+            .into())
+        }
+        Some(size) => crate::mounts::check_upper_size(size)?,
+        None => crate::mounts::DEFAULT_UPPER_SIZE,
+    };
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
     let img = prepare_disk(&paths, &tarball, progress).await?;
     timeline.mark("image");
+    let lower = if mounts.is_empty() {
+        None
+    } else {
+        let (paths, mounts) = (paths.clone(), mounts.clone());
+        let lower =
+            blocking(move || Ok(crate::mounts::ensure_lower(&paths, &mounts, progress)?)).await?;
+        timeline.mark("mounts");
+        Some(lower)
+    };
     if let Some(size) = opts.disk_size {
         image::check_disk_size(size, Some(img.size))?;
     }
@@ -370,11 +400,29 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             keep_alive_on_exit: opts.keep_alive_on_exit,
             after_secrets: !opts.secrets.is_empty(),
         }),
+        mounts: lower.as_ref().map(|l| crate::mounts::MountsDisk {
+            mounts: mounts.clone(),
+            lower: l.path.clone(),
+            lower_sha256: l.sha256.clone(),
+            layer: claim.dir.join(crate::mounts::LAYER),
+        }),
     };
-    // A child process (qemu-img): on the blocking pool.
+    // Child processes (qemu-img): on the blocking pool.
     let overlay = {
         let (base, disk, size) = (img.path.clone(), spec.disk.clone(), opts.disk_size);
-        blocking(move || Ok(image::create_overlay_sized(&base, &disk, size)?)).await
+        let layer = spec
+            .mounts
+            .as_ref()
+            .zip(lower.as_ref())
+            .map(|(m, l)| (l.path.clone(), m.layer.clone(), l.size + upper_size));
+        blocking(move || {
+            image::create_overlay_sized(&base, &disk, size)?;
+            if let Some((lower, layer, size)) = layer {
+                image::create_overlay_sized(&lower, &layer, Some(size))?;
+            }
+            Ok(())
+        })
+        .await
     };
     let spec = VmSpec { ram_file, ..spec };
     let lock = match overlay {

@@ -119,6 +119,10 @@ error_codes! {
     // a command the caller required to succeed exited non-zero (the Node
     // binding's throwing `exec`)
     ExecNonzeroExit = "EXEC_NONZERO_EXIT",
+    // host directories in the VM (`--mount`)
+    BootMountInvalid = "BOOT_MOUNT_INVALID",
+    BootMountHostNotFound = "BOOT_MOUNT_HOST_NOT_FOUND",
+    MountPathInvalid = "MOUNT_PATH_INVALID",
 }
 
 impl ErrorCode {
@@ -158,7 +162,7 @@ impl ErrorCode {
             Interrupted => 130,
             ExecSpawnFailed => 126,
             BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
-            | FilesPathInvalid | SecretsInvalid => 2,
+            | FilesPathInvalid | SecretsInvalid | BootMountInvalid | MountPathInvalid => 2,
             _ => 125,
         }
     }

@@ -252,6 +252,9 @@ pub const DETACH_LINE: &[u8] = b"detach\n";
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "org.machinen.agent";
+/// Serial of the virtio-blk disk that holds a VM's copy-once mounts; the
+/// agent finds the disk by it (`/sys/block/vd*/serial`), whatever its name.
+pub const MOUNTS_DISK_SERIAL: &str = "machinen-mounts";
 
 /// Largest accepted frame (tag + body), in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;

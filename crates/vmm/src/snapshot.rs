@@ -308,6 +308,13 @@ impl<M: Machine> Phases<'_, M> {
             if let Some(ram) = &spec.ram_file {
                 copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
             }
+            if let Some(m) = &spec.mounts {
+                copies.push((
+                    m.layer.clone(),
+                    builder.path(bundle::MOUNTS_LAYER),
+                    "copy-once mounts' layer",
+                ));
+            }
             // The main command's log so far (service VMs), for the
             // restored VM's `logs`; it re-attaches after its last record.
             if let Some(log) = crate::service::log_for_bundle(spec) {
@@ -336,6 +343,24 @@ impl<M: Machine> Phases<'_, M> {
             clock.mark("resume");
         }
         let paused_ms = paused_at.elapsed().as_millis() as u64;
+        // The mounts' lower never changes: linked (or copied) with the
+        // guest running again.
+        if let Some(m) = &spec.mounts {
+            let (src, dst) = (m.lower.clone(), builder.path(bundle::MOUNTS_LOWER));
+            let linked = tokio::task::spawn_blocking(move || {
+                if std::fs::hard_link(&src, &dst).is_ok() {
+                    return Ok(());
+                }
+                bundle::sparse_copy_until(&src, &dst, Some(deadline)).map(drop)
+            })
+            .await
+            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))
+            .and_then(|r| r.map_err(|e| bundle_err(timeout, "copying the mounts' lower", e)));
+            if let Err(e) = linked {
+                return abandon(builder, e).await;
+            }
+            clock.mark("mounts-lower");
+        }
 
         let kernel_sha = match &chain.kernel_sha {
             Some(h) => h.clone(),
@@ -375,6 +400,10 @@ impl<M: Machine> Phases<'_, M> {
             chain_parent: chain.parent.clone(),
             network: spec.network,
             main: crate::service::bundle_main(spec),
+            mounts: spec.mounts.as_ref().map(|m| bundle::BundleMounts {
+                mounts: m.mounts.clone(),
+                lower_sha256: m.lower_sha256.clone(),
+            }),
         };
         let scratch = req.scratch;
         let marker = spec.path_in(PARTIAL_MARKER);

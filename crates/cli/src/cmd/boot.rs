@@ -119,6 +119,12 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         cwd: main.as_ref().and_then(|m| m.cwd.clone()),
         keep_alive_on_exit: a.keep_alive_on_exit,
         on_phase: crate::output::phase_printer(a.timings),
+        mounts: a
+            .mounts
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, _>>()?,
+        mount_upper_size: a.mount_upper_size,
     };
     let vm = machinen::boot(opts).await?;
     match exec {

@@ -87,6 +87,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         }),
         network: NetworkMode::Nat,
         main: None,
+        mounts: None,
     }
 }
 
