@@ -76,6 +76,9 @@ export declare const ErrorCode: {
   readonly MAIN_NOT_RUNNING: "MAIN_NOT_RUNNING";
   readonly WAIT_TIMEOUT: "WAIT_TIMEOUT";
   readonly EXEC_NONZERO_EXIT: "EXEC_NONZERO_EXIT";
+  readonly BOOT_MOUNT_INVALID: "BOOT_MOUNT_INVALID";
+  readonly BOOT_MOUNT_HOST_NOT_FOUND: "BOOT_MOUNT_HOST_NOT_FOUND";
+  readonly MOUNT_PATH_INVALID: "MOUNT_PATH_INVALID";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -110,6 +113,12 @@ export declare function formatMachinenError(err: MachinenError): string;
 /** `"[HOST_ADDR:]HOST_PORT:GUEST_PORT"`, a port (same on both sides), or an object. */
 export type PortForwardSpec = string | number | { hostAddr?: string; hostPort?: number; guestPort: number };
 
+/** A host directory and where the guest sees its copy. */
+export interface MountSpec {
+  host: string;
+  guest: string;
+}
+
 export interface BootOptions {
   /** Rootfs tarball (e.g. from `provision()`); the installed Debian base when omitted. */
   image?: string;
@@ -139,6 +148,14 @@ export interface BootOptions {
   cwd?: string;
   /** Keep the VM running after its main command exited. */
   keepAliveOnExit?: boolean;
+  /**
+   * Host directories copied into the VM at boot (up to 8): the guest may
+   * change its copy, the host never sees those changes, and snapshots,
+   * restores and forks keep the guest's copy. `guest` is absolute.
+   */
+  mount?: MountSpec | MountSpec[];
+  /** Room for the guest's writes to its `mount` copies, all together (default 1 GiB, sparse). */
+  mountDiskUpperSizeBytes?: number;
   signal?: AbortSignal;
   /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
   onLog?: (evt: unknown) => void;

@@ -446,7 +446,20 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
+  'mount', 'mountDiskUpperSizeBytes',
 ];
+
+/** `mount`: one `{ host, guest }` or a list of them. */
+function toMounts(m) {
+  if (m === undefined) return undefined;
+  const list = Array.isArray(m) ? m : [m];
+  return list.map((x) => {
+    if (!x || typeof x.host !== 'string' || typeof x.guest !== 'string') {
+      throw invalid('mount entries are { host, guest } (two strings)', 'e.g. mount: { host: "./src", guest: "/work/src" }', ErrorCode.BOOT_MOUNT_INVALID);
+    }
+    return { host: x.host, guest: x.guest };
+  });
+}
 
 /** Boot a VM (the installed Debian base unless `image`). */
 async function boot(opts = {}) {
@@ -469,6 +482,8 @@ async function boot(opts = {}) {
     env: toEnv(opts.env),
     cwd: opts.cwd,
     keepAliveOnExit: opts.keepAliveOnExit,
+    mounts: toMounts(opts.mount),
+    mountUpperSize: opts.mountDiskUpperSizeBytes,
   };
   return new VmHandle(await call(opts.signal, (id) => native.boot(o, id)));
 }

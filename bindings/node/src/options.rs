@@ -35,6 +35,17 @@ pub struct BootOpts {
     pub env: Option<HashMap<String, String>>,
     pub cwd: Option<String>,
     pub keep_alive_on_exit: Option<bool>,
+    /// Copy-once mounts (`--mount`).
+    pub mounts: Option<Vec<MountOpt>>,
+    /// Room for the guest's writes to them, in bytes.
+    pub mount_upper_size: Option<f64>,
+}
+
+/// A host directory copied into the VM at `guest`.
+#[napi(object)]
+pub struct MountOpt {
+    pub host: String,
+    pub guest: String,
 }
 
 #[napi(object)]
@@ -162,6 +173,26 @@ impl BootOpts {
             cwd: self.cwd,
             keep_alive_on_exit: self.keep_alive_on_exit.unwrap_or(false),
             on_phase: Default::default(),
+            mounts: self
+                .mounts
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| machinen::mounts::Mount {
+                    host: PathBuf::from(m.host),
+                    guest: m.guest,
+                })
+                .collect(),
+            mount_upper_size: match self.mount_upper_size {
+                None => None,
+                Some(n) if n.is_finite() && n >= 0.0 && n.fract() == 0.0 => Some(n as u64),
+                Some(n) => {
+                    return Err(invalid(
+                        ErrorCode::BootMountInvalid,
+                        format!("mountDiskUpperSizeBytes {n} is not a whole number of bytes"),
+                        "e.g. mountDiskUpperSizeBytes: 512 * 1024 * 1024",
+                    ))
+                }
+            },
         })
     }
 }

@@ -96,6 +96,11 @@ test('bad options are refused with what is supported', async () => {
   await rejectsWith(m.restore({}), 'RESTORE_BUNDLE_INVALID');
   await rejectsWith(m.provision({}), 'PROVISION_ARGS_INVALID');
   await rejectsWith(m.attach({}), 'BOOT_ARGS_INVALID');
+  await rejectsWith(m.boot({ mount: { host: 1 } }), 'BOOT_MOUNT_INVALID');
+  await rejectsWith(m.boot({ mount: { host: '/nonexistent/machinen', guest: '/x' } }), 'BOOT_MOUNT_HOST_NOT_FOUND');
+  await rejectsWith(m.boot({ mount: [{ host: pkgDir, guest: 'relative' }] }), 'MOUNT_PATH_INVALID');
+  await rejectsWith(m.boot({ mount: { host: pkgDir, guest: '/x' }, mountDiskUpperSizeBytes: 1.5 }), 'BOOT_MOUNT_INVALID');
+  assert.deepEqual(await m.list(), []);
 });
 
 test('an aborted boot rejects with the signal reason and leaves no VM', async () => {

@@ -3,13 +3,19 @@
 // once), files, the terminal, and what the CLI sees of it.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { cli, cliJson, m, rejectsWith, until } from './helpers.mjs';
 
 let vm;
+// A host directory the shared VM gets a copy of.
+const shared = mkdtempSync(join(tmpdir(), 'mnn-mount-'));
+writeFileSync(join(shared, 'hello.txt'), 'from the host\n');
 
 before(async () => {
-  vm = await m.boot({ name: 'node-shared', memoryMib: 512 });
+  vm = await m.boot({ name: 'node-shared', memoryMib: 512, mount: { host: shared, guest: '/work/in' }, mountDiskUpperSizeBytes: 64 * 1024 * 1024 });
 });
 
 after(async () => {
@@ -28,6 +34,14 @@ test('boot gives a live handle that list() and the CLI both see', async () => {
   assert.equal(row.pid, vm.pid);
   const status = await vm.status();
   assert.equal(status.state, 'running');
+});
+
+test('mount: the guest gets a copy of the host directory, its writes stay in the guest', async () => {
+  assert.equal((await vm.exec('cat /work/in/hello.txt')).stdout, 'from the host\n');
+  await vm.exec('echo from the guest > /work/in/hello.txt && echo new > /work/in/new.txt');
+  assert.equal(readFileSync(join(shared, 'hello.txt'), 'utf8'), 'from the host\n');
+  writeFileSync(join(shared, 'later.txt'), 'later');
+  assert.equal((await vm.exec('cat /work/in/hello.txt; ls /work/in')).stdout, 'from the guest\nhello.txt\nnew.txt\n');
 });
 
 test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {

@@ -9,6 +9,7 @@ mod exec;
 mod fork;
 mod host;
 mod memory;
+mod mounts;
 mod net;
 mod plain;
 mod ports;
@@ -58,6 +59,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "scale",
         "restore to ready with a small vs a large memory ceiling, same memory touched",
     ),
+    (
+        "mounts",
+        "file I/O on a copy-once mount next to the root disk, in one VM",
+    ),
 ];
 
 #[derive(Parser, Debug)]
@@ -83,7 +88,7 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, net, snapshot, fork, savevm, memory, scale.
+    /// exec, ports, net, snapshot, fork, savevm, memory, scale, mounts.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -317,6 +322,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "savevm" => savevm::run(ctx, sec).await,
         "memory" => memory::run(ctx, sec).await,
         "scale" => scale::run(ctx, sec).await,
+        "mounts" => mounts::run(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

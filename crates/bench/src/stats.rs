@@ -216,6 +216,30 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "scale.restore_4g_ms",
             "scale.restore_512m_ms",
         ),
+        (
+            "copy_mount_over_root_stat",
+            "stat of a 10,000-file tree: copy-once mount / root disk (target <= 1.5)",
+            "mounts.copy_stat_ms",
+            "mounts.root_stat_ms",
+        ),
+        (
+            "copy_mount_over_root_create_delete",
+            "create and delete 1,000 files: copy-once mount / root disk (target <= 1.5)",
+            "mounts.copy_create_delete_ms",
+            "mounts.root_create_delete_ms",
+        ),
+        (
+            "copy_mount_over_root_write",
+            "sequential write MiB/s: copy-once mount / root disk",
+            "mounts.copy_write_mib_s",
+            "mounts.root_write_mib_s",
+        ),
+        (
+            "copy_mount_over_root_read",
+            "sequential read MiB/s: copy-once mount / root disk",
+            "mounts.copy_read_mib_s",
+            "mounts.root_read_mib_s",
+        ),
     ];
     defs.iter()
         .filter_map(|(key, label, num, den)| {
