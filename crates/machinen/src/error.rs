@@ -73,6 +73,8 @@ pub enum Error {
     Bundle(#[from] crate::bundle::BundleError),
     #[error(transparent)]
     Ram(#[from] crate::ramdir::RamError),
+    #[error(transparent)]
+    Mount(#[from] crate::mounts::MountError),
 }
 
 impl Error {
@@ -85,6 +87,7 @@ impl Error {
             Error::Provision(e) => e,
             Error::Bundle(e) => e,
             Error::Ram(e) => e,
+            Error::Mount(e) => e,
         }
     }
 

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::assets::fsutil;
-use crate::error::{fail, ErrorCode, Failure};
+use crate::error::{fail, Coded, ErrorCode, Failure};
 use crate::image::{self, ImageError};
 use crate::paths::Paths;
 use crate::progress::ProgressMode;
@@ -55,6 +55,37 @@ pub const MAX_GUEST_PATH: usize = 128;
 pub const DEFAULT_UPPER_SIZE: u64 = 1 << 30;
 /// Largest `--mount-upper-size` (catches a size given in the wrong unit).
 pub const MAX_UPPER_SIZE: u64 = 16 << 40;
+
+/// Why a copy-once mount's lower could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot read {path} in the mount source {dir}")]
+    Unreadable {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+impl Coded for MountError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            MountError::Unreadable { .. } => ErrorCode::BootMountInvalid,
+            MountError::Image(e) => e.code(),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            MountError::Unreadable { .. } => {
+                Some("make it readable to you, or mount a directory that does not hold it".into())
+            }
+            MountError::Image(e) => e.hint(),
+        }
+    }
+}
 
 /// One copy-once mount as asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,7 +272,7 @@ pub fn ensure_lower(
     paths: &Paths,
     mounts: &[Mount],
     progress: ProgressMode,
-) -> Result<image::CachedImage, ImageError> {
+) -> Result<image::CachedImage, MountError> {
     let dir = cache_dir(paths);
     fsutil::create_private_dir_all(&dir).map_err(cache_io("create", &dir))?;
     let what = mounts
@@ -395,12 +426,8 @@ impl<R: Read> Read for Exact<R> {
 
 /// Write the tar stream of `mounts` (mount `i` under `i/`) to `out`;
 /// returns its sha256.
-fn write_tar(mounts: &[Mount], out: &fs::File) -> Result<String, ImageError> {
+fn write_tar(mounts: &[Mount], out: &fs::File) -> Result<String, MountError> {
     use std::os::unix::fs::MetadataExt;
-    let read_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source: io::Error| ImageError::Unreadable { path, source }
-    };
     let none = machinen_proto::exclude::Excludes::default();
     let mut b = tar::Builder::new(Hashing {
         inner: io::BufWriter::with_capacity(1 << 20, out),
@@ -417,6 +444,10 @@ fn write_tar(mounts: &[Mount], out: &fs::File) -> Result<String, ImageError> {
         h
     };
     for (i, m) in mounts.iter().enumerate() {
+        let read_err = |path: &Path| {
+            let (path, dir) = (path.to_path_buf(), m.host.clone());
+            move |source: io::Error| MountError::Unreadable { path, dir, source }
+        };
         let tree = machinen_proto::tree::walk(&m.host, &none).map_err(read_err(&m.host))?;
         let root_md = fs::metadata(&m.host).map_err(read_err(&m.host))?;
         let top = PathBuf::from(i.to_string());
@@ -448,12 +479,9 @@ fn write_tar(mounts: &[Mount], out: &fs::File) -> Result<String, ImageError> {
                     };
                     b.append_data(&mut h, &name, data).map_err(|err| {
                         if err.kind() == io::ErrorKind::UnexpectedEof {
-                            ImageError::Unreadable {
-                                path: e.full.clone(),
-                                source: err,
-                            }
+                            read_err(&e.full)(err)
                         } else {
-                            write_err(err)
+                            write_err(err).into()
                         }
                     })?;
                 }
@@ -623,6 +651,27 @@ mod tests {
         fs::write(src.join("a.txt"), b"hellO").expect("edit");
         let h3 = write_tar(&mounts, &fs::File::create(&out).expect("out")).expect("tar");
         assert_ne!(h1, h3, "an edit changes the key");
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_copied_is_an_error_not_a_short_entry() {
+        let mut r = Exact {
+            inner: &b"abc"[..],
+            left: 5,
+            path: "/h/f".into(),
+        };
+        let mut out = Vec::new();
+        let e = io::copy(&mut r, &mut out).expect_err("short");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("/h/f"));
+        let mut r = Exact {
+            inner: &b"abcdef"[..],
+            left: 4,
+            path: "/h/g".into(),
+        };
+        out.clear();
+        io::copy(&mut r, &mut out).expect("grown: the first 4 bytes");
+        assert_eq!(out, b"abcd");
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct RegistryEntry {
     /// The VM's main command and, once it exited, how (service VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main: Option<crate::service::MainRecord>,
+    /// The VM's copy-once mounts (host directory as copied, guest path).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::mounts::Mount>,
 }
 
 impl RegistryEntry {
@@ -581,6 +584,7 @@ mod tests {
             ended_at_ms: None,
             preparing: false,
             main: None,
+            mounts: vec![],
         }
     }
 

@@ -175,6 +175,9 @@ pub struct VmInfo {
     /// The VM's main command and, once it exited, its status.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub main: Option<crate::service::MainRecord>,
+    /// Its copy-once mounts (`boot --mount`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::mounts::Mount>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -198,6 +201,7 @@ impl From<&RegistryEntry> for VmInfo {
             console_log: e.console_log.clone(),
             cause: e.cause.clone(),
             main: e.main.clone(),
+            mounts: e.mounts.clone(),
         }
     }
 }
@@ -557,6 +561,7 @@ pub(crate) async fn hold_claim(
         ended_at_ms: None,
         preparing: true,
         main: None,
+        mounts: Vec::new(),
     };
     let reg = reg.clone();
     let id = claim.id.clone();
@@ -650,6 +655,11 @@ pub(crate) async fn launch_vm(
             exit: None,
             exited_at_ms: None,
         }),
+        mounts: spec
+            .mounts
+            .as_ref()
+            .map(|m| m.mounts.clone())
+            .unwrap_or_default(),
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1700,6 +1710,7 @@ mod tests {
             ended_at_ms: None,
             preparing: false,
             main: None,
+            mounts: Vec::new(),
         };
         let vm = Vm {
             info: VmInfo::from(&entry),

@@ -115,6 +115,11 @@ fn copy_once_mounts_isolate_both_ways_and_survive_snapshot_restore_and_fork() {
         "64M",
     ]);
 
+    let ls = env.json(&["ls", "--json"]);
+    let m1 = &ls.as_array().expect("ls")[0];
+    assert_eq!(m1["mounts"][0]["guest"], "/work/src");
+    assert_eq!(m1["mounts"][1]["host"], s(&data));
+
     // What the guest sees: contents, modes, root ownership, the link as a link.
     let seen = sh(
         &env,
