@@ -147,7 +147,9 @@ fn build_argv(vm: &machinen::Vm) -> Result<(Vec<String>, String)> {
         .with_context(|| format!("reading {}", spec_path.display()))?;
     spec.network = machinen::spec::NetworkMode::NatHost;
     let accel = machinen::accel::probe(spec.accel.as_deref())?;
-    let host = machinen::qemu_args::QemuHost::probe(accel);
+    let mut host = machinen::qemu_args::QemuHost::probe(accel);
+    host.qemu_version =
+        machinen::qemu_args::qemu_version(std::path::Path::new(&crate::ctx::qemu_binary()));
     Ok((
         machinen::qemu_args::qemu_args(&spec, &host),
         dir.display().to_string(),

@@ -23,6 +23,9 @@ pub struct QemuHost {
     pub tsc_khz: Option<u64>,
     /// Extra kernel arguments (`MACHINEN_KERNEL_ARGS`), a debugging knob.
     pub extra_kernel_args: Vec<String>,
+    /// QEMU's (major, minor) version, when known ([`qemu_version`]);
+    /// `None` is taken for a current QEMU.
+    pub qemu_version: Option<(u32, u32)>,
 }
 
 impl QemuHost {
@@ -35,8 +38,37 @@ impl QemuHost {
             extra_kernel_args: std::env::var(machinen_proto::env::KERNEL_ARGS)
                 .map(|s| s.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
+            qemu_version: None,
         }
     }
+}
+
+/// `binary --version`'s (major, minor).
+pub fn qemu_version(binary: &std::path::Path) -> Option<(u32, u32)> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// (major, minor) from `QEMU emulator version 10.0.2 (Debian …)`.
+pub fn parse_qemu_version(s: &str) -> Option<(u32, u32)> {
+    let v = s.split("version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// QEMU 8.2 maps a file opened read-only as private, writable guest RAM
+/// (`readonly=on,rom=off`).
+const READONLY_PRIVATE_RAM: (u32, u32) = (8, 2);
+
+fn at_least(version: Option<(u32, u32)>, want: (u32, u32)) -> bool {
+    version.is_none_or(|v| v >= want)
 }
 
 /// passt's arguments: the guest's addresses as QEMU's user networking gives
@@ -154,10 +186,17 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
             // Copy-on-write over the bundle's RAM file: pages load on
             // first touch and stay shared between restores and forks.
             (Some(ram), _) => {
+                // Opened read-only (QEMU 8.2+): the bundle is never
+                // written, whatever happens to the guest's memory.
                 format!(
-                    "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share=off{}",
                     spec.memory_mib,
-                    ram.display()
+                    ram.display(),
+                    if at_least(host.qemu_version, READONLY_PRIVATE_RAM) {
+                        ",readonly=on,rom=off"
+                    } else {
+                        ""
+                    }
                 )
             }
             // A booted VM's RAM file, or a restored VM's own copy.

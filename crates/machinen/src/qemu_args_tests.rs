@@ -40,6 +40,7 @@ fn tcg() -> QemuHost {
         cpu_model: "max".into(),
         tsc_khz: Some(2_596_122),
         extra_kernel_args: Vec::new(),
+        qemu_version: Some((10, 0)),
     }
 }
 
@@ -49,6 +50,7 @@ fn kvm() -> QemuHost {
         cpu_model: "host".into(),
         tsc_khz: Some(2_596_122),
         extra_kernel_args: Vec::new(),
+        qemu_version: Some((10, 0)),
     }
 }
 
@@ -179,7 +181,7 @@ fn restore_maps_the_bundle_ram_copy_on_write() {
         golden(
             "tcg",
             "max",
-            "memory-backend-file,id=ram,size=512M,mem-path=/b/snap/ram,share=off",
+            "memory-backend-file,id=ram,size=512M,mem-path=/b/snap/ram,share=off,readonly=on,rom=off",
             "1",
             PASST,
             &["-incoming", "defer"]
@@ -223,7 +225,7 @@ fn gated_restore_starts_paused() {
         golden(
             "tcg",
             "max",
-            "memory-backend-file,id=ram,size=512M,mem-path=/b/snap/ram,share=off",
+            "memory-backend-file,id=ram,size=512M,mem-path=/b/snap/ram,share=off,readonly=on,rom=off",
             "1",
             PASST,
             &["-incoming", "defer", "-S"]
@@ -358,4 +360,46 @@ fn hostnames_are_valid() {
     assert_eq!(hostname_for("team/app/web"), "web");
     assert_eq!(hostname_for("a.b_c"), "a-b-c");
     assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
+}
+
+#[test]
+fn qemu_versions_parse() {
+    assert_eq!(
+        parse_qemu_version(
+            "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"
+        ),
+        Some((10, 0))
+    );
+    assert_eq!(
+        parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)"),
+        Some((7, 2))
+    );
+    assert_eq!(parse_qemu_version("garbage"), None);
+}
+
+#[test]
+fn a_restore_maps_the_bundle_ram_read_only_on_qemu_8_2_and_later() {
+    let mut s = spec();
+    s.restore = Some(crate::spec::RestoreSpec {
+        bundle: "/b".into(),
+        reset_tcp: false,
+        ram: Some("/b/ram.img".into()),
+        gate: false,
+    });
+    let host = tcg();
+    let args = qemu_args(&s, &host).join(" ");
+    assert!(
+        args.contains("mem-path=/b/ram.img,share=off,readonly=on,rom=off"),
+        "{args}"
+    );
+    let old = QemuHost {
+        qemu_version: Some((7, 2)),
+        ..tcg()
+    };
+    let args = qemu_args(&s, &old).join(" ");
+    assert!(
+        args.contains("mem-path=/b/ram.img,share=off ")
+            || args.contains("mem-path=/b/ram.img,share=off\""),
+        "{args}"
+    );
 }

@@ -119,7 +119,8 @@ impl QemuEngine {
             .unwrap_or_else(default_binary);
         let binary = find_in_path(&name).ok_or(EngineError::Missing { binary: name })?;
         let accel = machinen::accel::probe(spec.accel.as_deref())?;
-        let host = QemuHost::probe(accel);
+        let mut host = QemuHost::probe(accel);
+        host.qemu_version = machinen::qemu_args::qemu_version(&binary);
         Ok(QemuEngine {
             caps: Capabilities {
                 engine: "qemu",
