@@ -3,6 +3,8 @@
 //! fresh host entropy so siblings do not share random streams, and reset TCP
 //! connections inherited from the snapshot.
 
+use std::path::Path;
+
 use machinen_proto::{send, FixupReport, FixupRequest, Frame, Response, WireError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -73,8 +75,34 @@ fn apply(req: &FixupRequest) -> Result<FixupReport, String> {
         report.tcp_reset =
             crate::tcpreset::reset_all().map_err(|e| format!("resetting TCP connections: {e}"))?;
     }
+    if req.stop_page_reporting {
+        report.balloons_stopped = stop_balloons(Path::new(BALLOON_DRIVER))?;
+    }
     debug!("fixup: {report:?}");
     Ok(report)
+}
+
+/// Where the balloon driver's bound devices are listed.
+const BALLOON_DRIVER: &str = "/sys/bus/virtio/drivers/virtio_balloon";
+
+/// Unbind every device from the balloon driver at `driver` (a sysfs driver
+/// directory): page reporting stops with it. A guest without the driver
+/// has nothing to stop.
+fn stop_balloons(driver: &Path) -> Result<u32, String> {
+    let Ok(rd) = std::fs::read_dir(driver) else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("virtio") {
+            continue;
+        }
+        std::fs::write(driver.join("unbind"), &name)
+            .map_err(|e| format!("unbinding balloon {name}: {e}"))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Credit `bytes` to the kernel's input pool and force the CRNG to reseed
@@ -125,6 +153,22 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balloons_are_unbound_by_name() {
+        let d = std::env::temp_dir().join(format!("mn-balloon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("virtio5")).expect("dev");
+        assert_eq!(stop_balloons(&d.join("absent")), Ok(0));
+        std::fs::write(d.join("bind"), "").expect("bind");
+        std::fs::write(d.join("unbind"), "").expect("unbind");
+        assert_eq!(stop_balloons(&d), Ok(1));
+        assert_eq!(
+            std::fs::read_to_string(d.join("unbind")).expect("read"),
+            "virtio5"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn hex_is_bounded_and_strict() {

@@ -519,6 +519,8 @@ mod dirs;
 mod hostile;
 #[path = "e2e/isolation.rs"]
 mod isolation;
+#[path = "e2e/memory.rs"]
+mod memory;
 #[path = "e2e/mounts.rs"]
 mod mounts;
 #[path = "e2e/network.rs"]

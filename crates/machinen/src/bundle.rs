@@ -170,6 +170,10 @@ pub struct BundleMeta {
     /// [`MOUNTS_LOWER`], mounted in the guest where these say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mounts: Option<BundleMounts>,
+    /// The VM had the free-page-reporting balloon (format 5; a restore
+    /// must have the same devices).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// `meta.json`'s copy-once mounts.
@@ -1103,6 +1107,7 @@ mod tests {
             network: crate::spec::NetworkMode::Nat,
             main: None,
             mounts: None,
+            balloon: false,
         }
     }
 

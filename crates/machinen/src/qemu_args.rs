@@ -64,11 +64,21 @@ pub fn parse_qemu_version(s: &str) -> Option<(u32, u32)> {
 }
 
 /// QEMU 8.2 maps a file opened read-only as private, writable guest RAM
-/// (`readonly=on,rom=off`).
+/// (`readonly=on,rom=off`), and has no other way to keep a balloon's
+/// discards out of a privately mapped file.
 const READONLY_PRIVATE_RAM: (u32, u32) = (8, 2);
 
 fn at_least(version: Option<(u32, u32)>, want: (u32, u32)) -> bool {
     version.is_none_or(|v| v >= want)
+}
+
+/// Whether a VM of `spec` on QEMU `version` has the free-page-reporting
+/// balloon. Only with QEMU 8.2 or later: a restore that maps a bundle's
+/// RAM file privately must open it read-only, or QEMU would punch the
+/// guest's freed pages out of the bundle (and out of every sibling that
+/// maps it).
+pub fn has_balloon(spec: &VmSpec, version: Option<(u32, u32)>) -> bool {
+    spec.balloon && at_least(version, READONLY_PRIVATE_RAM)
 }
 
 /// passt's arguments: the guest's addresses as QEMU's user networking gives
@@ -187,7 +197,7 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
             // first touch and stay shared between restores and forks.
             (Some(ram), _) => {
                 // Opened read-only (QEMU 8.2+): the bundle is never
-                // written, whatever happens to the guest's memory.
+                // written, whatever the guest or a balloon does.
                 format!(
                     "memory-backend-file,id=ram,size={}M,mem-path={},share=off{}",
                     spec.memory_mib,
@@ -289,6 +299,18 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", path(files::QMP)),
     ]);
+    if has_balloon(spec, host.qemu_version) {
+        // Free page reporting: the guest hands freed 2 MiB blocks back
+        // (QEMU punches them out of a RAM file, or drops them from a
+        // private mapping), so a VM costs what it uses, not what it once
+        // touched, and its snapshots copy less. No size target is set:
+        // the balloon never takes memory the guest has not freed. Last, so
+        // the other devices keep their places.
+        a.extend([
+            "-device".into(),
+            "virtio-balloon-device,free-page-reporting=on".into(),
+        ]);
+    }
     if let Some(restore) = &spec.restore {
         // No -kernel/-initrd: the restored guest's kernel is already in
         // its RAM and never reads fw_cfg again, while QEMU would keep a

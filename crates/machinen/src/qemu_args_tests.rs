@@ -31,6 +31,7 @@ fn spec() -> VmSpec {
         network: NetworkMode::Nat,
         main: None,
         mounts: None,
+        balloon: false,
     }
 }
 
@@ -375,6 +376,25 @@ fn qemu_versions_parse() {
         Some((7, 2))
     );
     assert_eq!(parse_qemu_version("garbage"), None);
+}
+
+#[test]
+fn balloon_only_where_a_private_ram_file_can_be_opened_read_only() {
+    let mut s = spec();
+    s.balloon = true;
+    let mut host = tcg();
+    let args = qemu_args(&s, &host).join(" ");
+    assert!(
+        args.contains("virtio-balloon-device,free-page-reporting=on"),
+        "{args}"
+    );
+    assert!(has_balloon(&s, host.qemu_version));
+    host.qemu_version = Some((7, 2));
+    assert!(!qemu_args(&s, &host).join(" ").contains("balloon"));
+    assert!(!has_balloon(&s, host.qemu_version));
+    s.balloon = false;
+    host.qemu_version = Some((10, 0));
+    assert!(!qemu_args(&s, &host).join(" ").contains("balloon"));
 }
 
 #[test]

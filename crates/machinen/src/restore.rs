@@ -638,6 +638,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
                 layer: mounts_layer.clone(),
             }
         }),
+        balloon: meta.balloon,
     };
     let launch = Launch {
         name: opts.name.clone(),

@@ -87,6 +87,12 @@ pub struct VmSpec {
     /// Copy-once mounts (one disk for all of them; see [`crate::mounts`]).
     #[serde(default)]
     pub mounts: Option<crate::mounts::MountsDisk>,
+    /// A virtio-balloon with free page reporting: pages the guest frees go
+    /// back to the host (holes in the RAM file). Booted VMs have it;
+    /// restored ones have what their bundle's VM had (the device set must
+    /// match the migration stream).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// How to resume a VM from a bundle.

@@ -410,6 +410,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             lower_sha256: l.sha256.clone(),
             layer: claim.dir.join(crate::mounts::LAYER),
         }),
+        balloon: true,
     };
     // Child processes (qemu-img): on the blocking pool.
     let overlay = {

@@ -152,12 +152,13 @@ fn request() -> impl Strategy<Value = Request> {
             })
             .collect(),
     });
-    let fixup = (any::<u64>(), text(), any::<bool>()).prop_map(
-        |(wall_clock_ns, entropy_hex, reset_tcp)| {
+    let fixup = (any::<u64>(), text(), any::<bool>(), any::<bool>()).prop_map(
+        |(wall_clock_ns, entropy_hex, reset_tcp, stop_page_reporting)| {
             Request::Fixup(FixupRequest {
                 wall_clock_ns,
                 entropy_hex,
                 reset_tcp,
+                stop_page_reporting,
             })
         },
     );
@@ -209,12 +210,13 @@ fn response() -> impl Strategy<Value = Response> {
                 reason,
             })
         });
-    let fixed = (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
-        |(clock_was_ns, entropy_bytes, tcp_reset)| {
+    let fixed = (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+        |(clock_was_ns, entropy_bytes, tcp_reset, balloons_stopped)| {
             Response::FixedUp(FixupReport {
                 clock_was_ns,
                 entropy_bytes,
                 tcp_reset,
+                balloons_stopped,
             })
         },
     );

@@ -514,6 +514,11 @@ pub struct FixupRequest {
     /// Reset TCP connections the guest had before the snapshot.
     #[serde(default)]
     pub reset_tcp: bool,
+    /// Stop free page reporting (unbind the balloon driver): the guest's
+    /// RAM is a private mapping of a bundle's file, which QEMU cannot
+    /// discard pages from.
+    #[serde(default)]
+    pub stop_page_reporting: bool,
 }
 
 /// What a [`FixupRequest`] changed.
@@ -525,6 +530,9 @@ pub struct FixupReport {
     pub entropy_bytes: u32,
     /// TCP connections reset.
     pub tcp_reset: u32,
+    /// Balloon devices whose driver was unbound.
+    #[serde(default)]
+    pub balloons_stopped: u32,
 }
 
 /// Where to write a snapshot and whether the VM keeps running.
@@ -914,6 +922,7 @@ mod tests {
                 wall_clock_ns: 1,
                 entropy_hex: "ab".into(),
                 reset_tcp: true,
+                stop_page_reporting: true,
             })),
             Frame::Request(Request::Snapshot(SnapshotRequest {
                 out: "/b".into(),
@@ -935,6 +944,7 @@ mod tests {
                 clock_was_ns: 2,
                 entropy_bytes: 64,
                 tcp_reset: 1,
+                balloons_stopped: 1,
             })),
             Frame::Response(Response::Snapshotted(SnapshotReport {
                 out: "/b".into(),

@@ -181,6 +181,7 @@ async fn answer(mut s: tokio_util::compat::Compat<yamux::Stream>, hello: Arc<Not
                 clock_was_ns: 0,
                 entropy_bytes: 64,
                 tcp_reset: 0,
+                balloons_stopped: 0,
             };
             let _ = proto::send(&mut s, &reply(Response::FixedUp(report))).await;
         }

@@ -404,6 +404,7 @@ impl<M: Machine> Phases<'_, M> {
                 mounts: m.mounts.clone(),
                 lower_sha256: m.lower_sha256.clone(),
             }),
+            balloon: machinen::qemu_args::has_balloon(spec, caps.version),
         };
         let scratch = req.scratch;
         let marker = spec.path_in(PARTIAL_MARKER);
@@ -439,7 +440,11 @@ impl<M: Machine> Phases<'_, M> {
 
 /// After a restore: set the clock, reseed the RNG with fresh host entropy,
 /// reset inherited TCP connections when asked.
-pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport, String> {
+pub async fn fixup(
+    agent: &AgentSession,
+    reset_tcp: bool,
+    stop_page_reporting: bool,
+) -> Result<FixupReport, String> {
     let mut entropy = [0u8; 64];
     {
         use std::io::Read;
@@ -455,6 +460,7 @@ pub async fn fixup(agent: &AgentSession, reset_tcp: bool) -> Result<FixupReport,
         wall_clock_ns,
         entropy_hex: entropy.iter().map(|b| format!("{b:02x}")).collect(),
         reset_tcp,
+        stop_page_reporting,
     };
     match agent.request(Request::Fixup(req), timeouts::FIXUP).await? {
         Response::FixedUp(r) => Ok(r),

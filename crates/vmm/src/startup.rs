@@ -216,7 +216,11 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
     clock.mark("agent-ready");
     tracing::info!("agent {} on kernel {}", ack.agent_version, ack.kernel);
     if let Some(r) = &spec.restore {
-        match snapshot::fixup(&session, r.reset_tcp).await {
+        // A private mapping of the bundle's RAM file: QEMU cannot hand the
+        // guest's freed pages back (the file is read-only), so the guest
+        // stops offering them.
+        let private_ram = r.ram.is_some() && spec.ram_file.is_none();
+        match snapshot::fixup(&session, r.reset_tcp, private_ram).await {
             Ok(report) => {
                 clock.mark("guest-repair");
                 tracing::info!("fixup: {report:?}")

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 /// The modules the guest needs: virtio transport over MMIO (how the kernel
 /// finds devices under `microvm,acpi=on`), the disk, the agent's serial
-/// port, the network, the root filesystem and the RNG.
+/// port, the network, the root filesystem, the RNG and the balloon (free
+/// page reporting).
 /// `inet_diag`/`tcp_diag` let the agent find and reset inherited TCP
 /// connections after a fork (the guest has no modprobe to load them on demand).
 pub(crate) const WANTED: &[&str] = &[
@@ -23,6 +24,7 @@ pub(crate) const WANTED: &[&str] = &[
     "virtio_net",
     "ext4",
     "virtio_rng",
+    "virtio_balloon",
     "inet_diag",
     "tcp_diag",
 ];

@@ -75,6 +75,7 @@ impl FakeEngine {
                 accel: Accel::Tcg,
                 cpu_model: "fake".into(),
                 binary: PathBuf::from("/nonexistent/fake-engine"),
+                version: None,
             },
             script,
             powered_off,

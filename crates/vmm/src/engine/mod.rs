@@ -25,6 +25,8 @@ pub struct Capabilities {
     /// CPU model the guest sees (a named model keeps state portable).
     pub cpu_model: String,
     pub binary: PathBuf,
+    /// The engine's (major, minor) version, when known.
+    pub version: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]

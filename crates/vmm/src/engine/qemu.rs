@@ -127,6 +127,7 @@ impl QemuEngine {
                 accel,
                 cpu_model: host.cpu_model.clone(),
                 binary,
+                version: host.qemu_version,
             },
             host,
         })

@@ -1,0 +1,127 @@
+//! Guest memory going back to the host: the free-page-reporting balloon.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{sha256_hex, Env};
+
+/// The RAM file of the VM with registry id `id` (in MACHINEN_RAM_DIR or
+/// /dev/shm).
+fn ram_file(id: &str) -> PathBuf {
+    let dir = std::env::var_os("MACHINEN_RAM_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    dir.join(format!("machinen-{id}.ram"))
+}
+
+/// MiB of a file that are really allocated (not holes).
+fn allocated_mib(p: &Path) -> u64 {
+    (std::fs::metadata(p).expect("RAM file").blocks() * 512) >> 20
+}
+
+fn id_of(env: &Env, name: &str) -> String {
+    let ls = env.json(&["ls", "--json"]);
+    ls.as_array()
+        .expect("ls")
+        .iter()
+        .find(|v| v["name"] == name)
+        .and_then(|v| v["id"].as_str())
+        .expect("id")
+        .to_string()
+}
+
+/// Allocate `mib` MiB in a guest tmpfs, then free it.
+fn churn(env: &Env, vm: &str, mib: u32) {
+    env.run_ok(&[
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "dd if=/dev/zero of=/dev/shm/churn bs=1M count={mib} 2>/dev/null && rm /dev/shm/churn"
+        ),
+    ]);
+}
+
+/// Wait until the RAM file holds at most `mib` MiB; the last reading.
+fn shrinks_to(p: &Path, mib: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = allocated_mib(p);
+        if now <= mib || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn freed_guest_memory_returns_to_the_host_and_never_touches_a_bundle() {
+    let env = Env::new();
+    env.run_ok(&["boot", "--name", "bal", "--detached", "--memory", "1024"]);
+    let ram = ram_file(&id_of(&env, "bal"));
+    let idle = shrinks_to(&ram, 0, Duration::from_secs(5));
+    churn(&env, "bal", 400);
+    // The guest reports freed 2 MiB blocks a couple of seconds after the
+    // free; the host's copy of them goes.
+    let after = shrinks_to(&ram, idle + 100, Duration::from_secs(60));
+    eprintln!("booted VM's RAM file: idle {idle} MiB, after 400 MiB came and went {after} MiB");
+    assert!(
+        after <= idle + 100,
+        "RAM file {after} MiB after freeing 400 MiB (idle {idle} MiB)"
+    );
+
+    // A restore mapping the bundle's RAM privately: the guest stops
+    // reporting (QEMU could not discard from a read-only file) and the
+    // bundle never changes.
+    let dir = tempfile::tempdir().expect("tmp");
+    let snap = dir.path().join("bal.snap");
+    let snap_s = snap.to_str().expect("path");
+    env.run_ok(&["snapshot", "bal", snap_s, "--keep-alive"]);
+    let bundle_ram = std::fs::read(snap.join("ram.img")).expect("ram.img");
+    let before = sha256_hex(&bundle_ram);
+    drop(bundle_ram);
+    env.run_ok(&["restore", snap_s, "--name", "priv", "--detached"]);
+    let bound = env.run_ok(&[
+        "exec",
+        "priv",
+        "--",
+        "sh",
+        "-c",
+        "ls /sys/bus/virtio/drivers/virtio_balloon | grep -c ^virtio || true",
+    ]);
+    assert_eq!(
+        bound.trim(),
+        "0",
+        "the balloon is unbound in a private restore"
+    );
+    churn(&env, "priv", 200);
+    std::thread::sleep(Duration::from_secs(4));
+    let after = sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram.img"));
+    assert_eq!(after, before, "the bundle's RAM file is never written");
+
+    // With its own RAM, a restored VM gives memory back like a booted one.
+    env.run_ok(&[
+        "restore",
+        snap_s,
+        "--name",
+        "own",
+        "--detached",
+        "--own-ram",
+    ]);
+    let own = ram_file(&id_of(&env, "own"));
+    let base = allocated_mib(&own);
+    churn(&env, "own", 300);
+    let after = shrinks_to(&own, base + 100, Duration::from_secs(60));
+    eprintln!("own-RAM restore: {base} MiB at restore, after 300 MiB came and went {after} MiB");
+    assert!(
+        after <= base + 100,
+        "own RAM file {after} MiB after freeing 300 MiB (restored at {base} MiB)"
+    );
+    for vm in ["own", "priv", "bal"] {
+        env.run_ok(&["stop", "--force", vm]);
+    }
+}
