@@ -79,6 +79,7 @@ export declare const ErrorCode: {
   readonly BOOT_MOUNT_INVALID: "BOOT_MOUNT_INVALID";
   readonly BOOT_MOUNT_HOST_NOT_FOUND: "BOOT_MOUNT_HOST_NOT_FOUND";
   readonly MOUNT_PATH_INVALID: "MOUNT_PATH_INVALID";
+  readonly FORK_MEMORY_BACKPRESSURE: "FORK_MEMORY_BACKPRESSURE";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -181,6 +182,8 @@ export interface RestoreOptions {
   verify?: boolean;
   /** Give the VM its own copy of the RAM (cheaper snapshots and forks of it later). */
   ownRam?: boolean;
+  /** Refuse (FORK_MEMORY_BACKPRESSURE) when the host would keep less memory available: `"1%"` (default), `"512M"`, bytes; 0 turns the check off. */
+  freeMemoryThreshold?: string | number;
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
@@ -192,6 +195,8 @@ export interface ForkOptions {
   detached?: boolean;
   ports?: PortForwardSpec[];
   ownRam?: boolean;
+  /** Refuse (FORK_MEMORY_BACKPRESSURE) when the host would keep less memory available: `"1%"` (default), `"512M"`, bytes; 0 turns the check off. */
+  freeMemoryThreshold?: string | number;
   /** Keep TCP connections inherited from the source. */
   tcpKeep?: boolean;
   signal?: AbortSignal;

@@ -410,7 +410,7 @@ class VmHandle {
 
   /** A sibling VM sharing this one's past; this one keeps running. */
   async fork(opts = {}) {
-    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'signal', 'onLog'], 'fork');
+    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'signal', 'onLog'], 'fork');
     const o = {
       name: opts.name,
       outDir: opts.outDir,
@@ -418,6 +418,7 @@ class VmHandle {
       ports: toPorts(opts.ports),
       ownRam: opts.ownRam,
       tcpKeep: opts.tcpKeep,
+      freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
     };
     return new VmHandle(await call(opts.signal, (id) => this._h.fork(o, id)));
   }
@@ -448,6 +449,14 @@ const BOOT_KEYS = [
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
   'mount', 'mountDiskUpperSizeBytes',
 ];
+
+/** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
+function toThreshold(t) {
+  if (t === undefined) return undefined;
+  if (typeof t === 'number' && Number.isInteger(t) && t >= 0) return String(t);
+  if (typeof t === 'string') return t;
+  throw invalid('freeMemoryThreshold is "N%", a size such as "512M", or a whole number of bytes', 'e.g. freeMemoryThreshold: "1%" (0 turns the check off)');
+}
 
 /** `mount`: one `{ host, guest }` or a list of them. */
 function toMounts(m) {
@@ -505,7 +514,7 @@ async function list(opts = {}) {
 
 /** Restore a snapshot bundle into a new VM. */
 async function restore(opts) {
-  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'signal', 'onLog'], 'restore');
+  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'signal', 'onLog'], 'restore');
   if (!opts || typeof opts.snapDir !== 'string') throw invalid('restore needs snapDir', 'e.g. restore({ snapDir: "./snap" })', ErrorCode.RESTORE_BUNDLE_INVALID);
   const o = {
     bundle: opts.snapDir,
@@ -517,6 +526,7 @@ async function restore(opts) {
     resetTcp: opts.resetTcp,
     verify: opts.verify,
     ownRam: opts.ownRam,
+    freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
   };
   return new VmHandle(await call(opts.signal, (id) => native.restore(o, id)));
 }

@@ -60,6 +60,8 @@ pub struct RestoreOpts {
     pub reset_tcp: Option<bool>,
     pub verify: Option<bool>,
     pub own_ram: Option<bool>,
+    /// `"1%"`, `"512M"`, bytes as a string; `"0"` turns the check off.
+    pub free_memory_threshold: Option<String>,
 }
 
 #[napi(object)]
@@ -71,6 +73,7 @@ pub struct ForkOpts {
     pub detached: Option<bool>,
     pub ports: Option<Vec<String>>,
     pub own_ram: Option<bool>,
+    pub free_memory_threshold: Option<String>,
 }
 
 #[napi(object)]
@@ -208,6 +211,7 @@ impl RestoreOpts {
         o.reset_tcp = self.reset_tcp.unwrap_or(false);
         o.verify = self.verify.unwrap_or(true);
         o.own_ram = self.own_ram.unwrap_or(false);
+        o.free_memory_threshold = threshold(self.free_memory_threshold)?;
         o.progress = machinen::progress::ProgressMode::Quiet;
         Ok(o)
     }
@@ -222,8 +226,18 @@ impl ForkOpts {
             detached: self.detached.unwrap_or(false),
             ports: ports(self.ports)?,
             own_ram: self.own_ram.unwrap_or(false),
+            free_memory_threshold: threshold(self.free_memory_threshold)?,
             on_phase: Default::default(),
         })
+    }
+}
+
+fn threshold(t: Option<String>) -> Result<machinen::backpressure::Threshold> {
+    match t {
+        None => Ok(Default::default()),
+        Some(s) => s
+            .parse()
+            .map_err(|f: machinen::error::Failure| crate::js_error(f.into())),
     }
 }
 

@@ -100,6 +100,7 @@ test('bad options are refused with what is supported', async () => {
   await rejectsWith(m.boot({ mount: { host: '/nonexistent/machinen', guest: '/x' } }), 'BOOT_MOUNT_HOST_NOT_FOUND');
   await rejectsWith(m.boot({ mount: [{ host: pkgDir, guest: 'relative' }] }), 'MOUNT_PATH_INVALID');
   await rejectsWith(m.boot({ mount: { host: pkgDir, guest: '/x' }, mountDiskUpperSizeBytes: 1.5 }), 'BOOT_MOUNT_INVALID');
+  await rejectsWith(m.restore({ snapDir: pkgDir, freeMemoryThreshold: 'lots' }), 'BOOT_ARGS_INVALID');
   assert.deepEqual(await m.list(), []);
 });
 

@@ -302,6 +302,9 @@ pub struct RestoreArgs {
     /// Copy the bundle's RAM into a file of the VM's own instead of mapping it copy-on-write (quick snapshots and forks of this VM).
     #[arg(long)]
     pub own_ram: bool,
+    /// Refuse (FORK_MEMORY_BACKPRESSURE, retryable) when the host would keep less memory available than this: 1%, 0.5%, 512M; 0 turns the check off.
+    #[arg(long, default_value = "1%", value_name = "PCT%|SIZE")]
+    pub free_memory_threshold: String,
     #[command(flatten)]
     pub process: ProcessArgs,
     #[command(flatten)]
@@ -345,6 +348,9 @@ pub struct ForkArgs {
     /// Make N forks from one snapshot (1-64; N > 1 needs --detach, no -p; named NAME-1..NAME-N).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub count: usize,
+    /// Refuse (FORK_MEMORY_BACKPRESSURE, retryable) when the host would keep less memory available than this: 1%, 0.5%, 512M; 0 turns the check off.
+    #[arg(long, default_value = "1%", value_name = "PCT%|SIZE")]
+    pub free_memory_threshold: String,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Return once the fork is ready and leave it running.

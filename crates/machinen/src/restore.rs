@@ -56,6 +56,9 @@ pub struct RestoreOptions {
     /// file of its own: booted, or restored or forked with `own_ram`);
     /// refused for a bundle that carries RAM inside the state.
     pub own_ram: bool,
+    /// Refuse the restore (`FORK_MEMORY_BACKPRESSURE`) when the host would
+    /// keep less memory available than this (see [`crate::backpressure`]).
+    pub free_memory_threshold: crate::backpressure::Threshold,
     /// Called with each phase of the restore as it ends (bundle check,
     /// image, copies, the supervisor's engine start, state load, bundle
     /// verification, agent, guest repair, …); [`Vm::phases`] has them all.
@@ -76,6 +79,7 @@ impl RestoreOptions {
             forked_from: None,
             verify: true,
             own_ram: false,
+            free_memory_threshold: Default::default(),
             on_phase: Default::default(),
         }
     }
@@ -96,6 +100,10 @@ pub struct ForkOptions {
     /// [`RestoreOptions::own_ram`]): no sharing, but the fork can be
     /// snapshotted or forked again as quickly as a booted VM.
     pub own_ram: bool,
+    /// Refuse the fork (`FORK_MEMORY_BACKPRESSURE`), before the source is
+    /// paused, when the host would keep less memory available than this
+    /// (see [`crate::backpressure`]).
+    pub free_memory_threshold: crate::backpressure::Threshold,
     /// Called with each phase as it ends: the snapshot's (named
     /// `snapshot-wipe-secrets`, `snapshot-state`, …), then each fork's
     /// restore phases (see [`RestoreOptions::on_phase`]).
@@ -216,6 +224,26 @@ impl Vm {
         }
     }
 
+    /// What one fork of this VM holds from its start (see
+    /// [`crate::backpressure`]): with its own RAM, or when this VM's RAM is
+    /// not a file (then the snapshot carries it in the machine state), what
+    /// this VM's RAM holds now; else only its own processes.
+    fn fork_cost(&self, own_ram: bool) -> u64 {
+        let file = crate::ramdir::ram_dir()
+            .map(|d| crate::ramdir::ram_file_path(&d, &self.info().id))
+            .filter(|p| p.exists());
+        let held = match &file {
+            Some(f) if own_ram => crate::backpressure::allocated(f),
+            Some(_) => 0,
+            None => self
+                .info()
+                .qemu_pid
+                .and_then(crate::backpressure::rss_of)
+                .unwrap_or(0),
+        };
+        crate::backpressure::VM_OVERHEAD + held
+    }
+
     /// Clone this VM: a keep-alive snapshot restored as a new VM that starts
     /// from the same memory and disk. The source keeps running.
     pub async fn fork(&self, opts: ForkOptions) -> Result<(Vm, ForkReport)> {
@@ -254,10 +282,17 @@ impl Vm {
             Some(n) => (1..=count).map(|i| Some(format!("{n}-{i}"))).collect(),
             None => vec![None; count],
         };
-        // Refuse a bad name before pausing the source for a snapshot.
+        // Refuse a bad name, or forks the host has no memory for, before
+        // pausing the source for a snapshot.
         for n in names.iter().flatten() {
             registry::validate_name(n)?;
         }
+        crate::backpressure::check_now(
+            "fork",
+            count,
+            self.fork_cost(opts.own_ram),
+            opts.free_memory_threshold,
+        )?;
         let tmp;
         let (bundle_dir, kept) = match &opts.out_dir {
             Some(d) => (d.clone(), true),
@@ -299,6 +334,7 @@ impl Vm {
             // can go once the last one is up.
             r.verify = false;
             r.own_ram = opts.own_ram;
+            r.free_memory_threshold = opts.free_memory_threshold;
             r.on_phase = opts.on_phase.clone();
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
@@ -469,9 +505,20 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }
     };
     let vmm = binaries::vmm()?;
+    let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
+    let held = match &bundle_ram {
+        Some(ram) if opts.own_ram => crate::backpressure::allocated(ram),
+        Some(_) => 0,
+        None => crate::backpressure::allocated(&bundle_dir.join(bundle::STATE)),
+    };
+    crate::backpressure::check_now(
+        "restore",
+        1,
+        crate::backpressure::VM_OVERHEAD + held,
+        opts.free_memory_threshold,
+    )?;
     let reg = Registry::new(&paths.registry);
     let lock = lock_registry(&reg).await?;
-    let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
     if bundle_ram.is_none() && opts.own_ram {
         return Err(fail(ErrorCode::BootArgsInvalid, "the snapshot carries the guest's RAM inside the machine state, not as ram.img: --own-ram needs the latter")
             .hint("snapshots of booted VMs, and of VMs restored or forked with --own-ram, have ram.img; go without --own-ram here")

@@ -123,6 +123,8 @@ error_codes! {
     BootMountInvalid = "BOOT_MOUNT_INVALID",
     BootMountHostNotFound = "BOOT_MOUNT_HOST_NOT_FOUND",
     MountPathInvalid = "MOUNT_PATH_INVALID",
+    // the host has no memory for more VMs (fork, restore)
+    ForkMemoryBackpressure = "FORK_MEMORY_BACKPRESSURE",
 }
 
 impl ErrorCode {
@@ -145,6 +147,7 @@ impl ErrorCode {
                 | SnapshotTimeout
                 | BootRamDirFull
                 | WaitTimeout
+                | ForkMemoryBackpressure
         )
     }
 

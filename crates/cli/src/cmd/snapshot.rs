@@ -214,6 +214,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
     o.own_ram = a.own_ram;
+    o.free_memory_threshold = a.free_memory_threshold.parse()?;
     o.progress = if a.json {
         ProgressMode::Quiet
     } else {
@@ -241,6 +242,7 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         detached: a.detach,
         ports: ports(&a.publish)?,
         own_ram: a.own_ram,
+        free_memory_threshold: a.free_memory_threshold.parse()?,
         on_phase: crate::output::phase_printer(a.timings),
     };
     machinen::restore::check_fork_many(&opts, a.count)?;

@@ -84,6 +84,41 @@ fn freed_guest_memory_returns_to_the_host_and_never_touches_a_bundle() {
     let bundle_ram = std::fs::read(snap.join("ram.img")).expect("ram.img");
     let before = sha256_hex(&bundle_ram);
     drop(bundle_ram);
+
+    // Backpressure: a threshold no host can keep refuses forks and
+    // restores before anything starts (the source is not even paused); 0
+    // turns the check off.
+    for args in [
+        vec!["fork", "bal", "--new-name", "no", "--detach"],
+        vec!["restore", snap_s, "--name", "no", "--detached"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--free-memory-threshold", "100%"]);
+        let out = env.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(
+            err.contains("FORK_MEMORY_BACKPRESSURE") && err.contains("MiB available"),
+            "{err}"
+        );
+    }
+    let ls = env.json(&["ls", "--json"]);
+    assert_eq!(
+        ls.as_array().map(Vec::len),
+        Some(1),
+        "nothing started: {ls}"
+    );
+    env.run_ok(&[
+        "fork",
+        "bal",
+        "--new-name",
+        "zero",
+        "--detach",
+        "--free-memory-threshold",
+        "0",
+    ]);
+    env.run_ok(&["stop", "--force", "zero"]);
+
     env.run_ok(&["restore", snap_s, "--name", "priv", "--detached"]);
     let bound = env.run_ok(&[
         "exec",
