@@ -114,6 +114,21 @@ export declare function formatMachinenError(err: MachinenError): string;
 /** `"[HOST_ADDR:]HOST_PORT:GUEST_PORT"`, a port (same on both sides), or an object. */
 export type PortForwardSpec = string | number | { hostAddr?: string; hostPort?: number; guestPort: number };
 
+/** `vm.memoryStats()`. */
+export interface MemoryStats {
+  name: string;
+  ceilingBytes: number;
+  guest: { totalBytes: number; availableBytes: number; usedBytes: number; cachedBytes: number; freeBytes: number } | null;
+  host: {
+    qemuRssBytes: number | null;
+    qemuPssBytes: number | null;
+    supervisorPssBytes: number | null;
+    /** The VM's RAM file (booted VMs, own-RAM restores) and how much of it is allocated. */
+    ramFile: string | null;
+    ramFileBytes: number | null;
+  };
+}
+
 /** A host directory and where the guest sees its copy. */
 export interface MountSpec {
   host: string;
@@ -328,6 +343,8 @@ export declare class VmHandle {
   info(): VmInfo;
   phases(): Phase[];
   status(): Promise<{ state: string; supervisorPid: number; qemuPid: number | null; [k: string]: unknown }>;
+  /** The VM's memory: its ceiling, the guest's view (null when its agent did not answer) and what it costs the host. */
+  memoryStats(): Promise<MemoryStats>;
   /** Throws `EXEC_NONZERO_EXIT` unless the command exits 0. */
   exec(cmd: string | string[], opts: ExecOptions & { encoding: "buffer" }): Promise<ExecResult<Buffer>>;
   exec(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;

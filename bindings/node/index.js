@@ -239,6 +239,11 @@ class VmHandle {
     return call(undefined, () => this._h.status()).then(camel);
   }
 
+  /** Memory: `ceilingBytes`, the guest's view (`guest`: totalBytes, availableBytes, usedBytes, cachedBytes, freeBytes; null if its agent did not answer) and the host's cost (`host`: qemuRssBytes, qemuPssBytes, supervisorPssBytes, ramFile, ramFileBytes). */
+  async memoryStats() {
+    return call(undefined, () => this._h.memoryStats()).then(camel);
+  }
+
   /** Run a command; the result whatever its exit code. */
   async execRaw(cmd, opts = {}) {
     const o = execOpts(cmd, opts);

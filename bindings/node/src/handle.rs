@@ -164,6 +164,13 @@ impl VmHandle {
         to_value(&s)
     }
 
+    /// The VM's memory: ceiling, the guest's view, the host's cost.
+    #[napi]
+    pub async fn memory_stats(&self) -> Result<serde_json::Value> {
+        let s = self.vm.memory_stats().await.map_err(js_error)?;
+        to_value(&s)
+    }
+
     /// Run a command to its end, collecting its output.
     #[napi]
     pub async fn exec(&self, opts: ExecOpts, cancel: Option<u32>) -> Result<ExecOut> {

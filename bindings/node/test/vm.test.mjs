@@ -44,6 +44,14 @@ test('mount: the guest gets a copy of the host directory, its writes stay in the
   assert.equal((await vm.exec('cat /work/in/hello.txt; ls /work/in')).stdout, 'from the guest\nhello.txt\nnew.txt\n');
 });
 
+test('memoryStats: the guest\'s view and the host\'s cost', async () => {
+  const s = await vm.memoryStats();
+  assert.equal(s.name, 'node-shared');
+  assert.equal(s.ceilingBytes, 512 * 1024 * 1024);
+  assert.ok(s.guest.totalBytes > 400 * 1024 * 1024 && s.guest.usedBytes > 0, JSON.stringify(s.guest));
+  assert.ok(s.host.qemuPssBytes > 0 && s.host.supervisorPssBytes > 0, JSON.stringify(s.host));
+});
+
 test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {
   const r = await vm.exec('echo out; echo err >&2');
   assert.deepEqual(r, { exitCode: 0, signal: undefined, stdout: 'out\n', stderr: 'err\n' });

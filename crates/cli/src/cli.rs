@@ -72,6 +72,8 @@ pub enum Command {
     /// List live VMs, and crashed ones (with the cause) until `gc`.
     #[command(visible_aliases = ["list", "ps"])]
     Ls(LsArgs),
+    /// Memory of live VMs: ceiling, the guest's view, and what each costs the host.
+    Stats(StatsArgs),
     /// Print a VM's main command output (or its console, supervisor or QEMU log); -f follows.
     Logs(LogsArgs),
     /// Wait until a VM ends (or its kept-alive main command exits); exit with the command's status.
@@ -111,6 +113,7 @@ impl Command {
             | Command::Completion(_)
             | Command::VmNames => false,
             Command::Ls(a) => a.json,
+            Command::Stats(a) => a.json,
             Command::Logs(a) => a.json,
             Command::Wait(a) => a.json,
             Command::Stop(a) => a.json,
@@ -420,6 +423,21 @@ pub struct WaitArgs {
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     /// Print how the VM ended as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen stats\n  machinen stats web --json\n  machinen stats --watch 2\n\nGUEST-* come from the guest's /proc/meminfo (USED = MemTotal - MemAvailable; CACHED includes\ntmpfs); HOST-PSS is the proportional set size of the VM's QEMU and supervisor (pages shared\nwith sibling forks count once in total); RAM-FILE is how much of the VM's RAM file is allocated\n(booted VMs and --own-ram restores): memory the guest frees goes back within seconds."
+)]
+pub struct StatsArgs {
+    /// VM name or pid (default: every live VM).
+    pub target: Option<String>,
+    /// Print again every SECS seconds until Ctrl-C.
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<f64>,
+    /// Print machine-readable JSON (one object for a TARGET, else an array).
     #[arg(long)]
     pub json: bool,
 }

@@ -34,6 +34,7 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod service;
 pub mod spec;
+pub mod stats;
 pub mod terminal;
 pub mod vm;
 

@@ -131,6 +131,9 @@ pub const QUIESCE: Duration = secs(30);
 /// Bound on the agent's post-restore fixup (clock, entropy, addresses).
 pub const FIXUP: Duration = secs(20);
 
+/// Bound on reading a guest's memory figures (`machinen stats`).
+pub const STATS: Duration = secs(10);
+
 /// How often the console log's size is checked; what a guest writes in this
 /// time is the most the file can exceed its limit by.
 pub const CONSOLE_CHECK: Duration = secs(1);

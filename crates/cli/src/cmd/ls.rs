@@ -65,7 +65,7 @@ pub fn run(a: LsArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn print_table<const N: usize>(header: [String; N], rows: &[[String; N]]) {
+pub(crate) fn print_table<const N: usize>(header: [String; N], rows: &[[String; N]]) {
     let mut widths = header.clone().map(|h| h.len());
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {

@@ -15,6 +15,7 @@ mod mux;
 mod provision;
 mod repl;
 mod snapshot;
+mod stats;
 mod stop;
 mod wait;
 
@@ -38,6 +39,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Restore(a) => snapshot::restore(a).await,
         Command::Fork(a) => snapshot::fork(a).await,
         Command::Ls(a) => ls::run(a),
+        Command::Stats(a) => stats::run(a).await,
         Command::Logs(a) => logs::run(a).await,
         Command::Wait(a) => wait::run(a).await,
         Command::Stop(a) => stop::run(a).await,

@@ -64,6 +64,38 @@ fn freed_guest_memory_returns_to_the_host_and_never_touches_a_bundle() {
     env.run_ok(&["boot", "--name", "bal", "--detached", "--memory", "1024"]);
     let ram = ram_file(&id_of(&env, "bal"));
     let idle = shrinks_to(&ram, 0, Duration::from_secs(5));
+
+    // `stats`: the guest's view and the host's cost, and how they move
+    // while 200 MiB sit in a guest tmpfs.
+    let stats = |env: &Env| env.json(&["stats", "bal", "--json"]);
+    let before = stats(&env);
+    assert_eq!(before["ceiling_bytes"], 1024u64 << 20);
+    let g = |v: &serde_json::Value, k: &str| v["guest"][k].as_u64().expect(k);
+    let h = |v: &serde_json::Value, k: &str| v["host"][k].as_u64().expect(k);
+    assert!(g(&before, "total_bytes") > 900 << 20 && g(&before, "total_bytes") <= 1024 << 20);
+    assert!(h(&before, "qemu_pss_bytes") > 0 && h(&before, "supervisor_pss_bytes") > 0);
+    env.run_ok(&[
+        "exec",
+        "bal",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/shm/held bs=1M count=200 2>/dev/null",
+    ]);
+    let held = stats(&env);
+    assert!(
+        g(&held, "used_bytes") >= g(&before, "used_bytes") + (150 << 20),
+        "guest used {} -> {}",
+        g(&before, "used_bytes"),
+        g(&held, "used_bytes")
+    );
+    assert!(h(&held, "ram_file_bytes") >= h(&before, "ram_file_bytes") + (150 << 20));
+    env.run_ok(&["exec", "bal", "--", "rm", "/dev/shm/held"]);
+    let table = env.run_ok(&["stats"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("bal "),
+        "{table}"
+    );
     churn(&env, "bal", 400);
     // The guest reports freed 2 MiB blocks a couple of seconds after the
     // free; the host's copy of them goes.
