@@ -171,7 +171,7 @@ fn need(t: Tool) -> Result<PathBuf, ImageError> {
     })
 }
 
-fn cache_io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
+pub(crate) fn cache_io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
     let path = path.to_path_buf();
     move |source| ImageError::CacheIo {
         action,

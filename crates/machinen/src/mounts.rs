@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 
 use crate::assets::fsutil;
 use crate::error::{fail, Coded, ErrorCode, Failure};
-use crate::image::{self, ImageError};
+use crate::image::{self, cache_io, ImageError};
 use crate::paths::Paths;
 use crate::progress::ProgressMode;
 
@@ -370,15 +370,6 @@ pub fn lower_from_bundle(
 /// Where lowers are cached.
 pub fn cache_dir(paths: &Paths) -> PathBuf {
     paths.cache.join("mounts")
-}
-
-fn cache_io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
-    let path = path.to_path_buf();
-    move |source| ImageError::CacheIo {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Writes through to `inner` and hashes what passes.
