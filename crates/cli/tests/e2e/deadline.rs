@@ -27,7 +27,7 @@ fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
         "--name",
         "big",
         "--memory",
-        "1024",
+        "3072",
         "--detached",
         "--json",
     ]);
@@ -35,8 +35,9 @@ fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
         .parent()
         .expect("vm dir")
         .to_path_buf();
-    // 400 MiB of non-zero guest RAM (tmpfs pages): the sparse copy, digest
-    // and sync of the RAM file after the migration take well over a second.
+    // 900 MiB of non-zero guest RAM (tmpfs pages): the sparse copy, digest
+    // and sync of the RAM file after the migration take well over a second
+    // (400 MiB once made it in under one on a quiet machine).
     env.run_ok(&[
         "exec",
         "big",
@@ -44,7 +45,7 @@ fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
         "sh",
         "-c",
         "head -c 1048576 /dev/urandom > /tmp/mib && \
-         for i in $(seq 400); do cat /tmp/mib; done > /dev/shm/fill && \
+         for i in $(seq 900); do cat /tmp/mib; done > /dev/shm/fill && \
          wc -c < /dev/shm/fill",
     ]);
 
@@ -87,7 +88,7 @@ fn a_snapshot_past_its_deadline_leaves_no_bundle_and_the_source_running() {
     assert_eq!(ls[0]["name"], "big");
     assert_eq!(ls[0]["state"], "running", "{ls}");
     let out_s = env.run_ok(&["exec", "big", "--", "sh", "-c", "wc -c < /dev/shm/fill"]);
-    assert_eq!(out_s.trim(), (400u64 << 20).to_string());
+    assert_eq!(out_s.trim(), (900u64 << 20).to_string());
 
     // With time enough, the same VM snapshots (so the failure above was the
     // deadline, not the VM), and the source stops with a complete bundle.
