@@ -147,7 +147,7 @@ pub fn load_modules(list: &[PathBuf]) {
     }
 }
 
-fn wait_for(path: &str, timeout: Duration) -> bool {
+pub(crate) fn wait_for(path: &str, timeout: Duration) -> bool {
     let start = Instant::now();
     loop {
         if Path::new(path).exists() {

@@ -61,12 +61,10 @@ pub fn mount_all(mounts: &[(u32, String)], wait: Duration) -> Result<(), String>
                 wait.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(machinen_proto::timeouts::STATE_POLL);
     };
     // The device node may lag its sysfs entry by a moment.
-    while !Path::new(&dev).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::init::wait_for(&dev, deadline.saturating_duration_since(Instant::now()));
     std::fs::create_dir_all(STAGING).map_err(|e| format!("mkdir {STAGING}: {e}"))?;
     mount(
         Some(dev.as_str()),

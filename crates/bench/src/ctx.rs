@@ -195,13 +195,10 @@ impl tokio::io::AsyncWrite for Counter {
 
 /// Proportional set size of a process, KiB (`Pss:` of `smaps_rollup`).
 pub fn pss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .with_context(|| format!("reading smaps_rollup of pid {pid}"))?;
-    s.lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no Pss line for pid {pid}"))
+    machinen::stats::rss_pss(pid)
+        .1
+        .map(|b| b >> 10)
+        .with_context(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
 }
 
 /// PSS of a VM's supervisor and QEMU, KiB: (supervisor, qemu).

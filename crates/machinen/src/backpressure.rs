@@ -90,14 +90,10 @@ impl HostMemory {
 }
 
 fn parse_meminfo(text: &str) -> Option<HostMemory> {
-    let field = |name: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    };
+    use crate::stats::kib_field;
     Some(HostMemory {
-        total: field("MemTotal:")?,
-        available: field("MemAvailable:")?,
+        total: kib_field(text, "MemTotal")?,
+        available: kib_field(text, "MemAvailable")?,
     })
 }
 
@@ -108,14 +104,6 @@ pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0)
-}
-
-/// Resident bytes of process `pid` (`VmRSS`).
-pub fn rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Refuse `count` new VMs of `per_vm` bytes each (see the module docs for

@@ -301,9 +301,10 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
     ]);
     if has_balloon(spec, host.qemu_version) {
         // Free page reporting: the guest hands freed 2 MiB blocks back
-        // (QEMU punches them out of a RAM file, or drops them from a
-        // private mapping), so a VM costs what it uses, not what it once
-        // touched, and its snapshots copy less. No size target is set:
+        // (QEMU punches them out of the VM's RAM file; a restore mapping a
+        // bundle's file privately has the agent unbind the driver), so a
+        // VM costs what it uses, not what it once touched, and its
+        // snapshots copy less. No size target is set:
         // the balloon never takes memory the guest has not freed. Last, so
         // the other devices keep their places.
         a.extend([

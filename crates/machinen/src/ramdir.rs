@@ -41,6 +41,13 @@ pub fn ram_file_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{PREFIX}{id}{SUFFIX}"))
 }
 
+/// The RAM file of VM `id`, when it has one.
+pub fn ram_file_of(id: &str) -> Option<PathBuf> {
+    ram_dir()
+        .map(|dir| ram_file_path(&dir, id))
+        .filter(|p| p.exists())
+}
+
 /// What the RAM directory holds and owes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {

@@ -229,16 +229,13 @@ impl Vm {
     /// not a file (then the snapshot carries it in the machine state), what
     /// this VM's RAM holds now; else only its own processes.
     fn fork_cost(&self, own_ram: bool) -> u64 {
-        let file = crate::ramdir::ram_dir()
-            .map(|d| crate::ramdir::ram_file_path(&d, &self.info().id))
-            .filter(|p| p.exists());
-        let held = match &file {
-            Some(f) if own_ram => crate::backpressure::allocated(f),
+        let held = match crate::ramdir::ram_file_of(&self.info().id) {
+            Some(f) if own_ram => crate::backpressure::allocated(&f),
             Some(_) => 0,
             None => self
                 .info()
                 .qemu_pid
-                .and_then(crate::backpressure::rss_of)
+                .and_then(|pid| crate::stats::rss_pss(pid).0)
                 .unwrap_or(0),
         };
         crate::backpressure::VM_OVERHEAD + held
@@ -386,12 +383,11 @@ pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
     let d = path.to_path_buf();
     let meta = blocking(move || {
         let meta = bundle::verify(&d)?;
-        for layer in [bundle::DISK, bundle::MOUNTS_LAYER] {
+        let mounts = meta.mounts.as_ref().map(|_| bundle::MOUNTS_LAYER);
+        for layer in std::iter::once(bundle::DISK).chain(mounts) {
             let disk = d.join(layer);
-            if layer == bundle::DISK || meta.mounts.is_some() {
-                crate::qcow2::inspect(&disk)
-                    .map_err(|source| bundle::BundleError::UnsafeDisk { file: disk, source })?;
-            }
+            crate::qcow2::inspect(&disk)
+                .map_err(|source| bundle::BundleError::UnsafeDisk { file: disk, source })?;
         }
         Ok(meta)
     })
@@ -493,18 +489,6 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     if let Some(n) = &opts.name {
         registry::validate_name(n)?;
     }
-    // The copy-once mounts' lower, from this host's cache or (checked
-    // first) from the bundle.
-    let mounts_lower = match &meta.mounts {
-        None => None,
-        Some(bm) => {
-            let (paths, d, bm) = (paths.clone(), bundle_dir.clone(), bm.clone());
-            let lower = blocking(move || crate::mounts::lower_from_bundle(&paths, &d, &bm)).await?;
-            timeline.mark("mounts");
-            Some(lower)
-        }
-    };
-    let vmm = binaries::vmm()?;
     let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
     let held = match &bundle_ram {
         Some(ram) if opts.own_ram => crate::backpressure::allocated(ram),
@@ -517,6 +501,18 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         crate::backpressure::VM_OVERHEAD + held,
         opts.free_memory_threshold,
     )?;
+    // The copy-once mounts' lower, from this host's cache or (checked
+    // first) from the bundle.
+    let mounts_lower = match &meta.mounts {
+        None => None,
+        Some(bm) => {
+            let (paths, d, bm) = (paths.clone(), bundle_dir.clone(), bm.clone());
+            let lower = blocking(move || crate::mounts::lower_from_bundle(&paths, &d, &bm)).await?;
+            timeline.mark("mounts");
+            Some(lower)
+        }
+    };
+    let vmm = binaries::vmm()?;
     let reg = Registry::new(&paths.registry);
     let lock = lock_registry(&reg).await?;
     if bundle_ram.is_none() && opts.own_ram {

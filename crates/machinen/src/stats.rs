@@ -54,8 +54,9 @@ pub struct HostCost {
     pub ram_file_bytes: Option<u64>,
 }
 
-/// `/proc/meminfo`-style `Key: N kB` lines: the value of `key` in bytes.
-fn kib_field(text: &str, key: &str) -> Option<u64> {
+/// `/proc/meminfo`-style `Key: N kB` lines (also `smaps_rollup`): the value
+/// of `key` in bytes.
+pub(crate) fn kib_field(text: &str, key: &str) -> Option<u64> {
     let line = text
         .lines()
         .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))?;
@@ -83,7 +84,7 @@ pub fn parse_meminfo(text: &str) -> Option<GuestMemory> {
 }
 
 /// (RSS, PSS) of process `pid` from its `smaps_rollup`.
-fn rss_pss(pid: u32) -> (Option<u64>, Option<u64>) {
+pub fn rss_pss(pid: u32) -> (Option<u64>, Option<u64>) {
     match std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
         Ok(text) => (kib_field(&text, "Rss"), kib_field(&text, "Pss")),
         Err(_) => (None, None),
@@ -115,9 +116,7 @@ impl Vm {
         };
         let host = crate::vm::blocking(move || {
             let (qemu_rss, qemu_pss) = info.qemu_pid.map(rss_pss).unwrap_or((None, None));
-            let ram_file = crate::ramdir::ram_dir()
-                .map(|d| crate::ramdir::ram_file_path(&d, &info.id))
-                .filter(|p| p.exists());
+            let ram_file = crate::ramdir::ram_file_of(&info.id);
             Ok(HostCost {
                 qemu_rss_bytes: qemu_rss,
                 qemu_pss_bytes: qemu_pss,

@@ -123,15 +123,8 @@ impl Default for BootOptions {
 /// `min(host RAM / 2, 4096)` with a floor of 512, like the original runtime.
 /// The ceiling costs little until the guest touches pages.
 pub fn default_memory_mib() -> u32 {
-    let host_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| (kb / 1024) as u32)
+    let host_mib = crate::backpressure::HostMemory::read()
+        .map(|m| (m.total >> 20) as u32)
         .unwrap_or(1024);
     (host_mib / 2).clamp(512, 4096)
 }
@@ -1569,11 +1562,7 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
         let ram = VmSpec::load(&s.dir.join(files::SPEC))
             .ok()
             .and_then(|sp| sp.ram_file)
-            .or_else(|| {
-                crate::ramdir::ram_dir()
-                    .map(|dir| crate::ramdir::ram_file_path(&dir, &s.id))
-                    .filter(|p| p.exists())
-            });
+            .or_else(|| crate::ramdir::ram_file_of(&s.id));
         if !dry_run {
             if let Some(p) = &partial {
                 let _ = std::fs::remove_dir_all(p);
