@@ -224,7 +224,7 @@ fn parse_disk_size(s: &str) -> Result<u64, String> {
     after_help = "Examples:\n  machinen exec web -- ls -la /\n  cat data.bin | machinen exec web -- sha256sum\n  machinen exec 12345 --json -- hostname\n  machinen exec -t web -- top\n  machinen exec --timeout 60 web -- make test     exit 124 (EXEC_TIMEOUT) if it runs longer"
 )]
 pub struct ExecArgs {
-    /// VM name or pid.
+    /// VM name, id or pid.
     pub target: String,
     #[command(flatten)]
     pub process: ProcessArgs,
@@ -257,7 +257,7 @@ fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
     after_help = "Examples:\n  machinen snapshot web ./web.snap            freeze web into ./web.snap (web stops)\n  machinen snapshot web ./ckpt1 --keep-alive  checkpoint, web keeps running\n\nThe bundle is a directory: meta.json, manifest.json (size and BLAKE3 digest of every file),\nstate.vmstate (devices and RAM) and rootdisk.qcow2 (the disk layer over the image).\nSecrets given at boot are wiped in the guest first; pass them again on restore."
 )]
 pub struct SnapshotArgs {
-    /// VM name or pid.
+    /// VM name, id or pid.
     pub target: String,
     /// Bundle directory to create (must not exist).
     #[arg(value_name = "OUT_DIR")]
@@ -334,7 +334,7 @@ pub struct RestoreArgs {
     after_help = "Examples:\n  machinen fork web --new-name web-b --detach -p 3001:3000\n  machinen fork web --out-dir ./web-at-fork --detach\n  machinen fork web --count 4 --new-name w --detach     w-1 .. w-4 from one snapshot\n\nThe source keeps running; its port forwards are not inherited. TCP connections the\nsource had are reset in the fork unless --tcp-keep. --count N forks N siblings from\none snapshot: they share its unchanged memory pages (copy-on-write)."
 )]
 pub struct ForkArgs {
-    /// VM name or pid.
+    /// VM name, id or pid.
     pub target: String,
     /// Name of the fork (default: <source>/<pid>); with --count N > 1 the forks are NAME-1..NAME-N.
     #[arg(long)]
@@ -432,7 +432,7 @@ pub struct WaitArgs {
     after_help = "Examples:\n  machinen stats\n  machinen stats web --json\n  machinen stats --watch 2\n\nGUEST-* come from the guest's /proc/meminfo (USED = MemTotal - MemAvailable; CACHED includes\ntmpfs); HOST-PSS is the proportional set size of the VM's QEMU and supervisor (pages shared\nwith sibling forks count once in total); RAM-FILE is how much of the VM's RAM file is allocated\n(booted VMs and --own-ram restores): memory the guest frees goes back within seconds."
 )]
 pub struct StatsArgs {
-    /// VM name or pid (default: every live VM).
+    /// VM name, id or pid (default: every live VM).
     pub target: Option<String>,
     /// Print again every SECS seconds until Ctrl-C.
     #[arg(long, value_name = "SECS")]
@@ -444,7 +444,7 @@ pub struct StatsArgs {
 
 #[derive(Debug, Args)]
 pub struct StopArgs {
-    /// VM name or pid.
+    /// VM name, id or pid.
     pub target: String,
     /// Skip the graceful guest power-off.
     #[arg(long, short = 'f')]

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 /// An isolated registry for one test, and helpers to run the CLI in it.
 struct Env {
     registry: tempfile::TempDir,
+    _watchdog: watchdog::Watchdog,
 }
 
 impl Env {
@@ -25,7 +26,11 @@ impl Env {
             .prefix("mn-")
             .tempdir_in("/tmp")
             .expect("tmp registry");
-        Env { registry }
+        let _watchdog = watchdog::Watchdog::arm(registry.path());
+        Env {
+            registry,
+            _watchdog,
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -535,6 +540,8 @@ mod provision;
 mod service;
 #[path = "e2e/snapshot.rs"]
 mod snapshot;
+#[path = "e2e/watchdog.rs"]
+mod watchdog;
 
 // ---------------------------------------------------------------------------
 // Interactive terminals, files, secrets, agent-facing commands.

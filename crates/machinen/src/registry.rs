@@ -455,18 +455,25 @@ impl Registry {
         })
     }
 
-    /// Find a live VM by name, or by supervisor or QEMU pid.
+    /// Find a live VM by name, id (as `ls --json` shows it), or supervisor
+    /// or QEMU pid. A name wins over another VM's id.
     pub fn find(&self, target: &str) -> Result<RegistryEntry, RegistryError> {
-        let live = self.live()?;
+        let mut live = self.live()?;
         let pid: Option<u32> = if target.bytes().all(|b| b.is_ascii_digit()) {
             target.parse().ok()
         } else {
             None
         };
-        let hit = live.into_iter().find(|e| match pid {
-            Some(p) => e.supervisor_pid == p || e.qemu_pid == Some(p),
-            None => e.name == target,
-        });
+        let hit = match pid {
+            Some(p) => live
+                .into_iter()
+                .find(|e| e.supervisor_pid == p || e.qemu_pid == Some(p)),
+            None => {
+                let by_name = live.iter().position(|e| e.name == target);
+                let at = by_name.or_else(|| live.iter().position(|e| e.id == target));
+                at.map(|i| live.swap_remove(i))
+            }
+        };
         hit.ok_or_else(|| RegistryError::NotFound {
             target: target.to_string(),
         })
@@ -636,6 +643,7 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::RegistryNameInUse);
         assert_eq!(reg.find("team/web").expect("by name").id, c.id);
         assert_eq!(reg.find(&me.to_string()).expect("by pid").id, c.id);
+        assert_eq!(reg.find(&c.id).expect("by id").id, c.id);
         assert_eq!(
             reg.find("nope").expect_err("missing").code(),
             ErrorCode::RegistryNotFound
