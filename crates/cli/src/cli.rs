@@ -74,6 +74,8 @@ pub enum Command {
     Ls(LsArgs),
     /// Memory of live VMs: ceiling, the guest's view, and what each costs the host.
     Stats(StatsArgs),
+    /// Show or set how much of its memory ceiling a VM's guest may use (the balloon).
+    Balloon(BalloonArgs),
     /// Print a VM's main command output (or its console, supervisor or QEMU log); -f follows.
     Logs(LogsArgs),
     /// Wait until a VM ends (or its kept-alive main command exits); exit with the command's status.
@@ -114,6 +116,7 @@ impl Command {
             | Command::VmNames => false,
             Command::Ls(a) => a.json,
             Command::Stats(a) => a.json,
+            Command::Balloon(a) => a.json,
             Command::Logs(a) => a.json,
             Command::Wait(a) => a.json,
             Command::Stop(a) => a.json,
@@ -438,6 +441,23 @@ pub struct StatsArgs {
     #[arg(long, value_name = "SECS")]
     pub watch: Option<f64>,
     /// Print machine-readable JSON (one object for a TARGET, else an array).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen balloon web            show the balloon\n  machinen balloon web 512M       the guest keeps 512 MiB, gives the rest back\n  machinen balloon web max        the guest gets its whole ceiling again\n\nThe guest gives pages up until it keeps SIZE (its MemTotal drops); they cost the host nothing\nand are holes in snapshots. Without a SIZE, or after one, prints CEILING, TARGET and ACTUAL\n(what the guest has now). Memory the guest frees goes back to the host by itself (free page\nreporting) whatever the target. Restores that map their bundle's RAM privately have no balloon\n(BALLOON_UNAVAILABLE): restore with --own-ram."
+)]
+pub struct BalloonArgs {
+    /// VM name, id or pid.
+    pub target: String,
+    /// What the guest may use: MiB, or with a unit (512M, 1.5G), or `max` (the ceiling).
+    pub size: Option<String>,
+    /// Wait at most SECS for the guest to reach SIZE (0: do not wait).
+    #[arg(long, value_name = "SECS", default_value_t = timeouts::BALLOON_SETTLE.as_secs())]
+    pub wait: u64,
+    /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -685,7 +685,9 @@ fn tty_exec_resizes_interrupts_and_exits_then_mux_attaches_detaches_and_replays(
     let pty = Pty::new(30, 100);
     let cooked = pty.lflags();
     assert!(cooked & libc::ICANON != 0 && cooked & libc::ECHO != 0);
-    let script = "stty size; echo READY1; read x; stty size; trap 'echo INTERRUPTED; exit 42' INT; echo READY2; sleep 60; echo NOT-INTERRUPTED";
+    // Short sleeps: a Ctrl-C that lands between READY2 and the fork of a
+    // sleep leaves the trap pending until that sleep ends.
+    let script = "stty size; echo READY1; read x; stty size; trap 'echo INTERRUPTED; exit 42' INT; echo READY2; i=0; while [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; echo NOT-INTERRUPTED";
     let mut child = pty.spawn(&env, &["exec", "--tty", "tty", "--", "sh", "-c", script]);
     pty.wait_for("READY1", Duration::from_secs(60));
     assert!(

@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod assets;
 pub mod backpressure;
+pub mod balloon;
 pub mod binaries;
 pub mod bundle;
 pub mod dirs;

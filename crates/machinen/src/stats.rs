@@ -23,6 +23,9 @@ pub struct MemoryStats {
     /// The guest's view; `None` when its agent did not answer.
     pub guest: Option<GuestMemory>,
     pub host: HostCost,
+    /// The balloon; `None` for a VM without one (a restore mapping its
+    /// bundle's RAM privately).
+    pub balloon: Option<crate::balloon::BalloonReport>,
 }
 
 /// The guest's `/proc/meminfo`.
@@ -131,6 +134,7 @@ impl Vm {
             ceiling_bytes: u64::from(self.info().memory_mib) << 20,
             guest,
             host,
+            balloon: self.balloon().await.ok(),
         })
     }
 }

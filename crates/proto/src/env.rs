@@ -43,6 +43,8 @@ pub const AGENT_SECRETS_DIR: &str = "MACHINEN_AGENT_SECRETS_DIR";
 pub const FORCE_INSTALL: &str = "MACHINEN_FORCE_INSTALL";
 /// The agent binary the library's asset tests install.
 pub const TEST_AGENT: &str = "MACHINEN_TEST_AGENT";
+/// Seconds an end-to-end test may run before its watchdog ends it.
+pub const TEST_DEADLINE_SECS: &str = "MACHINEN_TEST_DEADLINE_SECS";
 
 /// Who a variable is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,11 @@ pub const ALL: &[Var] = &[
         TEST_AGENT,
         "the built agent",
         "the agent binary the library's asset test installs",
+    ),
+    dev(
+        TEST_DEADLINE_SECS,
+        "900",
+        "seconds an end-to-end test may run before its watchdog reports and ends it",
     ),
 ];
 

@@ -125,6 +125,10 @@ error_codes! {
     MountPathInvalid = "MOUNT_PATH_INVALID",
     // the host has no memory for more VMs (fork, restore)
     ForkMemoryBackpressure = "FORK_MEMORY_BACKPRESSURE",
+    // the VM has no working balloon (none, or unbound in a private restore)
+    BalloonUnavailable = "BALLOON_UNAVAILABLE",
+    // a balloon target outside what the VM can take
+    BalloonTargetInvalid = "BALLOON_TARGET_INVALID",
 }
 
 impl ErrorCode {
@@ -165,7 +169,8 @@ impl ErrorCode {
             Interrupted => 130,
             ExecSpawnFailed => 126,
             BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
-            | FilesPathInvalid | SecretsInvalid | BootMountInvalid | MountPathInvalid => 2,
+            | FilesPathInvalid | SecretsInvalid | BootMountInvalid | MountPathInvalid
+            | BalloonTargetInvalid => 2,
             _ => 125,
         }
     }

@@ -93,7 +93,10 @@
 //! `Response(Status{..})` (its `state` is `recovering` or `unhealthy`, with
 //! a `reason`, while the agent session is being re-established or could not
 //! be); `Request(Stop { force })` → `Response(Stopping)`, then the
-//! supervisor shuts the VM down and exits.
+//! supervisor shuts the VM down and exits; `Request(Balloon { target_bytes })`
+//! → `Response(Balloon{..})` (the balloon's target and the guest's usable
+//! memory now; the guest reaches a new target over the next moments), or
+//! `Error(BALLOON_UNAVAILABLE | BALLOON_TARGET_INVALID)`.
 //!
 //! Versioning: [`PROTOCOL_VERSION`] is bumped on any incompatible change to a
 //! frame tag or a body. New optional JSON fields are compatible (serde
@@ -422,6 +425,14 @@ pub enum Request {
         #[serde(default)]
         from_seq: u64,
     },
+    /// Read the balloon (control link), and with `target_bytes` set the
+    /// memory the guest may use (the ceiling deflates it fully). Answered
+    /// with `Response(Balloon(..))` at once; the guest inflates or deflates
+    /// over the next moments.
+    Balloon {
+        #[serde(default)]
+        target_bytes: Option<u64>,
+    },
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -467,6 +478,24 @@ pub enum Response {
         pid: u32,
         seq: u64,
     },
+    /// The balloon's state (after a `Balloon` request).
+    Balloon(BalloonReport),
+}
+
+/// A VM's balloon: how much of its memory ceiling the guest may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BalloonReport {
+    /// The VM's memory ceiling.
+    pub ceiling_bytes: u64,
+    /// What the guest was last asked to keep through this supervisor (the
+    /// ceiling: no limit); `None` when never set since it started (a
+    /// restored VM keeps the target its source had).
+    #[serde(default)]
+    pub target_bytes: Option<u64>,
+    /// What the guest can use now: the ceiling minus the inflated balloon.
+    pub actual_bytes: u64,
+    /// Whether the guest reports the pages it frees (they go back to the host).
+    pub free_page_reporting: bool,
 }
 
 /// What the supervisor knows about its VM.
@@ -939,6 +968,16 @@ mod tests {
             })),
             Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
             Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),
+            Frame::Request(Request::Balloon {
+                target_bytes: Some(512 << 20),
+            }),
+            Frame::Request(Request::Balloon { target_bytes: None }),
+            Frame::Response(Response::Balloon(BalloonReport {
+                ceiling_bytes: 1 << 30,
+                target_bytes: Some(512 << 20),
+                actual_bytes: 700 << 20,
+                free_page_reporting: true,
+            })),
             Frame::Response(Response::Quiesced),
             Frame::Response(Response::FixedUp(FixupReport {
                 clock_was_ns: 2,

@@ -134,6 +134,14 @@ pub const FIXUP: Duration = secs(20);
 /// Bound on reading a guest's memory figures (`machinen stats`).
 pub const STATS: Duration = secs(10);
 
+/// How long `machinen balloon` waits for the guest to reach a new target
+/// (a guest gives pages up as fast as it can free them; one that cannot
+/// free enough stops short, which is reported, not an error).
+pub const BALLOON_SETTLE: Duration = secs(30);
+
+/// How often the balloon's size is read while waiting for it to settle.
+pub const BALLOON_POLL: Duration = millis(250);
+
 /// How often the console log's size is checked; what a guest writes in this
 /// time is the most the file can exceed its limit by.
 pub const CONSOLE_CHECK: Duration = secs(1);

@@ -24,6 +24,10 @@ pub struct Shared {
     pub stop_tx: mpsc::Sender<bool>,
     /// Snapshots run in the supervisor's main loop, which owns the machine.
     pub snap_tx: mpsc::Sender<SnapshotCmd>,
+    /// So do balloon requests.
+    pub balloon_tx: mpsc::Sender<BalloonCmd>,
+    /// The last balloon target set through this supervisor.
+    pub balloon_target: Mutex<Option<u64>>,
     /// A snapshot is in progress (the guest may be paused: it cannot
     /// answer liveness probes).
     pub pausing: std::sync::atomic::AtomicBool,
@@ -35,6 +39,12 @@ pub struct Shared {
 /// A snapshot request handed to the main loop, with where to answer.
 pub struct SnapshotCmd {
     pub req: proto::SnapshotRequest,
+    pub reply: tokio::sync::oneshot::Sender<Frame>,
+}
+
+/// A balloon request handed to the main loop, with where to answer.
+pub struct BalloonCmd {
+    pub target_bytes: Option<u64>,
     pub reply: tokio::sync::oneshot::Sender<Frame>,
 }
 
@@ -132,6 +142,29 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
                         "the VM stopped before the snapshot could start",
                     )
                 })
+            };
+            proto::send(&mut conn, &answer).await?;
+        }
+        Frame::Request(Request::Balloon { target_bytes }) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let gone = || {
+                error(
+                    ErrorCode::BalloonUnavailable,
+                    "the VM is shutting down".to_string(),
+                )
+            };
+            let answer = if shared
+                .balloon_tx
+                .send(BalloonCmd {
+                    target_bytes,
+                    reply: tx,
+                })
+                .await
+                .is_err()
+            {
+                gone()
+            } else {
+                rx.await.unwrap_or_else(|_| gone())
             };
             proto::send(&mut conn, &answer).await?;
         }

@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::agent::AgentSession;
-use crate::control::{Shared, SnapshotCmd};
+use crate::control::{BalloonCmd, Shared, SnapshotCmd};
 use crate::engine::{Capabilities, Engine, Exit, Machine};
 use crate::supervisor::{console_lines, StartError};
-use crate::{keeper, ports, snapshot, startup};
+use crate::{balloon, keeper, ports, snapshot, startup};
 
 /// How long a graceful stop may take before the engine is told to quit.
 const GRACEFUL_STOP: std::time::Duration = timeouts::GRACEFUL_STOP;
@@ -48,6 +48,7 @@ pub struct Channels {
     /// A stop (`true`: forced).
     pub stop_rx: mpsc::Receiver<bool>,
     pub snap_rx: mpsc::Receiver<SnapshotCmd>,
+    pub balloon_rx: mpsc::Receiver<BalloonCmd>,
 }
 
 /// Why the loop ended.
@@ -170,6 +171,12 @@ pub async fn drive<M: Machine>(
             exit = machine.wait() => { tracing::info!("VM exited: {exit}"); break End::Exited(exit) }
             force = channels.stop_rx.recv() => break End::Stop { force: force.unwrap_or(true) },
             force = &mut ends => break End::Stop { force },
+            Some(cmd) = channels.balloon_rx.recv() => {
+                // Two quick engine commands: served in place, between snapshots.
+                let answer = balloon::serve(&*machine, shared, spec, caps, cmd.target_bytes).await;
+                let _ = cmd.reply.send(answer);
+                continue;
+            }
             Some(cmd) = channels.snap_rx.recv() => cmd,
         };
         let keep_alive = cmd.req.keep_alive;
@@ -219,6 +226,13 @@ pub async fn drive<M: Machine>(
     // Snapshots asked for from here on are refused at once by the control
     // socket; those already queued are answered here.
     channels.snap_rx.close();
+    channels.balloon_rx.close();
+    while let Ok(cmd) = channels.balloon_rx.try_recv() {
+        let _ = cmd.reply.send(Frame::Error(WireError {
+            code: ErrorCode::BalloonUnavailable.as_str().into(),
+            message: "the VM is stopping".into(),
+        }));
+    }
     while let Ok(cmd) = channels.snap_rx.try_recv() {
         let _ = cmd.reply.send(Frame::Error(WireError {
             code: ErrorCode::SnapshotStateInvalid.as_str().into(),

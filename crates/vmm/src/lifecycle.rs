@@ -78,6 +78,7 @@ mod tests {
     fn shared(reg: Option<(Registry, String)>) -> Arc<Shared> {
         let (stop_tx, _) = mpsc::channel(1);
         let (snap_tx, _) = mpsc::channel(1);
+        let (balloon_tx, _) = mpsc::channel(1);
         Arc::new(Shared {
             status: Mutex::new(VmStatus {
                 state: VmState::Starting,
@@ -89,6 +90,8 @@ mod tests {
             agent: Mutex::new(None),
             stop_tx,
             snap_tx,
+            balloon_tx,
+            balloon_target: Mutex::new(None),
             pausing: AtomicBool::new(false),
             registry: reg,
         })

@@ -4,6 +4,7 @@
 //! on stdout (see `machinen::spec::ReadyLine`) and logs to stderr.
 
 mod agent;
+mod balloon;
 mod console;
 mod control;
 mod controller;

@@ -219,7 +219,7 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
         // A private mapping of the bundle's RAM file: QEMU cannot hand the
         // guest's freed pages back (the file is read-only), so the guest
         // stops offering them.
-        let private_ram = r.ram.is_some() && spec.ram_file.is_none();
+        let private_ram = crate::balloon::private_ram(spec);
         match snapshot::fixup(&session, r.reset_tcp, private_ram).await {
             Ok(report) => {
                 clock.mark("guest-repair");

@@ -159,6 +159,7 @@ pub async fn run(spec: VmSpec) -> i32 {
     };
     let (stop_tx, stop_rx) = mpsc::channel::<bool>(4);
     let (snap_tx, snap_rx) = mpsc::channel::<SnapshotCmd>(4);
+    let (balloon_tx, balloon_rx) = mpsc::channel(4);
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
             state: VmState::Starting,
@@ -170,6 +171,8 @@ pub async fn run(spec: VmSpec) -> i32 {
         agent: Mutex::new(None),
         stop_tx: stop_tx.clone(),
         snap_tx,
+        balloon_tx,
+        balloon_target: Mutex::new(None),
         pausing: std::sync::atomic::AtomicBool::new(false),
         registry: Some((reg.clone(), spec.id.clone())),
     });
@@ -230,7 +233,11 @@ pub async fn run(spec: VmSpec) -> i32 {
         term: Box::pin(term),
         ready: Box::new(emit_ready),
     };
-    let channels = Channels { stop_rx, snap_rx };
+    let channels = Channels {
+        stop_rx,
+        snap_rx,
+        balloon_rx,
+    };
     controller::run(
         &engine, &spec, &shared, channels, forwards, launcher, started,
     )

@@ -2,6 +2,7 @@
 
 mod agent_context;
 mod attach;
+mod balloon;
 mod boot;
 mod completion;
 mod cp;
@@ -40,6 +41,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Fork(a) => snapshot::fork(a).await,
         Command::Ls(a) => ls::run(a),
         Command::Stats(a) => stats::run(a).await,
+        Command::Balloon(a) => balloon::run(a).await,
         Command::Logs(a) => logs::run(a).await,
         Command::Wait(a) => wait::run(a).await,
         Command::Stop(a) => stop::run(a).await,

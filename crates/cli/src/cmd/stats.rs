@@ -59,7 +59,7 @@ fn mib(b: Option<u64>) -> String {
 }
 
 fn print(stats: &[MemoryStats]) {
-    let rows: Vec<[String; 7]> = stats
+    let rows: Vec<[String; 8]> = stats
         .iter()
         .map(|s| {
             let g = s.guest.as_ref();
@@ -70,6 +70,8 @@ fn print(stats: &[MemoryStats]) {
             [
                 s.name.clone(),
                 mib(Some(s.ceiling_bytes)),
+                // What the balloon lets the guest use; `-` without one.
+                mib(s.balloon.as_ref().map(|b| b.actual_bytes)),
                 mib(g.map(|g| g.used_bytes)),
                 mib(g.map(|g| g.cached_bytes)),
                 mib(g.map(|g| g.available_bytes)),
@@ -82,6 +84,7 @@ fn print(stats: &[MemoryStats]) {
         [
             "NAME",
             "CEILING",
+            "BALLOON",
             "GUEST-USED",
             "GUEST-CACHED",
             "GUEST-AVAILABLE",

@@ -192,3 +192,113 @@ fn freed_guest_memory_returns_to_the_host_and_never_touches_a_bundle() {
         env.run_ok(&["stop", "--force", vm]);
     }
 }
+
+/// MemTotal in MiB, as the guest sees it.
+fn guest_total_mib(env: &Env, vm: &str) -> u64 {
+    let s = env.run_ok(&["exec", vm, "--", "grep", "MemTotal", "/proc/meminfo"]);
+    s.split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .expect("MemTotal")
+        >> 10
+}
+
+#[test]
+fn the_balloon_shrinks_and_grows_a_guest_and_reclaimed_vms_snapshot_their_own_data() {
+    let env = Env::new();
+    env.run_ok(&["boot", "--name", "bl", "--detached", "--memory", "1024"]);
+    let ram = ram_file(&id_of(&env, "bl"));
+    // Data that must survive the reclaim and a snapshot: on disk, and in
+    // guest RAM (a tmpfs), written before any memory came and went.
+    env.run_ok(&[
+        "exec",
+        "bl",
+        "--",
+        "sh",
+        "-c",
+        "head -c 4194304 /dev/urandom > /dev/shm/keep && cp /dev/shm/keep /root/keep \
+         && sha256sum /dev/shm/keep | cut -d' ' -f1",
+    ]);
+    let want = env
+        .run_ok(&["exec", "bl", "--", "sha256sum", "/root/keep"])
+        .split_whitespace()
+        .next()
+        .expect("sum")
+        .to_string();
+    let full = guest_total_mib(&env, "bl");
+    assert!(full > 900, "MemTotal {full} MiB");
+
+    // Shrink: the guest keeps 300 MiB, sees less, and its RAM file holds
+    // no more than that.
+    let v = env.json(&["balloon", "bl", "300M", "--json"]);
+    assert_eq!(v["settled"], true, "{v}");
+    assert_eq!(v["target_bytes"], 300u64 << 20);
+    assert!(
+        v["actual_bytes"].as_u64().expect("actual") <= 302 << 20,
+        "{v}"
+    );
+    let small = guest_total_mib(&env, "bl");
+    assert!(small < 300, "MemTotal {small} MiB with a 300 MiB target");
+    assert!(
+        allocated_mib(&ram) <= 300,
+        "RAM file {} MiB with a 300 MiB target",
+        allocated_mib(&ram)
+    );
+    let stats = env.json(&["stats", "bl", "--json"]);
+    assert_eq!(
+        stats["balloon"]["actual_bytes"], v["actual_bytes"],
+        "{stats}"
+    );
+    // Out of range: refused with its code, exit 2, nothing changed.
+    for bad in ["64M", "2G", "lots"] {
+        let out = env.run(&["balloon", "bl", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("BALLOON_TARGET_INVALID"));
+    }
+
+    // Memory comes and goes under the small target; then a snapshot and an
+    // own-RAM restore read back what was written before.
+    churn(&env, "bl", 100);
+    let dir = tempfile::tempdir().expect("tmp");
+    let snap = dir.path().join("bl.snap");
+    let snap_s = snap.to_str().expect("path");
+    env.run_ok(&["snapshot", "bl", snap_s, "--keep-alive"]);
+    let bundle_ram = allocated_mib(&snap.join("ram.img"));
+    assert!(bundle_ram <= 300, "the bundle's RAM holds {bundle_ram} MiB");
+    env.run_ok(&[
+        "restore",
+        snap_s,
+        "--name",
+        "own",
+        "--own-ram",
+        "--detached",
+    ]);
+    for path in ["/dev/shm/keep", "/root/keep"] {
+        let got = env.run_ok(&["exec", "own", "--", "sha256sum", path]);
+        assert_eq!(got.split_whitespace().next(), Some(want.as_str()), "{path}");
+    }
+    // The restore keeps its source's balloon, and can give it back.
+    assert!(guest_total_mib(&env, "own") < 300);
+    let v = env.json(&["balloon", "own", "max", "--json"]);
+    assert_eq!(v["settled"], true, "{v}");
+    assert!(guest_total_mib(&env, "own") > 900);
+    // A restore mapping the bundle privately has none.
+    env.run_ok(&["restore", snap_s, "--name", "priv", "--detached"]);
+    let out = env.run(&["balloon", "priv"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BALLOON_UNAVAILABLE") && err.contains("--own-ram"),
+        "{err}"
+    );
+    let got = env.run_ok(&["exec", "priv", "--", "sha256sum", "/dev/shm/keep"]);
+    assert_eq!(got.split_whitespace().next(), Some(want.as_str()));
+
+    // Grow the source back: the guest sees its whole ceiling again.
+    let v = env.json(&["balloon", "bl", "max", "--json"]);
+    assert_eq!(v["settled"], true, "{v}");
+    assert_eq!(guest_total_mib(&env, "bl"), full);
+    for vm in ["priv", "own", "bl"] {
+        env.run_ok(&["stop", "--force", vm]);
+    }
+}

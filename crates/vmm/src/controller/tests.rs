@@ -101,6 +101,7 @@ impl Vm {
         (opts.script)(&script);
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let (snap_tx, snap_rx) = mpsc::channel(4);
+        let (balloon_tx, balloon_rx) = mpsc::channel(4);
         let shared = Arc::new(Shared {
             status: Mutex::new(VmStatus {
                 state: VmState::Starting,
@@ -112,6 +113,8 @@ impl Vm {
             agent: Mutex::new(None),
             stop_tx,
             snap_tx,
+            balloon_tx,
+            balloon_target: Mutex::new(None),
             pausing: AtomicBool::new(false),
             registry: None,
         });
@@ -151,7 +154,11 @@ impl Vm {
             term: Box::pin(std::future::pending()),
             ready: Box::new(move |l: &ReadyLine| ready.lock().expect("lock").push(l.clone())),
         };
-        let channels = Channels { stop_rx, snap_rx };
+        let channels = Channels {
+            stop_rx,
+            snap_rx,
+            balloon_rx,
+        };
         let (spec, shared) = (vm.spec.clone(), vm.shared.clone());
         vm.task = Some(tokio::task::spawn_local(async move {
             run(

@@ -15,8 +15,8 @@ use super::{Accel, Capabilities, Engine, EngineError, Exit, Machine};
 
 /// What the fake does, and what was done to it.
 pub struct Script {
-    /// Calls in order: `launch`, `pause`, `resume`, `save`, `load`,
-    /// `quit`, `kill`.
+    /// Calls in order: `launch`, `pause`, `resume`, `balloon`, `save`,
+    /// `load`, `quit`, `kill`.
     pub calls: Mutex<Vec<&'static str>>,
     /// How long loading a state takes.
     pub load_ms: AtomicU64,
@@ -24,6 +24,8 @@ pub struct Script {
     pub load_fails: AtomicBool,
     /// How long saving the state takes (bounded by its deadline).
     pub save_ms: AtomicU64,
+    /// The guest's RAM as the balloon left it (it reaches a target at once).
+    pub balloon_bytes: AtomicU64,
     /// The machine's exit, once it ended (set by `quit`, `kill`, or a test
     /// simulating a crash).
     pub exit: watch::Sender<Option<Exit>>,
@@ -36,6 +38,7 @@ impl Script {
             load_ms: AtomicU64::new(0),
             load_fails: AtomicBool::new(false),
             save_ms: AtomicU64::new(0),
+            balloon_bytes: AtomicU64::new(0),
             exit: watch::channel(None).0,
         })
     }
@@ -130,6 +133,14 @@ impl Machine for FakeMachine {
     async fn resume(&self) -> Result<(), EngineError> {
         self.script.record("resume");
         Ok(())
+    }
+
+    async fn balloon(&self, target: Option<u64>) -> Result<u64, EngineError> {
+        self.script.record("balloon");
+        if let Some(t) = target {
+            self.script.balloon_bytes.store(t, Ordering::SeqCst);
+        }
+        Ok(self.script.balloon_bytes.load(Ordering::SeqCst))
     }
 
     async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {

@@ -74,6 +74,14 @@ pub trait Machine {
     fn pause(&self) -> impl std::future::Future<Output = Result<(), EngineError>>;
     /// Run the vCPUs again.
     fn resume(&self) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Ask the guest to keep `target` bytes of RAM, the balloon taking the
+    /// rest (`None`: only read). Returns the bytes the guest has now; it
+    /// moves toward a new target over the next moments. Only for a VM that
+    /// has a balloon (`qemu_args::has_balloon`).
+    fn balloon(
+        &self,
+        target: Option<u64>,
+    ) -> impl std::future::Future<Output = Result<u64, EngineError>>;
     /// Write the machine state (devices, and RAM unless it lives in a
     /// shared file) to `path`. The VM must be paused and stays paused.
     /// Gives up with [`EngineError::Timeout`] at `deadline`.

@@ -379,6 +379,29 @@ impl Machine for QemuMachine {
             .map(|_| ())
     }
 
+    async fn balloon(&self, target: Option<u64>) -> Result<u64, EngineError> {
+        if let Some(t) = target {
+            let value = i64::try_from(t).map_err(|_| EngineError::Qmp {
+                command: "balloon",
+                detail: format!("target {t} out of range"),
+            })?;
+            self.qmp(
+                qapi::qmp::balloon { value },
+                "balloon",
+                timeouts::QMP_COMMAND,
+            )
+            .await?;
+        }
+        let info = self
+            .qmp(
+                qapi::qmp::query_balloon {},
+                "query-balloon",
+                timeouts::QMP_COMMAND,
+            )
+            .await?;
+        Ok(u64::try_from(info.actual).unwrap_or(0))
+    }
+
     /// Write the machine state (devices and RAM) to `path`. The VM must be
     /// paused; it stays paused.
     async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {

@@ -32,6 +32,7 @@ struct Setup {
     _channels: (
         mpsc::Receiver<bool>,
         mpsc::Receiver<crate::control::SnapshotCmd>,
+        mpsc::Receiver<crate::control::BalloonCmd>,
     ),
 }
 
@@ -48,6 +49,7 @@ async fn setup(first: Peer) -> Setup {
     session.handshake().await.expect("hello");
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (snap_tx, snap_rx) = mpsc::channel(1);
+    let (balloon_tx, balloon_rx) = mpsc::channel(1);
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
             state: VmState::Running,
@@ -59,6 +61,8 @@ async fn setup(first: Peer) -> Setup {
         agent: Mutex::new(Some(session)),
         stop_tx,
         snap_tx,
+        balloon_tx,
+        balloon_target: Mutex::new(None),
         pausing: AtomicBool::new(false),
         registry: None,
     });
@@ -73,7 +77,7 @@ async fn setup(first: Peer) -> Setup {
         fake,
         keeper,
         _dir: dir,
-        _channels: (stop_rx, snap_rx),
+        _channels: (stop_rx, snap_rx, balloon_rx),
     }
 }
 
