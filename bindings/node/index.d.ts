@@ -80,6 +80,8 @@ export declare const ErrorCode: {
   readonly BOOT_MOUNT_HOST_NOT_FOUND: "BOOT_MOUNT_HOST_NOT_FOUND";
   readonly MOUNT_PATH_INVALID: "MOUNT_PATH_INVALID";
   readonly FORK_MEMORY_BACKPRESSURE: "FORK_MEMORY_BACKPRESSURE";
+  readonly BALLOON_UNAVAILABLE: "BALLOON_UNAVAILABLE";
+  readonly BALLOON_TARGET_INVALID: "BALLOON_TARGET_INVALID";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -114,6 +116,25 @@ export declare function formatMachinenError(err: MachinenError): string;
 /** `"[HOST_ADDR:]HOST_PORT:GUEST_PORT"`, a port (same on both sides), or an object. */
 export type PortForwardSpec = string | number | { hostAddr?: string; hostPort?: number; guestPort: number };
 
+/** `vm.balloon()`: how much of its ceiling the guest may use. */
+export interface BalloonReport {
+  ceilingBytes: number;
+  /** The last target set through this VM's supervisor; null until one is (a restore keeps its source's). */
+  targetBytes: number | null;
+  /** What the guest has now. */
+  actualBytes: number;
+  /** The guest hands the pages it frees back to the host. */
+  freePageReporting: boolean;
+}
+
+/** `vm.setBalloon()`. */
+export interface BalloonOutcome extends BalloonReport {
+  name: string;
+  /** Whether the guest reached the target within the wait. */
+  settled: boolean;
+  elapsedMs: number;
+}
+
 /** `vm.memoryStats()`. */
 export interface MemoryStats {
   name: string;
@@ -127,6 +148,8 @@ export interface MemoryStats {
     ramFile: string | null;
     ramFileBytes: number | null;
   };
+  /** The balloon; null for a VM without one (a restore mapping its bundle's RAM privately). */
+  balloon: BalloonReport | null;
 }
 
 /** A host directory and where the guest sees its copy. */
@@ -345,6 +368,10 @@ export declare class VmHandle {
   status(): Promise<{ state: string; supervisorPid: number; qemuPid: number | null; [k: string]: unknown }>;
   /** The VM's memory: its ceiling, the guest's view (null when its agent did not answer) and what it costs the host. */
   memoryStats(): Promise<MemoryStats>;
+  /** Throws `BALLOON_UNAVAILABLE` for a restore mapping its bundle's RAM privately. */
+  balloon(): Promise<BalloonReport>;
+  /** `bytes` between 128 MiB and the ceiling (`BALLOON_TARGET_INVALID`), or `'max'`. */
+  setBalloon(bytes: number | 'max', opts?: { waitMs?: number }): Promise<BalloonOutcome>;
   /** Throws `EXEC_NONZERO_EXIT` unless the command exits 0. */
   exec(cmd: string | string[], opts: ExecOptions & { encoding: "buffer" }): Promise<ExecResult<Buffer>>;
   exec(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;

@@ -244,6 +244,19 @@ class VmHandle {
     return call(undefined, () => this._h.memoryStats()).then(camel);
   }
 
+  /** The balloon: `ceilingBytes`, `targetBytes` (null until set), `actualBytes` (what the guest has now), `freePageReporting`. Throws `BALLOON_UNAVAILABLE` for a restore that maps its bundle's RAM privately. */
+  async balloon() {
+    return call(undefined, () => this._h.balloon()).then(camel);
+  }
+
+  /** Let the guest use `bytes` of its ceiling (`'max'`: all of it); waits up to `opts.waitMs` (default 30 s, 0: not at all) for it to get there. Resolves to the balloon plus `settled` and `elapsedMs`. */
+  async setBalloon(bytes, opts = {}) {
+    const ceiling = this.info().memoryMib * 1024 * 1024;
+    const target = bytes === 'max' ? ceiling : bytes;
+    const waitMs = opts.waitMs ?? 30000;
+    return call(undefined, () => this._h.setBalloon(target, waitMs)).then(camel);
+  }
+
   /** Run a command; the result whatever its exit code. */
   async execRaw(cmd, opts = {}) {
     const o = execOpts(cmd, opts);

@@ -171,6 +171,35 @@ impl VmHandle {
         to_value(&s)
     }
 
+    /// The balloon: ceiling, last target, what the guest has now.
+    #[napi]
+    pub async fn balloon(&self) -> Result<serde_json::Value> {
+        let r = self.vm.balloon().await.map_err(js_error)?;
+        to_value(&r)
+    }
+
+    /// Let the guest use `target_bytes` of its ceiling; wait up to
+    /// `wait_ms` for it to get there (0: do not wait).
+    #[napi]
+    pub async fn set_balloon(&self, target_bytes: f64, wait_ms: f64) -> Result<serde_json::Value> {
+        if !(target_bytes.is_finite() && target_bytes >= 0.0) {
+            return Err(js_error(
+                machinen::error::fail(
+                    machinen::ErrorCode::BalloonTargetInvalid,
+                    format!("{target_bytes} is not a byte count"),
+                )
+                .into(),
+            ));
+        }
+        let wait = (wait_ms > 0.0).then(|| std::time::Duration::from_millis(wait_ms as u64));
+        let r = self
+            .vm
+            .set_balloon(target_bytes as u64, wait)
+            .await
+            .map_err(js_error)?;
+        to_value(&r)
+    }
+
     /// Run a command to its end, collecting its output.
     #[napi]
     pub async fn exec(&self, opts: ExecOpts, cancel: Option<u32>) -> Result<ExecOut> {

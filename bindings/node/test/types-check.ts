@@ -30,6 +30,10 @@ async function main(): Promise<void> {
   const { exitCode } = await pty.result;
   const snap = await vm.snapshot({ outDir: '/tmp/s', leaveRunning: true, signal: AbortSignal.timeout(1000) });
   const paused: number = snap.pausedMs;
+  const bal = await vm.setBalloon(256 * 1024 * 1024, { waitMs: 5000 });
+  const settled: boolean = bal.settled && (await vm.balloon()).actualBytes > 0;
+  await vm.setBalloon('max');
+  const ballooned: number | undefined = (await vm.memoryStats()).balloon?.actualBytes;
   const f: VmHandle = await vm.fork({ name: 'b' });
   const w = await f.wait({ timeoutMs: 10 });
   if (w.reason === 'crashed') void w.cause.length;
@@ -44,7 +48,7 @@ async function main(): Promise<void> {
   const gc = await runGc({ dryRun: true });
   const e = new MachinenError(ErrorCode.EXEC_TIMEOUT, 'x');
   if (isMachinenError(e, 'EXEC_TIMEOUT')) console.log(formatMachinenError(e), e.retryable, e.hint);
-  void [code, buf, text, raw, exitCode, paused, again, r2, st, sha, gc];
+  void [code, buf, text, raw, exitCode, paused, settled, ballooned, again, r2, st, sha, gc];
   // @ts-expect-error: not an error code
   isMachinenError(e, 'NOT_A_CODE');
   // @ts-expect-error: snapshot needs outDir

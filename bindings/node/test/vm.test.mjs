@@ -52,6 +52,23 @@ test('memoryStats: the guest\'s view and the host\'s cost', async () => {
   assert.ok(s.host.qemuPssBytes > 0 && s.host.supervisorPssBytes > 0, JSON.stringify(s.host));
 });
 
+test('balloon: the guest keeps less of its ceiling, then all of it again', async () => {
+  const mib = 1024 * 1024;
+  const before = await vm.balloon();
+  assert.equal(before.ceilingBytes, 512 * mib);
+  assert.equal(before.freePageReporting, true);
+  const total = async () => Number((await vm.exec('grep MemTotal /proc/meminfo')).stdout.split(/\s+/)[1]) * 1024;
+  const small = await vm.setBalloon(200 * mib);
+  assert.ok(small.settled, JSON.stringify(small));
+  assert.equal(small.targetBytes, 200 * mib);
+  assert.ok(await total() < 200 * mib);
+  assert.equal((await vm.memoryStats()).balloon.actualBytes, small.actualBytes);
+  await rejectsWith(vm.setBalloon(64 * mib), 'BALLOON_TARGET_INVALID');
+  const full = await vm.setBalloon('max');
+  assert.ok(full.settled && full.actualBytes === 512 * mib, JSON.stringify(full));
+  assert.ok(await total() > 400 * mib);
+});
+
 test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {
   const r = await vm.exec('echo out; echo err >&2');
   assert.deepEqual(r, { exitCode: 0, signal: undefined, stdout: 'out\n', stderr: 'err\n' });
