@@ -342,6 +342,8 @@ export interface VmInfo {
   consoleLog: string | null;
   cause: string | null;
   main?: { argv: string[]; [k: string]: unknown };
+  /** What a live VM costs the host (as `memoryStats().host`), in `list()`. */
+  hostMemory?: MemoryStats["host"];
 }
 
 export interface StopReport {

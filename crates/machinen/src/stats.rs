@@ -94,6 +94,19 @@ pub fn rss_pss(pid: u32) -> (Option<u64>, Option<u64>) {
     }
 }
 
+/// What a VM costs the host now (reads `/proc` and its RAM file: blocking).
+pub fn host_cost(info: &crate::vm::VmInfo) -> HostCost {
+    let (qemu_rss, qemu_pss) = info.qemu_pid.map(rss_pss).unwrap_or((None, None));
+    let ram_file = crate::ramdir::ram_file_of(&info.id);
+    HostCost {
+        qemu_rss_bytes: qemu_rss,
+        qemu_pss_bytes: qemu_pss,
+        supervisor_pss_bytes: rss_pss(info.pid).1,
+        ram_file_bytes: ram_file.as_deref().map(crate::backpressure::allocated),
+        ram_file,
+    }
+}
+
 impl Vm {
     /// The VM's memory: its ceiling, the guest's view and the host's cost.
     /// The guest's part needs its agent (a `cat /proc/meminfo` in the
@@ -117,18 +130,7 @@ impl Vm {
             }
             _ => None,
         };
-        let host = crate::vm::blocking(move || {
-            let (qemu_rss, qemu_pss) = info.qemu_pid.map(rss_pss).unwrap_or((None, None));
-            let ram_file = crate::ramdir::ram_file_of(&info.id);
-            Ok(HostCost {
-                qemu_rss_bytes: qemu_rss,
-                qemu_pss_bytes: qemu_pss,
-                supervisor_pss_bytes: rss_pss(info.pid).1,
-                ram_file_bytes: ram_file.as_deref().map(crate::backpressure::allocated),
-                ram_file,
-            })
-        })
-        .await?;
+        let host = crate::vm::blocking(move || Ok(host_cost(&info))).await?;
         Ok(MemoryStats {
             name: self.name().to_string(),
             ceiling_bytes: u64::from(self.info().memory_mib) << 20,

@@ -171,6 +171,9 @@ pub struct VmInfo {
     /// Its copy-once mounts (`boot --mount`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::mounts::Mount>,
+    /// What a live VM costs the host (`list`, `machinen ls --json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_memory: Option<crate::stats::HostCost>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -195,6 +198,7 @@ impl From<&RegistryEntry> for VmInfo {
             cause: e.cause.clone(),
             main: e.main.clone(),
             mounts: e.mounts.clone(),
+            host_memory: None,
         }
     }
 }
@@ -1468,7 +1472,12 @@ pub fn list_all() -> Result<Vec<VmInfo>> {
             .map_or(0, |end| end.saturating_sub(e.created_at_ms));
         info
     });
-    Ok(live.iter().map(VmInfo::from).chain(dead).collect())
+    let live = live.iter().map(|e| {
+        let mut info = VmInfo::from(e);
+        info.host_memory = Some(crate::stats::host_cost(&info));
+        info
+    });
+    Ok(live.chain(dead).collect())
 }
 
 /// Where a VM's logs are (`machinen logs`).

@@ -249,6 +249,19 @@ fn the_balloon_shrinks_and_grows_a_guest_and_reclaimed_vms_snapshot_their_own_da
         stats["balloon"]["actual_bytes"], v["actual_bytes"],
         "{stats}"
     );
+    // `ls --json` carries each live VM's host cost too.
+    let ls = env.json(&["ls", "--json"]);
+    let cost = &ls[0]["host_memory"];
+    assert!(
+        cost["qemu_pss_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{ls}"
+    );
+    assert!(
+        cost["ram_file_bytes"]
+            .as_u64()
+            .is_some_and(|b| b <= 300 << 20),
+        "{ls}"
+    );
     // Out of range: refused with its code, exit 2, nothing changed.
     for bad in ["64M", "2G", "lots"] {
         let out = env.run(&["balloon", "bl", bad]);
