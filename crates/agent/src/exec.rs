@@ -348,7 +348,8 @@ pub async fn run<S>(stream: S, req: ExecRequest, hostname: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
+    // The halves live in two tasks: split so that neither loses a wake-up.
+    let (rd, mut wr) = machinen_proto::split::split(stream);
     let sp = match spawn(&req, hostname) {
         Ok(sp) => sp,
         Err(e) => {

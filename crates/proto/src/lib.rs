@@ -110,6 +110,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod chan;
 pub mod env;
 pub mod exclude;
+pub mod split;
 pub mod timeouts;
 pub mod tree;
 
