@@ -195,6 +195,8 @@ export interface BootOptions {
   mount?: MountSpec | MountSpec[];
   /** Room for the guest's writes to its `mount` copies, all together (default 1 GiB, sparse). */
   mountDiskUpperSizeBytes?: number;
+  /** `false`: no balloon (memory the guest frees stays the host's; `setBalloon` refuses). Default true. */
+  balloon?: boolean;
   signal?: AbortSignal;
   /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
   onLog?: (evt: unknown) => void;

@@ -465,7 +465,7 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon',
 ];
 
 /** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
@@ -511,6 +511,7 @@ async function boot(opts = {}) {
     keepAliveOnExit: opts.keepAliveOnExit,
     mounts: toMounts(opts.mount),
     mountUpperSize: opts.mountDiskUpperSizeBytes,
+    balloon: opts.balloon,
   };
   return new VmHandle(await call(opts.signal, (id) => native.boot(o, id)));
 }

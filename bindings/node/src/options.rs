@@ -39,6 +39,8 @@ pub struct BootOpts {
     pub mounts: Option<Vec<MountOpt>>,
     /// Room for the guest's writes to them, in bytes.
     pub mount_upper_size: Option<f64>,
+    /// `false`: no balloon (`--no-balloon`).
+    pub balloon: Option<bool>,
 }
 
 /// A host directory copied into the VM at `guest`.
@@ -196,6 +198,7 @@ impl BootOpts {
                     ))
                 }
             },
+            balloon: self.balloon.unwrap_or(true),
         })
     }
 }

@@ -14,6 +14,7 @@ mod net;
 mod plain;
 mod ports;
 mod qemu;
+mod reclaim;
 mod savevm;
 mod scale;
 mod snapshot;
@@ -63,6 +64,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "mounts",
         "file I/O on a copy-once mount next to the root disk, in one VM",
     ),
+    (
+        "reclaim",
+        "host cost after the guest frees 1 GiB, with and without the balloon; idle VMs per 8 GiB",
+    ),
 ];
 
 #[derive(Parser, Debug)]
@@ -88,7 +93,8 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, net, snapshot, fork, savevm, memory, scale, mounts.
+    /// exec, ports, net, snapshot, fork, savevm, memory, scale, mounts,
+    /// reclaim.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -323,6 +329,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "memory" => memory::run(ctx, sec).await,
         "scale" => scale::run(ctx, sec).await,
         "mounts" => mounts::run(ctx, sec).await,
+        "reclaim" => reclaim::run(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

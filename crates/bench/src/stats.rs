@@ -240,6 +240,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "mounts.copy_read_mib_s",
             "mounts.root_read_mib_s",
         ),
+        (
+            "reclaim_rss_after_balloon_over_none",
+            "VM RSS 10 s after the guest freed its allocation: balloon / no balloon",
+            "reclaim.rss_after_balloon_mib",
+            "reclaim.rss_after_no_balloon_mib",
+        ),
+        (
+            "reclaim_bundle_balloon_over_none",
+            "snapshot RAM after the guest freed its allocation: balloon / no balloon",
+            "reclaim.bundle_ram_balloon_mib",
+            "reclaim.bundle_ram_no_balloon_mib",
+        ),
     ];
     defs.iter()
         .filter_map(|(key, label, num, den)| {

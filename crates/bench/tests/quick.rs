@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 const SECTIONS: &[&str] = &[
     "plain", "boot", "exec", "ports", "net", "snapshot", "fork", "savevm", "memory", "scale",
+    "mounts", "reclaim",
 ];
 
 #[test]

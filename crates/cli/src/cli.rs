@@ -196,6 +196,9 @@ pub struct BootArgs {
     /// Room for the guest's writes to its --mount copies, all together: 512M, 4G (default 1G; sparse on the host).
     #[arg(long, value_name = "SIZE", value_parser = parse_upper_size, requires = "mounts")]
     pub mount_upper_size: Option<u64>,
+    /// No balloon: memory the guest frees stays the host's until the VM ends, and `machinen balloon` refuses it (BALLOON_UNAVAILABLE). Saves the guest the reporting work.
+    #[arg(long)]
+    pub no_balloon: bool,
     /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
     #[arg(long)]
     pub timings: bool,

@@ -90,6 +90,11 @@ pub struct BootOptions {
     /// Room for the guest's writes to its copy-once mounts, all of them
     /// together (`None`: [`crate::mounts::DEFAULT_UPPER_SIZE`]).
     pub mount_upper_size: Option<u64>,
+    /// A balloon with free page reporting (default): memory the guest
+    /// frees goes back to the host, and [`Vm::set_balloon`] works. Off, the
+    /// guest's touched pages stay the host's until the VM ends (and its
+    /// page allocator does no reporting work).
+    pub balloon: bool,
 }
 
 impl Default for BootOptions {
@@ -116,6 +121,7 @@ impl Default for BootOptions {
             on_phase: Default::default(),
             mounts: Vec::new(),
             mount_upper_size: None,
+            balloon: true,
         }
     }
 }
@@ -407,7 +413,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             lower_sha256: l.sha256.clone(),
             layer: claim.dir.join(crate::mounts::LAYER),
         }),
-        balloon: true,
+        balloon: opts.balloon,
     };
     // Child processes (qemu-img): on the blocking pool.
     let overlay = {
