@@ -98,6 +98,9 @@ impl Drop for Env {
                 let _ = self.cmd(&["stop", "--force", name]).output();
             }
         }
+        // What crashed or was killed: its RAM file must not outlive the
+        // registry, which goes with this Env.
+        let _ = self.cmd(&["gc"]).output();
     }
 }
 
@@ -486,8 +489,19 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
         "their files are still there before gc"
     );
 
+    // Entries of this registry (orphaned RAM files of other runs on the
+    // machine, which gc also removes, have no name).
+    let named = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["removed"]
+            .as_array()
+            .expect("removed")
+            .iter()
+            .filter(|i| !i["name"].is_null())
+            .cloned()
+            .collect()
+    };
     let dry = env.json(&["gc", "--dry-run", "--json"]);
-    let items = dry["removed"].as_array().expect("removed");
+    let items = named(&dry);
     assert_eq!(items.len(), 3, "{dry}");
     let crash_item = items
         .iter()
@@ -501,7 +515,7 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
     assert_eq!(env.vm_dirs().len(), 3, "dry run removes nothing");
 
     let gc = env.json(&["gc", "--json"]);
-    assert_eq!(gc["removed"].as_array().map(Vec::len), Some(3));
+    assert_eq!(named(&gc).len(), 3, "{gc}");
     assert!(env.vm_dirs().is_empty());
     assert_eq!(env.json(&["ls", "--json"]), serde_json::json!([]));
     assert!(
@@ -1085,4 +1099,54 @@ fn foreground_boot_uses_a_pty_on_a_terminal() {
     pty.wait_for("/dev/pts/", Duration::from_secs(5));
     pty.wait_for("24 80", Duration::from_secs(5));
     assert_eq!(pty.lflags(), cooked, "terminal settings restored");
+}
+
+/// A RAM file whose VM was killed along with its supervisor, from a
+/// registry that is gone too, is gc's once no process uses it.
+#[test]
+fn gc_removes_orphaned_ram_files_and_nothing_in_use() {
+    let env = Env::new();
+    let ram_dir = tempfile::tempdir().expect("tmp");
+    let orphan = ram_dir.path().join("machinen-0123456789ab.ram");
+    let held = ram_dir.path().join("machinen-ba9876543210.ram");
+    let young = ram_dir.path().join("machinen-aaaaaaaaaaaa.ram");
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for p in [&orphan, &held, &young] {
+        std::fs::write(p, vec![7u8; 1 << 20]).expect("write");
+    }
+    for p in [&orphan, &held] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_modified(old))
+            .expect("age");
+    }
+    let _in_use = std::fs::File::open(&held).expect("open");
+    let gc = |dry: bool| {
+        let mut args = vec!["gc", "--json"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = env
+            .cmd(&args)
+            .env("MACHINEN_RAM_DIR", ram_dir.path())
+            .output()
+            .expect("gc");
+        assert!(out.status.success());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let dry = gc(true);
+    assert_eq!(dry["removed"].as_array().map(Vec::len), Some(1), "{dry}");
+    assert_eq!(dry["removed"][0]["id"], "0123456789ab");
+    assert!(orphan.exists(), "a dry run removes nothing");
+    let done = gc(false);
+    assert_eq!(
+        done["removed"][0]["bytes"].as_u64().map(|b| b >= 1 << 20),
+        Some(true)
+    );
+    assert!(!orphan.exists(), "the orphan is gone");
+    assert!(
+        held.exists() && young.exists(),
+        "a file in use or new stays"
+    );
 }

@@ -95,6 +95,92 @@ pub fn usage(dir: &Path) -> std::io::Result<Usage> {
     Ok(Usage { available, claimed })
 }
 
+/// A RAM file no process uses: its VM was killed with its supervisor
+/// (nothing was left to remove it) and its registry entry is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub path: PathBuf,
+    /// The VM id in its name.
+    pub id: String,
+    /// Bytes it holds.
+    pub bytes: u64,
+}
+
+/// How old an unused RAM file must be to count as an orphan: a boot creates
+/// its file (admission) a moment before QEMU maps it.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The RAM files in `dir` of our own user that no process maps or holds
+/// open, last changed more than `grace` ago, and whose id is not in `keep`.
+/// Only our own processes' maps are readable (all of them for root), which
+/// is enough: only we can use a file of our own mode-0600.
+pub fn orphans(dir: &Path, keep: &[String], grace: std::time::Duration) -> Vec<Orphan> {
+    let uid = nix::unistd::getuid().as_raw();
+    let now = std::time::SystemTime::now();
+    let candidates: Vec<Orphan> = fs::read_dir(dir)
+        .map(|rd| rd.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.to_string();
+            let m = fs::symlink_metadata(e.path()).ok()?;
+            let old = m
+                .modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > grace);
+            (m.is_file() && m.uid() == uid && old && !keep.contains(&id)).then(|| Orphan {
+                path: e.path(),
+                id,
+                bytes: m.blocks().saturating_mul(512),
+            })
+        })
+        .collect();
+    if candidates.is_empty() {
+        return candidates;
+    }
+    let used = files_in_use();
+    candidates
+        .into_iter()
+        .filter(|o| !used.contains(&o.path))
+        .collect()
+}
+
+/// Every file some process we can see maps or holds open.
+fn files_in_use() -> std::collections::HashSet<PathBuf> {
+    let mut used = std::collections::HashSet::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return used;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(maps) = fs::read_to_string(p.path().join("maps")) {
+            for line in maps.lines() {
+                // The path is the sixth field and may hold spaces.
+                if let Some(i) = line.find('/') {
+                    used.insert(PathBuf::from(line[i..].trim_end_matches(" (deleted)")));
+                }
+            }
+        }
+        if let Ok(fds) = fs::read_dir(p.path().join("fd")) {
+            for fd in fds.flatten() {
+                if let Ok(target) = fs::read_link(fd.path()) {
+                    used.insert(target);
+                }
+            }
+        }
+    }
+    used
+}
+
 /// Why a VM gets no RAM file.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
@@ -191,6 +277,35 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn orphans_are_old_unused_files_of_ours_not_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mk = |id: &str| {
+            let p = ram_file_path(dir.path(), id);
+            fs::write(&p, vec![1u8; 8192]).expect("write");
+            p
+        };
+        let (gone, kept, open, young) = (mk("aaaa"), mk("bbbb"), mk("cccc"), mk("dddd"));
+        fs::write(dir.path().join("other.ram"), b"x").expect("write");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        for p in [&gone, &kept, &open] {
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(old))
+                .expect("age");
+        }
+        let _held = fs::File::open(&open).expect("open");
+        let found = orphans(dir.path(), &["bbbb".to_string()], ORPHAN_GRACE);
+        assert_eq!(
+            found.iter().map(|o| o.path.clone()).collect::<Vec<_>>(),
+            vec![gone],
+            "{found:?}"
+        );
+        assert!(found[0].bytes >= 8192);
+        drop(young);
+    }
 
     #[test]
     fn admission_counts_what_existing_files_can_still_claim() {

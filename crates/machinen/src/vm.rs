@@ -1602,6 +1602,25 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             bytes,
         });
     }
+    // RAM files whose VM and registry entry are both gone (a VM killed with
+    // its supervisor, from a registry since removed): no process uses them.
+    if let Some(dir) = crate::ramdir::ram_dir() {
+        let live: Vec<String> = reg.entries()?.into_iter().map(|e| e.id).collect();
+        for o in crate::ramdir::orphans(&dir, &live, crate::ramdir::ORPHAN_GRACE) {
+            if !dry_run {
+                let _ = std::fs::remove_file(&o.path);
+            }
+            removed.push(GcItem {
+                id: o.id,
+                name: None,
+                pid: None,
+                reason: "orphaned RAM file (no process uses it)".into(),
+                cause: None,
+                dir: o.path,
+                bytes: o.bytes,
+            });
+        }
+    }
     let bytes = removed.iter().map(|i| i.bytes).sum();
     Ok(GcReport {
         dry_run,

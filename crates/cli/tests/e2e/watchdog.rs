@@ -92,6 +92,11 @@ fn fire(test: &str, registry: &Path, limit: Duration) {
             .status();
     }
     eprintln!("=== watchdog: killed {} processes of {test}\n", pids.len());
+    // Their RAM files and entries: gone with gc, as after any crash.
+    let _ = std::process::Command::new(env!("CARGO_BIN_EXE_machinen"))
+        .arg("gc")
+        .env("MACHINEN_REGISTRY_DIR", registry)
+        .output();
 }
 
 /// Every process whose environment names `registry` as its registry: the
