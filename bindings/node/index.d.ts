@@ -147,6 +147,8 @@ export interface MemoryStats {
     /** The VM's RAM file (booted VMs, own-RAM restores) and how much of it is allocated. */
     ramFile: string | null;
     ramFileBytes: number | null;
+    /** A copy-on-write restore's RAM: resident pages still read from the bundle (`sharedBytes` of them mapped by siblings too) and pages it wrote. */
+    bundleRam: { path: string; fileBackedBytes: number; sharedBytes: number; privateBytes: number } | null;
   };
   /** The balloon; null for a VM without one (a restore mapping its bundle's RAM privately). */
   balloon: BalloonReport | null;

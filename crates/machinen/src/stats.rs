@@ -55,6 +55,53 @@ pub struct HostCost {
     /// and how much of it is allocated.
     pub ram_file: Option<PathBuf>,
     pub ram_file_bytes: Option<u64>,
+    /// A restore's copy-on-write mapping of its bundle's RAM (`None` for
+    /// VMs with a RAM file of their own).
+    pub bundle_ram: Option<BundleRam>,
+}
+
+/// How a copy-on-write restore's guest RAM is held: pages still read from
+/// the bundle (lazily, as the guest touches them; shared with the host's
+/// page cache and with sibling forks of the same bundle) and pages the VM
+/// wrote and so owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BundleRam {
+    pub path: PathBuf,
+    /// Resident pages still backed by the bundle's file.
+    pub file_backed_bytes: u64,
+    /// Of those, pages other processes (sibling forks) map too.
+    pub shared_bytes: u64,
+    /// Pages the VM has written: its own copies.
+    pub private_bytes: u64,
+}
+
+/// The `ram.img` mapping in `/proc/<pid>/smaps` text, summed.
+pub fn bundle_ram_of(smaps: &str) -> Option<BundleRam> {
+    let mut found: Option<BundleRam> = None;
+    let mut in_ram = false;
+    for line in smaps.lines() {
+        // A mapping header: "start-end perms offset dev inode [path]".
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            let path = line.split_whitespace().nth(5);
+            in_ram = path.is_some_and(|p| p.ends_with("/ram.img"));
+            if let (true, Some(p), None) = (in_ram, path, &found) {
+                found = Some(BundleRam {
+                    path: PathBuf::from(p),
+                    ..Default::default()
+                });
+            }
+            continue;
+        }
+        let (Some(b), true) = (found.as_mut(), in_ram) else {
+            continue;
+        };
+        let kib = |k: &str| kib_field(line, k).unwrap_or(0);
+        b.shared_bytes += kib("Shared_Clean");
+        b.file_backed_bytes += kib("Shared_Clean") + kib("Private_Clean");
+        b.private_bytes += kib("Private_Dirty") + kib("Shared_Dirty");
+    }
+    found
 }
 
 /// `/proc/meminfo`-style `Key: N kB` lines (also `smaps_rollup`): the value
@@ -104,6 +151,10 @@ pub fn host_cost(info: &crate::vm::VmInfo) -> HostCost {
         supervisor_pss_bytes: rss_pss(info.pid).1,
         ram_file_bytes: ram_file.as_deref().map(crate::backpressure::allocated),
         ram_file,
+        bundle_ram: info
+            .qemu_pid
+            .and_then(|q| std::fs::read_to_string(format!("/proc/{q}/smaps")).ok())
+            .and_then(|s| bundle_ram_of(&s)),
     }
 }
 
@@ -144,6 +195,30 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restores_bundle_mapping_is_summed() {
+        let smaps = "\
+7f0000000000-7f0040000000 rw-p 00000000 fd:01 123 /b/x.snap/ram.img
+Size:            1048576 kB
+Shared_Clean:       2048 kB
+Private_Clean:      1024 kB
+Shared_Dirty:          0 kB
+Private_Dirty:       512 kB
+7f0040000000-7f0040001000 rw-p 00000000 00:00 0 
+Shared_Clean:       9999 kB
+Private_Dirty:      9999 kB
+";
+        let b = bundle_ram_of(smaps).expect("found");
+        assert_eq!(b.path, PathBuf::from("/b/x.snap/ram.img"));
+        assert_eq!(b.shared_bytes, 2048 << 10);
+        assert_eq!(b.file_backed_bytes, 3072 << 10);
+        assert_eq!(b.private_bytes, 512 << 10);
+        assert_eq!(
+            bundle_ram_of("00400000-00401000 r-xp 0 0:0 1 /bin/x\n"),
+            None
+        );
+    }
 
     #[test]
     fn meminfo_of_a_guest() {

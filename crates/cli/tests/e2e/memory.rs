@@ -306,6 +306,16 @@ fn the_balloon_shrinks_and_grows_a_guest_and_reclaimed_vms_snapshot_their_own_da
     );
     let got = env.run_ok(&["exec", "priv", "--", "sha256sum", "/dev/shm/keep"]);
     assert_eq!(got.split_whitespace().next(), Some(want.as_str()));
+    // Its RAM: pages still read from the bundle, and its own written ones.
+    let s = env.json(&["stats", "priv", "--json"]);
+    let b = &s["host"]["bundle_ram"];
+    assert!(
+        b["path"].as_str().is_some_and(|p| p.ends_with("ram.img"))
+            && b["file_backed_bytes"].as_u64().is_some_and(|n| n > 4 << 20)
+            && b["private_bytes"].as_u64().is_some_and(|n| n > 0),
+        "{s}"
+    );
+    assert!(s["balloon"].is_null(), "{s}");
 
     // Grow the source back: the guest sees its whole ceiling again.
     let v = env.json(&["balloon", "bl", "max", "--json"]);
