@@ -170,8 +170,8 @@ export interface BootOptions {
   /** Guest RAM ceiling in MiB (default `min(host RAM / 2, 4096)`, at least 512). */
   memoryMib?: number;
   cpus?: number;
-  /** `"nat"` (default: outbound, not the host's loopback) or `"nat-host"` (the host's loopback too). */
-  network?: "nat" | "nat-host";
+  /** `"nat"` (default: outbound, not the host's loopback), `"nat-host"` (the host's loopback too) or `"none"` (no network device; exec, files and port forwards still work). */
+  network?: "nat" | "nat-host" | "none";
   /** Keep running after this process exits (reattach with `attach()`). */
   detached?: boolean;
   bootTimeoutMs?: number;

@@ -18,7 +18,7 @@ pub struct BootOpts {
     pub name: Option<String>,
     pub memory_mib: Option<u32>,
     pub cpus: Option<u32>,
-    /// `nat` (default) or `nat-host`.
+    /// `nat` (default), `nat-host` or `none`.
     pub network: Option<String>,
     pub detached: Option<bool>,
     pub boot_timeout_ms: Option<u32>,
@@ -123,7 +123,7 @@ fn network(n: Option<String>) -> Result<machinen::spec::NetworkMode> {
             invalid(
                 ErrorCode::BootArgsInvalid,
                 format!("unknown network mode {s:?}"),
-                "network is \"nat\" (the default) or \"nat-host\"",
+                "network is \"nat\" (the default), \"nat-host\" or \"none\"",
             )
         }),
     }

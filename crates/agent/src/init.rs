@@ -382,7 +382,13 @@ pub fn boot() -> Result<BootConfig, Fatal> {
     };
     net::set_hostname(hostname);
 
-    if cfg.net {
+    if !cfg.net {
+        // No network device (`--network none`): the loopback still serves
+        // the guest's own programs and the host's port forwards.
+        if let Err(e) = net::loopback_up() {
+            error!("lo: {e}");
+        }
+    } else {
         if let Err(e) = net::configure(timeouts::NET_CONFIGURE, cfg.mtu) {
             error!("network setup: {e}");
         }

@@ -125,6 +125,12 @@ fn set_mtu(sock: &OwnedFd, ifname: &str, mtu: u32) -> io::Result<()> {
     ioctl_ifreq(sock, libc::SIOCSIFMTU, &mut req, "SIOCSIFMTU")
 }
 
+/// Bring `lo` up.
+pub fn loopback_up() -> io::Result<()> {
+    let sock = inet_socket()?;
+    link_up(&sock, "lo")
+}
+
 /// Bring `lo` and `eth0` up with the slirp addresses and a default route,
 /// `eth0` with `mtu` when given. Waits up to `wait` for `eth0` to appear.
 pub fn configure(wait: Duration, mtu: Option<u32>) -> io::Result<()> {

@@ -169,6 +169,7 @@ async fn measure(
             "outbound_nat_host_mib_s",
             "--network nat-host (QEMU user networking)",
         ),
+        NetworkMode::None => bail!("a guest without a network has no outbound download"),
     };
     sec.add(
         key,

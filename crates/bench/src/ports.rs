@@ -119,6 +119,7 @@ async fn measure(
             "download_nat_host_mib_s",
             ", --network nat-host".to_string(),
         ),
+        NetworkMode::None => ("download_none_mib_s", ", --network none".to_string()),
     };
     sec.add(
         key,

@@ -161,9 +161,11 @@ pub struct BootArgs {
     /// Network: `nat` (outbound only: the host's loopback services and
     /// other VMs' published ports stay out of reach) or `nat-host` (also
     /// maps the gateway 10.0.2.2 to the host's 127.0.0.1: the guest reaches
-    /// every service bound to the host's loopback; only for trusted guests).
-    /// Restores and forks keep the mode of the bundle.
-    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host"])]
+    /// every service bound to the host's loopback; only for trusted guests)
+    /// or `none` (no network device: no route anywhere; exec, cp, logs and
+    /// -p port forwards still work). Restores and forks keep the mode of
+    /// the bundle.
+    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
     pub network: String,
     /// Forward a host port to a guest port: HOST:GUEST or ADDR:HOST:GUEST (repeatable; ADDR defaults to 127.0.0.1).
     #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]

@@ -132,7 +132,10 @@ fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
         // Debian's 6.1.0-57 cloud kernel); `-no-reboot` turns the triple
         // fault into QEMU's exit.
         "reboot=t".into(),
-        "machinen.net=1".into(),
+        format!(
+            "machinen.net={}",
+            u8::from(spec.network != NetworkMode::None)
+        ),
         format!("machinen.hostname={}", hostname_for(&spec.name)),
     ];
     // passt moves 65520-byte frames; at the default 1500 its TCP path
@@ -273,18 +276,24 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
             ),
         ]);
     }
+    let netdev = match spec.network {
+        // passt's end of the socket pair is QEMU's fd NET_FD (the
+        // supervisor puts it there before exec).
+        NetworkMode::Nat => Some(format!(
+            "stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"
+        )),
+        NetworkMode::NatHost => Some("user,id=net0".into()),
+        NetworkMode::None => None,
+    };
+    if let Some(netdev) = netdev {
+        a.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            "virtio-net-device,netdev=net0".into(),
+        ]);
+    }
     a.extend([
-        "-netdev".into(),
-        match spec.network {
-            // passt's end of the socket pair is QEMU's fd NET_FD (the
-            // supervisor puts it there before exec).
-            NetworkMode::Nat => {
-                format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}")
-            }
-            NetworkMode::NatHost => "user,id=net0".into(),
-        },
-        "-device".into(),
-        "virtio-net-device,netdev=net0".into(),
         "-device".into(),
         "virtio-rng-device".into(),
         "-device".into(),

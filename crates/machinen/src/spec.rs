@@ -178,9 +178,10 @@ mod tests {
     }
 }
 
-/// How a VM reaches the network. Both give the guest the same view
-/// (10.0.2.15/24, gateway 10.0.2.2, resolver 10.0.2.3); they differ in what
-/// the guest can reach on the host.
+/// How a VM reaches the network. `nat` and `nat-host` give the guest the
+/// same view (10.0.2.15/24, gateway 10.0.2.2, resolver 10.0.2.3); they
+/// differ in what the guest can reach on the host. `none` gives it no
+/// network device at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetworkMode {
@@ -195,15 +196,20 @@ pub enum NetworkMode {
     /// host's loopback, so the guest reaches every service bound to the
     /// host's 127.0.0.1. Only for guests trusted with that.
     NatHost,
+    /// No network device: the guest has only its loopback and no route
+    /// anywhere, whatever root in it does. Exec, files, logs and port
+    /// forwards still work: they travel over the agent's channel.
+    None,
 }
 
 impl NetworkMode {
-    pub const ALL: [NetworkMode; 2] = [NetworkMode::Nat, NetworkMode::NatHost];
+    pub const ALL: [NetworkMode; 3] = [NetworkMode::Nat, NetworkMode::NatHost, NetworkMode::None];
 
     pub fn as_str(self) -> &'static str {
         match self {
             NetworkMode::Nat => "nat",
             NetworkMode::NatHost => "nat-host",
+            NetworkMode::None => "none",
         }
     }
 
@@ -220,7 +226,7 @@ impl std::str::FromStr for NetworkMode {
         NetworkMode::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown network mode {s:?} (nat or nat-host)"))
+            .ok_or_else(|| format!("unknown network mode {s:?} (nat, nat-host or none)"))
     }
 }
 

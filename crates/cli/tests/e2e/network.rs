@@ -291,3 +291,72 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// The banner a TCP server on the host's `127.0.0.1:port` sends, if any.
+fn host_fetch(port: u16) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.trim().to_string()
+}
+
+#[test]
+fn network_none_leaves_only_loopback_while_exec_files_and_port_forwards_work() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    env.run_ok(&[
+        "boot",
+        "--name",
+        "cut",
+        "--memory",
+        "256",
+        "--detached",
+        "--network",
+        "none",
+        "-p",
+        &format!("{port}:8080"),
+    ]);
+    let links = |vm: &str| env.run_ok(&["exec", vm, "--", "ls", "/sys/class/net"]);
+    assert_eq!(links("cut").trim(), "lo", "no network device");
+    // No route anywhere, and it says so at once (not a timeout): even the
+    // gateway the other modes have.
+    let try_out = "bash -c 'exec 3<>/dev/tcp/10.0.2.2/80' 2>&1; \
+                   ip route 2>/dev/null; cat /proc/net/route";
+    let out = env.run_ok(&["exec", "cut", "--", "sh", "-c", try_out]);
+    assert!(out.contains("Network is unreachable"), "{out}");
+    // The guest's own loopback serves, and a port forward reaches it.
+    env.run_ok(&["exec", "cut", "--", "sh", "-c", "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1\",LocalPort=>8080,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"BANNER none\\n\"; close $c}' >/dev/null 2>&1 &"]);
+    wait_until("the forwarded server", Duration::from_secs(30), || {
+        host_fetch(port) == "BANNER none"
+    });
+    // Files both ways.
+    env.run_ok(&["exec", "cut", "--", "sh", "-c", "echo inside > /tmp/f"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let local = dir.path().join("f");
+    env.run_ok(&["cp", "cut:/tmp/f", local.to_str().expect("path")]);
+    assert_eq!(std::fs::read_to_string(&local).expect("read"), "inside\n");
+
+    // A restore keeps the mode.
+    let snap = dir.path().join("cut.snap");
+    env.run_ok(&["snapshot", "cut", snap.to_str().expect("path")]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta"))
+            .expect("json");
+    assert_eq!(meta["network"], "none");
+    env.run_ok(&[
+        "restore",
+        snap.to_str().expect("path"),
+        "--name",
+        "cut2",
+        "--detached",
+    ]);
+    assert_eq!(links("cut2").trim(), "lo");
+    env.run_ok(&["stop", "cut2"]);
+}

@@ -194,7 +194,7 @@ impl Engine for QemuEngine {
                 let (child, fd) = spawn_passt(spec)?;
                 (Some(child), Some(fd))
             }
-            NetworkMode::NatHost => (None, None),
+            NetworkMode::NatHost | NetworkMode::None => (None, None),
         };
         let qemu_net_fd = net_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = std::process::Command::new(&self.caps.binary);
