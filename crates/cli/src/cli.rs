@@ -565,9 +565,10 @@ pub struct ProvisionArgs {
     /// Virtual CPUs of the install VM.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u32,
-    /// The install VM's network: `nat` (outbound only) or `nat-host`
-    /// (also the host's loopback, e.g. for a package proxy listening there).
-    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host"])]
+    /// The install VM's network: `nat` (outbound only), `nat-host` (also
+    /// the host's loopback, e.g. for a package proxy listening there) or
+    /// `none` (steps that only copy files and run local commands).
+    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
     pub network: String,
     /// Seconds to wait for the install VM to become ready.
     #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
