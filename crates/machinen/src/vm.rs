@@ -135,6 +135,19 @@ pub fn default_memory_mib() -> u32 {
     (host_mib / 2).clamp(512, 4096)
 }
 
+/// QEMU 10.0's microvm damages the end of the initramfs when the guest has
+/// exactly 2048 MiB (2047 and 2049 boot; QEMU 7.2 was not affected): the
+/// guest then gets 2049 MiB. A restore keeps its bundle's size (its RAM
+/// comes from the bundle, not from a fresh initramfs).
+pub fn bootable_memory_mib(mib: u32) -> u32 {
+    if mib == 2048 {
+        tracing::info!("booting with 2049 MiB: QEMU damages the initramfs at exactly 2048");
+        2049
+    } else {
+        mib
+    }
+}
+
 /// Check a memory size.
 pub fn validate_memory_mib(mib: u32) -> Result<u32, Failure> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
@@ -292,7 +305,9 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
     let mut timeline = Timeline::new(t0, opts.on_phase.clone());
     let paths = Paths::from_env()?;
-    let memory_mib = validate_memory_mib(opts.memory_mib.unwrap_or_else(default_memory_mib))?;
+    let memory_mib = bootable_memory_mib(validate_memory_mib(
+        opts.memory_mib.unwrap_or_else(default_memory_mib),
+    )?);
     if opts.cpus == 0 || opts.cpus > MAX_CPUS {
         return Err(fail(
             ErrorCode::BootArgsInvalid,
@@ -1632,6 +1647,14 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exactly_two_gib_boots_as_one_mib_more() {
+        assert_eq!(bootable_memory_mib(2048), 2049);
+        for m in [512, 2047, 2049, 4096] {
+            assert_eq!(bootable_memory_mib(m), m);
+        }
+    }
 
     #[test]
     fn memory_bounds() {
