@@ -330,6 +330,16 @@ mod tests {
         assert_eq!(o.disk_size, Some(2 << 30));
         assert_eq!(o.network, machinen::spec::NetworkMode::NatHost);
         assert_eq!(o.boot_timeout, Duration::from_millis(1500));
+        assert!(o.balloon, "a balloon unless asked otherwise");
+        let o = BootOpts {
+            network: Some("none".into()),
+            balloon: Some(false),
+            ..Default::default()
+        }
+        .into_lib()
+        .expect("valid");
+        assert_eq!(o.network, machinen::spec::NetworkMode::None);
+        assert!(!o.balloon);
     }
 
     #[test]

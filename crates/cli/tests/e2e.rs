@@ -1150,3 +1150,34 @@ fn gc_removes_orphaned_ram_files_and_nothing_in_use() {
         "a file in use or new stays"
     );
 }
+
+/// `--memory 2048` boots whole: QEMU 10.0 damages the initramfs at exactly
+/// 2 GiB, so the guest gets 2049 MiB (vm::bootable_memory_mib).
+#[test]
+fn a_two_gib_guest_boots_with_every_module() {
+    let env = Env::new();
+    let v = env.json(&[
+        "boot",
+        "--name",
+        "two",
+        "--memory",
+        "2048",
+        "--detached",
+        "--json",
+    ]);
+    assert_eq!(v["memory_mib"], 2049);
+    let console =
+        std::fs::read_to_string(v["console_log"].as_str().expect("console")).expect("read");
+    assert!(
+        !console.contains("machinen-agent: error"),
+        "the agent reported an error at boot:\n{console}"
+    );
+    let total = env.run_ok(&["exec", "two", "--", "grep", "MemTotal", "/proc/meminfo"]);
+    let kib: u64 = total
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse().ok())
+        .expect("kB");
+    assert!(kib > 1900 << 10, "{total}");
+    env.run_ok(&["stop", "two"]);
+}
