@@ -346,6 +346,8 @@ export interface VmInfo {
   consoleLog: string | null;
   cause: string | null;
   main?: { argv: string[]; [k: string]: unknown };
+  /** How it reaches the network; absent for VMs started by older versions. */
+  network?: "nat" | "nat-host" | "none";
   /** What a live VM costs the host (as `memoryStats().host`), in `list()`. */
   hostMemory?: MemoryStats["host"];
 }

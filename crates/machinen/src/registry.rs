@@ -97,6 +97,9 @@ pub struct RegistryEntry {
     /// The VM's copy-once mounts (host directory as copied, guest path).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::mounts::Mount>,
+    /// How it reaches the network (entries of older versions: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::spec::NetworkMode>,
 }
 
 impl RegistryEntry {
@@ -592,6 +595,7 @@ mod tests {
             preparing: false,
             main: None,
             mounts: vec![],
+            network: None,
         }
     }
 

@@ -193,6 +193,9 @@ pub struct VmInfo {
     /// What a live VM costs the host (`list`, `machinen ls --json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_memory: Option<crate::stats::HostCost>,
+    /// How it reaches the network (`nat`, `nat-host`, `none`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::spec::NetworkMode>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -218,6 +221,7 @@ impl From<&RegistryEntry> for VmInfo {
             main: e.main.clone(),
             mounts: e.mounts.clone(),
             host_memory: None,
+            network: e.network,
         }
     }
 }
@@ -581,6 +585,7 @@ pub(crate) async fn hold_claim(
         preparing: true,
         main: None,
         mounts: Vec::new(),
+        network: None,
     };
     let reg = reg.clone();
     let id = claim.id.clone();
@@ -679,6 +684,7 @@ pub(crate) async fn launch_vm(
             .as_ref()
             .map(|m| m.mounts.clone())
             .unwrap_or_default(),
+        network: Some(spec.network),
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1758,6 +1764,7 @@ mod tests {
             preparing: false,
             main: None,
             mounts: Vec::new(),
+            network: None,
         };
         let vm = Vm {
             info: VmInfo::from(&entry),

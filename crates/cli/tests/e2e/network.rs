@@ -325,6 +325,7 @@ fn network_none_leaves_only_loopback_while_exec_files_and_port_forwards_work() {
     ]);
     let links = |vm: &str| env.run_ok(&["exec", vm, "--", "ls", "/sys/class/net"]);
     assert_eq!(links("cut").trim(), "lo", "no network device");
+    assert_eq!(env.json(&["ls", "--json"])[0]["network"], "none");
     // No route anywhere, and it says so at once (not a timeout): even the
     // gateway the other modes have.
     let try_out = "bash -c 'exec 3<>/dev/tcp/10.0.2.2/80' 2>&1; \
