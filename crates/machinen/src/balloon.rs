@@ -14,7 +14,7 @@ use serde::Serialize;
 
 pub use machinen_proto::BalloonReport;
 
-use crate::error::fail;
+use crate::error::{fail, Failure};
 use crate::vm::{protocol_error, wire_error, Vm, MIN_MEMORY_MIB};
 use crate::{ErrorCode, Result};
 
@@ -35,9 +35,10 @@ pub struct BalloonOutcome {
 /// in batches and the kernel keeps a few for itself.
 const SETTLED_WITHIN: u64 = 2 << 20;
 
-/// A size for `machinen balloon`: bytes, or a number with a K/M/G/T
-/// suffix (powers of 1024; plain numbers are MiB, like `--memory`), or
-/// `max`/`full` for the ceiling (no limit).
+/// A size for `machinen balloon`: a number with a K/M/G/T suffix (powers
+/// of 1024, fractions allowed, [`crate::hostfile::unit_shift`]'s units; a
+/// plain number is MiB, like `--memory`), or `max`/`full` for the ceiling
+/// (no limit).
 pub fn parse_size(s: &str, ceiling: u64) -> Result<u64> {
     let t = s.trim();
     let bad = || {
@@ -55,19 +56,35 @@ pub fn parse_size(s: &str, ceiling: u64) -> Result<u64> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| bad())?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "M" | "MB" | "MIB" => (1u64 << 20) as f64,
-        "K" | "KB" | "KIB" => 1024.0,
-        "G" | "GB" | "GIB" => (1u64 << 30) as f64,
-        "T" | "TB" | "TIB" => (1u64 << 40) as f64,
-        "B" => 1.0,
-        _ => return Err(bad().into()),
+    let shift = if unit.trim().is_empty() {
+        20
+    } else {
+        crate::hostfile::unit_shift(unit).ok_or_else(bad)?
     };
-    let bytes = n * mult;
+    let bytes = n * (1u64 << shift) as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
         return Err(bad().into());
     }
     Ok(bytes as u64)
+}
+
+/// Whether `target_bytes` is a balloon target a VM of `memory_mib` can
+/// take: at least [`MIN_MEMORY_MIB`], at most its ceiling. Checked by the
+/// library before asking and by the supervisor before acting.
+pub fn check_target(target_bytes: u64, memory_mib: u32) -> Result<(), Failure> {
+    let ceiling = u64::from(memory_mib) << 20;
+    let floor = u64::from(MIN_MEMORY_MIB) << 20;
+    if (floor..=ceiling).contains(&target_bytes) {
+        return Ok(());
+    }
+    Err(fail(
+        ErrorCode::BalloonTargetInvalid,
+        format!(
+            "a balloon target of {} MiB is outside {MIN_MEMORY_MIB} MiB to the VM's ceiling of {memory_mib} MiB",
+            target_bytes >> 20,
+        ),
+    )
+    .hint("a VM's ceiling is its --memory; `machinen balloon NAME max` gives it all back"))
 }
 
 impl Vm {
@@ -87,21 +104,7 @@ impl Vm {
         target_bytes: u64,
         wait: Option<Duration>,
     ) -> Result<BalloonOutcome> {
-        let ceiling = u64::from(self.info().memory_mib) << 20;
-        let floor = u64::from(MIN_MEMORY_MIB) << 20;
-        if !(floor..=ceiling).contains(&target_bytes) {
-            return Err(fail(
-                ErrorCode::BalloonTargetInvalid,
-                format!(
-                    "{} MiB is outside what {:?} can be given: {MIN_MEMORY_MIB} MiB to its ceiling of {} MiB",
-                    target_bytes >> 20,
-                    self.name(),
-                    ceiling >> 20
-                ),
-            )
-            .hint("a VM's ceiling is its --memory; `machinen balloon NAME max` gives it all back")
-            .into());
-        }
+        check_target(target_bytes, self.info().memory_mib)?;
         let t0 = Instant::now();
         let mut report = self.balloon_request(Some(target_bytes)).await?;
         let settled = |r: &BalloonReport| r.actual_bytes.abs_diff(target_bytes) <= SETTLED_WITHIN;

@@ -38,15 +38,21 @@ pub fn parse_size(s: &str) -> Option<u64> {
         return None;
     }
     let n: u64 = t[..digits].parse().ok()?;
-    let shift = match t[digits..].to_ascii_lowercase().as_str() {
+    n.checked_mul(1u64 << unit_shift(&t[digits..])?)
+}
+
+/// The power of two a size suffix stands for: none or `B` 0, `K` 10, `M`
+/// 20, `G` 30, `T` 40 (each optionally followed by `i`, `B` or `iB`; any
+/// case).
+pub fn unit_shift(suffix: &str) -> Option<u32> {
+    Some(match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "ki" | "kib" => 10,
         "m" | "mb" | "mi" | "mib" => 20,
         "g" | "gb" | "gi" | "gib" => 30,
         "t" | "tb" | "ti" | "tib" => 40,
         _ => return None,
-    };
-    n.checked_mul(1u64 << shift)
+    })
 }
 
 /// A `--max-size` value: a size, or `unlimited`.

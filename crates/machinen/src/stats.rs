@@ -149,12 +149,15 @@ pub fn host_cost(info: &crate::vm::VmInfo) -> HostCost {
         qemu_rss_bytes: qemu_rss,
         qemu_pss_bytes: qemu_pss,
         supervisor_pss_bytes: rss_pss(info.pid).1,
-        ram_file_bytes: ram_file.as_deref().map(crate::backpressure::allocated),
-        ram_file,
+        // A VM with a RAM file of its own maps no bundle: spare it a walk
+        // of QEMU's whole smaps (`ls --json` does this for every VM).
         bundle_ram: info
             .qemu_pid
+            .filter(|_| ram_file.is_none())
             .and_then(|q| std::fs::read_to_string(format!("/proc/{q}/smaps")).ok())
             .and_then(|s| bundle_ram_of(&s)),
+        ram_file_bytes: ram_file.as_deref().map(crate::backpressure::allocated),
+        ram_file,
     }
 }
 

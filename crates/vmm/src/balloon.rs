@@ -73,20 +73,9 @@ pub async fn serve<M: Machine>(
             format!("the VM is {state}, not running; retry once it runs"),
         );
     }
-    let ceiling = u64::from(spec.memory_mib) << 20;
-    let floor = u64::from(machinen::vm::MIN_MEMORY_MIB) << 20;
-    if let Some(t) = target_bytes {
-        if !(floor..=ceiling).contains(&t) {
-            return refuse(
-                ErrorCode::BalloonTargetInvalid,
-                format!(
-                    "a balloon target must be between {} and {} MiB (the VM's ceiling), got {} MiB",
-                    floor >> 20,
-                    ceiling >> 20,
-                    t >> 20
-                ),
-            );
-        }
+    if let Some(Err(f)) = target_bytes.map(|t| machinen::balloon::check_target(t, spec.memory_mib))
+    {
+        return refuse(f.code, f.message);
     }
     match machine.balloon(target_bytes).await {
         Ok(actual) => {
@@ -104,7 +93,7 @@ pub async fn serve<M: Machine>(
                 );
             }
             Frame::Response(Response::Balloon(BalloonReport {
-                ceiling_bytes: ceiling,
+                ceiling_bytes: u64::from(spec.memory_mib) << 20,
                 target_bytes: target,
                 actual_bytes: actual,
                 free_page_reporting: true,
