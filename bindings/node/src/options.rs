@@ -41,6 +41,8 @@ pub struct BootOpts {
     pub mount_upper_size: Option<f64>,
     /// `false`: no balloon (`--no-balloon`).
     pub balloon: Option<bool>,
+    /// Host directories shared live (`--mount-live`).
+    pub live_mounts: Option<Vec<LiveMountOpt>>,
 }
 
 /// A host directory copied into the VM at `guest`.
@@ -48,6 +50,26 @@ pub struct BootOpts {
 pub struct MountOpt {
     pub host: String,
     pub guest: String,
+}
+
+/// A host directory shared with the VM at `guest`; `readonly` refuses
+/// guest writes (on a restore or fork, unset keeps the recorded mode).
+#[napi(object)]
+pub struct LiveMountOpt {
+    pub host: String,
+    pub guest: String,
+    pub readonly: Option<bool>,
+}
+
+fn live_mounts(l: Option<Vec<LiveMountOpt>>) -> Vec<machinen::live_mounts::LiveMountArg> {
+    l.unwrap_or_default()
+        .into_iter()
+        .map(|m| machinen::live_mounts::LiveMountArg {
+            host: PathBuf::from(m.host),
+            guest: m.guest,
+            readonly: m.readonly,
+        })
+        .collect()
 }
 
 #[napi(object)]
@@ -64,6 +86,9 @@ pub struct RestoreOpts {
     pub own_ram: Option<bool>,
     /// `"1%"`, `"512M"`, bytes as a string; `"0"` turns the check off.
     pub free_memory_threshold: Option<String>,
+    /// Serve the snapshot's live mounts at these guest paths from other
+    /// host directories.
+    pub live_mounts: Option<Vec<LiveMountOpt>>,
 }
 
 #[napi(object)]
@@ -76,6 +101,9 @@ pub struct ForkOpts {
     pub ports: Option<Vec<String>>,
     pub own_ram: Option<bool>,
     pub free_memory_threshold: Option<String>,
+    /// Serve the fork's live mounts at these guest paths from other host
+    /// directories (default: the source's).
+    pub live_mounts: Option<Vec<LiveMountOpt>>,
 }
 
 #[napi(object)]
@@ -199,6 +227,7 @@ impl BootOpts {
                 }
             },
             balloon: self.balloon.unwrap_or(true),
+            live_mounts: live_mounts(self.live_mounts),
         })
     }
 }
@@ -214,6 +243,7 @@ impl RestoreOpts {
         o.reset_tcp = self.reset_tcp.unwrap_or(false);
         o.verify = self.verify.unwrap_or(true);
         o.own_ram = self.own_ram.unwrap_or(false);
+        o.live_mounts = live_mounts(self.live_mounts);
         o.free_memory_threshold = threshold(self.free_memory_threshold)?;
         o.progress = machinen::progress::ProgressMode::Quiet;
         Ok(o)
@@ -229,6 +259,7 @@ impl ForkOpts {
             detached: self.detached.unwrap_or(false),
             ports: ports(self.ports)?,
             own_ram: self.own_ram.unwrap_or(false),
+            live_mounts: live_mounts(self.live_mounts),
             free_memory_threshold: threshold(self.free_memory_threshold)?,
             on_phase: Default::default(),
         })

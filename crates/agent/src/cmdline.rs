@@ -15,6 +15,17 @@ pub struct BootConfig {
     /// `machinen.mount=<i>:<guest path>`, repeated: the copy-once mounts
     /// (disk index, guest path), in the order given.
     pub mounts: Vec<(u32, String)>,
+    /// `machinen.live=<i>:<ro|rw>:<guest path>`, repeated: the live mounts
+    /// (virtio-fs tag `machinen-live<i>`).
+    pub live: Vec<LiveMount>,
+}
+
+/// One live mount as the kernel command line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveMount {
+    pub index: u32,
+    pub readonly: bool,
+    pub path: String,
 }
 
 /// Default hostname when the cmdline names none.
@@ -107,6 +118,23 @@ pub fn parse(cmdline: &str) -> BootConfig {
                     cfg.mounts.push((i, path));
                 }
             }
+            "machinen.live" => {
+                let parsed = value.and_then(|v| {
+                    let (i, rest) = v.split_once(':')?;
+                    let (mode, path) = rest.split_once(':')?;
+                    let readonly = match mode {
+                        "ro" => true,
+                        "rw" => false,
+                        _ => return None,
+                    };
+                    Some(LiveMount {
+                        index: i.parse().ok()?,
+                        readonly,
+                        path: path.to_owned(),
+                    })
+                });
+                cfg.live.extend(parsed);
+            }
             "machinen.hostname" => {
                 cfg.hostname = value.filter(|v| !v.is_empty()).map(str::to_owned);
             }
@@ -132,7 +160,15 @@ mod tests {
                 debug: true,
                 mtu: Some(65520),
                 mounts: vec![],
+                live: vec![],
             }
+        );
+        assert_eq!(
+            parse("machinen.live=0:ro:/work machinen.live=1:rw:/data machinen.live=2:xx:/y machinen.live=3:/z").live,
+            vec![
+                LiveMount { index: 0, readonly: true, path: "/work".into() },
+                LiveMount { index: 1, readonly: false, path: "/data".into() },
+            ]
         );
         assert_eq!(
             parse("machinen.mount=0:/work/src machinen.mount=1:/data machinen.mount=x:/y machinen.mount=2").mounts,

@@ -372,6 +372,8 @@ pub fn boot() -> Result<BootConfig, Fatal> {
     crate::growfs::grow_root(ROOT_DEVICE, "/");
     // `boot --mount`: before anything runs, so the main command finds them.
     crate::mounts::mount_all(&cfg.mounts, ROOT_DEVICE_WAIT).map_err(Fatal)?;
+    // `boot --mount-live`.
+    crate::mounts::mount_live(&cfg.live, ROOT_DEVICE_WAIT).map_err(Fatal)?;
 
     let hostname = match cfg.hostname.as_deref() {
         Some(h) if !cmdline::valid_hostname(h) => {

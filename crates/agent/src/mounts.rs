@@ -129,6 +129,61 @@ fn bind_all(mounts: &[(u32, String)]) -> Result<(), String> {
     Ok(())
 }
 
+/// Mount the live mounts (`boot --mount-live`): virtio-fs shares served
+/// by a virtiofsd on the host, found by their tag. The device may come up
+/// a moment after its module loaded, so a missing tag is retried until
+/// `wait` runs out.
+pub fn mount_live(mounts: &[crate::cmdline::LiveMount], wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    for m in mounts {
+        if !plausible(&m.path) {
+            return Err(format!(
+                "live mount {}: guest path {:?} is not absolute and normalised",
+                m.index, m.path
+            ));
+        }
+        let tag = format!("{}{}", machinen_proto::LIVE_MOUNT_TAG_PREFIX, m.index);
+        match std::fs::create_dir_all(&m.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create the mount point {}: {e}", m.path)),
+        }
+        let mut flags = MsFlags::MS_NOATIME;
+        if m.readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        loop {
+            match mount(
+                Some(tag.as_str()),
+                m.path.as_str(),
+                Some("virtiofs"),
+                flags,
+                None::<&str>,
+            ) {
+                Ok(()) => break,
+                // No device with this tag yet.
+                Err(nix::errno::Errno::ENOENT) if Instant::now() < deadline => {
+                    std::thread::sleep(machinen_proto::timeouts::STATE_POLL);
+                }
+                Err(nix::errno::Errno::ENODEV) => {
+                    return Err(format!(
+                        "cannot mount live mount {} on {}: the guest kernel has no virtiofs",
+                        m.index, m.path
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot mount live mount {} ({tag}) on {}: {e}",
+                        m.index, m.path
+                    ))
+                }
+            }
+        }
+        debug!("live mount {} ({tag}) on {}", m.index, m.path);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

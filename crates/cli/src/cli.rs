@@ -198,6 +198,9 @@ pub struct BootArgs {
     /// Room for the guest's writes to its --mount copies, all together: 512M, 4G (default 1G; sparse on the host).
     #[arg(long, value_name = "SIZE", value_parser = parse_upper_size, requires = "mounts")]
     pub mount_upper_size: Option<u64>,
+    /// Share a host directory with the VM at GUEST_PATH (repeatable, up to 8): the guest's writes reach the host at once, the host's show in the guest within a second. :ro refuses guest writes (EROFS). The guest acts as you (as root: as the directory's owner); device nodes are refused and nothing outside HOST_DIR is reachable. Needs virtiofsd; the VM's snapshots, restores and forks keep the share.
+    #[arg(long = "mount-live", value_name = "HOST_DIR:GUEST_PATH[:ro|rw]")]
+    pub live_mounts: Vec<String>,
     /// No balloon: memory the guest frees stays the host's until the VM ends, and `machinen balloon` refuses it (BALLOON_UNAVAILABLE). Saves the guest the reporting work.
     #[arg(long)]
     pub no_balloon: bool,
@@ -310,9 +313,12 @@ pub struct RestoreArgs {
     /// Reset TCP connections the guest had at snapshot time.
     #[arg(long)]
     pub tcp_reset: bool,
-    /// Copy the bundle's RAM into a file of the VM's own instead of mapping it copy-on-write (quick snapshots and forks of this VM).
+    /// Copy the bundle's RAM into a file of the VM's own instead of mapping it copy-on-write (quick snapshots and forks of this VM). Always so for a VM with live mounts.
     #[arg(long)]
     pub own_ram: bool,
+    /// Serve the snapshot's live mount at GUEST_PATH from another host directory (repeatable); the mode stays the recorded one unless given. A guest path the snapshot has no live mount at is BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN.
+    #[arg(long = "mount-live", value_name = "HOST_DIR:GUEST_PATH[:ro|rw]")]
+    pub live_mounts: Vec<String>,
     /// Refuse (FORK_MEMORY_BACKPRESSURE, retryable) when the host would keep less memory available than this: 1%, 0.5%, 512M; 0 turns the check off.
     #[arg(long, default_value = "1%", value_name = "PCT%|SIZE")]
     pub free_memory_threshold: String,
@@ -353,9 +359,12 @@ pub struct ForkArgs {
     /// Keep TCP connections inherited from the source.
     #[arg(long)]
     pub tcp_keep: bool,
-    /// Give the fork its own copy of the RAM instead of sharing the snapshot's copy-on-write (quick to snapshot or fork again).
+    /// Give the fork its own copy of the RAM instead of sharing the snapshot's copy-on-write (quick to snapshot or fork again). Always so for a VM with live mounts.
     #[arg(long)]
     pub own_ram: bool,
+    /// Serve the fork's live mount at GUEST_PATH from another host directory (repeatable; default: the source's).
+    #[arg(long = "mount-live", value_name = "HOST_DIR:GUEST_PATH[:ro|rw]")]
+    pub live_mounts: Vec<String>,
     /// Make N forks from one snapshot (1-64; N > 1 needs --detach, no -p; named NAME-1..NAME-N).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub count: usize,

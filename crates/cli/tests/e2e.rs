@@ -538,6 +538,8 @@ mod dirs;
 mod hostile;
 #[path = "e2e/isolation.rs"]
 mod isolation;
+#[path = "e2e/live_mounts.rs"]
+mod live_mounts;
 #[path = "e2e/memory.rs"]
 mod memory;
 #[path = "e2e/mounts.rs"]

@@ -39,10 +39,10 @@ use crate::error::{Coded, ErrorCode};
 
 /// Bundle format version; bumped on any incompatible change. Version 2
 /// added `ram.img`, version 3 BLAKE3 digests, version 4 the network mode
-/// in `meta.json`, version 5 copy-once mounts; versions 1 (RAM inside the
+/// in `meta.json`, version 5 copy-once mounts, version 6 live mounts; versions 1 (RAM inside the
 /// state) to 3 still restore (with QEMU's user networking, which they were
 /// made with).
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Oldest version this machinen restores.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
@@ -174,6 +174,10 @@ pub struct BundleMeta {
     /// must have the same devices).
     #[serde(default)]
     pub balloon: bool,
+    /// The live mounts (format 6): a restore serves each guest path from
+    /// the same host directory or the one `--mount-live` names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live_mounts: Vec<crate::live_mounts::LiveMount>,
 }
 
 /// `meta.json`'s copy-once mounts.
@@ -1107,6 +1111,7 @@ mod tests {
             network: crate::spec::NetworkMode::Nat,
             main: None,
             mounts: None,
+            live_mounts: Vec::new(),
             balloon: false,
         }
     }

@@ -19,6 +19,7 @@ mod fuzzing;
 pub mod hostfile;
 pub mod image;
 pub mod initramfs;
+pub mod live_mounts;
 pub mod mounts;
 pub mod paths;
 pub mod phases;

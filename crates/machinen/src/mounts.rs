@@ -230,7 +230,7 @@ pub fn check(mounts: &[Mount]) -> Result<Vec<Mount>, Failure> {
 }
 
 /// Whether guest path `inner` is `outer` or below it.
-fn nested(outer: &str, inner: &str) -> bool {
+pub(crate) fn nested(outer: &str, inner: &str) -> bool {
     inner == outer
         || inner
             .strip_prefix(outer)

@@ -166,6 +166,9 @@ fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
     if let Some(m) = &spec.mounts {
         cmdline.extend(crate::mounts::cmdline_words(&m.mounts));
     }
+    if let Some(l) = &spec.live_mounts {
+        cmdline.extend(crate::live_mounts::cmdline_words(&l.mounts));
+    }
     cmdline.extend(host.extra_kernel_args.iter().cloned());
     if spec.debug {
         cmdline.push("machinen.debug=1".into());
@@ -220,6 +223,11 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
                     file.display()
                 )
             }
+            // vhost-user (live mounts) needs RAM its server can map.
+            _ if spec.live_mounts.is_some() => format!(
+                "memory-backend-memfd,id=ram,size={}M,share=on",
+                spec.memory_mib
+            ),
             _ => format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
         },
         "-smp".into(),
@@ -319,6 +327,28 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
         a.extend([
             "-device".into(),
             "virtio-balloon-device,free-page-reporting=on".into(),
+        ]);
+    }
+    // Live mounts: a virtio-fs device per mount, served by the virtiofsd
+    // the supervisor listens for on its socket. After the balloon, so a
+    // VM without them keeps its devices where they were.
+    for (i, _) in spec
+        .live_mounts
+        .iter()
+        .flat_map(|l| l.mounts.iter())
+        .enumerate()
+    {
+        a.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=live{i},path={}",
+                path(&crate::live_mounts::socket_name(i))
+            ),
+            "-device".into(),
+            format!(
+                "vhost-user-fs-device,chardev=live{i},tag={},queue-size=1024",
+                crate::live_mounts::tag(i)
+            ),
         ]);
     }
     if let Some(restore) = &spec.restore {

@@ -31,6 +31,7 @@ fn spec() -> VmSpec {
         network: NetworkMode::Nat,
         main: None,
         mounts: None,
+        live_mounts: None,
         balloon: false,
     }
 }

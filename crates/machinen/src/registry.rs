@@ -97,6 +97,9 @@ pub struct RegistryEntry {
     /// The VM's copy-once mounts (host directory as copied, guest path).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::mounts::Mount>,
+    /// The VM's live mounts (host directory, guest path, mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live_mounts: Vec<crate::live_mounts::LiveMount>,
     /// How it reaches the network (entries of older versions: unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::spec::NetworkMode>,
@@ -595,6 +598,7 @@ mod tests {
             preparing: false,
             main: None,
             mounts: vec![],
+            live_mounts: vec![],
             network: None,
         }
     }

@@ -56,6 +56,12 @@ pub struct RestoreOptions {
     /// file of its own: booted, or restored or forked with `own_ram`);
     /// refused for a bundle that carries RAM inside the state.
     pub own_ram: bool,
+    /// Serve the bundle's live mounts at these guest paths from other host
+    /// directories (and, if given, in another mode); the rest from the
+    /// recorded ones. A guest path the bundle has no live mount at is
+    /// `BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN`. A VM with live mounts always
+    /// gets RAM of its own (vhost-user needs it shared).
+    pub live_mounts: Vec<crate::live_mounts::LiveMountArg>,
     /// Refuse the restore (`FORK_MEMORY_BACKPRESSURE`) when the host would
     /// keep less memory available than this (see [`crate::backpressure`]).
     pub free_memory_threshold: crate::backpressure::Threshold,
@@ -79,6 +85,7 @@ impl RestoreOptions {
             forked_from: None,
             verify: true,
             own_ram: false,
+            live_mounts: Vec::new(),
             free_memory_threshold: Default::default(),
             on_phase: Default::default(),
         }
@@ -100,6 +107,10 @@ pub struct ForkOptions {
     /// [`RestoreOptions::own_ram`]): no sharing, but the fork can be
     /// snapshotted or forked again as quickly as a booted VM.
     pub own_ram: bool,
+    /// Serve the fork's live mounts at these guest paths from other host
+    /// directories (see [`RestoreOptions::live_mounts`]); by default a fork
+    /// shares the source's.
+    pub live_mounts: Vec<crate::live_mounts::LiveMountArg>,
     /// Refuse the fork (`FORK_MEMORY_BACKPRESSURE`), before the source is
     /// paused, when the host would keep less memory available than this
     /// (see [`crate::backpressure`]).
@@ -287,7 +298,7 @@ impl Vm {
         crate::backpressure::check_now(
             "fork",
             count,
-            self.fork_cost(opts.own_ram),
+            self.fork_cost(opts.own_ram || !self.info().live_mounts.is_empty()),
             opts.free_memory_threshold,
         )?;
         let tmp;
@@ -331,6 +342,7 @@ impl Vm {
             // can go once the last one is up.
             r.verify = false;
             r.own_ram = opts.own_ram;
+            r.live_mounts = opts.live_mounts.clone();
             r.free_memory_threshold = opts.free_memory_threshold;
             r.on_phase = opts.on_phase.clone();
             match restore(r).await {
@@ -489,9 +501,14 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     if let Some(n) = &opts.name {
         registry::validate_name(n)?;
     }
+    let live_mounts =
+        crate::live_mounts::for_restore(&meta.live_mounts, &opts.live_mounts, &paths)?;
     let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
+    // vhost-user maps the guest's RAM: it must be a shared file, never a
+    // private mapping of the bundle's.
+    let own_ram_wanted = opts.own_ram || (live_mounts.is_some() && bundle_ram.is_some());
     let held = match &bundle_ram {
-        Some(ram) if opts.own_ram => crate::backpressure::allocated(ram),
+        Some(ram) if own_ram_wanted => crate::backpressure::allocated(ram),
         Some(_) => 0,
         None => crate::backpressure::allocated(&bundle_dir.join(bundle::STATE)),
     };
@@ -522,7 +539,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     let (claim, own_ram, lock) = {
         let (reg, ports, name) = (reg.clone(), opts.ports.clone(), opts.name.clone());
-        let own_ram = opts.own_ram;
+        let own_ram = own_ram_wanted;
         let memory_mib = meta.memory_mib;
         blocking(move || {
             crate::ports::check(&ports, &reg.live()?)?;
@@ -681,6 +698,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
                 layer: mounts_layer.clone(),
             }
         }),
+        live_mounts,
         balloon: meta.balloon,
     };
     let launch = Launch {

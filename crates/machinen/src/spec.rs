@@ -87,6 +87,9 @@ pub struct VmSpec {
     /// Copy-once mounts (one disk for all of them; see [`crate::mounts`]).
     #[serde(default)]
     pub mounts: Option<crate::mounts::MountsDisk>,
+    /// Live mounts (virtio-fs; see [`crate::live_mounts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_mounts: Option<crate::live_mounts::LiveShares>,
     /// A virtio-balloon with free page reporting: pages the guest frees go
     /// back to the host (holes in the RAM file). Booted VMs have it;
     /// restored ones have what their bundle's VM had (the device set must

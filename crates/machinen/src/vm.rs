@@ -90,6 +90,9 @@ pub struct BootOptions {
     /// Room for the guest's writes to its copy-once mounts, all of them
     /// together (`None`: [`crate::mounts::DEFAULT_UPPER_SIZE`]).
     pub mount_upper_size: Option<u64>,
+    /// Host directories shared with the VM (see [`crate::live_mounts`]):
+    /// host and guest see each other's changes.
+    pub live_mounts: Vec<crate::live_mounts::LiveMountArg>,
     /// A balloon with free page reporting (default): memory the guest
     /// frees goes back to the host, and [`Vm::set_balloon`] works. Off, the
     /// guest's touched pages stay the host's until the VM ends (and its
@@ -121,6 +124,7 @@ impl Default for BootOptions {
             on_phase: Default::default(),
             mounts: Vec::new(),
             mount_upper_size: None,
+            live_mounts: Vec::new(),
             balloon: true,
         }
     }
@@ -190,6 +194,9 @@ pub struct VmInfo {
     /// Its copy-once mounts (`boot --mount`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::mounts::Mount>,
+    /// Its live mounts (`boot --mount-live`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub live_mounts: Vec<crate::live_mounts::LiveMount>,
     /// What a live VM costs the host (`list`, `machinen ls --json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_memory: Option<crate::stats::HostCost>,
@@ -220,6 +227,7 @@ impl From<&RegistryEntry> for VmInfo {
             cause: e.cause.clone(),
             main: e.main.clone(),
             mounts: e.mounts.clone(),
+            live_mounts: e.live_mounts.clone(),
             host_memory: None,
             network: e.network,
         }
@@ -348,6 +356,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         Some(size) => crate::mounts::check_upper_size(size)?,
         None => crate::mounts::DEFAULT_UPPER_SIZE,
     };
+    let live_mounts = crate::live_mounts::for_boot(&opts.live_mounts, &mounts, &paths)?;
     let assets = assets::resolve(&paths)?;
     let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
@@ -432,6 +441,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             lower_sha256: l.sha256.clone(),
             layer: claim.dir.join(crate::mounts::LAYER),
         }),
+        live_mounts,
         balloon: opts.balloon,
     };
     // Child processes (qemu-img): on the blocking pool.
@@ -585,6 +595,7 @@ pub(crate) async fn hold_claim(
         preparing: true,
         main: None,
         mounts: Vec::new(),
+        live_mounts: Vec::new(),
         network: None,
     };
     let reg = reg.clone();
@@ -683,6 +694,11 @@ pub(crate) async fn launch_vm(
             .mounts
             .as_ref()
             .map(|m| m.mounts.clone())
+            .unwrap_or_default(),
+        live_mounts: spec
+            .live_mounts
+            .as_ref()
+            .map(|l| l.mounts.clone())
             .unwrap_or_default(),
         network: Some(spec.network),
     };
@@ -1764,6 +1780,7 @@ mod tests {
             preparing: false,
             main: None,
             mounts: Vec::new(),
+            live_mounts: Vec::new(),
             network: None,
         };
         let vm = Vm {

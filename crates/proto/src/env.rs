@@ -25,6 +25,8 @@ pub const AGENT: &str = "MACHINEN_AGENT";
 pub const QEMU: &str = "MACHINEN_QEMU";
 /// The passt binary.
 pub const PASST: &str = "MACHINEN_PASST";
+/// The virtiofsd binary (live mounts).
+pub const VIRTIOFSD: &str = "MACHINEN_VIRTIOFSD";
 /// Where guest RAM files live.
 pub const RAM_DIR: &str = "MACHINEN_RAM_DIR";
 /// Log filter of the CLI and the supervisor.
@@ -120,6 +122,11 @@ pub const ALL: &[Var] = &[
         PASST,
         "`passt` on `PATH`",
         "the user-mode network stack of `--network nat`",
+    ),
+    user(
+        VIRTIOFSD,
+        "`virtiofsd` on `PATH`, `/usr/libexec/virtiofsd`, `~/.cargo/bin/virtiofsd`",
+        "the virtio-fs server of `--mount-live`",
     ),
     user(
         RAM_DIR,

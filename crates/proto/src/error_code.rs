@@ -129,6 +129,10 @@ error_codes! {
     BalloonUnavailable = "BALLOON_UNAVAILABLE",
     // a balloon target outside what the VM can take
     BalloonTargetInvalid = "BALLOON_TARGET_INVALID",
+    // a live mount that would reach outside what it may share
+    MountPathEscape = "MOUNT_PATH_ESCAPE",
+    // `restore --mount-live` for a guest path the snapshot has no live mount at
+    BootLiveMountOverrideUnknown = "BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN",
 }
 
 impl ErrorCode {
@@ -168,9 +172,17 @@ impl ErrorCode {
             // As a shell reports a command ended by Ctrl-C.
             Interrupted => 130,
             ExecSpawnFailed => 126,
-            BootArgsInvalid | BootMemoryInvalid | RegistryNameInvalid | ProvisionArgsInvalid
-            | FilesPathInvalid | SecretsInvalid | BootMountInvalid | MountPathInvalid
-            | BalloonTargetInvalid => 2,
+            BootArgsInvalid
+            | BootMemoryInvalid
+            | RegistryNameInvalid
+            | ProvisionArgsInvalid
+            | FilesPathInvalid
+            | SecretsInvalid
+            | BootMountInvalid
+            | MountPathInvalid
+            | BalloonTargetInvalid
+            | BootLiveMountOverrideUnknown
+            | MountPathEscape => 2,
             _ => 125,
         }
     }

@@ -259,6 +259,8 @@ pub const AGENT_PORT_NAME: &str = "org.machinen.agent";
 /// Serial of the virtio-blk disk that holds a VM's copy-once mounts; the
 /// agent finds the disk by it (`/sys/block/vd*/serial`), whatever its name.
 pub const MOUNTS_DISK_SERIAL: &str = "machinen-mounts";
+/// The virtio-fs tag of live mount `i` is this prefix and `i`.
+pub const LIVE_MOUNT_TAG_PREFIX: &str = "machinen-live";
 
 /// Largest accepted frame (tag + body), in bytes.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;

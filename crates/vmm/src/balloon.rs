@@ -141,6 +141,7 @@ mod tests {
             network: NetworkMode::Nat,
             main: None,
             mounts: None,
+            live_mounts: None,
             balloon,
         }
     }

@@ -405,6 +405,11 @@ impl<M: Machine> Phases<'_, M> {
                 lower_sha256: m.lower_sha256.clone(),
             }),
             balloon: machinen::qemu_args::has_balloon(spec, caps.version),
+            live_mounts: spec
+                .live_mounts
+                .as_ref()
+                .map(|l| l.mounts.clone())
+                .unwrap_or_default(),
         };
         let scratch = req.scratch;
         let marker = spec.path_in(PARTIAL_MARKER);

@@ -47,9 +47,16 @@ impl From<EngineError> for StartError {
             EngineError::Timeout { .. } => (ErrorCode::BootTimeout, None),
             _ => (ErrorCode::BootEngineFailed, Some("see the VM's qemu.log and console.log".into())),
         };
+        // The ready line carries text only: the causes go into it.
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            message = format!("{message}: {c}");
+            cause = c.source();
+        }
         StartError {
             code,
-            message: e.to_string(),
+            message,
             hint,
         }
     }

@@ -125,6 +125,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             .map(|m| m.parse())
             .collect::<Result<_, _>>()?,
         mount_upper_size: a.mount_upper_size,
+        live_mounts: crate::cmd::snapshot::live_mounts(&a.live_mounts)?,
         balloon: !a.no_balloon,
     };
     let vm = machinen::boot(opts).await?;

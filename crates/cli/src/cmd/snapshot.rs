@@ -214,6 +214,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
     o.own_ram = a.own_ram;
+    o.live_mounts = live_mounts(&a.live_mounts)?;
     o.free_memory_threshold = a.free_memory_threshold.parse()?;
     o.progress = if a.json {
         ProgressMode::Quiet
@@ -230,6 +231,13 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     finish(vm, a.cmd, &a.process, a.json, "restored").await
 }
 
+/// `--mount-live` values (boot, restore, fork).
+pub(crate) fn live_mounts(
+    args: &[String],
+) -> Result<Vec<machinen::live_mounts::LiveMountArg>, machinen::Failure> {
+    args.iter().map(|m| m.parse()).collect()
+}
+
 pub async fn fork(a: ForkArgs) -> Result<i32> {
     let interactive = a.count <= 1 && interactive_shell(&a.cmd, a.detach, a.json)?;
     if !interactive {
@@ -242,6 +250,7 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         detached: a.detach,
         ports: ports(&a.publish)?,
         own_ram: a.own_ram,
+        live_mounts: live_mounts(&a.live_mounts)?,
         free_memory_threshold: a.free_memory_threshold.parse()?,
         on_phase: crate::output::phase_printer(a.timings),
     };

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// The modules the guest needs: virtio transport over MMIO (how the kernel
 /// finds devices under `microvm,acpi=on`), the disk, the agent's serial
 /// port, the network, the root filesystem, the RNG and the balloon (free
-/// page reporting).
+/// page reporting), virtio-fs (live mounts; it pulls in `fuse`).
 /// `inet_diag`/`tcp_diag` let the agent find and reset inherited TCP
 /// connections after a fork (the guest has no modprobe to load them on demand).
 pub(crate) const WANTED: &[&str] = &[
@@ -25,6 +25,7 @@ pub(crate) const WANTED: &[&str] = &[
     "ext4",
     "virtio_rng",
     "virtio_balloon",
+    "virtiofs",
     "inet_diag",
     "tcp_diag",
 ];

@@ -88,6 +88,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         network: NetworkMode::Nat,
         main: None,
         mounts: None,
+        live_mounts: None,
         balloon: false,
     }
 }

@@ -6,6 +6,7 @@
 #[cfg(test)]
 pub mod fake;
 pub mod qemu;
+mod virtiofs;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -134,7 +134,7 @@ impl QemuEngine {
     }
 }
 
-fn tail(path: &Path, max: usize) -> String {
+pub(super) fn tail(path: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let s = s.trim();
     let start = s.len().saturating_sub(max);
@@ -196,6 +196,7 @@ impl Engine for QemuEngine {
             }
             NetworkMode::NatHost | NetworkMode::None => (None, None),
         };
+        let virtiofsd = super::virtiofs::spawn_all(spec)?;
         let qemu_net_fd = net_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = std::process::Command::new(&self.caps.binary);
         cmd.args(qemu_args(spec, &self.host))
@@ -235,7 +236,15 @@ impl Engine for QemuEngine {
             timeouts::QMP_CONNECT,
             "the QMP socket",
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // A live mount's server that could not start fails QEMU's
+            // device: its own log says why.
+            EngineError::EarlyExit { detail } => EngineError::EarlyExit {
+                detail: detail + &super::virtiofs::log_tails(spec),
+            },
+            e => e,
+        })?;
         let stream = QmpStreamTokio::open(qmp_sock)
             .await
             .map_err(|e| EngineError::Qmp {
@@ -263,6 +272,7 @@ impl Engine for QemuEngine {
         Ok(QemuMachine {
             child,
             passt,
+            virtiofsd,
             pid,
             qmp,
             log_path,
@@ -275,6 +285,9 @@ pub struct QemuMachine {
     child: Child,
     /// The user-mode network stack (`--network nat`); killed on drop.
     passt: Option<Child>,
+    /// The live mounts' servers; they exit with QEMU's connection, and
+    /// are killed on drop.
+    virtiofsd: Vec<Child>,
     pid: u32,
     qmp: Qmp,
     log_path: PathBuf,
@@ -282,6 +295,12 @@ pub struct QemuMachine {
 }
 
 impl QemuMachine {
+    fn kill_helpers(&mut self) {
+        for c in self.passt.iter_mut().chain(self.virtiofsd.iter_mut()) {
+            let _ = c.start_kill();
+        }
+    }
+
     /// Run a QMP command with a bound on the wait.
     pub async fn qmp<C>(
         &self,
@@ -504,15 +523,11 @@ impl Machine for QemuMachine {
         {
             self.kill();
         }
-        if let Some(p) = &mut self.passt {
-            let _ = p.start_kill();
-        }
+        self.kill_helpers();
     }
 
     fn kill(&mut self) {
         let _ = self.child.start_kill();
-        if let Some(p) = &mut self.passt {
-            let _ = p.start_kill();
-        }
+        self.kill_helpers();
     }
 }
