@@ -82,6 +82,8 @@ export declare const ErrorCode: {
   readonly FORK_MEMORY_BACKPRESSURE: "FORK_MEMORY_BACKPRESSURE";
   readonly BALLOON_UNAVAILABLE: "BALLOON_UNAVAILABLE";
   readonly BALLOON_TARGET_INVALID: "BALLOON_TARGET_INVALID";
+  readonly MOUNT_PATH_ESCAPE: "MOUNT_PATH_ESCAPE";
+  readonly BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN: "BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -160,6 +162,18 @@ export interface MountSpec {
   guest: string;
 }
 
+/**
+ * A host directory shared with the running VM at `guest` (virtio-fs): the
+ * guest's writes reach the host at once, the host's show in the guest
+ * within a second. `readonly` refuses guest writes (EROFS); on a restore
+ * or fork, leaving it out keeps the recorded mode.
+ */
+export interface LiveMountSpec {
+  host: string;
+  guest: string;
+  readonly?: boolean;
+}
+
 export interface BootOptions {
   /** Rootfs tarball (e.g. from `provision()`); the installed Debian base when omitted. */
   image?: string;
@@ -199,6 +213,13 @@ export interface BootOptions {
   mountDiskUpperSizeBytes?: number;
   /** `false`: no balloon (memory the guest frees stays the host's; `setBalloon` refuses). Default true. */
   balloon?: boolean;
+  /**
+   * Host directories shared live (up to 8; needs virtiofsd). The guest acts
+   * as the user running this process (as root: the directory's owner);
+   * snapshots, restores and forks keep the shares. `MOUNT_PATH_ESCAPE` for
+   * `/` or machinen's own directories.
+   */
+  liveMounts?: LiveMountSpec | LiveMountSpec[];
   signal?: AbortSignal;
   /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
   onLog?: (evt: unknown) => void;
@@ -226,6 +247,8 @@ export interface RestoreOptions {
   ownRam?: boolean;
   /** Refuse (FORK_MEMORY_BACKPRESSURE) when the host would keep less memory available: `"1%"` (default), `"512M"`, bytes; 0 turns the check off. */
   freeMemoryThreshold?: string | number;
+  /** Serve the snapshot's live mounts at these guest paths from other host directories (`BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN` for a guest path it has none at). */
+  liveMounts?: LiveMountSpec | LiveMountSpec[];
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
@@ -241,6 +264,8 @@ export interface ForkOptions {
   freeMemoryThreshold?: string | number;
   /** Keep TCP connections inherited from the source. */
   tcpKeep?: boolean;
+  /** Serve the fork's live mounts at these guest paths from other host directories (default: the source's). */
+  liveMounts?: LiveMountSpec | LiveMountSpec[];
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }

@@ -428,7 +428,7 @@ class VmHandle {
 
   /** A sibling VM sharing this one's past; this one keeps running. */
   async fork(opts = {}) {
-    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'signal', 'onLog'], 'fork');
+    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'liveMounts', 'signal', 'onLog'], 'fork');
     const o = {
       name: opts.name,
       outDir: opts.outDir,
@@ -437,6 +437,7 @@ class VmHandle {
       ownRam: opts.ownRam,
       tcpKeep: opts.tcpKeep,
       freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
+      liveMounts: toLiveMounts(opts.liveMounts),
     };
     return new VmHandle(await call(opts.signal, (id) => this._h.fork(o, id)));
   }
@@ -465,7 +466,7 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes', 'balloon',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts',
 ];
 
 /** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
@@ -485,6 +486,19 @@ function toMounts(m) {
       throw invalid('mount entries are { host, guest } (two strings)', 'e.g. mount: { host: "./src", guest: "/work/src" }', ErrorCode.BOOT_MOUNT_INVALID);
     }
     return { host: x.host, guest: x.guest };
+  });
+}
+
+/** `liveMounts`: one `{ host, guest, readonly? }` or a list of them. */
+function toLiveMounts(m) {
+  if (m === undefined) return undefined;
+  const list = Array.isArray(m) ? m : [m];
+  return list.map((x) => {
+    const ro = x?.readonly ?? x?.readOnly;
+    if (!x || typeof x.host !== 'string' || typeof x.guest !== 'string' || (ro !== undefined && typeof ro !== 'boolean')) {
+      throw invalid('liveMounts entries are { host, guest, readonly? } (two strings and a boolean)', 'e.g. liveMounts: [{ host: "./src", guest: "/work", readonly: false }]', ErrorCode.BOOT_MOUNT_INVALID);
+    }
+    return { host: x.host, guest: x.guest, readonly: ro };
   });
 }
 
@@ -512,6 +526,7 @@ async function boot(opts = {}) {
     mounts: toMounts(opts.mount),
     mountUpperSize: opts.mountDiskUpperSizeBytes,
     balloon: opts.balloon,
+    liveMounts: toLiveMounts(opts.liveMounts),
   };
   return new VmHandle(await call(opts.signal, (id) => native.boot(o, id)));
 }
@@ -533,7 +548,7 @@ async function list(opts = {}) {
 
 /** Restore a snapshot bundle into a new VM. */
 async function restore(opts) {
-  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'signal', 'onLog'], 'restore');
+  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'signal', 'onLog'], 'restore');
   if (!opts || typeof opts.snapDir !== 'string') throw invalid('restore needs snapDir', 'e.g. restore({ snapDir: "./snap" })', ErrorCode.RESTORE_BUNDLE_INVALID);
   const o = {
     bundle: opts.snapDir,
@@ -546,6 +561,7 @@ async function restore(opts) {
     verify: opts.verify,
     ownRam: opts.ownRam,
     freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
+    liveMounts: toLiveMounts(opts.liveMounts),
   };
   return new VmHandle(await call(opts.signal, (id) => native.restore(o, id)));
 }

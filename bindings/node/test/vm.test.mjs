@@ -13,9 +13,12 @@ let vm;
 // A host directory the shared VM gets a copy of.
 const shared = mkdtempSync(join(tmpdir(), 'mnn-mount-'));
 writeFileSync(join(shared, 'hello.txt'), 'from the host\n');
+// And one it shares live.
+const live = mkdtempSync(join(tmpdir(), 'mnn-live-'));
+writeFileSync(join(live, 'host.txt'), 'host\n');
 
 before(async () => {
-  vm = await m.boot({ name: 'node-shared', memoryMib: 512, mount: { host: shared, guest: '/work/in' }, mountDiskUpperSizeBytes: 64 * 1024 * 1024 });
+  vm = await m.boot({ name: 'node-shared', memoryMib: 512, mount: { host: shared, guest: '/work/in' }, mountDiskUpperSizeBytes: 64 * 1024 * 1024, liveMounts: [{ host: live, guest: '/work/live' }] });
 });
 
 after(async () => {
@@ -42,6 +45,18 @@ test('mount: the guest gets a copy of the host directory, its writes stay in the
   assert.equal(readFileSync(join(shared, 'hello.txt'), 'utf8'), 'from the host\n');
   writeFileSync(join(shared, 'later.txt'), 'later');
   assert.equal((await vm.exec('cat /work/in/hello.txt; ls /work/in')).stdout, 'from the guest\nhello.txt\nnew.txt\n');
+});
+
+test('liveMounts: host and guest see each other\'s changes', async () => {
+  assert.equal((await vm.exec('cat /work/live/host.txt')).stdout, 'host\n');
+  await vm.exec('echo guest > /work/live/guest.txt');
+  assert.equal(readFileSync(join(live, 'guest.txt'), 'utf8'), 'guest\n');
+  writeFileSync(join(live, 'later.txt'), 'later\n');
+  await until(async () => (await vm.exec('cat /work/live/later.txt 2>/dev/null; true')).stdout === 'later\n', 10000, 'the host file in the guest');
+  const row = (await m.list()).find((v) => v.name === 'node-shared');
+  assert.equal(row.liveMounts[0].guest, '/work/live');
+  await rejectsWith(m.boot({ liveMounts: [{ host: live }] }), 'BOOT_MOUNT_INVALID');
+  await rejectsWith(m.boot({ liveMounts: { host: '/', guest: '/host' } }), 'MOUNT_PATH_ESCAPE');
 });
 
 test('memoryStats: the guest\'s view and the host\'s cost', async () => {

@@ -1,5 +1,6 @@
-//! Host directories in the guest: file I/O on a copy-once mount next to
-//! the guest's own root disk, in one VM, timed inside the guest (so exec's
+//! Host directories in the guest: file I/O on a copy-once mount and on a
+//! live mount (virtio-fs) of the same host tree next to the guest's own
+//! root disk, in one VM, timed inside the guest (so exec's
 //! round trip is not counted): sequential write and read of one large file
 //! (page cache dropped before the read), `stat` of every file of a
 //! 10,000-file tree (cold, like a first `git status`), and creating then
@@ -12,7 +13,11 @@ use crate::ctx::{sh, stop, Ctx};
 use crate::stats::Section;
 
 /// Where each target lives in the guest.
-const TARGETS: &[(&str, &str)] = &[("root", "/root/bench-root"), ("copy", "/work/copy")];
+const TARGETS: &[(&str, &str)] = &[
+    ("root", "/root/bench-root"),
+    ("copy", "/work/copy"),
+    ("live", "/work/live"),
+];
 
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let (dirs, per_dir) = if ctx.cfg.quick { (10, 100) } else { (100, 100) };
@@ -34,6 +39,11 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
         guest: "/work/copy".into(),
     }];
     opts.mount_upper_size = Some((u64::from(big_mib) + 512) << 20);
+    opts.live_mounts = vec![machinen::live_mounts::LiveMountArg {
+        host: host.clone(),
+        guest: "/work/live".into(),
+        readonly: None,
+    }];
     let vm = machinen::boot(opts).await.context("booting with a mount")?;
     let r = measure(&vm, sec, ctx.cfg.runs, big_mib, small, dirs * per_dir).await;
     stop(vm).await?;
@@ -89,10 +99,10 @@ drop; t sh -c 'mkdir cd && i=0; while [ $i -lt {small} ]; do echo x > cd/f$i; i=
             stat.push(s / 1e6);
             churn.push(c / 1e6);
         }
-        let what = if *name == "root" {
-            "root disk"
-        } else {
-            "copy-once mount"
+        let what = match *name {
+            "root" => "root disk",
+            "copy" => "copy-once mount",
+            _ => "live mount",
         };
         sec.add(
             &format!("{name}_write_mib_s"),

@@ -241,6 +241,30 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "mounts.root_read_mib_s",
         ),
         (
+            "live_mount_over_root_stat",
+            "stat of a 10,000-file tree: live mount / root disk (target <= 3)",
+            "mounts.live_stat_ms",
+            "mounts.root_stat_ms",
+        ),
+        (
+            "live_mount_over_root_create_delete",
+            "create and delete 1,000 files: live mount / root disk (target <= 3)",
+            "mounts.live_create_delete_ms",
+            "mounts.root_create_delete_ms",
+        ),
+        (
+            "live_mount_over_root_write",
+            "sequential write MiB/s: live mount / root disk",
+            "mounts.live_write_mib_s",
+            "mounts.root_write_mib_s",
+        ),
+        (
+            "live_mount_over_root_read",
+            "sequential read MiB/s: live mount / root disk",
+            "mounts.live_read_mib_s",
+            "mounts.root_read_mib_s",
+        ),
+        (
             "reclaim_rss_after_balloon_over_none",
             "VM RSS 10 s after the guest freed its allocation: balloon / no balloon",
             "reclaim.rss_after_balloon_mib",

@@ -68,7 +68,8 @@ pub fn parse_qemu_version(s: &str) -> Option<(u32, u32)> {
 /// discards out of a privately mapped file.
 const READONLY_PRIVATE_RAM: (u32, u32) = (8, 2);
 
-fn at_least(version: Option<(u32, u32)>, want: (u32, u32)) -> bool {
+/// Whether QEMU `version` (unknown: assumed recent) is `want` or later.
+pub fn at_least(version: Option<(u32, u32)>, want: (u32, u32)) -> bool {
     version.is_none_or(|v| v >= want)
 }
 

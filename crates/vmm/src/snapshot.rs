@@ -70,6 +70,9 @@ pub fn remove_partial(spec: &VmSpec) {
     }
 }
 
+/// The first QEMU that migrates a vhost-user-fs device's internal state.
+const LIVE_MOUNT_MIGRATION: (u32, u32) = (8, 2);
+
 pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> StartError {
     StartError {
         code,
@@ -136,6 +139,21 @@ pub async fn take<M: Machine>(
             ErrorCode::SnapshotDumpFailed,
             format!("snapshot destination {} is not absolute", out.display()),
         ));
+    }
+    // Older QEMU cannot move a virtio-fs device's state: it would fail
+    // mid-way with the guest paused.
+    if spec.live_mounts.is_some()
+        && !machinen::qemu_args::at_least(caps.version, LIVE_MOUNT_MIGRATION)
+    {
+        let mut e = err(
+            ErrorCode::SnapshotDumpFailed,
+            "a VM with live mounts can be snapshotted with QEMU 8.2 or later only",
+        );
+        e.hint = Some(
+            "upgrade QEMU (Debian 12: from bookworm-backports; scripts/install-deps does it)"
+                .into(),
+        );
+        return Err(e);
     }
     let agent = shared.agent.lock().await.clone().ok_or_else(|| {
         err(

@@ -391,7 +391,21 @@ fn a_live_mount_keeps_an_open_file_across_snapshot_restore_and_fork_and_remaps()
         || sh(&env, "r1", "cat /work/from-host 2>/dev/null; true") == "seen\n",
     );
 
-    // A fork shares the same directory; its writer goes on too.
+    // A fork can be pointed elsewhere (its writer's file is not there: an
+    // error in that guest only) ...
+    let out = env.run_ok(&[
+        "fork",
+        "r1",
+        "--new-name",
+        "f0",
+        "--mount-live",
+        &format!("{}:/work", s(&other)),
+        "--",
+        "cat",
+        "/work/which",
+    ]);
+    assert_eq!(out, "other\n");
+    // ... and by default shares the same directory; its writer goes on too.
     env.run_ok(&["fork", "r1", "--new-name", "f1", "--detach"]);
     env.run_ok(&["stop", "r1"]);
     let before = lines(&log);

@@ -51,12 +51,23 @@ fn spawn_one(
     let log =
         machinen::vm::private_file(&log_path).map_err(spawn_err(log_path.display().to_string()))?;
     let who = live_mounts::identity(&m.host).map_err(spawn_err(m.host.display().to_string()))?;
-    // Executed through a descriptor opened here: a virtiofsd that runs as
-    // another user may not be able to reach the program's path (say,
-    // root's ~/.cargo/bin), only to execute the file.
-    let program = std::fs::File::open(&shares.virtiofsd)
-        .map_err(spawn_err(shares.virtiofsd.display().to_string()))?;
-    let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", program.as_raw_fd()));
+    let switch = who.uid != nix::unistd::geteuid().as_raw();
+    // Run as another user, it is executed through a descriptor opened
+    // here: that user may not be able to reach the program's path (say,
+    // root's ~/.cargo/bin), only to execute the file. (A script would not
+    // run that way; as ourselves, the path is used.)
+    let program = if switch {
+        Some(
+            std::fs::File::open(&shares.virtiofsd)
+                .map_err(spawn_err(shares.virtiofsd.display().to_string()))?,
+        )
+    } else {
+        None
+    };
+    let mut cmd = match &program {
+        Some(f) => std::process::Command::new(format!("/proc/self/fd/{}", f.as_raw_fd())),
+        None => std::process::Command::new(&shares.virtiofsd),
+    };
     cmd.arg0("virtiofsd")
         .args(live_mounts::virtiofsd_args(m, LISTEN_FD, restoring, who))
         .stdin(Stdio::null())
@@ -65,7 +76,7 @@ fn spawn_one(
                 .map_err(spawn_err(log_path.display().to_string()))?,
         )
         .stderr(log);
-    if who.uid != nix::unistd::geteuid().as_raw() {
+    if switch {
         // Root shares another user's directory as that user (std drops the
         // supplementary groups too).
         cmd.uid(who.uid).gid(who.gid);
