@@ -131,31 +131,15 @@ impl std::fmt::Display for LiveMount {
 }
 
 /// An existing host directory, made absolute; a missing one is
-/// `BOOT_MOUNT_HOST_NOT_FOUND` naming it.
+/// `BOOT_MOUNT_HOST_NOT_FOUND` naming it (and the guest path it serves).
 fn host_dir(host: &Path, guest: &str) -> Result<PathBuf, Failure> {
-    match fs::metadata(host) {
-        Ok(md) if md.is_dir() => fs::canonicalize(host).map_err(|e| {
-            fail(
-                ErrorCode::BootMountHostNotFound,
-                format!("cannot resolve live mount source {}", host.display()),
-            )
-            .source(e)
-        }),
-        Ok(_) => Err(fail(
-            ErrorCode::BootMountInvalid,
-            format!("live mount source {} is not a directory", host.display()),
-        )
-        .hint("share the directory that holds it")),
-        Err(e) => Err(fail(
-            ErrorCode::BootMountHostNotFound,
-            format!(
-                "live mount source {} (for {guest}) not found",
-                host.display()
-            ),
-        )
-        .hint("give an existing host directory (relative paths are from the current directory); a restore can point the guest path elsewhere with --mount-live NEW_HOST_DIR:GUEST_PATH")
-        .source(e)),
-    }
+    crate::mounts::host_dir(host, "live mount source", &format!(" (for {guest})")).map_err(|e| {
+        if e.code == ErrorCode::BootMountHostNotFound {
+            e.hint("give an existing host directory (relative paths are from the current directory); a restore can point the guest path elsewhere with --mount-live NEW_HOST_DIR:GUEST_PATH")
+        } else {
+            e
+        }
+    })
 }
 
 /// Check the live mounts of a boot: at most [`MAX_LIVE_MOUNTS`], valid guest

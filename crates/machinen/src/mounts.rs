@@ -190,28 +190,7 @@ pub fn check(mounts: &[Mount]) -> Result<Vec<Mount>, Failure> {
     let mut out: Vec<Mount> = Vec::with_capacity(mounts.len());
     for m in mounts {
         validate_guest_path(&m.guest)?;
-        let host = match fs::metadata(&m.host) {
-            Ok(md) if md.is_dir() => fs::canonicalize(&m.host).map_err(|e| {
-                fail(
-                    ErrorCode::BootMountHostNotFound,
-                    format!("cannot resolve mount source {}", m.host.display()),
-                )
-                .source(e)
-            })?,
-            Ok(_) => {
-                return Err(fail(
-                    ErrorCode::BootMountInvalid,
-                    format!("mount source {} is not a directory", m.host.display()),
-                )
-                .hint("mount the directory that holds it"))
-            }
-            Err(e) => return Err(fail(
-                ErrorCode::BootMountHostNotFound,
-                format!("mount source {} not found", m.host.display()),
-            )
-            .hint("give an existing host directory (relative paths are from the current directory)")
-            .source(e)),
-        };
+        let host = host_dir(&m.host, "mount source", "")?;
         for other in &out {
             if nested(&other.guest, &m.guest) || nested(&m.guest, &other.guest) {
                 return Err(fail(
@@ -227,6 +206,33 @@ pub fn check(mounts: &[Mount]) -> Result<Vec<Mount>, Failure> {
         });
     }
     Ok(out)
+}
+
+/// `host` made absolute, checked to be an existing directory
+/// (`BOOT_MOUNT_HOST_NOT_FOUND` naming it, or `BOOT_MOUNT_INVALID` for
+/// something else); `what` and `note` go before and after it in the
+/// message.
+pub(crate) fn host_dir(host: &Path, what: &str, note: &str) -> Result<PathBuf, Failure> {
+    match fs::metadata(host) {
+        Ok(md) if md.is_dir() => fs::canonicalize(host).map_err(|e| {
+            fail(
+                ErrorCode::BootMountHostNotFound,
+                format!("cannot resolve {what} {}", host.display()),
+            )
+            .source(e)
+        }),
+        Ok(_) => Err(fail(
+            ErrorCode::BootMountInvalid,
+            format!("{what} {}{note} is not a directory", host.display()),
+        )
+        .hint("give the directory that holds it")),
+        Err(e) => Err(fail(
+            ErrorCode::BootMountHostNotFound,
+            format!("{what} {}{note} not found", host.display()),
+        )
+        .hint("give an existing host directory (relative paths are from the current directory)")
+        .source(e)),
+    }
 }
 
 /// Whether guest path `inner` is `outer` or below it.
