@@ -241,6 +241,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "mounts.root_read_mib_s",
         ),
         (
+            "fork_of_fork_paused_over_fork",
+            "source paused: fork of a fork / fork of a booted VM",
+            "fork.fork_of_fork_paused_ms",
+            "fork.source_paused_ms",
+        ),
+        (
+            "fork_of_fork_4g_paused_over_fork",
+            "source paused: fork of a fork at 4 GiB / fork of a booted VM",
+            "fork.fork_of_fork_4g_paused_ms",
+            "fork.source_paused_ms",
+        ),
+        (
             "live_mount_over_root_stat",
             "stat of a 10,000-file tree: live mount / root disk (target <= 3)",
             "mounts.live_stat_ms",

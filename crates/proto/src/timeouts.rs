@@ -101,6 +101,16 @@ pub const QMP_CONNECT: Duration = secs(20);
 /// answered by QEMU's main loop in milliseconds unless QEMU is wedged.
 pub const QMP_COMMAND: Duration = secs(10);
 
+/// How long a snapshot of a VM whose RAM is not a file of its own (a
+/// copy-on-write restore) copies that RAM while the guest runs before it
+/// pauses the guest to finish: a guest that dirties memory faster than the
+/// copy goes converges then, paused, in one last pass.
+pub const PRECOPY_CONVERGE: Duration = secs(15);
+
+/// The longest pause the live copy aims for (QEMU's `downtime-limit`):
+/// it pauses the guest once what is left copies within this.
+pub const PRECOPY_DOWNTIME: Duration = millis(50);
+
 /// Bound on `migrate_cancel` after a snapshot passed its deadline.
 pub const QMP_MIGRATE_CANCEL: Duration = secs(5);
 

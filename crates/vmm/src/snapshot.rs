@@ -3,7 +3,9 @@
 //! Sequence: wipe secrets and flush filesystems in the guest → pause →
 //! write the machine state (QEMU migration stream, devices + RAM) into the
 //! bundle → copy the disk layer (sparse) → resume (keep-alive) → write meta
-//! and manifest, sync, rename into place. The bundle is built in a hidden
+//! and manifest, sync, rename into place. A VM whose RAM is not a shared
+//! file (a copy-on-write restore) is not paused first: its RAM goes into
+//! the stream while it runs, and QEMU pauses it for the last pass. The bundle is built in a hidden
 //! temp directory and recorded in `<vm dir>/snapshot.partial`, so a crash at
 //! any point leaves nothing that restore accepts and nothing `gc` cannot
 //! find. Any failure, the deadline passing in any phase included, removes
@@ -292,11 +294,19 @@ impl<M: Machine> Phases<'_, M> {
         }
 
         clock.mark("flush");
-        if let Err(e) = machine.pause().await {
-            return abandon(builder, err(ErrorCode::SnapshotDumpFailed, e.to_string())).await;
+        // RAM in a shared file is copied as a file while the guest is
+        // paused; other RAM (a copy-on-write mapping of a bundle's, or
+        // anonymous) goes into the state, copied while the guest runs, so
+        // the pause is only for what changed meanwhile, whatever the
+        // memory ceiling or the VM's history.
+        let live = spec.ram_file.is_none();
+        if !live {
+            if let Err(e) = machine.pause().await {
+                return abandon(builder, err(ErrorCode::SnapshotDumpFailed, e.to_string())).await;
+            }
+            clock.mark("pause");
         }
-        clock.mark("pause");
-        let paused_at = Instant::now();
+        let mut paused_at = Instant::now();
         let saved = async {
             // QEMU writes the state through `cat > file`, which keeps the mode
             // of a file that exists: 0600, like the rest of the bundle.
@@ -307,18 +317,27 @@ impl<M: Machine> Phases<'_, M> {
                     format!("cannot create {}: {e}", state_path.display()),
                 )
             })?;
-            machine
-                .save_state(&state_path, deadline)
-                .await
-                .map_err(|e| match e {
-                    crate::engine::EngineError::Timeout { .. } => {
-                        late(timeout, "writing the machine state")
-                    }
-                    e => err(
-                        ErrorCode::SnapshotDumpFailed,
-                        format!("saving the machine state failed: {e}"),
-                    ),
-                })?;
+            let as_start_error = |e| match e {
+                crate::engine::EngineError::Timeout { .. } => {
+                    late(timeout, "writing the machine state")
+                }
+                e => err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("saving the machine state failed: {e}"),
+                ),
+            };
+            if live {
+                let paused = machine
+                    .save_state_live(&state_path, deadline)
+                    .await
+                    .map_err(as_start_error)?;
+                paused_at = Instant::now().checked_sub(paused).unwrap_or(paused_at);
+            } else {
+                machine
+                    .save_state(&state_path, deadline)
+                    .await
+                    .map_err(as_start_error)?;
+            }
             clock.mark("state");
             // The disk layer and, when RAM is a shared file (skipped by the
             // migration stream), the RAM: both copied sparse while paused.

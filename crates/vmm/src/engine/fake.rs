@@ -156,6 +156,13 @@ impl Machine for FakeMachine {
         })
     }
 
+    async fn save_state_live(&self, path: &Path, deadline: Instant) -> Result<Duration, EngineError> {
+        self.pause().await?;
+        let t = Instant::now();
+        self.save_state(path, deadline).await?;
+        Ok(t.elapsed())
+    }
+
     async fn load_state(
         &self,
         _path: &Path,

@@ -91,6 +91,15 @@ pub trait Machine {
         path: &Path,
         deadline: Instant,
     ) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Like [`Machine::save_state`], but for a running guest whose RAM is
+    /// not a shared file: the RAM is copied while the guest runs, and the
+    /// guest is paused only for what it changed meanwhile and the devices
+    /// (it ends paused). Returns how long the guest has been paused.
+    fn save_state_live(
+        &self,
+        path: &Path,
+        deadline: Instant,
+    ) -> impl std::future::Future<Output = Result<Duration, EngineError>>;
     /// Load the state written by `save_state` into a machine launched for
     /// a restore (`spec.restore`). `start`: run the guest once loaded;
     /// otherwise it stays paused until [`Machine::resume`].

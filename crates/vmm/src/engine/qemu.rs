@@ -367,6 +367,38 @@ impl QemuMachine {
         }
     }
 
+    /// Start writing the machine state to `path` (`exec:cat > path`).
+    async fn start_save(&self, path: &Path) -> Result<(), EngineError> {
+        // The default bandwidth cap (tens of MiB/s) is for live migration over
+        // a network; a save to a local file should go flat out. The downtime
+        // limit only matters to a live save (a paused guest is not running).
+        let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(serde_json::json!({
+            "max-bandwidth": 64u64 << 30,
+            "downtime-limit": timeouts::PRECOPY_DOWNTIME.as_millis() as u64,
+        }))
+        .map_err(|e| EngineError::Qmp {
+            command: "migrate-set-parameters",
+            detail: e.to_string(),
+        })?;
+        self.qmp(
+            qapi::qmp::migrate_set_parameters(params),
+            "migrate-set-parameters",
+            timeouts::QMP_COMMAND,
+        )
+        .await?;
+        self.ignore_shared_ram().await?;
+        let uri = format!("exec:cat > {}", sh_quote(&path.display().to_string()));
+        let cmd = qapi::qmp::migrate {
+            uri: Some(uri),
+            channels: None,
+            detach: None,
+            resume: None,
+        };
+        self.qmp(cmd, "migrate", timeouts::QMP_COMMAND)
+            .await
+            .map(|_| ())
+    }
+
     /// Skip RAM that lives in a shared file (`x-ignore-shared`): it is
     /// copied (snapshot) or mapped (restore) as a file instead. Set on both
     /// sides of a migration.
@@ -424,31 +456,58 @@ impl Machine for QemuMachine {
     /// Write the machine state (devices and RAM) to `path`. The VM must be
     /// paused; it stays paused.
     async fn save_state(&self, path: &Path, deadline: Instant) -> Result<(), EngineError> {
-        // The default bandwidth cap (tens of MiB/s) is for live migration over
-        // a network; a paused VM saving to a local file should go flat out.
-        let params: qapi::qmp::MigrateSetParameters = serde_json::from_value(
-            serde_json::json!({"max-bandwidth": 64u64 << 30}),
-        )
-        .map_err(|e| EngineError::Qmp {
-            command: "migrate-set-parameters",
-            detail: e.to_string(),
-        })?;
-        self.qmp(
-            qapi::qmp::migrate_set_parameters(params),
-            "migrate-set-parameters",
-            timeouts::QMP_COMMAND,
-        )
-        .await?;
-        self.ignore_shared_ram().await?;
-        let uri = format!("exec:cat > {}", sh_quote(&path.display().to_string()));
-        let cmd = qapi::qmp::migrate {
-            uri: Some(uri),
-            channels: None,
-            detach: None,
-            resume: None,
-        };
-        self.qmp(cmd, "migrate", timeouts::QMP_COMMAND).await?;
+        self.start_save(path).await?;
         self.wait_migration(deadline).await
+    }
+
+    async fn save_state_live(&self, path: &Path, deadline: Instant) -> Result<Duration, EngineError> {
+        use qapi::qmp::MigrationStatus as S;
+        self.start_save(path).await?;
+        let started = Instant::now();
+        let mut paused_at: Option<Instant> = None;
+        loop {
+            let info = self
+                .qmp(
+                    qapi::qmp::query_migrate {},
+                    "query-migrate",
+                    timeouts::QMP_COMMAND,
+                )
+                .await?;
+            match info.status {
+                Some(S::completed) => {
+                    // QEMU stopped the guest for the last pass and says for
+                    // how long; ours is the bound if we stopped it first.
+                    let qemu = Duration::from_millis(info.downtime.unwrap_or(0).max(0) as u64);
+                    return Ok(paused_at.map_or(qemu, |t| t.elapsed().max(qemu)));
+                }
+                Some(S::failed) | Some(S::cancelled) => {
+                    return Err(EngineError::Qmp {
+                        command: "migrate",
+                        detail: info.error_desc.unwrap_or_else(|| "migration failed".into()),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                let _ = self
+                    .qmp(
+                        qapi::qmp::migrate_cancel {},
+                        "migrate_cancel",
+                        timeouts::QMP_MIGRATE_CANCEL,
+                    )
+                    .await;
+                return Err(EngineError::Timeout {
+                    what: "the machine state to be written",
+                });
+            }
+            if paused_at.is_none() && started.elapsed() >= timeouts::PRECOPY_CONVERGE {
+                // Not converging: finish paused.
+                tracing::info!("live snapshot copy did not converge; pausing the guest");
+                self.pause().await?;
+                paused_at = Some(Instant::now());
+            }
+            tokio::time::sleep(timeouts::STATE_POLL).await;
+        }
     }
 
     /// Load machine state from `path` into a QEMU started with
