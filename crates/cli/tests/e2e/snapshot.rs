@@ -862,7 +862,18 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
             "{vm} sees only its own writes"
         );
     }
-    // A fork of a restored VM (private RAM) works too.
+    // A fork of a restored VM (private RAM) works too. Its RAM is copied
+    // while the guest runs, here with a writer dirtying memory all along:
+    // what the fork finds is one consistent moment, the still data intact.
+    let blob_sum = env.run_ok(&["exec", "cow-a", "--", "sh", "-c", "sha256sum < /dev/shm/blob"]);
+    env.run_ok(&[
+        "exec",
+        "cow-a",
+        "--",
+        "sh",
+        "-c",
+        "nohup sh -c 'i=0; while true; do i=$((i+1)); head -c 4194304 /dev/urandom > /dev/shm/churn; echo $i > /dev/shm/n; done' >/dev/null 2>&1 &",
+    ]);
     env.json(&[
         "fork",
         "cow-a",
@@ -876,6 +887,21 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
             .trim(),
         "cow-a"
     );
+    assert_eq!(
+        env.run_ok(&["exec", "cow-a2", "--", "sh", "-c", "sha256sum < /dev/shm/blob"]),
+        blob_sum
+    );
+    // The writer goes on in the fork.
+    let n = |vm: &str| -> u64 {
+        env.run_ok(&["exec", vm, "--", "cat", "/dev/shm/n"])
+            .trim()
+            .parse()
+            .expect("a count")
+    };
+    let first = n("cow-a2");
+    super::wait_until("the fork's writer", std::time::Duration::from_secs(30), || {
+        n("cow-a2") > first
+    });
     assert_eq!(
         sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram")),
         ram_sum,
