@@ -144,7 +144,7 @@ pub struct ProcessArgs {
     after_help = "Examples:\n  machinen boot -- uname -a\n  machinen boot --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $PWD'\n  machinen boot --name web --detached --json\n  machinen boot ./app.tar.gz -- /app/run\n  machinen boot --name web --detached -p 3000:8080 ./app.tar.gz     service: the image's command is the VM's main command\n  machinen boot --name job --detached -- sh -c 'make test'        then `machinen logs -f job`, `machinen wait job`\n  machinen boot --mount .:/work --cwd /work -- make test          the current directory, copied in\n\nWith --detached and a command (after `--`, or the image's baked one), the command is the VM's\nmain command: its output is kept (`machinen logs`), and when it exits the VM stops and keeps its\nexit status for `machinen wait` (and `ls`) until `machinen gc`; --keep-alive-on-exit keeps the VM up."
 )]
 pub struct BootArgs {
-    /// Rootfs tarball to boot (default: the installed Debian base).
+    /// Rootfs tarball to boot (default: the installed Debian base), or a container image: oci:DIR[:TAG] (OCI layout), docker-archive:FILE (`docker save` output).
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,
     /// Name of the VM (unique among live VMs; path-shaped names like a/b/c are fine).
@@ -301,7 +301,7 @@ pub struct RestoreArgs {
     /// Name of the restored VM (default: <source>/<pid>).
     #[arg(long, short = 'n')]
     pub name: Option<String>,
-    /// The rootfs tarball the VM was booted from, when not at its recorded path (sha256 must match).
+    /// The rootfs tarball the VM was booted from, when not at its recorded path (sha256 must match); oci:DIR[:TAG] and docker-archive:FILE as for boot.
     #[arg(long, value_name = "TAR")]
     pub image: Option<PathBuf>,
     /// Forward a host port: HOST:GUEST or ADDR:HOST:GUEST (repeatable).
@@ -551,7 +551,7 @@ Examples:
   machinen boot app.tar.gz                  runs the baked command"
 )]
 pub struct ProvisionArgs {
-    /// Rootfs tarball to start from (default: the installed Debian base); a provisioned image keeps its baked settings.
+    /// Rootfs tarball to start from (default: the installed Debian base), or oci:DIR[:TAG] / docker-archive:FILE; a provisioned image keeps its baked settings.
     #[arg(long, value_name = "TAR")]
     pub base: Option<PathBuf>,
     /// Run a shell command in the guest (repeatable).

@@ -546,6 +546,8 @@ mod memory;
 mod mounts;
 #[path = "e2e/network.rs"]
 mod network;
+#[path = "e2e/oci.rs"]
+mod oci;
 #[path = "e2e/ops.rs"]
 mod ops;
 #[path = "e2e/parity.rs"]

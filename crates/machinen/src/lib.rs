@@ -21,6 +21,7 @@ pub mod image;
 pub mod initramfs;
 pub mod live_mounts;
 pub mod mounts;
+pub mod oci;
 pub mod paths;
 pub mod phases;
 pub mod ports;

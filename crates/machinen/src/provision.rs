@@ -38,6 +38,7 @@ use machinen_proto::ExitStatus;
 use serde::Serialize;
 use tokio::io::AsyncWrite;
 
+pub(crate) use config::tar_member as config_tar_member;
 pub use config::{
     image_config, read_from_tarball, ImageConfig, IMAGE_CONFIG_PATH, IMAGE_CONFIG_VERSION,
 };
@@ -314,6 +315,10 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
     .map_err(invalid)?;
 
     let base = match &opts.base {
+        Some(b) if crate::oci::Source::parse(b).is_some() => {
+            let (paths, b, progress) = (paths.clone(), b.clone(), opts.progress);
+            crate::vm::blocking(move || Ok(crate::oci::resolve(&paths, &b, progress)?)).await?
+        }
         Some(b) => {
             if !b.exists() {
                 return Err(ProvisionError::BaseNotFound { path: b.clone() }.into());

@@ -453,10 +453,14 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }
         .into());
     }
-    let tarball = opts
-        .image
-        .clone()
-        .unwrap_or_else(|| meta.image.path.clone());
+    let tarball = match opts.image.clone() {
+        // `--image oci:DIR[:TAG]` / `docker-archive:FILE`: its tarball.
+        Some(i) => {
+            let (paths, progress) = (paths.clone(), opts.progress);
+            blocking(move || Ok(crate::oci::resolve(&paths, &i, progress)?)).await?
+        }
+        None => meta.image.path.clone(),
+    };
     if !tarball.exists() {
         return Err(fail(
             ErrorCode::RestoreImageMismatch,

@@ -358,8 +358,15 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     };
     let live_mounts = crate::live_mounts::for_boot(&opts.live_mounts, &mounts, &paths)?;
     let assets = assets::resolve(&paths)?;
-    let tarball = opts.image.clone().unwrap_or_else(|| assets.rootfs.clone());
     let progress = opts.progress;
+    let tarball = match opts.image.clone() {
+        // `oci:DIR[:TAG]`, `docker-archive:FILE`: its flattened tarball.
+        Some(i) => {
+            let paths = paths.clone();
+            blocking(move || Ok(crate::oci::resolve(&paths, &i, progress)?)).await?
+        }
+        None => assets.rootfs.clone(),
+    };
     let img = prepare_disk(&paths, &tarball, progress).await?;
     timeline.mark("image");
     let lower = if mounts.is_empty() {

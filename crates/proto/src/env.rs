@@ -27,6 +27,8 @@ pub const QEMU: &str = "MACHINEN_QEMU";
 pub const PASST: &str = "MACHINEN_PASST";
 /// The virtiofsd binary (live mounts).
 pub const VIRTIOFSD: &str = "MACHINEN_VIRTIOFSD";
+/// Bound on the uncompressed size of an OCI/Docker image's layers.
+pub const IMAGE_MAX_BYTES: &str = "MACHINEN_IMAGE_MAX_BYTES";
 /// Where guest RAM files live.
 pub const RAM_DIR: &str = "MACHINEN_RAM_DIR";
 /// Log filter of the CLI and the supervisor.
@@ -127,6 +129,11 @@ pub const ALL: &[Var] = &[
         VIRTIOFSD,
         "`virtiofsd` on `PATH`, `/usr/libexec/virtiofsd`, `~/.cargo/bin/virtiofsd`",
         "the virtio-fs server of `--mount-live`",
+    ),
+    user(
+        IMAGE_MAX_BYTES,
+        "`64G`",
+        "bound on the unpacked size of an `oci:`/`docker-archive:` image's layers (`512M`, `100G`)",
     ),
     user(
         RAM_DIR,

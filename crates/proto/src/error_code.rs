@@ -133,6 +133,9 @@ error_codes! {
     MountPathEscape = "MOUNT_PATH_ESCAPE",
     // `restore --mount-live` for a guest path the snapshot has no live mount at
     BootLiveMountOverrideUnknown = "BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN",
+    // OCI/Docker images: damaged, hostile or unsupported; for another platform
+    ImageInvalid = "IMAGE_INVALID",
+    ImagePlatformMismatch = "IMAGE_PLATFORM_MISMATCH",
 }
 
 impl ErrorCode {

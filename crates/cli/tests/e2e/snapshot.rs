@@ -865,7 +865,14 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
     // A fork of a restored VM (private RAM) works too. Its RAM is copied
     // while the guest runs, here with a writer dirtying memory all along:
     // what the fork finds is one consistent moment, the still data intact.
-    let blob_sum = env.run_ok(&["exec", "cow-a", "--", "sh", "-c", "sha256sum < /dev/shm/blob"]);
+    let blob_sum = env.run_ok(&[
+        "exec",
+        "cow-a",
+        "--",
+        "sh",
+        "-c",
+        "sha256sum < /dev/shm/blob",
+    ]);
     env.run_ok(&[
         "exec",
         "cow-a",
@@ -888,7 +895,14 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
         "cow-a"
     );
     assert_eq!(
-        env.run_ok(&["exec", "cow-a2", "--", "sh", "-c", "sha256sum < /dev/shm/blob"]),
+        env.run_ok(&[
+            "exec",
+            "cow-a2",
+            "--",
+            "sh",
+            "-c",
+            "sha256sum < /dev/shm/blob"
+        ]),
         blob_sum
     );
     // The writer goes on in the fork.
@@ -899,9 +913,11 @@ fn copy_on_write_ram_keeps_restores_and_forks_apart() {
             .expect("a count")
     };
     let first = n("cow-a2");
-    super::wait_until("the fork's writer", std::time::Duration::from_secs(30), || {
-        n("cow-a2") > first
-    });
+    super::wait_until(
+        "the fork's writer",
+        std::time::Duration::from_secs(30),
+        || n("cow-a2") > first,
+    );
     assert_eq!(
         sha256_hex(&std::fs::read(snap.join("ram.img")).expect("ram")),
         ram_sum,

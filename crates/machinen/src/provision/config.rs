@@ -45,6 +45,11 @@ pub struct ImageConfig {
     /// Working directory (absolute guest path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// The program a command given at boot runs under (an OCI image's
+    /// Entrypoint): `boot IMAGE -- ARGS` runs it with ARGS. `cmd` already
+    /// starts with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
 }
 
 impl Default for ImageConfig {
@@ -54,6 +59,7 @@ impl Default for ImageConfig {
             cmd: None,
             env: BTreeMap::new(),
             cwd: None,
+            entrypoint: None,
         }
     }
 }
@@ -118,6 +124,11 @@ impl ImageConfig {
         env: &[(String, String)],
         cwd: Option<String>,
     ) -> Result<ExecOptions, Failure> {
+        // Docker's rule: a command given at boot goes to the entrypoint.
+        let argv = match (argv, &self.entrypoint) {
+            (Some(a), Some(ep)) => Some(ep.iter().cloned().chain(a).collect()),
+            (a, _) => a,
+        };
         let merged = self.merged(argv, env, cwd);
         let Some(argv) = merged.cmd else {
             return Err(fail(ErrorCode::BootArgsInvalid, "nothing to run: the image has no baked command and none was given after `--`")
@@ -233,7 +244,7 @@ struct CacheRecord {
 pub fn image_config(tarball: Option<&Path>, progress: ProgressMode) -> Result<Option<ImageConfig>> {
     let paths = Paths::from_env()?;
     let tarball = match tarball {
-        Some(t) => t.to_path_buf(),
+        Some(t) => crate::oci::resolve(&paths, t, progress)?,
         None => crate::assets::resolve(&paths)?.rootfs,
     };
     image_config_in(&paths, &tarball, progress)

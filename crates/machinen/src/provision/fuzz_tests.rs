@@ -24,6 +24,7 @@ fn sample() -> ImageConfig {
         cmd: Some(vec!["/app/hello".into(), "--loud".into()]),
         env: [("MODE".to_string(), "prod".to_string())].into(),
         cwd: Some("/app".into()),
+        entrypoint: None,
     }
 }
 

@@ -13,6 +13,7 @@ fn sample() -> ImageConfig {
             ("GREETING".into(), "hi".into()),
         ]),
         cwd: Some("/app".into()),
+        entrypoint: None,
     }
 }
 

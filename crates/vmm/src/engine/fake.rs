@@ -156,7 +156,11 @@ impl Machine for FakeMachine {
         })
     }
 
-    async fn save_state_live(&self, path: &Path, deadline: Instant) -> Result<Duration, EngineError> {
+    async fn save_state_live(
+        &self,
+        path: &Path,
+        deadline: Instant,
+    ) -> Result<Duration, EngineError> {
         self.pause().await?;
         let t = Instant::now();
         self.save_state(path, deadline).await?;

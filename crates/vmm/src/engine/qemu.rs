@@ -460,7 +460,11 @@ impl Machine for QemuMachine {
         self.wait_migration(deadline).await
     }
 
-    async fn save_state_live(&self, path: &Path, deadline: Instant) -> Result<Duration, EngineError> {
+    async fn save_state_live(
+        &self,
+        path: &Path,
+        deadline: Instant,
+    ) -> Result<Duration, EngineError> {
         use qapi::qmp::MigrationStatus as S;
         self.start_save(path).await?;
         let started = Instant::now();

@@ -1,0 +1,308 @@
+//! OCI and Docker images (`oci:DIR:TAG`, `docker-archive:FILE`) booted on
+//! real VMs. The images are made by independent tools: Debian's `umoci`
+//! (layouts, layers, configs) and `skopeo` (the Docker archive), with GNU
+//! tar writing the whiteout layer.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::Env;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn umoci(args: &[&str]) {
+    run(Command::new("umoci").args(args));
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8")
+}
+
+/// The installed Debian base rootfs (as the library resolves it).
+fn base_rootfs() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(a) = var("MACHINEN_ASSETS_DIR") {
+        return PathBuf::from(a).join("rootfs.tar.gz");
+    }
+    let home = var("MACHINEN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"));
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    home.join(env!("CARGO_PKG_VERSION"))
+        .join("bases")
+        .join(format!("debian-{arch}"))
+        .join("rootfs.tar.gz")
+}
+
+/// The body of `GET /` on the forwarded port (`None` until the guest's
+/// server answers).
+fn try_get(port: u16) -> Option<String> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    s.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+fn http_get(port: u16) -> String {
+    try_get(port).expect("an answer")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The cached flattened tarballs: name → (inode, mtime).
+fn converted() -> Vec<(String, u64, i64)> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let cache = var("MACHINEN_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            var("MACHINEN_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"))
+                .join(env!("CARGO_PKG_VERSION"))
+                .join("cache")
+        });
+    let mut v: Vec<_> = std::fs::read_dir(cache.join("oci"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".tar"))
+                .map(|e| {
+                    let m = e.metadata().expect("md");
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        m.ino(),
+                        m.mtime(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// One scenario over images made once: a Debian-based service image whose
+/// entrypoint serves HTTP through `-p`, its config (entrypoint + args, env,
+/// working directory) honoured; an image whose later layer deletes a file
+/// and replaces a directory through an opaque whiteout, as a layout and as
+/// a Docker archive; a `scratch` image of one static binary; another
+/// platform refused; a second boot converts nothing again.
+#[test]
+fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let l = dir.path().join("layout");
+    let lay = |tag: &str| format!("{}:{tag}", s(&l));
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let rootless: &[&str] = if root { &[] } else { &["--rootless"] };
+
+    // app: the Debian base plus the counter, perl as its entrypoint.
+    umoci(&["init", "--layout", s(&l)]);
+    umoci(&["new", "--image", &lay("app")]);
+    let bundle = dir.path().join("bundle");
+    let app = lay("app");
+    let mut a = vec!["unpack"];
+    a.extend(rootless);
+    a.extend(["--image", &app, s(&bundle)]);
+    umoci(&a);
+    run(Command::new("tar")
+        .args(["-xzf", s(&base_rootfs()), "-C"])
+        .arg(bundle.join("rootfs")));
+    let counter = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/counter/counter.pl");
+    std::fs::copy(&counter, bundle.join("rootfs/srv/counter.pl")).expect("counter");
+    let mut a = vec!["repack"];
+    a.extend(rootless);
+    a.extend(["--image", &app, s(&bundle)]);
+    umoci(&a);
+    umoci(&[
+        "config",
+        "--image",
+        &lay("app"),
+        "--config.entrypoint",
+        "perl",
+        "--config.cmd",
+        "/srv/counter.pl",
+        "--config.cmd",
+        "8080",
+        "--config.env",
+        "GREETING=hi",
+        "--config.workingdir",
+        "/srv",
+        "--config.exposedports",
+        "8080/tcp",
+    ]);
+
+    let port = free_port();
+    env.run_ok(&[
+        "boot",
+        &format!("oci:{}", lay("app")),
+        "--name",
+        "web",
+        "--detached",
+        "-p",
+        &format!("{port}:8080"),
+    ]);
+    super::wait_until(
+        "the image's server",
+        std::time::Duration::from_secs(60),
+        || try_get(port).is_some_and(|b| b.trim().parse::<u64>().is_ok()),
+    );
+    let n: u64 = http_get(port).trim().parse().expect("a count");
+    assert_eq!(http_get(port).trim(), (n + 1).to_string());
+    env.run_ok(&["stop", "web"]);
+    let first = converted();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // Arguments after `--` go to the entrypoint; env and cwd apply.
+    let out = env.run_ok(&[
+        "boot",
+        &format!("oci:{}", lay("app")),
+        "--",
+        "-e",
+        "print qq($ENV{GREETING} from ), `pwd`",
+    ]);
+    assert_eq!(out, "hi from /srv\n");
+    assert_eq!(converted(), first, "the second boot converted nothing");
+
+    // wh: a layer adds /opt/d/{a,b} and /opt/gone, the next deletes
+    // /opt/gone and makes /opt/d opaque with only c in it.
+    let l2 = dir.path().join("l2");
+    let l3 = dir.path().join("l3");
+    std::fs::create_dir_all(l2.join("opt/d")).expect("l2");
+    std::fs::create_dir_all(l3.join("opt/d")).expect("l3");
+    for (p, c) in [("opt/d/a", "a"), ("opt/d/b", "b"), ("opt/gone", "x")] {
+        std::fs::write(l2.join(p), c).expect("l2 file");
+    }
+    for (p, c) in [
+        ("opt/d/.wh..wh..opq", ""),
+        ("opt/.wh.gone", ""),
+        ("opt/d/c", "c"),
+    ] {
+        std::fs::write(l3.join(p), c).expect("l3 file");
+    }
+    for (d, t) in [(&l2, "l2.tar"), (&l3, "l3.tar")] {
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(d)
+            .args(["-cf"])
+            .arg(dir.path().join(t))
+            .arg("opt"));
+    }
+    umoci(&[
+        "raw",
+        "add-layer",
+        "--image",
+        &lay("app"),
+        "--tag",
+        "wh",
+        s(&dir.path().join("l2.tar")),
+    ]);
+    umoci(&[
+        "raw",
+        "add-layer",
+        "--image",
+        &lay("wh"),
+        s(&dir.path().join("l3.tar")),
+    ]);
+    umoci(&[
+        "config",
+        "--image",
+        &lay("wh"),
+        "--config.entrypoint",
+        "",
+        "--config.cmd",
+        "",
+    ]);
+    let want = "d\nc\n";
+    let look = ["--", "sh", "-c", "ls -A /opt; ls -A /opt/d"];
+    let mut a = vec!["boot"];
+    let r = format!("oci:{}", lay("wh"));
+    a.push(&r);
+    a.extend(look);
+    assert_eq!(env.run_ok(&a), want);
+    let archive = dir.path().join("wh.tar");
+    run(Command::new("skopeo").args([
+        "copy",
+        &format!("oci:{}", lay("wh")),
+        &format!("docker-archive:{}:local/wh:latest", s(&archive)),
+    ]));
+    let r = format!("docker-archive:{}", s(&archive));
+    let mut a = vec!["boot", r.as_str()];
+    a.extend(look);
+    assert_eq!(env.run_ok(&a), want);
+
+    // scratch: one static binary, nothing else in the image.
+    let sdir = dir.path().join("scratch");
+    std::fs::create_dir_all(sdir.join("bin")).expect("scratch");
+    std::fs::copy("/bin/busybox", sdir.join("bin/busybox")).expect("busybox (busybox-static)");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&sdir)
+        .arg("-cf")
+        .arg(dir.path().join("s.tar"))
+        .arg("bin"));
+    umoci(&["new", "--image", &lay("scratch")]);
+    umoci(&[
+        "raw",
+        "add-layer",
+        "--image",
+        &lay("scratch"),
+        s(&dir.path().join("s.tar")),
+    ]);
+    umoci(&[
+        "config",
+        "--image",
+        &lay("scratch"),
+        "--config.entrypoint",
+        "/bin/busybox",
+        "--config.entrypoint",
+        "echo",
+        "--config.cmd",
+        "static ok",
+    ]);
+    assert_eq!(
+        env.run_ok(&["boot", &format!("oci:{}", lay("scratch"))]),
+        "static ok\n"
+    );
+
+    // Another platform's image.
+    umoci(&[
+        "config",
+        "--image",
+        &lay("scratch"),
+        "--tag",
+        "other",
+        "--architecture",
+        if std::env::consts::ARCH == "x86_64" {
+            "arm64"
+        } else {
+            "amd64"
+        },
+    ]);
+    let out = env.run(&["boot", &format!("oci:{}", lay("other")), "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("IMAGE_PLATFORM_MISMATCH"), "{err}");
+    // A tag that is not there.
+    let out = env.run(&["boot", &format!("oci:{}", lay("nope")), "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no image tagged"));
+}
