@@ -203,6 +203,8 @@ export interface BootOptions {
   cwd?: string;
   /** Keep the VM running after its main command exited. */
   keepAliveOnExit?: boolean;
+  /** Who the main command runs as (`"NAME"`, `"UID"`, `"NAME:GROUP"`, `"UID:GID"`). */
+  user?: string;
   /**
    * Host directories copied into the VM at boot (up to 8): the guest may
    * change its copy, the host never sees those changes, and snapshots,
@@ -274,6 +276,8 @@ export interface ExecOptions {
   env?: Record<string, string | number | boolean | undefined>;
   /** Absolute guest path. */
   cwd?: string;
+  /** Run as this user instead of root: `"NAME"`, `"UID"`, `"NAME:GROUP"`, `"UID:GID"` (the guest's /etc/passwd and /etc/group). */
+  user?: string;
   /** The command's process group is killed after this long: `EXEC_TIMEOUT`. */
   timeoutMs?: number;
   /** Bytes for the command's stdin (closed after them; no stdin otherwise). */

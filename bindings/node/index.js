@@ -188,7 +188,7 @@ function signalNumber(sig) {
   return n;
 }
 
-const EXEC_KEYS = ['env', 'cwd', 'timeoutMs', 'stdin', 'onStdout', 'onStderr', 'signal', 'encoding'];
+const EXEC_KEYS = ['env', 'cwd', 'user', 'timeoutMs', 'stdin', 'onStdout', 'onStderr', 'signal', 'encoding'];
 
 function execOpts(cmd, opts = {}) {
   checkKeys(opts, EXEC_KEYS, 'exec');
@@ -196,6 +196,7 @@ function execOpts(cmd, opts = {}) {
     argv: toArgv(cmd),
     env: toEnv(opts.env),
     cwd: opts.cwd,
+    user: opts.user,
     timeoutMs: ms(opts.timeoutMs, 'timeoutMs'),
   };
 }
@@ -466,7 +467,7 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user',
 ];
 
 /** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
@@ -522,6 +523,7 @@ async function boot(opts = {}) {
     nested: opts.nested,
     env: toEnv(opts.env),
     cwd: opts.cwd,
+    user: opts.user,
     keepAliveOnExit: opts.keepAliveOnExit,
     mounts: toMounts(opts.mount),
     mountUpperSize: opts.mountDiskUpperSizeBytes,

@@ -34,6 +34,8 @@ pub struct BootOpts {
     pub cmd: Option<Vec<String>>,
     pub env: Option<HashMap<String, String>>,
     pub cwd: Option<String>,
+    /// Who the main command runs as.
+    pub user: Option<String>,
     pub keep_alive_on_exit: Option<bool>,
     /// Copy-once mounts (`--mount`).
     pub mounts: Option<Vec<MountOpt>>,
@@ -112,6 +114,8 @@ pub struct ExecOpts {
     pub argv: Vec<String>,
     pub env: Option<HashMap<String, String>>,
     pub cwd: Option<String>,
+    /// Run as this user (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`).
+    pub user: Option<String>,
     /// The command's process group is killed after this long
     /// (`EXEC_TIMEOUT`).
     pub timeout_ms: Option<u32>,
@@ -204,6 +208,7 @@ impl BootOpts {
             cmd: self.cmd.unwrap_or_default(),
             env: pairs(self.env),
             cwd: self.cwd,
+            user: self.user,
             keep_alive_on_exit: self.keep_alive_on_exit.unwrap_or(false),
             on_phase: Default::default(),
             mounts: self
@@ -283,6 +288,7 @@ impl ExecOpts {
                 argv: self.argv,
                 env: pairs(self.env),
                 cwd: self.cwd,
+                user: self.user,
             },
             timeout,
         )

@@ -100,6 +100,12 @@ test('exec: output, exit codes, signals, EXEC_NONZERO_EXIT', async () => {
   assert.deepEqual([...bin.stdout], [255, 0]);
 });
 
+test('exec: as another user', async () => {
+  assert.equal((await vm.exec('id -u; echo $HOME', { user: 'nobody' })).stdout, '65534\n/nonexistent\n');
+  assert.equal((await vm.exec('id -u', { user: '1234:5678' })).stdout, '1234\n');
+  await rejectsWith(vm.exec('true', { user: 'no body' }), 'BOOT_ARGS_INVALID');
+});
+
 test('exec: env, cwd, stdin', async () => {
   const r = await vm.exec('echo $GREETING from $PWD', { env: { GREETING: 'hi' }, cwd: '/tmp' });
   assert.equal(r.stdout, 'hi from /tmp\n');

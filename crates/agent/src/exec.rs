@@ -224,7 +224,24 @@ pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireEr
             ))
         }
     }
-    let env = build_env(&req.env, hostname, req.tty);
+    let ident = match req.user.as_deref() {
+        Some(u) => Some(crate::user::lookup(u).map_err(|e| wire_error(code::SPAWN_FAILED, e))?),
+        None => None,
+    };
+    let mut env = build_env(&req.env, hostname, req.tty);
+    if let Some(id) = &ident {
+        // The user's own HOME and name, unless the caller set them.
+        let given = |k: &str| req.env.iter().any(|(key, _)| key == k);
+        if !given("HOME") {
+            env.insert("HOME".into(), id.home.clone().unwrap_or_else(|| "/".into()));
+        }
+        let name = id.name.clone().unwrap_or_else(|| id.uid.to_string());
+        for k in ["USER", "LOGNAME"] {
+            if !given(k) {
+                env.insert(k.into(), name.clone());
+            }
+        }
+    }
     let path_var = env.get("PATH").map(String::as_str).unwrap_or("");
     let program = match resolve_program(argv0, path_var, &cwd) {
         Resolved::Found(p) => p,
@@ -297,6 +314,23 @@ pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireEr
         }
     }
 
+    if let Some(id) = ident {
+        let groups: Vec<libc::gid_t> = id.groups.clone();
+        // SAFETY: runs in the forked child before exec, after the session
+        // setup above; setgroups/setgid/setuid are async-signal-safe and the
+        // group list was allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(id.gid) != 0
+                    || libc::setuid(id.uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let (mut child, exit) = Reaper::global().spawn(&mut cmd).map_err(spawn_err)?;
     // The Command still holds our copies of the pty slave: close them now, or
     // the master never sees the end of the child's output.

@@ -32,6 +32,7 @@ mod secrets;
 mod server;
 mod service;
 mod tcpreset;
+mod user;
 mod zalloc;
 
 /// Every heap block is zeroed when freed: see [`zalloc`].

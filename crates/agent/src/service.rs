@@ -176,6 +176,7 @@ where
         cwd: main.cwd,
         tty: false,
         winsize: None,
+        user: main.user,
     };
     let reply = {
         let running = slot

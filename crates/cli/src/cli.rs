@@ -137,6 +137,9 @@ pub struct ProcessArgs {
     /// Working directory in the guest (absolute).
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+    /// Run the command as this user instead of root (or the image's user): NAME, UID, NAME:GROUP or UID:GID, names from the guest's /etc/passwd and /etc/group.
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -596,16 +596,23 @@ fn run_config(c: &OciConfig, name: &str) -> Result<ImageConfig, Failure> {
     let cwd = rc
         .and_then(|r| r.working_dir.clone())
         .filter(|d| d.starts_with('/'));
-    if let Some(u) = rc.and_then(|r| r.user.as_deref()) {
-        if !matches!(u, "" | "0" | "root" | "0:0" | "root:root") {
-            tracing::warn!("{name} asks to run as user {u:?}; machinen runs its command as root");
-        }
+    // Who the command runs as; root needs no lookup.
+    let user = rc
+        .and_then(|r| r.user.clone())
+        .filter(|u| !matches!(u.as_str(), "" | "0" | "root" | "0:0" | "root:root"));
+    if let Some(u) = &user {
+        crate::vm::check_user(u).map_err(|_| {
+            invalid(format!(
+                "{name} has the user {u:?}, which is not NAME, UID, NAME:GROUP or UID:GID"
+            ))
+        })?;
     }
     let config = ImageConfig {
         cmd: (!full.is_empty()).then_some(full),
         env,
         cwd,
         entrypoint,
+        user,
         ..ImageConfig::default()
     };
     config.validate()?;

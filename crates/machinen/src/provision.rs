@@ -278,6 +278,8 @@ where
                 argv: vec!["sh".into(), "-c".into(), cmd.clone()],
                 env,
                 cwd: config.cwd.clone(),
+                // Install steps run as the image's user, as Docker's RUN does.
+                user: config.user.clone(),
             };
             let status = vm
                 .exec_stream(opts, tokio::io::empty(), stdout, stderr)
@@ -311,6 +313,7 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         argv: vec!["true".into()],
         env: opts.env.clone(),
         cwd: opts.cwd.clone(),
+        user: None,
     })
     .map_err(invalid)?;
 

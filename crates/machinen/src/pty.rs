@@ -122,6 +122,7 @@ impl Vm {
             cwd: opts.cwd,
             tty: true,
             winsize: Some(winsize),
+            user: opts.user,
         };
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await

@@ -117,6 +117,7 @@ impl Sandboxes {
             argv: self.shell.clone(),
             env: vec![],
             cwd: Some("/root".into()),
+            user: None,
         };
         let mut exec = vm.exec_pty(opts, terminal::host_winsize()).await?;
         let shared = Arc::new(Mutex::new(Shared::default()));

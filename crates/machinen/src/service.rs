@@ -46,6 +46,9 @@ pub struct MainSpec {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Who it runs as (root when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Keep the VM running after the command exited.
     #[serde(default)]
     pub keep_alive_on_exit: bool,

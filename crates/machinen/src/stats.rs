@@ -174,6 +174,7 @@ impl Vm {
                     argv: vec!["cat".into(), "/proc/meminfo".into()],
                     env: Vec::new(),
                     cwd: None,
+                    user: None,
                 },
                 Some(machinen_proto::timeouts::STATS),
             )

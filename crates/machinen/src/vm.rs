@@ -78,6 +78,9 @@ pub struct BootOptions {
     pub env: Vec<(String, String)>,
     /// Working directory of the main command (absolute; `/` when `None`).
     pub cwd: Option<String>,
+    /// Who the main command runs as (`NAME`, `UID`, `NAME:GROUP`,
+    /// `UID:GID`; root when `None`).
+    pub user: Option<String>,
     /// Keep the VM running after its main command exited.
     pub keep_alive_on_exit: bool,
     /// Called with each phase of the boot as it ends (image, initramfs,
@@ -120,6 +123,7 @@ impl Default for BootOptions {
             cmd: Vec::new(),
             env: Vec::new(),
             cwd: None,
+            user: None,
             keep_alive_on_exit: false,
             on_phase: Default::default(),
             mounts: Vec::new(),
@@ -261,6 +265,33 @@ pub struct ExecOptions {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Run as this user instead of root: `NAME`, `UID`, `NAME:GROUP` or
+    /// `UID:GID` (names from the guest's `/etc/passwd` and `/etc/group`).
+    pub user: Option<String>,
+}
+
+/// Check a `--user` value: `NAME`, `UID`, `NAME:GROUP` or `UID:GID` (the
+/// guest resolves names; this refuses what cannot be one).
+pub fn check_user(u: &str) -> Result<(), Failure> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 64
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-$".contains(&b))
+    };
+    let valid = match u.split_once(':') {
+        Some((a, b)) => ok_part(a) && ok_part(b),
+        None => ok_part(u),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!("user {u:?} is not NAME, UID, NAME:GROUP or UID:GID"),
+        )
+        .hint("e.g. --user 1000, --user app, --user app:staff"))
+    }
 }
 
 /// Check `KEY=VALUE` environment pairs and a working directory.
@@ -282,6 +313,9 @@ pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
                 "names are letters, digits and '_', not starting with a digit (--env KEY=VALUE)",
             ));
         }
+    }
+    if let Some(u) = &opts.user {
+        check_user(u)?;
     }
     if let Some(cwd) = &opts.cwd {
         if !cwd.starts_with('/') {
@@ -341,6 +375,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             argv: opts.cmd.clone(),
             env: opts.env.clone(),
             cwd: opts.cwd.clone(),
+            user: opts.user.clone(),
         })?;
     }
     let mounts = crate::mounts::check(&opts.mounts)?;
@@ -439,6 +474,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             argv: opts.cmd.clone(),
             env: opts.env.clone(),
             cwd: opts.cwd.clone(),
+            user: opts.user.clone(),
             keep_alive_on_exit: opts.keep_alive_on_exit,
             after_secrets: !opts.secrets.is_empty(),
         }),
@@ -1123,6 +1159,7 @@ impl Vm {
             cwd: opts.cwd,
             tty: false,
             winsize: None,
+            user: opts.user,
         };
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await
@@ -1699,8 +1736,20 @@ mod tests {
             argv: vec!["true".into()],
             env: vec![("A_1".into(), "x=y".into())],
             cwd: Some("/tmp".into()),
+            user: Some("app:staff".into()),
         };
         validate_exec(&ok).expect("valid");
+        for u in ["", "a b", ":x", "x:", "a:b:c", "x/y"] {
+            let bad = ExecOptions {
+                user: Some(u.into()),
+                ..ok.clone()
+            };
+            assert_eq!(
+                validate_exec(&bad).expect_err(u).code,
+                ErrorCode::BootArgsInvalid,
+                "{u:?}"
+            );
+        }
         let mut bad = ok.clone();
         bad.env = vec![("1A".into(), "x".into())];
         assert_eq!(

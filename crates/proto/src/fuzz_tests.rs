@@ -129,14 +129,16 @@ fn request() -> impl Strategy<Value = Request> {
         prop::option::of(text()),
         any::<bool>(),
         prop::option::of(winsize()),
+        prop::option::of(text()),
     )
-        .prop_map(|(argv, env, cwd, tty, winsize)| {
+        .prop_map(|(argv, env, cwd, tty, winsize, user)| {
             Request::Exec(ExecRequest {
                 argv,
                 env,
                 cwd,
                 tty,
                 winsize,
+                user,
             })
         });
     let write =

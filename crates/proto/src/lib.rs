@@ -329,6 +329,11 @@ pub struct ExecRequest {
     /// Initial window size when `tty`.
     #[serde(default)]
     pub winsize: Option<WinSize>,
+    /// Run as this user instead of root: `NAME`, `UID`, `NAME:GROUP` or
+    /// `UID:GID`, names looked up in the guest's `/etc/passwd` and
+    /// `/etc/group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The VM's main command (`Request::StartMain`).
@@ -347,6 +352,9 @@ pub struct MainRequest {
     /// so that the command finds them; the answer waits as long.
     #[serde(default)]
     pub after_secrets: bool,
+    /// Run as this user (see [`ExecRequest::user`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A terminal's size in character cells.
@@ -943,6 +951,7 @@ mod tests {
                 cwd: Some("/tmp".into()),
                 tty: true,
                 winsize: Some(WinSize { rows: 24, cols: 80 }),
+                user: Some("1000:100".into()),
             })),
             Frame::Request(Request::Ping),
             Frame::Request(Request::Status),
@@ -968,6 +977,7 @@ mod tests {
                 env: vec![("PORT".into(), "8080".into())],
                 cwd: Some("/srv".into()),
                 after_secrets: true,
+                user: Some("app:staff".into()),
             })),
             Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
             Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),

@@ -136,6 +136,7 @@ async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)
         env: main.env.clone(),
         cwd: main.cwd.clone(),
         after_secrets: main.after_secrets,
+        user: main.user.clone(),
     };
     let io_err = |e: String| (ErrorCode::ExecFailed.as_str().to_string(), e);
     let answer = async {

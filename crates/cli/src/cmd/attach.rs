@@ -90,6 +90,7 @@ pub async fn run(a: AttachArgs) -> Result<i32> {
         argv: shell_argv(a.shell.as_deref()),
         env: vec![],
         cwd: Some("/root".into()),
+        user: None,
     };
     super::exec::run_tty(&vm, opts).await
 }

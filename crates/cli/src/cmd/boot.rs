@@ -47,7 +47,12 @@ fn foreground_exec(a: &BootArgs) -> Result<ExecOptions> {
     } else {
         Some(a.cmd.clone())
     };
-    Ok(config.exec_options(argv, &env, a.process.cwd.clone())?)
+    let mut opts = config.exec_options(argv, &env, a.process.cwd.clone())?;
+    if let Some(u) = &a.process.user {
+        machinen::vm::check_user(u)?;
+        opts.user = Some(u.clone());
+    }
+    Ok(opts)
 }
 
 /// What a detached boot runs as the VM's main command: the command after
@@ -117,6 +122,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         cmd: main.as_ref().map(|m| m.argv.clone()).unwrap_or_default(),
         env: main.as_ref().map(|m| m.env.clone()).unwrap_or_default(),
         cwd: main.as_ref().and_then(|m| m.cwd.clone()),
+        user: main.as_ref().and_then(|m| m.user.clone()),
         keep_alive_on_exit: a.keep_alive_on_exit,
         on_phase: crate::output::phase_printer(a.timings),
         mounts: a

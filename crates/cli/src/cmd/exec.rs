@@ -17,6 +17,7 @@ pub fn exec_options(p: &ProcessArgs, argv: Vec<String>) -> Result<ExecOptions> {
         argv,
         env,
         cwd: p.cwd.clone(),
+        user: p.user.clone(),
     };
     machinen::vm::validate_exec(&opts)?;
     Ok(opts)

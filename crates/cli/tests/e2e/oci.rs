@@ -184,6 +184,43 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
     assert_eq!(out, "hi from /srv\n");
     assert_eq!(converted(), first, "the second boot converted nothing");
 
+    // The image's User, and --user over it.
+    umoci(&[
+        "config",
+        "--image",
+        &lay("app"),
+        "--tag",
+        "user",
+        "--config.user",
+        "nobody",
+        "--config.entrypoint",
+        "",
+        "--config.cmd",
+        "",
+    ]);
+    let r = format!("oci:{}", lay("user"));
+    assert_eq!(
+        env.run_ok(&[
+            "boot",
+            &r,
+            "--",
+            "sh",
+            "-c",
+            "id -u; id -g; echo $HOME $USER"
+        ]),
+        "65534\n65534\n/nonexistent nobody\n"
+    );
+    assert_eq!(
+        env.run_ok(&["boot", &r, "--user", "0", "--", "id", "-u"]),
+        "0\n"
+    );
+    let out = env.run(&["boot", &r, "--user", "ghost", "--", "true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the guest's /etc/passwd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // wh: a layer adds /opt/d/{a,b} and /opt/gone, the next deletes
     // /opt/gone and makes /opt/d opaque with only c in it.
     let l2 = dir.path().join("l2");

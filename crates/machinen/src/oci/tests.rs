@@ -96,7 +96,7 @@ fn layout(layers: &[Vec<u8>], o: Opts) -> tempfile::TempDir {
         .collect();
     let config = serde_json::json!({
         "architecture": o.arch, "os": "linux",
-        "config": {"Entrypoint": ["/bin/app"], "Cmd": ["--flag"], "Env": ["A=1", "PATH=/bin"], "WorkingDir": "/srv"},
+        "config": {"Entrypoint": ["/bin/app"], "Cmd": ["--flag"], "Env": ["A=1", "PATH=/bin"], "WorkingDir": "/srv", "User": "app:staff"},
         "rootfs": {"type": "layers", "diff_ids": []}
     });
     let (cd, cs) = put_blob(d.path(), config.to_string().as_bytes());
@@ -217,6 +217,7 @@ fn layers_apply_in_order_with_whiteouts_and_opaque_directories() {
     assert_eq!(c.entrypoint.as_deref(), Some(&["/bin/app".to_string()][..]));
     assert_eq!(c.env["A"], "1");
     assert_eq!(c.cwd.as_deref(), Some("/srv"));
+    assert_eq!(c.user.as_deref(), Some("app:staff"));
     // The same image flattens to the same bytes (its sha256 names it).
     let (r2, _out2) = convert(d.path(), MAX_BYTES);
     assert_eq!(

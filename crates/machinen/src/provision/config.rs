@@ -50,6 +50,10 @@ pub struct ImageConfig {
     /// starts with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
+    /// Who the command runs as (an OCI image's `User`): `NAME`, `UID`,
+    /// `NAME:GROUP` or `UID:GID`; root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl Default for ImageConfig {
@@ -60,6 +64,7 @@ impl Default for ImageConfig {
             env: BTreeMap::new(),
             cwd: None,
             entrypoint: None,
+            user: None,
         }
     }
 }
@@ -88,6 +93,7 @@ impl ImageConfig {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cwd: self.cwd.clone(),
+            user: self.user.clone(),
         };
         validate_exec(&probe)
     }
@@ -138,6 +144,7 @@ impl ImageConfig {
             argv,
             env: merged.env.into_iter().collect(),
             cwd: merged.cwd,
+            user: merged.user,
         };
         validate_exec(&opts)?;
         Ok(opts)

@@ -25,6 +25,7 @@ fn sample() -> ImageConfig {
         env: [("MODE".to_string(), "prod".to_string())].into(),
         cwd: Some("/app".into()),
         entrypoint: None,
+        user: None,
     }
 }
 

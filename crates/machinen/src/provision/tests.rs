@@ -14,6 +14,7 @@ fn sample() -> ImageConfig {
         ]),
         cwd: Some("/app".into()),
         entrypoint: None,
+        user: None,
     }
 }
 
