@@ -47,6 +47,9 @@ fn after_help() -> String {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Reach this registry over plain HTTP (repeatable; also MACHINEN_INSECURE_REGISTRIES), for images named HOST[:PORT]/REPO[:TAG].
+    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +100,8 @@ pub enum Command {
     VmNames,
     /// Leave a note about machinen (kept locally in ~/.machinen/feedback.jsonl, never sent), or list them.
     Feedback(FeedbackArgs),
+    /// Fetch a registry image (HOST[:PORT]/REPO[:TAG|@DIGEST]) and convert it for booting; boot pulls by itself the first time.
+    Pull(PullArgs),
 }
 
 impl Command {
@@ -124,6 +129,7 @@ impl Command {
             Command::Install(a) => a.json,
             Command::Provision(a) => a.json,
             Command::Feedback(a) => a.json,
+            Command::Pull(a) => a.json,
         }
     }
 }
@@ -502,6 +508,23 @@ pub struct GcArgs {
     /// Only show what would be removed.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen pull registry.example:5000/team/app:1.2
+  machinen pull --insecure-registry 127.0.0.1:5000 127.0.0.1:5000/app:dev
+  machinen boot 127.0.0.1:5000/app:dev --insecure-registry 127.0.0.1:5000 -- uname -a
+
+An image is pulled once into the cache and converted; later boots of the same reference
+neither pull nor convert. `pull` fetches the reference again (a moved tag).")]
+pub struct PullArgs {
+    /// HOST[:PORT]/REPO[:TAG|@sha256:…] (short names from MACHINEN_DEFAULT_REGISTRY).
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

@@ -10,6 +10,18 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    if !cli.insecure_registry.is_empty() {
+        // Read by the library wherever it reaches a registry; set before
+        // any thread starts.
+        let var = machinen_proto::env::INSECURE_REGISTRIES;
+        let mut list: Vec<String> = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .into_iter()
+            .collect();
+        list.extend(cli.insecure_registry.iter().cloned());
+        std::env::set_var(var, list.join(","));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(machinen_proto::env::LOG)

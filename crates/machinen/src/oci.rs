@@ -27,6 +27,7 @@
 //! ([`MAX_BYTES`], `MACHINEN_IMAGE_MAX_BYTES`).
 
 mod flatten;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -107,10 +108,67 @@ fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> Failure {
 /// `image` as a tarball path: itself, or for an image reference the cached
 /// flattened tarball (converted now when it is not cached yet).
 pub fn resolve(paths: &Paths, image: &Path, progress: ProgressMode) -> Result<PathBuf, Failure> {
-    let Some(source) = Source::parse(image) else {
-        return Ok(image.to_path_buf());
+    let source = match Source::parse(image) {
+        Some(s) => s,
+        None => match registry::reference_in(image) {
+            // A registry image: pulled into the store once, then read
+            // from there like a layout.
+            Some(r) => {
+                let qualified = registry::qualify(&r)?;
+                let store = registry::store(paths);
+                if !registry::pulled(&store, &qualified) {
+                    registry::pull(&store, &qualified, progress)?;
+                }
+                Source::Layout {
+                    dir: store,
+                    tag: Some(qualified),
+                }
+            }
+            None => return Ok(image.to_path_buf()),
+        },
     };
-    let image = match &source {
+    flattened(paths, &source, progress)
+}
+
+/// What [`pull`] fetched.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pulled {
+    /// The reference with its registry.
+    pub reference: String,
+    /// The flattened rootfs tarball it boots from.
+    pub tarball: PathBuf,
+}
+
+/// Fetch a registry image again (even when it was pulled before) and
+/// convert it (`machinen pull REF`).
+pub fn pull(paths: &Paths, image: &str, progress: ProgressMode) -> Result<Pulled, Failure> {
+    let r = registry::reference_in(Path::new(image)).ok_or_else(|| {
+        fail(
+            ErrorCode::ImagePullFailed,
+            format!("{image:?} is not a registry image reference"),
+        )
+        .hint("e.g. HOST[:PORT]/REPO[:TAG]; files and oci: layouts need no pull")
+    })?;
+    let qualified = registry::qualify(&r)?;
+    let store = registry::store(paths);
+    registry::pull(&store, &qualified, progress)?;
+    let tarball = flattened(
+        paths,
+        &Source::Layout {
+            dir: store,
+            tag: Some(qualified.clone()),
+        },
+        progress,
+    )?;
+    Ok(Pulled {
+        reference: qualified,
+        tarball,
+    })
+}
+
+/// The cached flattened tarball of `source`, made now if missing.
+fn flattened(paths: &Paths, source: &Source, progress: ProgressMode) -> Result<PathBuf, Failure> {
+    let image = match source {
         Source::Layout { dir, tag } => from_layout(dir, tag.as_deref())?,
         Source::DockerArchive { file } => from_docker_archive(file)?,
     };
@@ -332,7 +390,10 @@ fn from_layout(dir: &Path, tag: Option<&str>) -> Result<Image, Failure> {
         Some(t) => index.manifests.iter().find(|m| {
             m.annotations
                 .get("org.opencontainers.image.ref.name")
-                .is_some_and(|n| n == t || n.rsplit_once(':').is_some_and(|(_, tag)| tag == t))
+                .is_some_and(|n| {
+                    n == t
+                        || (!t.contains('/') && n.rsplit_once(':').is_some_and(|(_, tag)| tag == t))
+                })
         }),
         None if index.manifests.len() == 1 => index.manifests.first(),
         None => None,
@@ -397,7 +458,8 @@ fn from_layout(dir: &Path, tag: Option<&str>) -> Result<Image, Failure> {
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for l in &manifest.layers {
         let compression = match l.media_type.as_str() {
-            "application/vnd.oci.image.layer.v1.tar" => Compression::None,
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
             "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,

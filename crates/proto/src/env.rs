@@ -29,6 +29,12 @@ pub const PASST: &str = "MACHINEN_PASST";
 pub const VIRTIOFSD: &str = "MACHINEN_VIRTIOFSD";
 /// Bound on the uncompressed size of an OCI/Docker image's layers.
 pub const IMAGE_MAX_BYTES: &str = "MACHINEN_IMAGE_MAX_BYTES";
+/// The registry short image names (`python:3.12`) come from.
+pub const DEFAULT_REGISTRY: &str = "MACHINEN_DEFAULT_REGISTRY";
+/// Registries reached over plain HTTP (`HOST[:PORT]`, comma-separated).
+pub const INSECURE_REGISTRIES: &str = "MACHINEN_INSECURE_REGISTRIES";
+/// Registry credentials (`USER:PASSWORD`) over the Docker config's.
+pub const REGISTRY_AUTH: &str = "MACHINEN_REGISTRY_AUTH";
 /// Where guest RAM files live.
 pub const RAM_DIR: &str = "MACHINEN_RAM_DIR";
 /// Log filter of the CLI and the supervisor.
@@ -134,6 +140,21 @@ pub const ALL: &[Var] = &[
         IMAGE_MAX_BYTES,
         "`64G`",
         "bound on the unpacked size of an `oci:`/`docker-archive:` image's layers (`512M`, `100G`)",
+    ),
+    user(
+        DEFAULT_REGISTRY,
+        "none",
+        "the registry short image names (`app:1`) are pulled from (`HOST[:PORT][/PREFIX]`)",
+    ),
+    user(
+        INSECURE_REGISTRIES,
+        "none",
+        "registries reached over plain HTTP, comma-separated `HOST[:PORT]` (`--insecure-registry`)",
+    ),
+    user(
+        REGISTRY_AUTH,
+        "the Docker config's `auths`",
+        "registry credentials as `USER:PASSWORD` (never logged)",
     ),
     user(
         RAM_DIR,

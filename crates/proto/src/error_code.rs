@@ -136,6 +136,8 @@ error_codes! {
     // OCI/Docker images: damaged, hostile or unsupported; for another platform
     ImageInvalid = "IMAGE_INVALID",
     ImagePlatformMismatch = "IMAGE_PLATFORM_MISMATCH",
+    // a registry image could not be fetched (address, credentials, network)
+    ImagePullFailed = "IMAGE_PULL_FAILED",
 }
 
 impl ErrorCode {
@@ -159,6 +161,7 @@ impl ErrorCode {
                 | BootRamDirFull
                 | WaitTimeout
                 | ForkMemoryBackpressure
+                | ImagePullFailed
         )
     }
 

@@ -14,6 +14,7 @@ mod logs;
 mod ls;
 mod mux;
 mod provision;
+mod pull;
 mod repl;
 mod snapshot;
 mod stats;
@@ -49,5 +50,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Install(a) => install::run(a).await,
         Command::Provision(a) => provision::run(a).await,
         Command::Feedback(a) => feedback::run(a),
+        Command::Pull(a) => pull::run(a).await,
     }
 }

@@ -343,3 +343,130 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
     let out = env.run(&["boot", &format!("oci:{}", lay("nope")), "--", "true"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no image tagged"));
 }
+
+/// A registry server (Debian's `docker-registry`) on a free loopback port,
+/// with its storage in `dir`; killed on drop.
+struct Registry {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                s(&dir.join("data"))
+            ),
+        )
+        .expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package docker-registry)");
+        super::wait_until("the registry", std::time::Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Registry { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An image pushed to a local registry by skopeo: `pull` fetches and
+/// converts it, `boot REF` runs it, a short name goes to
+/// MACHINEN_DEFAULT_REGISTRY, a reference that was pulled boots with the
+/// registry gone (no second pull), and a missing image or a registry
+/// spoken to in the wrong protocol are IMAGE_PULL_FAILED.
+#[test]
+fn registry_images_pull_once_and_boot_without_the_network_after() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let l = dir.path().join("layout");
+    let lay = |tag: &str| format!("{}:{tag}", s(&l));
+    let sdir = dir.path().join("scratch");
+    std::fs::create_dir_all(sdir.join("bin")).expect("scratch");
+    std::fs::copy("/bin/busybox", sdir.join("bin/busybox")).expect("busybox (busybox-static)");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&sdir)
+        .arg("-cf")
+        .arg(dir.path().join("s.tar"))
+        .arg("bin"));
+    umoci(&["init", "--layout", s(&l)]);
+    umoci(&["new", "--image", &lay("s")]);
+    umoci(&[
+        "raw",
+        "add-layer",
+        "--image",
+        &lay("s"),
+        s(&dir.path().join("s.tar")),
+    ]);
+    umoci(&[
+        "config",
+        "--image",
+        &lay("s"),
+        "--config.entrypoint",
+        "/bin/busybox",
+        "--config.cmd",
+        "echo",
+        "--config.cmd",
+        "from the registry",
+    ]);
+    let reg = Registry::start(dir.path());
+    let reference = format!("{}/team/tool:1", reg.addr);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}", lay("s")),
+        &format!("docker://{reference}"),
+    ]));
+
+    // Over HTTPS (the default) this registry does not answer.
+    let out = env.run(&["pull", &reference]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IMAGE_PULL_FAILED"));
+    let pulled = env.json(&[
+        "pull",
+        &reference,
+        "--insecure-registry",
+        &reg.addr,
+        "--json",
+    ]);
+    assert_eq!(pulled["reference"], reference.as_str());
+    assert!(Path::new(pulled["tarball"].as_str().expect("tarball")).is_file());
+    assert_eq!(env.run_ok(&["boot", &reference]), "from the registry\n");
+    // A short name through the default registry.
+    let out = env
+        .cmd(&["boot", "--insecure-registry", &reg.addr, "team/tool:1"])
+        .env("MACHINEN_DEFAULT_REGISTRY", &reg.addr)
+        .output()
+        .expect("boot");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the registry\n");
+    let out = env.run(&[
+        "pull",
+        &format!("{}/team/missing:1", reg.addr),
+        "--insecure-registry",
+        &reg.addr,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("IMAGE_PULL_FAILED") && err.contains("manifest unknown"),
+        "{err}"
+    );
+    // The registry gone, the pulled reference still boots.
+    drop(reg);
+    assert_eq!(env.run_ok(&["boot", &reference]), "from the registry\n");
+}
