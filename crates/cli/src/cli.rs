@@ -213,6 +213,9 @@ pub struct BootArgs {
     /// No balloon: memory the guest frees stays the host's until the VM ends, and `machinen balloon` refuses it (BALLOON_UNAVAILABLE). Saves the guest the reporting work.
     #[arg(long)]
     pub no_balloon: bool,
+    /// Replace the image's entrypoint with this program (as Docker's --entrypoint: the image's command goes too, arguments after `--` go to it; '' runs the arguments alone).
+    #[arg(long, value_name = "PROGRAM", requires = "image")]
+    pub entrypoint: Option<String>,
     /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
     #[arg(long)]
     pub timings: bool,

@@ -11,6 +11,21 @@ use machinen::{BootOptions, ErrorCode, Result};
 use crate::cli::BootArgs;
 use crate::output::print_json;
 
+/// `config` with `--entrypoint` applied, as Docker does: the program
+/// replaces the entrypoint and the image's command (arguments given after
+/// `--` then go to it); an empty one leaves the arguments alone.
+fn with_entrypoint(
+    mut config: machinen::provision::ImageConfig,
+    entrypoint: Option<&str>,
+) -> machinen::provision::ImageConfig {
+    if let Some(ep) = entrypoint {
+        let ep: Option<Vec<String>> = (!ep.is_empty()).then(|| vec![ep.to_string()]);
+        config.cmd = ep.clone();
+        config.entrypoint = ep;
+    }
+    config
+}
+
 /// What a foreground boot runs: the command after `--`, else the image's
 /// baked one (`machinen provision`); the baked env and cwd apply, with
 /// `--env` overriding single keys and `--cwd` the directory.
@@ -22,7 +37,8 @@ fn foreground_exec(a: &BootArgs) -> Result<ExecOptions> {
     };
     // The installed base (no IMAGE) is made by `machinen install` and has no baked config.
     let config = match &a.image {
-        Some(img) => machinen::provision::image_config(Some(img), progress)?,
+        Some(img) => machinen::provision::image_config(Some(img), progress)?
+            .map(|c| with_entrypoint(c, a.entrypoint.as_deref())),
         None => None,
     };
     let Some(config) = config else {
@@ -67,6 +83,7 @@ fn main_command(a: &BootArgs) -> Result<Option<ExecOptions>> {
                 ProgressMode::Auto
             };
             machinen::provision::image_config(Some(img), progress)?
+                .map(|c| with_entrypoint(c, a.entrypoint.as_deref()))
                 .filter(|c| c.cmd.as_ref().is_some_and(|v| !v.is_empty()))
                 .is_some()
         }
@@ -161,5 +178,28 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
             result
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entrypoint_replaces_the_images_and_its_command() {
+        let c = machinen::provision::ImageConfig {
+            cmd: Some(vec!["perl".into(), "/srv/app.pl".into()]),
+            entrypoint: Some(vec!["perl".into()]),
+            ..Default::default()
+        };
+        let e = with_entrypoint(c.clone(), Some("/bin/sh"));
+        assert_eq!(e.cmd.as_deref(), Some(&["/bin/sh".to_string()][..]));
+        let args = e
+            .exec_options(Some(vec!["-c".into(), "true".into()]), &[], None)
+            .expect("opts");
+        assert_eq!(args.argv, ["/bin/sh", "-c", "true"]);
+        let none = with_entrypoint(c.clone(), Some(""));
+        assert!(none.cmd.is_none() && none.entrypoint.is_none());
+        assert_eq!(with_entrypoint(c.clone(), None), c);
     }
 }

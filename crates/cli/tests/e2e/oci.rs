@@ -61,6 +61,23 @@ fn http_get(port: u16) -> String {
     try_get(port).expect("an answer")
 }
 
+/// A `scratch` image at `image` (`LAYOUT:TAG`, the layout exists) of one
+/// layer: a static busybox as /bin/busybox. Its config is left to the caller.
+fn scratch_image(dir: &Path, image: &str) {
+    let sdir = dir.join("scratch");
+    std::fs::create_dir_all(sdir.join("bin")).expect("scratch");
+    std::fs::copy("/bin/busybox", sdir.join("bin/busybox")).expect("busybox (busybox-static)");
+    let layer = dir.join("scratch.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&sdir)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("bin"));
+    umoci(&["new", "--image", image]);
+    umoci(&["raw", "add-layer", "--image", image, s(&layer)]);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -182,6 +199,17 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
         "print qq($ENV{GREETING} from ), `pwd`",
     ]);
     assert_eq!(out, "hi from /srv\n");
+    // --entrypoint replaces the image's (and its command).
+    let out = env.run_ok(&[
+        "boot",
+        &format!("oci:{}", lay("app")),
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        "echo $GREETING in $(pwd)",
+    ]);
+    assert_eq!(out, "hi in /srv\n");
     assert_eq!(converted(), first, "the second boot converted nothing");
 
     // The image's User, and --user over it.
@@ -289,23 +317,7 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
     assert_eq!(env.run_ok(&a), want);
 
     // scratch: one static binary, nothing else in the image.
-    let sdir = dir.path().join("scratch");
-    std::fs::create_dir_all(sdir.join("bin")).expect("scratch");
-    std::fs::copy("/bin/busybox", sdir.join("bin/busybox")).expect("busybox (busybox-static)");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&sdir)
-        .arg("-cf")
-        .arg(dir.path().join("s.tar"))
-        .arg("bin"));
-    umoci(&["new", "--image", &lay("scratch")]);
-    umoci(&[
-        "raw",
-        "add-layer",
-        "--image",
-        &lay("scratch"),
-        s(&dir.path().join("s.tar")),
-    ]);
+    scratch_image(dir.path(), &lay("scratch"));
     umoci(&[
         "config",
         "--image",
@@ -396,24 +408,8 @@ fn registry_images_pull_once_and_boot_without_the_network_after() {
     let dir = tempfile::tempdir().expect("tmp");
     let l = dir.path().join("layout");
     let lay = |tag: &str| format!("{}:{tag}", s(&l));
-    let sdir = dir.path().join("scratch");
-    std::fs::create_dir_all(sdir.join("bin")).expect("scratch");
-    std::fs::copy("/bin/busybox", sdir.join("bin/busybox")).expect("busybox (busybox-static)");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&sdir)
-        .arg("-cf")
-        .arg(dir.path().join("s.tar"))
-        .arg("bin"));
     umoci(&["init", "--layout", s(&l)]);
-    umoci(&["new", "--image", &lay("s")]);
-    umoci(&[
-        "raw",
-        "add-layer",
-        "--image",
-        &lay("s"),
-        s(&dir.path().join("s.tar")),
-    ]);
+    scratch_image(dir.path(), &lay("s"));
     umoci(&[
         "config",
         "--image",

@@ -61,10 +61,10 @@ pub fn qualify(reference: &str) -> Result<String, Failure> {
             .ok_or_else(|| {
                 fail(
                     ErrorCode::ImagePullFailed,
-                    format!("{reference:?} names no registry"),
+                    format!("{reference:?} is not a file here, and as an image reference it names no registry"),
                 )
                 .hint(format!(
-                    "give HOST[:PORT]/REPO[:TAG], or set {} to the registry short names come from",
+                    "give a tarball path, HOST[:PORT]/REPO[:TAG], or set {} to the registry short names come from",
                     machinen_proto::env::DEFAULT_REGISTRY
                 ))
             })?;

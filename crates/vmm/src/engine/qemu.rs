@@ -332,7 +332,17 @@ fn sh_quote(s: &str) -> String {
 impl QemuMachine {
     /// Wait until the migration in progress ends; errors carry QEMU's reason.
     async fn wait_migration(&self, deadline: Instant) -> Result<(), EngineError> {
+        self.poll_migration(deadline, false).await.map(|_| ())
+    }
+
+    /// Wait for the migration to end, cancelling it at `deadline`. `live`:
+    /// the guest runs meanwhile, and is paused if the copy has not
+    /// converged after [`timeouts::PRECOPY_CONVERGE`]. Returns how long the
+    /// guest has been paused by it (QEMU's downtime, or since we paused it).
+    async fn poll_migration(&self, deadline: Instant, live: bool) -> Result<Duration, EngineError> {
         use qapi::qmp::MigrationStatus as S;
+        let started = Instant::now();
+        let mut paused_at: Option<Instant> = None;
         loop {
             let info = self
                 .qmp(
@@ -342,7 +352,10 @@ impl QemuMachine {
                 )
                 .await?;
             match info.status {
-                Some(S::completed) => return Ok(()),
+                Some(S::completed) => {
+                    let qemu = Duration::from_millis(info.downtime.unwrap_or(0).max(0) as u64);
+                    return Ok(paused_at.map_or(qemu, |t| t.elapsed().max(qemu)));
+                }
                 Some(S::failed) | Some(S::cancelled) => {
                     return Err(EngineError::Qmp {
                         command: "migrate",
@@ -362,6 +375,12 @@ impl QemuMachine {
                 return Err(EngineError::Timeout {
                     what: "the machine state to be written",
                 });
+            }
+            if live && paused_at.is_none() && started.elapsed() >= timeouts::PRECOPY_CONVERGE {
+                // Not converging: finish paused.
+                tracing::info!("live snapshot copy did not converge; pausing the guest");
+                self.pause().await?;
+                paused_at = Some(Instant::now());
             }
             tokio::time::sleep(timeouts::STATE_POLL).await;
         }
@@ -465,53 +484,8 @@ impl Machine for QemuMachine {
         path: &Path,
         deadline: Instant,
     ) -> Result<Duration, EngineError> {
-        use qapi::qmp::MigrationStatus as S;
         self.start_save(path).await?;
-        let started = Instant::now();
-        let mut paused_at: Option<Instant> = None;
-        loop {
-            let info = self
-                .qmp(
-                    qapi::qmp::query_migrate {},
-                    "query-migrate",
-                    timeouts::QMP_COMMAND,
-                )
-                .await?;
-            match info.status {
-                Some(S::completed) => {
-                    // QEMU stopped the guest for the last pass and says for
-                    // how long; ours is the bound if we stopped it first.
-                    let qemu = Duration::from_millis(info.downtime.unwrap_or(0).max(0) as u64);
-                    return Ok(paused_at.map_or(qemu, |t| t.elapsed().max(qemu)));
-                }
-                Some(S::failed) | Some(S::cancelled) => {
-                    return Err(EngineError::Qmp {
-                        command: "migrate",
-                        detail: info.error_desc.unwrap_or_else(|| "migration failed".into()),
-                    });
-                }
-                _ => {}
-            }
-            if Instant::now() >= deadline {
-                let _ = self
-                    .qmp(
-                        qapi::qmp::migrate_cancel {},
-                        "migrate_cancel",
-                        timeouts::QMP_MIGRATE_CANCEL,
-                    )
-                    .await;
-                return Err(EngineError::Timeout {
-                    what: "the machine state to be written",
-                });
-            }
-            if paused_at.is_none() && started.elapsed() >= timeouts::PRECOPY_CONVERGE {
-                // Not converging: finish paused.
-                tracing::info!("live snapshot copy did not converge; pausing the guest");
-                self.pause().await?;
-                paused_at = Some(Instant::now());
-            }
-            tokio::time::sleep(timeouts::STATE_POLL).await;
-        }
+        self.poll_migration(deadline, true).await
     }
 
     /// Load machine state from `path` into a QEMU started with
