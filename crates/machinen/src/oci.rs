@@ -117,7 +117,12 @@ pub fn resolve(paths: &Paths, image: &Path, progress: ProgressMode) -> Result<Pa
                 let qualified = registry::qualify(&r)?;
                 let store = registry::store(paths);
                 if !registry::pulled(&store, &qualified) {
-                    registry::pull(&store, &qualified, progress)?;
+                    // Two boots of one new image: the second waits for the
+                    // first one's pull and then finds it.
+                    let _lock = registry::lock_reference(&store, &qualified)?;
+                    if !registry::pulled(&store, &qualified) {
+                        registry::pull(&store, &qualified, progress)?;
+                    }
                 }
                 Source::Layout {
                     dir: store,

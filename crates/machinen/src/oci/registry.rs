@@ -203,6 +203,22 @@ fn put_blob(store: &Path, digest: &str, bytes: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Held while `qualified` is pulled, so concurrent boots pull it once.
+pub(crate) fn lock_reference(
+    store: &Path,
+    qualified: &str,
+) -> Result<crate::assets::fsutil::FileLock, Failure> {
+    let dir = store.join("locks");
+    fs::create_dir_all(&dir)
+        .map_err(|e| fail(ErrorCode::Io, format!("cannot create {}", dir.display())).source(e))?;
+    let path = dir.join(format!(
+        "{}.lock",
+        hex::encode(Sha256::digest(qualified.as_bytes()))
+    ));
+    crate::assets::fsutil::lock_exclusive(&path)
+        .map_err(|e| fail(ErrorCode::Io, format!("cannot lock {}", path.display())).source(e))
+}
+
 /// Is the reference in the store's index already?
 pub fn pulled(store: &Path, qualified: &str) -> bool {
     fs::read(store.join("index.json"))
