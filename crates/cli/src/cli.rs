@@ -102,6 +102,8 @@ pub enum Command {
     Feedback(FeedbackArgs),
     /// Fetch a registry image (HOST[:PORT]/REPO[:TAG|@DIGEST]) and convert it for booting; boot pulls by itself the first time.
     Pull(PullArgs),
+    /// List the container images in the cache (pulled references, converted images); rm or prune them.
+    Images(ImagesArgs),
 }
 
 impl Command {
@@ -130,6 +132,7 @@ impl Command {
             Command::Provision(a) => a.json,
             Command::Feedback(a) => a.json,
             Command::Pull(a) => a.json,
+            Command::Images(a) => a.json,
         }
     }
 }
@@ -514,6 +517,30 @@ pub struct GcArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen images
+  machinen images rm 127.0.0.1:5000/app:dev
+  machinen images prune")]
+pub struct ImagesArgs {
+    #[command(subcommand)]
+    pub action: Option<ImagesAction>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesAction {
+    /// Forget pulled references and remove converted images, by reference or digest (a unique prefix of at least 6 hex digits).
+    Rm {
+        #[arg(value_name = "IMAGE", required = true)]
+        names: Vec<String>,
+    },
+    /// Remove pulled blobs no remaining reference needs, and converted images (boots convert again; bundles of such VMs then restore with --image); what is younger than 10 minutes stays (a pull or boot may be using it).
+    Prune,
 }
 
 #[derive(Debug, Args)]

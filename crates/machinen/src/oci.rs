@@ -26,6 +26,7 @@
 //! image, and the uncompressed size of all layers within a bound
 //! ([`MAX_BYTES`], `MACHINEN_IMAGE_MAX_BYTES`).
 
+pub mod cache;
 mod flatten;
 pub mod registry;
 
@@ -46,7 +47,7 @@ use crate::provision::ImageConfig;
 pub const MAX_BYTES: u64 = 64 << 30;
 /// Version of the flattening, in the cache file's name: a machinen that
 /// flattens differently does not take an older result for its own.
-const FLATTEN_FORMAT: &str = "f1";
+pub(crate) const FLATTEN_FORMAT: &str = "f1";
 /// Bound on a manifest, index or config blob (they are small JSON).
 const MAX_JSON: u64 = 4 << 20;
 

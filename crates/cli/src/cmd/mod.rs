@@ -9,6 +9,7 @@ mod cp;
 mod exec;
 mod feedback;
 mod gc;
+mod images;
 mod install;
 mod logs;
 mod ls;
@@ -51,5 +52,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Provision(a) => provision::run(a).await,
         Command::Feedback(a) => feedback::run(a),
         Command::Pull(a) => pull::run(a).await,
+        Command::Images(a) => images::run(a).await,
     }
 }

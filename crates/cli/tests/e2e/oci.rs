@@ -349,6 +349,31 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
         env.run_ok(&["boot", &format!("oci:{}", lay("scratch"))]),
         "static ok\n"
     );
+    // A VM of an image snapshots and restores like any other.
+    env.run_ok(&[
+        "boot",
+        &format!("oci:{}", lay("scratch")),
+        "--name",
+        "sv",
+        "--detached",
+        "--",
+        "/bin/busybox",
+        "sleep",
+        "600",
+    ]);
+    let snap = dir.path().join("snap");
+    env.run_ok(&["snapshot", "sv", s(&snap)]);
+    assert_eq!(
+        env.run_ok(&[
+            "restore",
+            s(&snap),
+            "--",
+            "/bin/busybox",
+            "echo",
+            "restored"
+        ]),
+        "restored\n"
+    );
 
     // Another platform's image.
     umoci(&[
@@ -520,4 +545,19 @@ fn registry_images_pull_once_and_boot_without_the_network_after() {
     // The registry gone, the pulled reference still boots.
     drop(reg);
     assert_eq!(env.run_ok(&["boot", &reference]), "from the registry\n");
+    // The cache lists it; rm forgets it (a boot would pull again).
+    let listed = env.json(&["images", "--json"]);
+    let has = |l: &serde_json::Value| {
+        l["pulled"]
+            .as_array()
+            .expect("pulled")
+            .iter()
+            .any(|p| p["reference"] == reference.as_str())
+    };
+    assert!(has(&listed), "{listed}");
+    env.run_ok(&["images", "rm", &reference]);
+    assert!(!has(&env.json(&["images", "--json"])));
+    let out = env.run(&["boot", &reference, "--", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IMAGE_PULL_FAILED"));
+    env.run_ok(&["images", "prune"]);
 }

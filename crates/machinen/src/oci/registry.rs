@@ -328,6 +328,34 @@ pub fn pull(store: &Path, qualified: &str, progress: ProgressMode) -> Result<(),
     Ok(())
 }
 
+/// Held while the store's index is changed or its blobs pruned.
+pub(crate) fn lock_store(store: &Path) -> Result<crate::assets::fsutil::FileLock, Failure> {
+    fs::create_dir_all(store)
+        .map_err(|e| fail(ErrorCode::Io, format!("cannot create {}", store.display())).source(e))?;
+    crate::assets::fsutil::lock_exclusive(&store.join("index.lock"))
+        .map_err(|e| fail(ErrorCode::Io, "cannot lock the image store").source(e))
+}
+
+/// Drop `qualified` from the store's index (its blobs stay until a prune).
+pub(crate) fn unname(store: &Path, qualified: &str) -> Result<(), Failure> {
+    let _lock = lock_store(store)?;
+    let index_path = store.join("index.json");
+    let Ok(bytes) = fs::read(&index_path) else {
+        return Ok(());
+    };
+    let mut index: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid("the image store's index is damaged").source(e))?;
+    if let Some(list) = index["manifests"].as_array_mut() {
+        list.retain(|d| {
+            d["annotations"]["org.opencontainers.image.ref.name"].as_str() != Some(qualified)
+        });
+    }
+    let bytes = serde_json::to_vec_pretty(&index)
+        .map_err(|e| fail(ErrorCode::Io, "cannot encode the index").source(e))?;
+    crate::assets::fsutil::write_atomic(&index_path, &bytes)
+        .map_err(|e| fail(ErrorCode::Io, "cannot update the image store").source(e))
+}
+
 /// Point `qualified` at the pulled top-level manifest in the store's index.
 fn name_in_index(
     store: &Path,
@@ -337,7 +365,7 @@ fn name_in_index(
     size: u64,
 ) -> Result<(), Failure> {
     let io = |e: std::io::Error| fail(ErrorCode::Io, "cannot update the image store").source(e);
-    let _lock = crate::assets::fsutil::lock_exclusive(&store.join("index.lock")).map_err(io)?;
+    let _lock = lock_store(store)?;
     let index_path = store.join("index.json");
     let mut index: serde_json::Value = fs::read(&index_path)
         .ok()

@@ -1,0 +1,65 @@
+//! `machinen images [rm IMAGE… | prune]`
+
+use machinen::paths::Paths;
+use machinen::Result;
+
+use crate::cli::{ImagesAction, ImagesArgs};
+use crate::output::print_json;
+
+pub async fn run(a: ImagesArgs) -> Result<i32> {
+    let paths = Paths::from_env()?;
+    let json = a.json;
+    let work = move || -> Result<i32> {
+        match a.action {
+            None => {
+                let l = machinen::oci::cache::list(&paths);
+                if json {
+                    print_json(&l);
+                    return Ok(0);
+                }
+                println!("{:<56} DIGEST", "PULLED");
+                for p in &l.pulled {
+                    println!("{:<56} {}", p.reference, short(&p.digest));
+                }
+                println!("\n{:<20} {:>11}  CONVERTED", "IMAGE", "SIZE");
+                for c in &l.converted {
+                    println!(
+                        "{:<20} {:>7} MiB  {}",
+                        short(&c.digest),
+                        c.size_bytes >> 20,
+                        c.path.display()
+                    );
+                }
+                println!("\npulled blobs: {} MiB", l.blob_bytes >> 20);
+            }
+            Some(ImagesAction::Rm { names }) => {
+                let removed = machinen::oci::cache::remove(&paths, &names)?;
+                if json {
+                    print_json(&removed);
+                } else {
+                    for r in removed {
+                        println!("removed {r}");
+                    }
+                }
+            }
+            Some(ImagesAction::Prune) => {
+                let freed = machinen::oci::cache::prune(&paths)?;
+                if json {
+                    print_json(&serde_json::json!({ "freed_bytes": freed }));
+                } else {
+                    println!("freed {} MiB", freed >> 20);
+                }
+            }
+        }
+        Ok(0)
+    };
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        machinen::error::fail(machinen::ErrorCode::Io, "the images task failed").source(e)
+    })?
+}
+
+/// `sha256:` and the first 12 hex digits.
+fn short(digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    hex.get(..12).unwrap_or(hex).to_string()
+}
