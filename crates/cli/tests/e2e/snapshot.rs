@@ -230,7 +230,14 @@ fn three_snapshot_restore_cycles_keep_exec_and_ports_working() {
         // (copy-on-write RAM) writes its state while it runs, and QEMU
         // pauses it only at the end of that.
         let want: &[&str] = if cycle == 1 {
-            &["wipe-secrets", "flush", "pause", "state", "copies", "finish"]
+            &[
+                "wipe-secrets",
+                "flush",
+                "pause",
+                "state",
+                "copies",
+                "finish",
+            ]
         } else {
             &["wipe-secrets", "flush", "state", "copies", "finish"]
         };
