@@ -124,6 +124,11 @@ pub struct ImageIdentity {
     /// Path of the rootfs tarball on the snapshotting host.
     pub path: PathBuf,
     pub sha256: String,
+    /// The container image the tarball was converted from (format 6):
+    /// `oci:DIR[:TAG]`, `docker-archive:FILE` or a registry reference. A
+    /// restore that does not find the tarball converts (or pulls) it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1093,6 +1098,7 @@ mod tests {
             image: ImageIdentity {
                 path: "/x/rootfs.tar.gz".into(),
                 sha256: "ab".repeat(32),
+                source: None,
             },
             snapped_at_ms: 1,
             guest_arch: "amd64".into(),

@@ -136,6 +136,27 @@ pub fn resolve(paths: &Paths, image: &Path, progress: ProgressMode) -> Result<Pa
     flattened(paths, &source, progress)
 }
 
+/// The container image `image` names, as a bundle records it (`None` for a
+/// plain tarball): the reference as given for `oci:` and `docker-archive:`
+/// (made absolute), a registry reference with its registry.
+pub fn source_of(image: &Path) -> Result<Option<String>, Failure> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    Ok(match Source::parse(image) {
+        Some(Source::Layout { dir, tag }) => Some(format!(
+            "oci:{}{}",
+            absolute(&dir).display(),
+            tag.map(|t| format!(":{t}")).unwrap_or_default()
+        )),
+        Some(Source::DockerArchive { file }) => {
+            Some(format!("docker-archive:{}", absolute(&file).display()))
+        }
+        None => match registry::reference_in(image) {
+            Some(r) => Some(registry::qualify(&r)?),
+            None => None,
+        },
+    })
+}
+
 /// What [`pull`] fetched.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Pulled {

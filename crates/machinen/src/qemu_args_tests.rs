@@ -32,6 +32,7 @@ fn spec() -> VmSpec {
         main: None,
         mounts: None,
         live_mounts: None,
+        image_source: None,
         balloon: false,
     }
 }

@@ -453,8 +453,19 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }
         .into());
     }
-    let tarball = match opts.image.clone() {
-        // `--image oci:DIR[:TAG]` / `docker-archive:FILE`: its tarball.
+    // The container image behind the tarball: given with --image, or the
+    // one the bundle recorded, converted (or pulled) again when the
+    // recorded tarball is not on this host.
+    let image_source = match &opts.image {
+        Some(i) => crate::oci::source_of(i)?,
+        None => meta.image.source.clone(),
+    };
+    let from_source = match (&opts.image, &meta.image.source) {
+        (Some(i), _) => Some(i.clone()),
+        (None, Some(src)) if !meta.image.path.exists() => Some(PathBuf::from(src)),
+        _ => None,
+    };
+    let tarball = match from_source {
         Some(i) => {
             let (paths, progress) = (paths.clone(), opts.progress);
             blocking(move || Ok(crate::oci::resolve(&paths, &i, progress)?)).await?
@@ -670,6 +681,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         image_sha256: Some(img.sha256.clone()),
         kernel_version: assets.kernel_version.clone(),
         image: Some(tarball.clone()),
+        image_source,
         memory_mib: meta.memory_mib,
         cpus: meta.cpus,
         accel: Some(meta.accel.clone()),

@@ -46,6 +46,10 @@ pub struct VmSpec {
     /// The rootfs tarball the disk came from (shown by `ls`).
     #[serde(default)]
     pub image: Option<PathBuf>,
+    /// The container image that tarball was converted from, if any (see
+    /// `bundle::ImageIdentity::source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_source: Option<String>,
     pub memory_mib: u32,
     pub cpus: u32,
     /// `kvm`, `hvf`, `tcg`; `None` = probe.

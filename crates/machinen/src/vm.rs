@@ -394,6 +394,10 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let live_mounts = crate::live_mounts::for_boot(&opts.live_mounts, &mounts, &paths)?;
     let assets = assets::resolve(&paths)?;
     let progress = opts.progress;
+    let image_source = match &opts.image {
+        Some(i) => crate::oci::source_of(i)?,
+        None => None,
+    };
     let tarball = match opts.image.clone() {
         // `oci:DIR[:TAG]`, `docker-archive:FILE`: its flattened tarball.
         Some(i) => {
@@ -457,6 +461,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         image_sha256: Some(img.sha256.clone()),
         kernel_version: assets.kernel_version.clone(),
         image: Some(tarball.clone()),
+        image_source,
         memory_mib,
         cpus: opts.cpus,
         accel: opts.accel.clone(),

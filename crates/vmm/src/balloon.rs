@@ -142,6 +142,7 @@ mod tests {
             main: None,
             mounts: None,
             live_mounts: None,
+            image_source: None,
             balloon,
         }
     }

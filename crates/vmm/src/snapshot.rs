@@ -420,6 +420,7 @@ impl<M: Machine> Phases<'_, M> {
             image: ImageIdentity {
                 path: spec.image.clone().unwrap_or_default(),
                 sha256: spec.image_sha256.clone().unwrap_or_default(),
+                source: spec.image_source.clone(),
             },
             snapped_at_ms: registry::now_ms(),
             guest_arch: machinen::paths::debian_arch().into(),

@@ -545,6 +545,32 @@ fn registry_images_pull_once_and_boot_without_the_network_after() {
     // The registry gone, the pulled reference still boots.
     drop(reg);
     assert_eq!(env.run_ok(&["boot", &reference]), "from the registry\n");
+    // A bundle records the image: with the converted tarball gone, a
+    // restore converts it again from the pulled image.
+    env.run_ok(&[
+        "boot",
+        &reference,
+        "--name",
+        "rv",
+        "--detached",
+        "--",
+        "/bin/busybox",
+        "sleep",
+        "600",
+    ]);
+    let snap = dir.path().join("rsnap");
+    env.run_ok(&["snapshot", "rv", s(&snap)]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta"))
+            .expect("json");
+    assert_eq!(meta["image"]["source"], reference.as_str());
+    let tar = PathBuf::from(meta["image"]["path"].as_str().expect("path"));
+    std::fs::remove_file(&tar).expect("remove the converted tarball");
+    assert_eq!(
+        env.run_ok(&["restore", s(&snap), "--", "/bin/busybox", "echo", "back"]),
+        "back\n"
+    );
+    assert!(tar.is_file(), "converted again");
     // The cache lists it; rm forgets it (a boot would pull again).
     let listed = env.json(&["images", "--json"]);
     let has = |l: &serde_json::Value| {

@@ -89,6 +89,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         main: None,
         mounts: None,
         live_mounts: None,
+        image_source: None,
         balloon: false,
     }
 }
