@@ -129,6 +129,36 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A loopback port free at the time of asking.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// machinen's home (as the library resolves it: `MACHINEN_HOME`, else
+/// `~/.machinen`).
+fn machinen_home() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    var("MACHINEN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"))
+}
+
+/// machinen's cache directory (`MACHINEN_CACHE_DIR`, else under the home).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("MACHINEN_CACHE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            machinen_home()
+                .join(env!("CARGO_PKG_VERSION"))
+                .join("cache")
+        })
+}
+
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }

@@ -15,16 +15,7 @@ fn s(p: &Path) -> &str {
 
 /// Where machinen caches the mounts' lowers (as the library resolves it).
 fn lower_cache() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(c) = var("MACHINEN_CACHE_DIR") {
-        return PathBuf::from(c).join("mounts");
-    }
-    let home = var("MACHINEN_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"));
-    home.join(env!("CARGO_PKG_VERSION"))
-        .join("cache")
-        .join("mounts")
+    super::cache_dir().join("mounts")
 }
 
 /// The cached lowers: (name, inode).

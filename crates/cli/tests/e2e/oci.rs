@@ -33,15 +33,13 @@ fn base_rootfs() -> PathBuf {
     if let Some(a) = var("MACHINEN_ASSETS_DIR") {
         return PathBuf::from(a).join("rootfs.tar.gz");
     }
-    let home = var("MACHINEN_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"));
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         a => a,
     };
-    home.join(env!("CARGO_PKG_VERSION"))
+    super::machinen_home()
+        .join(env!("CARGO_PKG_VERSION"))
         .join("bases")
         .join(format!("debian-{arch}"))
         .join("rootfs.tar.gz")
@@ -78,27 +76,11 @@ fn scratch_image(dir: &Path, image: &str) {
     umoci(&["raw", "add-layer", "--image", image, s(&layer)]);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use super::free_port;
 
 /// The cached flattened tarballs: name → (inode, mtime).
 fn converted() -> Vec<(String, u64, i64)> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    let cache = var("MACHINEN_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            var("MACHINEN_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"))
-                .join(env!("CARGO_PKG_VERSION"))
-                .join("cache")
-        });
-    let mut v: Vec<_> = std::fs::read_dir(cache.join("oci"))
+    let mut v: Vec<_> = std::fs::read_dir(super::cache_dir().join("oci"))
         .map(|rd| {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".tar"))

@@ -32,13 +32,7 @@ while (my $c = $s->accept) {
 }
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use super::free_port;
 
 /// GET `path` on a forwarded port: the server's answer (the request's
 /// number). Retried while the guest server is not listening yet.

@@ -11,13 +11,7 @@ use super::{pid_alive, sha256_hex, wait_until, Env};
 const COUNTER: &str = include_str!("../../../../examples/counter/counter.pl");
 
 /// A free host port (bound and released; good enough on a test machine).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use super::free_port;
 
 /// GET / on a forwarded port; the counter's answer as a number.
 fn count(port: u16) -> u64 {
