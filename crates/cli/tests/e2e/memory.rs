@@ -244,10 +244,13 @@ fn the_balloon_shrinks_and_grows_a_guest_and_reclaimed_vms_snapshot_their_own_da
         "RAM file {} MiB with a 300 MiB target",
         allocated_mib(&ram)
     );
+    // The balloon settles within 2 MiB of its target and may still take the
+    // last pages after `balloon` returned, so `stats` agrees within that band.
     let stats = env.json(&["stats", "bl", "--json"]);
-    assert_eq!(
-        stats["balloon"]["actual_bytes"], v["actual_bytes"],
-        "{stats}"
+    let now = stats["balloon"]["actual_bytes"].as_u64().expect("actual");
+    assert!(
+        (298u64 << 20..=302 << 20).contains(&now),
+        "{stats} after {v}"
     );
     // `ls --json` carries each live VM's host cost too.
     let ls = env.json(&["ls", "--json"]);
