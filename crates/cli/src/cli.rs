@@ -104,6 +104,8 @@ pub enum Command {
     Pull(PullArgs),
     /// List the container images in the cache (pulled references, converted images); rm or prune them.
     Images(ImagesArgs),
+    /// Inspect snapshot bundles and their checkpoint chains: list, verify, flatten.
+    Bundle(BundleArgs),
 }
 
 impl Command {
@@ -133,6 +135,7 @@ impl Command {
             Command::Feedback(a) => a.json,
             Command::Pull(a) => a.json,
             Command::Images(a) => a.json,
+            Command::Bundle(a) => a.json,
         }
     }
 }
@@ -291,6 +294,11 @@ pub struct SnapshotArgs {
     /// Keep the VM running after the snapshot.
     #[arg(long)]
     pub keep_alive: bool,
+    /// Write a self-contained bundle. Without it, a VM that has a checkpoint
+    /// (or was restored from a bundle that is still there, unchanged) gets a
+    /// delta: only the disk blocks and RAM pages written since.
+    #[arg(long)]
+    pub full: bool,
     /// Seconds the snapshot may take.
     #[arg(long, default_value_t = timeouts::SNAPSHOT.as_secs(), value_name = "SECS")]
     pub timeout: u64,
@@ -541,6 +549,45 @@ pub enum ImagesAction {
     },
     /// Remove pulled blobs no remaining reference needs, and converted images (boots convert again; bundles of such VMs then restore with --image); what is younger than 10 minutes stays (a pull or boot may be using it).
     Prune,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen bundle ls ./checkpoints
+  machinen bundle verify ./checkpoints/c5
+  machinen bundle flatten ./checkpoints/c5 ./c5-full
+
+A keep-alive checkpoint of a VM that already has one is a delta: it holds the disk
+blocks and RAM pages written since its parent and names the parent by a relative
+path and the digest of its manifest. Keep a chain's bundles together; `flatten`
+writes a bundle that needs no other.")]
+pub struct BundleArgs {
+    #[command(subcommand)]
+    pub action: BundleAction,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleAction {
+    /// List bundles (each PATH a bundle, or a directory of bundles) with their chain: kind, sequence, parent, size.
+    Ls {
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Check a bundle and every parent of its chain against their manifests and recorded digests.
+    Verify {
+        #[arg(value_name = "BUNDLE")]
+        bundle: PathBuf,
+    },
+    /// Write OUT_DIR, a self-contained bundle with the guest state of the delta checkpoint TIP.
+    Flatten {
+        #[arg(value_name = "TIP")]
+        tip: PathBuf,
+        #[arg(value_name = "OUT_DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -10,8 +10,16 @@
 //!                           lower (qcow2, sparse; only with `--mount`)
 //! <bundle>/mounts-lower.ext4  that lower, as cached when the VM booted (a hard
 //!                           link to the cache where the filesystem allows)
+//! <bundle>/ram.pages        (delta checkpoints) the 4 KiB pages `ram.img` holds
+//!                           over its parent's RAM (see [`crate::chain`])
 //! <bundle>/manifest.json    size and digest of every other file
 //! ```
+//!
+//! Since format 7 a bundle may be a delta checkpoint: `meta.json` names its
+//! parent (a relative path and the digest of the parent's manifest), its
+//! `rootdisk.qcow2` holds only the disk clusters written since the parent,
+//! and with `ram_delta` its `ram.img` only the pages written since (listed
+//! in `ram.pages`). See [`crate::chain`].
 //!
 //! `ram.img` is restored as a private (copy-on-write) mapping, so restore
 //! does not read it all in and forks share its unchanged pages. Its digest
@@ -39,10 +47,11 @@ use crate::error::{Coded, ErrorCode};
 
 /// Bundle format version; bumped on any incompatible change. Version 2
 /// added `ram.img`, version 3 BLAKE3 digests, version 4 the network mode
-/// in `meta.json`, version 5 copy-once mounts, version 6 live mounts; versions 1 (RAM inside the
+/// in `meta.json`, version 5 copy-once mounts, version 6 live mounts,
+/// version 7 delta checkpoints (a parent); versions 1 (RAM inside the
 /// state) to 3 still restore (with QEMU's user networking, which they were
 /// made with).
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// Oldest version this machinen restores.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
@@ -52,6 +61,8 @@ pub const STATE: &str = "state.vmstate";
 pub const DISK: &str = "rootdisk.qcow2";
 pub const MANIFEST: &str = "manifest.json";
 pub const RAM: &str = "ram.img";
+/// A delta checkpoint's list of the RAM pages its `ram.img` holds.
+pub const RAM_PAGES: &str = "ram.pages";
 /// The copy-once mounts' layer and lower (see [`crate::mounts`]).
 pub const MOUNTS_LAYER: &str = "mounts.qcow2";
 pub const MOUNTS_LOWER: &str = "mounts-lower.ext4";
@@ -183,6 +194,30 @@ pub struct BundleMeta {
     /// the same host directory or the one `--mount-live` names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub live_mounts: Vec<crate::live_mounts::LiveMount>,
+    /// The checkpoint this one holds the changes since (format 7): its
+    /// disk layer sits on the parent's, and with `ram_delta` its RAM too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+    /// `ram.img` holds only the pages `ram.pages` lists, over the parent's RAM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ram_delta: bool,
+    /// A fork's scratch bundle only: the disk layers below `rootdisk.qcow2`
+    /// (files in the bundle, bottom first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_below: Vec<String>,
+}
+
+/// Where a delta checkpoint's parent is, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentLink {
+    /// The parent bundle's directory, relative to this bundle's.
+    pub path: String,
+    /// BLAKE3 of the parent's `manifest.json`: the parent exactly as it
+    /// was when this bundle was written (the manifest pins every file).
+    pub manifest_blake3: String,
+    /// The parent's place in the chain.
+    pub chain_seq: u32,
 }
 
 /// `meta.json`'s copy-once mounts.
@@ -431,7 +466,7 @@ const CHUNK: u64 = 64 * 1024;
 /// The data extents `(start, end)` of a file, found with SEEK_DATA and
 /// SEEK_HOLE, so holes are never read. The extents are computed up front;
 /// callers read them while the file does not change.
-fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
+pub fn data_extents(f: &fs::File, len: u64) -> Vec<(u64, u64)> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(f);
     let mut out = Vec::new();
     let mut pos: i64 = 0;
@@ -495,7 +530,7 @@ fn sparse_digest_until<H: ChunkHasher>(
 
 /// Whether `b` is all zero bytes (word-wise: this runs over every page of
 /// guest RAM on snapshot and restore).
-fn is_zero(b: &[u8]) -> bool {
+pub fn is_zero(b: &[u8]) -> bool {
     // OR a 64-byte block together (the compiler turns this into a few SIMD
     // instructions), stopping at the first block with a set bit.
     let mut blocks = b.chunks_exact(64);
@@ -715,7 +750,16 @@ impl Builder {
         })?;
         write_synced(&meta_path, &bytes)?;
         let mut files = Vec::new();
-        for name in [META, STATE, DISK, RAM, MAIN_LOG, MOUNTS_LAYER, MOUNTS_LOWER] {
+        for name in [
+            META,
+            STATE,
+            DISK,
+            RAM,
+            RAM_PAGES,
+            MAIN_LOG,
+            MOUNTS_LAYER,
+            MOUNTS_LOWER,
+        ] {
             let p = self.path(name);
             if ![META, STATE, DISK].contains(&name) && !p.exists() {
                 continue;
@@ -808,7 +852,7 @@ fn read_small(path: &Path) -> Result<Vec<u8>, BundleError> {
 /// the parsed meta. Nothing in the bundle is modified.
 /// The files [`verify_files`] checks after [`open_verified_meta`] (those a
 /// bundle lacks are skipped).
-pub const LARGE_FILES: &[&str] = &[STATE, DISK, RAM, MOUNTS_LAYER, MOUNTS_LOWER];
+pub const LARGE_FILES: &[&str] = &[STATE, DISK, RAM, RAM_PAGES, MOUNTS_LAYER, MOUNTS_LOWER];
 
 pub fn verify(dir: &Path) -> Result<BundleMeta, BundleError> {
     let (manifest, meta) = open_verified_meta(dir)?;
@@ -949,7 +993,11 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
         .copied()
         .filter(|n| *n != MOUNTS_LAYER && *n != MOUNTS_LOWER)
         .collect();
-    if (core != [META, DISK, STATE] && core != [META, RAM, DISK, STATE]) || mounts != both_mounts {
+    if (core != [META, DISK, STATE]
+        && core != [META, RAM, DISK, STATE]
+        && core != [META, RAM, RAM_PAGES, DISK, STATE])
+        || mounts != both_mounts
+    {
         return Err(BundleError::Corrupt {
             file: mpath,
             detail: format!("unexpected file list {names:?}"),
@@ -957,7 +1005,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
     }
     // Restore maps a `ram.img` it finds as guest RAM, and copies mount
     // files it finds: one the manifest does not list would go unverified.
-    for f in [RAM, MOUNTS_LAYER, MOUNTS_LOWER] {
+    for f in [RAM, RAM_PAGES, MOUNTS_LAYER, MOUNTS_LOWER] {
         if !names.contains(&f) && fs::symlink_metadata(dir.join(f)).is_ok() {
             return Err(BundleError::Corrupt {
                 file: mpath,
@@ -1037,6 +1085,20 @@ impl BundleMeta {
         let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex64(&self.image.sha256) {
             return Err("image.sha256 is not a sha256 digest".into());
+        }
+        match &self.parent {
+            Some(p) => {
+                if !hex64(&p.manifest_blake3) {
+                    return Err("parent.manifest_blake3 is not a BLAKE3 digest".into());
+                }
+                if p.path.is_empty() || p.path.len() > 4096 || p.path.contains('\0') {
+                    return Err("parent.path is empty or longer than 4096 bytes".into());
+                }
+            }
+            None if self.ram_delta => {
+                return Err("ram_delta without a parent".into());
+            }
+            None => {}
         }
         let word =
             |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
@@ -1119,6 +1181,9 @@ mod tests {
             mounts: None,
             live_mounts: Vec::new(),
             balloon: false,
+            parent: None,
+            ram_delta: false,
+            disk_below: Vec::new(),
         }
     }
 

@@ -75,6 +75,8 @@ pub enum Error {
     Ram(#[from] crate::ramdir::RamError),
     #[error(transparent)]
     Mount(#[from] crate::mounts::MountError),
+    #[error(transparent)]
+    Chain(Box<crate::chain::ChainError>),
 }
 
 impl Error {
@@ -88,6 +90,7 @@ impl Error {
             Error::Bundle(e) => e,
             Error::Ram(e) => e,
             Error::Mount(e) => e,
+            Error::Chain(e) => e.as_ref(),
         }
     }
 
@@ -128,6 +131,12 @@ impl Error {
                 "retryable": self.retryable(),
             }
         })
+    }
+}
+
+impl From<crate::chain::ChainError> for Error {
+    fn from(e: crate::chain::ChainError) -> Error {
+        Error::Chain(Box::new(e))
     }
 }
 

@@ -712,6 +712,33 @@ pub fn create_overlay_sized(
     })
 }
 
+/// Create `layer`, an empty qcow2 layer of `size` bytes naming no backing
+/// file (its backing is given to QEMU explicitly), mode 0600.
+pub fn empty_layer(layer: &Path, size: u64) -> Result<(), ImageError> {
+    let qemu_img = need(tool::QEMU_IMG)?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(layer)
+            .map_err(cache_io("create", layer))?;
+    }
+    let mut cmd = tool::command(qemu_img);
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(layer)
+        .arg(size.to_string());
+    tool::run(&mut cmd).map_err(|source| {
+        let _ = fs::remove_file(layer);
+        ImageError::OverlayFailed {
+            overlay: layer.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -10,6 +10,7 @@ pub mod backpressure;
 pub mod balloon;
 pub mod binaries;
 pub mod bundle;
+pub mod chain;
 pub mod dirs;
 pub mod error;
 pub mod feedback;

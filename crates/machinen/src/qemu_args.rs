@@ -252,15 +252,36 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
             "file": {"driver": "file", "filename": spec.base_image, "read-only": true}
         })
         .to_string(),
+    ];
+    // A restore's read-only layers (see `RestoreSpec::disk_below`).
+    let mut backing = "base".to_string();
+    let below = spec
+        .restore
+        .as_ref()
+        .map(|r| r.disk_below.as_slice())
+        .unwrap_or_default();
+    for (i, layer) in below.iter().enumerate() {
+        let node = format!("below{i}");
+        a.push("-blockdev".into());
+        a.push(
+            serde_json::json!({
+                "driver": "qcow2", "node-name": node, "backing": backing, "read-only": true,
+                "file": {"driver": "file", "filename": layer, "read-only": true}
+            })
+            .to_string(),
+        );
+        backing = node;
+    }
+    a.extend([
         "-blockdev".into(),
         serde_json::json!({
-            "driver": "qcow2", "node-name": "root", "backing": "base", "discard": "unmap",
+            "driver": "qcow2", "node-name": "root", "backing": backing, "discard": "unmap",
             "file": {"driver": "file", "filename": spec.disk}
         })
         .to_string(),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
-    ];
+    ]);
     // Copy-once mounts: the VM's layer over the cached lower, one disk for
     // all of them, found by the agent through its serial. After the root
     // disk, which the guest kernel then still names /dev/vda.

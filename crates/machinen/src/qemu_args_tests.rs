@@ -178,6 +178,8 @@ fn restore_maps_the_bundle_ram_copy_on_write() {
         reset_tcp: false,
         ram: Some(PathBuf::from("/b/snap/ram")),
         gate: false,
+        disk_below: Vec::new(),
+        link: None,
     });
     assert_eq!(
         qemu_args(&s, &tcg()),
@@ -200,6 +202,8 @@ fn restore_with_own_ram_shares_its_copy() {
         reset_tcp: true,
         ram: None,
         gate: false,
+        disk_below: Vec::new(),
+        link: None,
     });
     assert_eq!(
         qemu_args(&s, &tcg()),
@@ -222,6 +226,8 @@ fn gated_restore_starts_paused() {
         reset_tcp: false,
         ram: Some(PathBuf::from("/b/snap/ram")),
         gate: true,
+        disk_below: Vec::new(),
+        link: None,
     });
     assert_eq!(
         qemu_args(&s, &tcg()),
@@ -407,6 +413,8 @@ fn a_restore_maps_the_bundle_ram_read_only_on_qemu_8_2_and_later() {
         reset_tcp: false,
         ram: Some("/b/ram.img".into()),
         gate: false,
+        disk_below: Vec::new(),
+        link: None,
     });
     let host = tcg();
     let args = qemu_args(&s, &host).join(" ");

@@ -69,6 +69,9 @@ pub struct RestoreOptions {
     /// image, copies, the supervisor's engine start, state load, bundle
     /// verification, agent, guest repair, …); [`Vm::phases`] has them all.
     pub on_phase: crate::phases::OnPhase,
+    /// The bundle stays (the user's): the VM's next checkpoint may be a
+    /// delta over it. Off for a fork's scratch bundle.
+    pub chain_link: bool,
 }
 
 impl RestoreOptions {
@@ -88,6 +91,7 @@ impl RestoreOptions {
             live_mounts: Vec::new(),
             free_memory_threshold: Default::default(),
             on_phase: Default::default(),
+            chain_link: true,
         }
     }
 }
@@ -147,7 +151,22 @@ impl Vm {
         keep_alive: bool,
         timeout: Duration,
     ) -> Result<SnapshotReport> {
-        self.snapshot_to(out, keep_alive, timeout, false).await
+        self.snapshot_to(out, keep_alive, timeout, false, false)
+            .await
+    }
+
+    /// [`Vm::snapshot`]; with `full`, a self-contained bundle even when
+    /// the VM has a checkpoint (or the bundle it was restored from) that
+    /// the snapshot would otherwise be a delta over (see [`crate::chain`]).
+    pub async fn snapshot_full(
+        &self,
+        out: &Path,
+        keep_alive: bool,
+        timeout: Duration,
+        full: bool,
+    ) -> Result<SnapshotReport> {
+        self.snapshot_to(out, keep_alive, timeout, false, full)
+            .await
     }
 
     /// [`Vm::snapshot`], or with `scratch` a fork's temporary bundle (see
@@ -158,6 +177,7 @@ impl Vm {
         keep_alive: bool,
         timeout: Duration,
         scratch: bool,
+        full: bool,
     ) -> Result<SnapshotReport> {
         let out = if out.is_absolute() {
             out.to_path_buf()
@@ -177,6 +197,7 @@ impl Vm {
             keep_alive,
             timeout_ms: timeout.as_millis() as u64,
             scratch,
+            full,
         };
         let mut s = self.connect().await?;
         proto::send(&mut s, &Frame::Request(Request::Snapshot(req)))
@@ -318,7 +339,7 @@ impl Vm {
         // A kept bundle (`out_dir`) is a real one; a temporary one is read
         // once, here, and needs no digests or fsync.
         let snap = self
-            .snapshot_to(&bundle_dir, true, DEFAULT_SNAPSHOT_TIMEOUT, !kept)
+            .snapshot_to(&bundle_dir, true, DEFAULT_SNAPSHOT_TIMEOUT, !kept, false)
             .await?;
         for p in &snap.phases {
             opts.on_phase.emit(&crate::phases::Phase {
@@ -342,6 +363,7 @@ impl Vm {
             // can go once the last one is up.
             r.verify = false;
             r.own_ram = opts.own_ram;
+            r.chain_link = kept;
             r.live_mounts = opts.live_mounts.clone();
             r.free_memory_threshold = opts.free_memory_threshold;
             r.on_phase = opts.on_phase.clone();
@@ -518,7 +540,36 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     let live_mounts =
         crate::live_mounts::for_restore(&meta.live_mounts, &opts.live_mounts, &paths)?;
-    let bundle_ram = Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists());
+    // A delta checkpoint: its parents, each checked against the digest its
+    // child recorded (and, unless told not to verify, every file), and the
+    // RAM of the tip built once from them.
+    let links = {
+        let (d, verify, paths) = (bundle_dir.clone(), opts.verify, paths.clone());
+        blocking(move || {
+            let links = if bundle::read_meta(&d)?.parent.is_some() {
+                let links = crate::chain::resolve(&d)?;
+                if verify {
+                    crate::chain::verify_links(&links)?;
+                }
+                links
+            } else {
+                Vec::new()
+            };
+            let ram = if links.len() > 1 {
+                crate::chain::materialize_ram(&paths, &links)?
+            } else {
+                None
+            };
+            Ok((links, ram))
+        })
+        .await?
+    };
+    if !links.0.is_empty() {
+        timeline.mark("chain");
+    }
+    let (links, chain_ram) = links;
+    let bundle_ram =
+        chain_ram.or_else(|| Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists()));
     // vhost-user maps the guest's RAM: it must be a shared file, never a
     // private mapping of the bundle's.
     let own_ram_wanted = opts.own_ram || (live_mounts.is_some() && bundle_ram.is_some());
@@ -589,7 +640,17 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .unwrap_or_else(|| format!("{}/{}", meta.source_name, std::process::id()));
     let disk = claim.dir.join(files::DISK);
     let mounts_layer = claim.dir.join(crate::mounts::LAYER);
-    let mut copies = vec![(bundle_dir.join(bundle::DISK), disk.clone())];
+    let mut copies = Vec::new();
+    let mut disk_below = Vec::new();
+    if !opts.chain_link {
+        copies.push((bundle_dir.join(bundle::DISK), disk.clone()));
+        // A fork's scratch bundle: the layers under its disk, as they are.
+        for (i, name) in meta.disk_below.iter().enumerate() {
+            let dst = claim.dir.join(format!("disk-below{i}.qcow2"));
+            copies.push((bundle_dir.join(name), dst.clone()));
+            disk_below.push(dst);
+        }
+    }
     if mounts_lower.is_some() {
         copies.push((bundle_dir.join(bundle::MOUNTS_LAYER), mounts_layer.clone()));
     }
@@ -599,9 +660,16 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     // Large copies run without the registry lock (a placeholder entry
     // holds the claim); small ones (a fork's disk layer, mostly) are
     // quicker than the placeholder's synced write, and keep the lock.
+    let flattened = opts
+        .chain_link
+        .then(|| bundle_dir.join(bundle::DISK))
+        .into_iter()
+        .chain(links.iter().map(|l| l.dir.join(bundle::DISK)));
     let to_copy: u64 = copies
         .iter()
-        .filter_map(|(src, _)| std::fs::metadata(src).ok())
+        .map(|(src, _)| src.clone())
+        .chain(flattened)
+        .filter_map(|src| std::fs::metadata(src).ok())
         .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
         .sum();
     let mut lock = Some(lock);
@@ -612,7 +680,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     timeline.mark("claim");
     for (src, dst) in copies {
-        let is_disk = dst == disk || dst == mounts_layer;
+        let is_disk = dst == disk || dst == mounts_layer || disk_below.contains(&dst);
         let copied = blocking(move || {
             if !is_disk {
                 bundle::sparse_copy_into(&src, &dst)?;
@@ -633,6 +701,35 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             let _ = reg.remove(&claim.id);
             return Err(e);
         }
+    }
+    // A kept bundle's disk (the chain's layers, merged) becomes one
+    // read-only layer under an empty one the VM writes, so its next
+    // checkpoint holds only its own writes.
+    if opts.chain_link {
+        let below = claim.dir.join("disk-below0.qcow2");
+        let mut layers: Vec<PathBuf> = links.iter().map(|l| l.dir.join(bundle::DISK)).collect();
+        if layers.is_empty() {
+            layers.extend(meta.disk_below.iter().map(|n| bundle_dir.join(n)));
+            layers.push(bundle_dir.join(bundle::DISK));
+        }
+        let (b, top) = (below.clone(), disk.clone());
+        let made = blocking(move || {
+            crate::chain::flatten_disk(&layers, &b)?;
+            let size = crate::qcow2::inspect(&b)
+                .map_err(|source| bundle::BundleError::UnsafeDisk {
+                    file: b.clone(),
+                    source,
+                })?
+                .size;
+            crate::image::empty_layer(&top, size)?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = made {
+            let _ = reg.remove(&claim.id);
+            return Err(e);
+        }
+        disk_below.push(below);
     }
     timeline.mark("copies");
     let lock = match lock {
@@ -700,6 +797,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
             bundle: bundle_dir.clone(),
             reset_tcp: opts.reset_tcp,
             gate: gate.is_some(),
+            disk_below,
+            link: link_of(&bundle_dir, &meta, opts.chain_link),
         }),
         ram_file: own_ram,
         // The bundle's migration stream matches its network device's
@@ -731,6 +830,19 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     };
     ram_guard.0 = None;
     launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await
+}
+
+/// The restored bundle as the parent of the VM's next checkpoint.
+fn link_of(dir: &Path, meta: &BundleMeta, kept: bool) -> Option<crate::spec::ChainLink> {
+    if !kept {
+        return None;
+    }
+    Some(crate::spec::ChainLink {
+        dir: dir.to_path_buf(),
+        manifest_blake3: crate::chain::manifest_digest(dir).ok()?,
+        chain_id: meta.chain_id.clone(),
+        chain_seq: meta.chain_seq,
+    })
 }
 
 /// Removes a file when dropped.

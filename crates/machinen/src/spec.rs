@@ -117,6 +117,26 @@ pub struct RestoreSpec {
     /// the guest paused until it writes `go` on the supervisor's stdin.
     #[serde(default)]
     pub gate: bool,
+    /// Read-only qcow2 layers between the base image and `disk` (bottom
+    /// first): a restore's copy of the bundle's disk, so `disk` starts
+    /// empty and holds only what the restored VM writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_below: Vec<PathBuf>,
+    /// The bundle, as the parent of this VM's next checkpoint (none for a
+    /// fork's scratch bundle, which is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<ChainLink>,
+}
+
+/// A bundle a running VM's next checkpoint can be a delta over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    /// The bundle's directory (absolute).
+    pub dir: PathBuf,
+    /// BLAKE3 of its `manifest.json`.
+    pub manifest_blake3: String,
+    pub chain_id: String,
+    pub chain_seq: u32,
 }
 
 impl VmSpec {

@@ -171,6 +171,7 @@ fn request() -> impl Strategy<Value = Request> {
                 keep_alive,
                 timeout_ms,
                 scratch,
+                full: !scratch,
             })
         },
     );

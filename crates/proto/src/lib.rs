@@ -590,6 +590,10 @@ pub struct SnapshotRequest {
     /// the page cache). Not a bundle `restore` accepts with verification.
     #[serde(default)]
     pub scratch: bool,
+    /// A self-contained bundle even when the VM has a checkpoint to write
+    /// a delta over (`snapshot --full`).
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// A completed snapshot.
@@ -970,6 +974,7 @@ mod tests {
                 keep_alive: true,
                 timeout_ms: 9,
                 scratch: true,
+                full: false,
             })),
             Frame::Response(Response::Connected),
             Frame::Request(Request::StartMain(MainRequest {

@@ -137,6 +137,8 @@ mod tests {
                 reset_tcp: false,
                 ram: restore_ram.then(|| "bundle/ram.img".into()),
                 gate: false,
+                disk_below: Vec::new(),
+                link: None,
             }),
             network: NetworkMode::Nat,
             main: None,

@@ -8,6 +8,7 @@ mod balloon;
 mod console;
 mod control;
 mod controller;
+mod dirty;
 mod engine;
 #[cfg(test)]
 mod fake_agent;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use machinen::bundle::{self, Builder, BundleMeta, ImageIdentity, KernelIdentity};
 use machinen::registry;
-use machinen::spec::VmSpec;
+use machinen::spec::{ChainLink, VmSpec};
 use machinen::ErrorCode;
 use machinen_proto::{
     FixupReport, FixupRequest, Request, Response, SnapshotReport, SnapshotRequest,
@@ -36,7 +36,7 @@ const DEFAULT_TIMEOUT: Duration = machinen::restore::DEFAULT_SNAPSHOT_TIMEOUT;
 pub const PARTIAL_MARKER: &str = "snapshot.partial";
 
 /// This VM's checkpoint chain: every snapshot of one running VM links to
-/// the previous one.
+/// the previous one, and is a delta over it (see [`machinen::chain`]).
 pub struct Chain {
     id: String,
     seq: u32,
@@ -44,15 +44,44 @@ pub struct Chain {
     /// sha256 of the VM's kernel, hashed at the first snapshot (it does not
     /// change while the VM lives).
     kernel_sha: Option<String>,
+    /// The bundle the next snapshot can be a delta over: the last
+    /// checkpoint, or the bundle the VM was restored from.
+    link: Option<ChainLink>,
+    /// The RAM file's soft-dirty bits were cleared at `link`: the pages
+    /// written since are known.
+    ram_baseline: bool,
+    /// Whether this kernel tracks soft-dirty bits.
+    soft_dirty: bool,
+    /// The disk: read-only layers (bottom first) under `top`, the one the
+    /// guest writes, which holds exactly what it wrote since `link`.
+    below: Vec<PathBuf>,
+    top: PathBuf,
+    top_node: String,
+    layers_made: u32,
 }
 
 impl Chain {
     pub fn new(spec: &VmSpec) -> Chain {
+        let link = spec.restore.as_ref().and_then(|r| r.link.clone());
         Chain {
-            id: format!("{}-{:x}", spec.id, spec.created_at_ms),
-            seq: 0,
-            parent: None,
+            id: link
+                .as_ref()
+                .map(|l| l.chain_id.clone())
+                .unwrap_or_else(|| format!("{}-{:x}", spec.id, spec.created_at_ms)),
+            seq: link.as_ref().map(|l| l.chain_seq).unwrap_or(0),
+            parent: link.as_ref().map(|l| l.dir.display().to_string()),
             kernel_sha: None,
+            link,
+            ram_baseline: false,
+            soft_dirty: spec.ram_file.is_some() && crate::dirty::supported(),
+            below: spec
+                .restore
+                .as_ref()
+                .map(|r| r.disk_below.clone())
+                .unwrap_or_default(),
+            top: spec.disk.clone(),
+            top_node: "root".into(),
+            layers_made: 0,
         }
     }
 }
@@ -294,6 +323,7 @@ impl<M: Machine> Phases<'_, M> {
         }
 
         clock.mark("flush");
+        let plan = Plan::make(machine, spec, chain, req).await;
         // RAM in a shared file is copied as a file while the guest is
         // paused; other RAM (a copy-on-write mapping of a bundle's, or
         // anonymous) goes into the state, copied while the guest runs, so
@@ -341,9 +371,28 @@ impl<M: Machine> Phases<'_, M> {
             clock.mark("state");
             // The disk layer and, when RAM is a shared file (skipped by the
             // migration stream), the RAM: both copied sparse while paused.
-            let mut copies = vec![(spec.disk.clone(), builder.path(bundle::DISK), "disk layer")];
-            if let Some(ram) = &spec.ram_file {
+            let top_dst = if plan.flatten_later {
+                builder.path(TOP_PARTIAL)
+            } else {
+                builder.path(bundle::DISK)
+            };
+            let mut copies = vec![(chain.top.clone(), top_dst, "disk layer")];
+            if let Some(ram) = spec.ram_file.as_ref().filter(|_| !plan.ram_delta) {
                 copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
+            }
+            if plan.ram_delta {
+                let (pid, ram) = (machine.pid(), spec.ram_file.clone().unwrap_or_default());
+                let (dst, list) = (builder.path(bundle::RAM), builder.path(bundle::RAM_PAGES));
+                let bytes = u64::from(spec.memory_mib) << 20;
+                tokio::task::spawn_blocking(move || ram_delta(pid, &ram, bytes, &dst, &list))
+                    .await
+                    .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+                    .map_err(|e| {
+                        err(
+                            ErrorCode::SnapshotDumpFailed,
+                            format!("copying the RAM pages written since the last checkpoint failed: {e}"),
+                        )
+                    })?;
             }
             if let Some(m) = &spec.mounts {
                 copies.push((
@@ -372,6 +421,33 @@ impl<M: Machine> Phases<'_, M> {
         if let Err(e) = saved {
             return abandon(builder, e).await;
         }
+        // Still paused: a checkpoint the VM runs on from starts a new disk
+        // layer and the RAM's record of written pages.
+        let below_then = chain.below.clone();
+        let mut baseline = false;
+        if !req.scratch && req.keep_alive {
+            // Until this bundle is complete, nothing is known to be a parent.
+            chain.link = None;
+            chain.ram_baseline = false;
+            if let Some(file) = &plan.next_layer {
+                let node = format!("layer{}", chain.layers_made);
+                match machine.new_disk_layer(&chain.top_node, file, &node).await {
+                    Ok(()) => {
+                        chain
+                            .below
+                            .push(std::mem::replace(&mut chain.top, file.clone()));
+                        chain.top_node = node;
+                    }
+                    Err(e) => {
+                        tracing::warn!("starting a new disk layer failed: {e}");
+                        let _ = std::fs::remove_file(file);
+                    }
+                }
+            }
+            if chain.soft_dirty {
+                baseline = crate::dirty::clear(machine.pid()).is_ok();
+            }
+        }
         if req.keep_alive {
             // A keep-alive source runs on while the bundle is hashed and synced.
             if let Err(e) = machine.resume().await {
@@ -399,6 +475,78 @@ impl<M: Machine> Phases<'_, M> {
             clock.mark("mounts-lower");
         }
 
+        // A self-contained bundle of a VM with several disk layers merges
+        // them (the guest runs meanwhile: all but the top are read-only, and
+        // the top was copied); a scratch bundle carries them as they are.
+        let mut disk_below = Vec::new();
+        if plan.flatten_later || (req.scratch && !below_then.is_empty()) {
+            let (tmp, scratch) = (builder.tmp.clone(), req.scratch);
+            let layers = below_then.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                if scratch {
+                    let mut names = Vec::new();
+                    for (i, l) in layers.iter().enumerate() {
+                        let name = format!("disk-below{i}.qcow2");
+                        let dst = tmp.join(&name);
+                        if std::fs::hard_link(l, &dst).is_err() {
+                            bundle::sparse_copy(l, &dst).map_err(|e| e.to_string())?;
+                        }
+                        names.push(name);
+                    }
+                    return Ok(names);
+                }
+                let mut all = layers;
+                all.push(tmp.join(TOP_PARTIAL));
+                let r = machinen::chain::flatten_disk(&all, &tmp.join(bundle::DISK));
+                let _ = std::fs::remove_file(tmp.join(TOP_PARTIAL));
+                r.map(|_| Vec::new()).map_err(|e| {
+                    let mut m = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(c) = src {
+                        m.push_str(&format!(": {c}"));
+                        src = c.source();
+                    }
+                    m
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match r {
+                Ok(names) => disk_below = names,
+                Err(e) => {
+                    let e = err(
+                        ErrorCode::SnapshotDumpFailed,
+                        format!("merging the disk layers failed: {e}"),
+                    );
+                    return abandon(builder, e).await;
+                }
+            }
+            clock.mark("disk-layers");
+        }
+        let parent = match &plan.delta_over {
+            Some(l) => {
+                let dest = builder.dest.clone();
+                let to = l.dir.clone();
+                let rel = tokio::task::spawn_blocking(move || {
+                    let base = dest
+                        .parent()
+                        .and_then(|p| std::fs::canonicalize(p).ok())
+                        .zip(dest.file_name())
+                        .map(|(p, n)| p.join(n))
+                        .unwrap_or(dest);
+                    machinen::chain::relative(&base, &to)
+                })
+                .await
+                .unwrap_or_default();
+                Some(bundle::ParentLink {
+                    path: rel.display().to_string(),
+                    manifest_blake3: l.manifest_blake3.clone(),
+                    chain_seq: l.chain_seq,
+                })
+            }
+            None => None,
+        };
         let kernel_sha = match &chain.kernel_sha {
             Some(h) => h.clone(),
             None => {
@@ -448,6 +596,9 @@ impl<M: Machine> Phases<'_, M> {
                 .as_ref()
                 .map(|l| l.mounts.clone())
                 .unwrap_or_default(),
+            parent,
+            ram_delta: plan.ram_delta,
+            disk_below,
         };
         let scratch = req.scratch;
         let marker = spec.path_in(PARTIAL_MARKER);
@@ -470,6 +621,24 @@ impl<M: Machine> Phases<'_, M> {
         let (finished, (bytes, disk_bytes)) = finished;
         chain.seq += 1;
         chain.parent = Some(finished.display().to_string());
+        if !req.scratch {
+            let d = finished.clone();
+            let link = tokio::task::spawn_blocking(move || {
+                let dir = std::fs::canonicalize(&d).ok()?;
+                let digest = machinen::chain::manifest_digest(&dir).ok()?;
+                Some((dir, digest))
+            })
+            .await
+            .ok()
+            .flatten();
+            chain.link = link.map(|(dir, manifest_blake3)| ChainLink {
+                dir,
+                manifest_blake3,
+                chain_id: chain.id.clone(),
+                chain_seq: chain.seq,
+            });
+            chain.ram_baseline = baseline && chain.link.is_some();
+        }
         Ok(SnapshotReport {
             out: finished.display().to_string(),
             elapsed_ms: 0,
@@ -479,6 +648,106 @@ impl<M: Machine> Phases<'_, M> {
             phases: Vec::new(),
         })
     }
+}
+
+/// The top disk layer's copy in a bundle whose layers are merged after the
+/// guest runs again.
+const TOP_PARTIAL: &str = "top.partial";
+
+/// What kind of bundle a snapshot writes.
+struct Plan {
+    /// The bundle this one is a delta over (still as it was).
+    delta_over: Option<ChainLink>,
+    /// The RAM, too, holds only the pages written since `delta_over`.
+    ram_delta: bool,
+    /// A self-contained bundle of a VM with several disk layers.
+    flatten_later: bool,
+    /// The empty layer a keep-alive checkpoint puts on top of the disk.
+    next_layer: Option<PathBuf>,
+}
+
+impl Plan {
+    async fn make<M: Machine>(
+        _machine: &M,
+        spec: &VmSpec,
+        chain: &mut Chain,
+        req: &SnapshotRequest,
+    ) -> Plan {
+        let real = !req.scratch;
+        let delta_over = match chain.link.clone().filter(|_| real && !req.full) {
+            Some(l) => {
+                let d = l.dir.clone();
+                let found =
+                    tokio::task::spawn_blocking(move || machinen::chain::manifest_digest(&d).ok())
+                        .await
+                        .ok()
+                        .flatten();
+                if found.as_deref() == Some(l.manifest_blake3.as_str()) {
+                    Some(l)
+                } else {
+                    tracing::info!(
+                        "{} is gone or changed: this snapshot is self-contained",
+                        l.dir.display()
+                    );
+                    None
+                }
+            }
+            None => None,
+        };
+        let ram_delta = delta_over.is_some() && chain.ram_baseline && spec.ram_file.is_some();
+        let next_layer = if real && req.keep_alive {
+            chain.layers_made += 1;
+            let file = spec.path_in(&format!("disk-{}.qcow2", chain.layers_made));
+            let (top, f) = (chain.top.clone(), file.clone());
+            let made = tokio::task::spawn_blocking(move || {
+                let size = machinen::qcow2::inspect(&top)
+                    .map_err(|e| e.to_string())?
+                    .size;
+                let _ = std::fs::remove_file(&f);
+                machinen::image::empty_layer(&f, size).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match made {
+                Ok(()) => Some(file),
+                Err(e) => {
+                    tracing::warn!("creating the next disk layer failed: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Plan {
+            flatten_later: delta_over.is_none() && !req.scratch && !chain.below.is_empty(),
+            delta_over,
+            ram_delta,
+            next_layer,
+        }
+    }
+}
+
+/// Write the RAM pages process `pid` wrote into `ram` since the last
+/// checkpoint to `dst` (at their offsets) and their list to `list`.
+fn ram_delta(
+    pid: u32,
+    ram: &std::path::Path,
+    bytes: u64,
+    dst: &std::path::Path,
+    list: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ranges = crate::dirty::written_pages(pid, ram, bytes)?;
+    let src = std::fs::File::open(ram)?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)?;
+    out.set_len(bytes)?;
+    machinen::chain::copy_pages(&src, &out, &ranges)?;
+    machinen::chain::write_pages(list, &ranges)
 }
 
 /// After a restore: set the clock, reseed the RNG with fresh host entropy,

@@ -4,6 +4,7 @@ mod agent_context;
 mod attach;
 mod balloon;
 mod boot;
+mod bundle;
 mod completion;
 mod cp;
 mod exec;
@@ -53,5 +54,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Feedback(a) => feedback::run(a),
         Command::Pull(a) => pull::run(a).await,
         Command::Images(a) => images::run(a).await,
+        Command::Bundle(a) => bundle::run(a).await,
     }
 }

@@ -55,7 +55,7 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
     }
     .step(format!("snapshotting {}", vm.name()));
     let report = vm
-        .snapshot(&out, a.keep_alive, Duration::from_secs(a.timeout))
+        .snapshot_full(&out, a.keep_alive, Duration::from_secs(a.timeout), a.full)
         .await?;
     step.done(format!("snapshot of {} written", vm.name()));
     if a.timings {

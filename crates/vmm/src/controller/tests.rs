@@ -84,6 +84,8 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
             reset_tcp: false,
             ram: None,
             gate: true,
+            disk_below: Vec::new(),
+            link: None,
         }),
         network: NetworkMode::Nat,
         main: None,
@@ -247,6 +249,7 @@ fn snapshot(out: &Path, keep_alive: bool, timeout_ms: u64) -> Request {
         keep_alive,
         timeout_ms,
         scratch: false,
+        full: false,
     })
 }
 

@@ -156,6 +156,16 @@ impl Machine for FakeMachine {
         })
     }
 
+    async fn new_disk_layer(
+        &self,
+        _top_node: &str,
+        _file: &Path,
+        _new_node: &str,
+    ) -> Result<(), EngineError> {
+        self.script.record("new-disk-layer");
+        Ok(())
+    }
+
     async fn save_state_live(
         &self,
         path: &Path,

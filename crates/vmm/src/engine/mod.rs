@@ -109,6 +109,15 @@ pub trait Machine {
         deadline: Instant,
         start: bool,
     ) -> impl std::future::Future<Output = Result<(), EngineError>>;
+    /// Put a new, empty qcow2 layer `file` (node `new_node`) on top of
+    /// the disk's top node `top_node`: from now on the guest's writes go
+    /// there and the old top is read-only. The VM should be paused.
+    fn new_disk_layer(
+        &self,
+        top_node: &str,
+        file: &Path,
+        new_node: &str,
+    ) -> impl std::future::Future<Output = Result<(), EngineError>>;
     /// The byte stream to the guest agent's port.
     fn connect_agent(
         &mut self,

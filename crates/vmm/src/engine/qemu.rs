@@ -488,6 +488,40 @@ impl Machine for QemuMachine {
         self.poll_migration(deadline, true).await
     }
 
+    async fn new_disk_layer(
+        &self,
+        top_node: &str,
+        file: &Path,
+        new_node: &str,
+    ) -> Result<(), EngineError> {
+        let bad = |command: &'static str, e: serde_json::Error| EngineError::Qmp {
+            command,
+            detail: e.to_string(),
+        };
+        let opts: qapi::qmp::BlockdevOptions = serde_json::from_value(serde_json::json!({
+            "driver": "qcow2", "node-name": new_node, "discard": "unmap", "backing": null,
+            "file": {"driver": "file", "filename": file}
+        }))
+        .map_err(|e| bad("blockdev-add", e))?;
+        self.qmp(
+            qapi::qmp::blockdev_add(opts),
+            "blockdev-add",
+            timeouts::QMP_COMMAND,
+        )
+        .await?;
+        let snap: qapi::qmp::BlockdevSnapshot = serde_json::from_value(serde_json::json!({
+            "node": top_node, "overlay": new_node
+        }))
+        .map_err(|e| bad("blockdev-snapshot", e))?;
+        self.qmp(
+            qapi::qmp::blockdev_snapshot(snap),
+            "blockdev-snapshot",
+            timeouts::QMP_COMMAND,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Load machine state from `path` into a QEMU started with
     /// `-incoming defer`; the guest runs again when it returns.
     /// `start`: run the guest once loaded. Otherwise it stays paused (QEMU
