@@ -1,116 +1,132 @@
-//! Which pages of a VM's RAM file the guest wrote since the last checkpoint:
-//! the kernel's soft-dirty bits on QEMU's mapping of the file
-//! (`Documentation/admin-guide/mm/soft-dirty.rst`).
+//! Which pages of a VM's RAM file changed since the last checkpoint.
 //!
-//! At a checkpoint the supervisor clears QEMU's soft-dirty bits
-//! (`/proc/<pid>/clear_refs` ← `4`); every page written after that has bit
-//! 55 set in `/proc/<pid>/pagemap`. A page whose entry is gone (reclaimed
-//! to swap, or never mapped) carries no bit: it counts as written whenever
-//! the file holds data there, so nothing written is ever missed (the delta
-//! is at worst larger). Pages the balloon gave back are holes: they read as
-//! zero in the guest's eyes only until it uses them again, and the guest
-//! never reads a free page before writing it.
+//! At a checkpoint that holds the whole RAM the supervisor records a keyed
+//! BLAKE3 digest (64 bits, with a key of its own, so a guest cannot craft
+//! pages that collide) of every 4 KiB page; the next checkpoint, with the
+//! guest paused, hashes the RAM file again and writes only the pages whose
+//! digest differs, updating the record. Holes (never touched, or given back
+//! by the balloon) count as zero pages. The cost is one read of the memory
+//! the guest uses, at hashing speed, instead of a copy of it to disk.
+//!
+//! Content comparison needs nothing from the kernel (soft-dirty bits, which
+//! would spare the read, are not built into every kernel) and misses
+//! nothing: a page is left out only when its content is what the parent
+//! holds.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const PAGE: u64 = machinen::chain::PAGE;
-const PM_SOFT_DIRTY: u64 = 1 << 55;
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAP: u64 = 1 << 62;
+/// Read in chunks of this many bytes.
+const CHUNK: usize = 1 << 20;
 
-/// Whether this kernel tracks soft-dirty bits (CONFIG_MEM_SOFT_DIRTY):
-/// checked on this process's own memory.
-pub fn supported() -> bool {
-    let page = vec![0u8; 2 * PAGE as usize];
-    let addr = (page.as_ptr() as u64).div_ceil(PAGE) * PAGE;
-    let entry = |a: u64| -> Option<u64> {
-        let f = File::open("/proc/self/pagemap").ok()?;
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, a / PAGE * 8).ok()?;
-        Some(u64::from_le_bytes(b))
-    };
-    if clear(std::process::id()).is_err() {
-        return false;
+/// The digests of a RAM file's pages at the last checkpoint.
+pub struct PageHashes {
+    key: [u8; 32],
+    zero: u64,
+    hashes: Vec<u64>,
+}
+
+fn digest(key: &[u8; 32], page: &[u8]) -> u64 {
+    let h = blake3::keyed_hash(key, page);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// Read `[off, end)` of `f` chunk by chunk, calling `each(page index, page)`.
+fn pages_of(
+    f: &File,
+    off: u64,
+    end: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut at = off;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], at)?;
+        for (i, page) in buf[..n].chunks(PAGE as usize).enumerate() {
+            each(at / PAGE + i as u64, page)?;
+        }
+        at += n as u64;
     }
-    // SAFETY: `addr` lies inside `page`, which this function owns; a
-    // volatile write so the store is not optimised away.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
-    let dirty = entry(addr).is_some_and(|e| e & PM_SOFT_DIRTY != 0);
-    drop(page);
-    dirty
+    Ok(())
 }
 
-/// Clear the soft-dirty bits of every mapping of process `pid`.
-pub fn clear(pid: u32) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/{pid}/clear_refs"))?
-        .write_all(b"4")
+/// The data extents of `f`, cut to whole pages within `len`.
+fn page_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
+    machinen::bundle::data_extents(f, len)
+        .into_iter()
+        .map(|(a, b)| (a / PAGE * PAGE, b.div_ceil(PAGE).saturating_mul(PAGE).min(len)))
+        .filter(|(a, b)| a < b)
+        .collect()
 }
 
-/// Where process `pid` maps `file` from its start: (address, length).
-fn mapping_of(pid: u32, file: &Path) -> std::io::Result<(u64, u64)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let want = file.display().to_string();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset)) = (f.next(), f.next(), f.next()) else {
-            continue;
+impl PageHashes {
+    /// Record the pages of `file` (a RAM of `ram_bytes`) as they are now.
+    pub fn of_file(file: &Path, ram_bytes: u64) -> std::io::Result<PageHashes> {
+        let key: [u8; 32] = rand::random();
+        let zero = digest(&key, &[0u8; PAGE as usize]);
+        let mut hashes = vec![zero; (ram_bytes / PAGE) as usize];
+        let f = File::open(file)?;
+        let mut buf = vec![0u8; CHUNK];
+        for (a, b) in page_extents(&f, ram_bytes) {
+            pages_of(&f, a, b, &mut buf, |p, page| {
+                if let Some(h) = hashes.get_mut(p as usize) {
+                    *h = digest(&key, page);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(PageHashes { key, zero, hashes })
+    }
+
+    /// The pages of `file` that changed since the record, as (first page,
+    /// count) ranges; each is written to `out` at its offset (zero pages
+    /// left as holes) and the record updated.
+    pub fn changed(&mut self, file: &Path, out: &File) -> std::io::Result<Vec<(u64, u64)>> {
+        let ram_bytes = self.hashes.len() as u64 * PAGE;
+        let f = File::open(file)?;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut push = |p: u64| match ranges.last_mut() {
+            Some((first, count)) if *first + *count == p => *count += 1,
+            _ => ranges.push((p, 1)),
         };
-        let path = f.nth(2).unwrap_or_default();
-        if path != want || u64::from_str_radix(offset, 16).ok() != Some(0) {
-            continue;
-        }
-        if let Some((a, b)) = range.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                return Ok((a, b - a));
+        let extents = page_extents(&f, ram_bytes);
+        let mut buf = vec![0u8; CHUNK];
+        let mut next = 0u64;
+        let zero = self.zero;
+        for (a, b) in extents.iter().copied().chain([(ram_bytes, ram_bytes)]) {
+            // A hole: pages that held data before are zero now.
+            for p in next / PAGE..a / PAGE {
+                if let Some(h) = self.hashes.get_mut(p as usize) {
+                    if *h != zero {
+                        *h = zero;
+                        push(p);
+                    }
+                }
             }
+            let (key, hashes) = (&self.key, &mut self.hashes);
+            pages_of(&f, a, b, &mut buf, |p, page| {
+                let d = digest(key, page);
+                let Some(h) = hashes.get_mut(p as usize) else {
+                    return Ok(());
+                };
+                if *h != d {
+                    *h = d;
+                    push(p);
+                    if d != zero {
+                        out.write_all_at(page, p * PAGE)?;
+                    }
+                }
+                Ok(())
+            })?;
+            next = b;
         }
+        Ok(ranges)
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("process {pid} does not map {want}"),
-    ))
-}
-
-/// The pages of `file` (of `ram_bytes`) that process `pid` wrote since its
-/// soft-dirty bits were last cleared, as (first page, count) ranges.
-pub fn written_pages(pid: u32, file: &Path, ram_bytes: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let (addr, len) = mapping_of(pid, file)?;
-    let pages = ram_bytes.min(len) / PAGE;
-    let f = File::open(file)?;
-    let data = machinen::bundle::data_extents(&f, ram_bytes);
-    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |p: u64| match out.last_mut() {
-        Some((first, count)) if *first + *count == p => *count += 1,
-        _ => out.push((p, 1)),
-    };
-    let in_data = |p: u64| {
-        let off = p * PAGE;
-        data.iter().any(|&(a, b)| off >= a && off < b)
-    };
-    const CHUNK: u64 = 8192;
-    let mut buf = vec![0u8; (CHUNK * 8) as usize];
-    let mut p = 0;
-    while p < pages {
-        let n = CHUNK.min(pages - p);
-        let b = &mut buf[..(n * 8) as usize];
-        pagemap.read_exact_at(b, (addr / PAGE + p) * 8)?;
-        for (i, e) in b.chunks_exact(8).enumerate() {
-            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            let page = p + i as u64;
-            let present = e & (PM_PRESENT | PM_SWAP) != 0;
-            if e & PM_SOFT_DIRTY != 0 || (!present && in_data(page)) {
-                push(page);
-            }
-        }
-        p += n;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -118,58 +134,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn soft_dirty_bits_follow_writes_to_a_shared_file() {
-        if !supported() {
-            eprintln!("soft-dirty bits not tracked by this kernel; skipped");
-            return;
-        }
+    fn changed_pages_are_found_written_and_recorded() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("ram");
+        let (ram, out) = (dir.path().join("ram"), dir.path().join("out"));
+        let len = 64 * PAGE;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .expect("file");
-        let len = 64 * PAGE;
+            .open(&ram)
+            .expect("ram");
         f.set_len(len).expect("len");
-        // SAFETY: a fresh shared mapping of a file this test owns; unmapped
-        // below before the file goes.
-        let m = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+        let put = |p: u64, v: u8| {
+            f.write_all_at(&[v; PAGE as usize], p * PAGE).expect("write")
+        };
+        for p in [0, 1, 2, 10, 40] {
+            put(p, 7);
+        }
+        let mut rec = PageHashes::of_file(&ram, len).expect("record");
+        let o = File::create(&out).expect("out");
+        o.set_len(len).expect("len");
+        assert!(rec.changed(&ram, &o).expect("none").is_empty());
+        put(2, 8); // changed
+        put(3, 9); // new
+        put(10, 7); // rewritten with the same bytes: not a change
+        put(40, 0); // zeroed
+        // SAFETY: fallocate on a file this test owns.
+        let punched = unsafe {
+            libc::fallocate(
                 std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 0,
+                PAGE as i64,
             )
         };
-        assert_ne!(m, libc::MAP_FAILED);
-        let base = m as *mut u8;
-        let write = |page: u64| {
-            // SAFETY: inside the mapping of `len` bytes.
-            unsafe { std::ptr::write_volatile(base.add((page * PAGE) as usize), 7) }
-        };
-        let me = std::process::id();
-        clear(me).expect("clear");
-        for p in [0, 1, 2, 10] {
-            write(p);
-        }
-        assert_eq!(
-            written_pages(me, &path, len).expect("pages"),
-            vec![(0, 3), (10, 1)]
-        );
-        clear(me).expect("clear");
-        assert!(written_pages(me, &path, len).expect("pages").is_empty());
-        write(2);
-        write(40);
-        assert_eq!(
-            written_pages(me, &path, len).expect("pages"),
-            vec![(2, 1), (40, 1)]
-        );
-        // SAFETY: the mapping made above.
-        unsafe { libc::munmap(m, len as usize) };
+        assert_eq!(punched, 0, "punch a hole like the balloon");
+        let got = rec.changed(&ram, &o).expect("changed");
+        assert_eq!(got, vec![(0, 1), (2, 2), (40, 1)]);
+        let written = std::fs::read(&out).expect("read");
+        assert_eq!(written[(2 * PAGE) as usize], 8);
+        assert_eq!(written[(3 * PAGE) as usize], 9);
+        assert_eq!(written[(40 * PAGE) as usize], 0);
+        // Recorded: asking again finds nothing.
+        assert!(rec.changed(&ram, &o).expect("none").is_empty());
     }
 }

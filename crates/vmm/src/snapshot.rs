@@ -47,11 +47,8 @@ pub struct Chain {
     /// The bundle the next snapshot can be a delta over: the last
     /// checkpoint, or the bundle the VM was restored from.
     link: Option<ChainLink>,
-    /// The RAM file's soft-dirty bits were cleared at `link`: the pages
-    /// written since are known.
-    ram_baseline: bool,
-    /// Whether this kernel tracks soft-dirty bits.
-    soft_dirty: bool,
+    /// The RAM file's pages as they were at `link` (see [`crate::dirty`]).
+    ram_record: Option<crate::dirty::PageHashes>,
     /// The disk: read-only layers (bottom first) under `top`, the one the
     /// guest writes, which holds exactly what it wrote since `link`.
     below: Vec<PathBuf>,
@@ -72,8 +69,7 @@ impl Chain {
             parent: link.as_ref().map(|l| l.dir.display().to_string()),
             kernel_sha: None,
             link,
-            ram_baseline: false,
-            soft_dirty: spec.ram_file.is_some() && crate::dirty::supported(),
+            ram_record: None,
             below: spec
                 .restore
                 .as_ref()
@@ -337,6 +333,7 @@ impl<M: Machine> Phases<'_, M> {
             clock.mark("pause");
         }
         let mut paused_at = Instant::now();
+        let mut updated_record = None;
         let saved = async {
             // QEMU writes the state through `cat > file`, which keeps the mode
             // of a file that exists: 0600, like the rest of the bundle.
@@ -381,18 +378,29 @@ impl<M: Machine> Phases<'_, M> {
                 copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
             }
             if plan.ram_delta {
-                let (pid, ram) = (machine.pid(), spec.ram_file.clone().unwrap_or_default());
+                let ram = spec.ram_file.clone().unwrap_or_default();
                 let (dst, list) = (builder.path(bundle::RAM), builder.path(bundle::RAM_PAGES));
                 let bytes = u64::from(spec.memory_mib) << 20;
-                tokio::task::spawn_blocking(move || ram_delta(pid, &ram, bytes, &dst, &list))
-                    .await
-                    .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-                    .map_err(|e| {
-                        err(
-                            ErrorCode::SnapshotDumpFailed,
-                            format!("copying the RAM pages written since the last checkpoint failed: {e}"),
-                        )
-                    })?;
+                // The record changes with the pages it finds: it is kept
+                // only once the bundle is complete.
+                let record = chain.ram_record.take();
+                let (record, r) = tokio::task::spawn_blocking(move || {
+                    let mut record = record;
+                    let r = match record.as_mut() {
+                        Some(rec) => ram_delta(rec, &ram, bytes, &dst, &list),
+                        None => Err(std::io::Error::other("no record of the RAM")),
+                    };
+                    (record, r)
+                })
+                .await
+                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
+                r.map_err(|e| {
+                    err(
+                        ErrorCode::SnapshotDumpFailed,
+                        format!("copying the RAM pages changed since the last checkpoint failed: {e}"),
+                    )
+                })?;
+                updated_record = record;
             }
             if let Some(m) = &spec.mounts {
                 copies.push((
@@ -424,11 +432,10 @@ impl<M: Machine> Phases<'_, M> {
         // Still paused: a checkpoint the VM runs on from starts a new disk
         // layer and the RAM's record of written pages.
         let below_then = chain.below.clone();
-        let mut baseline = false;
         if !req.scratch && req.keep_alive {
             // Until this bundle is complete, nothing is known to be a parent.
             chain.link = None;
-            chain.ram_baseline = false;
+            chain.ram_record = None;
             if let Some(file) = &plan.next_layer {
                 let node = format!("layer{}", chain.layers_made);
                 match machine.new_disk_layer(&chain.top_node, file, &node).await {
@@ -443,9 +450,6 @@ impl<M: Machine> Phases<'_, M> {
                         let _ = std::fs::remove_file(file);
                     }
                 }
-            }
-            if chain.soft_dirty {
-                baseline = crate::dirty::clear(machine.pid()).is_ok();
             }
         }
         if req.keep_alive {
@@ -637,7 +641,21 @@ impl<M: Machine> Phases<'_, M> {
                 chain_id: chain.id.clone(),
                 chain_seq: chain.seq,
             });
-            chain.ram_baseline = baseline && chain.link.is_some();
+            // What the next checkpoint compares the RAM with: the record
+            // this one updated, or one made from the bundle's whole RAM.
+            let record = match (updated_record, &spec.ram_file) {
+                (Some(r), _) => Some(r),
+                (None, Some(_)) if req.keep_alive && chain.link.is_some() => {
+                    let (ram, bytes) = (finished.join(bundle::RAM), u64::from(spec.memory_mib) << 20);
+                    tokio::task::spawn_blocking(move || crate::dirty::PageHashes::of_file(&ram, bytes))
+                        .await
+                        .ok()
+                        .and_then(|r| r.map_err(|e| tracing::warn!("recording the RAM's pages failed: {e}")).ok())
+                }
+                _ => None,
+            };
+            chain.ram_record = record.filter(|_| req.keep_alive && chain.link.is_some());
+            clock.mark("ram-record");
         }
         Ok(SnapshotReport {
             out: finished.display().to_string(),
@@ -694,7 +712,8 @@ impl Plan {
             }
             None => None,
         };
-        let ram_delta = delta_over.is_some() && chain.ram_baseline && spec.ram_file.is_some();
+        let ram_delta =
+            delta_over.is_some() && chain.ram_record.is_some() && spec.ram_file.is_some();
         let next_layer = if real && req.keep_alive {
             chain.layers_made += 1;
             let file = spec.path_in(&format!("disk-{}.qcow2", chain.layers_made));
@@ -728,25 +747,23 @@ impl Plan {
     }
 }
 
-/// Write the RAM pages process `pid` wrote into `ram` since the last
-/// checkpoint to `dst` (at their offsets) and their list to `list`.
+/// Write the pages of `ram` that changed since `record` to `dst` (at their
+/// offsets) and their list to `list`.
 fn ram_delta(
-    pid: u32,
+    record: &mut crate::dirty::PageHashes,
     ram: &std::path::Path,
     bytes: u64,
     dst: &std::path::Path,
     list: &std::path::Path,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let ranges = crate::dirty::written_pages(pid, ram, bytes)?;
-    let src = std::fs::File::open(ram)?;
     let out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)?;
     out.set_len(bytes)?;
-    machinen::chain::copy_pages(&src, &out, &ranges)?;
+    let ranges = record.changed(ram, &out)?;
     machinen::chain::write_pages(list, &ranges)
 }
 
