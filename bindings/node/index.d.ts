@@ -335,6 +335,14 @@ export interface SnapshotOptions {
   outDir: string;
   /** `false`: the VM stops once the bundle is complete. Default true. */
   leaveRunning?: boolean;
+  /**
+   * A self-contained bundle. Default: a VM that has a checkpoint (or was
+   * restored from a bundle that is still in place, unchanged) gets a delta
+   * holding only the disk blocks and RAM pages changed since; its restore
+   * needs the whole chain (`RESTORE_BUNDLE_INVALID` names a missing or
+   * altered parent).
+   */
+  full?: boolean;
   timeoutMs?: number;
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;

@@ -414,15 +414,17 @@ class VmHandle {
 
   /**
    * Write a snapshot bundle to `outDir`. The VM keeps running (as with the
-   * reference's vmstate engine) unless `leaveRunning: false`.
+   * reference's vmstate engine) unless `leaveRunning: false`. A VM that has
+   * a checkpoint (or was restored from a bundle still in place) gets a
+   * delta over it unless `full: true`.
    */
   async snapshot(opts) {
-    checkKeys(opts, ['outDir', 'leaveRunning', 'timeoutMs', 'signal', 'onLog'], 'snapshot');
+    checkKeys(opts, ['outDir', 'leaveRunning', 'full', 'timeoutMs', 'signal', 'onLog'], 'snapshot');
     if (!opts || typeof opts.outDir !== 'string') throw invalid('snapshot needs outDir', 'e.g. vm.snapshot({ outDir: "./snap" })');
     const keep = opts.leaveRunning ?? true;
     const started = Date.now();
     const r = camel(
-      await call(opts.signal, (id) => this._h.snapshot(opts.outDir, keep, ms(opts.timeoutMs, 'timeoutMs'), id)),
+      await call(opts.signal, (id) => this._h.snapshot(opts.outDir, keep, ms(opts.timeoutMs, 'timeoutMs'), id, opts.full === true)),
     );
     return { ...r, outDir: r.out, elapsedMs: r.elapsedMs ?? Date.now() - started };
   }

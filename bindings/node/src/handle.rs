@@ -261,7 +261,8 @@ impl VmHandle {
     }
 
     /// Write a snapshot bundle to `out`; the VM stops afterwards unless
-    /// `keep_alive`.
+    /// `keep_alive`. `full`: self-contained even when it could be a delta
+    /// over the VM's last checkpoint.
     #[napi]
     pub async fn snapshot(
         &self,
@@ -269,14 +270,19 @@ impl VmHandle {
         keep_alive: bool,
         timeout_ms: Option<u32>,
         cancel: Option<u32>,
+        full: Option<bool>,
     ) -> Result<serde_json::Value> {
         let timeout = timeout_ms
             .map(|t| Duration::from_millis(t.into()))
             .unwrap_or(machinen::restore::DEFAULT_SNAPSHOT_TIMEOUT);
         let report = cancellable(
             cancel,
-            self.vm
-                .snapshot(std::path::Path::new(&out), keep_alive, timeout),
+            self.vm.snapshot_full(
+                std::path::Path::new(&out),
+                keep_alive,
+                timeout,
+                full.unwrap_or(false),
+            ),
         )
         .await?;
         if !keep_alive {

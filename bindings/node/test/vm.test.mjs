@@ -285,3 +285,29 @@ test('a throwing output callback gives the command up', async () => {
   await assert.rejects(p, /callback broke/);
   await until(async () => (await vm.execRaw('pgrep -x sleep')).stdout === '', 20_000, 'the sleep to end');
 });
+
+test('snapshot: checkpoints of a running VM are deltas over the last one unless full', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'mnn-chain-'));
+  const src = await m.boot({ name: 'node-chain', memoryMib: 256 });
+  try {
+    await src.exec('echo one > /root/step');
+    await src.snapshot({ outDir: join(dir, 'c1') });
+    await src.exec('echo two > /root/step; echo two > /dev/shm/step');
+    await src.snapshot({ outDir: join(dir, 'c2') });
+    await src.snapshot({ outDir: join(dir, 'c3'), full: true });
+    const meta = (n) => JSON.parse(readFileSync(join(dir, n, 'meta.json'), 'utf8'));
+    assert.equal(meta('c1').parent, undefined);
+    assert.equal(meta('c2').parent.path, '../c1');
+    assert.equal(meta('c2').ram_delta, true);
+    assert.equal(meta('c3').parent, undefined);
+    await rejectsWith(src.snapshot({ outDir: join(dir, 'c4'), fully: true }), 'BOOT_ARGS_INVALID');
+  } finally {
+    await src.kill().catch(() => {});
+  }
+  const r = await m.restore({ snapDir: join(dir, 'c2'), name: 'node-chain-r' });
+  try {
+    assert.equal((await r.exec('cat /root/step /dev/shm/step')).stdout, 'two\ntwo\n');
+  } finally {
+    await r.kill().catch(() => {});
+  }
+});

@@ -4,6 +4,7 @@
 //! `docs/performance.md`.
 
 mod boot;
+mod chain;
 mod ctx;
 mod exec;
 mod fork;
@@ -51,6 +52,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "snapshot time and bundle size (idle, N MiB touched), restore to ready",
     ),
     ("fork", "fork to ready and the source's pause"),
+    (
+        "chain",
+        "checkpoint chains: deltas next to full bundles (size, time, pause), restore from the tip",
+    ),
     ("savevm", "QEMU's own savevm/loadvm of the same guest"),
     (
         "memory",
@@ -93,8 +98,8 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, net, snapshot, fork, savevm, memory, scale, mounts,
-    /// reclaim.
+    /// exec, ports, net, snapshot, fork, chain, savevm, memory, scale,
+    /// mounts, reclaim.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -325,6 +330,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "net" => net::run(ctx, sec).await,
         "snapshot" => snapshot::run(ctx, sec).await,
         "fork" => fork::run(ctx, sec).await,
+        "chain" => chain::run(ctx, sec).await,
         "savevm" => savevm::run(ctx, sec).await,
         "memory" => memory::run(ctx, sec).await,
         "scale" => scale::run(ctx, sec).await,

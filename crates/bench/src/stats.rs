@@ -169,6 +169,30 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "ports.download_nat_host_mib_s",
         ),
         (
+            "chain_disk_over_full_disk",
+            "checkpoints on disk: chain / full bundles",
+            "chain.chain_disk_mib",
+            "chain.full_disk_mib",
+        ),
+        (
+            "delta_paused_over_first",
+            "checkpoint pause: delta / first (target <= 0.5)",
+            "chain.delta_paused_ms",
+            "chain.first_paused_ms",
+        ),
+        (
+            "delta_elapsed_over_first",
+            "checkpoint time: delta / first (target <= 0.5)",
+            "chain.delta_elapsed_ms",
+            "chain.first_elapsed_ms",
+        ),
+        (
+            "restore_tip_over_full",
+            "restore to ready: chain's tip / full bundle (target <= 1.2)",
+            "chain.restore_tip_ms",
+            "chain.restore_full_ms",
+        ),
+        (
             "restore_over_boot",
             "restore to ready (idle) / cold boot (base)",
             "snapshot.restore_idle_ms",

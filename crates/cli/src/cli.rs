@@ -315,7 +315,7 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime\n  machinen restore ./ckpt1 --name work --own-ram --detached   to be checkpointed again\n\nBy default the VM maps the bundle's RAM copy-on-write: restores of one bundle share\nits unchanged pages, and restoring costs what the guest touches, not its memory size.\nSnapshots and forks of such a VM read its whole memory ceiling (seconds for GiBs);\n--own-ram copies the used memory into a RAM file of the VM's own instead, so they\nare as quick as for a booted VM."
+    after_help = "Examples:\n  machinen restore ./web.snap -p 3000:3000 --detached\n  machinen restore ./web.snap --name web2 --image ./app.tar.gz -- cat /proc/uptime\n  machinen restore ./ckpt1 --name work --own-ram --detached   to be checkpointed again\n\nBy default the VM maps the bundle's RAM copy-on-write: restores of one bundle share\nits unchanged pages, and restoring costs what the guest touches, not its memory size.\nIts snapshots copy its RAM while it runs (a brief pause) and are deltas over the\nbundle for the disk only; --own-ram copies the used memory into a RAM file of the\nVM's own instead, so its checkpoints hold only the RAM pages that changed too.\nA delta bundle restores with its whole chain (see `machinen bundle --help`)."
 )]
 pub struct RestoreArgs {
     /// Snapshot bundle directory.

@@ -341,6 +341,11 @@ pub fn materialize_ram(paths: &Paths, links: &[Link]) -> Result<Option<PathBuf>,
     let dir = paths.cache.join(RAM_CHAINS_DIR);
     let dest = dir.join(format!("{key}.ram"));
     if dest.is_file() {
+        // Fresh again: `gc` spares what a restore may be about to map.
+        let _ = fs::File::options()
+            .write(true)
+            .open(&dest)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(Some(dest));
     }
     crate::assets::fsutil::create_private_dir_all(&dir).map_err(io("creating", &dir))?;
@@ -373,6 +378,34 @@ pub fn materialize_ram(paths: &Paths, links: &[Link]) -> Result<Option<PathBuf>,
         return Err(e);
     }
     Ok(Some(dest))
+}
+
+/// The chain RAM images [`materialize_ram`] built that none of `mapped`
+/// names and that are older than `grace` (a restore may be about to map
+/// one it just built): (path, bytes on disk).
+pub fn unused_ram(
+    paths: &Paths,
+    mapped: &[PathBuf],
+    grace: std::time::Duration,
+) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = paths.cache.join(RAM_CHAINS_DIR);
+    let now = std::time::SystemTime::now();
+    fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            let m = fs::symlink_metadata(&p).ok()?;
+            let old = m
+                .modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= grace);
+            (m.is_file() && old && !mapped.contains(&p)).then(|| (p, m.blocks() * 512))
+        })
+        .collect()
 }
 
 /// Merge qcow2 disk layers (bottom first, each holding what was written

@@ -1707,6 +1707,28 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             });
         }
     }
+    // Chains' RAM built for restores that no live VM maps any more (a
+    // restore of the same tip builds it again).
+    let mapped: Vec<PathBuf> = reg
+        .entries()?
+        .iter()
+        .filter_map(|e| VmSpec::load(&reg.dir(&e.id).join(files::SPEC)).ok())
+        .filter_map(|sp| sp.restore.and_then(|r| r.ram))
+        .collect();
+    for (path, bytes) in crate::chain::unused_ram(&paths, &mapped, crate::ramdir::ORPHAN_GRACE) {
+        if !dry_run {
+            let _ = std::fs::remove_file(&path);
+        }
+        removed.push(GcItem {
+            id: String::new(),
+            name: None,
+            pid: None,
+            reason: "checkpoint chain's RAM no running VM maps".into(),
+            cause: None,
+            dir: path,
+            bytes,
+        });
+    }
     let bytes = removed.iter().map(|i| i.bytes).sum();
     Ok(GcReport {
         dry_run,

@@ -59,7 +59,12 @@ fn pages_of(
 fn page_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
     machinen::bundle::data_extents(f, len)
         .into_iter()
-        .map(|(a, b)| (a / PAGE * PAGE, b.div_ceil(PAGE).saturating_mul(PAGE).min(len)))
+        .map(|(a, b)| {
+            (
+                a / PAGE * PAGE,
+                b.div_ceil(PAGE).saturating_mul(PAGE).min(len),
+            )
+        })
         .filter(|(a, b)| a < b)
         .collect()
 }
@@ -147,7 +152,8 @@ mod tests {
             .expect("ram");
         f.set_len(len).expect("len");
         let put = |p: u64, v: u8| {
-            f.write_all_at(&[v; PAGE as usize], p * PAGE).expect("write")
+            f.write_all_at(&[v; PAGE as usize], p * PAGE)
+                .expect("write")
         };
         for p in [0, 1, 2, 10, 40] {
             put(p, 7);
@@ -160,7 +166,7 @@ mod tests {
         put(3, 9); // new
         put(10, 7); // rewritten with the same bytes: not a change
         put(40, 0); // zeroed
-        // SAFETY: fallocate on a file this test owns.
+                    // SAFETY: fallocate on a file this test owns.
         let punched = unsafe {
             libc::fallocate(
                 std::os::fd::AsRawFd::as_raw_fd(&f),

@@ -397,7 +397,9 @@ impl<M: Machine> Phases<'_, M> {
                 r.map_err(|e| {
                     err(
                         ErrorCode::SnapshotDumpFailed,
-                        format!("copying the RAM pages changed since the last checkpoint failed: {e}"),
+                        format!(
+                            "copying the RAM pages changed since the last checkpoint failed: {e}"
+                        ),
                     )
                 })?;
                 updated_record = record;
@@ -646,16 +648,23 @@ impl<M: Machine> Phases<'_, M> {
             let record = match (updated_record, &spec.ram_file) {
                 (Some(r), _) => Some(r),
                 (None, Some(_)) if req.keep_alive && chain.link.is_some() => {
-                    let (ram, bytes) = (finished.join(bundle::RAM), u64::from(spec.memory_mib) << 20);
-                    tokio::task::spawn_blocking(move || crate::dirty::PageHashes::of_file(&ram, bytes))
-                        .await
-                        .ok()
-                        .and_then(|r| r.map_err(|e| tracing::warn!("recording the RAM's pages failed: {e}")).ok())
+                    let (ram, bytes) =
+                        (finished.join(bundle::RAM), u64::from(spec.memory_mib) << 20);
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::dirty::PageHashes::of_file(&ram, bytes)
+                    })
+                    .await
+                    .ok()
+                    .and_then(|r| {
+                        r.map_err(|e| tracing::warn!("recording the RAM's pages failed: {e}"))
+                            .ok()
+                    });
+                    clock.mark("ram-record");
+                    r
                 }
                 _ => None,
             };
             chain.ram_record = record.filter(|_| req.keep_alive && chain.link.is_some());
-            clock.mark("ram-record");
         }
         Ok(SnapshotReport {
             out: finished.display().to_string(),

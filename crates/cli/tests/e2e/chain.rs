@@ -62,10 +62,7 @@ fn a_checkpoint_chain_restores_at_every_link_refuses_broken_parents_forks_and_fl
         // The RAM too: only the pages that changed (a few MiB of the
         // guest's own activity), not the ~100 MiB it uses.
         assert_eq!(s["ram_delta"], true, "{ls}");
-        assert!(
-            s["disk_bytes"].as_u64().expect("bytes") < 16 << 20,
-            "{ls}"
-        );
+        assert!(s["disk_bytes"].as_u64().expect("bytes") < 16 << 20, "{ls}");
     }
     // Every link restores with its own state.
     for i in 1..=5 {
