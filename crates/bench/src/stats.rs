@@ -187,6 +187,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "chain.first_elapsed_ms",
         ),
         (
+            "delta_paused_over_full",
+            "checkpoint pause: delta / --full, same VM (n=9 vs 10)",
+            "chain.delta_paused_ms",
+            "chain.full_paused_ms",
+        ),
+        (
+            "delta_elapsed_over_full",
+            "checkpoint time: delta / --full, same VM",
+            "chain.delta_elapsed_ms",
+            "chain.full_elapsed_ms",
+        ),
+        (
             "restore_tip_over_full",
             "restore to ready: chain's tip / full bundle (target <= 1.2)",
             "chain.restore_tip_ms",

@@ -17,10 +17,14 @@
 //! A restore walks the parents up to a full bundle, checks each against the
 //! digest its child recorded ([`resolve`]; a missing or altered parent is
 //! `RESTORE_BUNDLE_INVALID` naming it), flattens the disk layers into the
-//! VM's own copy ([`flatten_disk`], with `qemu-img commit`) and builds the
-//! RAM once into `<cache>/ram-chains/<tip manifest digest>.ram`
-//! ([`materialize_ram`]), which restores and forks of the same tip then
-//! map copy-on-write like a full bundle's `ram.img`. [`flatten_bundle`]
+//! layer ([`materialize_disk`], with `qemu-img commit`) and the RAM
+//! ([`materialize_ram`]) once, into `<cache>/chains/<tip manifest
+//! digest>.{qcow2,ram}`: the restored VM's disk sits on that layer
+//! (read-only) and its RAM maps that file copy-on-write, like a full
+//! bundle's `ram.img`, so later restores and forks of the same tip start as
+//! fast as from a full bundle and share those pages. Those files are built
+//! only after every parent was verified; a restore that finds them reads no
+//! parent's large files again. [`flatten_bundle`]
 //! writes a self-contained bundle from a chain's tip.
 //!
 //! Bundles stay immutable once written; several chains may share a parent.
@@ -39,8 +43,9 @@ use crate::paths::Paths;
 pub const MAX_CHAIN: usize = 1024;
 /// The page size of `ram.pages`.
 pub const PAGE: u64 = 4096;
-/// Where [`materialize_ram`] keeps built RAM images, under the cache.
-pub const RAM_CHAINS_DIR: &str = "ram-chains";
+/// Where [`materialize_ram`] and [`materialize_disk`] keep what they
+/// build, under the cache, named after the tip's manifest digest.
+pub const CHAINS_DIR: &str = "chains";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -317,6 +322,63 @@ pub fn copy_pages(src: &fs::File, dst: &fs::File, ranges: &[(u64, u64)]) -> std:
     Ok(copied)
 }
 
+/// Where the cache keeps what a restore of `tip` builds (`ext`: `ram` or
+/// `qcow2`).
+fn cached(paths: &Paths, tip: &Link, ext: &str) -> Result<PathBuf, ChainError> {
+    let key = manifest_digest(&tip.dir)?;
+    Ok(paths.cache.join(CHAINS_DIR).join(format!("{key}.{ext}")))
+}
+
+/// `path` exists; its time is set to now so `gc` spares it for a while (a
+/// restore is about to use it).
+fn fresh(path: &Path) -> bool {
+    path.is_file()
+        && fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .is_ok()
+}
+
+/// Whether the cache holds what a restore of the chain's tip needs, built
+/// from verified parents: then its parents' large files are not read.
+pub fn is_materialized(paths: &Paths, links: &[Link]) -> bool {
+    let Some(tip) = links.last() else {
+        return false;
+    };
+    let disk = cached(paths, tip, "qcow2").is_ok_and(|p| p.is_file());
+    let ram = !tip.meta.ram_delta || cached(paths, tip, "ram").is_ok_and(|p| p.is_file());
+    disk && ram
+}
+
+/// The chain's disk layers merged into one read-only layer (see
+/// [`flatten_disk`]), built once per tip into the cache.
+pub fn materialize_disk(paths: &Paths, links: &[Link]) -> Result<PathBuf, ChainError> {
+    let tip = links.last().ok_or_else(|| ChainError::Invalid {
+        file: PathBuf::new(),
+        detail: "empty chain".into(),
+    })?;
+    let dest = cached(paths, tip, "qcow2")?;
+    if fresh(&dest) {
+        return Ok(dest);
+    }
+    let dir = paths.cache.join(CHAINS_DIR);
+    crate::assets::fsutil::create_private_dir_all(&dir).map_err(io("creating", &dir))?;
+    let tmp = crate::assets::fsutil::temp_sibling(&dest, "tmp");
+    let layers: Vec<PathBuf> = links.iter().map(|l| l.dir.join(bundle::DISK)).collect();
+    let built = flatten_disk(&layers, &tmp).and_then(|()| {
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("syncing", &tmp))?;
+        fs::rename(&tmp, &dest).map_err(io("storing", &dest))
+    });
+    if let Err(e) = built {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(dest)
+}
+
 /// The guest RAM a restore of the chain's tip maps: the tip's `ram.img`
 /// when it is whole, else the RAM built from the last whole one and the
 /// deltas above it, kept in the cache (built once per tip; restores and
@@ -337,17 +399,11 @@ pub fn materialize_ram(paths: &Paths, links: &[Link]) -> Result<Option<PathBuf>,
             file: tip.dir.join(bundle::META),
             detail: "no checkpoint of its chain holds the whole RAM as ram.img".into(),
         })?;
-    let key = manifest_digest(&tip.dir)?;
-    let dir = paths.cache.join(RAM_CHAINS_DIR);
-    let dest = dir.join(format!("{key}.ram"));
-    if dest.is_file() {
-        // Fresh again: `gc` spares what a restore may be about to map.
-        let _ = fs::File::options()
-            .write(true)
-            .open(&dest)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    let dest = cached(paths, tip, "ram")?;
+    if fresh(&dest) {
         return Ok(Some(dest));
     }
+    let dir = paths.cache.join(CHAINS_DIR);
     crate::assets::fsutil::create_private_dir_all(&dir).map_err(io("creating", &dir))?;
     let tmp = crate::assets::fsutil::temp_sibling(&dest, "tmp");
     let built = (|| {
@@ -380,16 +436,16 @@ pub fn materialize_ram(paths: &Paths, links: &[Link]) -> Result<Option<PathBuf>,
     Ok(Some(dest))
 }
 
-/// The chain RAM images [`materialize_ram`] built that none of `mapped`
-/// names and that are older than `grace` (a restore may be about to map
+/// The files [`materialize_ram`] and [`materialize_disk`] built that none
+/// of `mapped` names and that are older than `grace` (a restore may be about to map
 /// one it just built): (path, bytes on disk).
-pub fn unused_ram(
+pub fn unused(
     paths: &Paths,
     mapped: &[PathBuf],
     grace: std::time::Duration,
 ) -> Vec<(PathBuf, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let dir = paths.cache.join(RAM_CHAINS_DIR);
+    let dir = paths.cache.join(CHAINS_DIR);
     let now = std::time::SystemTime::now();
     fs::read_dir(&dir)
         .into_iter()

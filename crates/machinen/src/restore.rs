@@ -541,33 +541,27 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let live_mounts =
         crate::live_mounts::for_restore(&meta.live_mounts, &opts.live_mounts, &paths)?;
     // A delta checkpoint: its parents, each checked against the digest its
-    // child recorded (and, unless told not to verify, every file), and the
-    // RAM of the tip built once from them.
-    let links = {
+    // child recorded, and the tip's disk and RAM built once from them (after
+    // every parent's files were verified) into the cache.
+    let (links, chain_ram, chain_disk) = {
         let (d, verify, paths) = (bundle_dir.clone(), opts.verify, paths.clone());
         blocking(move || {
-            let links = if bundle::read_meta(&d)?.parent.is_some() {
-                let links = crate::chain::resolve(&d)?;
-                if verify {
-                    crate::chain::verify_links(&links)?;
-                }
-                links
-            } else {
-                Vec::new()
-            };
-            let ram = if links.len() > 1 {
-                crate::chain::materialize_ram(&paths, &links)?
-            } else {
-                None
-            };
-            Ok((links, ram))
+            if bundle::read_meta(&d)?.parent.is_none() {
+                return Ok((Vec::new(), None, None));
+            }
+            let links = crate::chain::resolve(&d)?;
+            if verify && !crate::chain::is_materialized(&paths, &links) {
+                crate::chain::verify_links(&links)?;
+            }
+            let ram = crate::chain::materialize_ram(&paths, &links)?;
+            let disk = crate::chain::materialize_disk(&paths, &links)?;
+            Ok((links, ram, Some(disk)))
         })
         .await?
     };
-    if !links.0.is_empty() {
+    if !links.is_empty() {
         timeline.mark("chain");
     }
-    let (links, chain_ram) = links;
     let bundle_ram =
         chain_ram.or_else(|| Some(bundle_dir.join(bundle::RAM)).filter(|p| p.exists()));
     // vhost-user maps the guest's RAM: it must be a shared file, never a
@@ -643,7 +637,10 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let mut copies = Vec::new();
     let mut disk_below = Vec::new();
     if !opts.chain_link {
-        copies.push((bundle_dir.join(bundle::DISK), disk.clone()));
+        let layer = chain_disk
+            .clone()
+            .unwrap_or_else(|| bundle_dir.join(bundle::DISK));
+        copies.push((layer, disk.clone()));
         // A fork's scratch bundle: the layers under its disk, as they are.
         for (i, name) in meta.disk_below.iter().enumerate() {
             let dst = claim.dir.join(format!("disk-below{i}.qcow2"));
@@ -660,11 +657,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     // Large copies run without the registry lock (a placeholder entry
     // holds the claim); small ones (a fork's disk layer, mostly) are
     // quicker than the placeholder's synced write, and keep the lock.
-    let flattened = opts
-        .chain_link
-        .then(|| bundle_dir.join(bundle::DISK))
-        .into_iter()
-        .chain(links.iter().map(|l| l.dir.join(bundle::DISK)));
+    let flattened = (opts.chain_link && chain_disk.is_none() && !meta.disk_below.is_empty())
+        .then(|| bundle_dir.join(bundle::DISK));
     let to_copy: u64 = copies
         .iter()
         .map(|(src, _)| src.clone())
@@ -706,15 +700,30 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     // read-only layer under an empty one the VM writes, so its next
     // checkpoint holds only its own writes.
     if opts.chain_link {
-        let below = claim.dir.join("disk-below0.qcow2");
-        let mut layers: Vec<PathBuf> = links.iter().map(|l| l.dir.join(bundle::DISK)).collect();
-        if layers.is_empty() {
-            layers.extend(meta.disk_below.iter().map(|n| bundle_dir.join(n)));
-            layers.push(bundle_dir.join(bundle::DISK));
-        }
+        // A chain's merged layer is used from the cache; a full bundle's
+        // layer is linked into the VM's directory (the VM never writes it,
+        // and the bundle is never written), or copied across filesystems.
+        let (layers, cached) = match &chain_disk {
+            Some(d) => (vec![d.clone()], true),
+            None => (
+                meta.disk_below
+                    .iter()
+                    .map(|n| bundle_dir.join(n))
+                    .chain([bundle_dir.join(bundle::DISK)])
+                    .collect::<Vec<_>>(),
+                false,
+            ),
+        };
+        let below = match &chain_disk {
+            Some(d) => d.clone(),
+            None => claim.dir.join("disk-below0.qcow2"),
+        };
         let (b, top) = (below.clone(), disk.clone());
         let made = blocking(move || {
-            crate::chain::flatten_disk(&layers, &b)?;
+            let linked = !cached && layers.len() == 1 && std::fs::hard_link(&layers[0], &b).is_ok();
+            if !cached && !linked {
+                crate::chain::flatten_disk(&layers, &b)?;
+            }
             let size = crate::qcow2::inspect(&b)
                 .map_err(|source| bundle::BundleError::UnsafeDisk {
                     file: b.clone(),

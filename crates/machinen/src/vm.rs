@@ -1707,15 +1707,16 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             });
         }
     }
-    // Chains' RAM built for restores that no live VM maps any more (a
-    // restore of the same tip builds it again).
+    // What restores of checkpoint chains built (RAM, merged disk) that no
+    // live VM uses any more (a restore of the same tip builds it again).
     let mapped: Vec<PathBuf> = reg
         .entries()?
         .iter()
         .filter_map(|e| VmSpec::load(&reg.dir(&e.id).join(files::SPEC)).ok())
-        .filter_map(|sp| sp.restore.and_then(|r| r.ram))
+        .filter_map(|sp| sp.restore)
+        .flat_map(|r| r.ram.into_iter().chain(r.disk_below))
         .collect();
-    for (path, bytes) in crate::chain::unused_ram(&paths, &mapped, crate::ramdir::ORPHAN_GRACE) {
+    for (path, bytes) in crate::chain::unused(&paths, &mapped, crate::ramdir::ORPHAN_GRACE) {
         if !dry_run {
             let _ = std::fs::remove_file(&path);
         }
@@ -1723,7 +1724,7 @@ pub fn gc(dry_run: bool) -> Result<GcReport> {
             id: String::new(),
             name: None,
             pid: None,
-            reason: "checkpoint chain's RAM no running VM maps".into(),
+            reason: "checkpoint chain's RAM or disk no running VM uses".into(),
             cause: None,
             dir: path,
             bytes,

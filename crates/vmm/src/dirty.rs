@@ -90,48 +90,105 @@ impl PageHashes {
 
     /// The pages of `file` that changed since the record, as (first page,
     /// count) ranges; each is written to `out` at its offset (zero pages
-    /// left as holes) and the record updated.
+    /// left as holes) and the record updated. The RAM is split between the
+    /// host's cores: the guest is paused meanwhile.
     pub fn changed(&mut self, file: &Path, out: &File) -> std::io::Result<Vec<(u64, u64)>> {
-        let ram_bytes = self.hashes.len() as u64 * PAGE;
+        let pages = self.hashes.len() as u64;
         let f = File::open(file)?;
+        let extents = page_extents(&f, pages * PAGE);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4) as u64;
+        let per = pages.div_ceil(workers).max(1);
+        let (key, zero) = (&self.key, self.zero);
+        let mut parts: Vec<(u64, &mut [u64])> = Vec::new();
+        let mut rest: &mut [u64] = &mut self.hashes;
+        let mut first = 0;
+        while !rest.is_empty() {
+            let (a, b) = rest.split_at_mut((per as usize).min(rest.len()));
+            parts.push((first, a));
+            first += per;
+            rest = b;
+        }
+        let results: Vec<std::io::Result<Vec<(u64, u64)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|(first, hashes)| {
+                    let (f, extents) = (&f, &extents);
+                    s.spawn(move || scan(key, zero, f, out, extents, first, hashes))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("a hashing thread panicked")))
+                })
+                .collect()
+        });
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        let mut push = |p: u64| match ranges.last_mut() {
-            Some((first, count)) if *first + *count == p => *count += 1,
-            _ => ranges.push((p, 1)),
-        };
-        let extents = page_extents(&f, ram_bytes);
-        let mut buf = vec![0u8; CHUNK];
-        let mut next = 0u64;
-        let zero = self.zero;
-        for (a, b) in extents.iter().copied().chain([(ram_bytes, ram_bytes)]) {
-            // A hole: pages that held data before are zero now.
-            for p in next / PAGE..a / PAGE {
-                if let Some(h) = self.hashes.get_mut(p as usize) {
-                    if *h != zero {
-                        *h = zero;
-                        push(p);
-                    }
+        for r in results {
+            for (p, n) in r? {
+                match ranges.last_mut() {
+                    Some((a, c)) if *a + *c == p => *c += n,
+                    _ => ranges.push((p, n)),
                 }
             }
-            let (key, hashes) = (&self.key, &mut self.hashes);
-            pages_of(&f, a, b, &mut buf, |p, page| {
-                let d = digest(key, page);
-                let Some(h) = hashes.get_mut(p as usize) else {
-                    return Ok(());
-                };
-                if *h != d {
-                    *h = d;
-                    push(p);
-                    if d != zero {
-                        out.write_all_at(page, p * PAGE)?;
-                    }
-                }
-                Ok(())
-            })?;
-            next = b;
         }
         Ok(ranges)
     }
+}
+
+/// [`PageHashes::changed`] for the pages `first..first + hashes.len()`.
+fn scan(
+    key: &[u8; 32],
+    zero: u64,
+    f: &File,
+    out: &File,
+    extents: &[(u64, u64)],
+    first: u64,
+    hashes: &mut [u64],
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let end = first + hashes.len() as u64;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut push = |p: u64| match ranges.last_mut() {
+        Some((a, c)) if *a + *c == p => *c += 1,
+        _ => ranges.push((p, 1)),
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut next = first;
+    // This part's data extents, cut to its pages, then its end as a last
+    // (empty) extent so the hole before it is looked at too.
+    let mine = extents
+        .iter()
+        .map(|&(a, b)| ((a / PAGE).max(first), (b / PAGE).min(end)))
+        .filter(|(a, b)| a < b)
+        .chain([(end, end)]);
+    for (a, b) in mine {
+        // A hole: pages that held data before are zero now.
+        for p in next..a {
+            let h = &mut hashes[(p - first) as usize];
+            if *h != zero {
+                *h = zero;
+                push(p);
+            }
+        }
+        pages_of(f, a * PAGE, b * PAGE, &mut buf, |p, page| {
+            let d = digest(key, page);
+            let h = &mut hashes[(p - first) as usize];
+            if *h != d {
+                *h = d;
+                push(p);
+                if d != zero {
+                    out.write_all_at(page, p * PAGE)?;
+                }
+            }
+            Ok(())
+        })?;
+        next = b;
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]
