@@ -87,6 +87,7 @@ export declare const ErrorCode: {
   readonly IMAGE_INVALID: "IMAGE_INVALID";
   readonly IMAGE_PLATFORM_MISMATCH: "IMAGE_PLATFORM_MISMATCH";
   readonly IMAGE_PULL_FAILED: "IMAGE_PULL_FAILED";
+  readonly BUNDLE_TRANSFER_FAILED: "BUNDLE_TRANSFER_FAILED";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -236,7 +237,11 @@ export interface AttachOptions {
 }
 
 export interface RestoreOptions {
-  /** Snapshot bundle directory written by `vm.snapshot()`. */
+  /**
+   * Snapshot bundle directory written by `vm.snapshot()`, or a registry
+   * reference (`HOST[:PORT]/REPO:TAG`) a bundle was pushed to with
+   * `machinen push`: pulled into the cache first.
+   */
   snapDir: string;
   name?: string;
   /** The rootfs tarball, when not where the bundle recorded it (its sha256 must match). */

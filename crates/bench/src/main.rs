@@ -20,6 +20,7 @@ mod savevm;
 mod scale;
 mod snapshot;
 mod stats;
+mod transport;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,10 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "chain",
         "checkpoint chains: deltas next to full bundles (size, time, pause), restore from the tip",
+    ),
+    (
+        "transport",
+        "bundles through a local OCI registry: push and pull throughput, what checkpoint 2 uploads",
     ),
     ("savevm", "QEMU's own savevm/loadvm of the same guest"),
     (
@@ -98,8 +103,8 @@ struct Args {
     #[arg(long)]
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
-    /// exec, ports, net, snapshot, fork, chain, savevm, memory, scale,
-    /// mounts, reclaim.
+    /// exec, ports, net, snapshot, fork, chain, transport, savevm, memory,
+    /// scale, mounts, reclaim.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -331,6 +336,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "snapshot" => snapshot::run(ctx, sec).await,
         "fork" => fork::run(ctx, sec).await,
         "chain" => chain::run(ctx, sec).await,
+        "transport" => transport::run(ctx, sec).await,
         "savevm" => savevm::run(ctx, sec).await,
         "memory" => memory::run(ctx, sec).await,
         "scale" => scale::run(ctx, sec).await,

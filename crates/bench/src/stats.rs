@@ -205,6 +205,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "chain.restore_full_ms",
         ),
         (
+            "push_second_over_first",
+            "bytes uploaded: checkpoint 2 / checkpoint 1 (target <= 0.1)",
+            "transport.push_second_mib",
+            "transport.push_first_mib",
+        ),
+        (
+            "pull_with_parent_over_cold",
+            "pull of checkpoint 2: host with its parent / cold",
+            "transport.pull_with_parent_ms",
+            "transport.pull_cold_ms",
+        ),
+        (
             "restore_over_boot",
             "restore to ready (idle) / cold boot (base)",
             "snapshot.restore_idle_ms",

@@ -9,8 +9,20 @@
 use std::process::{Command, Stdio};
 
 const SECTIONS: &[&str] = &[
-    "plain", "boot", "exec", "ports", "net", "snapshot", "fork", "chain", "savevm", "memory",
-    "scale", "mounts", "reclaim",
+    "plain",
+    "boot",
+    "exec",
+    "ports",
+    "net",
+    "snapshot",
+    "fork",
+    "chain",
+    "transport",
+    "savevm",
+    "memory",
+    "scale",
+    "mounts",
+    "reclaim",
 ];
 
 #[test]

@@ -100,8 +100,10 @@ pub enum Command {
     VmNames,
     /// Leave a note about machinen (kept locally in ~/.machinen/feedback.jsonl, never sent), or list them.
     Feedback(FeedbackArgs),
-    /// Fetch a registry image (HOST[:PORT]/REPO[:TAG|@DIGEST]) and convert it for booting; boot pulls by itself the first time.
+    /// Fetch a registry image (HOST[:PORT]/REPO[:TAG|@DIGEST]) and convert it for booting; boot pulls by itself the first time. With DIR: fetch a snapshot bundle that `push` stored there.
     Pull(PullArgs),
+    /// Store a snapshot bundle (and the parents of its chain) in an OCI registry; `pull REF DIR` or `restore REF` on another host fetches it.
+    Push(PushArgs),
     /// List the container images in the cache (pulled references, converted images); rm or prune them.
     Images(ImagesArgs),
     /// Inspect snapshot bundles and their checkpoint chains: list, verify, flatten.
@@ -134,6 +136,7 @@ impl Command {
             Command::Provision(a) => a.json,
             Command::Feedback(a) => a.json,
             Command::Pull(a) => a.json,
+            Command::Push(a) => a.json,
             Command::Images(a) => a.json,
             Command::Bundle(a) => a.json,
         }
@@ -602,6 +605,33 @@ pub struct PullArgs {
     /// HOST[:PORT]/REPO[:TAG|@sha256:…] (short names from MACHINEN_DEFAULT_REGISTRY).
     #[arg(value_name = "IMAGE")]
     pub image: String,
+    /// Pull a snapshot bundle (pushed with `machinen push`) into this new
+    /// directory; the parents of its chain this host lacks go beside it.
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen push ./web.snap registry.example:5000/team/web:ckpt1
+  machinen push --insecure-registry 127.0.0.1:5000 ./ckpt/c2 127.0.0.1:5000/agent:c2
+  machinen restore 127.0.0.1:5000/agent:c2 --insecure-registry 127.0.0.1:5000 --name again
+
+A bundle is stored as an OCI artifact: its files cut into 4 MiB chunks (holes are not
+stored), each a blob named by its digest. A chunk the registry has is not uploaded again,
+and a delta checkpoint is pushed with its parents, so pushing checkpoint 2 costs what
+changed since checkpoint 1. Credentials: MACHINEN_REGISTRY_AUTH=USER:PASSWORD or the
+Docker config; HTTPS unless --insecure-registry names the registry.")]
+pub struct PushArgs {
+    /// Snapshot bundle directory.
+    #[arg(value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// HOST[:PORT]/REPO[:TAG].
+    #[arg(value_name = "REF")]
+    pub reference: String,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 /// An isolated registry for one test, and helpers to run the CLI in it.
 struct Env {
     registry: tempfile::TempDir,
+    /// A cache of this Env's own (another "host"); `None`: the user's.
+    cache: Option<PathBuf>,
     _watchdog: watchdog::Watchdog,
 }
 
@@ -29,8 +31,16 @@ impl Env {
         let _watchdog = watchdog::Watchdog::arm(registry.path());
         Env {
             registry,
+            cache: None,
             _watchdog,
         }
+    }
+
+    /// An Env with a cache of its own: to machinen, another host.
+    fn with_cache(cache: &Path) -> Env {
+        let mut env = Env::new();
+        env.cache = Some(cache.to_path_buf());
+        env
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -38,6 +48,9 @@ impl Env {
         c.args(args)
             .env("MACHINEN_REGISTRY_DIR", self.registry.path())
             .env_remove("MACHINEN_LOG");
+        if let Some(cache) = &self.cache {
+            c.env("MACHINEN_CACHE_DIR", cache);
+        }
         c
     }
 
@@ -590,6 +603,8 @@ mod provision;
 mod service;
 #[path = "e2e/snapshot.rs"]
 mod snapshot;
+#[path = "e2e/transport.rs"]
+mod transport;
 #[path = "e2e/watchdog.rs"]
 mod watchdog;
 

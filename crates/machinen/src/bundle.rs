@@ -806,6 +806,26 @@ impl Builder {
     }
 }
 
+impl Builder {
+    /// Sync the files as they are (meta and manifest included, written by
+    /// the caller: a pulled bundle keeps its own) and rename into place.
+    pub fn finish_verbatim(mut self) -> Result<PathBuf, BundleError> {
+        for e in fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
+            let p = e.map_err(io(&self.tmp))?.path();
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&p))?;
+        }
+        fsync_dir(&self.tmp)?;
+        fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))?;
+        self.finished = true;
+        if let Some(parent) = self.dest.parent() {
+            let _ = fsync_dir(parent);
+        }
+        Ok(self.dest.clone())
+    }
+}
+
 impl Drop for Builder {
     fn drop(&mut self) {
         // An abandoned bundle leaves nothing behind.

@@ -40,6 +40,7 @@ pub mod service;
 pub mod spec;
 pub mod stats;
 pub mod terminal;
+pub mod transport;
 pub mod vm;
 
 pub use dirs::{DirReport, PullDirOptions, PushDirOptions};

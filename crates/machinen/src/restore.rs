@@ -441,7 +441,19 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     let t0 = std::time::Instant::now();
     let mut timeline = crate::phases::Timeline::new(t0, opts.on_phase.clone());
     let paths = Paths::from_env()?;
-    let bundle_dir = std::fs::canonicalize(&opts.bundle).map_err(|e| {
+    // A registry reference: pulled into the cache first (once per digest).
+    let pulled = match opts.bundle.to_str() {
+        Some(r) if crate::transport::is_reference(r) => {
+            let (paths, r, progress) = (paths.clone(), r.to_string(), opts.progress);
+            let dir =
+                blocking(move || crate::transport::pull_for_restore(&paths, &r, progress)).await?;
+            timeline.mark("pull");
+            Some(dir)
+        }
+        _ => None,
+    };
+    let bundle_path = pulled.as_ref().unwrap_or(&opts.bundle);
+    let bundle_dir = std::fs::canonicalize(bundle_path).map_err(|e| {
         fail(
             ErrorCode::RestoreBundleInvalid,
             format!("cannot open bundle {}", opts.bundle.display()),

@@ -138,6 +138,9 @@ error_codes! {
     ImagePlatformMismatch = "IMAGE_PLATFORM_MISMATCH",
     // a registry image could not be fetched (address, credentials, network)
     ImagePullFailed = "IMAGE_PULL_FAILED",
+    // a bundle could not be pushed to or pulled from a registry (address,
+    // credentials, network; a rerun resumes)
+    BundleTransferFailed = "BUNDLE_TRANSFER_FAILED",
 }
 
 impl ErrorCode {
@@ -162,6 +165,7 @@ impl ErrorCode {
                 | WaitTimeout
                 | ForkMemoryBackpressure
                 | ImagePullFailed
+                | BundleTransferFailed
         )
     }
 

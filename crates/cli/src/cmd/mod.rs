@@ -53,6 +53,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Provision(a) => provision::run(a).await,
         Command::Feedback(a) => feedback::run(a),
         Command::Pull(a) => pull::run(a).await,
+        Command::Push(a) => pull::push(a).await,
         Command::Images(a) => images::run(a).await,
         Command::Bundle(a) => bundle::run(a).await,
     }

@@ -381,13 +381,13 @@ fn oci_layouts_and_docker_archives_boot_with_their_config_and_layers() {
 
 /// A registry server (Debian's `docker-registry`) on a free loopback port,
 /// with its storage in `dir`; killed on drop.
-struct Registry {
+pub(super) struct Registry {
     child: std::process::Child,
-    addr: String,
+    pub(super) addr: String,
 }
 
 impl Registry {
-    fn start(dir: &Path) -> Registry {
+    pub(super) fn start(dir: &Path) -> Registry {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("registry.yml");

@@ -82,7 +82,7 @@ pub fn qualify(reference: &str) -> Result<String, Failure> {
     Ok(r.whole())
 }
 
-fn insecure(registry: &str) -> bool {
+pub(crate) fn insecure(registry: &str) -> bool {
     std::env::var(machinen_proto::env::INSECURE_REGISTRIES)
         .unwrap_or_default()
         .split(',')
@@ -101,7 +101,7 @@ struct DockerAuth {
     auth: Option<String>,
 }
 
-fn credentials(registry: &str) -> RegistryAuth {
+pub(crate) fn credentials(registry: &str) -> RegistryAuth {
     if let Ok(v) = std::env::var(machinen_proto::env::REGISTRY_AUTH) {
         if let Some((u, p)) = v.split_once(':') {
             return RegistryAuth::Basic(u.to_string(), p.to_string());
@@ -140,7 +140,7 @@ fn pull_failed(reference: &str, e: impl std::error::Error + Send + Sync + 'stati
 /// Runs the client's futures to completion from synchronous code, on a
 /// runtime of its own in a thread of its own: callers may be on an async
 /// runtime's thread (which must not block on one itself) or not.
-struct Blocking {
+pub(crate) struct Blocking {
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -154,7 +154,7 @@ impl Drop for Blocking {
 }
 
 impl Blocking {
-    fn new() -> Result<Blocking, Failure> {
+    pub(crate) fn new() -> Result<Blocking, Failure> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -162,7 +162,7 @@ impl Blocking {
         Ok(Blocking { rt: Some(rt) })
     }
 
-    fn block_on<F>(&self, f: F) -> F::Output
+    pub(crate) fn block_on<F>(&self, f: F) -> F::Output
     where
         F: std::future::Future + Send,
         F::Output: Send,
