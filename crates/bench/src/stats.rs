@@ -217,6 +217,12 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "transport.pull_cold_ms",
         ),
         (
+            "restore_ref_with_parent_over_cold",
+            "restore REF to ready: host with the parent / cold",
+            "transport.restore_ref_with_parent_ms",
+            "transport.restore_ref_cold_ms",
+        ),
+        (
             "restore_over_boot",
             "restore to ready (idle) / cold boot (base)",
             "snapshot.restore_idle_ms",

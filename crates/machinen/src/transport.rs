@@ -521,6 +521,20 @@ pub fn pull(
     dir: &Path,
     progress: ProgressMode,
 ) -> crate::Result<PullReport> {
+    pull_into(paths, reference, dir, None, progress)
+}
+
+/// [`pull`]; with `store`, every bundle of the chain lives at
+/// `store/<its artifact digest>/tip` and a child finds its parent through
+/// a symlink, so chains that share a parent (and restores of later
+/// checkpoints) fetch it once.
+fn pull_into(
+    paths: &Paths,
+    reference: &str,
+    dir: &Path,
+    store: Option<&Path>,
+    progress: ProgressMode,
+) -> crate::Result<PullReport> {
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
     } else {
@@ -545,6 +559,7 @@ pub fn pull(
     // Walk up the chain: what is missing, tip first.
     let mut wanted = vec![(session.reference.clone(), dir.clone())];
     let mut todo = Vec::new();
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     while let Some((r, d)) = wanted.pop() {
         if todo.len() > MAX_PARENTS {
             return Err(crate::Error::from(invalid(format!(
@@ -567,7 +582,17 @@ pub fn pull(
             let place = parent_place(&d, rel).ok_or_else(|| {
                 invalid(format!("{}: parent path {rel:?} is not ../NAME", r.whole()))
             })?;
-            if !present(&session, &place, pd)? {
+            if let Some(store) = store {
+                let canonical = store.join(pd.trim_start_matches("sha256:")).join("tip");
+                let queued = todo
+                    .iter()
+                    .any(|(_, d, _): &(Reference, PathBuf, Artifact)| d == &canonical)
+                    || wanted.iter().any(|(_, d)| d == &canonical);
+                if !canonical.join(bundle::MANIFEST).is_file() && !queued {
+                    wanted.push((r.clone_with_digest(pd.clone()), canonical.clone()));
+                }
+                links.push((place, canonical));
+            } else if !present(&session, &place, pd)? {
                 if place.exists() {
                     return Err(bundle::BundleError::Exists { path: place }.into());
                 }
@@ -578,8 +603,18 @@ pub fn pull(
     }
     // Parents first: the tip is complete only once its chain is.
     for (r, d, a) in todo.into_iter().rev() {
+        if let Some(parent) = d.parent() {
+            crate::assets::fsutil::create_private_dir_all(parent)
+                .map_err(|e| io_err("cannot create", parent, e))?;
+        }
         fetch_one(paths, &session, &r, &d, &a, &mut report)?;
         report.bundles += 1;
+    }
+    for (place, canonical) in links {
+        if fs::symlink_metadata(&place).is_err() {
+            std::os::unix::fs::symlink(&canonical, &place)
+                .map_err(|e| io_err("linking", &place, e))?;
+        }
     }
     step.done(format!(
         "Pulled {reference} into {} ({} of {} chunks downloaded)",
@@ -799,9 +834,11 @@ pub fn is_reference(s: &str) -> bool {
     s.contains('/') && (host.contains('.') || host.contains(':') || host == "localhost")
 }
 
-/// Pull `reference` into the cache for a restore: `<cache>/bundles/<digest>/tip`
-/// (parents beside it); a reference pulled before is fetched again only if
-/// it moved.
+/// Pull `reference` into the cache for a restore: `<cache>/bundles/<digest>/tip`,
+/// each parent at its own digest's place and linked where its child
+/// expects it, so a restore of checkpoint 2 on a host that restored
+/// checkpoint 1 fetches the delta only. A reference pulled before is
+/// fetched again only if it moved.
 pub fn pull_for_restore(
     paths: &Paths,
     reference: &str,
@@ -831,9 +868,10 @@ pub fn pull_for_restore(
     if dir.join(bundle::MANIFEST).is_file() {
         return Ok(dir);
     }
+    let store = paths.cache.join("bundles");
     crate::assets::fsutil::create_private_dir_all(dir.parent().unwrap_or(&dir))
         .map_err(|e| io_err("cannot create", &dir, e))?;
-    pull(paths, &exact, &dir, progress)?;
+    pull_into(paths, &exact, &dir, Some(&store), progress)?;
     Ok(dir)
 }
 

@@ -101,6 +101,35 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
         "checkpoint 2 uploaded {second} bytes, checkpoint 1 {first}"
     );
 
+    // Host B restored checkpoint 1 from the registry: restoring checkpoint
+    // 2 fetches the delta only, and finds its parent by digest.
+    b.run_ok(
+        &[
+            &["restore", &r("c2"), "--name", "b2r", "--detached"][..],
+            &ins,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        sh(&b, "b2r", "cat /root/step /dev/shm/step"),
+        "disk2\nram2\n"
+    );
+    b.run_ok(&["stop", "b2r"]);
+    let stored = local("cache-b").join("bundles");
+    let digests: Vec<PathBuf> = std::fs::read_dir(&stored)
+        .expect("bundles in the cache")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(digests.len(), 2, "checkpoint 1 stored once: {digests:?}");
+    assert!(
+        digests.iter().any(|d| d
+            .join("c1")
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())),
+        "checkpoint 2 reaches its parent by a link: {digests:?}"
+    );
+
     // Host B pulls it into a directory: the parent comes beside it.
     let pulled = local("b");
     std::fs::create_dir(&pulled).expect("dir");
