@@ -35,7 +35,6 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use serde::{Deserialize, Serialize};
@@ -43,7 +42,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle;
 use crate::error::{fail, ErrorCode, Failure};
-use crate::oci::registry::{credentials, insecure, Blocking};
+use crate::oci::registry::{client_for, Blocking};
 use crate::paths::Paths;
 use crate::progress::ProgressMode;
 
@@ -109,15 +108,7 @@ impl Session {
             .parse()
             .map_err(|e| failed(format!("{reference} is not a registry reference"), e))?;
         let registry = reference.resolve_registry().to_string();
-        let client = Client::new(ClientConfig {
-            protocol: if insecure(&registry) {
-                ClientProtocol::HttpsExcept(vec![registry.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            ..Default::default()
-        });
-        let auth = credentials(&registry);
+        let (client, auth) = client_for(&reference);
         let rt = Blocking::new()?;
         rt.block_on(client.auth(&reference, &auth, op))
             .map_err(|e| failed(format!("cannot reach {registry}"), e))?;

@@ -82,7 +82,22 @@ pub fn qualify(reference: &str) -> Result<String, Failure> {
     Ok(r.whole())
 }
 
-pub(crate) fn insecure(registry: &str) -> bool {
+/// A client for `reference`'s registry (plain HTTP only when it is named
+/// insecure) and the credentials for it.
+pub(crate) fn client_for(reference: &Reference) -> (Client, RegistryAuth) {
+    let registry = reference.resolve_registry().to_string();
+    let client = Client::new(ClientConfig {
+        protocol: if insecure(&registry) {
+            ClientProtocol::HttpsExcept(vec![registry.clone()])
+        } else {
+            ClientProtocol::Https
+        },
+        ..Default::default()
+    });
+    (client, credentials(&registry))
+}
+
+fn insecure(registry: &str) -> bool {
     std::env::var(machinen_proto::env::INSECURE_REGISTRIES)
         .unwrap_or_default()
         .split(',')
@@ -101,7 +116,7 @@ struct DockerAuth {
     auth: Option<String>,
 }
 
-pub(crate) fn credentials(registry: &str) -> RegistryAuth {
+fn credentials(registry: &str) -> RegistryAuth {
     if let Ok(v) = std::env::var(machinen_proto::env::REGISTRY_AUTH) {
         if let Some((u, p)) = v.split_once(':') {
             return RegistryAuth::Basic(u.to_string(), p.to_string());
@@ -238,16 +253,7 @@ pub fn pulled(store: &Path, qualified: &str) -> bool {
 /// not there yet) and name it in the store's index.
 pub fn pull(store: &Path, qualified: &str, progress: ProgressMode) -> Result<(), Failure> {
     let reference: Reference = qualified.parse().map_err(|e| pull_failed(qualified, e))?;
-    let registry = reference.resolve_registry().to_string();
-    let client = Client::new(ClientConfig {
-        protocol: if insecure(&registry) {
-            ClientProtocol::HttpsExcept(vec![registry.clone()])
-        } else {
-            ClientProtocol::Https
-        },
-        ..Default::default()
-    });
-    let auth = credentials(&registry);
+    let (client, auth) = client_for(&reference);
     fs::create_dir_all(store.join("blobs/sha256"))
         .map_err(|e| fail(ErrorCode::Io, format!("cannot create {}", store.display())).source(e))?;
     let step = progress.step(format!("Pulling {qualified}"));
