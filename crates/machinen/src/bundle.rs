@@ -1114,6 +1114,17 @@ impl BundleMeta {
                 if p.path.is_empty() || p.path.len() > 4096 || p.path.contains('\0') {
                     return Err("parent.path is empty or longer than 4096 bytes".into());
                 }
+                // Relative, and only `..` and names: a bundle from elsewhere
+                // cannot point its parent at an arbitrary host path.
+                let relative = Path::new(&p.path).components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::ParentDir | std::path::Component::Normal(_)
+                    )
+                });
+                if !relative {
+                    return Err("parent.path is not a relative path of `..` and names".into());
+                }
             }
             None if self.ram_delta => {
                 return Err("ram_delta without a parent".into());
@@ -1307,6 +1318,15 @@ mod tests {
             ("engine", "firecracker".into()),
             ("disk_format", "raw".into()),
             ("guest_arch", "amd64 --evil".into()),
+            (
+                "parent",
+                serde_json::json!({"path": "/home/u/private", "manifest_blake3": "a".repeat(64), "chain_seq": 1}),
+            ),
+            (
+                "parent",
+                serde_json::json!({"path": "../c1", "manifest_blake3": "short", "chain_seq": 1}),
+            ),
+            ("ram_delta", true.into()),
         ];
         for (field, value) in cases {
             let orig = fs::read(dest.join(META)).expect("read");

@@ -174,8 +174,10 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
         .filter(|b| std::fs::metadata(b).map(|m| m.len()).ok() == Some(4 << 20))
         .collect();
     assert!(!chunks.is_empty(), "no whole chunk in the registry");
+    let mut originals = Vec::new();
     for blob in chunks {
         let mut bytes = std::fs::read(&blob).expect("blob");
+        originals.push((blob.clone(), bytes.clone()));
         bytes[1000] ^= 0xff;
         std::fs::write(&blob, bytes).expect("tamper");
     }
@@ -185,5 +187,17 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
     let err = String::from_utf8_lossy(&out.stdout);
     assert!(err.contains("RESTORE_BUNDLE_INVALID"), "{err}");
     assert!(!local("t1").exists(), "no partial bundle");
+    // The registry mended, the same pull resumes: the chunks it had
+    // checked are not fetched again.
+    for (blob, bytes) in originals {
+        std::fs::write(&blob, bytes).expect("mend");
+    }
+    let resumed = c.json(&[&["pull", &r("c1"), s(&local("t1")), "--json"][..], &ins].concat());
+    let (got, all) = (
+        resumed["downloaded_chunks"].as_u64().expect("downloaded"),
+        resumed["chunks"].as_u64().expect("chunks"),
+    );
+    assert!(got < all, "a rerun fetches only what it lacks: {resumed}");
+    c.run_ok(&["bundle", "verify", s(&local("t1"))]);
     a.run_ok(&["stop", "src"]);
 }
