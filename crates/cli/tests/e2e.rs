@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 /// An isolated registry for one test, and helpers to run the CLI in it.
 struct Env {
     registry: tempfile::TempDir,
-    /// A cache of this Env's own (another "host"); `None`: the user's.
-    cache: Option<PathBuf>,
+    /// A machinen home of this Env's own (another "host": its own cache
+    /// and everything else, with the installed assets shared).
+    home: Option<PathBuf>,
     _watchdog: watchdog::Watchdog,
 }
 
@@ -31,16 +32,25 @@ impl Env {
         let _watchdog = watchdog::Watchdog::arm(registry.path());
         Env {
             registry,
-            cache: None,
+            home: None,
             _watchdog,
         }
     }
 
-    /// An Env with a cache of its own: to machinen, another host.
-    fn with_cache(cache: &Path) -> Env {
+    /// An Env with a machinen home of its own: to machinen, another host
+    /// (the installed kernel and base image are shared, read-only).
+    fn with_home(home: &Path) -> Env {
         let mut env = Env::new();
-        env.cache = Some(cache.to_path_buf());
+        env.home = Some(home.to_path_buf());
         env
+    }
+
+    /// The cache directory this Env's commands use.
+    fn cache(&self) -> PathBuf {
+        match &self.home {
+            Some(h) => h.join(env!("CARGO_PKG_VERSION")).join("cache"),
+            None => cache_dir(),
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -48,8 +58,10 @@ impl Env {
         c.args(args)
             .env("MACHINEN_REGISTRY_DIR", self.registry.path())
             .env_remove("MACHINEN_LOG");
-        if let Some(cache) = &self.cache {
-            c.env("MACHINEN_CACHE_DIR", cache);
+        if let Some(home) = &self.home {
+            c.env("MACHINEN_HOME", home)
+                .env("MACHINEN_ASSETS_DIR", assets_dir())
+                .env_remove("MACHINEN_CACHE_DIR");
         }
         c
     }
@@ -158,6 +170,24 @@ fn machinen_home() -> PathBuf {
     var("MACHINEN_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(var("HOME").expect("HOME")).join(".machinen"))
+}
+
+/// The installed assets (`MACHINEN_ASSETS_DIR`, else under the home).
+fn assets_dir() -> PathBuf {
+    std::env::var_os("MACHINEN_ASSETS_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let arch = match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                "aarch64" => "arm64",
+                a => a,
+            };
+            machinen_home()
+                .join(env!("CARGO_PKG_VERSION"))
+                .join("bases")
+                .join(format!("debian-{arch}"))
+        })
 }
 
 /// machinen's cache directory (`MACHINEN_CACHE_DIR`, else under the home).

@@ -29,20 +29,7 @@ fn s(p: &Path) -> &str {
 
 /// The installed Debian base rootfs (as the library resolves it).
 fn base_rootfs() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(a) = var("MACHINEN_ASSETS_DIR") {
-        return PathBuf::from(a).join("rootfs.tar.gz");
-    }
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        a => a,
-    };
-    super::machinen_home()
-        .join(env!("CARGO_PKG_VERSION"))
-        .join("bases")
-        .join(format!("debian-{arch}"))
-        .join("rootfs.tar.gz")
+    super::assets_dir().join("rootfs.tar.gz")
 }
 
 /// The body of `GET /` on the forwarded port (`None` until the guest's

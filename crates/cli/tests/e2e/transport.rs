@@ -1,6 +1,7 @@
 //! Bundles through an OCI registry: Debian's `docker-registry` started
-//! here, and two "hosts" on one machine (each its own VM registry and
-//! cache): a VM checkpointed on one resumes on the other.
+//! here, and two "hosts" on one machine (each its own MACHINEN_HOME, VM
+//! registry and cache; the installed kernel and base image shared): a VM
+//! checkpointed on one resumes on the other.
 
 use std::path::{Path, PathBuf};
 
@@ -35,7 +36,7 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
     let dir = tempfile::tempdir().expect("tmp");
     let reg = Registry::start(dir.path());
     let a = Env::new();
-    let b = Env::with_cache(&dir.path().join("cache-b"));
+    let b = Env::with_home(&dir.path().join("home-b"));
     let r = |tag: &str| format!("{}/team/agent:{tag}", reg.addr);
     let ins = ["--insecure-registry", reg.addr.as_str()];
     let local = |n: &str| dir.path().join(n);
@@ -115,7 +116,7 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
         "disk2\nram2\n"
     );
     b.run_ok(&["stop", "b2r"]);
-    let stored = local("cache-b").join("bundles");
+    let stored = b.cache().join("bundles");
     let digests: Vec<PathBuf> = std::fs::read_dir(&stored)
         .expect("bundles in the cache")
         .flatten()
@@ -181,7 +182,7 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
         bytes[1000] ^= 0xff;
         std::fs::write(&blob, bytes).expect("tamper");
     }
-    let c = Env::with_cache(&local("cache-c"));
+    let c = Env::with_home(&local("home-c"));
     let out = c.run(&[&["pull", &r("c1"), s(&local("t1")), "--json"][..], &ins].concat());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stdout);
