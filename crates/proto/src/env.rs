@@ -107,7 +107,7 @@ pub const ALL: &[Var] = &[
     user(
         CACHE_DIR,
         "`$MACHINEN_HOME/<version>/cache`",
-        "ext4 images and initramfs by content hash",
+        "ext4 images and initramfs by content hash; pulled images (`oci/`), checkpoint chains built for restores (`chains/`), bundles pulled by `restore REF` (`bundles/`) and the chunks of an unfinished pull (`chunks/`)",
     ),
     user(
         REGISTRY_DIR,
