@@ -31,7 +31,6 @@
 //! leaves nothing `restore` accepts.
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -659,7 +658,7 @@ fn fetch_one(
     for c in &a.chunks {
         report.chunks += 1;
         let path = chunk_path(paths, &c.digest);
-        if file_digest(&path).as_deref() == Some(c.digest.as_str()) {
+        if holds(&path, c) {
             continue;
         }
         let tmp = crate::assets::fsutil::temp_sibling(&path, "pull");
@@ -685,9 +684,7 @@ fn fetch_one(
             }
             return Err(failed(format!("downloading {}@{}", c.file, c.offset), e).into());
         }
-        if file_digest(&tmp).as_deref() != Some(c.digest.as_str())
-            || fs::metadata(&tmp).map(|m| m.len()).ok() != Some(c.size)
-        {
+        if !holds(&tmp, c) {
             let _ = fs::remove_file(&tmp);
             return Err(crate::Error::from(invalid(format!(
                 "{}: chunk {}@{} does not match its digest",
@@ -800,19 +797,10 @@ fn unpack_ram(
     Ok(())
 }
 
-/// SHA-256 of a file, as a digest string.
-fn file_digest(path: &Path) -> Option<String> {
-    let mut f = fs::File::open(path).ok()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Some(format!("sha256:{}", hex::encode(h.finalize())))
+/// The file at `path` is chunk `c`: its digest and size.
+fn holds(path: &Path, c: &Chunk) -> bool {
+    crate::assets::fsutil::sha256_file(path)
+        .is_ok_and(|(hex, size)| size == c.size && format!("sha256:{hex}") == c.digest)
 }
 
 /// Does `s` name a registry reference rather than a directory here?

@@ -319,7 +319,7 @@ impl<M: Machine> Phases<'_, M> {
         }
 
         clock.mark("flush");
-        let plan = Plan::make(machine, spec, chain, req).await;
+        let plan = Plan::make(spec, chain, req).await;
         // RAM in a shared file is copied as a file while the guest is
         // paused; other RAM (a copy-on-write mapping of a bundle's, or
         // anonymous) goes into the state, copied while the guest runs, so
@@ -694,12 +694,7 @@ struct Plan {
 }
 
 impl Plan {
-    async fn make<M: Machine>(
-        _machine: &M,
-        spec: &VmSpec,
-        chain: &mut Chain,
-        req: &SnapshotRequest,
-    ) -> Plan {
+    async fn make(spec: &VmSpec, chain: &mut Chain, req: &SnapshotRequest) -> Plan {
         let real = !req.scratch;
         let delta_over = match chain.link.clone().filter(|_| real && !req.full) {
             Some(l) => {
