@@ -38,6 +38,7 @@ my ($delay, $secs) = @ARGV;
 sleep($delay);
 my $end = time + $secs;
 do { syswrite($port, "\xff" x 64); select(undef, undef, undef, 0.05) } while (time < $end);
+open(my $done, ">", "/tmp/inject.done") or die "done: $!";
 "#;
 
 /// Whether process `pid` has a file in `dir` open (the copy being
@@ -206,7 +207,7 @@ fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_host
         "--",
         "sh",
         "-c",
-        "nohup perl /root/inject.pl 1 40 >/dev/null 2>&1 &",
+        "rm -f /tmp/inject.done; nohup perl /root/inject.pl 1 40 >/dev/null 2>&1 &",
     ]);
     let spewing = Instant::now();
     wait_until(
@@ -237,11 +238,14 @@ fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_host
         "{}",
         err_text(&out)
     );
+    // The injector's 40 s are the guest's (slow under TCG): a session made
+    // while it still writes may fail again, so recovery counts from the
+    // first exec that sees it finished.
     wait_until(
         "the VM to recover once the garbage stopped",
         Duration::from_secs(150),
         || {
-            env.cmd(&["exec", "ops", "--", "true"])
+            env.cmd(&["exec", "ops", "--", "test", "-e", "/tmp/inject.done"])
                 .output()
                 .is_ok_and(|o| o.status.success())
         },
@@ -249,6 +253,12 @@ fn killed_exec_clients_hang_up_garbage_on_the_agent_channel_is_survived_and_host
     eprintln!(
         "running again {} ms after the garbage started",
         spewing.elapsed().as_millis()
+    );
+    // The session is in place a moment before the state says so.
+    wait_until(
+        "ls to report the VM running",
+        Duration::from_secs(10),
+        || env.json_quiet(&["ls", "--json"])[0]["state"] == "running",
     );
     let ls = env.json(&["ls", "--json"]);
     assert_eq!(ls[0]["state"], "running");
