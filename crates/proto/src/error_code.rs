@@ -141,6 +141,10 @@ error_codes! {
     // a bundle could not be pushed to or pulled from a registry (address,
     // credentials, network; a rerun resumes)
     BundleTransferFailed = "BUNDLE_TRANSFER_FAILED",
+    // an egress rule or policy change that cannot be applied
+    NetworkPolicyInvalid = "NETWORK_POLICY_INVALID",
+    // the VM has no filtered network (`--network none` or `nat-host`)
+    NetworkUnavailable = "NETWORK_UNAVAILABLE",
 }
 
 impl ErrorCode {
@@ -192,6 +196,7 @@ impl ErrorCode {
             | MountPathInvalid
             | BalloonTargetInvalid
             | BootLiveMountOverrideUnknown
+            | NetworkPolicyInvalid
             | MountPathEscape => 2,
             _ => 125,
         }

@@ -4,8 +4,10 @@
 //! every call site. (Streaming operations — exec, file transfers, port
 //! forwards — answer with more than one frame and are not exchanges.)
 
+use crate::netpolicy::{NetReport, PolicyChange};
 use crate::{
-    FixupReport, FixupRequest, Request, Response, Secret, SnapshotReport, SnapshotRequest, VmStatus,
+    BalloonReport, FixupReport, FixupRequest, Request, Response, Secret, SnapshotReport,
+    SnapshotRequest, VmStatus,
 };
 
 /// A request whose answer is one [`Response`] of a known kind.
@@ -89,6 +91,16 @@ exchange!(
     Snapshot { req: SnapshotRequest } => Request::Snapshot(req), "taking a snapshot",
     Response::Snapshotted(r) => SnapshotReport = r
 );
+exchange!(
+    /// Read, or with a target set, the balloon.
+    Balloon { target_bytes: Option<u64> } => Request::Balloon { target_bytes },
+    "asking for the balloon", Response::Balloon(r) => BalloonReport = r
+);
+exchange!(
+    /// Read, or with a change apply, the egress policy.
+    Network { change: Option<PolicyChange> } => Request::Network { change },
+    "asking for the network policy", Response::Network(r) => NetReport = *r
+);
 
 #[cfg(test)]
 mod tests {
@@ -116,5 +128,18 @@ mod tests {
         assert_eq!(GetStatus::reply(Response::Pong), Err(Response::Pong));
         assert_eq!(Ping::reply(Response::Stopping), Err(Response::Stopping));
         assert_eq!(Stop::reply(Response::Stopping), Ok(()));
+        // A boxed answer comes out unboxed.
+        let report = NetReport {
+            policy: Default::default(),
+            counters: Default::default(),
+        };
+        assert_eq!(
+            Network::reply(Response::Network(Box::new(report.clone()))),
+            Ok(report)
+        );
+        assert!(matches!(
+            Network { change: None }.request(),
+            Request::Network { change: None }
+        ));
     }
 }

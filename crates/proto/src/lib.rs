@@ -96,7 +96,10 @@
 //! supervisor shuts the VM down and exits; `Request(Balloon { target_bytes })`
 //! → `Response(Balloon{..})` (the balloon's target and the guest's usable
 //! memory now; the guest reaches a new target over the next moments), or
-//! `Error(BALLOON_UNAVAILABLE | BALLOON_TARGET_INVALID)`.
+//! `Error(BALLOON_UNAVAILABLE | BALLOON_TARGET_INVALID)`;
+//! `Request(Network { change })` → `Response(Network{ policy, counters })`
+//! (the egress policy after the change, and the traffic so far), or
+//! `Error(NETWORK_POLICY_INVALID | NETWORK_UNAVAILABLE)`.
 //!
 //! Versioning: [`PROTOCOL_VERSION`] is bumped on any incompatible change to a
 //! frame tag or a body. New optional JSON fields are compatible (serde
@@ -110,6 +113,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub mod chan;
 pub mod env;
 pub mod exclude;
+pub mod netpolicy;
 pub mod split;
 pub mod timeouts;
 pub mod tree;
@@ -444,6 +448,14 @@ pub enum Request {
         #[serde(default)]
         target_bytes: Option<u64>,
     },
+    /// Read the VM's egress policy and traffic counters (control link),
+    /// and with `change` set alter the policy first: it applies to the next
+    /// packet of every connection. Answered with `Response(Network(..))`,
+    /// or `Error` (`NETWORK_POLICY_INVALID`, `NETWORK_UNAVAILABLE`).
+    Network {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<netpolicy::PolicyChange>,
+    },
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -491,6 +503,8 @@ pub enum Response {
     },
     /// The balloon's state (after a `Balloon` request).
     Balloon(BalloonReport),
+    /// The egress policy and traffic counters (after a `Network` request).
+    Network(Box<netpolicy::NetReport>),
 }
 
 /// A VM's balloon: how much of its memory ceiling the guest may use.
@@ -990,6 +1004,40 @@ mod tests {
                 target_bytes: Some(512 << 20),
             }),
             Frame::Request(Request::Balloon { target_bytes: None }),
+            Frame::Request(Request::Network { change: None }),
+            Frame::Request(Request::Network {
+                change: Some(netpolicy::PolicyChange {
+                    clear: true,
+                    egress: Some(netpolicy::Egress::Deny),
+                    allow: vec!["*.example.com:443".parse().expect("rule")],
+                    deny: vec!["10.0.0.0/8".parse().expect("rule")],
+                    remove: vec!["[fd00::1]:53".parse().expect("rule")],
+                }),
+            }),
+            Frame::Response(Response::Network(Box::new(netpolicy::NetReport {
+                policy: netpolicy::NetPolicy {
+                    egress: netpolicy::Egress::Allow,
+                    allow: vec![],
+                    deny: vec!["evil.test".parse().expect("rule")],
+                },
+                counters: netpolicy::NetCounters {
+                    bytes_out: 1,
+                    bytes_in: 2,
+                    packets_out: 3,
+                    packets_in: 4,
+                    connections: 5,
+                    dns_answered: 6,
+                    dns_refused: 7,
+                    refused: 8,
+                    refused_by: vec![netpolicy::Refused {
+                        proto: "dns".into(),
+                        destination: "evil.test".into(),
+                        rule: "deny evil.test".into(),
+                        count: 7,
+                        last_ms: 9,
+                    }],
+                },
+            }))),
             Frame::Response(Response::Balloon(BalloonReport {
                 ceiling_bytes: 1 << 30,
                 target_bytes: Some(512 << 20),

@@ -168,6 +168,9 @@ pub const KEEPER_SLOW_RETRY: Duration = secs(30);
 pub const KEEPER_STABLE: Duration = secs(60);
 /// Keeper: bound on one attempt's connection, preamble and hello, each.
 pub const KEEPER_ATTEMPT_STEP: Duration = secs(10);
+/// Network filter: bound on the host's nameservers answering one guest DNS
+/// query, all of them in turn (the guest's resolver retries after 5 s).
+pub const DNS_UPSTREAM: Duration = secs(4);
 
 // ---- guest agent -----------------------------------------------------------
 
