@@ -130,6 +130,8 @@ mod tests {
             debug: false,
             created_at_ms: 1,
             ports: Vec::new(),
+            net_policy: Default::default(),
+            net_learned: Vec::new(),
             zero_freed_memory: false,
             ram_file: ram_file.then(|| "/dev/shm/x.ram".into()),
             restore: Some(RestoreSpec {

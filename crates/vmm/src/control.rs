@@ -34,6 +34,8 @@ pub struct Shared {
     /// Where the VM's registry entry is (its registry and id), for
     /// [`Shared::transition`]; `None` in tests that have no registry.
     pub registry: Option<(machinen::registry::Registry, String)>,
+    /// The egress filter (`--network nat`; `None` for other modes).
+    pub net: Option<Arc<crate::netfilter::Net>>,
 }
 
 /// A snapshot request handed to the main loop, with where to answer.
@@ -168,6 +170,10 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             };
             proto::send(&mut conn, &answer).await?;
         }
+        Frame::Request(Request::Network { change }) => {
+            let answer = network(&shared, change).await;
+            proto::send(&mut conn, &answer).await?;
+        }
         // Everything the guest agent serves is forwarded the same way: the
         // first frame goes to a fresh agent stream, then the bytes are spliced.
         Frame::Request(
@@ -229,6 +235,35 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// Read, and with `change` alter, the egress policy. A change is written
+/// to the registry entry (so `ls` and `inspect` show it) before the answer.
+async fn network(shared: &Shared, change: Option<proto::netpolicy::PolicyChange>) -> Frame {
+    let Some(net) = shared.net.clone() else {
+        return error(
+            ErrorCode::NetworkUnavailable,
+            "this VM has no filtered network (it was started with --network none or nat-host)",
+        );
+    };
+    if let Some(change) = change.filter(|c| !c.is_empty()) {
+        let policy = match net.policy().apply(&change) {
+            Ok(p) => p,
+            Err(e) => return error(ErrorCode::NetworkPolicyInvalid, e),
+        };
+        net.set_policy(policy.clone());
+        if let Some((reg, id)) = shared.registry.clone() {
+            let write = tokio::task::spawn_blocking(move || {
+                crate::supervisor::update_entry(&reg, &id, |e| {
+                    e.net_policy = (!policy.is_default()).then_some(policy);
+                })
+            });
+            if let Err(e) = write.await {
+                tracing::warn!("registry update task failed: {e}");
+            }
+        }
+    }
+    Frame::Response(Response::Network(Box::new(net.report())))
 }
 
 /// Splice an exec's client connection onto its agent stream. Output is

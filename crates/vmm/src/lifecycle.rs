@@ -94,6 +94,7 @@ mod tests {
             balloon_target: Mutex::new(None),
             pausing: AtomicBool::new(false),
             registry: reg,
+            net: None,
         })
     }
 

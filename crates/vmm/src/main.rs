@@ -14,6 +14,7 @@ mod engine;
 mod fake_agent;
 mod keeper;
 mod lifecycle;
+mod netfilter;
 mod ports;
 mod service;
 mod snapshot;

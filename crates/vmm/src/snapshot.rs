@@ -207,6 +207,14 @@ pub async fn take<M: Machine>(
         caps,
         req: &req,
         deadline,
+        net_policy: shared
+            .net
+            .as_ref()
+            .map_or_else(|| spec.net_policy.clone(), |n| n.policy()),
+        net_learned: shared
+            .net
+            .as_ref()
+            .map_or_else(|| spec.net_learned.clone(), |n| n.learned()),
     };
     let mut clock = PhaseClock::starting_at(t0);
     let result = phases.build(chain, builder, &mut clock).await;
@@ -250,6 +258,10 @@ struct Phases<'a, M> {
     caps: &'a Capabilities,
     req: &'a SnapshotRequest,
     deadline: Instant,
+    /// The egress policy in force now (`machinen network` may have changed
+    /// it since boot).
+    net_policy: machinen_proto::netpolicy::NetPolicy,
+    net_learned: Vec<machinen_proto::netpolicy::LearnedAddress>,
 }
 
 impl<M: Machine> Phases<'_, M> {
@@ -268,6 +280,7 @@ impl<M: Machine> Phases<'_, M> {
             caps,
             req,
             deadline,
+            ..
         } = *self;
         let timeout = timeout_of(req);
         // Dropping a builder removes its temp directory: file I/O, off the
@@ -591,6 +604,8 @@ impl<M: Machine> Phases<'_, M> {
             chain_seq: chain.seq + 1,
             chain_parent: chain.parent.clone(),
             network: spec.network,
+            net_policy: self.net_policy.clone(),
+            net_learned: self.net_learned.clone(),
             main: crate::service::bundle_main(spec),
             mounts: spec.mounts.as_ref().map(|m| bundle::BundleMounts {
                 mounts: m.mounts.clone(),

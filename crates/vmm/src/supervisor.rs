@@ -182,6 +182,8 @@ pub async fn run(spec: VmSpec) -> i32 {
         balloon_target: Mutex::new(None),
         pausing: std::sync::atomic::AtomicBool::new(false),
         registry: Some((reg.clone(), spec.id.clone())),
+        net: (spec.network == machinen::spec::NetworkMode::Nat)
+            .then(|| crate::netfilter::Net::new(spec.net_policy.clone(), &spec.net_learned)),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
     tokio::spawn(console::cap(
@@ -190,7 +192,7 @@ pub async fn run(spec: VmSpec) -> i32 {
     ));
 
     let engine = match QemuEngine::probe(&spec) {
-        Ok(e) => e,
+        Ok(e) => e.with_net(shared.net.clone()),
         Err(e) => {
             let reg = shared.registry.clone();
             return controller::fail_start(&mut emit_ready, reg.as_ref(), &spec, e.into());

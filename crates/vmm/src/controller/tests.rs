@@ -77,6 +77,8 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         debug: false,
         created_at_ms: 1,
         ports: Vec::new(),
+        net_policy: Default::default(),
+        net_learned: Vec::new(),
         zero_freed_memory: false,
         ram_file: None,
         restore: restore.then(|| RestoreSpec {
@@ -121,6 +123,7 @@ impl Vm {
             balloon_target: Mutex::new(None),
             pausing: AtomicBool::new(false),
             registry: None,
+            net: None,
         });
         let control = UnixListener::bind(spec.path_in(files::CONTROL)).expect("control socket");
         tokio::spawn(crate::control::serve(control, shared.clone()));

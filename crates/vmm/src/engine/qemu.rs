@@ -5,6 +5,7 @@ use machinen_proto::timeouts;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -42,6 +43,8 @@ pub struct QemuEngine {
     caps: Capabilities,
     /// The host-side inputs of the command line (see `machinen::qemu_args`).
     host: QemuHost,
+    /// The egress filter frames pass through (`--network nat`).
+    net: Option<Arc<crate::netfilter::Net>>,
 }
 
 /// Make `fd` the child's descriptor [`NET_FD`] (inheritable: `dup2` clears
@@ -53,6 +56,31 @@ fn inherit_as_net_fd(fd: i32) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Put the egress filter between passt (`passt_fd`, our end of its socket
+/// pair) and QEMU: returns the descriptor for QEMU.
+fn filtered(
+    net: &Arc<crate::netfilter::Net>,
+    passt_fd: std::os::fd::OwnedFd,
+) -> Result<std::os::fd::OwnedFd, EngineError> {
+    let spawn_err = |source: std::io::Error| EngineError::Spawn {
+        binary: "network filter".into(),
+        source,
+    };
+    let (qemu_end, ours) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| spawn_err(e.into()))?;
+    net.start(
+        std::os::unix::net::UnixStream::from(ours),
+        std::os::unix::net::UnixStream::from(passt_fd),
+    )
+    .map_err(spawn_err)?;
+    Ok(qemu_end)
 }
 
 /// Start passt on one end of a socket pair; the other end is for QEMU.
@@ -130,7 +158,13 @@ impl QemuEngine {
                 version: host.qemu_version,
             },
             host,
+            net: None,
         })
+    }
+
+    pub fn with_net(mut self, net: Option<Arc<crate::netfilter::Net>>) -> QemuEngine {
+        self.net = net;
+        self
     }
 }
 
@@ -191,8 +225,12 @@ impl Engine for QemuEngine {
         })?;
         let (passt, net_fd) = match spec.network {
             NetworkMode::Nat => {
-                let (child, fd) = spawn_passt(spec)?;
-                (Some(child), Some(fd))
+                let (child, passt_fd) = spawn_passt(spec)?;
+                let net = self.net.clone().ok_or_else(|| EngineError::Spawn {
+                    binary: "network filter".into(),
+                    source: std::io::Error::other("no filter for a nat network"),
+                })?;
+                (Some(child), Some(filtered(&net, passt_fd)?))
             }
             NetworkMode::NatHost | NetworkMode::None => (None, None),
         };

@@ -65,6 +65,7 @@ async fn setup(first: Peer) -> Setup {
         balloon_target: Mutex::new(None),
         pausing: AtomicBool::new(false),
         registry: None,
+        net: None,
     });
     let k = Keeper {
         shared: shared.clone(),
