@@ -9,13 +9,13 @@
 
 use std::time::{Duration, Instant};
 
-use machinen_proto::{self as proto, timeouts, Frame, Request, Response};
+use machinen_proto::{self as proto, timeouts};
 use serde::Serialize;
 
 pub use machinen_proto::BalloonReport;
 
 use crate::error::{fail, Failure};
-use crate::vm::{protocol_error, wire_error, Vm, MIN_MEMORY_MIB};
+use crate::vm::{Vm, MIN_MEMORY_MIB};
 use crate::{ErrorCode, Result};
 
 /// [`Vm::set_balloon`]'s outcome.
@@ -124,36 +124,12 @@ impl Vm {
     }
 
     async fn balloon_request(&self, target_bytes: Option<u64>) -> Result<BalloonReport> {
-        let ask = async {
-            let mut s = self.connect().await?;
-            proto::send(&mut s, &Frame::Request(Request::Balloon { target_bytes }))
-                .await
-                .map_err(|e| protocol_error("asking for the balloon", e))?;
-            proto::read_frame(&mut s)
-                .await
-                .map_err(|e| protocol_error("reading the balloon's answer", e))
-        };
-        let answer = tokio::time::timeout(timeouts::CONTROL_ANSWER, ask)
-            .await
-            .map_err(|_| {
-                fail(
-                    ErrorCode::BalloonUnavailable,
-                    format!(
-                        "the supervisor did not answer within {} s",
-                        timeouts::CONTROL_ANSWER.as_secs()
-                    ),
-                )
-                .hint("`machinen ls` shows the VM's state")
-            })??;
-        match answer {
-            Some(Frame::Response(Response::Balloon(r))) => Ok(r),
-            Some(Frame::Error(e)) => Err(wire_error(e)),
-            other => Err(fail(
-                ErrorCode::ProtocolError,
-                format!("unexpected answer to a balloon request: {other:?}"),
-            )
-            .into()),
-        }
+        self.call(
+            proto::exchange::Balloon { target_bytes },
+            timeouts::CONTROL_ANSWER,
+            ErrorCode::BalloonUnavailable,
+        )
+        .await
     }
 }
 

@@ -48,10 +48,12 @@ use crate::error::{Coded, ErrorCode};
 /// Bundle format version; bumped on any incompatible change. Version 2
 /// added `ram.img`, version 3 BLAKE3 digests, version 4 the network mode
 /// in `meta.json`, version 5 copy-once mounts, version 6 live mounts,
-/// version 7 delta checkpoints (a parent); versions 1 (RAM inside the
+/// version 7 delta checkpoints (a parent), version 8 the egress policy
+/// (an older machinen must not restore a restricted VM unrestricted);
+/// versions 1 (RAM inside the
 /// state) to 3 still restore (with QEMU's user networking, which they were
 /// made with).
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// Oldest version this machinen restores.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FORMAT_NAME: &str = "machinen-bundle";
@@ -178,6 +180,16 @@ pub struct BundleMeta {
     /// same, since QEMU's user networking keeps state in the stream.
     #[serde(default = "crate::spec::NetworkMode::legacy")]
     pub network: crate::spec::NetworkMode,
+    /// The VM's egress policy when it was snapshotted (format 8); restores
+    /// and forks keep it unless given another.
+    #[serde(
+        default,
+        skip_serializing_if = "machinen_proto::netpolicy::NetPolicy::is_default"
+    )]
+    pub net_policy: machinen_proto::netpolicy::NetPolicy,
+    /// The addresses allowed names resolved to (see `LearnedAddress`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_learned: Vec<machinen_proto::netpolicy::LearnedAddress>,
     /// The main command the guest runs (service VMs; its environment is
     /// left out): a restored VM's supervisor re-attaches to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1208,6 +1220,8 @@ mod tests {
             chain_seq: 1,
             chain_parent: None,
             network: crate::spec::NetworkMode::Nat,
+            net_policy: Default::default(),
+            net_learned: Vec::new(),
             main: None,
             mounts: None,
             live_mounts: Vec::new(),

@@ -22,6 +22,7 @@ pub mod image;
 pub mod initramfs;
 pub mod live_mounts;
 pub mod mounts;
+pub mod network;
 pub mod oci;
 pub mod paths;
 pub mod phases;

@@ -25,6 +25,8 @@ fn spec() -> VmSpec {
         debug: false,
         created_at_ms: 1,
         ports: Vec::new(),
+        net_policy: Default::default(),
+        net_learned: Vec::new(),
         zero_freed_memory: false,
         ram_file: Some(PathBuf::from("/dev/shm/machinen-0123abcd.ram")),
         restore: None,

@@ -103,6 +103,9 @@ pub struct RegistryEntry {
     /// How it reaches the network (entries of older versions: unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::spec::NetworkMode>,
+    /// Its egress policy, as the supervisor last set it (`None`: open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
 }
 
 impl RegistryEntry {
@@ -600,6 +603,7 @@ mod tests {
             mounts: vec![],
             live_mounts: vec![],
             network: None,
+            net_policy: None,
         }
     }
 

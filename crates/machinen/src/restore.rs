@@ -72,6 +72,8 @@ pub struct RestoreOptions {
     /// The bundle stays (the user's): the VM's next checkpoint may be a
     /// delta over it. Off for a fork's scratch bundle.
     pub chain_link: bool,
+    /// Replace the bundle's egress policy (`None`: keep it).
+    pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
 }
 
 impl RestoreOptions {
@@ -92,6 +94,7 @@ impl RestoreOptions {
             free_memory_threshold: Default::default(),
             on_phase: Default::default(),
             chain_link: true,
+            net_policy: None,
         }
     }
 }
@@ -123,6 +126,8 @@ pub struct ForkOptions {
     /// `snapshot-wipe-secrets`, `snapshot-state`, …), then each fork's
     /// restore phases (see [`RestoreOptions::on_phase`]).
     pub on_phase: crate::phases::OnPhase,
+    /// The forks' egress policy (`None`: the source's, as it is now).
+    pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
 }
 
 /// What `fork` did.
@@ -367,6 +372,7 @@ impl Vm {
             r.live_mounts = opts.live_mounts.clone();
             r.free_memory_threshold = opts.free_memory_threshold;
             r.on_phase = opts.on_phase.clone();
+            r.net_policy = opts.net_policy.clone();
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
                 Err(e) => {
@@ -471,6 +477,11 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         (None, bundle::read_meta(&bundle_dir)?)
     };
     timeline.mark("bundle-meta");
+    let net_policy = opts
+        .net_policy
+        .clone()
+        .unwrap_or_else(|| meta.net_policy.clone());
+    crate::vm::validate_net_policy(meta.network, &net_policy)?;
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(
         &meta,
@@ -825,6 +836,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         // The bundle's migration stream matches its network device's
         // backend (QEMU's user networking has state of its own in it).
         network: meta.network,
+        net_policy,
+        net_learned: meta.net_learned.clone(),
         main: meta.main.clone(),
         mounts: meta.mounts.as_ref().zip(mounts_lower).map(|(bm, lower)| {
             crate::mounts::MountsDisk {

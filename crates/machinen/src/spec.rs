@@ -83,6 +83,16 @@ pub struct VmSpec {
     /// How the guest reaches the network.
     #[serde(default)]
     pub network: NetworkMode,
+    /// What the guest may reach (`--network nat` only; the supervisor's
+    /// filter enforces it and `machinen network` changes it).
+    #[serde(
+        default,
+        skip_serializing_if = "machinen_proto::netpolicy::NetPolicy::is_default"
+    )]
+    pub net_policy: machinen_proto::netpolicy::NetPolicy,
+    /// Addresses the resolver gave for names, from the bundle (restores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_learned: Vec<machinen_proto::netpolicy::LearnedAddress>,
     /// The VM's main command (service VMs): started once the guest is
     /// ready; on a restore, the one the bundle's guest already runs, which
     /// the supervisor re-attaches to.

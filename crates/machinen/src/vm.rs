@@ -47,6 +47,8 @@ pub struct BootOptions {
     pub cpus: u32,
     /// How the guest reaches the network (see [`NetworkMode`]).
     pub network: crate::spec::NetworkMode,
+    /// What the guest may reach (`--network nat` only).
+    pub net_policy: machinen_proto::netpolicy::NetPolicy,
     /// Keep running after this process exits.
     pub detached: bool,
     /// Upper bound on boot-to-agent-ready.
@@ -111,6 +113,7 @@ impl Default for BootOptions {
             memory_mib: None,
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
+            net_policy: Default::default(),
             detached: false,
             boot_timeout: timeouts::BOOT,
             accel: None,
@@ -207,6 +210,9 @@ pub struct VmInfo {
     /// How it reaches the network (`nat`, `nat-host`, `none`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::spec::NetworkMode>,
+    /// What it may reach (`None`: everything).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -234,6 +240,7 @@ impl From<&RegistryEntry> for VmInfo {
             live_mounts: e.live_mounts.clone(),
             host_memory: None,
             network: e.network,
+            net_policy: e.net_policy.clone(),
         }
     }
 }
@@ -295,6 +302,29 @@ pub fn check_user(u: &str) -> Result<(), Failure> {
 }
 
 /// Check `KEY=VALUE` environment pairs and a working directory.
+/// A policy other than the open default needs `--network nat`: the filter
+/// sits between QEMU and passt.
+pub fn validate_net_policy(
+    network: crate::spec::NetworkMode,
+    policy: &machinen_proto::netpolicy::NetPolicy,
+) -> Result<(), Failure> {
+    policy
+        .check()
+        .map_err(|e| fail(ErrorCode::BootArgsInvalid, e))?;
+    if !policy.is_default() && network != crate::spec::NetworkMode::Nat {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            format!("an egress policy needs --network nat (this VM's network is {network})"),
+        )
+        .hint(if network == crate::spec::NetworkMode::None {
+            "with --network none the guest reaches nothing already; drop the policy"
+        } else {
+            "boot with --network nat (the default)"
+        }));
+    }
+    Ok(())
+}
+
 pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
     if opts.argv.is_empty() {
         return Err(fail(ErrorCode::BootArgsInvalid, "no command given")
@@ -364,6 +394,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let name = opts.name.clone().unwrap_or_else(generated_name);
     registry::validate_name(&name)?;
     crate::secrets::validate(&opts.secrets)?;
+    validate_net_policy(opts.network, &opts.net_policy)?;
     if opts.nested {
         crate::accel::check_nested(opts.accel.as_deref())?;
     }
@@ -475,6 +506,8 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         ram_file: None,
         restore: None,
         network: opts.network,
+        net_policy: opts.net_policy.clone(),
+        net_learned: Vec::new(),
         main: (!opts.cmd.is_empty()).then(|| crate::service::MainSpec {
             argv: opts.cmd.clone(),
             env: opts.env.clone(),
@@ -645,6 +678,7 @@ pub(crate) async fn hold_claim(
         mounts: Vec::new(),
         live_mounts: Vec::new(),
         network: None,
+        net_policy: None,
     };
     let reg = reg.clone();
     let id = claim.id.clone();
@@ -749,6 +783,7 @@ pub(crate) async fn launch_vm(
             .map(|l| l.mounts.clone())
             .unwrap_or_default(),
         network: Some(spec.network),
+        net_policy: (!spec.net_policy.is_default()).then(|| spec.net_policy.clone()),
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1866,6 +1901,7 @@ mod tests {
             mounts: Vec::new(),
             live_mounts: Vec::new(),
             network: None,
+            net_policy: None,
         };
         let vm = Vm {
             info: VmInfo::from(&entry),
