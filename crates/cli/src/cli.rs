@@ -79,6 +79,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// Show or set how much of its memory ceiling a VM's guest may use (the balloon).
     Balloon(BalloonArgs),
+    /// Show or change what a running VM may reach (its egress policy), and its traffic.
+    Network(NetworkArgs),
     /// Print a VM's main command output (or its console, supervisor or QEMU log); -f follows.
     Logs(LogsArgs),
     /// Wait until a VM ends (or its kept-alive main command exits); exit with the command's status.
@@ -128,6 +130,7 @@ impl Command {
             Command::Ls(a) => a.json,
             Command::Stats(a) => a.json,
             Command::Balloon(a) => a.json,
+            Command::Network(a) => a.json,
             Command::Logs(a) => a.json,
             Command::Wait(a) => a.json,
             Command::Stop(a) => a.json,
@@ -185,6 +188,8 @@ pub struct BootArgs {
     /// the bundle.
     #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
     pub network: String,
+    #[command(flatten)]
+    pub net_policy: NetPolicyArgs,
     /// Forward a host port to a guest port: HOST:GUEST or ADDR:HOST:GUEST (repeatable; ADDR defaults to 127.0.0.1).
     #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
     pub publish: Vec<String>,
@@ -333,6 +338,9 @@ pub struct RestoreArgs {
     /// Forward a host port: HOST:GUEST or ADDR:HOST:GUEST (repeatable).
     #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
     pub publish: Vec<String>,
+    /// Replace the bundle's egress policy (without these the VM keeps the one it was snapshotted with).
+    #[command(flatten)]
+    pub net_policy: NetPolicyArgs,
     /// Return once the VM is ready and leave it running.
     #[arg(long, short = 'd', visible_alias = "detach")]
     pub detached: bool,
@@ -405,6 +413,9 @@ pub struct ForkArgs {
     /// Forward a host port to the fork: HOST:GUEST or ADDR:HOST:GUEST (repeatable).
     #[arg(long = "publish", short = 'p', value_name = "[ADDR:]HOST:GUEST")]
     pub publish: Vec<String>,
+    /// The forks' egress policy (without these they keep the source's, as it is now).
+    #[command(flatten)]
+    pub net_policy: NetPolicyArgs,
     #[command(flatten)]
     pub process: ProcessArgs,
     /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
@@ -483,6 +494,67 @@ pub struct StatsArgs {
     /// Print machine-readable JSON (one object for a TARGET, else an array).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen network web                                   the policy, traffic and refused attempts\n  machinen network web --egress deny --allow '*.pypi.org:443' --allow files.pythonhosted.org:443\n  machinen network web --deny 10.0.0.0/8                  add a rule (applies to open connections too)\n  machinen network web --remove 10.0.0.0/8\n  machinen network web --clear --egress allow             back to open\n\nA RULE is an address, a CIDR block or a domain (*.example.com: every name below it), optionally\nwith :PORT or :LOW-HIGH (IPv6 with a port in brackets: [fd00::/8]:53). A destination matching a\ndeny rule is refused; else one matching an allow rule passes; else --egress decides. Domain\nrules work through the VM's resolver: names the policy refuses do not resolve, and an address\nmatches a domain rule only if an allowed name resolved to it. Refused connections fail at once\n(TCP reset, ICMP prohibited). Enforced on the host: nothing the guest does lifts it."
+)]
+pub struct NetworkArgs {
+    /// VM name, id or pid.
+    pub target: String,
+    /// Let the guest reach RULE (repeatable).
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Refuse RULE (repeatable; deny rules win over allow rules).
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// Drop RULE from the allow or deny list (repeatable).
+    #[arg(long, value_name = "RULE")]
+    pub remove: Vec<String>,
+    /// What happens to destinations no rule matches.
+    #[arg(long, value_name = "DEFAULT", value_parser = ["allow", "deny"])]
+    pub egress: Option<String>,
+    /// Drop every rule first (the default stays unless --egress is given).
+    #[arg(long)]
+    pub clear: bool,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The egress policy flags of boot, restore and fork.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NetPolicyArgs {
+    /// Let the guest reach RULE: ADDR, CIDR or DOMAIN (*.DOMAIN: every name below it), optionally :PORT or :LOW-HIGH (repeatable; see `machinen network --help`). Needs --network nat.
+    #[arg(long = "allow-net", value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Refuse RULE (repeatable; deny rules win over allow rules).
+    #[arg(long = "deny-net", value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// What happens to destinations no rule matches: allow (the default) or deny.
+    #[arg(long, value_name = "DEFAULT", value_parser = ["allow", "deny"])]
+    pub egress: Option<String>,
+}
+
+impl NetPolicyArgs {
+    pub fn given(&self) -> bool {
+        !self.allow.is_empty() || !self.deny.is_empty() || self.egress.is_some()
+    }
+
+    /// The policy these flags describe (from an open one).
+    pub fn policy(&self) -> machinen::Result<machinen::network::NetPolicy> {
+        use machinen::network::{parse_rules, NetPolicy};
+        Ok(NetPolicy {
+            egress: self
+                .egress
+                .as_deref()
+                .map(|e| e.parse().unwrap_or_default())
+                .unwrap_or_default(),
+            allow: parse_rules("--allow-net", &self.allow)?,
+            deny: parse_rules("--deny-net", &self.deny)?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]

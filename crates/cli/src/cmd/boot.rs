@@ -123,6 +123,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             .network
             .parse()
             .map_err(|e: String| fail(ErrorCode::BootArgsInvalid, e))?,
+        net_policy: a.net_policy.policy()?,
         detached: a.detached,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         accel: None,

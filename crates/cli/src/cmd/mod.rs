@@ -15,6 +15,7 @@ mod install;
 mod logs;
 mod ls;
 mod mux;
+mod network;
 mod provision;
 mod pull;
 mod repl;
@@ -45,6 +46,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Ls(a) => ls::run(a),
         Command::Stats(a) => stats::run(a).await,
         Command::Balloon(a) => balloon::run(a).await,
+        Command::Network(a) => network::run(a).await,
         Command::Logs(a) => logs::run(a).await,
         Command::Wait(a) => wait::run(a).await,
         Command::Stop(a) => stop::run(a).await,

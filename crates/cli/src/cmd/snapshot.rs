@@ -216,6 +216,11 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.own_ram = a.own_ram;
     o.live_mounts = live_mounts(&a.live_mounts)?;
     o.free_memory_threshold = a.free_memory_threshold.parse()?;
+    o.net_policy = a
+        .net_policy
+        .given()
+        .then(|| a.net_policy.policy())
+        .transpose()?;
     o.progress = if a.json {
         ProgressMode::Quiet
     } else {
@@ -253,6 +258,11 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
         live_mounts: live_mounts(&a.live_mounts)?,
         free_memory_threshold: a.free_memory_threshold.parse()?,
         on_phase: crate::output::phase_printer(a.timings),
+        net_policy: a
+            .net_policy
+            .given()
+            .then(|| a.net_policy.policy())
+            .transpose()?,
     };
     machinen::restore::check_fork_many(&opts, a.count)?;
     if a.count > 1 && !a.detach {

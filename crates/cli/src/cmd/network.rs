@@ -1,0 +1,65 @@
+//! `machinen network TARGET [--allow R]… [--deny R]… [--remove R]… [--egress D] [--clear] [--json]`
+
+use machinen::network::{parse_rules, NetReport, PolicyChange};
+use machinen::Result;
+
+use crate::cli::NetworkArgs;
+use crate::output::print_json;
+
+pub async fn run(a: NetworkArgs) -> Result<i32> {
+    let change = PolicyChange {
+        clear: a.clear,
+        egress: a.egress.as_deref().and_then(|e| e.parse().ok()),
+        allow: parse_rules("--allow", &a.allow)?,
+        deny: parse_rules("--deny", &a.deny)?,
+        remove: parse_rules("--remove", &a.remove)?,
+    };
+    let vm = machinen::attach(&a.target).await?;
+    let report = if change.is_empty() {
+        vm.network().await?
+    } else {
+        vm.set_network(change).await?
+    };
+    if a.json {
+        print_json(&report);
+    } else {
+        print(vm.name(), &report);
+    }
+    Ok(0)
+}
+
+fn size(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn print(name: &str, r: &NetReport) {
+    let p = &r.policy;
+    println!("{name}: egress {} by default", p.egress);
+    for rule in &p.allow {
+        println!("  allow {rule}");
+    }
+    for rule in &p.deny {
+        println!("  deny  {rule}");
+    }
+    let c = &r.counters;
+    println!(
+        "traffic: {} out, {} in; {} connections; DNS {} answered, {} refused; {} attempts refused",
+        size(c.bytes_out),
+        size(c.bytes_in),
+        c.connections,
+        c.dns_answered,
+        c.dns_refused,
+        c.refused
+    );
+    for k in &c.refused_by {
+        println!(
+            "  refused {:>6}× {} {} ({})",
+            k.count, k.proto, k.destination, k.rule
+        );
+    }
+}
