@@ -88,6 +88,8 @@ export declare const ErrorCode: {
   readonly IMAGE_PLATFORM_MISMATCH: "IMAGE_PLATFORM_MISMATCH";
   readonly IMAGE_PULL_FAILED: "IMAGE_PULL_FAILED";
   readonly BUNDLE_TRANSFER_FAILED: "BUNDLE_TRANSFER_FAILED";
+  readonly NETWORK_POLICY_INVALID: "NETWORK_POLICY_INVALID";
+  readonly NETWORK_UNAVAILABLE: "NETWORK_UNAVAILABLE";
 };
 // END GENERATED ERROR CODES
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -139,6 +141,49 @@ export interface BalloonOutcome extends BalloonReport {
   /** Whether the guest reached the target within the wait. */
   settled: boolean;
   elapsedMs: number;
+}
+
+/**
+ * An egress policy. A rule is an address, a CIDR block or a domain
+ * (`*.example.com`: every name below it), optionally with `:PORT` or
+ * `:LOW-HIGH` (IPv6 with a port in brackets: `[fd00::/8]:53`). A
+ * destination matching a deny rule is refused; else one matching an allow
+ * rule passes; else `egress` decides. Domain rules work through the VM's
+ * resolver (names the policy refuses do not resolve). Enforced on the host.
+ */
+export interface NetPolicy {
+  /** Default `"allow"`. */
+  egress?: 'allow' | 'deny';
+  allow?: string[];
+  deny?: string[];
+}
+
+/** `vm.setNetwork()`: rules to add or remove, a new default, `clear` (drop every rule first). */
+export interface NetPolicyChange {
+  egress?: 'allow' | 'deny';
+  allow?: string | string[];
+  deny?: string | string[];
+  remove?: string | string[];
+  clear?: boolean;
+}
+
+/** `vm.network()`: the policy in force and the traffic since the VM (re)started. */
+export interface NetReport {
+  policy: { egress: 'allow' | 'deny'; allow?: string[]; deny?: string[] };
+  counters: {
+    bytesOut: number;
+    bytesIn: number;
+    packetsOut: number;
+    packetsIn: number;
+    /** TCP connections and UDP flows let through. */
+    connections: number;
+    dnsAnswered: number;
+    dnsRefused: number;
+    /** Attempts refused, in all. */
+    refused: number;
+    /** The most frequent kinds of refused attempts. */
+    refusedBy?: { proto: 'tcp' | 'udp' | 'icmp' | 'ip' | 'dns'; destination: string; rule: string; count: number; lastMs: number }[];
+  };
 }
 
 /** `vm.memoryStats()`. */
@@ -226,6 +271,8 @@ export interface BootOptions {
    * `/` or machinen's own directories.
    */
   liveMounts?: LiveMountSpec | LiveMountSpec[];
+  /** What the guest may reach (needs `network: "nat"`, the default; `BOOT_ARGS_INVALID` otherwise). */
+  netPolicy?: NetPolicy;
   signal?: AbortSignal;
   /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
   onLog?: (evt: unknown) => void;
@@ -259,6 +306,8 @@ export interface RestoreOptions {
   freeMemoryThreshold?: string | number;
   /** Serve the snapshot's live mounts at these guest paths from other host directories (`BOOT_LIVE_MOUNT_OVERRIDE_UNKNOWN` for a guest path it has none at). */
   liveMounts?: LiveMountSpec | LiveMountSpec[];
+  /** Replace the bundle's egress policy (default: the one it was snapshotted with). */
+  netPolicy?: NetPolicy;
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
@@ -276,6 +325,8 @@ export interface ForkOptions {
   tcpKeep?: boolean;
   /** Serve the fork's live mounts at these guest paths from other host directories (default: the source's). */
   liveMounts?: LiveMountSpec | LiveMountSpec[];
+  /** The fork's egress policy (default: the source's, as it is now). */
+  netPolicy?: NetPolicy;
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
@@ -425,6 +476,10 @@ export declare class VmHandle {
   balloon(): Promise<BalloonReport>;
   /** `bytes` between 128 MiB and the ceiling (`BALLOON_TARGET_INVALID`), or `'max'`. */
   setBalloon(bytes: number | 'max', opts?: { waitMs?: number }): Promise<BalloonOutcome>;
+  /** The egress policy and traffic; `NETWORK_UNAVAILABLE` for `network: "none"` or `"nat-host"`. */
+  network(): Promise<NetReport>;
+  /** Change the egress policy (applies to the next packet of every connection); `NETWORK_POLICY_INVALID` for a bad rule or removing one the policy lacks. */
+  setNetwork(change: NetPolicyChange): Promise<NetReport>;
   /** Throws `EXEC_NONZERO_EXIT` unless the command exits 0. */
   exec(cmd: string | string[], opts: ExecOptions & { encoding: "buffer" }): Promise<ExecResult<Buffer>>;
   exec(cmd: string | string[], opts?: ExecOptions): Promise<ExecResult>;

@@ -250,6 +250,19 @@ class VmHandle {
     return call(undefined, () => this._h.balloon()).then(camel);
   }
 
+  /** The egress policy (`policy`: `egress`, `allow`, `deny`) and the traffic so far (`counters`: bytesOut, bytesIn, packetsOut, packetsIn, connections, dnsAnswered, dnsRefused, refused, refusedBy [{ proto, destination, rule, count, lastMs }]). Throws `NETWORK_UNAVAILABLE` for a VM booted with `network: "none"` or `"nat-host"`. */
+  async network() {
+    return call(undefined, () => this._h.network()).then(camel);
+  }
+
+  /** Change the egress policy while the VM runs: `{ allow, deny, remove, egress, clear }` (rules as strings, e.g. `"*.example.com:443"`). Applies to the next packet of every connection; resolves to what `network()` returns. */
+  async setNetwork(change = {}) {
+    checkKeys(change, ['allow', 'deny', 'remove', 'egress', 'clear'], 'setNetwork');
+    const list = (v) => (v === undefined ? undefined : Array.isArray(v) ? v.map(String) : [String(v)]);
+    const o = { allow: list(change.allow), deny: list(change.deny), remove: list(change.remove), egress: change.egress, clear: change.clear };
+    return call(undefined, () => this._h.setNetwork(o)).then(camel);
+  }
+
   /** Let the guest use `bytes` of its ceiling (`'max'`: all of it); waits up to `opts.waitMs` (default 30 s, 0: not at all) for it to get there. Resolves to the balloon plus `settled` and `elapsedMs`. */
   async setBalloon(bytes, opts = {}) {
     const ceiling = this.info().memoryMib * 1024 * 1024;
@@ -431,7 +444,7 @@ class VmHandle {
 
   /** A sibling VM sharing this one's past; this one keeps running. */
   async fork(opts = {}) {
-    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'liveMounts', 'signal', 'onLog'], 'fork');
+    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'signal', 'onLog'], 'fork');
     const o = {
       name: opts.name,
       outDir: opts.outDir,
@@ -441,6 +454,7 @@ class VmHandle {
       tcpKeep: opts.tcpKeep,
       freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
       liveMounts: toLiveMounts(opts.liveMounts),
+      netPolicy: toNetPolicy(opts.netPolicy),
     };
     return new VmHandle(await call(opts.signal, (id) => this._h.fork(o, id)));
   }
@@ -469,8 +483,19 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy',
 ];
+
+/** `netPolicy`: `{ egress?: "allow" | "deny", allow?: string[], deny?: string[] }`. */
+function toNetPolicy(p) {
+  if (p === undefined) return undefined;
+  if (!p || typeof p !== 'object' || Array.isArray(p)) {
+    throw invalid('netPolicy is { egress, allow, deny }', 'e.g. netPolicy: { egress: "deny", allow: ["*.pypi.org:443"] }', ErrorCode.NETWORK_POLICY_INVALID);
+  }
+  checkKeys(p, ['egress', 'allow', 'deny'], 'netPolicy');
+  const list = (v) => (v === undefined ? undefined : Array.isArray(v) ? v.map(String) : [String(v)]);
+  return { egress: p.egress, allow: list(p.allow), deny: list(p.deny) };
+}
 
 /** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
 function toThreshold(t) {
@@ -531,6 +556,7 @@ async function boot(opts = {}) {
     mountUpperSize: opts.mountDiskUpperSizeBytes,
     balloon: opts.balloon,
     liveMounts: toLiveMounts(opts.liveMounts),
+    netPolicy: toNetPolicy(opts.netPolicy),
   };
   return new VmHandle(await call(opts.signal, (id) => native.boot(o, id)));
 }
@@ -552,7 +578,7 @@ async function list(opts = {}) {
 
 /** Restore a snapshot bundle into a new VM. */
 async function restore(opts) {
-  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'signal', 'onLog'], 'restore');
+  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'signal', 'onLog'], 'restore');
   if (!opts || typeof opts.snapDir !== 'string') throw invalid('restore needs snapDir', 'e.g. restore({ snapDir: "./snap" })', ErrorCode.RESTORE_BUNDLE_INVALID);
   const o = {
     bundle: opts.snapDir,
@@ -566,6 +592,7 @@ async function restore(opts) {
     ownRam: opts.ownRam,
     freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
     liveMounts: toLiveMounts(opts.liveMounts),
+    netPolicy: toNetPolicy(opts.netPolicy),
   };
   return new VmHandle(await call(opts.signal, (id) => native.restore(o, id)));
 }

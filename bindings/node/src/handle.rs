@@ -178,6 +178,24 @@ impl VmHandle {
         to_value(&r)
     }
 
+    /// The egress policy and the traffic so far.
+    #[napi]
+    pub async fn network(&self) -> Result<serde_json::Value> {
+        let r = self.vm.network().await.map_err(js_error)?;
+        to_value(&r)
+    }
+
+    /// Change the egress policy; resolves to the policy now in force.
+    #[napi]
+    pub async fn set_network(
+        &self,
+        change: crate::options::NetChangeOpt,
+    ) -> Result<serde_json::Value> {
+        let change = change.into_lib()?;
+        let r = self.vm.set_network(change).await.map_err(js_error)?;
+        to_value(&r)
+    }
+
     /// Let the guest use `target_bytes` of its ceiling; wait up to
     /// `wait_ms` for it to get there (0: do not wait).
     #[napi]

@@ -45,6 +45,68 @@ pub struct BootOpts {
     pub balloon: Option<bool>,
     /// Host directories shared live (`--mount-live`).
     pub live_mounts: Option<Vec<LiveMountOpt>>,
+    /// What the guest may reach (`--egress`, `--allow-net`, `--deny-net`).
+    pub net_policy: Option<NetPolicyOpt>,
+}
+
+/// An egress policy: `egress` (`"allow"`, the default, or `"deny"`) for
+/// destinations no rule matches, and rules as the CLI takes them.
+#[napi(object)]
+#[derive(Default)]
+pub struct NetPolicyOpt {
+    pub egress: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+}
+
+/// A change to a running VM's policy (`machinen network`).
+#[napi(object)]
+#[derive(Default)]
+pub struct NetChangeOpt {
+    pub egress: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub remove: Option<Vec<String>>,
+    pub clear: Option<bool>,
+}
+
+fn egress(e: Option<String>) -> Result<Option<machinen::network::Egress>> {
+    e.map(|s| {
+        s.parse().map_err(|m: String| {
+            invalid(
+                ErrorCode::NetworkPolicyInvalid,
+                m,
+                "egress is \"allow\" or \"deny\"",
+            )
+        })
+    })
+    .transpose()
+}
+
+fn rules(what: &str, r: Option<Vec<String>>) -> Result<Vec<machinen::network::Rule>> {
+    machinen::network::parse_rules(what, &r.unwrap_or_default()).map_err(crate::js_error)
+}
+
+impl NetPolicyOpt {
+    pub fn into_lib(self) -> Result<machinen::network::NetPolicy> {
+        Ok(machinen::network::NetPolicy {
+            egress: egress(self.egress)?.unwrap_or_default(),
+            allow: rules("allow", self.allow)?,
+            deny: rules("deny", self.deny)?,
+        })
+    }
+}
+
+impl NetChangeOpt {
+    pub fn into_lib(self) -> Result<machinen::network::PolicyChange> {
+        Ok(machinen::network::PolicyChange {
+            clear: self.clear.unwrap_or(false),
+            egress: egress(self.egress)?,
+            allow: rules("allow", self.allow)?,
+            deny: rules("deny", self.deny)?,
+            remove: rules("remove", self.remove)?,
+        })
+    }
 }
 
 /// A host directory copied into the VM at `guest`.
@@ -91,6 +153,8 @@ pub struct RestoreOpts {
     /// Serve the snapshot's live mounts at these guest paths from other
     /// host directories.
     pub live_mounts: Option<Vec<LiveMountOpt>>,
+    /// Replace the bundle's egress policy.
+    pub net_policy: Option<NetPolicyOpt>,
 }
 
 #[napi(object)]
@@ -106,6 +170,8 @@ pub struct ForkOpts {
     /// Serve the fork's live mounts at these guest paths from other host
     /// directories (default: the source's).
     pub live_mounts: Option<Vec<LiveMountOpt>>,
+    /// The forks' egress policy (default: the source's).
+    pub net_policy: Option<NetPolicyOpt>,
 }
 
 #[napi(object)]
@@ -233,6 +299,11 @@ impl BootOpts {
             },
             balloon: self.balloon.unwrap_or(true),
             live_mounts: live_mounts(self.live_mounts),
+            net_policy: self
+                .net_policy
+                .map(NetPolicyOpt::into_lib)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -250,6 +321,7 @@ impl RestoreOpts {
         o.own_ram = self.own_ram.unwrap_or(false);
         o.live_mounts = live_mounts(self.live_mounts);
         o.free_memory_threshold = threshold(self.free_memory_threshold)?;
+        o.net_policy = self.net_policy.map(NetPolicyOpt::into_lib).transpose()?;
         o.progress = machinen::progress::ProgressMode::Quiet;
         Ok(o)
     }
@@ -267,6 +339,7 @@ impl ForkOpts {
             live_mounts: live_mounts(self.live_mounts),
             free_memory_threshold: threshold(self.free_memory_threshold)?,
             on_phase: Default::default(),
+            net_policy: self.net_policy.map(NetPolicyOpt::into_lib).transpose()?,
         })
     }
 }

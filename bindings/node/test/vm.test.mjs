@@ -276,6 +276,29 @@ test('a service VM: its main command runs, wait() reports its exit', async () =>
   }
 });
 
+test('network: a policy set on the running VM refuses at once, is counted, and shows in ls', async () => {
+  const open = await vm.network();
+  assert.equal(open.policy.egress, 'allow');
+  const r = await vm.setNetwork({ deny: '198.51.100.0/24:80' });
+  assert.deepEqual(r.policy.deny, ['198.51.100.0/24:80']);
+  // A reset from the filter, not a timeout (nothing answers at that address).
+  const out = await vm.execRaw(['bash', '-c', 'exec 3<>/dev/tcp/198.51.100.7/80']);
+  assert.match(out.stderr, /Connection refused/);
+  const n = await vm.network();
+  assert.ok(
+    n.counters.refusedBy.some((k) => k.proto === 'tcp' && k.destination === '198.51.100.7:80' && k.rule === 'deny 198.51.100.0/24:80'),
+    JSON.stringify(n.counters),
+  );
+  assert.deepEqual(cliJson('ls', '--json').find((v) => v.name === 'node-shared').net_policy.deny, ['198.51.100.0/24:80']);
+  await rejectsWith(vm.setNetwork({ remove: '192.0.2.99' }), 'NETWORK_POLICY_INVALID');
+  await rejectsWith(vm.setNetwork({ allow: 'not a rule' }), 'NETWORK_POLICY_INVALID');
+  await rejectsWith(vm.setNetwork({ egress: 'maybe' }), 'NETWORK_POLICY_INVALID');
+  const cleared = await vm.setNetwork({ clear: true });
+  assert.equal(cleared.policy.deny, undefined);
+  await rejectsWith(m.boot({ network: 'none', netPolicy: { egress: 'deny' } }), 'BOOT_ARGS_INVALID');
+  await rejectsWith(m.boot({ netPolicy: { allow: ['10.0.0.0/33'] } }), 'NETWORK_POLICY_INVALID');
+});
+
 test('a throwing output callback gives the command up', async () => {
   const p = vm.exec('echo first; sleep 300', {
     onStdout: () => {
