@@ -619,6 +619,8 @@ mod live_mounts;
 mod memory;
 #[path = "e2e/mounts.rs"]
 mod mounts;
+#[path = "e2e/netpolicy.rs"]
+mod netpolicy;
 #[path = "e2e/network.rs"]
 mod network;
 #[path = "e2e/oci.rs"]

@@ -9,8 +9,8 @@ use super::{wait_until, Env};
 
 /// A network namespace with loopback, and a veth pair whose one end holds
 /// [`OUTSIDE`] and the default route: what the guest reaches "outside".
-struct Netns {
-    name: String,
+pub(super) struct Netns {
+    pub(super) name: String,
     servers: Vec<Child>,
 }
 
@@ -18,7 +18,7 @@ struct Netns {
 const OUTSIDE: &str = "192.0.2.1";
 
 impl Netns {
-    fn new() -> Option<Netns> {
+    pub(super) fn new() -> Option<Netns> {
         let name = format!("mn-e2e-{}", std::process::id());
         let ok = |args: &[&str]| {
             Command::new("ip")
@@ -51,7 +51,7 @@ impl Netns {
 
     /// A TCP server in the namespace that answers every connection with
     /// `BANNER <addr>:<port>` and closes it.
-    fn serve(&mut self, addr: &str, port: u16) {
+    pub(super) fn serve(&mut self, addr: &str, port: u16) {
         let server = r#"$s=IO::Socket::INET->new(LocalAddr=>$ARGV[0],LocalPort=>$ARGV[1],Listen=>16,ReuseAddr=>1) or die "listen: $!"; while($c=$s->accept){print $c "BANNER $ARGV[0]:$ARGV[1]\n"; close $c}"#;
         let child = Command::new("ip")
             .args([
@@ -96,7 +96,67 @@ impl Netns {
     /// `machinen ARGS` inside the namespace (its supervisor, QEMU and passt
     /// stay there; control sockets are files, so the rest of the test
     /// reaches the VMs from outside).
-    fn machinen(&self, env: &Env, args: &[&str]) -> String {
+    pub(super) fn machinen(&self, env: &Env, args: &[&str]) -> String {
+        let out = self.machinen_output(env, args);
+        assert!(
+            out.status.success(),
+            "machinen {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Give the namespace's outside interface another address (CIDR).
+    pub(super) fn add_addr(&self, cidr: &str) {
+        let ok = Command::new("ip")
+            .args(["-n", &self.name, "addr", "add", cidr, "dev", "v0"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip addr add {cidr}");
+    }
+
+    /// A nameserver at `addr` in the namespace (dnsmasq) that knows only
+    /// `records` (name, IPv4 address), and the namespace's resolv.conf
+    /// naming it (`ip netns exec` mounts /etc/netns/NAME/resolv.conf over
+    /// /etc/resolv.conf for what it runs: the supervisors' resolvers).
+    pub(super) fn dns(&mut self, addr: &str, records: &[(&str, &str)]) {
+        let dir = std::path::PathBuf::from("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("/etc/netns");
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {addr}\n")).expect("resolv");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, "dnsmasq"]).args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file=",
+            &format!("--listen-address={addr}"),
+        ]);
+        for (name, ip) in records {
+            c.arg(format!("--host-record={name},{ip}"));
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (apt-get install dnsmasq-base)");
+        self.servers.push(child);
+        let first = records[0].0;
+        wait_until(
+            "the namespace's nameserver",
+            Duration::from_secs(10),
+            || {
+                Command::new("ip")
+                    .args(["netns", "exec", &self.name, "getent", "hosts", first])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+    }
+
+    pub(super) fn machinen_output(&self, env: &Env, args: &[&str]) -> std::process::Output {
         let mut c = env.cmd(&[]);
         let bin = c.get_program().to_owned();
         let envs: Vec<_> = c
@@ -111,13 +171,7 @@ impl Netns {
                 None => c.env_remove(k),
             };
         }
-        let out = c.stdin(Stdio::null()).output().expect("machinen");
-        assert!(
-            out.status.success(),
-            "machinen {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        c.stdin(Stdio::null()).output().expect("machinen")
     }
 }
 
@@ -130,12 +184,13 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(std::path::PathBuf::from("/etc/netns").join(&self.name));
     }
 }
 
 /// What the guest gets from `addr:port`: the banner, or "" when the
 /// connection fails.
-fn guest_fetch(env: &Env, vm: &str, addr: &str, port: u16) -> String {
+pub(super) fn guest_fetch(env: &Env, vm: &str, addr: &str, port: u16) -> String {
     let script =
         format!("timeout 10 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && cat <&3' 2>/dev/null; true");
     env.run_ok(&["exec", vm, "--", "sh", "-c", &script])
@@ -285,7 +340,7 @@ fn children_named(parent: u64, comm: &str) -> Vec<u64> {
     out
 }
 
-fn is_root() -> bool {
+pub(super) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
