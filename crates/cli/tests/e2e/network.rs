@@ -19,7 +19,10 @@ const OUTSIDE: &str = "192.0.2.1";
 
 impl Netns {
     pub(super) fn new() -> Option<Netns> {
-        let name = format!("mn-e2e-{}", std::process::id());
+        // Tests run in parallel in one process: a name each.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("mn-e2e-{}-{n}", std::process::id());
         let ok = |args: &[&str]| {
             Command::new("ip")
                 .args(args)
