@@ -101,6 +101,11 @@ exchange!(
     Network { change: Option<PolicyChange> } => Request::Network { change },
     "asking for the network policy", Response::Network(r) => NetReport = *r
 );
+exchange!(
+    /// Hand the supervisor the values of the VM's egress secrets.
+    SetEgressSecrets { secrets: Vec<Secret> } => Request::EgressSecrets { secrets },
+    "handing over egress secrets", Response::EgressSecretsSet { count } => u32 = count
+);
 
 #[cfg(test)]
 mod tests {

@@ -193,6 +193,24 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(path, mode)| Request::PushDir(PushDirRequest { path, mode })),
         (text(), prop::collection::vec(text(), 0..4))
             .prop_map(|(path, exclude)| Request::PullDir(PullDirRequest { path, exclude })),
+        (
+            any::<u16>(),
+            text(),
+            prop::collection::vec((text(), text()), 0..3)
+        )
+            .prop_map(|(port, ca_pem, env)| Request::EgressSetup(
+                crate::egress::EgressSetup { port, ca_pem, env }
+            )),
+        Just(Request::EgressAccept),
+        prop::collection::vec((text(), bytes(40)), 0..3).prop_map(|s| Request::EgressSecrets {
+            secrets: s
+                .into_iter()
+                .map(|(name, value)| crate::Secret {
+                    name,
+                    value: crate::SecretValue(value),
+                })
+                .collect(),
+        }),
     ]
 }
 
@@ -255,6 +273,8 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u32>().prop_map(|count| Response::SecretsWiped { count }),
         Just(Response::Connected),
         Just(Response::Quiesced),
+        Just(Response::EgressReady),
+        any::<u32>().prop_map(|count| Response::EgressSecretsSet { count }),
         fixed,
         snapped,
         (any::<u64>(), any::<u64>())
@@ -829,7 +849,7 @@ fn fuzz_generators_cover_every_message() {
     );
     assert_eq!(
         ops.len(),
-        15 + 13,
+        18 + 15,
         "request and response variants generated: {ops:?}"
     );
 }

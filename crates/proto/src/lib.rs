@@ -99,7 +99,9 @@
 //! `Error(BALLOON_UNAVAILABLE | BALLOON_TARGET_INVALID)`;
 //! `Request(Network { change })` → `Response(Network{ policy, counters })`
 //! (the egress policy after the change, and the traffic so far), or
-//! `Error(NETWORK_POLICY_INVALID | NETWORK_UNAVAILABLE)`.
+//! `Error(NETWORK_POLICY_INVALID | NETWORK_UNAVAILABLE)`;
+//! `Request(EgressSecrets { secrets })` → `Response(EgressSecretsSet)` (see
+//! [`egress`] for the proxy's own sequence).
 //!
 //! Versioning: [`PROTOCOL_VERSION`] is bumped on any incompatible change to a
 //! frame tag or a body. New optional JSON fields are compatible (serde
@@ -111,6 +113,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub mod chan;
+pub mod egress;
 pub mod env;
 pub mod exclude;
 pub mod netpolicy;
@@ -456,6 +459,20 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         change: Option<netpolicy::PolicyChange>,
     },
+    /// Set up the egress proxy in the guest (agent link): listen on the
+    /// guest's loopback, trust the CA, give commands the variables.
+    /// Answered with `Response(EgressReady)`. Repeated after a restore with
+    /// a new CA.
+    EgressSetup(egress::EgressSetup),
+    /// Wait for the next connection to the guest's egress proxy (agent
+    /// link): answered with `Response(Connected)` once one arrives, then
+    /// the stream carries its raw bytes; or `Error` when there is no proxy.
+    EgressAccept,
+    /// The values of the VM's egress secrets (control link), replacing
+    /// earlier ones; an empty list says none will come. Answered with
+    /// `Response(EgressSecretsSet)`, or `Error(SECRETS_INVALID)` for a name
+    /// the VM has no egress secret for.
+    EgressSecrets { secrets: Vec<Secret> },
 }
 
 /// Answer to a [`Request`] that is not an exec.
@@ -505,6 +522,12 @@ pub enum Response {
     Balloon(BalloonReport),
     /// The egress policy and traffic counters (after a `Network` request).
     Network(Box<netpolicy::NetReport>),
+    /// The guest's egress proxy is listening.
+    EgressReady,
+    /// Egress secret values taken: how many the VM now has.
+    EgressSecretsSet {
+        count: u32,
+    },
 }
 
 /// A VM's balloon: how much of its memory ceiling the guest may use.
@@ -1004,6 +1027,20 @@ mod tests {
                 target_bytes: Some(512 << 20),
             }),
             Frame::Request(Request::Balloon { target_bytes: None }),
+            Frame::Request(Request::EgressSetup(egress::EgressSetup {
+                port: egress::PROXY_PORT,
+                ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+                env: vec![("API_KEY".into(), "machinen-egress-api_key-00".into())],
+            })),
+            Frame::Request(Request::EgressAccept),
+            Frame::Request(Request::EgressSecrets {
+                secrets: vec![Secret {
+                    name: "API_KEY".into(),
+                    value: SecretValue(b"sk-123".to_vec()),
+                }],
+            }),
+            Frame::Response(Response::EgressReady),
+            Frame::Response(Response::EgressSecretsSet { count: 1 }),
             Frame::Request(Request::Network { change: None }),
             Frame::Request(Request::Network {
                 change: Some(netpolicy::PolicyChange {

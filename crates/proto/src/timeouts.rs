@@ -171,6 +171,11 @@ pub const KEEPER_ATTEMPT_STEP: Duration = secs(10);
 /// Network filter: bound on the host's nameservers answering one guest DNS
 /// query, all of them in turn (the guest's resolver retries after 5 s).
 pub const DNS_UPSTREAM: Duration = secs(4);
+/// Egress proxy: how long a request that needs a secret waits for the
+/// values at boot (they are handed over just after the supervisor is up).
+pub const EGRESS_VALUES_WAIT: Duration = secs(10);
+/// Egress proxy: bound on connecting to the real host.
+pub const EGRESS_UPSTREAM_CONNECT: Duration = secs(10);
 
 // ---- guest agent -----------------------------------------------------------
 
