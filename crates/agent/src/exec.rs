@@ -85,6 +85,9 @@ pub fn build_env(
     if tty {
         env.insert("TERM".to_owned(), "xterm-256color".to_owned());
     }
+    for (k, v) in crate::egress::env() {
+        env.insert(k, v);
+    }
     for (k, v) in req_env {
         env.insert(k.clone(), v.clone());
     }

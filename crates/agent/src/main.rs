@@ -16,6 +16,7 @@
 
 mod cmdline;
 mod dirs;
+mod egress;
 mod exec;
 mod fdio;
 mod files;

@@ -116,6 +116,8 @@ where
         }
         Frame::Request(Request::WipeSecrets) => crate::secrets::serve_wipe(&mut s).await,
         Frame::Request(Request::Connect { port }) => crate::forward::serve(s, port).await,
+        Frame::Request(Request::EgressSetup(setup)) => crate::egress::serve_setup(s, setup).await,
+        Frame::Request(Request::EgressAccept) => crate::egress::serve_accept(s).await,
         Frame::Request(Request::Quiesce) => crate::fixup::serve_quiesce(s).await,
         Frame::Request(Request::Fixup(req)) => crate::fixup::serve_fixup(s, req).await,
         Frame::Request(Request::StartMain(req)) => {
