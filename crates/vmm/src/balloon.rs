@@ -132,6 +132,7 @@ mod tests {
             ports: Vec::new(),
             net_policy: Default::default(),
             net_learned: Vec::new(),
+            egress_secrets: Vec::new(),
             zero_freed_memory: false,
             ram_file: ram_file.then(|| "/dev/shm/x.ram".into()),
             restore: Some(RestoreSpec {

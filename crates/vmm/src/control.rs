@@ -36,6 +36,8 @@ pub struct Shared {
     pub registry: Option<(machinen::registry::Registry, String)>,
     /// The egress filter (`--network nat`; `None` for other modes).
     pub net: Option<Arc<crate::netfilter::Net>>,
+    /// The egress proxy (a VM with egress secrets).
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 /// A snapshot request handed to the main loop, with where to answer.
@@ -172,6 +174,19 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
         }
         Frame::Request(Request::Network { change }) => {
             let answer = network(&shared, change).await;
+            proto::send(&mut conn, &answer).await?;
+        }
+        Frame::Request(Request::EgressSecrets { secrets }) => {
+            let answer = match &shared.egress {
+                None => error(
+                    ErrorCode::SecretsInvalid,
+                    "this VM has no egress secrets (they are named at boot: --egress-secret NAME@HOST)",
+                ),
+                Some(e) => match e.set_values(secrets) {
+                    Ok(count) => Frame::Response(Response::EgressSecretsSet { count }),
+                    Err(msg) => error(ErrorCode::SecretsInvalid, msg),
+                },
+            };
             proto::send(&mut conn, &answer).await?;
         }
         // Everything the guest agent serves is forwarded the same way: the

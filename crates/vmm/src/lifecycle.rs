@@ -95,6 +95,7 @@ mod tests {
             pausing: AtomicBool::new(false),
             registry: reg,
             net: None,
+            egress: None,
         })
     }
 

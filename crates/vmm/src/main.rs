@@ -9,6 +9,7 @@ mod console;
 mod control;
 mod controller;
 mod dirty;
+mod egress;
 mod engine;
 #[cfg(test)]
 mod fake_agent;

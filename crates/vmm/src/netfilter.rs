@@ -338,6 +338,65 @@ impl Net {
         }
     }
 
+    /// Judge a connection the egress proxy is asked for: `host` as the
+    /// guest named it, `addrs` what it resolved to (a name's answers are
+    /// learned, as the resolver's are). The allowed addresses, or the rule
+    /// that refused them all (counted).
+    pub fn judge_proxied(
+        &self,
+        host: &str,
+        addrs: &[IpAddr],
+        port: u16,
+    ) -> Result<Vec<IpAddr>, String> {
+        let policy = self.policy();
+        let is_name = host.parse::<IpAddr>().is_err();
+        let dest = format!("{host}:{port}");
+        if is_name {
+            if let Verdict::Deny(rule) = policy.name_verdict(host) {
+                self.refuse("tcp", dest, rule.clone());
+                return Err(rule);
+            }
+            self.learn(host, addrs.to_vec());
+        }
+        let mut allowed = Vec::new();
+        let mut last = String::from("no address");
+        for ip in addrs {
+            // The proxy connects from the host: its loopback (and "any")
+            // is as far out of reach as it is through the filter.
+            if ip.is_loopback() || ip.is_unspecified() {
+                last = "the host's loopback is out of the guest's reach".into();
+                continue;
+            }
+            let names = self
+                .learned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(ip)
+                .cloned()
+                .unwrap_or_default();
+            match policy.verdict(*ip, Some(port), &names) {
+                Verdict::Allow => allowed.push(*ip),
+                Verdict::Deny(rule) => last = rule,
+            }
+        }
+        if allowed.is_empty() {
+            self.refuse("tcp", dest, last.clone());
+            return Err(last);
+        }
+        Ok(allowed)
+    }
+
+    /// Count a proxied connection's traffic.
+    pub fn count_proxied(&self, out: u64, back: u64) {
+        self.bytes_out.fetch_add(out, Ordering::Relaxed);
+        self.bytes_in.fetch_add(back, Ordering::Relaxed);
+    }
+
+    /// Count a new proxied connection.
+    pub fn count_proxied_connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn refuse(&self, proto: &'static str, dest: String, rule: String) {
         self.refused_total.fetch_add(1, Ordering::Relaxed);
         let now_ms = machinen::registry::now_ms();

@@ -606,6 +606,7 @@ impl<M: Machine> Phases<'_, M> {
             network: spec.network,
             net_policy: self.net_policy.clone(),
             net_learned: self.net_learned.clone(),
+            egress_secrets: self.spec.egress_secrets.clone(),
             main: crate::service::bundle_main(spec),
             mounts: spec.mounts.as_ref().map(|m| bundle::BundleMounts {
                 mounts: m.mounts.clone(),

@@ -235,6 +235,19 @@ pub async fn start<E: Engine, G: AsyncRead + Unpin + Send + 'static>(
             }
         }
     }
+    // Before anything runs in the guest (the main command, the first
+    // exec): its commands get the proxy's variables.
+    if let Some(egress) = &shared.egress {
+        if let Err(e) = crate::egress::set_up(egress, &session).await {
+            machine.kill();
+            return Err(StartError {
+                code: ErrorCode::NetworkUnavailable,
+                message: format!("setting up the egress proxy in the guest failed: {e}"),
+                hint: Some("see the VM's console.log".into()),
+            });
+        }
+        clock.mark("egress-setup");
+    }
     shared.status.lock().await.agent = Some(ack);
     *shared.agent.lock().await = Some(session);
     Ok((machine, done))

@@ -167,6 +167,35 @@ pub async fn run(spec: VmSpec) -> i32 {
     let (stop_tx, stop_rx) = mpsc::channel::<bool>(4);
     let (snap_tx, snap_rx) = mpsc::channel::<SnapshotCmd>(4);
     let (balloon_tx, balloon_rx) = mpsc::channel(4);
+    let net = (spec.network == machinen::spec::NetworkMode::Nat)
+        .then(|| crate::netfilter::Net::new(spec.net_policy.clone(), &spec.net_learned));
+    let egress = match (&net, spec.egress_secrets.is_empty()) {
+        (_, true) => None,
+        (Some(net), false) => {
+            match crate::egress::Egress::new(&spec.name, spec.egress_secrets.clone(), net.clone()) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    let cause = std::error::Error::source(&e)
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default();
+                    return fail_start(StartError {
+                        code: ErrorCode::NetworkUnavailable,
+                        message: format!("{e}{cause}"),
+                        hint: Some(
+                            "the egress proxy could not start; boot without --egress-secret".into(),
+                        ),
+                    });
+                }
+            }
+        }
+        (None, false) => {
+            return fail_start(StartError {
+                code: ErrorCode::BootArgsInvalid,
+                message: "egress secrets need --network nat".into(),
+                hint: None,
+            })
+        }
+    };
     let shared = Arc::new(Shared {
         status: Mutex::new(VmStatus {
             state: VmState::Starting,
@@ -182,9 +211,12 @@ pub async fn run(spec: VmSpec) -> i32 {
         balloon_target: Mutex::new(None),
         pausing: std::sync::atomic::AtomicBool::new(false),
         registry: Some((reg.clone(), spec.id.clone())),
-        net: (spec.network == machinen::spec::NetworkMode::Nat)
-            .then(|| crate::netfilter::Net::new(spec.net_policy.clone(), &spec.net_learned)),
+        net: net.clone(),
+        egress: egress.clone(),
     });
+    if let Some(e) = egress {
+        tokio::spawn(crate::egress::run(e, shared.clone()));
+    }
     tokio::spawn(control::serve(listener, shared.clone()));
     tokio::spawn(console::cap(
         spec.path_in(files::CONSOLE),

@@ -79,6 +79,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         ports: Vec::new(),
         net_policy: Default::default(),
         net_learned: Vec::new(),
+        egress_secrets: Vec::new(),
         zero_freed_memory: false,
         ram_file: None,
         restore: restore.then(|| RestoreSpec {
@@ -124,6 +125,7 @@ impl Vm {
             pausing: AtomicBool::new(false),
             registry: None,
             net: None,
+            egress: None,
         });
         let control = UnixListener::bind(spec.path_in(files::CONTROL)).expect("control socket");
         tokio::spawn(crate::control::serve(control, shared.clone()));

@@ -66,6 +66,7 @@ async fn setup(first: Peer) -> Setup {
         pausing: AtomicBool::new(false),
         registry: None,
         net: None,
+        egress: None,
     });
     let k = Keeper {
         shared: shared.clone(),
