@@ -535,11 +535,21 @@ pub struct NetPolicyArgs {
     /// What happens to destinations no rule matches: allow (the default) or deny.
     #[arg(long, value_name = "DEFAULT", value_parser = ["allow", "deny"])]
     pub egress: Option<String>,
+    /// A credential the guest never holds: $NAME in the guest is a placeholder that the egress proxy replaces with VALUE in the headers of HTTPS requests to HOST only (without =VALUE: your $NAME). Repeatable; restore and fork take the values again. Needs --network nat.
+    #[arg(long = "egress-secret", value_name = "NAME@HOST[,HOST…][=VALUE]")]
+    pub egress_secret: Vec<String>,
 }
 
 impl NetPolicyArgs {
     pub fn given(&self) -> bool {
         !self.allow.is_empty() || !self.deny.is_empty() || self.egress.is_some()
+    }
+
+    pub fn egress_secrets(&self) -> machinen::Result<Vec<machinen::network::EgressSecret>> {
+        self.egress_secret
+            .iter()
+            .map(|s| machinen::network::EgressSecret::parse(s))
+            .collect()
     }
 
     /// The policy these flags describe (from an open one).

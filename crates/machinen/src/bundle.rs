@@ -190,6 +190,10 @@ pub struct BundleMeta {
     /// The addresses allowed names resolved to (see `LearnedAddress`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net_learned: Vec<machinen_proto::netpolicy::LearnedAddress>,
+    /// The VM's egress secrets without their values (restores keep the
+    /// placeholders the guest holds and take the values again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_secrets: Vec<machinen_proto::egress::EgressSecretSpec>,
     /// The main command the guest runs (service VMs; its environment is
     /// left out): a restored VM's supervisor re-attaches to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1222,6 +1226,7 @@ mod tests {
             network: crate::spec::NetworkMode::Nat,
             net_policy: Default::default(),
             net_learned: Vec::new(),
+            egress_secrets: Vec::new(),
             main: None,
             mounts: None,
             live_mounts: Vec::new(),

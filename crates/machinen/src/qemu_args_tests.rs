@@ -27,6 +27,7 @@ fn spec() -> VmSpec {
         ports: Vec::new(),
         net_policy: Default::default(),
         net_learned: Vec::new(),
+        egress_secrets: Vec::new(),
         zero_freed_memory: false,
         ram_file: Some(PathBuf::from("/dev/shm/machinen-0123abcd.ram")),
         restore: None,

@@ -74,6 +74,10 @@ pub struct RestoreOptions {
     pub chain_link: bool,
     /// Replace the bundle's egress policy (`None`: keep it).
     pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
+    /// Values for the bundle's egress secrets (which a bundle never holds),
+    /// and new ones. A secret of the bundle left out keeps its placeholder
+    /// in the guest, and requests that need it are refused.
+    pub egress_secrets: Vec<crate::network::EgressSecret>,
 }
 
 impl RestoreOptions {
@@ -95,6 +99,7 @@ impl RestoreOptions {
             on_phase: Default::default(),
             chain_link: true,
             net_policy: None,
+            egress_secrets: Vec::new(),
         }
     }
 }
@@ -128,6 +133,9 @@ pub struct ForkOptions {
     pub on_phase: crate::phases::OnPhase,
     /// The forks' egress policy (`None`: the source's, as it is now).
     pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
+    /// Values for the source's egress secrets (see
+    /// [`RestoreOptions::egress_secrets`]).
+    pub egress_secrets: Vec<crate::network::EgressSecret>,
 }
 
 /// What `fork` did.
@@ -373,6 +381,7 @@ impl Vm {
             r.free_memory_threshold = opts.free_memory_threshold;
             r.on_phase = opts.on_phase.clone();
             r.net_policy = opts.net_policy.clone();
+            r.egress_secrets = opts.egress_secrets.clone();
             match restore(r).await {
                 Ok(vm) => vms.push(vm),
                 Err(e) => {
@@ -482,6 +491,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .clone()
         .unwrap_or_else(|| meta.net_policy.clone());
     crate::vm::validate_net_policy(meta.network, &net_policy)?;
+    let egress_secrets =
+        crate::network::egress_specs(meta.network, &meta.egress_secrets, &opts.egress_secrets)?;
     let accel = accel::probe(None).map_err(|e| fail(ErrorCode::BootArgsInvalid, e.to_string()))?;
     bundle::check_compatible(
         &meta,
@@ -838,6 +849,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         network: meta.network,
         net_policy,
         net_learned: meta.net_learned.clone(),
+        egress_secrets,
         main: meta.main.clone(),
         mounts: meta.mounts.as_ref().zip(mounts_lower).map(|(bm, lower)| {
             crate::mounts::MountsDisk {
@@ -863,7 +875,16 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         gate,
     };
     ram_guard.0 = None;
-    launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await
+    let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await?;
+    // The values, or word that none come (so the proxy refuses at once
+    // rather than waiting for them).
+    if !spec.egress_secrets.is_empty() {
+        if let Err(e) = vm.set_egress_secrets(&opts.egress_secrets).await {
+            let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
+            return Err(e);
+        }
+    }
+    Ok(vm)
 }
 
 /// The restored bundle as the parent of the VM's next checkpoint.

@@ -93,6 +93,10 @@ pub struct VmSpec {
     /// Addresses the resolver gave for names, from the bundle (restores).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net_learned: Vec<machinen_proto::netpolicy::LearnedAddress>,
+    /// Credentials the guest never holds: names, hosts and placeholders
+    /// (the values reach the supervisor on the control link only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_secrets: Vec<machinen_proto::egress::EgressSecretSpec>,
     /// The VM's main command (service VMs): started once the guest is
     /// ready; on a restore, the one the bundle's guest already runs, which
     /// the supervisor re-attaches to.

@@ -49,6 +49,9 @@ pub struct BootOptions {
     pub network: crate::spec::NetworkMode,
     /// What the guest may reach (`--network nat` only).
     pub net_policy: machinen_proto::netpolicy::NetPolicy,
+    /// Credentials the guest never holds (`--network nat` only; see
+    /// [`crate::network::EgressSecret`]).
+    pub egress_secrets: Vec<crate::network::EgressSecret>,
     /// Keep running after this process exits.
     pub detached: bool,
     /// Upper bound on boot-to-agent-ready.
@@ -114,6 +117,7 @@ impl Default for BootOptions {
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
             net_policy: Default::default(),
+            egress_secrets: Vec::new(),
             detached: false,
             boot_timeout: timeouts::BOOT,
             accel: None,
@@ -395,6 +399,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     registry::validate_name(&name)?;
     crate::secrets::validate(&opts.secrets)?;
     validate_net_policy(opts.network, &opts.net_policy)?;
+    let egress_secrets = crate::network::egress_specs(opts.network, &[], &opts.egress_secrets)?;
     if opts.nested {
         crate::accel::check_nested(opts.accel.as_deref())?;
     }
@@ -508,6 +513,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         network: opts.network,
         net_policy: opts.net_policy.clone(),
         net_learned: Vec::new(),
+        egress_secrets,
         main: (!opts.cmd.is_empty()).then(|| crate::service::MainSpec {
             argv: opts.cmd.clone(),
             env: opts.env.clone(),
@@ -569,6 +575,12 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let vm = launch_vm(&reg, lock, &claim.id, &vmm, &spec, launch, timeline).await?;
     if !opts.secrets.is_empty() {
         if let Err(e) = vm.set_secrets(&opts.secrets).await {
+            let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
+            return Err(e);
+        }
+    }
+    if !opts.egress_secrets.is_empty() {
+        if let Err(e) = vm.set_egress_secrets(&opts.egress_secrets).await {
             let _ = vm.stop(true, timeouts::CLEANUP_STOP).await;
             return Err(e);
         }

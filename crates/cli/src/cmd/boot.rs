@@ -124,6 +124,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
             .parse()
             .map_err(|e: String| fail(ErrorCode::BootArgsInvalid, e))?,
         net_policy: a.net_policy.policy()?,
+        egress_secrets: a.net_policy.egress_secrets()?,
         detached: a.detached,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         accel: None,

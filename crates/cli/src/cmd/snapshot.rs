@@ -221,6 +221,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
         .given()
         .then(|| a.net_policy.policy())
         .transpose()?;
+    o.egress_secrets = a.net_policy.egress_secrets()?;
     o.progress = if a.json {
         ProgressMode::Quiet
     } else {
@@ -263,6 +264,7 @@ pub async fn fork(a: ForkArgs) -> Result<i32> {
             .given()
             .then(|| a.net_policy.policy())
             .transpose()?,
+        egress_secrets: a.net_policy.egress_secrets()?,
     };
     machinen::restore::check_fork_many(&opts, a.count)?;
     if a.count > 1 && !a.detach {
