@@ -158,6 +158,19 @@ export interface NetPolicy {
   deny?: string[];
 }
 
+/**
+ * A credential the guest never holds: `$name` in the guest is a placeholder;
+ * the egress proxy (the guest's `HTTPS_PROXY`, trusting a per-VM CA) replaces
+ * it with `value` in the headers of HTTPS requests to `hosts` only
+ * (`*.DOMAIN`: every name below one). Bundles keep the placeholder, never the
+ * value: restores and forks take it again. Needs `network: "nat"`.
+ */
+export interface EgressSecret {
+  name: string;
+  hosts: string | string[];
+  value: string;
+}
+
 /** `vm.setNetwork()`: rules to add or remove, a new default, `clear` (drop every rule first). */
 export interface NetPolicyChange {
   egress?: 'allow' | 'deny';
@@ -273,6 +286,8 @@ export interface BootOptions {
   liveMounts?: LiveMountSpec | LiveMountSpec[];
   /** What the guest may reach (needs `network: "nat"`, the default; `BOOT_ARGS_INVALID` otherwise). */
   netPolicy?: NetPolicy;
+  /** Credentials the guest never holds (`SECRETS_INVALID` for a bad one). */
+  egressSecrets?: EgressSecret[];
   signal?: AbortSignal;
   /** Accepted for compatibility and ignored: phases are in `vm.phases()`. */
   onLog?: (evt: unknown) => void;
@@ -308,6 +323,8 @@ export interface RestoreOptions {
   liveMounts?: LiveMountSpec | LiveMountSpec[];
   /** Replace the bundle's egress policy (default: the one it was snapshotted with). */
   netPolicy?: NetPolicy;
+  /** Values for the bundle's egress secrets (a bundle never holds them; without, requests that need one are refused). */
+  egressSecrets?: EgressSecret[];
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }
@@ -327,6 +344,8 @@ export interface ForkOptions {
   liveMounts?: LiveMountSpec | LiveMountSpec[];
   /** The fork's egress policy (default: the source's, as it is now). */
   netPolicy?: NetPolicy;
+  /** Values for the source's egress secrets (the fork does not inherit them). */
+  egressSecrets?: EgressSecret[];
   signal?: AbortSignal;
   onLog?: (evt: unknown) => void;
 }

@@ -444,7 +444,7 @@ class VmHandle {
 
   /** A sibling VM sharing this one's past; this one keeps running. */
   async fork(opts = {}) {
-    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'signal', 'onLog'], 'fork');
+    checkKeys(opts, ['name', 'outDir', 'detached', 'ports', 'ownRam', 'tcpKeep', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'egressSecrets', 'signal', 'onLog'], 'fork');
     const o = {
       name: opts.name,
       outDir: opts.outDir,
@@ -455,6 +455,7 @@ class VmHandle {
       freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
       liveMounts: toLiveMounts(opts.liveMounts),
       netPolicy: toNetPolicy(opts.netPolicy),
+      egressSecrets: toEgressSecrets(opts.egressSecrets),
     };
     return new VmHandle(await call(opts.signal, (id) => this._h.fork(o, id)));
   }
@@ -483,7 +484,7 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy', 'egressSecrets',
 ];
 
 /** `netPolicy`: `{ egress?: "allow" | "deny", allow?: string[], deny?: string[] }`. */
@@ -495,6 +496,22 @@ function toNetPolicy(p) {
   checkKeys(p, ['egress', 'allow', 'deny'], 'netPolicy');
   const list = (v) => (v === undefined ? undefined : Array.isArray(v) ? v.map(String) : [String(v)]);
   return { egress: p.egress, allow: list(p.allow), deny: list(p.deny) };
+}
+
+/** `egressSecrets`: `[{ name, hosts: string | string[], value }]`. */
+function toEgressSecrets(s) {
+  if (s === undefined) return undefined;
+  const hint = 'e.g. egressSecrets: [{ name: "API_KEY", hosts: "api.example.com", value: process.env.API_KEY }]';
+  if (!Array.isArray(s)) throw invalid('egressSecrets is a list of { name, hosts, value }', hint, ErrorCode.SECRETS_INVALID);
+  return s.map((e) => {
+    if (!e || typeof e !== 'object') throw invalid('an egress secret is { name, hosts, value }', hint, ErrorCode.SECRETS_INVALID);
+    checkKeys(e, ['name', 'hosts', 'value'], 'egressSecrets[]');
+    if (typeof e.name !== 'string' || typeof e.value !== 'string') {
+      throw invalid('an egress secret needs a string name and value', hint, ErrorCode.SECRETS_INVALID);
+    }
+    const hosts = Array.isArray(e.hosts) ? e.hosts.map(String) : e.hosts === undefined ? [] : [String(e.hosts)];
+    return { name: e.name, hosts, value: e.value };
+  });
 }
 
 /** `freeMemoryThreshold`: `"1%"`, `"512M"` or a number of bytes. */
@@ -557,6 +574,7 @@ async function boot(opts = {}) {
     balloon: opts.balloon,
     liveMounts: toLiveMounts(opts.liveMounts),
     netPolicy: toNetPolicy(opts.netPolicy),
+    egressSecrets: toEgressSecrets(opts.egressSecrets),
   };
   return new VmHandle(await call(opts.signal, (id) => native.boot(o, id)));
 }
@@ -578,7 +596,7 @@ async function list(opts = {}) {
 
 /** Restore a snapshot bundle into a new VM. */
 async function restore(opts) {
-  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'signal', 'onLog'], 'restore');
+  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'egressSecrets', 'signal', 'onLog'], 'restore');
   if (!opts || typeof opts.snapDir !== 'string') throw invalid('restore needs snapDir', 'e.g. restore({ snapDir: "./snap" })', ErrorCode.RESTORE_BUNDLE_INVALID);
   const o = {
     bundle: opts.snapDir,
@@ -593,6 +611,7 @@ async function restore(opts) {
     freeMemoryThreshold: toThreshold(opts.freeMemoryThreshold),
     liveMounts: toLiveMounts(opts.liveMounts),
     netPolicy: toNetPolicy(opts.netPolicy),
+    egressSecrets: toEgressSecrets(opts.egressSecrets),
   };
   return new VmHandle(await call(opts.signal, (id) => native.restore(o, id)));
 }

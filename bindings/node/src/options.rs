@@ -47,6 +47,8 @@ pub struct BootOpts {
     pub live_mounts: Option<Vec<LiveMountOpt>>,
     /// What the guest may reach (`--egress`, `--allow-net`, `--deny-net`).
     pub net_policy: Option<NetPolicyOpt>,
+    /// Credentials the guest never holds (`--egress-secret`).
+    pub egress_secrets: Option<Vec<EgressSecretOpt>>,
 }
 
 /// An egress policy: `egress` (`"allow"`, the default, or `"deny"`) for
@@ -81,6 +83,31 @@ fn egress(e: Option<String>) -> Result<Option<machinen::network::Egress>> {
         })
     })
     .transpose()
+}
+
+/// A credential the guest never holds: `$name` in the guest is a
+/// placeholder, which the egress proxy replaces with `value` in the headers
+/// of HTTPS requests to `hosts` (`*.DOMAIN` for every name below one).
+#[napi(object)]
+pub struct EgressSecretOpt {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub value: String,
+}
+
+fn egress_secrets(s: Option<Vec<EgressSecretOpt>>) -> Result<Vec<machinen::network::EgressSecret>> {
+    s.unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            machinen::network::EgressSecret::parse(&format!(
+                "{}@{}={}",
+                e.name,
+                e.hosts.join(","),
+                e.value
+            ))
+            .map_err(crate::js_error)
+        })
+        .collect()
 }
 
 fn rules(what: &str, r: Option<Vec<String>>) -> Result<Vec<machinen::network::Rule>> {
@@ -155,6 +182,8 @@ pub struct RestoreOpts {
     pub live_mounts: Option<Vec<LiveMountOpt>>,
     /// Replace the bundle's egress policy.
     pub net_policy: Option<NetPolicyOpt>,
+    /// Values for the bundle's egress secrets (bundles never hold them).
+    pub egress_secrets: Option<Vec<EgressSecretOpt>>,
 }
 
 #[napi(object)]
@@ -172,6 +201,8 @@ pub struct ForkOpts {
     pub live_mounts: Option<Vec<LiveMountOpt>>,
     /// The forks' egress policy (default: the source's).
     pub net_policy: Option<NetPolicyOpt>,
+    /// Values for the source's egress secrets.
+    pub egress_secrets: Option<Vec<EgressSecretOpt>>,
 }
 
 #[napi(object)]
@@ -304,6 +335,7 @@ impl BootOpts {
                 .map(NetPolicyOpt::into_lib)
                 .transpose()?
                 .unwrap_or_default(),
+            egress_secrets: egress_secrets(self.egress_secrets)?,
         })
     }
 }
@@ -322,6 +354,7 @@ impl RestoreOpts {
         o.live_mounts = live_mounts(self.live_mounts);
         o.free_memory_threshold = threshold(self.free_memory_threshold)?;
         o.net_policy = self.net_policy.map(NetPolicyOpt::into_lib).transpose()?;
+        o.egress_secrets = egress_secrets(self.egress_secrets)?;
         o.progress = machinen::progress::ProgressMode::Quiet;
         Ok(o)
     }
@@ -340,6 +373,7 @@ impl ForkOpts {
             free_memory_threshold: threshold(self.free_memory_threshold)?,
             on_phase: Default::default(),
             net_policy: self.net_policy.map(NetPolicyOpt::into_lib).transpose()?,
+            egress_secrets: egress_secrets(self.egress_secrets)?,
         })
     }
 }

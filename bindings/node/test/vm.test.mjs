@@ -299,6 +299,25 @@ test('network: a policy set on the running VM refuses at once, is counted, and s
   await rejectsWith(m.boot({ netPolicy: { allow: ['10.0.0.0/33'] } }), 'NETWORK_POLICY_INVALID');
 });
 
+test('egress secrets: the guest holds a placeholder and the proxy variables; bad ones are refused', async () => {
+  await rejectsWith(m.boot({ egressSecrets: [{ name: '1BAD', hosts: 'h.test', value: 'x' }] }), 'SECRETS_INVALID');
+  await rejectsWith(m.boot({ egressSecrets: [{ name: 'K', hosts: 'h.test', value: 'a\r\nX: y' }] }), 'SECRETS_INVALID');
+  await rejectsWith(m.boot({ network: 'none', egressSecrets: [{ name: 'K', hosts: 'h.test', value: 'v' }] }), 'BOOT_ARGS_INVALID');
+  const s = await m.boot({
+    name: 'node-egress',
+    memoryMib: 256,
+    egressSecrets: [{ name: 'API_KEY', hosts: ['api.example.test', '*.example.net'], value: 'sk-node-0451' }],
+  });
+  try {
+    const env = (await s.execRaw('echo $API_KEY; echo $HTTPS_PROXY; test -s "$SSL_CERT_FILE" && echo trusted')).stdout.split('\n');
+    assert.match(env[0], /^machinen-egress-api_key-[0-9a-f]{32}$/);
+    assert.equal(env[1], 'http://127.0.0.1:17480');
+    assert.equal(env[2], 'trusted');
+  } finally {
+    await s.kill();
+  }
+});
+
 test('a throwing output callback gives the command up', async () => {
   const p = vm.exec('echo first; sleep 300', {
     onStdout: () => {

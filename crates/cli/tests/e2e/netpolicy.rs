@@ -286,3 +286,272 @@ fn egress_policy_refuses_at_once_resolves_only_allowed_names_holds_against_root_
     env.run_ok(&["stop", "polf"]);
     env.run_ok(&["stop", "pol"]);
 }
+
+/// An HTTPS server that answers each GET with the Authorization header it
+/// got (and appends it to a log): argv ADDR PORT CERT KEY LOG.
+const ECHO_SERVER: &str = r#"
+import http.server, ssl, sys
+addr, port, cert, key, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        auth = self.headers.get("Authorization")
+        with open(log, "a") as f:
+            f.write("%s %s\n" % (self.headers.get("Host"), auth))
+        body = ("auth=%s\n" % auth).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer((addr, port), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// The host's curl with every library it links, to run in a guest whose
+/// image has none: `ld.so --library-path DIR DIR/curl`.
+fn curl_bundle(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/curl")
+        .output()
+        .expect("ldd /usr/bin/curl (apt-get install curl)");
+    assert!(ldd.status.success(), "ldd /usr/bin/curl");
+    std::fs::copy("/usr/bin/curl", dir.join("curl")).expect("copy curl");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, path) = match words.as_slice() {
+            [name, "=>", path, ..] if path.starts_with('/') => (*name, *path),
+            [path, ..] if path.starts_with('/') => ("ld.so", *path),
+            _ => continue,
+        };
+        std::fs::copy(path, dir.join(name)).expect("copy a library");
+    }
+}
+
+#[test]
+fn egress_secrets_reach_only_their_host_and_never_the_guest_ram_bundle_or_logs() {
+    if !is_root() {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    const VALUE: &str = "sk-live-5ecret-value-0451";
+    const HTTPS: u16 = 8443;
+    let env = Env::new();
+    let work = tempfile::Builder::new()
+        .prefix("mn-egress-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let w = work.path();
+
+    // A test CA of our own and a certificate for both test hosts.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "machinen test CA");
+    let ca = p.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec![
+        "api.allowed.test".to_string(),
+        "other.allowed.test".to_string(),
+    ])
+    .expect("params")
+    .signed_by(&key, &ca, &ca_key)
+    .expect("leaf");
+    std::fs::write(w.join("ca.pem"), ca.pem()).expect("write");
+    std::fs::write(w.join("cert.pem"), leaf.pem()).expect("write");
+    std::fs::write(w.join("key.pem"), key.serialize_pem()).expect("write");
+    std::fs::write(w.join("server.py"), ECHO_SERVER).expect("write");
+    let s = |p: &str| w.join(p).to_str().expect("path").to_string();
+
+    let mut ns = Netns::new().expect("a network namespace (ip netns add) as root");
+    for a in [ALLOWED, BY_NAME, REFUSED, NAMESERVER] {
+        ns.add_addr(&format!("{a}/24"));
+    }
+    for a in [ALLOWED, BY_NAME] {
+        ns.spawn(&[
+            "python3",
+            &s("server.py"),
+            a,
+            &HTTPS.to_string(),
+            &s("cert.pem"),
+            &s("key.pem"),
+            &s(&format!("seen-{a}")),
+        ]);
+        ns.wait_listening(a, HTTPS);
+    }
+    ns.dns(
+        NAMESERVER,
+        &[
+            ("api.allowed.test", ALLOWED),
+            ("other.allowed.test", BY_NAME),
+            ("evil.test", REFUSED),
+        ],
+    );
+    // The proxy checks the test servers against the test CA, as it checks
+    // real ones against the host's trust store.
+    let vars = [
+        ("SSL_CERT_FILE", s("ca.pem")),
+        ("API_KEY", VALUE.to_string()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let machinen = |args: &[&str]| {
+        let out = ns.machinen_output_with(&env, &vars, args);
+        assert!(
+            out.status.success(),
+            "machinen {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Bad flags are refused before anything starts.
+    for bad in [
+        "API_KEY=x",
+        "API_KEY@bad_host=x",
+        "SURELY_UNSET_EGRESS_VAR_0451@h.test",
+    ] {
+        let out =
+            ns.machinen_output_with(&env, &vars, &["boot", "--egress-secret", bad, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            err_text(&out).contains("SECRETS_INVALID"),
+            "{}",
+            err_text(&out)
+        );
+    }
+
+    machinen(&[
+        "boot",
+        "--name",
+        "sec",
+        "--memory",
+        "256",
+        "--detached",
+        "--egress",
+        "deny",
+        "--allow-net",
+        "*.allowed.test",
+        "--egress-secret",
+        "API_KEY@api.allowed.test",
+    ]);
+    curl_bundle(&w.join("curl"));
+    env.run_ok(&["cp", "-r", &s("curl"), "sec:/opt/curl"]);
+    env.run_ok(&["cp", &s("ca.pem"), "sec:/root/test-ca.pem"]);
+    let curl = |vm: &str, url: &str, extra: &str| {
+        let script = format!(
+            "/opt/curl/ld.so --library-path /opt/curl /opt/curl/curl -sS --max-time 30 {extra} \
+             -H \"Authorization: Bearer $API_KEY\" {url} 2>&1; true"
+        );
+        env.run_ok(&["exec", vm, "--", "sh", "-c", &script])
+            .trim()
+            .to_string()
+    };
+
+    // The guest holds a placeholder, never the value.
+    let placeholder = env
+        .run_ok(&["exec", "sec", "--", "sh", "-c", "echo $API_KEY"])
+        .trim()
+        .to_string();
+    assert!(
+        placeholder.starts_with("machinen-egress-api_key-"),
+        "{placeholder}"
+    );
+    let api = format!("https://api.allowed.test:{HTTPS}/");
+    let other = format!("https://other.allowed.test:{HTTPS}/");
+    // The host with the secret gets the value (through a TLS the guest
+    // trusts: the VM's CA) ...
+    assert_eq!(curl("sec", &api, ""), format!("auth=Bearer {VALUE}"));
+    // ... any other host only the placeholder (its TLS is end to end: the
+    // guest checks the test server itself).
+    assert_eq!(
+        curl("sec", &other, "--cacert /root/test-ca.pem"),
+        format!("auth=Bearer {placeholder}")
+    );
+    // The proxy keeps to the policy: a refused name gets a 403.
+    let refused = curl("sec", &format!("https://evil.test:{HTTPS}/"), "");
+    assert!(refused.contains("403"), "{refused}");
+    let seen = std::fs::read_to_string(w.join(format!("seen-{BY_NAME}"))).expect("log");
+    assert!(
+        !seen.contains(VALUE),
+        "the other host saw the value: {seen}"
+    );
+    let report = env.json(&["network", "sec", "--json"]);
+    assert!(
+        report["counters"]["refused_by"]
+            .as_array()
+            .expect("refused_by")
+            .iter()
+            .any(|k| k["destination"] == format!("evil.test:{HTTPS}")),
+        "{report}"
+    );
+
+    // Nowhere on this side either: not in the guest's RAM, the VM's files
+    // and logs, or a bundle (which keeps the placeholder for restores).
+    let bundles = tempfile::Builder::new()
+        .prefix("mn-es-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let snap = bundles.path().join("sec.snap");
+    let snap_s = snap.to_str().expect("path");
+    env.run_ok(&["snapshot", "sec", snap_s, "--keep-alive"]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).expect("meta"))
+            .expect("json");
+    assert_eq!(
+        meta["egress_secrets"][0]["placeholder"], placeholder,
+        "{meta}"
+    );
+    let mut searched = vec![snap.clone()];
+    for dir in env.vm_dirs() {
+        let spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("spec.json")).expect("spec"))
+                .expect("spec json");
+        if let Some(ram) = spec["ram_file"].as_str() {
+            searched.push(ram.into());
+        }
+        searched.push(dir);
+    }
+    for p in &searched {
+        let grep = std::process::Command::new("grep")
+            .args(["-r", "-a", "-l", "-F", VALUE])
+            .arg(p)
+            .output()
+            .expect("grep");
+        assert_eq!(
+            grep.status.code(),
+            Some(1),
+            "the value is in {}: {}",
+            p.display(),
+            String::from_utf8_lossy(&grep.stdout)
+        );
+    }
+    eprintln!("searched for the value: {searched:?}");
+
+    // A restore keeps the placeholder; without the value its requests are
+    // refused (saying how to give it), with it they work again.
+    machinen(&["restore", snap_s, "--name", "sec2", "--detached"]);
+    assert_eq!(
+        env.run_ok(&["exec", "sec2", "--", "sh", "-c", "echo $API_KEY"])
+            .trim(),
+        placeholder
+    );
+    let without = curl("sec2", &api, "");
+    assert!(without.contains("has no value"), "{without}");
+    env.run_ok(&["stop", "sec2"]);
+    machinen(&[
+        "restore",
+        snap_s,
+        "--name",
+        "sec3",
+        "--detached",
+        "--egress-secret",
+        "API_KEY@api.allowed.test",
+    ]);
+    assert_eq!(curl("sec3", &api, ""), format!("auth=Bearer {VALUE}"));
+    env.run_ok(&["stop", "sec3"]);
+    env.run_ok(&["stop", "sec"]);
+}

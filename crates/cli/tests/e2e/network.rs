@@ -72,6 +72,11 @@ impl Netns {
             .spawn()
             .expect("server");
         self.servers.push(child);
+        self.wait_listening(addr, port);
+    }
+
+    /// Wait until something in the namespace listens on `addr:port`.
+    pub(super) fn wait_listening(&self, addr: &str, port: u16) {
         let probe =
             r#"exit(IO::Socket::INET->new(PeerAddr=>$ARGV[0],PeerPort=>$ARGV[1],Timeout=>1)?0:1)"#;
         wait_until(
@@ -107,6 +112,17 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A process of the test's own in the namespace, stopped with it.
+    pub(super) fn spawn(&mut self, argv: &[&str]) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn in the namespace");
+        self.servers.push(child);
     }
 
     /// Give the namespace's outside interface another address (CIDR).
@@ -160,6 +176,16 @@ impl Netns {
     }
 
     pub(super) fn machinen_output(&self, env: &Env, args: &[&str]) -> std::process::Output {
+        self.machinen_output_with(env, &[], args)
+    }
+
+    /// `machinen ARGS` in the namespace with more environment variables.
+    pub(super) fn machinen_output_with(
+        &self,
+        env: &Env,
+        vars: &[(&str, &str)],
+        args: &[&str],
+    ) -> std::process::Output {
         let mut c = env.cmd(&[]);
         let bin = c.get_program().to_owned();
         let envs: Vec<_> = c
@@ -174,6 +200,7 @@ impl Netns {
                 None => c.env_remove(k),
             };
         }
+        c.envs(vars.iter().copied());
         c.stdin(Stdio::null()).output().expect("machinen")
     }
 }
