@@ -46,7 +46,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("ports", "port-forward request latency and throughput"),
     (
         "net",
-        "guest download from outside: passt (nat) next to QEMU user networking (nat-host)",
+        "guest download from outside and connections per second: passt (nat), with a 100-rule egress policy and without, next to QEMU user networking (nat-host)",
     ),
     (
         "snapshot",

@@ -1,6 +1,8 @@
 //! Outbound network: a guest downloads from a server outside it, with
 //! `--network nat` (passt) next to `--network nat-host` (QEMU's built-in
-//! user networking, what every VM used before). The VMs and the server run
+//! user networking, what every VM used before), and with `nat` under a
+//! 100-rule egress policy next to `nat` with none: download throughput and
+//! new connections per second. The VMs and the server run
 //! in a network namespace of the benchmark's own, the server on an address
 //! of that namespace, so no packet leaves this machine. Needs root and
 //! `ip` (iproute2); without them the section reports nothing.
@@ -98,20 +100,30 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
         .args(["-e", BULK, OUTSIDE, &PORT.to_string()])
         .stdout(Stdio::null());
     ns.server = Some(server.spawn().context("starting the server")?);
-    for network in [NetworkMode::Nat, NetworkMode::NatHost] {
-        let name = format!("net-{network}");
+    let policy = policy_flags();
+    for (network, with_policy) in [
+        (NetworkMode::Nat, false),
+        (NetworkMode::Nat, true),
+        (NetworkMode::NatHost, false),
+    ] {
+        let name = format!("net-{network}{}", if with_policy { "-policy" } else { "" });
+        let memory = ctx.cfg.memory_mib.to_string();
+        let mut args = vec![
+            "boot",
+            "--name",
+            &name,
+            "--detached",
+            "--memory",
+            &memory,
+            "--network",
+            network.as_str(),
+        ];
+        if with_policy {
+            args.extend(policy.iter().map(String::as_str));
+        }
         let out = ns
             .exec(&cli)
-            .args([
-                "boot",
-                "--name",
-                &name,
-                "--detached",
-                "--memory",
-                &ctx.cfg.memory_mib.to_string(),
-                "--network",
-                network.as_str(),
-            ])
+            .args(&args)
             .stdin(Stdio::null())
             .output()
             .context("booting in the namespace")?;
@@ -122,11 +134,32 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
             );
         }
         let vm = machinen::attach(&name).await?;
-        let r = measure(ctx, &vm, sec, network).await;
+        let r = measure(ctx, &vm, sec, network, with_policy).await;
         stop(vm).await?;
         r?;
     }
     Ok(())
+}
+
+/// A 100-rule policy that lets the server through, as a default-deny
+/// policy of a real sandbox would: one allow rule, and 99 deny rules (half
+/// addresses, half domains) that the traffic must be checked against.
+fn policy_flags() -> Vec<String> {
+    let mut f = vec![
+        "--egress".to_string(),
+        "deny".into(),
+        "--allow-net".into(),
+        format!("{OUTSIDE}/32:{PORT}"),
+    ];
+    for i in 0..50 {
+        f.push("--deny-net".into());
+        f.push(format!("10.{i}.0.0/16"));
+    }
+    for i in 0..49 {
+        f.push("--deny-net".into());
+        f.push(format!("*.blocked-{i}.test"));
+    }
+    f
 }
 
 async fn measure(
@@ -134,6 +167,7 @@ async fn measure(
     vm: &machinen::Vm,
     sec: &mut Section,
     network: NetworkMode,
+    with_policy: bool,
 ) -> Result<()> {
     let n = ctx.cfg.stream_mib;
     let fetch = format!(
@@ -164,6 +198,10 @@ async fn measure(
         tput.push(mib(got) / secs);
     }
     let (key, label) = match network {
+        NetworkMode::Nat if with_policy => (
+            "outbound_nat_policy_mib_s",
+            "--network nat, 100-rule egress policy",
+        ),
         NetworkMode::Nat => ("outbound_nat_mib_s", "--network nat (passt)"),
         NetworkMode::NatHost => (
             "outbound_nat_host_mib_s",
@@ -176,6 +214,36 @@ async fn measure(
         &format!("guest download from outside ({n} MiB, {label})"),
         "MiB/s",
         tput,
+    );
+    if network != NetworkMode::Nat {
+        return Ok(());
+    }
+    // New connections: each a SYN judged by the filter (a new flow), a
+    // line, the server's close.
+    const CONNS: u32 = 200;
+    let churn = format!(
+        "perl -MIO::Socket::INET -e 'for (1..{CONNS}) {{ my $s = IO::Socket::INET->new(PeerAddr => \"{OUTSIDE}\", PeerPort => {PORT}) or die \"connect: $!\\n\"; print $s \"0\\n\"; 1 while <$s>; }} print \"ok\\n\"'"
+    );
+    let mut rate = Vec::new();
+    for _ in 0..ctx.cfg.runs {
+        let t = Instant::now();
+        let out = sh(vm, &churn).await?;
+        let secs = t.elapsed().as_secs_f64();
+        if out.trim() != "ok" {
+            bail!("connection churn: {out}");
+        }
+        rate.push(f64::from(CONNS) / secs);
+    }
+    let (key, label) = if with_policy {
+        ("connections_nat_policy_per_s", "100-rule egress policy")
+    } else {
+        ("connections_nat_per_s", "no policy")
+    };
+    sec.add(
+        key,
+        &format!("guest TCP connections to outside, one after another ({label})"),
+        "conn/s",
+        rate,
     );
     Ok(())
 }

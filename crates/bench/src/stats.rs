@@ -163,6 +163,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "net.outbound_nat_host_mib_s",
         ),
         (
+            "outbound_policy_over_open",
+            "guest download: 100-rule egress policy / none (target >= 0.9)",
+            "net.outbound_nat_policy_mib_s",
+            "net.outbound_nat_mib_s",
+        ),
+        (
+            "connections_policy_over_open",
+            "guest connections per second: 100-rule egress policy / none (target >= 0.9)",
+            "net.connections_nat_policy_per_s",
+            "net.connections_nat_per_s",
+        ),
+        (
             "ports_nat_over_nat_host",
             "port-forward throughput: nat / nat-host",
             "ports.download_mib_s",

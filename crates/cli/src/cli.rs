@@ -483,7 +483,7 @@ pub struct WaitArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  machinen stats\n  machinen stats web --json\n  machinen stats --watch 2\n\nGUEST-* come from the guest's /proc/meminfo (USED = MemTotal - MemAvailable; CACHED includes\ntmpfs); HOST-PSS is the proportional set size of the VM's QEMU and supervisor (pages shared\nwith sibling forks count once in total); RAM-FILE is how much of the VM's RAM file is allocated\n(booted VMs and --own-ram restores): memory the guest frees goes back within seconds."
+    after_help = "Examples:\n  machinen stats\n  machinen stats web --json\n  machinen stats --watch 2\n\nGUEST-* come from the guest's /proc/meminfo (USED = MemTotal - MemAvailable; CACHED includes\ntmpfs); HOST-PSS is the proportional set size of the VM's QEMU and supervisor (pages shared\nwith sibling forks count once in total); RAM-FILE is how much of the VM's RAM file is allocated\n(booted VMs and --own-ram restores): memory the guest frees goes back within seconds. NET-OUT,\nNET-IN and REFUSED are the guest's traffic and refused attempts (`machinen network` has the\ndetail; `-` without a filtered network)."
 )]
 pub struct StatsArgs {
     /// VM name, id or pid (default: every live VM).

@@ -26,6 +26,10 @@ pub struct MemoryStats {
     /// The balloon; `None` for a VM without one (a restore mapping its
     /// bundle's RAM privately).
     pub balloon: Option<crate::balloon::BalloonReport>,
+    /// The guest's network traffic and refused attempts (see
+    /// [`Vm::network`]); `None` without a filtered network (`--network
+    /// none` or `nat-host`).
+    pub network: Option<machinen_proto::netpolicy::NetCounters>,
 }
 
 /// The guest's `/proc/meminfo`.
@@ -192,6 +196,7 @@ impl Vm {
             guest,
             host,
             balloon: self.balloon().await.ok(),
+            network: self.network().await.ok().map(|r| r.counters),
         })
     }
 }

@@ -28,7 +28,7 @@ pub async fn run(a: NetworkArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn size(b: u64) -> String {
+pub(crate) fn size(b: u64) -> String {
     match b {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),

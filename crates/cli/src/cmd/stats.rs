@@ -59,7 +59,7 @@ fn mib(b: Option<u64>) -> String {
 }
 
 fn print(stats: &[MemoryStats]) {
-    let rows: Vec<[String; 8]> = stats
+    let rows: Vec<[String; 11]> = stats
         .iter()
         .map(|s| {
             let g = s.guest.as_ref();
@@ -77,6 +77,15 @@ fn print(stats: &[MemoryStats]) {
                 mib(g.map(|g| g.available_bytes)),
                 mib(host_pss),
                 mib(s.host.ram_file_bytes),
+                s.network
+                    .as_ref()
+                    .map_or("-".into(), |n| super::network::size(n.bytes_out)),
+                s.network
+                    .as_ref()
+                    .map_or("-".into(), |n| super::network::size(n.bytes_in)),
+                s.network
+                    .as_ref()
+                    .map_or("-".into(), |n| n.refused.to_string()),
             ]
         })
         .collect();
@@ -90,6 +99,9 @@ fn print(stats: &[MemoryStats]) {
             "GUEST-AVAILABLE",
             "HOST-PSS",
             "RAM-FILE",
+            "NET-OUT",
+            "NET-IN",
+            "REFUSED",
         ]
         .map(String::from),
         &rows,

@@ -229,6 +229,13 @@ fn egress_policy_refuses_at_once_resolves_only_allowed_names_holds_against_root_
     assert!(tcp["count"].as_u64() >= Some(3), "{report}");
     assert!(kind("dns", "evil.test").is_some(), "{report}");
     assert!(kind("icmp", REFUSED).is_some(), "{report}");
+    // `stats` carries the same counters.
+    let stats = env.json(&["stats", "pol", "--json"]);
+    assert!(
+        stats["network"]["refused"].as_u64() >= Some(3)
+            && stats["network"]["bytes_in"].as_u64() > Some(0),
+        "{stats}"
+    );
     let log = env.run_ok(&["logs", "pol", "--vmm"]);
     assert!(
         log.contains(&format!(
