@@ -106,6 +106,9 @@ pub struct RegistryEntry {
     /// Its egress policy, as the supervisor last set it (`None`: open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
+    /// Its egress secrets: names, hosts, placeholders (never values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_secrets: Vec<machinen_proto::egress::EgressSecretSpec>,
 }
 
 impl RegistryEntry {
@@ -604,6 +607,7 @@ mod tests {
             live_mounts: vec![],
             network: None,
             net_policy: None,
+            egress_secrets: vec![],
         }
     }
 

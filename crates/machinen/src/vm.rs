@@ -217,6 +217,9 @@ pub struct VmInfo {
     /// What it may reach (`None`: everything).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub net_policy: Option<machinen_proto::netpolicy::NetPolicy>,
+    /// Its egress secrets: names, hosts, placeholders (never values).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress_secrets: Vec<machinen_proto::egress::EgressSecretSpec>,
 }
 
 impl From<&RegistryEntry> for VmInfo {
@@ -245,6 +248,7 @@ impl From<&RegistryEntry> for VmInfo {
             host_memory: None,
             network: e.network,
             net_policy: e.net_policy.clone(),
+            egress_secrets: e.egress_secrets.clone(),
         }
     }
 }
@@ -691,6 +695,7 @@ pub(crate) async fn hold_claim(
         live_mounts: Vec::new(),
         network: None,
         net_policy: None,
+        egress_secrets: Vec::new(),
     };
     let reg = reg.clone();
     let id = claim.id.clone();
@@ -796,6 +801,7 @@ pub(crate) async fn launch_vm(
             .unwrap_or_default(),
         network: Some(spec.network),
         net_policy: (!spec.net_policy.is_default()).then(|| spec.net_policy.clone()),
+        egress_secrets: spec.egress_secrets.clone(),
     };
     // An atomic write with fsyncs; the lock goes with it, released once the
     // entry is on disk.
@@ -1914,6 +1920,7 @@ mod tests {
             live_mounts: Vec::new(),
             network: None,
             net_policy: None,
+            egress_secrets: Vec::new(),
         };
         let vm = Vm {
             info: VmInfo::from(&entry),

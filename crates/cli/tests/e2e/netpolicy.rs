@@ -458,6 +458,12 @@ fn egress_secrets_reach_only_their_host_and_never_the_guest_ram_bundle_or_logs()
             .to_string()
     };
 
+    let ls = env.json(&["ls", "--json"]);
+    assert_eq!(ls[0]["egress_secrets"][0]["name"], "API_KEY", "{ls}");
+    assert_eq!(
+        ls[0]["egress_secrets"][0]["hosts"][0], "api.allowed.test",
+        "{ls}"
+    );
     // The guest holds a placeholder, never the value.
     let placeholder = env
         .run_ok(&["exec", "sec", "--", "sh", "-c", "echo $API_KEY"])
