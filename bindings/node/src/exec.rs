@@ -5,25 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use machinen::exec_events::{ExecEvent, ExecEvents};
 use machinen::{PtyEvent, PtyExec, PtyInput, Vm};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
 
 use crate::js_error;
-
-/// How much output (and input) may wait in each pipe.
-const PIPE: usize = 64 * 1024;
-/// Chunks queued for `next()` beyond the pipes.
-const QUEUE: usize = 16;
-
-enum Event {
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
-    Exit(machinen_proto::ExitStatus),
-    Failed(machinen::Error),
-}
 
 /// One event of a streaming command: `stdout`/`stderr` with `data`, or
 /// `exit` with `exitCode` (and `signal` when killed by one).
@@ -56,54 +44,13 @@ fn exit(status: machinen_proto::ExitStatus) -> StreamEvent {
 /// A command started by `VmHandle.execStart`.
 #[napi]
 pub struct ExecStream {
-    events: Arc<Mutex<mpsc::Receiver<Event>>>,
-    stdin: Arc<Mutex<Option<DuplexStream>>>,
-    task: tokio::task::AbortHandle,
-}
-
-async fn pump(mut from: DuplexStream, to: mpsc::Sender<Event>, wrap: fn(Vec<u8>) -> Event) {
-    let mut buf = vec![0u8; PIPE];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if to.send(wrap(buf[..n].to_vec())).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
+    inner: Arc<ExecEvents>,
 }
 
 impl ExecStream {
     pub fn start(vm: Arc<Vm>, opts: machinen::ExecOptions, timeout: Option<Duration>) -> Self {
-        let (stdin_w, stdin_r) = tokio::io::duplex(PIPE);
-        let (out_w, out_r) = tokio::io::duplex(PIPE);
-        let (err_w, err_r) = tokio::io::duplex(PIPE);
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(async move {
-            let run = async {
-                let (mut out_w, mut err_w) = (out_w, err_w);
-                // The writers drop at the end of this block: the pumps
-                // then see the end of the output.
-                vm.exec_stream_timeout(opts, timeout, stdin_r, &mut out_w, &mut err_w)
-                    .await
-            };
-            let (r, (), ()) = tokio::join!(
-                run,
-                pump(out_r, tx.clone(), Event::Stdout),
-                pump(err_r, tx.clone(), Event::Stderr)
-            );
-            let last = match r {
-                Ok(status) => Event::Exit(status),
-                Err(e) => Event::Failed(e),
-            };
-            let _ = tx.send(last).await;
-        });
         ExecStream {
-            events: Arc::new(Mutex::new(rx)),
-            stdin: Arc::new(Mutex::new(Some(stdin_w))),
-            task: task.abort_handle(),
+            inner: Arc::new(ExecEvents::start(vm, opts, timeout)),
         }
     }
 }
@@ -113,40 +60,36 @@ impl ExecStream {
     /// The next event; `null` after `exit` (or an error, which rejects).
     #[napi]
     pub async fn next(&self) -> Result<Option<StreamEvent>> {
-        let ev = self.events.lock().await.recv().await;
-        match ev {
+        match self.inner.next().await {
             None => Ok(None),
-            Some(Event::Stdout(d)) => Ok(Some(chunk("stdout", d))),
-            Some(Event::Stderr(d)) => Ok(Some(chunk("stderr", d))),
-            Some(Event::Exit(s)) => Ok(Some(exit(s))),
-            Some(Event::Failed(e)) => Err(js_error(e)),
+            Some(ExecEvent::Stdout(d)) => Ok(Some(chunk("stdout", d))),
+            Some(ExecEvent::Stderr(d)) => Ok(Some(chunk("stderr", d))),
+            Some(ExecEvent::Exit(s)) => Ok(Some(exit(s))),
+            Some(ExecEvent::Failed(e)) => Err(js_error(e)),
         }
     }
 
     /// Bytes for the command's stdin.
     #[napi]
     pub async fn write(&self, data: Buffer) -> Result<()> {
-        let mut g = self.stdin.lock().await;
-        let Some(w) = g.as_mut() else {
-            return Err(napi::Error::from_reason("stdin was already closed"));
-        };
-        // A command that exited (or does not read) closed its end: the
-        // write is dropped, as a pipe to a gone reader would be.
-        let _ = w.write_all(&data).await;
-        Ok(())
+        if self.inner.write(&data).await {
+            Ok(())
+        } else {
+            Err(napi::Error::from_reason("stdin was already closed"))
+        }
     }
 
     /// Close the command's stdin.
     #[napi]
     pub async fn end(&self) -> Result<()> {
-        self.stdin.lock().await.take();
+        self.inner.close_stdin().await;
         Ok(())
     }
 
     /// Give up the command: the connection closes and the guest kills it.
     #[napi]
     pub fn abort(&self) {
-        self.task.abort();
+        self.inner.abort();
     }
 }
 

@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod chain;
 pub mod dirs;
 pub mod error;
+pub mod exec_events;
 pub mod feedback;
 pub mod files;
 #[cfg(test)]
