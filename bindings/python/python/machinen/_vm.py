@@ -1,0 +1,436 @@
+"""The synchronous API: :func:`boot`, :func:`restore`, :func:`attach` and :class:`Vm`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+from . import _native
+from .errors import ErrorCode, ExecError, MachinenError, from_native
+
+T = TypeVar("T")
+Command = Union[str, Sequence[str]]
+OnOutput = Callable[[bytes], None]
+
+
+def _native_call(f: Callable[..., T]) -> Callable[..., T]:
+    """Turn the native module's errors into :class:`MachinenError`."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return f(*args, **kwargs)
+        except _native.NativeError as e:
+            raise from_native(e) from None
+
+    return wrapper
+
+
+def _argv(cmd: Command) -> List[str]:
+    """A shell string runs under ``sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, str):
+        return ["sh", "-c", cmd]
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise MachinenError(ErrorCode.BOOT_ARGS_INVALID, "no command given", "e.g. vm.exec(['ls', '/'])")
+    return argv
+
+
+def _env(env: Optional[Mapping[str, str]]) -> List[Tuple[str, str]]:
+    return sorted((str(k), str(v)) for k, v in (env or {}).items())
+
+
+def _opts(**kw: Any) -> str:
+    """Options as the native module takes them: JSON, ``None``s left out."""
+    return json.dumps({k: v for k, v in kw.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command did: its exit code (128+N when killed by signal N),
+    the signal, and its output."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: Optional[int] = None
+    argv: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether it exited 0."""
+        return self.exit_code == 0
+
+    @property
+    def text(self) -> str:
+        """stdout as text (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def error_text(self) -> str:
+        """stderr as text."""
+        return self.stderr.decode("utf-8", "replace")
+
+    def check(self) -> "ExecResult":
+        """Raise :class:`ExecError` (``EXEC_NONZERO_EXIT``) unless it exited 0."""
+        if self.exit_code != 0:
+            raise ExecError(
+                ErrorCode.EXEC_NONZERO_EXIT,
+                f"{shlex.join(self.argv)} exited with {self.exit_code}: {self.error_text.strip()[-500:]}",
+                "the command's stderr is in the message; check=False returns the result instead",
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a streaming command's output (``stream`` is ``"stdout"``
+    or ``"stderr"``)."""
+
+    stream: str
+    data: bytes
+
+
+class ExecStream:
+    """A running command (:meth:`Vm.exec_stream`): iterate for its output
+    chunks; :attr:`result` once the iteration ended. Closing it (or leaving
+    a ``with`` block) before the end gives the command up: the guest ends
+    it."""
+
+    def __init__(self, native: Any, argv: List[str]) -> None:
+        self._n = native
+        self._argv = argv
+        self._stdout: List[bytes] = []
+        self._stderr: List[bytes] = []
+        self.result: Optional[ExecResult] = None
+
+    def __iter__(self) -> Iterator[OutputChunk]:
+        while True:
+            try:
+                ev = self._n.next()
+            except _native.NativeError as e:
+                raise from_native(e) from None
+            except BaseException:
+                self._n.cancel()
+                raise
+            if ev is None:
+                return
+            kind, data, code, sig = ev
+            if kind == "exit":
+                self.result = ExecResult(
+                    int(code), b"".join(self._stdout), b"".join(self._stderr), sig, self._argv
+                )
+                continue
+            (self._stdout if kind == "stdout" else self._stderr).append(data)
+            yield OutputChunk(kind, data)
+
+    @_native_call
+    def write(self, data: Union[bytes, str]) -> None:
+        """Send bytes to the command's stdin."""
+        self._n.write(data.encode() if isinstance(data, str) else bytes(data))
+
+    @_native_call
+    def close_stdin(self) -> None:
+        """Close the command's stdin (it sees end of file)."""
+        self._n.close_stdin()
+
+    def close(self) -> None:
+        """Give the command up (the guest ends it) if it still runs."""
+        self._n.cancel()
+
+    def wait(self) -> ExecResult:
+        """Read the rest of the output and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def __enter__(self) -> "ExecStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Vm:
+    """A running VM. Methods may be called from several threads at once
+    (each waits with the GIL released). As a context manager, the VM
+    stops when the block ends, unless it was booted ``detached`` or
+    :meth:`detach` was called."""
+
+    def __init__(self, native: Any, detached: bool = False) -> None:
+        self._n = native
+        self._detached = detached
+
+    def __repr__(self) -> str:
+        return f"Vm(name={self.name!r}, pid={self.pid})"
+
+    @property
+    def name(self) -> str:
+        """The VM's name (unique among live VMs)."""
+        return str(self._n.name)
+
+    @property
+    def id(self) -> str:
+        return str(self._n.id)
+
+    @property
+    def pid(self) -> int:
+        """Its supervisor's process id (``machinen ls`` shows it)."""
+        return int(self._n.pid)
+
+    def info(self) -> Dict[str, Any]:
+        """What ``machinen ls --json`` shows of it."""
+        return dict(json.loads(self._n.info()))
+
+    @_native_call
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = None,
+        on_stdout: Optional[OnOutput] = None,
+        on_stderr: Optional[OnOutput] = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command to its end. ``cmd`` is an argv list, or a string
+        run by ``sh -c``. With ``on_stdout``/``on_stderr`` the output is
+        also handed over as it comes. ``timeout`` (seconds) ends the command
+        (``EXEC_TIMEOUT``); ``check=True`` raises :class:`ExecError` on a
+        non-zero exit. Ctrl-C ends the command in the guest, too."""
+        argv = _argv(cmd)
+        if on_stdout is None and on_stderr is None:
+            code, sig, out, err = self._n.exec(argv, _env(env), cwd, user, timeout)
+            r = ExecResult(int(code), bytes(out), bytes(err), sig, argv)
+        else:
+            with self.exec_stream(cmd, env=env, cwd=cwd, user=user, timeout=timeout) as s:
+                for chunk in s:
+                    cb = on_stdout if chunk.stream == "stdout" else on_stderr
+                    if cb is not None:
+                        cb(chunk.data)
+                assert s.result is not None
+                r = s.result
+        return r.check() if check else r
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> ExecStream:
+        """Start a command and iterate over its output as it comes::
+
+            with vm.exec_stream("make") as s:
+                for chunk in s:
+                    print(chunk.data.decode(), end="")
+            print(s.result.exit_code)
+        """
+        argv = _argv(cmd)
+        return ExecStream(self._n.exec_start(argv, _env(env), cwd, user, timeout), argv)
+
+    @_native_call
+    def write_file(self, path: str, data: Union[bytes, str], *, mode: Optional[int] = None,
+                   append: bool = False) -> int:
+        """Write a guest file (absolute path; parents made; atomic unless
+        ``append``). Returns the bytes written."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        return int(self._n.write_file(path, raw, mode, append))
+
+    @_native_call
+    def read_file(self, path: str) -> bytes:
+        """A guest file's bytes (up to 1 GiB)."""
+        return bytes(self._n.read_file(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """A guest file as text."""
+        return self.read_file(path).decode(encoding)
+
+    @_native_call
+    def snapshot(self, out_dir: Union[str, "os.PathLike[str]"], *, keep_alive: bool = True,
+                 full: bool = False, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Freeze the VM into a bundle directory (which must not exist).
+        With ``keep_alive`` (the default here) the VM goes on afterwards;
+        otherwise it stops once the bundle is complete. A VM with a
+        checkpoint writes a delta over it unless ``full``."""
+        return dict(json.loads(self._n.snapshot(os.fspath(out_dir), keep_alive, full, timeout)))
+
+    @_native_call
+    def fork(self, *, name: Optional[str] = None, out_dir: Optional[str] = None,
+             detached: bool = False, tcp_keep: bool = False, own_ram: bool = False,
+             ports: Optional[Sequence[str]] = None,
+             net_policy: Optional[Mapping[str, Any]] = None,
+             egress_secrets: Optional[Sequence[Mapping[str, Any]]] = None) -> "Vm":
+        """A sibling VM that shares this one's past; this one keeps running."""
+        n = self._n.fork(_opts(name=name, out_dir=out_dir, detached=detached, tcp_keep=tcp_keep,
+                               own_ram=own_ram, ports=list(ports or []),
+                               net_policy=dict(net_policy) if net_policy else None,
+                               egress_secrets=[dict(e) for e in egress_secrets or []]))
+        return Vm(n, detached)
+
+    @_native_call
+    def stop(self, *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Power the guest off (killed after ``timeout`` seconds)."""
+        return dict(json.loads(self._n.kill(False, timeout)))
+
+    @_native_call
+    def kill(self) -> Dict[str, Any]:
+        """Stop the VM at once."""
+        return dict(json.loads(self._n.kill(True, None)))
+
+    @_native_call
+    def detach(self) -> None:
+        """Let the VM outlive this process (and this object's ``with``)."""
+        self._n.detach()
+        self._detached = True
+
+    @_native_call
+    def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Wait for the VM's main command to end (or the VM to stop)."""
+        return dict(json.loads(self._n.wait(timeout)))
+
+    @_native_call
+    def memory_stats(self) -> Dict[str, Any]:
+        """Its memory: ceiling, the guest's view, the host's cost, traffic."""
+        return dict(json.loads(self._n.memory_stats()))
+
+    @_native_call
+    def network(self) -> Dict[str, Any]:
+        """Its egress policy and traffic counters."""
+        return dict(json.loads(self._n.network()))
+
+    @_native_call
+    def set_network(self, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
+                    remove: Sequence[str] = (), egress: Optional[str] = None,
+                    clear: bool = False) -> Dict[str, Any]:
+        """Change its egress policy (from the next packet on)."""
+        change = _opts(allow=list(allow), deny=list(deny), remove=list(remove), egress=egress,
+                       clear=clear)
+        return dict(json.loads(self._n.set_network(change)))
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._detached:
+            try:
+                self._n.kill(True, None)
+            except _native.NativeError:
+                pass
+
+
+def _boot_opts(kw: Dict[str, Any]) -> str:
+    if isinstance(kw.get("cmd"), str):
+        kw["cmd"] = ["sh", "-c", kw["cmd"]]
+    for k in ("ports", "cmd"):
+        if kw.get(k) is not None:
+            kw[k] = [str(x) for x in kw[k]]
+    for k in ("env", "secrets"):
+        if kw.get(k) is not None:
+            kw[k] = {str(a): str(b) for a, b in kw[k].items()}
+    if kw.get("egress_secrets") is not None:
+        kw["egress_secrets"] = [
+            {"name": e["name"], "hosts": [e["hosts"]] if isinstance(e["hosts"], str) else list(e["hosts"]),
+             "value": e["value"]}
+            for e in kw["egress_secrets"]
+        ]
+    return _opts(**kw)
+
+
+@_native_call
+def boot(
+    image: Optional[str] = None,
+    *,
+    name: Optional[str] = None,
+    memory_mib: Optional[int] = None,
+    cpus: Optional[int] = None,
+    network: Optional[str] = None,
+    detached: bool = False,
+    boot_timeout: Optional[float] = None,
+    ports: Optional[Sequence[str]] = None,
+    secrets: Optional[Mapping[str, str]] = None,
+    cmd: Optional[Command] = None,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+    user: Optional[str] = None,
+    keep_alive_on_exit: bool = False,
+    disk_size: Optional[str] = None,
+    net_policy: Optional[Mapping[str, Any]] = None,
+    egress_secrets: Optional[Sequence[Mapping[str, Any]]] = None,
+) -> Vm:
+    """Boot a VM from a rootfs tarball (default: the installed Debian base)
+    and return once its agent answers. ``cmd`` makes it a service VM (its
+    output in ``machinen logs``); ``detached`` lets it outlive this process.
+    The options are the CLI's ``boot`` flags (see ``machinen boot --help``)."""
+    opts = _boot_opts(dict(
+        image=image, name=name, memory_mib=memory_mib, cpus=cpus, network=network,
+        detached=detached, boot_timeout=boot_timeout, ports=ports, secrets=secrets,
+        cmd=cmd, env=env, cwd=cwd, user=user, keep_alive_on_exit=keep_alive_on_exit,
+        disk_size=disk_size, net_policy=dict(net_policy) if net_policy else None,
+        egress_secrets=egress_secrets,
+    ))
+    return Vm(_native.boot(opts), detached)
+
+
+@_native_call
+def restore(
+    bundle: Union[str, "os.PathLike[str]"],
+    *,
+    name: Optional[str] = None,
+    detached: bool = False,
+    ports: Optional[Sequence[str]] = None,
+    boot_timeout: Optional[float] = None,
+    reset_tcp: bool = False,
+    own_ram: bool = False,
+    net_policy: Optional[Mapping[str, Any]] = None,
+    egress_secrets: Optional[Sequence[Mapping[str, Any]]] = None,
+) -> Vm:
+    """Resume a snapshot bundle (a directory, or a registry reference)
+    where it was frozen."""
+    opts = _boot_opts(dict(
+        bundle=os.fspath(bundle), name=name, detached=detached, ports=ports,
+        boot_timeout=boot_timeout, reset_tcp=reset_tcp, own_ram=own_ram,
+        net_policy=dict(net_policy) if net_policy else None, egress_secrets=egress_secrets,
+    ))
+    return Vm(_native.restore(opts), detached)
+
+
+@_native_call
+def attach(target: Union[str, int]) -> Vm:
+    """A live VM by name or supervisor pid, started by anyone (CLI, Node,
+    another Python process). Leaving its ``with`` block does not stop it."""
+    return Vm(_native.attach(str(target)), True)
+
+
+@_native_call
+def list_vms(all: bool = False) -> List[Dict[str, Any]]:
+    """Live VMs as ``machinen ls --json`` shows them (``all``: also those
+    that ended without being stopped, until :func:`gc`)."""
+    return list(json.loads(_native.list_vms(all)))
+
+
+@_native_call
+def gc(dry_run: bool = False) -> Dict[str, Any]:
+    """Clean up after VMs that crashed or whose supervisor died."""
+    return dict(json.loads(_native.gc(dry_run)))

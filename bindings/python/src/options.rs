@@ -1,0 +1,249 @@
+//! Options from Python, as JSON built by the Python layer from keyword
+//! arguments (snake_case, the library's names). Unknown keys are refused:
+//! a misspelt option must not be silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use machinen::ErrorCode;
+use pyo3::PyResult;
+use serde::Deserialize;
+
+use crate::{err, invalid};
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct Policy {
+    egress: Option<String>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressSecretArg {
+    name: String,
+    hosts: Vec<String>,
+    value: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct BootArgs {
+    image: Option<String>,
+    name: Option<String>,
+    memory_mib: Option<u32>,
+    cpus: Option<u32>,
+    network: Option<String>,
+    detached: bool,
+    boot_timeout: Option<f64>,
+    ports: Vec<String>,
+    secrets: BTreeMap<String, String>,
+    cmd: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    keep_alive_on_exit: bool,
+    disk_size: Option<String>,
+    net_policy: Option<Policy>,
+    egress_secrets: Vec<EgressSecretArg>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RestoreArgs {
+    bundle: String,
+    name: Option<String>,
+    detached: bool,
+    ports: Vec<String>,
+    boot_timeout: Option<f64>,
+    reset_tcp: bool,
+    own_ram: bool,
+    net_policy: Option<Policy>,
+    egress_secrets: Vec<EgressSecretArg>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ForkArgs {
+    name: Option<String>,
+    out_dir: Option<String>,
+    tcp_keep: bool,
+    detached: bool,
+    ports: Vec<String>,
+    own_ram: bool,
+    net_policy: Option<Policy>,
+    egress_secrets: Vec<EgressSecretArg>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ChangeArgs {
+    egress: Option<String>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+    remove: Vec<String>,
+    clear: bool,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(what: &str, s: &str, code: ErrorCode) -> PyResult<T> {
+    serde_json::from_str(s).map_err(|e| {
+        invalid(
+            code,
+            format!("{what} options: {e}"),
+            "see help(machinen) for the keyword arguments",
+        )
+    })
+}
+
+/// Seconds from Python (`None`: no limit or the default).
+pub fn secs(s: Option<f64>) -> PyResult<Option<Duration>> {
+    match s {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v >= 0.0 => Ok(Some(Duration::from_secs_f64(v))),
+        Some(v) => Err(invalid(
+            ErrorCode::BootArgsInvalid,
+            format!("{v} is not a number of seconds"),
+            "a timeout is a non-negative number of seconds",
+        )),
+    }
+}
+
+fn ports(p: &[String]) -> PyResult<Vec<machinen::registry::PortForward>> {
+    p.iter()
+        .map(|s| machinen::ports::parse(s).map_err(|f| err(f.into())))
+        .collect()
+}
+
+fn egress(e: Option<&str>) -> PyResult<Option<machinen::network::Egress>> {
+    e.map(|e| {
+        e.parse().map_err(|_| {
+            invalid(
+                ErrorCode::NetworkPolicyInvalid,
+                format!("egress {e:?} is neither \"allow\" nor \"deny\""),
+                "egress=\"deny\" refuses what no rule allows",
+            )
+        })
+    })
+    .transpose()
+}
+
+fn policy(p: Option<Policy>) -> PyResult<Option<machinen::network::NetPolicy>> {
+    let Some(p) = p else { return Ok(None) };
+    Ok(Some(machinen::network::NetPolicy {
+        egress: egress(p.egress.as_deref())?.unwrap_or_default(),
+        allow: machinen::network::parse_rules("allow", &p.allow).map_err(err)?,
+        deny: machinen::network::parse_rules("deny", &p.deny).map_err(err)?,
+    }))
+}
+
+fn egress_secrets(s: Vec<EgressSecretArg>) -> PyResult<Vec<machinen::network::EgressSecret>> {
+    s.into_iter()
+        .map(|e| {
+            machinen::network::EgressSecret::parse(&format!(
+                "{}@{}={}",
+                e.name,
+                e.hosts.join(","),
+                e.value
+            ))
+            .map_err(err)
+        })
+        .collect()
+}
+
+pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
+    let a: BootArgs = parse("boot", s, ErrorCode::BootArgsInvalid)?;
+    let d = machinen::BootOptions::default();
+    let network = match a.network {
+        None => Default::default(),
+        Some(n) => n.parse().map_err(|_| {
+            invalid(
+                ErrorCode::BootArgsInvalid,
+                format!("unknown network mode {n:?}"),
+                "network is \"nat\" (the default), \"nat-host\" or \"none\"",
+            )
+        })?,
+    };
+    let disk_size = match a.disk_size {
+        None => None,
+        Some(s) => Some(machinen::hostfile::parse_size(&s).ok_or_else(|| {
+            invalid(
+                ErrorCode::BootArgsInvalid,
+                format!("cannot read disk size {s:?}"),
+                "give bytes or a size with a unit, e.g. \"4G\"",
+            )
+        })?),
+    };
+    Ok(machinen::BootOptions {
+        image: a.image.map(PathBuf::from),
+        name: a.name,
+        memory_mib: a.memory_mib,
+        cpus: a.cpus.unwrap_or(d.cpus),
+        network,
+        net_policy: policy(a.net_policy)?.unwrap_or_default(),
+        egress_secrets: egress_secrets(a.egress_secrets)?,
+        detached: a.detached,
+        boot_timeout: secs(a.boot_timeout)?.unwrap_or(d.boot_timeout),
+        progress: machinen::progress::ProgressMode::Quiet,
+        ports: ports(&a.ports)?,
+        secrets: a
+            .secrets
+            .into_iter()
+            .map(|(name, value)| machinen::Secret {
+                name,
+                value: machinen::SecretValue(value.into_bytes()),
+            })
+            .collect(),
+        disk_size,
+        cmd: a.cmd,
+        env: a.env.into_iter().collect(),
+        cwd: a.cwd,
+        user: a.user,
+        keep_alive_on_exit: a.keep_alive_on_exit,
+        ..d
+    })
+}
+
+pub fn restore(s: &str) -> PyResult<machinen::RestoreOptions> {
+    let a: RestoreArgs = parse("restore", s, ErrorCode::RestoreBundleInvalid)?;
+    let mut o = machinen::RestoreOptions::new(a.bundle);
+    o.name = a.name;
+    o.detached = a.detached;
+    o.ports = ports(&a.ports)?;
+    if let Some(t) = secs(a.boot_timeout)? {
+        o.boot_timeout = t;
+    }
+    o.reset_tcp = a.reset_tcp;
+    o.own_ram = a.own_ram;
+    o.net_policy = policy(a.net_policy)?;
+    o.egress_secrets = egress_secrets(a.egress_secrets)?;
+    o.progress = machinen::progress::ProgressMode::Quiet;
+    Ok(o)
+}
+
+pub fn fork(s: &str) -> PyResult<machinen::ForkOptions> {
+    let a: ForkArgs = parse("fork", s, ErrorCode::BootArgsInvalid)?;
+    Ok(machinen::ForkOptions {
+        new_name: a.name,
+        out_dir: a.out_dir.map(PathBuf::from),
+        tcp_keep: a.tcp_keep,
+        detached: a.detached,
+        ports: ports(&a.ports)?,
+        own_ram: a.own_ram,
+        net_policy: policy(a.net_policy)?,
+        egress_secrets: egress_secrets(a.egress_secrets)?,
+        ..Default::default()
+    })
+}
+
+pub fn policy_change(s: &str) -> PyResult<machinen::network::PolicyChange> {
+    let a: ChangeArgs = parse("set_network", s, ErrorCode::NetworkPolicyInvalid)?;
+    Ok(machinen::network::PolicyChange {
+        clear: a.clear,
+        egress: egress(a.egress.as_deref())?,
+        allow: machinen::network::parse_rules("allow", &a.allow).map_err(err)?,
+        deny: machinen::network::parse_rules("deny", &a.deny).map_err(err)?,
+        remove: machinen::network::parse_rules("remove", &a.remove).map_err(err)?,
+    })
+}

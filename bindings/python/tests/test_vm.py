@@ -1,0 +1,169 @@
+"""Real VMs driven from Python."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import machinen
+from machinen import ErrorCode
+
+
+def test_exec_streams_output_and_reports_exit_codes(vm: machinen.Vm) -> None:
+    r = vm.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    assert vm.exec("printf %s $X", env={"X": "42"}).text == "42"
+    assert vm.exec("pwd", cwd="/tmp").text.strip() == "/tmp"
+    got: list[bytes] = []
+    r = vm.exec("for i in 1 2 3; do echo $i; sleep 0.2; done", on_stdout=got.append)
+    assert b"".join(got) == b"1\n2\n3\n" and r.ok
+    with vm.exec_stream("echo a; echo b >&2; exit 7") as s:
+        chunks = list(s)
+    assert {c.stream for c in chunks} == {"stdout", "stderr"}
+    assert s.result is not None and s.result.exit_code == 7
+    with pytest.raises(machinen.ExecError) as e:
+        vm.exec("exit 9", check=True)
+    assert e.value.code == ErrorCode.EXEC_NONZERO_EXIT
+    with pytest.raises(machinen.ExecError) as nf:
+        vm.exec(["/no/such/program"])
+    assert nf.value.code == ErrorCode.EXEC_COMMAND_NOT_FOUND
+    with pytest.raises(machinen.MachinenError) as t:
+        vm.exec("sleep 30", timeout=1)
+    assert t.value.code == ErrorCode.EXEC_TIMEOUT
+
+
+def test_binary_files_round_trip(vm: machinen.Vm) -> None:
+    data = bytes(range(256)) * 4096
+    assert vm.write_file("/root/py/blob.bin", data) == len(data)
+    assert vm.read_file("/root/py/blob.bin") == data
+    assert vm.exec("sha256sum /root/py/blob.bin").text.split()[0] == __import__("hashlib").sha256(data).hexdigest()
+    vm.write_file("/root/py/t.txt", "héllo\n")
+    vm.write_file("/root/py/t.txt", "more\n", append=True)
+    assert vm.read_text("/root/py/t.txt") == "héllo\nmore\n"
+    with pytest.raises(machinen.FilesError) as e:
+        vm.read_file("/root/py/missing")
+    assert e.value.code == ErrorCode.FILES_NOT_FOUND
+
+
+def test_the_cli_sees_python_vms_and_python_attaches_to_them(vm: machinen.Vm) -> None:
+    names = [v["name"] for v in machinen.list_vms()]
+    assert vm.name in names
+    cli = os.environ.get("MN_TEST_CLI")
+    if cli:
+        out = subprocess.run([cli, "ls", "--json"], capture_output=True, text=True, check=True)
+        assert vm.name in out.stdout
+    again = machinen.attach(vm.name)
+    assert again.exec("echo via-attach").text == "via-attach\n"
+
+
+def test_concurrent_execs_from_threads_and_asyncio(vm: machinen.Vm) -> None:
+    # Each command prints when it started and ended, by the guest's clock:
+    # they ran at once if every one started before any ended.
+    span = "date +%s.%N; sleep 2; date +%s.%N"
+
+    def overlapped(outs: list[str]) -> bool:
+        spans = [tuple(float(x) for x in o.split()) for o in outs]
+        return max(a for a, _ in spans) < min(b for _, b in spans)
+
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        out = vm.exec(span, check=True).text
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20 and overlapped(results), results
+
+    async def main() -> list[str]:
+        a = await machinen.attach_async(vm.name)
+        outs = await asyncio.gather(*(a.exec(span, check=True) for _ in range(20)))
+        return [o.text for o in outs]
+
+    outs = asyncio.run(main())
+    assert len(outs) == 20 and overlapped(outs), outs
+
+
+def test_ctrl_c_during_a_long_exec_leaves_nothing_behind() -> None:
+    name = "py-interrupt"
+    with pytest.raises(KeyboardInterrupt):
+        with machinen.boot(name=name, memory_mib=256) as v:
+            probe = machinen.attach(name)
+            timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                v.exec("sleep 600; echo never")
+            finally:
+                timer.cancel()
+                # The guest ended the command when its stream closed.
+                deadline = time.monotonic() + 20
+                while probe.exec("pgrep -x sleep || true").text.strip():
+                    assert time.monotonic() < deadline, "sleep still runs in the guest"
+                    time.sleep(0.2)
+    assert name not in [x["name"] for x in machinen.list_vms()]
+
+
+def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
+    counter = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+    with machinen.boot(name="py-counter", memory_mib=256, cmd=counter) as src:
+        def count(v: machinen.Vm) -> int:
+            try:
+                return int(v.read_text("/root/count").strip() or 0)
+            except machinen.FilesError:
+                return 0  # not written yet
+
+        deadline = time.monotonic() + 30
+        while count(src) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        bundle = tmp_path / "counter.snap"
+        report = src.snapshot(bundle)
+        assert (bundle / "meta.json").is_file(), report
+        at_snapshot = count(src)
+        with machinen.restore(bundle, name="py-counter-2") as back:
+            first = count(back)
+            assert first >= at_snapshot - 1
+            time.sleep(1.0)
+            assert count(back) > first, "the restored counter goes on"
+            with back.fork(name="py-counter-3") as sibling:
+                a, b = count(back), count(sibling)
+                assert abs(a - b) < 20
+                sibling.exec("echo fork-only > /root/mine")
+                assert back.exec("cat /root/mine 2>/dev/null || echo none").text == "none\n"
+
+
+def test_async_boot_and_context_manager() -> None:
+    async def main() -> str:
+        async with await machinen.boot_async(name="py-async", memory_mib=256) as v:
+            await v.write_file("/root/a", b"async\n")
+            return (await v.read_file("/root/a")).decode()
+
+    assert asyncio.run(main()) == "async\n"
+    assert "py-async" not in [x["name"] for x in machinen.list_vms()]
+
+
+def test_the_run_code_example_rolls_a_failed_step_back() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[3] / "examples" / "python" / "run_code.py"
+    spec = importlib.util.spec_from_file_location("run_code", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with mod.Sandbox(memory_mib=256) as box:
+        assert box.run_code("echo state=1 > /root/state; cat /root/state") == "state=1\n"
+        assert box.run_code("rm -f /root/state; exit 1").startswith("error (the sandbox was rolled back)")
+        assert box.run_code("cat /root/state") == "state=1\n"
+        assert box.log == ["step 1: ok", "step 2: rolled back", "step 3: ok"]
