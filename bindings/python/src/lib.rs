@@ -267,6 +267,45 @@ impl NativeVm {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// Copy a host directory tree into the guest: `(entries, bytes)`.
+    fn push_dir(
+        &self,
+        py: Python<'_>,
+        src: String,
+        dest: String,
+        exclude: Vec<String>,
+    ) -> PyResult<(u64, u64)> {
+        let vm = self.vm.clone();
+        let r = run(py, async move {
+            vm.push_dir(
+                std::path::Path::new(&src),
+                &dest,
+                machinen::PushDirOptions { exclude },
+            )
+            .await
+        })?;
+        Ok((r.entries, r.bytes))
+    }
+
+    /// Copy a guest directory tree to the host (`dest` must not exist).
+    fn pull_dir(
+        &self,
+        py: Python<'_>,
+        src: String,
+        dest: String,
+        exclude: Vec<String>,
+    ) -> PyResult<(u64, u64)> {
+        let vm = self.vm.clone();
+        let r = run(py, async move {
+            let opts = machinen::PullDirOptions {
+                exclude,
+                ..Default::default()
+            };
+            vm.pull_dir(&src, std::path::Path::new(&dest), opts).await
+        })?;
+        Ok((r.entries, r.bytes))
+    }
+
     #[pyo3(signature = (out, keep_alive, full=false, timeout=None))]
     fn snapshot(
         &self,

@@ -48,6 +48,10 @@ struct BootArgs {
     disk_size: Option<String>,
     net_policy: Option<Policy>,
     egress_secrets: Vec<EgressSecretArg>,
+    /// Copy-once mounts: `HOST_DIR:GUEST_PATH`.
+    mounts: Vec<String>,
+    /// Live mounts: `HOST_DIR:GUEST_PATH[:ro|rw]`.
+    live_mounts: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -201,6 +205,22 @@ pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
         cwd: a.cwd,
         user: a.user,
         keep_alive_on_exit: a.keep_alive_on_exit,
+        mounts: a
+            .mounts
+            .iter()
+            .map(|m| {
+                m.parse::<machinen::mounts::Mount>()
+                    .map_err(|e| err(e.into()))
+            })
+            .collect::<PyResult<_>>()?,
+        live_mounts: a
+            .live_mounts
+            .iter()
+            .map(|m| {
+                m.parse::<machinen::live_mounts::LiveMountArg>()
+                    .map_err(|e| err(e.into()))
+            })
+            .collect::<PyResult<_>>()?,
         ..d
     })
 }

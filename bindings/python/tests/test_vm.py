@@ -52,6 +52,30 @@ def test_binary_files_round_trip(vm: machinen.Vm) -> None:
     assert e.value.code == ErrorCode.FILES_NOT_FOUND
 
 
+def test_directory_trees_go_both_ways(vm: machinen.Vm, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f.txt").write_text("deep\n")
+    (src / "skip.log").write_text("no\n")
+    entries, _ = vm.push_dir(src, "/root/tree", exclude=["*.log"])
+    assert entries >= 3
+    assert vm.exec("cat /root/tree/a/b/f.txt; ls /root/tree").text == "deep\na\n"
+    back = tmp_path / "back"
+    vm.pull_dir("/root/tree", back)
+    assert (back / "a" / "b" / "f.txt").read_text() == "deep\n"
+
+
+def test_mounts_copy_a_host_directory_in(tmp_path: Path) -> None:
+    (tmp_path / "hello.txt").write_text("from the host\n")
+    with machinen.boot(name="py-mounts", memory_mib=256, mounts=[f"{tmp_path}:/work"]) as v:
+        assert v.read_text("/work/hello.txt") == "from the host\n"
+        v.exec("echo changed > /work/hello.txt", check=True)
+    assert (tmp_path / "hello.txt").read_text() == "from the host\n"
+    with pytest.raises(machinen.MachinenError) as e:
+        machinen.boot(mounts=["no-colon"])
+    assert e.value.code.value.startswith("BOOT_MOUNT") or e.value.code.value.startswith("MOUNT_")
+
+
 def test_the_cli_sees_python_vms_and_python_attaches_to_them(vm: machinen.Vm) -> None:
     names = [v["name"] for v in machinen.list_vms()]
     assert vm.name in names

@@ -113,6 +113,12 @@ class AsyncVm:
     async def read_file(self, path: str) -> bytes:
         return await _thread(self.sync.read_file, path)
 
+    async def push_dir(self, src: Any, dest: str, **kw: Any) -> Any:
+        return await _thread(self.sync.push_dir, src, dest, **kw)
+
+    async def pull_dir(self, src: str, dest: Any, **kw: Any) -> Any:
+        return await _thread(self.sync.pull_dir, src, dest, **kw)
+
     async def snapshot(self, out_dir: Any, **kw: Any) -> Dict[str, Any]:
         return await _thread(self.sync.snapshot, out_dir, **kw)
 

@@ -268,6 +268,22 @@ class Vm:
         return self.read_file(path).decode(encoding)
 
     @_native_call
+    def push_dir(self, src: Union[str, "os.PathLike[str]"], dest: str, *,
+                 exclude: Sequence[str] = ()) -> Tuple[int, int]:
+        """Copy a host directory tree into the guest directory ``dest``
+        (created; ``exclude``: glob patterns). Returns ``(entries, bytes)``."""
+        e, b = self._n.push_dir(os.fspath(src), dest, list(exclude))
+        return int(e), int(b)
+
+    @_native_call
+    def pull_dir(self, src: str, dest: Union[str, "os.PathLike[str]"], *,
+                 exclude: Sequence[str] = ()) -> Tuple[int, int]:
+        """Copy a guest directory tree to the host path ``dest`` (which must
+        not exist; symlinks and paths stay inside it). Returns ``(entries, bytes)``."""
+        e, b = self._n.pull_dir(src, os.fspath(dest), list(exclude))
+        return int(e), int(b)
+
+    @_native_call
     def snapshot(self, out_dir: Union[str, "os.PathLike[str]"], *, keep_alive: bool = True,
                  full: bool = False, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Freeze the VM into a bundle directory (which must not exist).
@@ -378,10 +394,14 @@ def boot(
     disk_size: Optional[str] = None,
     net_policy: Optional[Mapping[str, Any]] = None,
     egress_secrets: Optional[Sequence[Mapping[str, Any]]] = None,
+    mounts: Optional[Sequence[str]] = None,
+    live_mounts: Optional[Sequence[str]] = None,
 ) -> Vm:
     """Boot a VM from a rootfs tarball (default: the installed Debian base)
     and return once its agent answers. ``cmd`` makes it a service VM (its
     output in ``machinen logs``); ``detached`` lets it outlive this process.
+    ``mounts`` (``"HOST_DIR:GUEST_PATH"``) copies host directories in;
+    ``live_mounts`` (``"HOST_DIR:GUEST_PATH[:ro|rw]"``) shares them.
     The options are the CLI's ``boot`` flags (see ``machinen boot --help``)."""
     opts = _boot_opts(dict(
         image=image, name=name, memory_mib=memory_mib, cpus=cpus, network=network,
@@ -389,6 +409,8 @@ def boot(
         cmd=cmd, env=env, cwd=cwd, user=user, keep_alive_on_exit=keep_alive_on_exit,
         disk_size=disk_size, net_policy=dict(net_policy) if net_policy else None,
         egress_secrets=egress_secrets,
+        mounts=[str(m) for m in mounts] if mounts else None,
+        live_mounts=[str(m) for m in live_mounts] if live_mounts else None,
     ))
     return Vm(_native.boot(opts), detached)
 
