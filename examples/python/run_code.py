@@ -1,61 +1,59 @@
-"""An agent tool: run untrusted Python in a sandbox, one step at a time,
-with a checkpoint before each step and a rollback when a step fails.
+"""An agent tool: run untrusted code in a sandbox, one step at a time,
+each step in a fork of the last good state, so a failed step is dropped
+with everything it did.
 
     target/pyenv/bin/python examples/python/run_code.py
 
-The sandbox is a machinen VM; a failed step (an exception, a non-zero
-exit, a timeout) rolls the sandbox back to the checkpoint taken before it,
-so the next step starts from the last good state, files and memory alike.
+The sandbox is a machinen VM. Before each step it is forked: the fork (a
+sibling sharing the sandbox's past, memory and files alike) runs the step.
+A step that succeeds makes its fork the sandbox; a failed one (an error,
+a non-zero exit, a timeout) is thrown away with its fork, and the next step
+starts from the state before it. Boot an image with Python in it
+(``Sandbox(image=...)``) to run Python steps; the Debian base runs shell.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import List, Optional
 
 import machinen
 
 
 class Sandbox:
-    """A VM the agent's code runs in, checkpointed before every step."""
+    """A VM the agent's code runs in, forked before every step."""
 
-    def __init__(self, memory_mib: int = 512) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="sandbox-"))
-        self._vm: machinen.Vm = machinen.boot(memory_mib=memory_mib)
+    def __init__(self, image: Optional[str] = None, memory_mib: int = 512) -> None:
+        self._vm: machinen.Vm = machinen.boot(image, memory_mib=memory_mib)
         self._step = 0
-        self._checkpoint: Optional[Path] = None
         self.log: List[str] = []
 
     def run_code(self, code: str, timeout: float = 30.0) -> str:
-        """Run ``code`` with the guest's Python (or sh when it has none) and
-        return its output; on failure roll back and say so."""
+        """Run ``code`` (with ``python3`` when the sandbox has it, else
+        ``sh``) and return its output; on failure drop the step and say so."""
         self._step += 1
-        checkpoint = self._dir / f"step-{self._step}"
-        self._vm.snapshot(checkpoint, keep_alive=True)
-        self._vm.write_file(f"/root/step-{self._step}.py", code)
-        interpreter = "python3" if self._vm.exec("command -v python3").ok else "sh"
+        # The checkpoint: a sibling with the sandbox's whole state, and RAM
+        # of its own, so it can be forked again as cheaply.
+        trial = self._vm.fork(name=f"{self._vm.name}-step{self._step}", own_ram=True)
+        path = f"/root/step-{self._step}"
+        trial.write_file(path, code)
+        interpreter = "python3" if trial.exec("command -v python3").ok else "sh"
         try:
-            r = self._vm.exec([interpreter, f"/root/step-{self._step}.py"], timeout=timeout)
+            r = trial.exec([interpreter, path], timeout=timeout)
             failed = not r.ok
             out = r.text + r.error_text
         except machinen.MachinenError as e:
             failed, out = True, str(e)
         if failed:
-            self._vm.kill()
-            self._vm = machinen.restore(checkpoint)
+            trial.kill()
             self.log.append(f"step {self._step}: rolled back")
             return f"error (the sandbox was rolled back):\n{out}"
-        if self._checkpoint is not None:
-            shutil.rmtree(self._checkpoint, ignore_errors=True)
-        self._checkpoint = checkpoint
+        self._vm.kill()
+        self._vm = trial
         self.log.append(f"step {self._step}: ok")
         return out
 
     def close(self) -> None:
         self._vm.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "Sandbox":
         return self
