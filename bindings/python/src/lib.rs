@@ -114,6 +114,14 @@ fn restore(py: Python<'_>, opts: &str) -> PyResult<NativeVm> {
     Ok(NativeVm::new(vm, keep))
 }
 
+/// Bake an image (options as JSON, see `options::provision`); the result
+/// as JSON.
+#[pyfunction]
+fn provision(py: Python<'_>, opts: &str) -> PyResult<String> {
+    let opts = options::provision(opts)?;
+    json(&run(py, machinen::provision(opts))?)
+}
+
 #[pyfunction]
 fn attach(py: Python<'_>, target: String) -> PyResult<NativeVm> {
     let vm = run(py, async move { machinen::attach(&target).await })?;
@@ -458,6 +466,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(boot, m)?)?;
     m.add_function(wrap_pyfunction!(restore, m)?)?;
     m.add_function(wrap_pyfunction!(attach, m)?)?;
+    m.add_function(wrap_pyfunction!(provision, m)?)?;
     m.add_function(wrap_pyfunction!(list_vms, m)?)?;
     m.add_function(wrap_pyfunction!(gc, m)?)?;
     m.add_class::<NativeVm>()?;

@@ -83,6 +83,19 @@ struct ForkArgs {
 
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
+struct ProvisionArgs {
+    base: Option<String>,
+    out: String,
+    run: Vec<String>,
+    cmd: Option<Vec<String>>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    memory_mib: Option<u32>,
+    network: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
 struct ChangeArgs {
     egress: Option<String>,
     allow: Vec<String>,
@@ -253,6 +266,70 @@ pub fn fork(s: &str) -> PyResult<machinen::ForkOptions> {
         own_ram: a.own_ram,
         net_policy: policy(a.net_policy)?,
         egress_secrets: egress_secrets(a.egress_secrets)?,
+        ..Default::default()
+    })
+}
+
+/// Bake an image: boot the base, run each `run` step (`sh -c`, with the
+/// baked env and cwd), export.
+pub fn provision(s: &str) -> PyResult<machinen::ProvisionOptions> {
+    let a: ProvisionArgs = parse("provision", s, ErrorCode::ProvisionArgsInvalid)?;
+    let network = match a.network {
+        None => Default::default(),
+        Some(n) => n.parse().map_err(|_| {
+            invalid(
+                ErrorCode::ProvisionArgsInvalid,
+                format!("unknown network mode {n:?}"),
+                "network is \"nat\" (the default) or \"nat-host\"",
+            )
+        })?,
+    };
+    let steps = a.run;
+    let install: Option<machinen::provision::InstallHook> = (!steps.is_empty()).then(|| {
+        let hook: machinen::provision::InstallHook = Box::new(move |vm, config| {
+            Box::pin(async move {
+                for step in &steps {
+                    let opts = machinen::ExecOptions {
+                        argv: vec!["sh".into(), "-c".into(), step.clone()],
+                        env: config.env.clone().into_iter().collect(),
+                        cwd: config.cwd.clone(),
+                        user: None,
+                    };
+                    let out = vm.exec_timeout(opts, None).await?;
+                    let code = out.status.shell_code();
+                    if code != 0 {
+                        let err = String::from_utf8_lossy(&out.stderr);
+                        let tail: String = err
+                            .chars()
+                            .rev()
+                            .take(500)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect();
+                        return Err(machinen::error::fail(
+                            ErrorCode::ProvisionStepFailed,
+                            format!("step {step:?} exited with {code}: {}", tail.trim()),
+                        )
+                        .hint("the step's stderr ends the message; fix the step and bake again")
+                        .into());
+                    }
+                }
+                Ok(())
+            })
+        });
+        hook
+    });
+    Ok(machinen::ProvisionOptions {
+        base: a.base.map(PathBuf::from),
+        out: PathBuf::from(a.out),
+        install,
+        cmd: a.cmd,
+        env: a.env.into_iter().collect(),
+        cwd: a.cwd,
+        memory_mib: a.memory_mib,
+        network,
+        progress: machinen::progress::ProgressMode::Quiet,
         ..Default::default()
     })
 }

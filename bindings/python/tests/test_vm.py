@@ -168,6 +168,18 @@ def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
                 assert back.exec("cat /root/mine 2>/dev/null || echo none").text == "none\n"
 
 
+def test_provision_bakes_an_image_that_boots_with_its_steps_done(tmp_path: Path) -> None:
+    image = tmp_path / "baked.tar.gz"
+    r = machinen.provision(image, run=["echo baked > /etc/baked", "mkdir -p /srv/app"],
+                           env={"GREETING": "hi"}, cwd="/srv/app")
+    assert r["path"] == str(image) and image.is_file() and r["config"]["env"] == {"GREETING": "hi"}
+    with machinen.boot(str(image), memory_mib=256) as v:
+        assert v.read_text("/etc/baked") == "baked\n"
+    with pytest.raises(machinen.MachinenError) as e:
+        machinen.provision(tmp_path / "bad.tar.gz", run=["echo nope >&2; exit 4"])
+    assert e.value.code == ErrorCode.PROVISION_STEP_FAILED and "nope" in e.value.message
+
+
 def test_async_boot_and_context_manager() -> None:
     async def main() -> str:
         async with await machinen.boot_async(name="py-async", memory_mib=256) as v:

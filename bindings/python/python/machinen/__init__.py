@@ -19,7 +19,18 @@ import os as _os
 
 from . import _native
 from ._aio import AsyncExecStream, AsyncVm, attach_async, boot_async, restore_async
-from ._vm import ExecResult, ExecStream, OutputChunk, Vm, attach, boot, gc, list_vms, restore
+from ._vm import (
+    ExecResult,
+    ExecStream,
+    OutputChunk,
+    Vm,
+    attach,
+    boot,
+    gc,
+    list_vms,
+    provision,
+    restore,
+)
 from .errors import (
     BootError,
     ErrorCode,
@@ -59,6 +70,7 @@ __all__ = [
     "boot_async",
     "gc",
     "list_vms",
+    "provision",
     "restore",
     "restore_async",
 ]

@@ -439,6 +439,31 @@ def restore(
 
 
 @_native_call
+def provision(
+    out: Union[str, "os.PathLike[str]"],
+    *,
+    base: Optional[str] = None,
+    run: Sequence[str] = (),
+    cmd: Optional[Command] = None,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+    memory_mib: Optional[int] = None,
+    network: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Bake an image (a rootfs tarball) at ``out``: boot ``base`` (default:
+    the installed Debian base; a baked image layers), run each ``run`` step
+    with ``sh -c`` (a failing step is ``PROVISION_STEP_FAILED`` with its
+    stderr), and bake ``cmd``, ``env`` and ``cwd`` in. ``boot(out)`` then
+    runs the baked command. Returns what was written (path, sha256, sizes,
+    config)."""
+    opts = _boot_opts(dict(
+        out=os.fspath(out), base=base, run=[str(s) for s in run], cmd=cmd, env=env, cwd=cwd,
+        memory_mib=memory_mib, network=network,
+    ))
+    return dict(json.loads(_native.provision(opts)))
+
+
+@_native_call
 def attach(target: Union[str, int]) -> Vm:
     """A live VM by name or supervisor pid, started by anyone (CLI, Node,
     another Python process). Leaving its ``with`` block does not stop it."""
