@@ -275,6 +275,38 @@ impl NativeVm {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// Start a command on a terminal of `rows` x `cols`.
+    #[pyo3(signature = (argv, env, rows, cols, cwd=None, user=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec_pty(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        rows: u16,
+        cols: u16,
+        cwd: Option<String>,
+        user: Option<String>,
+    ) -> PyResult<NativePty> {
+        let opts = machinen::ExecOptions {
+            argv,
+            env,
+            cwd,
+            user,
+        };
+        let size = machinen_proto::WinSize {
+            rows: rows.max(1),
+            cols: cols.max(1),
+        };
+        let vm = self.vm.clone();
+        let pty = run(py, async move { vm.exec_pty(opts, size).await })?;
+        Ok(NativePty {
+            pid: pty.pid(),
+            input: pty.input(),
+            exec: Arc::new(tokio::sync::Mutex::new(Some(pty))),
+        })
+    }
+
     /// Copy a host directory tree into the guest: `(entries, bytes)`.
     fn push_dir(
         &self,
@@ -457,6 +489,76 @@ impl NativeExec {
     }
 }
 
+/// A command on a terminal (`NativeVm.exec_pty`).
+#[pyclass(frozen)]
+struct NativePty {
+    pid: u32,
+    /// The command, until it exited.
+    exec: Arc<tokio::sync::Mutex<Option<machinen::PtyExec>>>,
+    input: machinen::PtyInput,
+}
+
+#[pymethods]
+impl NativePty {
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// `("output", data, None, None)`, then `("exit", None, code, signal)`;
+    /// `None` after that.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Option<PyEvent<'py>>> {
+        let exec = self.exec.clone();
+        let ev = run(py, async move {
+            let mut g = exec.lock().await;
+            let Some(e) = g.as_mut() else {
+                return Ok(None);
+            };
+            let r = e.next().await;
+            if !matches!(r, Ok(machinen::PtyEvent::Output(_))) {
+                *g = None;
+            }
+            r.map(Some)
+        })?;
+        Ok(match ev {
+            None => None,
+            Some(machinen::PtyEvent::Output(d)) => {
+                Some(("output", Some(PyBytes::new(py, &d)), None, None))
+            }
+            Some(machinen::PtyEvent::Exit(s)) => {
+                Some(("exit", None, Some(s.shell_code()), s.signal))
+            }
+        })
+    }
+
+    /// Keystrokes.
+    fn write(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<()> {
+        let input = self.input.clone();
+        run(py, async move { input.write(&data).await })
+    }
+
+    fn resize(&self, py: Python<'_>, rows: u16, cols: u16) -> PyResult<()> {
+        let input = self.input.clone();
+        let size = machinen_proto::WinSize {
+            rows: rows.max(1),
+            cols: cols.max(1),
+        };
+        run(py, async move { input.resize(size).await })
+    }
+
+    /// Send signal number `signal` to the command.
+    fn signal(&self, py: Python<'_>, signal: i32) -> PyResult<()> {
+        let input = self.input.clone();
+        run(py, async move { input.signal(signal).await })
+    }
+
+    /// End of input (as Ctrl-D on an empty line).
+    fn eof(&self, py: Python<'_>) -> PyResult<()> {
+        let input = self.input.clone();
+        run(py, async move { input.eof().await })
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
@@ -471,5 +573,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gc, m)?)?;
     m.add_class::<NativeVm>()?;
     m.add_class::<NativeExec>()?;
+    m.add_class::<NativePty>()?;
     Ok(())
 }

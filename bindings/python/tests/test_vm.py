@@ -39,6 +39,16 @@ def test_exec_streams_output_and_reports_exit_codes(vm: machinen.Vm) -> None:
     assert t.value.code == ErrorCode.EXEC_TIMEOUT
 
 
+def test_a_pty_session_is_a_terminal(vm: machinen.Vm) -> None:
+    pty = vm.exec_pty(["sh", "-c", "stty size; test -t 0 && echo tty; read line; echo got:$line"],
+                      rows=33, cols=101)
+    assert pty.pid > 0
+    pty.write("hello\n")
+    out = pty.read_all().replace(b"\r", b"")
+    assert b"33 101\n" in out and b"tty\n" in out and b"got:hello" in out, out
+    assert pty.exit_code == 0
+
+
 def test_binary_files_round_trip(vm: machinen.Vm) -> None:
     data = bytes(range(256)) * 4096
     assert vm.write_file("/root/py/blob.bin", data) == len(data)

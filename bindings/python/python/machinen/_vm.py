@@ -168,6 +168,59 @@ class ExecStream:
         self.close()
 
 
+class PtySession:
+    """A command on a terminal (:meth:`Vm.exec_pty`): :meth:`read` its
+    output (stdout and stderr merged, as a terminal shows them), :meth:`write`
+    keystrokes; :attr:`exit_code` once :meth:`read` returned ``None``."""
+
+    def __init__(self, native: Any) -> None:
+        self._n = native
+        self.exit_code: Optional[int] = None
+        self.signal: Optional[int] = None
+
+    @property
+    def pid(self) -> int:
+        """The command's pid in the guest."""
+        return int(self._n.pid)
+
+    @_native_call
+    def read(self) -> Optional[bytes]:
+        """The next output, or ``None`` once the command exited."""
+        ev = self._n.next()
+        if ev is None:
+            return None
+        kind, data, code, sig = ev
+        if kind == "exit":
+            self.exit_code, self.signal = code, sig
+            return None
+        return bytes(data)
+
+    def read_all(self) -> bytes:
+        """Everything up to the exit."""
+        out = []
+        while (chunk := self.read()) is not None:
+            out.append(chunk)
+        return b"".join(out)
+
+    @_native_call
+    def write(self, data: Union[bytes, str]) -> None:
+        self._n.write(data.encode() if isinstance(data, str) else bytes(data))
+
+    @_native_call
+    def resize(self, rows: int, cols: int) -> None:
+        self._n.resize(rows, cols)
+
+    @_native_call
+    def send_signal(self, signal: int) -> None:
+        """Send a signal (a number, e.g. ``signal.SIGINT``) to the command."""
+        self._n.signal(int(signal))
+
+    @_native_call
+    def eof(self) -> None:
+        """End of input (as Ctrl-D on an empty line)."""
+        self._n.eof()
+
+
 class Vm:
     """A running VM. Methods may be called from several threads at once
     (each waits with the GIL released). As a context manager, the VM
@@ -249,6 +302,14 @@ class Vm:
         """
         argv = _argv(cmd)
         return ExecStream(self._n.exec_start(argv, _env(env), cwd, user, timeout), argv)
+
+    @_native_call
+    def exec_pty(self, cmd: Command = "bash -l -i 2>/dev/null || sh -i", *, rows: int = 24,
+                 cols: int = 80, env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[str] = None, user: Optional[str] = None) -> PtySession:
+        """Start a command on a terminal of ``rows`` x ``cols`` (default: a
+        login shell)."""
+        return PtySession(self._n.exec_pty(_argv(cmd), _env(env), rows, cols, cwd, user))
 
     @_native_call
     def write_file(self, path: str, data: Union[bytes, str], *, mode: Optional[int] = None,
