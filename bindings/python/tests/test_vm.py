@@ -95,6 +95,14 @@ def test_the_cli_sees_python_vms_and_python_attaches_to_them(vm: machinen.Vm) ->
         assert vm.name in out.stdout
     again = machinen.attach(vm.name)
     assert again.exec("echo via-attach").text == "via-attach\n"
+    if cli:
+        # And the other way: a VM the CLI booted, driven from Python.
+        subprocess.run([cli, "boot", "--name", "py-from-cli", "--memory", "256", "--detached"],
+                       check=True, capture_output=True)
+        theirs = machinen.attach("py-from-cli")
+        assert theirs.exec("echo driven-from-python").text == "driven-from-python\n"
+        theirs.kill()
+        assert "py-from-cli" not in [v["name"] for v in machinen.list_vms()]
 
 
 def test_concurrent_execs_from_threads_and_asyncio(vm: machinen.Vm) -> None:
@@ -176,6 +184,10 @@ def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
                 assert abs(a - b) < 20
                 sibling.exec("echo fork-only > /root/mine")
                 assert back.exec("cat /root/mine 2>/dev/null || echo none").text == "none\n"
+        # A bundle directory that exists already is refused, by code.
+        with pytest.raises(machinen.SnapshotError) as e:
+            src.snapshot(bundle)
+        assert e.value.code.value.startswith("SNAPSHOT_"), e.value
 
 
 def test_provision_bakes_an_image_that_boots_with_its_steps_done(tmp_path: Path) -> None:
