@@ -413,6 +413,27 @@ impl NativeVm {
         json(&run(py, async move { vm.memory_stats().await })?)
     }
 
+    fn balloon(&self, py: Python<'_>) -> PyResult<String> {
+        let vm = self.vm.clone();
+        json(&run(py, async move { vm.balloon().await })?)
+    }
+
+    /// Let the guest use `target_bytes` of its ceiling, waiting up to
+    /// `wait` seconds for it to get there.
+    #[pyo3(signature = (target_bytes, wait=None))]
+    fn set_balloon(
+        &self,
+        py: Python<'_>,
+        target_bytes: u64,
+        wait: Option<f64>,
+    ) -> PyResult<String> {
+        let wait = options::secs(wait)?;
+        let vm = self.vm.clone();
+        json(&run(py, async move {
+            vm.set_balloon(target_bytes, wait).await
+        })?)
+    }
+
     fn network(&self, py: Python<'_>) -> PyResult<String> {
         let vm = self.vm.clone();
         json(&run(py, async move { vm.network().await })?)

@@ -49,6 +49,18 @@ def test_a_pty_session_is_a_terminal(vm: machinen.Vm) -> None:
     assert pty.exit_code == 0
 
 
+def test_memory_stats_and_the_balloon(vm: machinen.Vm) -> None:
+    stats = vm.memory_stats()
+    assert stats["ceiling_bytes"] == 256 << 20 and stats["guest"]["total_bytes"] > 0
+    r = vm.set_balloon(200 << 20, wait=60)
+    assert r["target_bytes"] == 200 << 20, r
+    assert vm.balloon()["target_bytes"] == 200 << 20
+    vm.set_balloon(256 << 20, wait=60)
+    with pytest.raises(machinen.MachinenError) as e:
+        vm.set_balloon(1 << 20)
+    assert e.value.code == ErrorCode.BALLOON_TARGET_INVALID
+
+
 def test_binary_files_round_trip(vm: machinen.Vm) -> None:
     data = bytes(range(256)) * 4096
     assert vm.write_file("/root/py/blob.bin", data) == len(data)

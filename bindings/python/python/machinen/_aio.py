@@ -140,6 +140,12 @@ class AsyncVm:
     async def memory_stats(self) -> Dict[str, Any]:
         return await _thread(self.sync.memory_stats)
 
+    async def balloon(self) -> Dict[str, Any]:
+        return await _thread(self.sync.balloon)
+
+    async def set_balloon(self, target_bytes: int, **kw: Any) -> Dict[str, Any]:
+        return await _thread(self.sync.set_balloon, target_bytes, **kw)
+
     async def network(self) -> Dict[str, Any]:
         return await _thread(self.sync.network)
 

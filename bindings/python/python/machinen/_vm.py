@@ -393,6 +393,18 @@ class Vm:
         return dict(json.loads(self._n.memory_stats()))
 
     @_native_call
+    def balloon(self) -> Dict[str, Any]:
+        """Its balloon: the ceiling, the target, what the guest can use now."""
+        return dict(json.loads(self._n.balloon()))
+
+    @_native_call
+    def set_balloon(self, target_bytes: int, *, wait: Optional[float] = None) -> Dict[str, Any]:
+        """Let the guest use ``target_bytes`` of its memory ceiling (the
+        ceiling: all of it); the rest goes back to the host. Waits up to
+        ``wait`` seconds (default: a bounded while) for the guest to get there."""
+        return dict(json.loads(self._n.set_balloon(int(target_bytes), wait)))
+
+    @_native_call
     def network(self) -> Dict[str, Any]:
         """Its egress policy and traffic counters."""
         return dict(json.loads(self._n.network()))
