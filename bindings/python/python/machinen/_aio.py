@@ -32,6 +32,7 @@ class AsyncExecStream:
 
     @property
     def result(self) -> Optional[ExecResult]:
+        """The command's result, once the iteration ended."""
         return self._s.result
 
     def __aiter__(self) -> AsyncIterator[OutputChunk]:
@@ -51,12 +52,15 @@ class AsyncExecStream:
         return chunk
 
     async def write(self, data: bytes) -> None:
+        """Send bytes to the command's stdin."""
         await _thread(self._s.write, data)
 
     async def close_stdin(self) -> None:
+        """Close the command's stdin."""
         await _thread(self._s.close_stdin)
 
     def close(self) -> None:
+        """Give the command up (the guest ends it)."""
         self._s.close()
 
     async def __aenter__(self) -> "AsyncExecStream":
@@ -79,10 +83,12 @@ class AsyncVm:
 
     @property
     def name(self) -> str:
+        """The VM's name."""
         return self.sync.name
 
     @property
     def pid(self) -> int:
+        """Its supervisor's process id."""
         return self.sync.pid
 
     async def exec(self, cmd: Command, **kw: Any) -> ExecResult:
@@ -108,48 +114,63 @@ class AsyncVm:
         return AsyncExecStream(self.sync.exec_stream(cmd, **kw))
 
     async def write_file(self, path: str, data: Any, **kw: Any) -> int:
+        """See :meth:`Vm.write_file`."""
         return await _thread(self.sync.write_file, path, data, **kw)
 
     async def read_file(self, path: str) -> bytes:
+        """See :meth:`Vm.read_file`."""
         return await _thread(self.sync.read_file, path)
 
     async def push_dir(self, src: Any, dest: str, **kw: Any) -> Any:
+        """See :meth:`Vm.push_dir`."""
         return await _thread(self.sync.push_dir, src, dest, **kw)
 
     async def pull_dir(self, src: str, dest: Any, **kw: Any) -> Any:
+        """See :meth:`Vm.pull_dir`."""
         return await _thread(self.sync.pull_dir, src, dest, **kw)
 
     async def snapshot(self, out_dir: Any, **kw: Any) -> Dict[str, Any]:
+        """See :meth:`Vm.snapshot`."""
         return await _thread(self.sync.snapshot, out_dir, **kw)
 
     async def fork(self, **kw: Any) -> "AsyncVm":
+        """See :meth:`Vm.fork`."""
         return AsyncVm(await _thread(self.sync.fork, **kw))
 
     async def stop(self, **kw: Any) -> Dict[str, Any]:
+        """See :meth:`Vm.stop`."""
         return await _thread(self.sync.stop, **kw)
 
     async def kill(self) -> Dict[str, Any]:
+        """See :meth:`Vm.kill`."""
         return await _thread(self.sync.kill)
 
     async def detach(self) -> None:
+        """See :meth:`Vm.detach`."""
         await _thread(self.sync.detach)
 
     async def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """See :meth:`Vm.wait`."""
         return await _thread(self.sync.wait, timeout)
 
     async def memory_stats(self) -> Dict[str, Any]:
+        """See :meth:`Vm.memory_stats`."""
         return await _thread(self.sync.memory_stats)
 
     async def balloon(self) -> Dict[str, Any]:
+        """See :meth:`Vm.balloon`."""
         return await _thread(self.sync.balloon)
 
     async def set_balloon(self, target_bytes: int, **kw: Any) -> Dict[str, Any]:
+        """See :meth:`Vm.set_balloon`."""
         return await _thread(self.sync.set_balloon, target_bytes, **kw)
 
     async def network(self) -> Dict[str, Any]:
+        """See :meth:`Vm.network`."""
         return await _thread(self.sync.network)
 
     async def set_network(self, **kw: Any) -> Dict[str, Any]:
+        """See :meth:`Vm.set_network`."""
         return await _thread(self.sync.set_network, **kw)
 
     async def __aenter__(self) -> "AsyncVm":

@@ -204,10 +204,12 @@ class PtySession:
 
     @_native_call
     def write(self, data: Union[bytes, str]) -> None:
+        """Keystrokes."""
         self._n.write(data.encode() if isinstance(data, str) else bytes(data))
 
     @_native_call
     def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new size."""
         self._n.resize(rows, cols)
 
     @_native_call
@@ -241,6 +243,7 @@ class Vm:
 
     @property
     def id(self) -> str:
+        """Its registry id."""
         return str(self._n.id)
 
     @property
