@@ -47,14 +47,17 @@ fn print(name: &str, r: &NetReport) {
         println!("  deny  {rule}");
     }
     let c = &r.counters;
+    let n = |count: u64, one: &str, many: &str| {
+        format!("{count} {}", if count == 1 { one } else { many })
+    };
     println!(
-        "traffic: {} out, {} in; {} connections; DNS {} answered, {} refused; {} attempts refused",
+        "traffic: {} out, {} in; {}; DNS {} answered, {} refused; {} refused",
         size(c.bytes_out),
         size(c.bytes_in),
-        c.connections,
+        n(c.connections, "connection", "connections"),
         c.dns_answered,
         c.dns_refused,
-        c.refused
+        n(c.refused, "attempt", "attempts")
     );
     for k in &c.refused_by {
         println!(
