@@ -309,9 +309,8 @@ pub fn check_user(u: &str) -> Result<(), Failure> {
     }
 }
 
-/// Check `KEY=VALUE` environment pairs and a working directory.
-/// A policy other than the open default needs `--network nat`: the filter
-/// sits between QEMU and passt.
+/// Check an egress policy. A policy other than the open default needs
+/// `--network nat`: the filter sits between QEMU and passt.
 pub fn validate_net_policy(
     network: crate::spec::NetworkMode,
     policy: &machinen_proto::netpolicy::NetPolicy,
@@ -333,6 +332,7 @@ pub fn validate_net_policy(
     Ok(())
 }
 
+/// Check `KEY=VALUE` environment pairs and a working directory.
 pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
     if opts.argv.is_empty() {
         return Err(fail(ErrorCode::BootArgsInvalid, "no command given")
