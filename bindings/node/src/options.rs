@@ -99,13 +99,8 @@ fn egress_secrets(s: Option<Vec<EgressSecretOpt>>) -> Result<Vec<machinen::netwo
     s.unwrap_or_default()
         .into_iter()
         .map(|e| {
-            machinen::network::EgressSecret::parse(&format!(
-                "{}@{}={}",
-                e.name,
-                e.hosts.join(","),
-                e.value
-            ))
-            .map_err(crate::js_error)
+            let hosts: Vec<&str> = e.hosts.iter().map(String::as_str).collect();
+            machinen::network::EgressSecret::new(&e.name, &hosts, &e.value).map_err(crate::js_error)
         })
         .collect()
 }

@@ -158,13 +158,8 @@ fn policy(p: Option<Policy>) -> PyResult<Option<machinen::network::NetPolicy>> {
 fn egress_secrets(s: Vec<EgressSecretArg>) -> PyResult<Vec<machinen::network::EgressSecret>> {
     s.into_iter()
         .map(|e| {
-            machinen::network::EgressSecret::parse(&format!(
-                "{}@{}={}",
-                e.name,
-                e.hosts.join(","),
-                e.value
-            ))
-            .map_err(err)
+            let hosts: Vec<&str> = e.hosts.iter().map(String::as_str).collect();
+            machinen::network::EgressSecret::new(&e.name, &hosts, &e.value).map_err(err)
         })
         .collect()
 }

@@ -74,11 +74,28 @@ pub struct EgressSecret {
     pub value: proto::SecretValue,
 }
 
+const EGRESS_SECRET_HINT: &str = "the form is NAME@HOST[,HOST…]=VALUE, or NAME@HOST with NAME set in your environment; HOST may be *.DOMAIN";
+
 impl EgressSecret {
+    /// A secret from its parts (the bindings' fields), checked as the
+    /// flag's are.
+    pub fn new(name: &str, hosts: &[&str], value: &str) -> Result<EgressSecret> {
+        let invalid = |e: String| {
+            fail(ErrorCode::SecretsInvalid, format!("egress secret: {e}")).hint(EGRESS_SECRET_HINT)
+        };
+        let hosts = proto::egress::check_parts(name, hosts).map_err(invalid)?;
+        proto::egress::check_value(name, value).map_err(invalid)?;
+        Ok(EgressSecret {
+            name: name.to_string(),
+            hosts,
+            value: proto::SecretValue(value.as_bytes().to_vec()),
+        })
+    }
+
     /// Parse `NAME@HOST[,HOST…][=VALUE]`; without `=VALUE` the value is
     /// this process's environment variable `NAME`.
     pub fn parse(flag: &str) -> Result<EgressSecret> {
-        let hint = "the form is NAME@HOST[,HOST…]=VALUE, or NAME@HOST with NAME set in your environment; HOST may be *.DOMAIN";
+        let hint = EGRESS_SECRET_HINT;
         let a = proto::egress::parse_arg(flag).map_err(|e| {
             fail(ErrorCode::SecretsInvalid, format!("--egress-secret: {e}")).hint(hint)
         })?;
@@ -119,20 +136,15 @@ pub(crate) fn egress_specs(
 ) -> Result<Vec<EgressSecretSpec>> {
     let mut specs = existing.to_vec();
     for g in given {
-        if specs.iter().filter(|s| s.name == g.name).count() > 0 {
-            for s in specs.iter_mut().filter(|s| s.name == g.name) {
-                s.hosts = g.hosts.clone();
-            }
+        if let Some(s) = specs.iter_mut().find(|s| s.name == g.name) {
+            s.hosts = g.hosts.clone();
             continue;
         }
-        let mut random = [0u8; 16];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
-            .map_err(|e| fail(ErrorCode::SecretsInvalid, "cannot read /dev/urandom").source(e))?;
         specs.push(EgressSecretSpec {
             name: g.name.clone(),
             hosts: g.hosts.clone(),
-            placeholder: proto::egress::placeholder(&g.name, &random),
+            // rand's thread generator is a CSPRNG seeded by the OS.
+            placeholder: proto::egress::placeholder(&g.name, &rand::random()),
         });
     }
     if specs.len() > proto::egress::MAX_SECRETS {

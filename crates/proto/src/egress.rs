@@ -85,17 +85,8 @@ pub fn parse_arg(s: &str) -> Result<EgressSecretArg, String> {
             "{s:?} has no @HOST: the form is NAME@HOST[,HOST…][=VALUE]"
         ));
     };
-    check_name(name)?;
-    let hosts: Vec<String> = hosts
-        .split(',')
-        .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
-        .collect();
-    if hosts.is_empty() || hosts.len() > MAX_HOSTS {
-        return Err(format!("{name}: 1 to {MAX_HOSTS} hosts"));
-    }
-    for h in &hosts {
-        check_host(h)?;
-    }
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    let hosts = check_parts(name, &hosts)?;
     if let Some(v) = &value {
         check_value(name, v)?;
     }
@@ -104,6 +95,23 @@ pub fn parse_arg(s: &str) -> Result<EgressSecretArg, String> {
         hosts,
         value,
     })
+}
+
+/// Check a secret's name and hosts (the flag's parts, or an API's fields):
+/// the hosts as they are kept (lower case, no trailing dot).
+pub fn check_parts(name: &str, hosts: &[&str]) -> Result<Vec<String>, String> {
+    check_name(name)?;
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    if hosts.is_empty() || hosts.len() > MAX_HOSTS {
+        return Err(format!("{name}: 1 to {MAX_HOSTS} hosts"));
+    }
+    for h in &hosts {
+        check_host(h)?;
+    }
+    Ok(hosts)
 }
 
 /// A variable name a shell can use.
@@ -184,6 +192,13 @@ mod tests {
         ] {
             assert!(parse_arg(bad).is_err(), "{bad}");
         }
+        // Fields from an API are checked alike, a host with `=` included.
+        assert_eq!(
+            check_parts("K", &["API.example.com."]),
+            Ok(vec!["api.example.com".to_string()])
+        );
+        assert!(check_parts("K", &["h=x"]).is_err());
+        assert!(check_parts("K", &[]).is_err());
     }
 
     #[test]
