@@ -294,17 +294,20 @@ fn egress_policy_refuses_at_once_resolves_only_allowed_names_holds_against_root_
     env.run_ok(&["stop", "pol"]);
 }
 
-/// An HTTPS server that answers each GET with the Authorization header it
-/// got (and appends it to a log): argv ADDR PORT CERT KEY LOG.
+/// An HTTPS server that answers each GET with the SHA-256 of the
+/// Authorization header it got, and appends the header to a log on the
+/// host: argv ADDR PORT CERT KEY LOG. (Answering with the header itself
+/// would hand the value to the guest and put it in its RAM, which is what
+/// the test shows never happens.)
 const ECHO_SERVER: &str = r#"
-import http.server, ssl, sys
+import hashlib, http.server, ssl, sys
 addr, port, cert, key, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         auth = self.headers.get("Authorization")
         with open(log, "a") as f:
             f.write("%s %s\n" % (self.headers.get("Host"), auth))
-        body = ("auth=%s\n" % auth).encode()
+        body = ("auth-sha256=%s\n" % hashlib.sha256(str(auth).encode()).hexdigest()).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -477,12 +480,13 @@ fn egress_secrets_reach_only_their_host_and_never_the_guest_ram_bundle_or_logs()
     let other = format!("https://other.allowed.test:{HTTPS}/");
     // The host with the secret gets the value (through a TLS the guest
     // trusts: the VM's CA) ...
-    assert_eq!(curl("sec", &api, ""), format!("auth=Bearer {VALUE}"));
+    let answer = |auth: &str| format!("auth-sha256={}", super::sha256_hex(auth.as_bytes()));
+    assert_eq!(curl("sec", &api, ""), answer(&format!("Bearer {VALUE}")));
     // ... any other host only the placeholder (its TLS is end to end: the
     // guest checks the test server itself).
     assert_eq!(
         curl("sec", &other, "--cacert /root/test-ca.pem"),
-        format!("auth=Bearer {placeholder}")
+        answer(&format!("Bearer {placeholder}"))
     );
     // The proxy keeps to the policy: a refused name gets a 403.
     let refused = curl("sec", &format!("https://evil.test:{HTTPS}/"), "");
@@ -564,7 +568,7 @@ fn egress_secrets_reach_only_their_host_and_never_the_guest_ram_bundle_or_logs()
         "--egress-secret",
         "API_KEY@api.allowed.test",
     ]);
-    assert_eq!(curl("sec3", &api, ""), format!("auth=Bearer {VALUE}"));
+    assert_eq!(curl("sec3", &api, ""), answer(&format!("Bearer {VALUE}")));
     env.run_ok(&["stop", "sec3"]);
     env.run_ok(&["stop", "sec"]);
 }
