@@ -127,6 +127,9 @@ fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 
+/// See [`AgentSession::token`].
+pub type SessionToken = std::sync::Weak<tokio::sync::Notify>;
+
 /// Handle to a running agent session; cheap to clone.
 #[derive(Clone)]
 pub struct AgentSession {
@@ -190,6 +193,13 @@ impl AgentSession {
             let _ = done_tx.send(());
         });
         (AgentSession { open_tx, close }, done_rx)
+    }
+
+    /// A token of this session that keeps nothing of it alive: equal (by
+    /// [`std::sync::Weak::ptr_eq`]) for every handle of the session, never
+    /// for another one.
+    pub fn token(&self) -> SessionToken {
+        std::sync::Arc::downgrade(&self.close)
     }
 
     /// End the session (its streams fail, the socket is closed).

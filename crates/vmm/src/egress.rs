@@ -105,6 +105,9 @@ pub struct Egress {
     net: Arc<Net>,
     client_tls: Arc<rustls::ClientConfig>,
     leaves: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
+    /// The agent session last set up (start-up sets the first one up before
+    /// the main command runs; [`run`] then sets up only new ones).
+    set_up_in: Mutex<Option<crate::agent::SessionToken>>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -141,6 +144,7 @@ impl Egress {
             net,
             client_tls: Arc::new(client),
             leaves: Mutex::new(HashMap::new()),
+            set_up_in: Mutex::new(None),
         }))
     }
 
@@ -245,8 +249,17 @@ impl Egress {
     }
 }
 
-/// Send the setup to the agent of `session`.
+/// Send the setup to the agent of `session`, unless it had it already.
 pub async fn set_up(egress: &Egress, session: &AgentSession) -> Result<(), String> {
+    let done = egress
+        .set_up_in
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|t| t.ptr_eq(&session.token()));
+    if done {
+        return Ok(());
+    }
     let ask = async {
         let mut s = session.open().await.map_err(|e| e.to_string())?;
         proto::send(
@@ -263,11 +276,13 @@ pub async fn set_up(egress: &Egress, session: &AgentSession) -> Result<(), Strin
     };
     tokio::time::timeout(timeouts::CONTROL_ANSWER, ask)
         .await
-        .map_err(|_| "the agent did not answer".to_string())?
+        .map_err(|_| "the agent did not answer".to_string())??;
+    *egress.set_up_in.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.token());
+    Ok(())
 }
 
 /// Keep the proxy served for the VM's life: set each new agent session up
-/// and keep [`ACCEPTORS`] accepts waiting in it.
+/// (the first one start-up did) and keep [`ACCEPTORS`] accepts waiting in it.
 pub async fn run(egress: Arc<Egress>, shared: Arc<Shared>) {
     loop {
         let session = shared.agent.lock().await.clone();
