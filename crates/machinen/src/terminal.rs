@@ -187,30 +187,35 @@ pub async fn run_interactive_timeout(
     let _raw = RawMode::enable_stdin_if_terminal()?;
     let mut stdin = stdin_chunks().lock().await;
     let mut stdin_open = true;
+    // Input is best-effort once the command may have ended: the guest closes
+    // the stream right after the exit frame, so a keystroke, EOF or resize
+    // sent in that moment fails with a broken pipe while the exit status
+    // still waits to be read. After the first failed send, input stops and
+    // the output side decides: it yields the exit, or the real error.
+    let mut input_ok = true;
     let mut out = tokio::io::stdout();
     loop {
-        tokio::select! {
+        let sent: Result<()> = tokio::select! {
             ev = exec.next() => match ev? {
                 PtyEvent::Output(b) => {
                     out.write_all(&b).await.map_err(|e| fail(ErrorCode::Io, "writing to the terminal failed").source(e))?;
                     out.flush().await.map_err(|e| fail(ErrorCode::Io, "writing to the terminal failed").source(e))?;
+                    Ok(())
                 }
                 PtyEvent::Exit(st) => return Ok(Outcome::Exited(st)),
             },
-            chunk = stdin.recv(), if stdin_open => match chunk {
-                Some(b) if !b.is_empty() => input.write(&b).await?,
+            chunk = stdin.recv(), if stdin_open && input_ok => match chunk {
+                Some(b) if !b.is_empty() => input.write(&b).await,
                 _ => {
                     stdin_open = false;
-                    input.eof().await?;
+                    input.eof().await
                 }
             },
-            _ = winch.recv() => {
-                input.resize(host_winsize()).await?;
-            }
+            _ = winch.recv() => if input_ok { input.resize(host_winsize()).await } else { Ok(()) },
             // Only reach us when stdin is not a raw terminal (or from kill):
             // the guest command gets them, as it would from a terminal.
-            _ = int.recv() => input.signal(libc::SIGINT).await?,
-            _ = quit.recv() => input.signal(libc::SIGQUIT).await?,
+            _ = int.recv() => if input_ok { input.signal(libc::SIGINT).await } else { Ok(()) },
+            _ = quit.recv() => if input_ok { input.signal(libc::SIGQUIT).await } else { Ok(()) },
             _ = term.recv() => {
                 let _ = input.signal(libc::SIGTERM).await;
                 return Ok(Outcome::Signalled(libc::SIGTERM));
@@ -220,7 +225,8 @@ pub async fn run_interactive_timeout(
                 return Ok(Outcome::Signalled(libc::SIGHUP));
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
-                input.signal(libc::SIGKILL).await?;
+                // A failed send still waits: the exit may already be on its way.
+                let _ = input.signal(libc::SIGKILL).await;
                 // Wait (bounded) for the guest to confirm the end.
                 let confirm = async {
                     loop {
@@ -235,6 +241,9 @@ pub async fn run_interactive_timeout(
                 );
                 return Err(exec_timeout_error(&program, timeout, confirmed));
             }
+        };
+        if sent.is_err() {
+            input_ok = false;
         }
     }
 }
