@@ -126,6 +126,9 @@ where
         Frame::Request(Request::AttachMain { from_seq }) => {
             crate::service::attach(s, ctx.main.clone(), from_seq).await
         }
+        Frame::Request(Request::SignalMain { signal, group }) => {
+            crate::service::signal(s, ctx.main.clone(), signal, group).await
+        }
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;

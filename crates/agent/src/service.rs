@@ -329,6 +329,50 @@ where
     }
 }
 
+/// `SignalMain`: `kill(2)` the main command's process (or its group) with
+/// `signal`.
+pub async fn signal<S>(mut s: S, slot: Arc<MainSlot>, signal: i32, group: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let running = slot
+        .lock()
+        .as_ref()
+        .filter(|m| m.exit.is_none())
+        .map(|m| m.pid);
+    let reply = match (running, nix::sys::signal::Signal::try_from(signal)) {
+        (_, Err(_)) => wire_error(
+            machinen_proto::ErrorCode::SignalInvalid.as_str(),
+            format!("{signal} is not a signal number"),
+        ),
+        (None, _) => wire_error(code::NOT_RUNNING, "this VM's main command is not running"),
+        (Some(pid), Ok(sig)) => {
+            let target = nix::unistd::Pid::from_raw(pid as i32);
+            let sent = if group {
+                nix::sys::signal::killpg(target, sig)
+            } else {
+                nix::sys::signal::kill(target, sig)
+            };
+            match sent {
+                Ok(()) => {
+                    debug!("main command pid {pid}: sent {sig}");
+                    Frame::Response(Response::MainSignalled { pid })
+                }
+                // Exited, its status not collected yet.
+                Err(nix::errno::Errno::ESRCH) => {
+                    wire_error(code::NOT_RUNNING, "this VM's main command has ended")
+                }
+                Err(e) => wire_error(
+                    machinen_proto::ErrorCode::ExecFailed.as_str(),
+                    format!("kill({pid}, {sig}): {e}"),
+                ),
+            }
+        }
+    };
+    let _ = send(&mut s, &reply).await;
+    let _ = s.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -605,6 +605,8 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
 mod blocking;
 #[path = "e2e/chain.rs"]
 mod chain;
+#[path = "e2e/containerd.rs"]
+mod containerd;
 #[path = "e2e/deadline.rs"]
 mod deadline;
 #[path = "e2e/dirs.rs"]

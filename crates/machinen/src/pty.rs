@@ -43,6 +43,15 @@ pub enum PtyEvent {
     Exit(ExitStatus),
 }
 
+/// What a command driven by [`Vm::exec_session`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The command ended; nothing follows.
+    Exit(ExitStatus),
+}
+
 impl PtyInput {
     async fn send(&self, f: &Frame, what: &str) -> Result<()> {
         let mut wr = self.wr.lock().await;
@@ -88,13 +97,23 @@ impl PtyExec {
 
     /// The next output chunk, or the exit. After `Exit`, returns an error.
     pub async fn next(&mut self) -> Result<PtyEvent> {
+        Ok(match self.next_stream().await? {
+            StreamEvent::Stdout(b) | StreamEvent::Stderr(b) => PtyEvent::Output(b),
+            StreamEvent::Exit(st) => PtyEvent::Exit(st),
+        })
+    }
+
+    /// [`PtyExec::next`] with stdout and stderr apart (a command on pipes;
+    /// on a pty everything is stdout).
+    pub async fn next_stream(&mut self) -> Result<StreamEvent> {
         loop {
             match proto::read_frame(&mut self.rd)
                 .await
                 .map_err(|e| protocol_error("reading terminal output", e))?
             {
-                Some(Frame::Stdout(b)) | Some(Frame::Stderr(b)) => return Ok(PtyEvent::Output(b)),
-                Some(Frame::Exit(st)) => return Ok(PtyEvent::Exit(st)),
+                Some(Frame::Stdout(b)) => return Ok(StreamEvent::Stdout(b)),
+                Some(Frame::Stderr(b)) => return Ok(StreamEvent::Stderr(b)),
+                Some(Frame::Exit(st)) => return Ok(StreamEvent::Exit(st)),
                 Some(Frame::Error(e)) => return Err(wire_error(e)),
                 Some(_) => continue,
                 None => {
@@ -113,6 +132,19 @@ impl PtyExec {
 impl Vm {
     /// Start `opts` on a new pty of size `winsize` in the guest.
     pub async fn exec_pty(&self, opts: ExecOptions, winsize: WinSize) -> Result<PtyExec> {
+        self.exec_session(opts, Some(winsize)).await
+    }
+
+    /// Start `opts` in the guest on a new pty of size `winsize`, or with
+    /// pipes (`None`), and drive it by hand: input, EOF, signals to its
+    /// process group, resizes; output as [`PtyExec::next_stream`] gives it.
+    /// For callers that keep a process's streams themselves (the containerd
+    /// shim); [`Vm::exec_stream`] is simpler for the rest.
+    pub async fn exec_session(
+        &self,
+        opts: ExecOptions,
+        winsize: Option<WinSize>,
+    ) -> Result<PtyExec> {
         validate_exec(&opts)?;
         let conn = self.connect().await?;
         let (mut rd, mut wr) = conn.into_split();
@@ -120,8 +152,8 @@ impl Vm {
             argv: opts.argv,
             env: opts.env,
             cwd: opts.cwd,
-            tty: true,
-            winsize: Some(winsize),
+            tty: winsize.is_some(),
+            winsize,
             user: opts.user,
         };
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))

@@ -643,6 +643,19 @@ impl crate::vm::Vm {
     pub fn follow_logs(&self, source: LogSource, from_start: bool) -> Result<LogFollower> {
         follow(&self.info().id, source, from_start)
     }
+
+    /// Send `signal` to the main command's process, as `kill(2)` (with
+    /// `group`, to its whole process group, as `killpg(2)`): its guest pid.
+    /// `MAIN_NOT_RUNNING` when there is none or it ended, `SIGNAL_INVALID`
+    /// for a number that is no signal.
+    pub async fn signal_main(&self, signal: i32, group: bool) -> Result<u32> {
+        self.call(
+            machinen_proto::exchange::SignalMain { signal, group },
+            machinen_proto::timeouts::CONTROL_ANSWER,
+            ErrorCode::ExecVsockUnavailable,
+        )
+        .await
+    }
 }
 
 /// [`LogFollower`] for the VM `target` (name, pid or id; live or ended).

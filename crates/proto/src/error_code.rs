@@ -145,6 +145,12 @@ error_codes! {
     NetworkPolicyInvalid = "NETWORK_POLICY_INVALID",
     // the VM has no filtered network (`--network none` or `nat-host`)
     NetworkUnavailable = "NETWORK_UNAVAILABLE",
+    // a number that is no signal (kill of a main command or a process)
+    SignalInvalid = "SIGNAL_INVALID",
+    // the containerd shim: an OCI runtime spec or request it cannot run,
+    // and a container or process it does not know
+    ContainerSpecInvalid = "CONTAINER_SPEC_INVALID",
+    ContainerNotFound = "CONTAINER_NOT_FOUND",
 }
 
 impl ErrorCode {
@@ -197,6 +203,8 @@ impl ErrorCode {
             | BalloonTargetInvalid
             | BootLiveMountOverrideUnknown
             | NetworkPolicyInvalid
+            | SignalInvalid
+            | ContainerSpecInvalid
             | MountPathEscape => 2,
             _ => 125,
         }

@@ -55,6 +55,12 @@ macro_rules! exchange {
 }
 
 exchange!(
+    /// Send a signal to the VM's main command: its guest pid.
+    SignalMain { signal: i32, group: bool } => Request::SignalMain { signal, group },
+    "signalling the main command",
+    Response::MainSignalled { pid } => u32 = pid
+);
+exchange!(
     /// Liveness probe.
     Ping => Request::Ping, "probing", Response::Pong => () = ()
 );

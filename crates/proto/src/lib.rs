@@ -84,6 +84,8 @@
 //! agent -> host : Response(MainAttached { pid, seq })   (again after a gap)
 //! agent -> host : Stdout(bytes)* Stderr(bytes)*  (records seq, seq+1, …)
 //! agent -> host : Exit { code, signal }      (once it ended and all went out)
+//! host -> agent : Request(SignalMain { signal, group })
+//! agent -> host : Response(MainSignalled { pid }) | Error { code: MAIN_NOT_RUNNING, .. }
 //! ```
 //!
 //! Secrets: `Request(Secrets { secrets })` → `Response(SecretsSet)`;
@@ -443,6 +445,18 @@ pub enum Request {
         #[serde(default)]
         from_seq: u64,
     },
+    /// Send `signal` to the main command's process (agent link, forwarded
+    /// from the control link), as `kill(2)` would: to the process alone,
+    /// so that the command decides what its children get, or with `group`
+    /// to its whole process group (it leads one). Answered with
+    /// `Response(MainSignalled { pid })`, or `Error(MAIN_NOT_RUNNING)` when
+    /// there is none or it has ended, or `Error(SIGNAL_INVALID)` for a
+    /// number that is no signal.
+    SignalMain {
+        signal: i32,
+        #[serde(default)]
+        group: bool,
+    },
     /// Read the balloon (control link), and with `target_bytes` set the
     /// memory the guest may use (the ceiling deflates it fully). Answered
     /// with `Response(Balloon(..))` at once; the guest inflates or deflates
@@ -517,6 +531,10 @@ pub enum Response {
     MainAttached {
         pid: u32,
         seq: u64,
+    },
+    /// `SignalMain` delivered the signal to this guest pid.
+    MainSignalled {
+        pid: u32,
     },
     /// The balloon's state (after a `Balloon` request).
     Balloon(BalloonReport),
@@ -1023,6 +1041,15 @@ mod tests {
             })),
             Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
             Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),
+            Frame::Request(Request::SignalMain {
+                signal: 15,
+                group: false,
+            }),
+            Frame::Request(Request::SignalMain {
+                signal: 19,
+                group: true,
+            }),
+            Frame::Response(Response::MainSignalled { pid: 77 }),
             Frame::Request(Request::Balloon {
                 target_bytes: Some(512 << 20),
             }),

@@ -198,6 +198,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             | Request::PushDir(_)
             | Request::PullDir(_)
             | Request::Secrets { .. }
+            | Request::SignalMain { .. }
             | Request::WipeSecrets),
         ) => {
             let agent = shared.agent.lock().await.clone();

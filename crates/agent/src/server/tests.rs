@@ -96,6 +96,25 @@ impl Client {
         read_all(&mut s).await
     }
 
+    /// Send `first`, then collect `n` frames (or fewer, if the agent closes
+    /// first) and drop the stream.
+    pub(crate) async fn call_until(&self, first: Frame, n: usize) -> Vec<Frame> {
+        let mut s = self.stream().await;
+        send(&mut s, &first).await.expect("send");
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut s))
+                .await
+                .expect("no frame for 30 s")
+                .expect("read frame")
+            {
+                Some(f) => out.push(f),
+                None => break,
+            }
+        }
+        out
+    }
+
     /// Drop the transport, as a host going away does.
     pub(crate) fn disconnect(self) {
         self.driver.abort();
@@ -993,5 +1012,78 @@ async fn the_main_command_is_kept_for_any_session_to_attach() {
             Frame::Stderr(b"err\n".to_vec()),
             Frame::Exit(code(3).expect("status")),
         ]
+    );
+}
+
+/// `SignalMain` reaches the main command (a trapped SIGTERM decides its
+/// status; with `group`, SIGSTOP and SIGCONT reach its children too), and
+/// is refused once it ended or for a number that is no signal.
+#[tokio::test]
+async fn signals_reach_the_main_command_until_it_ends() {
+    let (ctx, _) = test_ctx();
+    let (a, b) = duplex(64 * 1024);
+    tokio::spawn(serve_session(a, ctx.clone()));
+    let c = Client::new(b);
+    let none = c
+        .call(Frame::Request(Request::SignalMain {
+            signal: 15,
+            group: false,
+        }))
+        .await;
+    assert!(
+        matches!(&none[..], [Frame::Error(e)] if e.code == "MAIN_NOT_RUNNING"),
+        "{none:?}"
+    );
+    let script = "trap 'echo term; exit 9' TERM; echo ready; while :; do sleep 0.05; done";
+    let started = c
+        .call(Frame::Request(Request::StartMain(main(&[
+            "sh", "-c", script,
+        ]))))
+        .await;
+    let Some(Frame::Started { pid }) = started.first().cloned() else {
+        panic!("{started:?}");
+    };
+    // Wait for the trap to be in place.
+    let t0 = std::time::Instant::now();
+    while !c
+        .call_until(Frame::Request(Request::AttachMain { from_seq: 0 }), 2)
+        .await
+        .contains(&Frame::Stdout(b"ready\n".to_vec()))
+    {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+    let bad = c
+        .call(Frame::Request(Request::SignalMain {
+            signal: 999,
+            group: false,
+        }))
+        .await;
+    assert!(
+        matches!(&bad[..], [Frame::Error(e)] if e.code == "SIGNAL_INVALID"),
+        "{bad:?}"
+    );
+    for (signal, group) in [(libc::SIGSTOP, true), (libc::SIGCONT, true), (15, false)] {
+        let r = c
+            .call(Frame::Request(Request::SignalMain { signal, group }))
+            .await;
+        assert_eq!(r, [Frame::Response(Response::MainSignalled { pid })]);
+    }
+    let frames = c
+        .call(Frame::Request(Request::AttachMain { from_seq: 0 }))
+        .await;
+    assert_eq!(
+        frames.last(),
+        Some(&Frame::Exit(code(9).expect("status"))),
+        "{frames:?}"
+    );
+    let after = c
+        .call(Frame::Request(Request::SignalMain {
+            signal: 15,
+            group: false,
+        }))
+        .await;
+    assert!(
+        matches!(&after[..], [Frame::Error(e)] if e.code == "MAIN_NOT_RUNNING"),
+        "{after:?}"
     );
 }
