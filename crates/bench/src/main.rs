@@ -5,6 +5,7 @@
 
 mod boot;
 mod chain;
+mod containerd;
 mod ctx;
 mod exec;
 mod fork;
@@ -75,6 +76,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "file I/O on a copy-once mount next to the root disk, in one VM",
     ),
     (
+        "containerd",
+        "ctr run --rm IMAGE true: machinen's containerd shim next to runc and to machinen boot",
+    ),
+    (
         "reclaim",
         "host cost after the guest frees 1 GiB, with and without the balloon; idle VMs per 8 GiB",
     ),
@@ -104,7 +109,7 @@ struct Args {
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
     /// exec, ports, net, snapshot, fork, chain, transport, savevm, memory,
-    /// scale, mounts, reclaim.
+    /// scale, mounts, reclaim, containerd.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -342,6 +347,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "scale" => scale::run(ctx, sec).await,
         "mounts" => mounts::run(ctx, sec).await,
         "reclaim" => reclaim::run(ctx, sec).await,
+        "containerd" => containerd::run_section(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

@@ -181,6 +181,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "ports.download_nat_host_mib_s",
         ),
         (
+            "shim_over_runc",
+            "ctr run --rm IMAGE true: machinen shim / runc (a VM costs more: how much)",
+            "containerd.shim_run_ms",
+            "containerd.runc_run_ms",
+        ),
+        (
+            "shim_over_boot",
+            "ctr run --rm IMAGE true with the shim / machinen boot IMAGE -- true",
+            "containerd.shim_run_ms",
+            "containerd.boot_cli_ms",
+        ),
+        (
             "chain_disk_over_full_disk",
             "checkpoints on disk: chain / full bundles",
             "chain.chain_disk_mib",

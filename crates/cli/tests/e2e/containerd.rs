@@ -222,6 +222,7 @@ fn busybox_image(dir: &Path, name: &str, config: &[&str]) -> PathBuf {
 fn try_get(port: u16) -> Option<String> {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     c.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
     let mut s = String::new();
     c.read_to_string(&mut s).ok()?;
@@ -372,6 +373,25 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     ]);
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "exec-hello");
+    // Its processes, its memory, and a pause that stops the server.
+    let ps = ctd.run_ok(&["tasks", "ps", "web"]);
+    assert!(ps.lines().count() >= 2, "{ps}");
+    let metrics = ctd.run_ok(&["tasks", "metrics", "web"]);
+    let usage: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("memory.usage_in_bytes"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no memory usage in {metrics}"));
+    assert!(usage > 1 << 20, "{metrics}");
+    ctd.run_ok(&["tasks", "pause", "web"]);
+    assert_eq!(ctd.task_status("web").as_deref(), Some("PAUSED"));
+    assert_eq!(try_get(port), None, "a paused server answers nothing");
+    ctd.run_ok(&["tasks", "resume", "web"]);
+    assert_eq!(ctd.task_status("web").as_deref(), Some("RUNNING"));
+    assert_eq!(
+        try_get(port).as_deref().map(str::trim),
+        Some("served-by-vm")
+    );
     ctd.run_ok(&["tasks", "kill", "-s", "SIGTERM", "web"]);
     ctd.wait_status("web", Some("STOPPED"));
     let out = ctd.run(&["tasks", "delete", "web"]);
