@@ -23,6 +23,7 @@ const SECTIONS: &[&str] = &[
     "scale",
     "mounts",
     "reclaim",
+    "containerd",
 ];
 
 #[test]
@@ -101,6 +102,8 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         "ports.download_nat_host_mib_s",
         "net.outbound_nat_mib_s",
         "net.outbound_nat_host_mib_s",
+        "containerd.shim_run_ms",
+        "containerd.runc_run_ms",
     ] {
         assert!(rows.iter().any(|r| r["key"] == key), "row {key} missing");
     }
@@ -111,6 +114,7 @@ fn quick_benchmark_completes_and_writes_valid_json() {
         "restore_4g_over_512m",
         "outbound_nat_over_nat_host",
         "ports_nat_over_nat_host",
+        "shim_over_runc",
     ] {
         assert!(
             ratios
