@@ -75,7 +75,16 @@ impl containerd_shim::asynchronous::Shim for Shim {
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let grouping = opts.id.clone();
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // In the bundle (our working directory), as the Go shims do: a
+        // restarted containerd finds its running shims by this file.
+        write_atomic(Path::new("address"), address.as_bytes()).map_err(|e| {
+            containerd_shim::Error::IoError {
+                context: "writing the bundle's address file".into(),
+                err: e,
+            }
+        })?;
+        Ok(address)
     }
 
     /// containerd's clean-up after a shim died: stop the VM, undo the
@@ -118,6 +127,16 @@ impl containerd_shim::asynchronous::Shim for Shim {
             }),
         }
     }
+}
+
+/// Write `path` whole or not at all: a temp file, synced, renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Remove an ended VM's registry entry (its logs went to containerd).

@@ -229,6 +229,42 @@ fn try_get(port: u16) -> Option<String> {
     s.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
+/// The shim's Update with a memory limit, through its own socket (as the
+/// CRI and nerdctl call it; `ctr` has no command for it).
+fn update_memory(ctd: &Containerd, id: &str, limit: u64) {
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+    use containerd_shim_protos::shim::shim::UpdateTaskRequest;
+    use containerd_shim_protos::ttrpc;
+    let task = ctd
+        .dir
+        .join("state/io.containerd.runtime.v2.task/default")
+        .join(id);
+    let address = std::fs::read_to_string(task.join("address")).expect("the shim's address");
+    let req = UpdateTaskRequest {
+        id: id.to_string(),
+        resources: MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: format!("{{\"memory\": {{\"limit\": {limit}}}}}").into_bytes(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = ttrpc::asynchronous::Client::connect(address.trim())
+            .await
+            .expect("connect to the shim");
+        containerd_shim_protos::shim_async::TaskClient::new(client)
+            .update(ttrpc::context::with_timeout(30_000_000_000), &req)
+            .await
+            .expect("Update")
+    });
+}
+
 /// The pid of the shim serving container `id` (its command line names it).
 fn shim_pid(id: &str) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -383,6 +419,10 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no memory usage in {metrics}"));
     assert!(usage > 1 << 20, "{metrics}");
+    // Update: a memory limit below the ceiling becomes the balloon's target.
+    update_memory(&ctd, "web", 300 << 20);
+    let b = env.json(&["balloon", "containerd/default/web", "--json"]);
+    assert_eq!(b["target_bytes"].as_u64(), Some(300 << 20), "{b}");
     ctd.run_ok(&["tasks", "pause", "web"]);
     assert_eq!(ctd.task_status("web").as_deref(), Some("PAUSED"));
     assert_eq!(try_get(port), None, "a paused server answers nothing");
