@@ -1,6 +1,33 @@
-//! One consistent error format, human or JSON.
+//! One consistent error format, human or JSON; and stdout that a closed
+//! pipe does not turn into a panic.
 
 use std::io::Write;
+
+/// Write to stdout; when its reader is gone (`machinen ls | head`), exit
+/// quietly with 141 (128 + SIGPIPE) as a Unix tool killed by SIGPIPE
+/// would, instead of the panic of `print!`. Other write errors are dropped,
+/// as `print!` cannot report them either.
+pub fn stdout_fmt(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+    }
+}
+
+/// `print!` through [`stdout_fmt`].
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::stdout_fmt(format_args!($($t)*)) };
+}
+
+/// `println!` through [`stdout_fmt`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::output::stdout_fmt(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::output::stdout_fmt(format_args!("{}\n", format_args!($($t)*))) };
+}
 
 use serde::Serialize;
 
@@ -8,7 +35,7 @@ use serde::Serialize;
 /// JSON form on stdout when the caller asked for `--json`.
 pub fn print_error(e: &machinen::Error, json: bool) {
     if json {
-        println!("{}", e.to_json());
+        crate::outln!("{}", e.to_json());
         return;
     }
     let mut err = std::io::stderr().lock();
@@ -24,7 +51,7 @@ pub fn print_error(e: &machinen::Error, json: bool) {
 /// Print a value as one line of JSON on stdout.
 pub fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => crate::outln!("{s}"),
         Err(e) => eprintln!("error: cannot encode JSON output: {e}"),
     }
 }

@@ -119,7 +119,7 @@ pub fn context() -> Value {
 
 pub fn run() -> machinen::Result<i32> {
     match serde_json::to_string_pretty(&context()) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => crate::outln!("{s}"),
         Err(e) => {
             return Err(machinen::error::fail(
                 machinen::ErrorCode::Io,

@@ -34,16 +34,16 @@ pub async fn run(a: BalloonArgs) -> Result<i32> {
 fn print(name: &str, r: &machinen::balloon::BalloonReport, outcome: Option<&BalloonOutcome>) {
     let mib = |b: u64| format!("{} MiB", b >> 20);
     let target = r.target_bytes.map(mib).unwrap_or_else(|| "-".into());
-    println!(
+    crate::outln!(
         "{name}: ceiling {}, target {target}, guest has {}",
         mib(r.ceiling_bytes),
         mib(r.actual_bytes)
     );
     if let Some(o) = outcome {
         if o.settled {
-            println!("reached in {} ms", o.elapsed_ms);
+            crate::outln!("reached in {} ms", o.elapsed_ms);
         } else {
-            println!(
+            crate::outln!(
                 "not reached after {} ms: the guest is still giving memory up, or cannot free more \
                  (it keeps trying; `machinen balloon {name}` shows where it is)",
                 o.elapsed_ms

@@ -162,9 +162,9 @@ pub async fn run(a: BootArgs) -> Result<i32> {
                 v["phases"] = serde_json::to_value(vm.phases()).unwrap_or_default();
                 print_json(&v);
             } else if main.is_some() {
-                println!("{} (pid {}) runs its main command; `machinen logs -f {}` shows its output, `machinen wait {}` waits for its exit", vm.name(), vm.pid(), vm.name(), vm.name());
+                crate::outln!("{} (pid {}) runs its main command; `machinen logs -f {}` shows its output, `machinen wait {}` waits for its exit", vm.name(), vm.pid(), vm.name(), vm.name());
             } else {
-                println!("{} (pid {}) is running; `machinen exec {} -- CMD` to use it, `machinen stop {}` to stop it", vm.name(), vm.pid(), vm.name(), vm.name());
+                crate::outln!("{} (pid {}) is running; `machinen exec {} -- CMD` to use it, `machinen stop {}` to stop it", vm.name(), vm.pid(), vm.name(), vm.name());
             }
             Ok(0)
         }

@@ -26,7 +26,7 @@ fn bundles_in(path: &Path) -> Vec<PathBuf> {
 }
 
 fn print_summaries(list: &[Summary]) {
-    println!(
+    crate::outln!(
         "{:<32} {:<6} {:>4} {:>10}  PARENT",
         "BUNDLE", "KIND", "SEQ", "ON DISK"
     );
@@ -36,7 +36,7 @@ fn print_summaries(list: &[Summary]) {
             ("delta", false) => "delta*",
             (k, _) => k,
         };
-        println!(
+        crate::outln!(
             "{:<32} {:<6} {:>4} {:>6} MiB  {}",
             s.path.display(),
             kind,
@@ -49,7 +49,7 @@ fn print_summaries(list: &[Summary]) {
         );
     }
     if list.iter().any(|s| s.kind == "delta" && !s.ram_delta) {
-        println!("delta*: the disk is a delta, the RAM is whole");
+        crate::outln!("delta*: the disk is a delta, the RAM is whole");
     }
 }
 
@@ -89,7 +89,7 @@ pub async fn run(a: BundleArgs) -> Result<i32> {
                     print_json(&serde_json::json!({ "ok": true, "chain": list }));
                 } else {
                     print_summaries(&list);
-                    println!(
+                    crate::outln!(
                         "{}: verified ({} bundle{} in its chain)",
                         dir.display(),
                         list.len(),
@@ -110,7 +110,7 @@ pub async fn run(a: BundleArgs) -> Result<i32> {
                 if json {
                     print_json(&s);
                 } else {
-                    println!(
+                    crate::outln!(
                         "{} -> {} (self-contained, {} MiB on disk)",
                         dir.display(),
                         done.display(),

@@ -94,7 +94,7 @@ pub fn script(shell: Shell) -> String {
 }
 
 pub fn run(a: crate::args::CompletionArgs) -> machinen::Result<i32> {
-    print!("{}", script(a.shell));
+    crate::out!("{}", script(a.shell));
     Ok(0)
 }
 
@@ -102,7 +102,7 @@ pub fn run(a: crate::args::CompletionArgs) -> machinen::Result<i32> {
 pub fn vm_names() -> machinen::Result<i32> {
     if let Ok(vms) = machinen::list() {
         for v in vms {
-            println!("{}", v.name);
+            crate::outln!("{}", v.name);
         }
     }
     Ok(0)

@@ -11,10 +11,10 @@ pub fn run(a: FeedbackArgs) -> Result<i32> {
         if a.json {
             print_json(&notes);
         } else if notes.is_empty() {
-            println!("no feedback recorded yet; `machinen feedback \"TEXT\"` adds a note");
+            crate::outln!("no feedback recorded yet; `machinen feedback \"TEXT\"` adds a note");
         } else {
             for n in &notes {
-                println!("{} ({}) {}", n.time, n.version, n.text);
+                crate::outln!("{} ({}) {}", n.time, n.version, n.text);
             }
         }
         return Ok(0);
@@ -23,7 +23,7 @@ pub fn run(a: FeedbackArgs) -> Result<i32> {
     if a.json {
         print_json(&note);
     } else {
-        println!(
+        crate::outln!(
             "thanks: noted in {} (kept locally, not sent anywhere)",
             machinen::feedback::path()?.display()
         );

@@ -15,14 +15,14 @@ pub fn run(a: GcArgs) -> Result<i32> {
     for i in &report.removed {
         let who = i.name.as_deref().unwrap_or("(unnamed)");
         match &i.cause {
-            Some(cause) => println!(
+            Some(cause) => crate::outln!(
                 "{verb} {who} [{}]: {}: {} ({} KiB)",
                 i.id,
                 i.reason,
                 cause.replace('\n', " "),
                 i.bytes / 1024
             ),
-            None => println!(
+            None => crate::outln!(
                 "{verb} {who} [{}]: {} ({} KiB)",
                 i.id,
                 i.reason,
@@ -31,9 +31,9 @@ pub fn run(a: GcArgs) -> Result<i32> {
         }
     }
     if report.removed.is_empty() {
-        println!("nothing to clean up");
+        crate::outln!("nothing to clean up");
     } else {
-        println!(
+        crate::outln!(
             "{verb} {} entr{}, {} MiB",
             report.removed.len(),
             if report.removed.len() == 1 {

@@ -17,20 +17,20 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                     print_json(&l);
                     return Ok(0);
                 }
-                println!("{:<56} DIGEST", "PULLED");
+                crate::outln!("{:<56} DIGEST", "PULLED");
                 for p in &l.pulled {
-                    println!("{:<56} {}", p.reference, short(&p.digest));
+                    crate::outln!("{:<56} {}", p.reference, short(&p.digest));
                 }
-                println!("\n{:<20} {:>11}  CONVERTED", "IMAGE", "SIZE");
+                crate::outln!("\n{:<20} {:>11}  CONVERTED", "IMAGE", "SIZE");
                 for c in &l.converted {
-                    println!(
+                    crate::outln!(
                         "{:<20} {:>7} MiB  {}",
                         short(&c.digest),
                         c.size_bytes >> 20,
                         c.path.display()
                     );
                 }
-                println!("\npulled blobs: {} MiB", l.blob_bytes >> 20);
+                crate::outln!("\npulled blobs: {} MiB", l.blob_bytes >> 20);
             }
             Some(ImagesAction::Rm { names }) => {
                 let removed = machinen::oci::cache::remove(&paths, &names)?;
@@ -38,7 +38,7 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                     print_json(&removed);
                 } else {
                     for r in removed {
-                        println!("removed {r}");
+                        crate::outln!("removed {r}");
                     }
                 }
             }
@@ -47,7 +47,7 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                 if json {
                     print_json(&serde_json::json!({ "freed_bytes": freed }));
                 } else {
-                    println!("freed {} MiB", freed >> 20);
+                    crate::outln!("freed {} MiB", freed >> 20);
                 }
             }
         }

@@ -24,7 +24,7 @@ pub async fn run(a: InstallArgs) -> Result<i32> {
     if a.json {
         print_json(&report);
     } else if report.already_installed {
-        println!(
+        crate::outln!(
             "already installed: kernel {} and base rootfs in {}",
             report.assets.kernel_version,
             report
@@ -35,7 +35,7 @@ pub async fn run(a: InstallArgs) -> Result<i32> {
                 .unwrap_or_default()
         );
     } else {
-        println!(
+        crate::outln!(
             "installed kernel {} and base rootfs {} in {:.1} s",
             report.assets.kernel_version,
             report.assets.rootfs.display(),

@@ -43,11 +43,11 @@ pub fn run(a: LsArgs) -> Result<i32> {
     // A VM that is not healthy says why, below the table.
     for v in &live {
         if let Some(reason) = &v.reason {
-            println!("{} is {}: {reason}", v.name, v.state);
+            crate::outln!("{} is {}: {reason}", v.name, v.state);
         }
     }
     if !crashed.is_empty() {
-        println!(
+        crate::outln!(
             "\nended: crashed, or exited with their main command (`machinen logs NAME|ID` shows the output or console, `machinen gc` removes them):"
         );
         let rows: Vec<[String; 3]> = crashed
@@ -78,6 +78,6 @@ pub(crate) fn print_table<const N: usize>(header: [String; N], rows: &[[String; 
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        crate::outln!("{}", line.join("  ").trim_end());
     }
 }

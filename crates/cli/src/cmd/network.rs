@@ -39,18 +39,18 @@ pub(crate) fn size(b: u64) -> String {
 
 fn print(name: &str, r: &NetReport) {
     let p = &r.policy;
-    println!("{name}: egress {} by default", p.egress);
+    crate::outln!("{name}: egress {} by default", p.egress);
     for rule in &p.allow {
-        println!("  allow {rule}");
+        crate::outln!("  allow {rule}");
     }
     for rule in &p.deny {
-        println!("  deny  {rule}");
+        crate::outln!("  deny  {rule}");
     }
     let c = &r.counters;
     let n = |count: u64, one: &str, many: &str| {
         format!("{count} {}", if count == 1 { one } else { many })
     };
-    println!(
+    crate::outln!(
         "traffic: {} out, {} in; {}; DNS {} answered, {} refused; {} refused",
         size(c.bytes_out),
         size(c.bytes_in),
@@ -60,7 +60,7 @@ fn print(name: &str, r: &NetReport) {
         n(c.refused, "attempt", "attempts")
     );
     for k in &c.refused_by {
-        println!(
+        crate::outln!(
             "  refused {:>6}× {} {} ({})",
             k.count, k.proto, k.destination, k.rule
         );

@@ -80,7 +80,7 @@ async fn interrupted() -> &'static str {
 
 fn print_human(r: &ProvisionResult) {
     let s = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
-    println!(
+    crate::outln!(
         "baked {} ({:.1} MiB, {:.1} MiB unpacked) in {} (boot {}, install {}, export {})",
         r.path.display(),
         r.size as f64 / 1048576.0,
@@ -90,22 +90,22 @@ fn print_human(r: &ProvisionResult) {
         s(r.install_ms),
         s(r.export_ms)
     );
-    println!("  sha256 {}", r.sha256);
+    crate::outln!("  sha256 {}", r.sha256);
     match &r.config.cmd {
-        Some(cmd) => println!(
+        Some(cmd) => crate::outln!(
             "  cmd    {}",
             serde_json::to_string(cmd).unwrap_or_default()
         ),
-        None => println!(
+        None => crate::outln!(
             "  cmd    (none: `machinen boot {} -- CMD` must name one)",
             r.path.display()
         ),
     }
     if let Some(cwd) = &r.config.cwd {
-        println!("  cwd    {cwd}");
+        crate::outln!("  cwd    {cwd}");
     }
     for (k, v) in &r.config.env {
-        println!("  env    {k}={v}");
+        crate::outln!("  env    {k}={v}");
     }
 }
 

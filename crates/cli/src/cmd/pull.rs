@@ -29,7 +29,7 @@ pub async fn run(a: PullArgs) -> Result<i32> {
         if a.json {
             print_json(&r);
         } else {
-            println!(
+            crate::outln!(
                 "{} -> {} ({} bundle{}, {} of {} chunks downloaded, {:.1} MiB)",
                 r.reference,
                 r.dir.display(),
@@ -46,7 +46,7 @@ pub async fn run(a: PullArgs) -> Result<i32> {
     if a.json {
         print_json(&pulled);
     } else {
-        println!("{} -> {}", pulled.reference, pulled.tarball.display());
+        crate::outln!("{} -> {}", pulled.reference, pulled.tarball.display());
     }
     Ok(0)
 }
@@ -58,7 +58,7 @@ pub async fn push(a: PushArgs) -> Result<i32> {
     if a.json {
         print_json(&r);
     } else {
-        println!(
+        crate::outln!(
             "{} -> {}@{} ({} bundle{}; {} of {} chunks uploaded, {:.1} of {:.1} MiB)",
             a.bundle.display(),
             r.reference,

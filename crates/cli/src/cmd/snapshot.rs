@@ -34,7 +34,7 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
                 &serde_json::json!({"dry_run": true, "name": vm.name(), "state": st.state, "out": out, "keep_alive": a.keep_alive}),
             );
         } else {
-            println!(
+            crate::outln!(
                 "would snapshot {} ({}) into {}{}",
                 vm.name(),
                 st.state,
@@ -64,7 +64,7 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
     if a.json {
         print_json(&report);
     } else {
-        println!(
+        crate::outln!(
             "{} -> {} ({:.1} MiB, {:.1} MiB on disk) in {} ms, paused {} ms{}",
             vm.name(),
             report.out,
@@ -103,7 +103,7 @@ async fn finish(
         if json {
             print_json(&vm_json(&vm));
         } else {
-            println!(
+            crate::outln!(
                 "{} (pid {}) {what} in {} ms",
                 vm.name(),
                 vm.pid(),
@@ -196,7 +196,7 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
         if a.json {
             print_json(&serde_json::json!({"dry_run": true, "bundle": a.bundle, "meta": meta}));
         } else {
-            println!(
+            crate::outln!(
                 "{} is a valid bundle of {:?} taken at {} ms; this host can resume it",
                 a.bundle.display(),
                 meta.source_name,
@@ -327,7 +327,7 @@ async fn fork_siblings(
             report.snapshot.paused_ms
         );
         for vm in &vms {
-            println!(
+            crate::outln!(
                 "{} (pid {}) forked in {} ms",
                 vm.name(),
                 vm.pid(),

@@ -27,7 +27,7 @@ pub async fn run(a: StatsArgs) -> Result<i32> {
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
         if !a.json {
-            println!();
+            crate::outln!();
         }
     }
 }

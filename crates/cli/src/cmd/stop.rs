@@ -34,14 +34,14 @@ pub async fn run(a: StopArgs) -> Result<i32> {
                 timeout_secs: a.timeout,
             });
         } else if a.force {
-            println!(
+            crate::outln!(
                 "would stop {} (pid {}, {}) at once (--force); nothing was stopped",
                 vm.name(),
                 vm.pid(),
                 vm.info().state
             );
         } else {
-            println!(
+            crate::outln!(
                 "would stop {} (pid {}, {}): guest power-off, killed after {} s; nothing was stopped",
                 vm.name(),
                 vm.pid(),
@@ -55,12 +55,12 @@ pub async fn run(a: StopArgs) -> Result<i32> {
     if a.json {
         print_json(&report);
     } else if report.killed {
-        println!(
+        crate::outln!(
             "{} (pid {}) killed after {} s",
             report.name, report.pid, a.timeout
         );
     } else {
-        println!("{} (pid {}) stopped", report.name, report.pid);
+        crate::outln!("{} (pid {}) stopped", report.name, report.pid);
     }
     Ok(0)
 }
