@@ -28,7 +28,10 @@ fn bundles_in(path: &Path) -> Vec<PathBuf> {
 fn print_summaries(list: &[Summary]) {
     crate::outln!(
         "{:<32} {:<6} {:>4} {:>10}  PARENT",
-        "BUNDLE", "KIND", "SEQ", "ON DISK"
+        "BUNDLE",
+        "KIND",
+        "SEQ",
+        "ON DISK"
     );
     for s in list {
         let kind = match (s.kind, s.ram_delta) {

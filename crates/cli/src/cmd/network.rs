@@ -62,7 +62,10 @@ fn print(name: &str, r: &NetReport) {
     for k in &c.refused_by {
         crate::outln!(
             "  refused {:>6}× {} {} ({})",
-            k.count, k.proto, k.destination, k.rule
+            k.count,
+            k.proto,
+            k.destination,
+            k.rule
         );
     }
 }

@@ -57,7 +57,9 @@ pub async fn run(a: StopArgs) -> Result<i32> {
     } else if report.killed {
         crate::outln!(
             "{} (pid {}) killed after {} s",
-            report.name, report.pid, a.timeout
+            report.name,
+            report.pid,
+            a.timeout
         );
     } else {
         crate::outln!("{} (pid {}) stopped", report.name, report.pid);

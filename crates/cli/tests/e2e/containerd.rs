@@ -29,6 +29,9 @@ fn run(cmd: &mut Command) {
 struct Containerd {
     dir: PathBuf,
     child: Child,
+    /// containerd's PATH (the shim first) and the test's registry.
+    path: String,
+    registry: PathBuf,
 }
 
 impl Containerd {
@@ -57,30 +60,61 @@ impl Containerd {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env("MACHINEN_REGISTRY_DIR", env.registry.path())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("containerd (Debian's containerd package)");
+        let child = Self::spawn(dir, &path, env.registry.path());
         let c = Containerd {
             dir: dir.to_path_buf(),
             child,
+            path,
+            registry: env.registry.path().to_path_buf(),
         };
+        c.wait_ready();
+        c
+    }
+
+    fn spawn(dir: &Path, path: &str, registry: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))
+            .expect("log");
+        Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .env("MACHINEN_REGISTRY_DIR", registry)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian's containerd package)")
+    }
+
+    fn wait_ready(&self) {
         let t0 = Instant::now();
-        while !c.dir.join("ctd.sock").exists() {
+        while self
+            .ctr(&["version"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "containerd did not start: {}",
-                c.log()
+                self.log()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(200));
         }
-        c
+    }
+
+    /// Stop containerd (its shims and their VMs go on) and start it again.
+    fn restart(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.join("ctd.sock"));
+        self.child = Self::spawn(&self.dir, &self.path, &self.registry);
+        self.wait_ready();
     }
 
     fn log(&self) -> String {
@@ -307,7 +341,7 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
             "/srv",
         ],
     );
-    let ctd = Containerd::start(&env, dir.path());
+    let mut ctd = Containerd::start(&env, dir.path());
     ctd.run_ok(&["images", "import", s(&plain)]);
     ctd.run_ok(&["images", "import", s(&user)]);
     let bb = "docker.io/local/bb:latest";
@@ -419,6 +453,20 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no memory usage in {metrics}"));
     assert!(usage > 1 << 20, "{metrics}");
+    // containerd restarts; the shim and its VM go on, and it finds them.
+    ctd.restart();
+    assert_eq!(ctd.task_status("web").as_deref(), Some("RUNNING"));
+    let out = ctd.run_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e2",
+        "web",
+        "echo",
+        "still-here",
+    ]);
+    assert_eq!(out.trim(), "still-here");
+
     // Update: a memory limit below the ceiling becomes the balloon's target.
     update_memory(&ctd, "web", 300 << 20);
     let b = env.json(&["balloon", "containerd/default/web", "--json"]);
