@@ -246,6 +246,8 @@ export interface BootOptions {
   cmd?: string | string[];
   /** Unique among live VMs; generated when omitted. */
   name?: string;
+  /** The guest's hostname (default: the name's last segment); `BOOT_ARGS_INVALID` when not RFC 1123. */
+  hostname?: string;
   /** Guest RAM ceiling in MiB (default `min(host RAM / 2, 4096)`, at least 512). */
   memoryMib?: number;
   cpus?: number;

@@ -482,7 +482,7 @@ class VmHandle {
 }
 
 const BOOT_KEYS = [
-  'image', 'cmd', 'name', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
+  'image', 'cmd', 'name', 'hostname', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
   'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy', 'egressSecrets',
 ];
@@ -554,6 +554,7 @@ async function boot(opts = {}) {
     image: opts.image,
     cmd: opts.cmd === undefined ? undefined : toArgv(opts.cmd),
     name: opts.name,
+    hostname: opts.hostname,
     memoryMib: opts.memoryMib,
     cpus: opts.cpus,
     network: opts.network,

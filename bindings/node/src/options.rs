@@ -16,6 +16,8 @@ use crate::invalid;
 pub struct BootOpts {
     pub image: Option<String>,
     pub name: Option<String>,
+    /// The guest's hostname (default: the name's last segment).
+    pub hostname: Option<String>,
     pub memory_mib: Option<u32>,
     pub cpus: Option<u32>,
     /// `nat` (default), `nat-host` or `none`.
@@ -283,8 +285,10 @@ impl BootOpts {
             })
             .collect();
         Ok(machinen::BootOptions {
+            rlimits: Vec::new(),
             image: path(self.image),
             name: self.name,
+            hostname: self.hostname,
             memory_mib: self.memory_mib,
             cpus: self.cpus.unwrap_or(d.cpus),
             network: network(self.network)?,
@@ -387,6 +391,7 @@ impl ExecOpts {
         let timeout = self.timeout_ms.map(|t| Duration::from_millis(t.into()));
         (
             machinen::ExecOptions {
+                rlimits: Vec::new(),
                 argv: self.argv,
                 env: pairs(self.env),
                 cwd: self.cwd,

@@ -214,6 +214,7 @@ impl NativeVm {
         timeout: Option<f64>,
     ) -> PyResult<ExecOut<'py>> {
         let opts = machinen::ExecOptions {
+            rlimits: Vec::new(),
             argv,
             env,
             cwd,
@@ -241,6 +242,7 @@ impl NativeVm {
         timeout: Option<f64>,
     ) -> PyResult<NativeExec> {
         let opts = machinen::ExecOptions {
+            rlimits: Vec::new(),
             argv,
             env,
             cwd,
@@ -289,6 +291,7 @@ impl NativeVm {
         user: Option<String>,
     ) -> PyResult<NativePty> {
         let opts = machinen::ExecOptions {
+            rlimits: Vec::new(),
             argv,
             env,
             cwd,

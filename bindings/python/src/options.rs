@@ -33,6 +33,7 @@ struct EgressSecretArg {
 struct BootArgs {
     image: Option<String>,
     name: Option<String>,
+    hostname: Option<String>,
     memory_mib: Option<u32>,
     cpus: Option<u32>,
     network: Option<String>,
@@ -190,6 +191,7 @@ pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
     Ok(machinen::BootOptions {
         image: a.image.map(PathBuf::from),
         name: a.name,
+        hostname: a.hostname,
         memory_mib: a.memory_mib,
         cpus: a.cpus.unwrap_or(d.cpus),
         network,
@@ -285,6 +287,7 @@ pub fn provision(s: &str) -> PyResult<machinen::ProvisionOptions> {
             Box::pin(async move {
                 for step in &steps {
                     let opts = machinen::ExecOptions {
+                        rlimits: Vec::new(),
                         argv: vec!["sh".into(), "-c".into(), step.clone()],
                         env: config.env.clone().into_iter().collect(),
                         cwd: config.cwd.clone(),

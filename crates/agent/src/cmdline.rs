@@ -45,21 +45,11 @@ fn truthy(v: Option<&str>) -> bool {
     )
 }
 
-/// A hostname is used only if it is a valid one (RFC 1123 labels, at most
-/// 64 bytes — the kernel's limit); anything else is ignored with a warning by
-/// the caller.
+/// A hostname is used only if it is a valid one (see
+/// [`machinen_proto::valid_hostname`]); anything else is ignored with a
+/// warning by the caller.
 pub fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    machinen_proto::valid_hostname(name)
 }
 
 /// Split a command line into words. The kernel allows double quotes around a

@@ -317,6 +317,22 @@ pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireEr
         }
     }
 
+    if !req.rlimits.is_empty() {
+        let limits = rlimits(&req.rlimits)
+            .map_err(|e| wire_error(code::SPAWN_FAILED, format!("{argv0}: {e}")))?;
+        // SAFETY: runs in the forked child before exec, before the user
+        // switch below (raising a hard limit needs root); setrlimit is
+        // async-signal-safe and the list was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (res, soft, hard) in &limits {
+                    nix::sys::resource::setrlimit(*res, *soft, *hard)?;
+                }
+                Ok(())
+            });
+        }
+    }
+
     if let Some(id) = ident {
         let groups: Vec<libc::gid_t> = id.groups.clone();
         // SAFETY: runs in the forked child before exec, after the session
@@ -487,6 +503,40 @@ async fn input_loop<R: AsyncRead + Unpin>(
         }
     }
     // Dropping `stdin` closes the child's stdin pipe.
+}
+
+/// The resource limits of a request, checked and mapped before the fork.
+fn rlimits(
+    list: &[machinen_proto::Rlimit],
+) -> Result<Vec<(nix::sys::resource::Resource, u64, u64)>, String> {
+    use nix::sys::resource::Resource as R;
+    list.iter()
+        .map(|r| {
+            if let Some(p) = r.problem() {
+                return Err(p);
+            }
+            let res = match r.resource.as_str() {
+                "RLIMIT_AS" => R::RLIMIT_AS,
+                "RLIMIT_CORE" => R::RLIMIT_CORE,
+                "RLIMIT_CPU" => R::RLIMIT_CPU,
+                "RLIMIT_DATA" => R::RLIMIT_DATA,
+                "RLIMIT_FSIZE" => R::RLIMIT_FSIZE,
+                "RLIMIT_LOCKS" => R::RLIMIT_LOCKS,
+                "RLIMIT_MEMLOCK" => R::RLIMIT_MEMLOCK,
+                "RLIMIT_MSGQUEUE" => R::RLIMIT_MSGQUEUE,
+                "RLIMIT_NICE" => R::RLIMIT_NICE,
+                "RLIMIT_NOFILE" => R::RLIMIT_NOFILE,
+                "RLIMIT_NPROC" => R::RLIMIT_NPROC,
+                "RLIMIT_RSS" => R::RLIMIT_RSS,
+                "RLIMIT_RTPRIO" => R::RLIMIT_RTPRIO,
+                "RLIMIT_RTTIME" => R::RLIMIT_RTTIME,
+                "RLIMIT_SIGPENDING" => R::RLIMIT_SIGPENDING,
+                "RLIMIT_STACK" => R::RLIMIT_STACK,
+                other => return Err(format!("unknown resource limit {other:?}")),
+            };
+            Ok((res, r.soft, r.hard))
+        })
+        .collect()
 }
 
 /// Send signal `n` to the child's process group (its pid: it ran `setsid`).

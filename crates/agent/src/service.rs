@@ -177,6 +177,7 @@ where
         tty: false,
         winsize: None,
         user: main.user,
+        rlimits: main.rlimits,
     };
     let reply = {
         let running = slot

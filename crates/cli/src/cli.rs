@@ -171,6 +171,9 @@ pub struct BootArgs {
     /// Name of the VM (unique among live VMs; path-shaped names like a/b/c are fine).
     #[arg(long, short = 'n')]
     pub name: Option<String>,
+    /// The guest's hostname (default: the name's last segment, e.g. web for team/web).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
     #[command(flatten)]
     pub process: ProcessArgs,
     /// Guest memory ceiling in MiB (default: half the host's RAM, 512..4096).

@@ -256,12 +256,14 @@ fn env_and_cwd_reach_the_command() {
         "EMPTY=",
         "--cwd",
         "/usr/share",
+        "--hostname",
+        "api-1.internal",
         "--",
         "sh",
         "-c",
-        "echo \"$GREETING|${EMPTY-unset}|$(pwd)|$HOME\"",
+        "echo \"$GREETING|${EMPTY-unset}|$(pwd)|$HOME|$(hostname)\"",
     ]);
-    assert_eq!(out.trim(), "hello world||/usr/share|/root");
+    assert_eq!(out.trim(), "hello world||/usr/share|/root|api-1.internal");
 }
 
 #[test]
@@ -272,6 +274,10 @@ fn command_not_found_and_bad_arguments_have_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("EXEC_COMMAND_NOT_FOUND"));
 
     let out = env.run(&["boot", "--cwd", "relative", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BOOT_ARGS_INVALID"));
+
+    let out = env.run(&["boot", "--hostname", "no spaces", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("BOOT_ARGS_INVALID"));
 

@@ -275,6 +275,7 @@ where
                 env.push(("DEBIAN_FRONTEND".into(), "noninteractive".into()));
             }
             let opts = ExecOptions {
+                rlimits: Vec::new(),
                 argv: vec!["sh".into(), "-c".into(), cmd.clone()],
                 env,
                 cwd: config.cwd.clone(),
@@ -310,6 +311,7 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         .into());
     }
     validate_exec(&ExecOptions {
+        rlimits: Vec::new(),
         argv: vec!["true".into()],
         env: opts.env.clone(),
         cwd: opts.cwd.clone(),

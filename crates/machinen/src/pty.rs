@@ -155,6 +155,7 @@ impl Vm {
             tty: winsize.is_some(),
             winsize,
             user: opts.user,
+            rlimits: opts.rlimits,
         };
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await

@@ -137,7 +137,12 @@ fn kernel_cmdline(spec: &VmSpec, host: &QemuHost) -> String {
             "machinen.net={}",
             u8::from(spec.network != NetworkMode::None)
         ),
-        format!("machinen.hostname={}", hostname_for(&spec.name)),
+        format!(
+            "machinen.hostname={}",
+            spec.hostname
+                .clone()
+                .unwrap_or_else(|| hostname_for(&spec.name))
+        ),
     ];
     // passt moves 65520-byte frames; at the default 1500 its TCP path
     // stalls (measured here: a 64 MiB download at 1.8 MiB/s with resets,

@@ -8,6 +8,7 @@ fn spec() -> VmSpec {
     VmSpec {
         id: "0123abcd".into(),
         name: "team/web_1".into(),
+        hostname: None,
         dir: PathBuf::from("/run/m/vms/0123abcd"),
         kernel: PathBuf::from("/c/vmlinuz"),
         initrd: PathBuf::from("/c/initrd.cpio"),
@@ -372,6 +373,19 @@ fn hostnames_are_valid() {
     assert_eq!(hostname_for("team/app/web"), "web");
     assert_eq!(hostname_for("a.b_c"), "a-b-c");
     assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
+    // A hostname of its own wins over the name's.
+    let mut s = spec();
+    s.hostname = Some("api.internal".into());
+    let args = qemu_args(&s, &tcg());
+    let append = args
+        .iter()
+        .skip_while(|a| *a != "-append")
+        .nth(1)
+        .expect("-append");
+    assert!(
+        append.contains("machinen.hostname=api.internal "),
+        "{append}"
+    );
 }
 
 #[test]

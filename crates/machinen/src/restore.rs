@@ -808,6 +808,8 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
     }
     let spec = VmSpec {
         id: claim.id.clone(),
+        // The guest keeps the hostname it had (its state is restored).
+        hostname: None,
         // Anonymous restores are named after the source (plus the pid).
         name: opts
             .name

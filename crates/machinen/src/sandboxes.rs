@@ -114,6 +114,7 @@ impl Sandboxes {
             return Ok(name);
         }
         let opts = ExecOptions {
+            rlimits: Vec::new(),
             argv: self.shell.clone(),
             env: vec![],
             cwd: Some("/root".into()),

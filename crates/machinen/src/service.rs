@@ -55,6 +55,9 @@ pub struct MainSpec {
     /// The VM gets secrets once it is ready: start the command after them.
     #[serde(default)]
     pub after_secrets: bool,
+    /// Resource limits set before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<machinen_proto::Rlimit>,
 }
 
 /// What the registry entry says about the main command.

@@ -29,6 +29,9 @@ pub mod files {
 pub struct VmSpec {
     pub id: String,
     pub name: String,
+    /// The guest's hostname (`None`: the name's last segment, made valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// The VM's registry directory (sockets, logs, disk overlay live here).
     pub dir: PathBuf,
     pub kernel: PathBuf,

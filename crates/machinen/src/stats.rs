@@ -175,6 +175,7 @@ impl Vm {
         let guest = match self
             .exec_timeout(
                 ExecOptions {
+                    rlimits: Vec::new(),
                     argv: vec!["cat".into(), "/proc/meminfo".into()],
                     env: Vec::new(),
                     cwd: None,

@@ -42,6 +42,9 @@ pub struct BootOptions {
     pub image: Option<PathBuf>,
     /// Unique among live VMs; generated when `None`.
     pub name: Option<String>,
+    /// The guest's hostname (`None`: the name's last segment, made valid);
+    /// RFC 1123, at most 64 bytes, else `BOOT_ARGS_INVALID`.
+    pub hostname: Option<String>,
     /// Guest RAM ceiling in MiB; `None` = [`default_memory_mib`].
     pub memory_mib: Option<u32>,
     pub cpus: u32,
@@ -86,6 +89,8 @@ pub struct BootOptions {
     /// Who the main command runs as (`NAME`, `UID`, `NAME:GROUP`,
     /// `UID:GID`; root when `None`).
     pub user: Option<String>,
+    /// Resource limits of the main command (see [`ExecOptions::rlimits`]).
+    pub rlimits: Vec<machinen_proto::Rlimit>,
     /// Keep the VM running after its main command exited.
     pub keep_alive_on_exit: bool,
     /// Called with each phase of the boot as it ends (image, initramfs,
@@ -113,6 +118,7 @@ impl Default for BootOptions {
         BootOptions {
             image: None,
             name: None,
+            hostname: None,
             memory_mib: None,
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
@@ -131,6 +137,7 @@ impl Default for BootOptions {
             env: Vec::new(),
             cwd: None,
             user: None,
+            rlimits: Vec::new(),
             keep_alive_on_exit: false,
             on_phase: Default::default(),
             mounts: Vec::new(),
@@ -283,6 +290,10 @@ pub struct ExecOptions {
     /// Run as this user instead of root: `NAME`, `UID`, `NAME:GROUP` or
     /// `UID:GID` (names from the guest's `/etc/passwd` and `/etc/group`).
     pub user: Option<String>,
+    /// Resource limits set before it starts (names from
+    /// [`machinen_proto::RLIMITS`]; an unknown one or a soft limit above
+    /// its hard one is `BOOT_ARGS_INVALID`).
+    pub rlimits: Vec<machinen_proto::Rlimit>,
 }
 
 /// Check a `--user` value: `NAME`, `UID`, `NAME:GROUP` or `UID:GID` (the
@@ -355,6 +366,12 @@ pub fn validate_exec(opts: &ExecOptions) -> Result<(), Failure> {
     if let Some(u) = &opts.user {
         check_user(u)?;
     }
+    if let Some(p) = opts.rlimits.iter().find_map(|r| r.problem()) {
+        return Err(fail(ErrorCode::BootArgsInvalid, p).hint(format!(
+            "resource limits are {}",
+            machinen_proto::RLIMITS.join(", ")
+        )));
+    }
     if let Some(cwd) = &opts.cwd {
         if !cwd.starts_with('/') {
             return Err(fail(
@@ -392,6 +409,16 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let memory_mib = bootable_memory_mib(validate_memory_mib(
         opts.memory_mib.unwrap_or_else(default_memory_mib),
     )?);
+    if let Some(h) = opts.hostname.as_deref() {
+        if !machinen_proto::valid_hostname(h) {
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                format!("{h:?} is not a hostname"),
+            )
+            .hint("letters, digits and '-' in dot-separated labels, at most 64 bytes")
+            .into());
+        }
+    }
     if opts.cpus == 0 || opts.cpus > MAX_CPUS {
         return Err(fail(
             ErrorCode::BootArgsInvalid,
@@ -412,6 +439,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     }
     if !opts.cmd.is_empty() {
         validate_exec(&ExecOptions {
+            rlimits: opts.rlimits.clone(),
             argv: opts.cmd.clone(),
             env: opts.env.clone(),
             cwd: opts.cwd.clone(),
@@ -493,6 +521,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     let spec = VmSpec {
         id: claim.id.clone(),
         name: name.clone(),
+        hostname: opts.hostname.clone(),
         dir: claim.dir.clone(),
         kernel: assets.kernel.clone(),
         initrd,
@@ -525,6 +554,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             user: opts.user.clone(),
             keep_alive_on_exit: opts.keep_alive_on_exit,
             after_secrets: !opts.secrets.is_empty(),
+            rlimits: opts.rlimits.clone(),
         }),
         mounts: lower.as_ref().map(|l| crate::mounts::MountsDisk {
             mounts: mounts.clone(),
@@ -1218,6 +1248,7 @@ impl Vm {
             tty: false,
             winsize: None,
             user: opts.user,
+            rlimits: opts.rlimits,
         };
         proto::send(&mut wr, &Frame::Request(Request::Exec(req)))
             .await
@@ -1814,6 +1845,7 @@ mod tests {
     #[test]
     fn env_and_cwd_validation() {
         let ok = ExecOptions {
+            rlimits: Vec::new(),
             argv: vec!["true".into()],
             env: vec![("A_1".into(), "x=y".into())],
             cwd: Some("/tmp".into()),

@@ -133,6 +133,7 @@ fn request() -> impl Strategy<Value = Request> {
     )
         .prop_map(|(argv, env, cwd, tty, winsize, user)| {
             Request::Exec(ExecRequest {
+                rlimits: Vec::new(),
                 argv,
                 env,
                 cwd,

@@ -258,6 +258,22 @@ pub mod preamble {
 /// Incompatible protocol changes bump this.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// A valid hostname: RFC 1123 labels, at most 64 bytes (the kernel's
+/// limit). The library refuses others at boot; the agent ignores them.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// What a launcher writes on a foreground supervisor's stdin (after the
 /// restore gate's line, if any) before closing it, to let the VM outlive
 /// it: without this line, the pipe closing stops the VM.
@@ -343,6 +359,9 @@ pub struct ExecRequest {
     /// `/etc/group`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Resource limits set before the program starts (`setrlimit(2)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
 }
 
 /// The VM's main command (`Request::StartMain`).
@@ -364,6 +383,53 @@ pub struct MainRequest {
     /// Run as this user (see [`ExecRequest::user`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Resource limits set before the program starts (`setrlimit(2)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A resource limit, named as the OCI runtime spec and `setrlimit(2)` name
+/// it (`RLIMIT_NOFILE`); see [`RLIMITS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The resource names an [`Rlimit`] may have (Linux's).
+pub const RLIMITS: &[&str] = &[
+    "RLIMIT_AS",
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_DATA",
+    "RLIMIT_FSIZE",
+    "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_NOFILE",
+    "RLIMIT_NPROC",
+    "RLIMIT_RSS",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_STACK",
+];
+
+impl Rlimit {
+    /// Why this limit cannot be set, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        if !RLIMITS.contains(&self.resource.as_str()) {
+            return Some(format!("unknown resource limit {:?}", self.resource));
+        }
+        (self.soft > self.hard).then(|| {
+            format!(
+                "{}: the soft limit {} is above the hard limit {}",
+                self.resource, self.soft, self.hard
+            )
+        })
+    }
 }
 
 /// A terminal's size in character cells.
@@ -1005,6 +1071,7 @@ mod tests {
                 boot_id: "abc".into(),
             }),
             Frame::Request(Request::Exec(ExecRequest {
+                rlimits: Vec::new(),
                 argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
                 env: vec![("A".into(), "b=c".into())],
                 cwd: Some("/tmp".into()),
@@ -1033,6 +1100,11 @@ mod tests {
             })),
             Frame::Response(Response::Connected),
             Frame::Request(Request::StartMain(MainRequest {
+                rlimits: vec![Rlimit {
+                    resource: "RLIMIT_NOFILE".into(),
+                    soft: 1024,
+                    hard: 4096,
+                }],
                 argv: vec!["httpd".into(), "-f".into()],
                 env: vec![("PORT".into(), "8080".into())],
                 cwd: Some("/srv".into()),

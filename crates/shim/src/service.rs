@@ -353,6 +353,7 @@ impl containerd_shim::Task for Service {
         spec.memory_mib().map_err(|f| from_machinen(&f.into()))?;
         spec.ports().map_err(|f| from_machinen(&f.into()))?;
         spec.network().map_err(|f| from_machinen(&f.into()))?;
+        spec.hostname().map_err(|f| from_machinen(&f.into()))?;
         let state = state_dir(&ns, &req.id).map_err(|e| from_machinen(&e))?;
         std::fs::create_dir_all(&state).map_err(|e| io_error("creating the shim's state", e))?;
         let (image, checkpoint) = if req.checkpoint.is_empty() {
@@ -466,6 +467,7 @@ impl containerd_shim::Task for Service {
             let boot = BootOptions {
                 image: Some(c.image.clone()),
                 name: Some(name),
+                hostname: spec.hostname().map_err(|f| from_machinen(&f.into()))?,
                 memory_mib: spec.memory_mib().map_err(|f| from_machinen(&f.into()))?,
                 cpus: spec.cpus(),
                 network: spec.network().map_err(|f| from_machinen(&f.into()))?,
@@ -481,6 +483,7 @@ impl containerd_shim::Task for Service {
                 env: opts.env.clone(),
                 cwd: opts.cwd.clone(),
                 user: opts.user.clone(),
+                rlimits: opts.rlimits.clone(),
                 ..Default::default()
             };
             let vm = Arc::new(

@@ -32,6 +32,8 @@ pub struct Spec {
     #[serde(default)]
     pub process: Option<Process>,
     #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
     pub mounts: Vec<Mount>,
     #[serde(default)]
     pub linux: Option<Linux>,
@@ -52,6 +54,19 @@ pub struct Process {
     pub env: Vec<String>,
     #[serde(default)]
     pub cwd: String,
+    #[serde(default)]
+    pub rlimits: Vec<SpecRlimit>,
+}
+
+/// `process.rlimits[]`: `{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct SpecRlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub hard: u64,
+    #[serde(default)]
+    pub soft: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -144,7 +159,20 @@ pub fn exec_options(p: &Process) -> Result<ExecOptions, Failure> {
     }
     let user =
         (p.user.uid != 0 || p.user.gid != 0).then(|| format!("{}:{}", p.user.uid, p.user.gid));
+    let rlimits: Vec<machinen_proto::Rlimit> = p
+        .rlimits
+        .iter()
+        .map(|r| machinen_proto::Rlimit {
+            resource: r.kind.clone(),
+            soft: r.soft,
+            hard: r.hard,
+        })
+        .collect();
+    if let Some(problem) = rlimits.iter().find_map(|r| r.problem()) {
+        return Err(invalid(problem));
+    }
     Ok(ExecOptions {
+        rlimits,
         argv: p.args.clone(),
         env,
         cwd: Some(cwd),
@@ -238,6 +266,16 @@ impl Spec {
         }
     }
 
+    /// The guest's hostname, when the spec sets one (an invalid one is
+    /// refused: the guest would silently keep another).
+    pub fn hostname(&self) -> Result<Option<String>, Failure> {
+        match self.hostname.as_deref().filter(|h| !h.is_empty()) {
+            None => Ok(None),
+            Some(h) if machinen_proto::valid_hostname(h) => Ok(Some(h.to_string())),
+            Some(h) => Err(invalid(format!("hostname {h:?} is not RFC 1123"))),
+        }
+    }
+
     pub fn network(&self) -> Result<NetworkMode, Failure> {
         match self.annotations.get(ANNOTATION_NETWORK) {
             None => Ok(NetworkMode::default()),
@@ -293,6 +331,8 @@ mod tests {
         assert_eq!(e.env[1], ("A".to_string(), "b=c".to_string()));
         assert_eq!(e.cwd.as_deref(), Some("/srv"));
         assert_eq!(e.user.as_deref(), Some("1000:100"));
+        assert_eq!(e.rlimits[0].resource, "RLIMIT_NOFILE");
+        assert_eq!((e.rlimits[0].soft, e.rlimits[0].hard), (1024, 1024));
         assert_eq!(s.memory_mib().expect("mem"), Some(256));
         assert_eq!(s.cpus(), 2);
         let lm = s.live_mounts();
@@ -303,6 +343,7 @@ mod tests {
         assert_eq!((p[0].host_port, p[0].guest_port), (8080, 80));
         assert_eq!(p[1].host_addr, "127.0.0.1");
         assert_eq!(s.network().expect("net"), NetworkMode::Nat);
+        assert_eq!(s.hostname().expect("hostname").as_deref(), Some("web"));
     }
 
     #[test]
@@ -314,6 +355,10 @@ mod tests {
                 "env",
             ),
             (r#"{"process": {"args": ["x"], "cwd": "rel"}}"#, "cwd"),
+            (
+                r#"{"process": {"args": ["x"], "rlimits": [{"type": "RLIMIT_X", "hard": 1, "soft": 1}]}}"#,
+                "rlimit",
+            ),
         ] {
             let s = parse(json.as_bytes()).expect("parse");
             let e = exec_options(s.process().expect("p")).expect_err(what);
@@ -328,6 +373,8 @@ mod tests {
         assert!(parse(br#"{}"#).expect("empty").process().is_err());
         let s = parse(br#"{"annotations": {"io.machinen.network": "bogus"}}"#).expect("p");
         assert!(s.network().is_err());
+        let s = parse(br#"{"hostname": "not a host"}"#).expect("p");
+        assert!(s.hostname().is_err());
     }
 
     #[test]

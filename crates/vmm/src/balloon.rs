@@ -113,6 +113,7 @@ mod tests {
         VmSpec {
             id: "0123abcd".into(),
             name: "b".into(),
+            hostname: None,
             dir: "/nonexistent/vm".into(),
             kernel: "vmlinuz".into(),
             initrd: "initrd".into(),

@@ -455,6 +455,7 @@ def boot(
     image: Optional[str] = None,
     *,
     name: Optional[str] = None,
+    hostname: Optional[str] = None,
     memory_mib: Optional[int] = None,
     cpus: Optional[int] = None,
     network: Optional[str] = None,
@@ -480,7 +481,8 @@ def boot(
     ``live_mounts`` (``"HOST_DIR:GUEST_PATH[:ro|rw]"``) shares them.
     The options are the CLI's ``boot`` flags (see ``machinen boot --help``)."""
     opts = _boot_opts(dict(
-        image=image, name=name, memory_mib=memory_mib, cpus=cpus, network=network,
+        image=image, name=name, hostname=hostname, memory_mib=memory_mib, cpus=cpus,
+        network=network,
         detached=detached, boot_timeout=boot_timeout, ports=ports, secrets=secrets,
         cmd=cmd, env=env, cwd=cwd, user=user, keep_alive_on_exit=keep_alive_on_exit,
         disk_size=disk_size, net_policy=dict(net_policy) if net_policy else None,

@@ -327,6 +327,28 @@ async fn exec_environment_and_cwd() {
     assert_eq!(o.exit, code(0));
 }
 
+/// Resource limits hold in the command; a bad one refuses it.
+#[tokio::test]
+async fn exec_resource_limits() {
+    let (client, _) = session();
+    let mut req = exec(&["sh", "-c", "ulimit -Sn; ulimit -Hn"]);
+    let lim = |resource: &str, soft, hard| machinen_proto::Rlimit {
+        resource: resource.into(),
+        soft,
+        hard,
+    };
+    req.rlimits = vec![lim("RLIMIT_NOFILE", 123, 456)];
+    let o = outcome(client.call(Frame::Request(Request::Exec(req))).await);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "123\n456\n");
+    assert_eq!(o.exit, code(0));
+    for bad in [lim("RLIMIT_BOGUS", 1, 1), lim("RLIMIT_NOFILE", 9, 1)] {
+        let mut req = exec(&["true"]);
+        req.rlimits = vec![bad];
+        let o = outcome(client.call(Frame::Request(Request::Exec(req))).await);
+        assert_eq!(o.error.map(|e| e.0).as_deref(), Some("EXEC_SPAWN_FAILED"));
+    }
+}
+
 #[tokio::test]
 async fn exec_errors() {
     let (client, _) = session();

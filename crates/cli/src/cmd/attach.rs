@@ -87,6 +87,7 @@ pub async fn run(a: AttachArgs) -> Result<i32> {
         }
     }
     let opts = ExecOptions {
+        rlimits: Vec::new(),
         argv: shell_argv(a.shell.as_deref()),
         env: vec![],
         cwd: Some("/root".into()),

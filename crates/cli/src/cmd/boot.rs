@@ -115,6 +115,8 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         .map(|p| machinen::ports::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = BootOptions {
+        rlimits: Vec::new(),
+        hostname: a.hostname.clone(),
         image: a.image.clone(),
         name: a.name.clone(),
         memory_mib: a.memory,

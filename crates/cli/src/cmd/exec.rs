@@ -14,6 +14,7 @@ pub fn exec_options(p: &ProcessArgs, argv: Vec<String>) -> Result<ExecOptions> {
         .map(|s| parse_env_pair(s))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = ExecOptions {
+        rlimits: Vec::new(),
         argv,
         env,
         cwd: p.cwd.clone(),

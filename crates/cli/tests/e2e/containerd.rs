@@ -359,7 +359,7 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
         "t1",
         "sh",
         "-c",
-        "echo to-out; echo to-err >&2; grep MemTotal /proc/meminfo; exit 7",
+        "echo to-out; echo to-err >&2; grep MemTotal /proc/meminfo; echo nofile=$(ulimit -Hn); exit 7",
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", ctd.log());
     let stdout = String::from_utf8_lossy(&out.stdout);

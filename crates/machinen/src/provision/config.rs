@@ -86,6 +86,7 @@ impl ImageConfig {
             ));
         }
         let probe = ExecOptions {
+            rlimits: Vec::new(),
             argv: vec!["true".into()],
             env: self
                 .env
@@ -141,6 +142,7 @@ impl ImageConfig {
                 .hint("give a command, e.g. `machinen boot IMAGE -- sh -c 'echo hi'`, or bake one with `machinen provision --cmd …`"));
         };
         let opts = ExecOptions {
+            rlimits: Vec::new(),
             argv,
             env: merged.env.into_iter().collect(),
             cwd: merged.cwd,

@@ -60,6 +60,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
     VmSpec {
         id: "0123abcd".into(),
         name: "ctl".into(),
+        hostname: None,
         dir: dir.clone(),
         kernel: root.join("vmlinuz"),
         initrd: root.join("initrd"),
