@@ -407,6 +407,32 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     ]);
     assert_eq!(out.trim(), "/tmp");
 
+    // The CPU quota as vCPUs; a bind mount of a host directory shared both ways.
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    std::fs::write(share.join("in.txt"), "from-host\n").expect("in.txt");
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", s(&share));
+    let out = ctd.run_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--cpus",
+        "2",
+        "--mount",
+        &mount,
+        bb,
+        "t4",
+        "sh",
+        "-c",
+        "nproc; cat /data/in.txt; echo from-guest > /data/out.txt",
+    ]);
+    assert_eq!(out, "2\nfrom-host\n");
+    assert_eq!(
+        std::fs::read_to_string(share.join("out.txt")).expect("the guest's file"),
+        "from-guest\n"
+    );
+
     // A detached server: HTTP through the port annotation, an exec, then
     // SIGTERM, which the command traps to exit 3.
     let port = super::free_port();
