@@ -285,6 +285,7 @@ impl BootOpts {
             })
             .collect();
         Ok(machinen::BootOptions {
+            main_stdin: false,
             rlimits: Vec::new(),
             image: path(self.image),
             name: self.name,

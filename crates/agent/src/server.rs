@@ -126,6 +126,7 @@ where
         Frame::Request(Request::AttachMain { from_seq }) => {
             crate::service::attach(s, ctx.main.clone(), from_seq).await
         }
+        Frame::Request(Request::MainStdin) => crate::service::stdin(s, ctx.main.clone()).await,
         Frame::Request(Request::SignalMain { signal, group }) => {
             crate::service::signal(s, ctx.main.clone(), signal, group).await
         }

@@ -102,6 +102,9 @@ impl Main {
 pub struct MainSlot {
     main: Mutex<Option<Main>>,
     changed: Notify,
+    /// The main command's stdin, when it was started with one; one writer
+    /// at a time holds the lock.
+    stdin: Arc<tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>>,
     /// The host installed secrets (see `MainRequest::after_secrets`).
     secrets: std::sync::atomic::AtomicBool,
     secrets_set: Notify,
@@ -170,6 +173,7 @@ where
     if main.after_secrets {
         slot.wait_for_secrets().await;
     }
+    let keep_stdin = main.stdin;
     let req = ExecRequest {
         argv: main.argv,
         env: main.env,
@@ -203,8 +207,15 @@ where
                             next_seq: 0,
                             exit: None,
                         });
-                        // The main command reads nothing: its stdin ends at once.
-                        drop(sp.stdin);
+                        // Kept for `MainStdin` writers when asked for; else
+                        // the main command reads nothing: its stdin ends at once.
+                        let keep = match sp.stdin {
+                            exec::StdinSink::Pipe(w) if keep_stdin => w,
+                            _ => None,
+                        };
+                        if let Ok(mut g) = slot.stdin.try_lock() {
+                            *g = keep;
+                        }
                         tokio::spawn(collect(slot.clone(), sp.stdout, sp.stderr, sp.exit, pid));
                         Frame::Started { pid }
                     }
@@ -326,6 +337,75 @@ where
         }
         if batch.is_empty() {
             changed.await;
+        }
+    }
+}
+
+/// `MainStdin`: feed the main command's stdin from this stream.
+pub async fn stdin<S>(mut s: S, slot: Arc<MainSlot>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let running = slot
+        .lock()
+        .as_ref()
+        .filter(|m| m.exit.is_none())
+        .map(|m| m.pid);
+    let Some(pid) = running else {
+        let _ = send(
+            &mut s,
+            &wire_error(code::NOT_RUNNING, "this VM's main command is not running"),
+        )
+        .await;
+        let _ = s.shutdown().await;
+        return;
+    };
+    let lock = slot.stdin.clone();
+    let Ok(mut w) = lock.try_lock() else {
+        let _ = send(
+            &mut s,
+            &wire_error(
+                code::ALREADY_RUNNING,
+                "another client writes to the main command's stdin",
+            ),
+        )
+        .await;
+        let _ = s.shutdown().await;
+        return;
+    };
+    if w.is_none() {
+        let _ = send(
+            &mut s,
+            &wire_error(
+                code::NOT_RUNNING,
+                "the main command's stdin is closed (or was never open)",
+            ),
+        )
+        .await;
+        let _ = s.shutdown().await;
+        return;
+    }
+    if send(&mut s, &Frame::Started { pid }).await.is_err() {
+        return;
+    }
+    loop {
+        match machinen_proto::read_frame(&mut s).await {
+            Ok(Some(Frame::Stdin(data))) => {
+                if let Some(pipe) = w.as_mut() {
+                    if let Err(e) = pipe.write_all(&data).await {
+                        // It closed its stdin, or ended.
+                        debug!("main command pid {pid}: stdin: {e}");
+                        *w = None;
+                    }
+                }
+            }
+            Ok(Some(Frame::StdinEof)) => {
+                *w = None;
+                return;
+            }
+            Ok(Some(_)) => {}
+            // The writer went away: stdin stays open for the next one.
+            Ok(None) | Err(_) => return,
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct MainSpec {
     /// Resource limits set before it starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rlimits: Vec<machinen_proto::Rlimit>,
+    /// Its stdin stays open for [`Vm::main_stdin`] writers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 /// What the registry entry says about the main command.
@@ -647,6 +650,42 @@ impl crate::vm::Vm {
         follow(&self.info().id, source, from_start)
     }
 
+    /// Write to the main command's stdin (a VM booted with
+    /// [`crate::vm::BootOptions::main_stdin`]): one writer at a time
+    /// (`MAIN_ALREADY_RUNNING` while another writes); dropping the writer
+    /// without [`MainStdin::eof`] leaves stdin open for the next one (after
+    /// a restore, too). `MAIN_NOT_RUNNING` when there is no main command,
+    /// it ended, or its stdin is closed.
+    pub async fn main_stdin(&self) -> Result<MainStdin> {
+        use machinen_proto::{Frame, Request};
+        let mut conn = self.connect().await?;
+        let what = "opening the main command's stdin";
+        machinen_proto::send(&mut conn, &Frame::Request(Request::MainStdin))
+            .await
+            .map_err(|e| crate::vm::protocol_error(what, e))?;
+        let first = tokio::time::timeout(
+            timeouts::CONTROL_ANSWER,
+            machinen_proto::read_frame(&mut conn),
+        )
+        .await
+        .map_err(|_| {
+            fail(
+                ErrorCode::ExecVsockUnavailable,
+                format!("no answer while {what}"),
+            )
+        })?
+        .map_err(|e| crate::vm::protocol_error(what, e))?;
+        match first {
+            Some(Frame::Started { pid }) => Ok(MainStdin { conn, pid }),
+            Some(Frame::Error(e)) => Err(crate::vm::wire_error(e)),
+            other => Err(fail(
+                ErrorCode::ProtocolError,
+                format!("unexpected answer while {what}: {other:?}"),
+            )
+            .into()),
+        }
+    }
+
     /// Send `signal` to the main command's process, as `kill(2)` (with
     /// `group`, to its whole process group, as `killpg(2)`): its guest pid.
     /// `MAIN_NOT_RUNNING` when there is none or it ended, `SIGNAL_INVALID`
@@ -658,6 +697,37 @@ impl crate::vm::Vm {
             ErrorCode::ExecVsockUnavailable,
         )
         .await
+    }
+}
+
+/// A writer to the VM's main command's stdin (see [`Vm::main_stdin`]).
+#[derive(Debug)]
+pub struct MainStdin {
+    conn: tokio::net::UnixStream,
+    pid: u32,
+}
+
+impl MainStdin {
+    /// The main command's guest pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Bytes for its stdin (in chunks the protocol takes).
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        for c in bytes.chunks(machinen_proto::MAX_CHUNK) {
+            machinen_proto::send(&mut self.conn, &machinen_proto::Frame::Stdin(c.to_vec()))
+                .await
+                .map_err(|e| crate::vm::protocol_error("writing the main command's stdin", e))?;
+        }
+        Ok(())
+    }
+
+    /// Close its stdin: it reads end of file.
+    pub async fn eof(mut self) -> Result<()> {
+        machinen_proto::send(&mut self.conn, &machinen_proto::Frame::StdinEof)
+            .await
+            .map_err(|e| crate::vm::protocol_error("closing the main command's stdin", e))
     }
 }
 

@@ -91,6 +91,9 @@ pub struct BootOptions {
     pub user: Option<String>,
     /// Resource limits of the main command (see [`ExecOptions::rlimits`]).
     pub rlimits: Vec<machinen_proto::Rlimit>,
+    /// Keep the main command's stdin open for [`Vm::main_stdin`] writers
+    /// (else it reads `/dev/null`).
+    pub main_stdin: bool,
     /// Keep the VM running after its main command exited.
     pub keep_alive_on_exit: bool,
     /// Called with each phase of the boot as it ends (image, initramfs,
@@ -138,6 +141,7 @@ impl Default for BootOptions {
             cwd: None,
             user: None,
             rlimits: Vec::new(),
+            main_stdin: false,
             keep_alive_on_exit: false,
             on_phase: Default::default(),
             mounts: Vec::new(),
@@ -555,6 +559,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             keep_alive_on_exit: opts.keep_alive_on_exit,
             after_secrets: !opts.secrets.is_empty(),
             rlimits: opts.rlimits.clone(),
+            stdin: opts.main_stdin,
         }),
         mounts: lower.as_ref().map(|l| crate::mounts::MountsDisk {
             mounts: mounts.clone(),

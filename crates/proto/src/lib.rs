@@ -84,6 +84,9 @@
 //! agent -> host : Response(MainAttached { pid, seq })   (again after a gap)
 //! agent -> host : Stdout(bytes)* Stderr(bytes)*  (records seq, seq+1, …)
 //! agent -> host : Exit { code, signal }      (once it ended and all went out)
+//! host -> agent : Request(MainStdin)
+//! agent -> host : Started { pid }              | Error { code: MAIN_NOT_RUNNING, .. }
+//! host -> agent : Stdin(bytes)* StdinEof?
 //! host -> agent : Request(SignalMain { signal, group })
 //! agent -> host : Response(MainSignalled { pid }) | Error { code: MAIN_NOT_RUNNING, .. }
 //! ```
@@ -386,6 +389,9 @@ pub struct MainRequest {
     /// Resource limits set before the program starts (`setrlimit(2)`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rlimits: Vec<Rlimit>,
+    /// Keep its stdin open for `MainStdin` writers (else it is `/dev/null`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 /// A resource limit, named as the OCI runtime spec and `setrlimit(2)` name
@@ -511,6 +517,14 @@ pub enum Request {
         #[serde(default)]
         from_seq: u64,
     },
+    /// Write to the main command's stdin (agent link, forwarded from the
+    /// control link), when it was started with `MainRequest::stdin`:
+    /// answered with `Started { pid }` (or `Error(MAIN_NOT_RUNNING)`: none,
+    /// ended, stdin closed; `Error(MAIN_ALREADY_RUNNING)`: another client
+    /// writes to it), then the client sends `Stdin(bytes)*` and `StdinEof`
+    /// to close it. A stream that ends without `StdinEof` leaves stdin open
+    /// for the next writer (a restored VM's client).
+    MainStdin,
     /// Send `signal` to the main command's process (agent link, forwarded
     /// from the control link), as `kill(2)` would: to the process alone,
     /// so that the command decides what its children get, or with `group`
@@ -1100,6 +1114,7 @@ mod tests {
             })),
             Frame::Response(Response::Connected),
             Frame::Request(Request::StartMain(MainRequest {
+                stdin: true,
                 rlimits: vec![Rlimit {
                     resource: "RLIMIT_NOFILE".into(),
                     soft: 1024,
@@ -1113,6 +1128,7 @@ mod tests {
             })),
             Frame::Request(Request::AttachMain { from_seq: 1 << 40 }),
             Frame::Response(Response::MainAttached { pid: 77, seq: 12 }),
+            Frame::Request(Request::MainStdin),
             Frame::Request(Request::SignalMain {
                 signal: 15,
                 group: false,

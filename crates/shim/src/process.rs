@@ -253,10 +253,9 @@ impl Proc {
         F: FnOnce(u32) + Send + 'static,
     {
         let (mut out, mut err) = self.outputs()?;
-        // Read and dropped: the main command's stdin is /dev/null.
-        if !self.stdio.stdin.is_empty() {
-            self.io
-                .copy_from_fifo(&self.stdio.stdin, tokio::io::sink())?;
+        // The VM was booted with the main command's stdin kept open: feed it.
+        if let Some(r) = self.stdin()? {
+            tokio::spawn(feed_main_stdin(vm.clone(), r));
         }
         self.started(pid);
         let mut follower = vm
@@ -296,6 +295,46 @@ impl Proc {
             me.io.shutdown().await;
         });
         Ok(())
+    }
+}
+
+/// Copy `r` (the stdin FIFO's bytes) to the main command's stdin, then
+/// close it. The main command starts just after the VM is ready: a
+/// refusal for want of it is retried for a while.
+async fn feed_main_stdin(vm: Arc<Vm>, mut r: DuplexStream) {
+    let t0 = std::time::Instant::now();
+    let mut w = loop {
+        match vm.main_stdin().await {
+            Ok(w) => break w,
+            Err(e)
+                if e.code() == machinen::ErrorCode::MainNotRunning
+                    && t0.elapsed() < machinen_proto::timeouts::BOOT =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                log::info!("the task's stdin goes nowhere: {e}");
+                // Drained, so that containerd's writer is not blocked.
+                let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+                return;
+            }
+        }
+    };
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = w.eof().await;
+                return;
+            }
+            Ok(n) => {
+                if let Err(e) = w.write(&buf[..n]).await {
+                    log::info!("the task's stdin: {e}");
+                    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -484,6 +484,7 @@ impl containerd_shim::Task for Service {
                 cwd: opts.cwd.clone(),
                 user: opts.user.clone(),
                 rlimits: opts.rlimits.clone(),
+                main_stdin: !terminal && !c.init.stdio.stdin.is_empty(),
                 ..Default::default()
             };
             let vm = Arc::new(

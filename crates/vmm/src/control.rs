@@ -199,6 +199,7 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             | Request::PullDir(_)
             | Request::Secrets { .. }
             | Request::SignalMain { .. }
+            | Request::MainStdin
             | Request::WipeSecrets),
         ) => {
             let agent = shared.agent.lock().await.clone();

@@ -133,6 +133,7 @@ async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)
     })?;
     let req = MainRequest {
         rlimits: main.rlimits.clone(),
+        stdin: main.stdin,
         argv: main.argv.clone(),
         env: main.env.clone(),
         cwd: main.cwd.clone(),

@@ -1109,3 +1109,54 @@ async fn signals_reach_the_main_command_until_it_ends() {
         "{after:?}"
     );
 }
+
+/// A main command started with `stdin` reads what `MainStdin` writers send:
+/// a writer that goes away leaves it open for the next, `StdinEof` closes
+/// it, and then there is nothing to write to.
+#[tokio::test]
+async fn the_main_command_reads_its_stdin_from_writers() {
+    let (ctx, _) = test_ctx();
+    let (a, b) = duplex(64 * 1024);
+    tokio::spawn(serve_session(a, ctx.clone()));
+    let c = Client::new(b);
+    let mut req = main(&["cat"]);
+    req.stdin = true;
+    let started = c.call(Frame::Request(Request::StartMain(req))).await;
+    let Some(Frame::Started { pid }) = started.first().cloned() else {
+        panic!("{started:?}");
+    };
+    for (chunk, eof) in [(&b"one\n"[..], false), (&b"two\n"[..], true)] {
+        let mut s = c.stream().await;
+        send(&mut s, &Frame::Request(Request::MainStdin))
+            .await
+            .expect("send");
+        let first = read_frame(&mut s).await.expect("read");
+        assert_eq!(first, Some(Frame::Started { pid }));
+        send(&mut s, &Frame::Stdin(chunk.to_vec()))
+            .await
+            .expect("send");
+        if eof {
+            send(&mut s, &Frame::StdinEof).await.expect("send");
+            assert_eq!(read_frame(&mut s).await.expect("read"), None);
+        }
+        drop(s);
+    }
+    let frames = c
+        .call(Frame::Request(Request::AttachMain { from_seq: 0 }))
+        .await;
+    let out: Vec<u8> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Stdout(b) => Some(b.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(out, b"one\ntwo\n");
+    assert_eq!(frames.last(), Some(&Frame::Exit(code(0).expect("status"))));
+    let after = c.call(Frame::Request(Request::MainStdin)).await;
+    assert!(
+        matches!(&after[..], [Frame::Error(e)] if e.code == "MAIN_NOT_RUNNING"),
+        "{after:?}"
+    );
+}

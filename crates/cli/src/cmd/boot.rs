@@ -115,6 +115,7 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         .map(|p| machinen::ports::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = BootOptions {
+        main_stdin: false,
         rlimits: Vec::new(),
         hostname: a.hostname.clone(),
         image: a.image.clone(),

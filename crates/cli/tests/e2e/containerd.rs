@@ -379,6 +379,32 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     );
     assert_eq!(ctd.task_status("t1"), None, "--rm removed the task");
 
+    // The container's stdin reaches its process (then its end of file).
+    let mut child = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            bb,
+            "t0",
+            "sh",
+            "-c",
+            "cat; echo done",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ctr");
+    {
+        use std::io::Write;
+        let mut w = child.stdin.take().expect("stdin");
+        w.write_all(b"piped-in\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("ctr");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped-in\ndone\n");
+    assert_eq!(out.status.code(), Some(0));
+
     // The spec's env (image + --env), cwd (image's, then --cwd) and user.
     let out = ctd.run_ok(&[
         "run",
