@@ -85,6 +85,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Wait until a VM ends (or its kept-alive main command exits); exit with the command's status.
     Wait(WaitArgs),
+    /// Send a signal to a VM's main command (default SIGTERM), as `docker kill` does.
+    Kill(KillArgs),
     /// Stop a VM (graceful, then forced after a timeout).
     Stop(StopArgs),
     /// Remove what dead VMs left behind.
@@ -133,6 +135,7 @@ impl Command {
             Command::Network(a) => a.json,
             Command::Logs(a) => a.json,
             Command::Wait(a) => a.json,
+            Command::Kill(a) => a.json,
             Command::Stop(a) => a.json,
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
@@ -466,6 +469,24 @@ pub struct LogsArgs {
     pub since: Option<String>,
     /// The main command's output as JSON records, one a line.
     #[arg(long, conflicts_with_all = ["console", "vmm", "qemu"])]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  machinen kill web                 # SIGTERM: the command may clean up\n  machinen kill -s KILL web; machinen wait web\n  machinen kill -s STOP --group web  # the whole process group\n\nThe signal goes to the main command's process (a VM booted with a command, `boot -d -- CMD`);\nMAIN_NOT_RUNNING when it has none or it ended, SIGNAL_INVALID for an unknown signal."
+)]
+pub struct KillArgs {
+    /// VM name, pid or id.
+    pub target: String,
+    /// The signal: a name (TERM, SIGTERM, KILL, HUP, …) or a number.
+    #[arg(long, short = 's', default_value = "TERM", value_name = "SIGNAL")]
+    pub signal: String,
+    /// Signal the main command's whole process group, not its process alone.
+    #[arg(long)]
+    pub group: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

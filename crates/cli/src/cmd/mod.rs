@@ -12,6 +12,7 @@ mod feedback;
 mod gc;
 mod images;
 mod install;
+mod kill;
 mod logs;
 mod ls;
 mod mux;
@@ -49,6 +50,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Network(a) => network::run(a).await,
         Command::Logs(a) => logs::run(a).await,
         Command::Wait(a) => wait::run(a).await,
+        Command::Kill(a) => kill::run(a).await,
         Command::Stop(a) => stop::run(a).await,
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,

@@ -249,5 +249,34 @@ fn a_detached_vm_runs_its_main_command_logs_it_across_a_restore_and_ends_with_it
         "still up\n"
     );
     assert_eq!(logs_until(&env, "kept", "bye").0, "s3cr3t\nbye\n");
+    // `kill` needs a running main command and a real signal.
+    let out = env.run(&["kill", "kept"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MAIN_NOT_RUNNING"));
+    let out = env.run(&["kill", "-s", "BOGUS", "kept"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGNAL_INVALID"));
     env.run_ok(&["stop", "kept"]);
+
+    // `kill` (SIGTERM) reaches the main command, which traps it and exits 3.
+    env.run_ok(&[
+        "boot",
+        "--name",
+        "trapper",
+        "--memory",
+        "512",
+        "--detached",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.2; done",
+    ]);
+    logs_until(&env, "trapper", "ready");
+    let out = env.json(&["kill", "trapper", "--json"]);
+    assert_eq!(out["signal"], 15, "{out}");
+    let waited = env.run(&["wait", "trapper", "--timeout", "120"]);
+    assert_eq!(waited.status.code(), Some(3));
+    assert!(logs_until(&env, "trapper", "got-term")
+        .0
+        .contains("got-term"));
 }
