@@ -341,6 +341,15 @@ where
     }
 }
 
+/// Answer a request with an error and end its stream.
+async fn refuse<S>(mut s: S, code: &str, message: &str)
+where
+    S: AsyncWrite + Unpin,
+{
+    let _ = send(&mut s, &wire_error(code, message)).await;
+    let _ = s.shutdown().await;
+}
+
 /// `MainStdin`: feed the main command's stdin from this stream.
 pub async fn stdin<S>(mut s: S, slot: Arc<MainSlot>)
 where
@@ -352,38 +361,21 @@ where
         .filter(|m| m.exit.is_none())
         .map(|m| m.pid);
     let Some(pid) = running else {
-        let _ = send(
-            &mut s,
-            &wire_error(code::NOT_RUNNING, "this VM's main command is not running"),
+        return refuse(
+            s,
+            code::NOT_RUNNING,
+            "this VM's main command is not running",
         )
         .await;
-        let _ = s.shutdown().await;
-        return;
     };
     let lock = slot.stdin.clone();
     let Ok(mut w) = lock.try_lock() else {
-        let _ = send(
-            &mut s,
-            &wire_error(
-                code::ALREADY_RUNNING,
-                "another client writes to the main command's stdin",
-            ),
-        )
-        .await;
-        let _ = s.shutdown().await;
-        return;
+        let msg = "another client writes to the main command's stdin";
+        return refuse(s, code::ALREADY_RUNNING, msg).await;
     };
     if w.is_none() {
-        let _ = send(
-            &mut s,
-            &wire_error(
-                code::NOT_RUNNING,
-                "the main command's stdin is closed (or was never open)",
-            ),
-        )
-        .await;
-        let _ = s.shutdown().await;
-        return;
+        let msg = "the main command's stdin is closed (or was never open)";
+        return refuse(s, code::NOT_RUNNING, msg).await;
     }
     if send(&mut s, &Frame::Started { pid }).await.is_err() {
         return;

@@ -7,21 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::oci::run;
 use super::Env;
 
 const RUNTIME: &str = "io.containerd.machinen.v2";
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8")
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A containerd of the test's own, with the shim on its PATH and the

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use super::Env;
 
-fn run(cmd: &mut Command) {
+pub(super) fn run(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
     assert!(
         out.status.success(),
