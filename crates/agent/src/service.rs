@@ -116,6 +116,14 @@ impl MainSlot {
         self.main.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The main command's pid while it runs.
+    fn running_pid(&self) -> Option<u32> {
+        self.lock()
+            .as_ref()
+            .filter(|m| m.exit.is_none())
+            .map(|m| m.pid)
+    }
+
     fn push(&self, stdout: bool, data: Vec<u8>) {
         if let Some(m) = self.lock().as_mut() {
             m.push(stdout, data);
@@ -184,12 +192,7 @@ where
         rlimits: main.rlimits,
     };
     let reply = {
-        let running = slot
-            .lock()
-            .as_ref()
-            .filter(|m| m.exit.is_none())
-            .map(|m| m.pid);
-        match running {
+        match slot.running_pid() {
             Some(pid) => wire_error(
                 code::ALREADY_RUNNING,
                 format!("this VM's main command already runs (pid {pid})"),
@@ -355,11 +358,7 @@ pub async fn stdin<S>(mut s: S, slot: Arc<MainSlot>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let running = slot
-        .lock()
-        .as_ref()
-        .filter(|m| m.exit.is_none())
-        .map(|m| m.pid);
+    let running = slot.running_pid();
     let Some(pid) = running else {
         return refuse(
             s,
@@ -408,11 +407,7 @@ pub async fn signal<S>(mut s: S, slot: Arc<MainSlot>, signal: i32, group: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let running = slot
-        .lock()
-        .as_ref()
-        .filter(|m| m.exit.is_none())
-        .map(|m| m.pid);
+    let running = slot.running_pid();
     let reply = match (running, nix::sys::signal::Signal::try_from(signal)) {
         (_, Err(_)) => wire_error(
             machinen_proto::ErrorCode::SignalInvalid.as_str(),
