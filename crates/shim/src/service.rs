@@ -494,19 +494,7 @@ impl containerd_shim::Task for Service {
             );
             *c.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
             if terminal {
-                let size = process.console_size.unwrap_or_default();
-                let ws = machinen_proto::WinSize {
-                    rows: (size.height as u16).max(1).min(if size.height == 0 {
-                        24
-                    } else {
-                        u16::MAX
-                    }),
-                    cols: if size.width == 0 {
-                        80
-                    } else {
-                        size.width as u16
-                    },
-                };
+                let ws = crate::spec::winsize(process.console_size);
                 let exec = vm.exec_session(opts, Some(ws)).await.map_err(|e| {
                     let vm = vm.clone();
                     tokio::spawn(async move { vm.shutdown(true, STOP_GRACE).await });
@@ -943,13 +931,10 @@ impl Service {
         let vm = c.vm()?;
         let spec = p.spec.clone().unwrap_or_default();
         let opts = spec::exec_options(&spec).map_err(|f| from_machinen(&f.into()))?;
-        let ws = p.stdio.terminal.then(|| {
-            let s = spec.console_size.unwrap_or_default();
-            machinen_proto::WinSize {
-                rows: if s.height == 0 { 24 } else { s.height as u16 },
-                cols: if s.width == 0 { 80 } else { s.width as u16 },
-            }
-        });
+        let ws = p
+            .stdio
+            .terminal
+            .then(|| crate::spec::winsize(spec.console_size));
         let exec = vm.exec_session(opts, ws).await.map_err(|e| {
             p.finish(if e.code() == ErrorCode::ExecCommandNotFound {
                 127

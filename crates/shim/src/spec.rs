@@ -127,6 +127,19 @@ pub struct Cpu {
     pub cpus: Option<String>,
 }
 
+/// A terminal's first size: the spec's, or 24x80 where it names none.
+pub fn winsize(size: Option<ConsoleSize>) -> machinen_proto::WinSize {
+    let s = size.unwrap_or_default();
+    let cells = |n: u32, default: u16| match n {
+        0 => default,
+        n => u16::try_from(n).unwrap_or(u16::MAX),
+    };
+    machinen_proto::WinSize {
+        rows: cells(s.height, 24),
+        cols: cells(s.width, 80),
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> Failure {
     Failure::new(ErrorCode::ContainerSpecInvalid, msg)
 }
@@ -375,6 +388,25 @@ mod tests {
         assert!(s.network().is_err());
         let s = parse(br#"{"hostname": "not a host"}"#).expect("p");
         assert!(s.hostname().is_err());
+    }
+
+    #[test]
+    fn terminals_get_the_spec_size_or_24_by_80() {
+        assert_eq!(
+            winsize(None),
+            machinen_proto::WinSize { rows: 24, cols: 80 }
+        );
+        let big = ConsoleSize {
+            height: 50,
+            width: 1 << 20,
+        };
+        assert_eq!(
+            winsize(Some(big)),
+            machinen_proto::WinSize {
+                rows: 50,
+                cols: u16::MAX
+            }
+        );
     }
 
     #[test]
