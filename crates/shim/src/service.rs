@@ -46,15 +46,25 @@ pub fn vm_name(ns: &str, id: &str) -> String {
     format!("containerd/{ns}/{id}")
 }
 
-/// Where the shim keeps a container's files: its rootfs image, the
-/// checkpoint it was restored from.
-fn state_dir(ns: &str, id: &str) -> Result<PathBuf, machinen::Error> {
+/// Where the shim keeps a container's files (its rootfs image, the
+/// checkpoint it was restored from): per containerd (by its socket's
+/// address: two containerds on one host may both have `default/web`),
+/// namespace and id.
+fn state_dir(containerd: &str, ns: &str, id: &str) -> Result<PathBuf, machinen::Error> {
     let paths = machinen::Paths::from_env()?;
-    Ok(paths.home.join("containers").join(ns).join(id))
+    let which = blake3::hash(containerd.as_bytes()).to_hex();
+    Ok(paths
+        .home
+        .join("containers")
+        .join(&which.as_str()[..12])
+        .join(ns)
+        .join(id))
 }
 
 pub struct Shim {
     exit: Arc<ExitSignal>,
+    /// containerd's socket.
+    address: String,
     namespace: String,
     id: String,
     bundle: String,
@@ -67,6 +77,7 @@ impl containerd_shim::asynchronous::Shim for Shim {
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Shim {
             exit: Arc::new(ExitSignal::default()),
+            address: args.address.clone(),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
@@ -103,7 +114,7 @@ impl containerd_shim::asynchronous::Shim for Shim {
             PathBuf::from(&self.bundle)
         };
         crate::rootfs::unmount(&bundle);
-        if let Ok(dir) = state_dir(&self.namespace, &self.id) {
+        if let Ok(dir) = state_dir(&self.address, &self.namespace, &self.id) {
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(api::DeleteResponse {
@@ -121,6 +132,7 @@ impl containerd_shim::asynchronous::Shim for Shim {
         Service {
             inner: Arc::new(Inner {
                 exit: self.exit.clone(),
+                address: self.address.clone(),
                 namespace: self.namespace.clone(),
                 publisher,
                 containers: Mutex::new(HashMap::new()),
@@ -219,6 +231,8 @@ impl Container {
 
 struct Inner {
     exit: Arc<ExitSignal>,
+    /// containerd's socket.
+    address: String,
     namespace: String,
     publisher: RemotePublisher,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -354,7 +368,7 @@ impl containerd_shim::Task for Service {
         spec.ports().map_err(|f| from_machinen(&f.into()))?;
         spec.network().map_err(|f| from_machinen(&f.into()))?;
         spec.hostname().map_err(|f| from_machinen(&f.into()))?;
-        let state = state_dir(&ns, &req.id).map_err(|e| from_machinen(&e))?;
+        let state = state_dir(&self.inner.address, &ns, &req.id).map_err(|e| from_machinen(&e))?;
         std::fs::create_dir_all(&state).map_err(|e| io_error("creating the shim's state", e))?;
         let (image, checkpoint) = if req.checkpoint.is_empty() {
             let root = crate::rootfs::mount(&req.rootfs, &bundle)

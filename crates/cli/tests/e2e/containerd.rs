@@ -632,4 +632,14 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     }
     let gc = env.json(&["gc", "--dry-run", "--json"]);
     eprintln!("gc: {gc}");
+    // Every deleted container's files went with it (the killed shim's too).
+    let ids = ["t0", "t1", "t2", "t3", "t4", "web", "tty1", "ctr1", "ctr2", "k1"];
+    if let Ok(rd) = std::fs::read_dir(super::machinen_home().join("containers")) {
+        for d in rd.flatten() {
+            for id in ids {
+                let left = d.path().join("default").join(id);
+                assert!(!left.exists(), "{} was left behind", left.display());
+            }
+        }
+    }
 }
