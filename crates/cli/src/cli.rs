@@ -640,7 +640,9 @@ pub struct GcArgs {
 #[command(after_help = "Examples:
   machinen images
   machinen images rm 127.0.0.1:5000/app:dev
-  machinen images prune")]
+  machinen images prune
+  machinen images export app.tar.gz oci:./app-layout:v1
+  machinen images export app.tar.gz docker-archive:app.tar:local/app:v1   # then: docker load -i app.tar")]
 pub struct ImagesArgs {
     #[command(subcommand)]
     pub action: Option<ImagesAction>,
@@ -658,6 +660,13 @@ pub enum ImagesAction {
     },
     /// Remove pulled blobs no remaining reference needs, and converted images (boots convert again; bundles of such VMs then restore with --image); what is younger than 10 minutes stays (a pull or boot may be using it).
     Prune,
+    /// Write an image (a rootfs tarball such as `provision` makes, or any image reference machinen boots) as a container image: oci:DIR[:TAG] (an OCI image layout, created or given one more tag; TAG defaults to latest) or docker-archive:FILE[:REPO[:TAG]] (for `docker load`, `podman load`, `ctr images import`). Its baked command, env, working directory and user become the image's config.
+    Export {
+        #[arg(value_name = "IMAGE")]
+        image: std::path::PathBuf,
+        #[arg(value_name = "TARGET")]
+        target: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -804,7 +813,7 @@ pub struct ProvisionArgs {
     /// Default command of the image, run with `sh -c` (or give it as argv after `--`).
     #[arg(long = "cmd", value_name = "CMD", conflicts_with = "argv")]
     pub cmd: Option<String>,
-    /// Where to write the image (.tar.gz); replaced atomically.
+    /// Where to write the image (.tar.gz; replaced atomically), or a container image: oci:DIR[:TAG] (an OCI image layout) or docker-archive:FILE[:REPO[:TAG]] (for docker/podman load), with the baked command, env, cwd and user as its config.
     #[arg(long = "out", short = 'o', value_name = "OUT.tar.gz")]
     pub out: PathBuf,
     /// Memory of the install VM in MiB.

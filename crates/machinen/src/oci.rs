@@ -27,6 +27,7 @@
 //! ([`MAX_BYTES`], `MACHINEN_IMAGE_MAX_BYTES`).
 
 pub mod cache;
+pub mod export;
 mod flatten;
 pub mod registry;
 

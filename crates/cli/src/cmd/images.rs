@@ -1,4 +1,4 @@
-//! `machinen images [rm IMAGE… | prune]`
+//! `machinen images [rm IMAGE… | prune | export IMAGE TARGET]`
 
 use machinen::paths::Paths;
 use machinen::Result;
@@ -42,6 +42,14 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                     }
                 }
             }
+            Some(ImagesAction::Export { image, target }) => {
+                let exported = export(&paths, &image, &target)?;
+                if json {
+                    print_json(&exported);
+                } else {
+                    crate::outln!("{} {}", exported.target, exported.manifest_digest);
+                }
+            }
             Some(ImagesAction::Prune) => {
                 let freed = machinen::oci::cache::prune(&paths)?;
                 if json {
@@ -56,6 +64,25 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
     tokio::task::spawn_blocking(work).await.map_err(|e| {
         machinen::error::fail(machinen::ErrorCode::Io, "the images task failed").source(e)
     })?
+}
+
+/// Export `image` (a tarball, or a reference resolved to its converted
+/// tarball) to `target` (`oci:…` or `docker-archive:…`).
+pub fn export(
+    paths: &Paths,
+    image: &std::path::Path,
+    target: &str,
+) -> Result<machinen::oci::export::Exported> {
+    let Some(t) = machinen::oci::export::Target::parse(target) else {
+        return Err(machinen::error::fail(
+            machinen::ErrorCode::ProvisionArgsInvalid,
+            format!("{target:?} is not an export target"),
+        )
+        .hint("oci:DIR[:TAG] or docker-archive:FILE[:REPO[:TAG]]")
+        .into());
+    };
+    let tarball = machinen::oci::resolve(paths, image, machinen::progress::ProgressMode::Quiet)?;
+    Ok(machinen::oci::export::export(&tarball, &t)?)
 }
 
 /// `sha256:` and the first 12 hex digits.

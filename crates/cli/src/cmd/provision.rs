@@ -122,9 +122,32 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         (None, false) => Some(a.argv.clone()),
         (None, true) => None,
     };
+    // A container image as the output: the tarball is baked beside it and
+    // exported, then removed.
+    let export_to = a
+        .out
+        .to_str()
+        .and_then(machinen::oci::export::Target::parse)
+        .map(|_| a.out.to_string_lossy().into_owned());
+    let out = match &export_to {
+        Some(_) => {
+            let paths = machinen::Paths::from_env()?;
+            std::fs::create_dir_all(&paths.cache).map_err(|e| {
+                machinen::error::fail(
+                    machinen::ErrorCode::ProvisionOutputFailed,
+                    "cannot create the cache",
+                )
+                .source(e)
+            })?;
+            paths
+                .cache
+                .join(format!("provision-export-{}.tar.gz", std::process::id()))
+        }
+        None => a.out.clone(),
+    };
     let opts = ProvisionOptions {
         base: a.base.clone(),
-        out: a.out.clone(),
+        out: out.clone(),
         install: if steps.is_empty() {
             None
         } else {
@@ -155,6 +178,28 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
             eprintln!("provision {why}; no image was written");
             return Ok(130);
         }
+    };
+    let result = match (result, &export_to) {
+        (Ok(r), Some(target)) => {
+            let paths = machinen::Paths::from_env()?;
+            let exported = crate::cmd::images::export(&paths, &out, target);
+            let _ = std::fs::remove_file(&out);
+            let exported = exported?;
+            if a.json {
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["exported"] = serde_json::to_value(&exported).unwrap_or_default();
+                print_json(&v);
+            } else {
+                print_human(&r);
+                crate::outln!(
+                    "exported to {} ({})",
+                    exported.target,
+                    exported.manifest_digest
+                );
+            }
+            return Ok(0);
+        }
+        (r, _) => r,
     };
     match result {
         Ok(r) => {

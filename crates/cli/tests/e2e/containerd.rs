@@ -651,3 +651,73 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
         }
     }
 }
+
+/// A baked image written as a container image runs elsewhere: `provision -o
+/// oci:DIR:TAG` gives a layout whose config skopeo reads back (env, cwd,
+/// command) and which machinen boots; `images export` of it gives a Docker
+/// archive that containerd imports and runs with runc — no machinen in the
+/// path.
+#[test]
+fn a_baked_image_exported_as_a_container_image_runs_under_runc() {
+    let env = Env::new();
+    let dir = tempfile::Builder::new()
+        .prefix("exp-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let lay = dir.path().join("layout");
+    let oci_ref = format!("oci:{}:v1", s(&lay));
+    let out = env.run_ok(&[
+        "provision",
+        "--run",
+        "echo baked > /hello",
+        "--env",
+        "GREETING=hi",
+        "--cwd",
+        "/srv",
+        "--cmd",
+        "cat /hello; echo $GREETING; pwd",
+        "-o",
+        &oci_ref,
+    ]);
+    assert!(out.contains("exported to"), "{out}");
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--config", &oci_ref])
+        .output()
+        .expect("skopeo");
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let cfg: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("config");
+    let env_list = cfg["config"]["Env"].as_array().expect("Env");
+    assert!(env_list.iter().any(|e| e == "GREETING=hi"), "{cfg}");
+    assert_eq!(cfg["config"]["WorkingDir"], "/srv", "{cfg}");
+    assert_eq!(
+        cfg["config"]["Cmd"],
+        serde_json::json!(["sh", "-c", "cat /hello; echo $GREETING; pwd"])
+    );
+    let want = "baked\nhi\n/srv\n";
+    assert_eq!(env.run_ok(&["boot", &oci_ref]), want);
+
+    let archive = dir.path().join("baked.tar");
+    let target = format!("docker-archive:{}:local/baked:v1", s(&archive));
+    let exported = env.json(&["images", "export", &oci_ref, &target, "--json"]);
+    assert!(
+        exported["manifest_digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{exported}"
+    );
+    let ctd = Containerd::start(&env, dir.path());
+    ctd.run_ok(&["images", "import", s(&archive)]);
+    let out = ctd.run_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        "docker.io/local/baked:v1",
+        "b1",
+    ]);
+    assert_eq!(out, want, "runc runs the exported image with its config");
+}
