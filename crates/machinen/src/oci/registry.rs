@@ -8,10 +8,12 @@
 //! a reference that was pulled once boots without the network; `machinen
 //! pull` fetches it again.
 //!
-//! Credentials: `MACHINEN_REGISTRY_AUTH` (`USER:PASSWORD`), else the
-//! registry's entry in the Docker config (`$DOCKER_CONFIG/config.json` or
-//! `~/.docker/config.json`, `auths.HOST.auth`), else anonymous. They are
-//! never logged. HTTPS, except for the registries named in
+//! Credentials: `MACHINEN_REGISTRY_AUTH` (`USER:PASSWORD`), else what the
+//! Docker config (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`)
+//! gives for the registry, as Docker reads it: its credential helper
+//! (`credHelpers.HOST`, else `credsStore`: `docker-credential-NAME get`, the
+//! registry on stdin, bounded by [`HELPER_TIMEOUT`]), else `auths.HOST.auth`;
+//! else anonymous. They are never logged. HTTPS, except for the registries named in
 //! `MACHINEN_INSECURE_REGISTRIES` (`--insecure-registry HOST[:PORT]`).
 
 use std::fs;
@@ -105,9 +107,102 @@ fn insecure(registry: &str) -> bool {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 struct DockerConfig {
     #[serde(default)]
     auths: std::collections::BTreeMap<String, DockerAuth>,
+    /// Registry → credential helper name (`docker-credential-NAME`).
+    #[serde(default)]
+    cred_helpers: std::collections::BTreeMap<String, String>,
+    /// The helper for every other registry.
+    #[serde(default)]
+    creds_store: Option<String>,
+}
+
+/// How long a credential helper may take (some ask a keyring or a user).
+pub const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A config key (`https://HOST/v1/`, `HOST`) names `registry`.
+fn names(key: &str, registry: &str) -> bool {
+    let k = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    k.split('/').next() == Some(registry)
+}
+
+impl DockerConfig {
+    /// The credential helper Docker would ask for `registry`.
+    fn helper(&self, registry: &str) -> Option<&str> {
+        self.cred_helpers
+            .iter()
+            .find(|(k, _)| names(k, registry))
+            .map(|(_, h)| h.as_str())
+            .or(self.creds_store.as_deref())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            })
+    }
+}
+
+/// `PROGRAM get` with `server` on stdin, as the Docker credential helper
+/// protocol has it: `{"ServerURL", "Username", "Secret"}` on stdout.
+/// `None` when it fails, times out, knows nothing of `server`, or answers
+/// with an identity token (`Username` `<token>`: an OAuth refresh token,
+/// which this client cannot exchange).
+fn helper_credentials(program: &Path, server: &str) -> Option<RegistryAuth> {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let mut child = Command::new(program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::info!("credential helper {}: {e}", program.display()))
+        .ok()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let stdout = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.take(1 << 20).read_to_end(&mut out);
+        out
+    });
+    let deadline = std::time::Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                tracing::info!(
+                    "credential helper {} did not answer in time",
+                    program.display()
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let out = reader.join().ok()?;
+    if !status?.success() {
+        return None;
+    }
+    let a: Answer = serde_json::from_slice(&out).ok()?;
+    (a.username != "<token>" && !a.username.is_empty())
+        .then_some(RegistryAuth::Basic(a.username, a.secret))
 }
 
 #[derive(Deserialize, Default)]
@@ -129,13 +224,24 @@ fn credentials(registry: &str) -> RegistryAuth {
         .and_then(|d| fs::read(d.join("config.json")).ok())
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let entry = config.auths.iter().find(|(k, _)| {
-        let k = k
-            .trim_start_matches("https://")
-            .trim_start_matches("http://");
-        k.split('/').next() == Some(registry)
-    });
-    entry
+    from_config(&config, registry, |helper| {
+        helper_credentials(Path::new(&format!("docker-credential-{helper}")), registry)
+    })
+}
+
+/// Docker's order: the registry's helper, then its `auths` entry.
+fn from_config(
+    config: &DockerConfig,
+    registry: &str,
+    ask: impl FnOnce(&str) -> Option<RegistryAuth>,
+) -> RegistryAuth {
+    if let Some(auth) = config.helper(registry).and_then(ask) {
+        return auth;
+    }
+    config
+        .auths
+        .iter()
+        .find(|(k, _)| names(k, registry))
         .and_then(|(_, a)| a.auth.as_deref())
         .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok())
         .and_then(|b| String::from_utf8(b).ok())
@@ -431,5 +537,60 @@ mod tests {
             qualify("localhost/app").expect("localhost"),
             "localhost/app:latest"
         );
+    }
+
+    /// A real helper process (a script speaking the protocol): asked with
+    /// the registry on stdin; an identity token, a failure or a helper
+    /// that hangs give nothing.
+    #[test]
+    fn credential_helpers_answer_in_dockers_order() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let script = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("script");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
+            p
+        };
+        let good = script(
+            "good",
+            r#"read server; [ "$1" = get ] || exit 3; printf '{"ServerURL":"%s","Username":"u-%s","Secret":"s3"}' "$server" "$server""#,
+        );
+        match helper_credentials(&good, "reg.local:5000") {
+            Some(RegistryAuth::Basic(u, p)) => {
+                assert_eq!((u.as_str(), p.as_str()), ("u-reg.local:5000", "s3"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let token = script(
+            "token",
+            r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+        );
+        assert!(helper_credentials(&token, "r").is_none());
+        let failing = script("failing", "echo 'credentials not found' >&2; exit 1");
+        assert!(helper_credentials(&failing, "r").is_none());
+        assert!(helper_credentials(&dir.path().join("missing"), "r").is_none());
+
+        let config: DockerConfig = serde_json::from_str(
+            r#"{"auths": {"https://reg.local:5000/v1/": {"auth": "YTpi"}},
+                "credHelpers": {"helped.local": "pass"}, "credsStore": "desktop"}"#,
+        )
+        .expect("config");
+        assert_eq!(config.helper("helped.local"), Some("pass"));
+        assert_eq!(config.helper("other.local"), Some("desktop"));
+        // The helper knows nothing: the auths entry (a:b) answers.
+        match from_config(&config, "reg.local:5000", |_| None) {
+            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("a", "b")),
+            other => panic!("{other:?}"),
+        }
+        match from_config(&config, "helped.local", |h| {
+            Some(RegistryAuth::Basic(h.into(), "x".into()))
+        }) {
+            RegistryAuth::Basic(u, _) => assert_eq!(u, "pass"),
+            other => panic!("{other:?}"),
+        }
+        let bad: DockerConfig =
+            serde_json::from_str(r#"{"credsStore": "../../bin/sh"}"#).expect("config");
+        assert_eq!(bad.helper("x"), None, "a helper name is a name, not a path");
     }
 }
