@@ -153,7 +153,7 @@ pub const ALL: &[Var] = &[
     ),
     user(
         REGISTRY_AUTH,
-        "the Docker config's `auths`",
+        "the Docker config (credential helper, else `auths`)",
         "registry credentials as `USER:PASSWORD` (never logged)",
     ),
     user(
