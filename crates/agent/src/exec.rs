@@ -47,7 +47,7 @@ use crate::log::{debug, error};
 use crate::reaper::Reaper;
 
 /// `PATH` of an exec unless the request sets one.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = machinen_proto::DEFAULT_PATH;
 
 /// After the child exited, output still arriving is forwarded; once nothing
 /// arrived for this long (a background grandchild holding the pipes), stop.

@@ -261,6 +261,9 @@ pub mod preamble {
 /// Incompatible protocol changes bump this.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The PATH a command gets when its image and request set none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// A valid hostname: RFC 1123 labels, at most 64 bytes (the kernel's
 /// limit). The library refuses others at boot; the agent ignores them.
 pub fn valid_hostname(name: &str) -> bool {

@@ -16,6 +16,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use machinen_proto::DEFAULT_PATH;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -211,7 +212,12 @@ impl Write for HashSink<'_> {
 
 /// The OCI image config for `config` over one layer.
 fn oci_config(config: &ImageConfig, diff_id: &str) -> serde_json::Value {
-    let env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Other runtimes take PATH from the image alone (machinen's agent has a
+    // default): give it Docker's when the image sets none.
+    let mut env: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !config.env.contains_key("PATH") {
+        env.insert(0, format!("PATH={DEFAULT_PATH}"));
+    }
     let mut run = serde_json::Map::new();
     if !env.is_empty() {
         run.insert("Env".into(), json!(env));
@@ -495,7 +501,13 @@ mod tests {
         let v = oci_config(&c, "sha256:00");
         assert_eq!(v["config"]["Entrypoint"], json!(["/srv/app"]));
         assert_eq!(v["config"]["Cmd"], json!(["--port", "80"]));
-        assert_eq!(v["config"]["Env"], json!(["MODE=prod"]));
+        assert_eq!(
+            v["config"]["Env"],
+            json!([format!("PATH={DEFAULT_PATH}"), "MODE=prod"])
+        );
+        c.env.insert("PATH".into(), "/opt/bin".into());
+        let v = oci_config(&c, "sha256:00");
+        assert_eq!(v["config"]["Env"], json!(["MODE=prod", "PATH=/opt/bin"]));
         assert_eq!(v["config"]["WorkingDir"], "/srv");
         assert_eq!(v["config"]["User"], "1000:1000");
         assert_eq!(v["rootfs"]["diff_ids"], json!(["sha256:00"]));
