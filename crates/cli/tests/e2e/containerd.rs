@@ -478,6 +478,17 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     assert_eq!(ctd.task_status("web").as_deref(), Some("RUNNING"));
     let ls = env.run_ok(&["ls"]);
     assert!(ls.contains("containerd/default/web"), "{ls}");
+    // The shim's files for it: its rootfs image, kept per containerd.
+    let digest = blake3::hash(s(&dir.path().join("ctd.sock")).as_bytes()).to_hex();
+    let web_files = super::machinen_home()
+        .join("containers")
+        .join(&digest.as_str()[..12])
+        .join("default/web");
+    assert!(
+        web_files.join("rootfs.tar").is_file(),
+        "{}",
+        web_files.display()
+    );
     let out = ctd.run(&[
         "tasks",
         "exec",
@@ -638,17 +649,22 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     }
     let gc = env.json(&["gc", "--dry-run", "--json"]);
     eprintln!("gc: {gc}");
-    // Every deleted container's files went with it (the killed shim's too).
-    let ids = [
+    // Every deleted container's files went with it (the killed shim's
+    // too): the shim keeps them per containerd, by its socket address.
+    let address = dir.path().join("ctd.sock");
+    let digest = blake3::hash(s(&address).as_bytes()).to_hex();
+    let mine = super::machinen_home()
+        .join("containers")
+        .join(&digest.as_str()[..12])
+        .join("default");
+    for id in [
         "t0", "t1", "t2", "t3", "t4", "web", "tty1", "ctr1", "ctr2", "k1",
-    ];
-    if let Ok(rd) = std::fs::read_dir(super::machinen_home().join("containers")) {
-        for d in rd.flatten() {
-            for id in ids {
-                let left = d.path().join("default").join(id);
-                assert!(!left.exists(), "{} was left behind", left.display());
-            }
-        }
+    ] {
+        assert!(
+            !mine.join(id).exists(),
+            "{} was left behind",
+            mine.join(id).display()
+        );
     }
 }
 
