@@ -491,7 +491,7 @@ const BOOT_KEYS = [
 function toNetPolicy(p) {
   if (p === undefined) return undefined;
   if (!p || typeof p !== 'object' || Array.isArray(p)) {
-    throw invalid('netPolicy is { egress, allow, deny }', 'e.g. netPolicy: { egress: "deny", allow: ["*.pypi.org:443"] }', ErrorCode.NETWORK_POLICY_INVALID);
+    throw invalid('netPolicy is { egress, allow, deny }', 'e.g. netPolicy: { egress: "deny", allow: ["*.packages.example:443"] }', ErrorCode.NETWORK_POLICY_INVALID);
   }
   checkKeys(p, ['egress', 'allow', 'deny'], 'netPolicy');
   const list = (v) => (v === undefined ? undefined : Array.isArray(v) ? v.map(String) : [String(v)]);

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::ctx::Ctx;
 use crate::stats::{ms, Section};
 
-const IMAGE: &str = "docker.io/local/bench-bb:latest";
+const IMAGE: &str = "localhost/bench-bb:latest";
 
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -78,7 +78,10 @@ fn image(dir: &Path) -> Result<PathBuf> {
     run(Command::new("skopeo").args([
         "copy",
         &format!("oci:{image}"),
-        &format!("docker-archive:{}:local/bench-bb:latest", archive.display()),
+        &format!(
+            "docker-archive:{}:localhost/bench-bb:latest",
+            archive.display()
+        ),
     ]))?;
     Ok(archive)
 }

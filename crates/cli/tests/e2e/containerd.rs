@@ -242,7 +242,7 @@ fn busybox_image(dir: &Path, name: &str, config: &[&str]) -> PathBuf {
     run(Command::new("skopeo").args([
         "copy",
         &format!("oci:{image}"),
-        &format!("docker-archive:{}:local/{name}:latest", s(&archive)),
+        &format!("docker-archive:{}:localhost/{name}:latest", s(&archive)),
     ]));
     archive
 }
@@ -339,8 +339,8 @@ fn containerd_runs_tasks_in_vms_and_checkpoints_and_restores_them() {
     let mut ctd = Containerd::start(&env, dir.path());
     ctd.run_ok(&["images", "import", s(&plain)]);
     ctd.run_ok(&["images", "import", s(&user)]);
-    let bb = "docker.io/local/bb:latest";
-    let bbuser = "docker.io/local/bbuser:latest";
+    let bb = "localhost/bb:latest";
+    let bbuser = "localhost/bbuser:latest";
 
     // run --rm: stdout and stderr apart, the exit status, the memory limit.
     let out = ctd.run(&[
@@ -717,7 +717,7 @@ fn a_baked_image_exported_as_a_container_image_runs_under_runc() {
     assert_eq!(env.run_ok(&["boot", &oci_ref]), want);
 
     let archive = dir.path().join("baked.tar");
-    let target = format!("docker-archive:{}:local/baked:v1", s(&archive));
+    let target = format!("docker-archive:{}:localhost/baked:v1", s(&archive));
     let exported = env.json(&["images", "export", &oci_ref, &target, "--json"]);
     assert!(
         exported["manifest_digest"]
@@ -732,7 +732,7 @@ fn a_baked_image_exported_as_a_container_image_runs_under_runc() {
         "--rm",
         "--runtime",
         "io.containerd.runc.v2",
-        "docker.io/local/baked:v1",
+        "localhost/baked:v1",
         "b1",
     ]);
     assert_eq!(out, want, "runc runs the exported image with its config");
