@@ -35,7 +35,7 @@ use machinen::vm::{BootOptions, Vm};
 use machinen::{ErrorCode, RestoreOptions};
 
 use crate::process::{Proc, Status, Stdio};
-use crate::spec::{self, Spec};
+use crate::spec::{self, Settings};
 use crate::status::{from_machinen, refuse};
 
 /// How long a stop of the VM may take before it is forced.
@@ -89,34 +89,30 @@ impl containerd_shim::asynchronous::Shim for Shim {
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // In the bundle (our working directory), as the Go shims do: a
         // restarted containerd finds its running shims by this file.
-        write_atomic(Path::new("address"), address.as_bytes()).map_err(|e| {
-            containerd_shim::Error::IoError {
+        machinen::registry::write_atomic(Path::new("address"), address.as_bytes()).map_err(
+            |e| containerd_shim::Error::IoError {
                 context: "writing the bundle's address file".into(),
                 err: e,
-            }
-        })?;
+            },
+        )?;
         Ok(address)
     }
 
     /// containerd's clean-up after a shim died: stop the VM, undo the
     /// rootfs mount, forget the container's files.
     async fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
-        let name = vm_name(&self.namespace, &self.id);
-        if let Ok(vm) = machinen::vm::attach(&name).await {
-            if let Err(e) = vm.stop(true, STOP_GRACE).await {
-                log::warn!("stopping {name}: {e}");
-            }
-        }
-        forget_vm(&name).await;
         let bundle = if self.bundle.is_empty() {
             std::env::current_dir().unwrap_or_default()
         } else {
             PathBuf::from(&self.bundle)
         };
-        crate::rootfs::unmount(&bundle);
-        if let Ok(dir) = state_dir(&self.address, &self.namespace, &self.id) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let state = state_dir(&self.address, &self.namespace, &self.id).ok();
+        tear_down(
+            &vm_name(&self.namespace, &self.id),
+            &bundle,
+            state.as_deref(),
+        )
+        .await;
         Ok(api::DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
             exited_at: MessageField::some(timestamp(SystemTime::now())),
@@ -141,14 +137,21 @@ impl containerd_shim::asynchronous::Shim for Shim {
     }
 }
 
-/// Write `path` whole or not at all: a temp file, synced, renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+/// Undo what the shim made for a container: stop its VM (if it still runs)
+/// and forget its entry, undo the rootfs mount, remove the shim's files.
+/// The task's Delete and containerd's clean-up after a dead shim both end
+/// here.
+async fn tear_down(name: &str, bundle: &Path, state: Option<&Path>) {
+    if let Ok(vm) = machinen::vm::attach(name).await {
+        if let Err(e) = vm.stop(true, STOP_GRACE).await {
+            log::warn!("stopping {name}: {e}");
+        }
+    }
+    forget_vm(name).await;
+    crate::rootfs::unmount(bundle);
+    if let Some(dir) = state {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Remove an ended VM's registry entry (its logs went to containerd).
@@ -178,7 +181,7 @@ fn timestamp(t: SystemTime) -> Timestamp {
 struct Container {
     id: String,
     bundle: PathBuf,
-    spec: Spec,
+    settings: Settings,
     state: PathBuf,
     /// The packed rootfs; a restore's comes with its checkpoint.
     image: PathBuf,
@@ -361,13 +364,9 @@ impl containerd_shim::Task for Service {
         let bundle = PathBuf::from(&req.bundle);
         let config = std::fs::read(bundle.join("config.json"))
             .map_err(|e| io_error("reading the bundle's config.json", e))?;
-        let spec = spec::parse(&config).map_err(|f| from_machinen(&f.into()))?;
-        let process = spec.process().map_err(|f| from_machinen(&f.into()))?;
-        spec::exec_options(process).map_err(|f| from_machinen(&f.into()))?;
-        spec.memory_mib().map_err(|f| from_machinen(&f.into()))?;
-        spec.ports().map_err(|f| from_machinen(&f.into()))?;
-        spec.network().map_err(|f| from_machinen(&f.into()))?;
-        spec.hostname().map_err(|f| from_machinen(&f.into()))?;
+        let settings = spec::parse(&config)
+            .and_then(|spec| spec.settings())
+            .map_err(|f| from_machinen(&f.into()))?;
         let state = state_dir(&self.inner.address, &ns, &req.id).map_err(|e| from_machinen(&e))?;
         std::fs::create_dir_all(&state).map_err(|e| io_error("creating the shim's state", e))?;
         let (image, checkpoint) = if req.checkpoint.is_empty() {
@@ -406,7 +405,7 @@ impl containerd_shim::Task for Service {
         let container = Arc::new(Container {
             id: req.id.clone(),
             bundle: bundle.clone(),
-            spec,
+            settings,
             state,
             image,
             checkpoint,
@@ -453,11 +452,10 @@ impl containerd_shim::Task for Service {
                 "the task was started already",
             ));
         }
-        let spec = &c.spec;
-        let process = spec.process().map_err(|f| from_machinen(&f.into()))?;
-        let opts = spec::exec_options(process).map_err(|f| from_machinen(&f.into()))?;
+        let set = &c.settings;
+        let opts = set.exec.clone();
         let name = vm_name(&self.inner.namespace, &c.id);
-        let ports = spec.ports().map_err(|f| from_machinen(&f.into()))?;
+        let ports = set.ports.clone();
         let pid = std::process::id();
         let on_exit = exit_publisher(self.inner.clone(), c.id.clone(), String::new(), pid);
         if let Some(cp) = &c.checkpoint {
@@ -481,14 +479,14 @@ impl containerd_shim::Task for Service {
             let boot = BootOptions {
                 image: Some(c.image.clone()),
                 name: Some(name),
-                hostname: spec.hostname().map_err(|f| from_machinen(&f.into()))?,
-                memory_mib: spec.memory_mib().map_err(|f| from_machinen(&f.into()))?,
-                cpus: spec.cpus(),
-                network: spec.network().map_err(|f| from_machinen(&f.into()))?,
+                hostname: set.hostname.clone(),
+                memory_mib: set.memory_mib,
+                cpus: set.cpus,
+                network: set.network,
                 detached: true,
                 progress: machinen::progress::ProgressMode::Quiet,
                 ports,
-                live_mounts: spec.live_mounts(),
+                live_mounts: set.live_mounts.clone(),
                 cmd: if terminal {
                     Vec::new()
                 } else {
@@ -508,7 +506,7 @@ impl containerd_shim::Task for Service {
             );
             *c.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
             if terminal {
-                let ws = crate::spec::winsize(process.console_size);
+                let ws = crate::spec::winsize(set.console_size);
                 let exec = vm.exec_session(opts, Some(ws)).await.map_err(|e| {
                     let vm = vm.clone();
                     tokio::spawn(async move { vm.shutdown(true, STOP_GRACE).await });
@@ -575,13 +573,9 @@ impl containerd_shim::Task for Service {
         }
         // The container: its VM (gone already when the init ended), its
         // rootfs mount, the shim's files.
-        let vm = c.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(vm) = vm {
-            let _ = vm.shutdown(true, STOP_GRACE).await;
-            forget_vm(vm.name()).await;
-        }
-        crate::rootfs::unmount(&c.bundle);
-        let _ = std::fs::remove_dir_all(&c.state);
+        drop(c.vm.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let name = vm_name(&self.inner.namespace, &c.id);
+        tear_down(&name, &c.bundle, Some(&c.state)).await;
         self.inner
             .containers
             .lock()

@@ -193,7 +193,36 @@ pub fn exec_options(p: &Process) -> Result<ExecOptions, Failure> {
     })
 }
 
+/// What a container's VM is made of, read from its spec once, at create
+/// (where a spec the shim cannot run is refused).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The container's process.
+    pub exec: ExecOptions,
+    pub console_size: Option<ConsoleSize>,
+    pub hostname: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub cpus: u32,
+    pub network: NetworkMode,
+    pub ports: Vec<PortForward>,
+    pub live_mounts: Vec<LiveMountArg>,
+}
+
 impl Spec {
+    pub fn settings(&self) -> Result<Settings, Failure> {
+        let process = self.process()?;
+        Ok(Settings {
+            exec: exec_options(process)?,
+            console_size: process.console_size,
+            hostname: self.hostname()?,
+            memory_mib: self.memory_mib()?,
+            cpus: self.cpus(),
+            network: self.network()?,
+            ports: self.ports()?,
+            live_mounts: self.live_mounts(),
+        })
+    }
+
     pub fn process(&self) -> Result<&Process, Failure> {
         self.process
             .as_ref()
