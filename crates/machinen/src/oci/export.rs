@@ -20,6 +20,7 @@ use machinen_proto::DEFAULT_PATH;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::assets::fsutil;
 use crate::error::{fail, ErrorCode, Failure};
 use crate::provision::ImageConfig;
 
@@ -255,19 +256,9 @@ fn oci_config(config: &ImageConfig, diff_id: &str) -> serde_json::Value {
     })
 }
 
-/// Write `bytes` to `path` whole: a temp file beside it, synced, renamed.
+/// Write `bytes` to `path` whole (see [`fsutil::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_err("cannot write", path)(e)
-    })
+    fsutil::write_atomic(path, bytes).map_err(io_err("cannot write", path))
 }
 
 /// Export the rootfs tarball `image` (its baked config included) to `target`.
@@ -341,15 +332,14 @@ fn write_layout(
     // The layer: a hard link where the filesystem allows, else a copy.
     let lpath = blob_path(dir, &layer.digest);
     if !lpath.exists() {
-        let tmp = lpath.with_extension(format!("tmp{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
+        let tmp = fsutil::temp_sibling(&lpath, "tmp");
         fs::hard_link(image, &tmp)
-            .or_else(|_| {
-                fs::copy(image, &tmp)?;
-                fs::File::open(&tmp)?.sync_all()
-            })
-            .and_then(|()| fs::rename(&tmp, &lpath))
-            .map_err(io_err("cannot write", &lpath))?;
+            .or_else(|_| fs::copy(image, &tmp).map(|_| ()))
+            .and_then(|()| fsutil::persist(&tmp, &lpath))
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err("cannot write", &lpath)(e)
+            })?;
     }
     write_atomic(&blob_path(dir, config_digest), config_json)?;
     write_atomic(&blob_path(dir, manifest_digest), manifest_json)?;
@@ -388,7 +378,6 @@ fn write_layout(
     manifests.push(entry);
     let bytes = serde_json::to_vec_pretty(&index)
         .map_err(|e| fail(ErrorCode::Io, "cannot encode the index").source(e))?;
-    let _ = layer.raw_size;
     write_atomic(&index_path, &bytes)
 }
 
@@ -399,9 +388,7 @@ fn write_archive(
     layer: &Layer,
     (config_digest, config_json): (&str, &[u8]),
 ) -> Result<(), Failure> {
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let out = fs::File::create(&tmp)?;
+    fsutil::write_atomic_with(file, |out| {
         let mut b = tar::Builder::new(io::BufWriter::new(out));
         let cfg_name = format!("{}.json", config_digest.trim_start_matches("sha256:"));
         let layer_name = format!("{}/layer.tar", layer.diff_id.trim_start_matches("sha256:"));
@@ -432,14 +419,9 @@ fn write_archive(
             "manifest.json",
             &manifest[..],
         )?;
-        let out = b.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-        out.sync_all()?;
-        fs::rename(&tmp, file)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_err("cannot write", file)(e)
+        b.into_inner()?.flush()
     })
+    .map_err(io_err("cannot write", file))
 }
 
 #[cfg(test)]
