@@ -413,6 +413,7 @@ impl ProvisionOpts {
             cmd: self.cmd,
             env: pairs(self.env),
             cwd: self.cwd,
+            config: None,
             memory_mib: self.memory_mib,
             cpus: self.cpus.unwrap_or(d.cpus),
             network: network(self.network)?,

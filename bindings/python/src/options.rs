@@ -325,6 +325,7 @@ pub fn provision(s: &str) -> PyResult<machinen::ProvisionOptions> {
         cmd: a.cmd,
         env: a.env.into_iter().collect(),
         cwd: a.cwd,
+        config: None,
         memory_mib: a.memory_mib,
         network,
         progress: machinen::progress::ProgressMode::Quiet,

@@ -95,6 +95,8 @@ pub enum Command {
     Install(InstallArgs),
     /// Bake a rootfs image: boot a base, run install steps, set a default command.
     Provision(ProvisionArgs),
+    /// Bake an image from a Dockerfile (FROM, RUN, COPY, ADD, ENV, ARG, WORKDIR, USER, CMD, ENTRYPOINT, EXPOSE, LABEL), each step in a real VM.
+    Build(BuildArgs),
     /// Describe every command, flag and exit code as versioned JSON (for agents and tools).
     AgentContext(AgentContextArgs),
     /// Print a shell completion script (bash, zsh, fish).
@@ -108,7 +110,7 @@ pub enum Command {
     Pull(PullArgs),
     /// Store a snapshot bundle (and the parents of its chain) in an OCI registry; `pull REF DIR` or `restore REF` on another host fetches it.
     Push(PushArgs),
-    /// List the container images in the cache (pulled references, converted images); rm or prune them.
+    /// List the container images in the cache (pulled references, converted images); inspect, export, push, rm or prune them.
     Images(ImagesArgs),
     /// Inspect snapshot bundles and their checkpoint chains: list, verify, flatten.
     Bundle(BundleArgs),
@@ -140,6 +142,7 @@ impl Command {
             Command::Gc(a) => a.json,
             Command::Install(a) => a.json,
             Command::Provision(a) => a.json,
+            Command::Build(a) => a.json,
             Command::Feedback(a) => a.json,
             Command::Pull(a) => a.json,
             Command::Push(a) => a.json,
@@ -642,7 +645,9 @@ pub struct GcArgs {
   machinen images rm 127.0.0.1:5000/app:dev
   machinen images prune
   machinen images export app.tar.gz oci:./app-layout:v1
-  machinen images export app.tar.gz docker-archive:app.tar:local/app:v1   # then: docker load -i app.tar")]
+  machinen images export app.tar.gz docker-archive:app.tar:local/app:v1   # then: docker load -i app.tar
+  machinen images inspect app.tar.gz
+  machinen images push app.tar.gz registry.example:5000/team/app:1 [--insecure-registry registry.example:5000]")]
 pub struct ImagesArgs {
     #[command(subcommand)]
     pub action: Option<ImagesAction>,
@@ -666,6 +671,18 @@ pub enum ImagesAction {
         image: std::path::PathBuf,
         #[arg(value_name = "TARGET")]
         target: String,
+    },
+    /// Show an image's settings: command (entrypoint and arguments), env, working directory, user, exposed ports, labels, and where it came from.
+    Inspect {
+        #[arg(value_name = "IMAGE")]
+        image: std::path::PathBuf,
+    },
+    /// Push an image (a rootfs tarball such as `provision` or `build` makes, or any image machinen boots) to a registry as a container image (HOST[:PORT]/REPO[:TAG]), its baked settings as the image config; blobs the registry has are not uploaded again.
+    Push {
+        #[arg(value_name = "IMAGE")]
+        image: std::path::PathBuf,
+        #[arg(value_name = "REFERENCE")]
+        reference: String,
     },
 }
 
@@ -839,6 +856,59 @@ pub struct ProvisionArgs {
     /// Default command of the image as argv (no shell).
     #[arg(last = true, value_name = "CMD")]
     pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen build -t app.tar.gz .
+  machinen build -f docker/Dockerfile --build-arg VERSION=1.2 -t app.tar.gz ./src
+  machinen build -t oci:./app-layout:v1 .        then: skopeo copy oci:./app-layout:v1 docker://…
+  machinen build -t app.tar.gz . && machinen images push app.tar.gz registry.example:5000/team/app:1
+
+FROM takes a registry reference, oci:DIR[:TAG], docker-archive:FILE, a rootfs tarball (relative
+paths from the context), or machinen:base (the installed Debian base); ARGs before FROM may set
+it. Each RUN, COPY, ADD and WORKDIR runs in one build VM with the ENV, ARG values, WORKDIR and
+USER in force at its line; the VM's disk becomes the image, with CMD/ENTRYPOINT, ENV, WORKDIR,
+USER, EXPOSE and LABEL as its settings (`machinen images inspect` shows them). COPY/ADD read
+the build context (.dockerignore applies; nothing outside it), take --chown and --chmod, and
+ADD unpacks local tar archives. Not supported, refused with the line: multi-stage builds
+(a second FROM, COPY --from), RUN --mount, ADD of URLs, SHELL, VOLUME, HEALTHCHECK,
+STOPSIGNAL, ONBUILD. A build whose inputs are all unchanged comes from the build cache
+without booting (--no-cache builds anyway).")]
+pub struct BuildArgs {
+    /// The build context: the directory COPY and ADD read from.
+    #[arg(value_name = "CONTEXT", default_value = ".")]
+    pub context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(long = "file", short = 'f', value_name = "DOCKERFILE")]
+    pub file: Option<PathBuf>,
+    /// Where to write the image: a rootfs tarball (.tar.gz), or oci:DIR[:TAG] / docker-archive:FILE[:REPO[:TAG]] as for `provision -o`.
+    #[arg(long = "tag", short = 't', value_name = "OUT")]
+    pub tag: PathBuf,
+    /// A value for an ARG (repeatable).
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    pub build_arg: Vec<String>,
+    /// Build even when the build cache holds this build's result.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Memory of the build VM in MiB.
+    #[arg(long, short = 'm', value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Virtual CPUs of the build VM.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// The build VM's network: `nat`, `nat-host` (also the host's loopback) or `none`.
+    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
+    pub network: String,
+    /// Seconds to wait for the build VM to become ready.
+    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// Print where the time went, phase by phase, on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    /// Print machine-readable JSON (step output goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A `--run` or `--copy` value.

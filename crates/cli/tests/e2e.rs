@@ -609,6 +609,8 @@ fn crashed_vms_keep_their_logs_and_cause_until_gc() {
 
 #[path = "e2e/blocking.rs"]
 mod blocking;
+#[path = "e2e/build.rs"]
+mod build;
 #[path = "e2e/chain.rs"]
 mod chain;
 #[path = "e2e/containerd.rs"]

@@ -9,6 +9,7 @@ pub mod assets;
 pub mod backpressure;
 pub mod balloon;
 pub mod binaries;
+pub mod build;
 pub mod bundle;
 pub mod chain;
 pub mod dirs;

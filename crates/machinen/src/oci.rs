@@ -29,6 +29,7 @@
 pub mod cache;
 pub mod export;
 mod flatten;
+pub mod push;
 pub mod registry;
 
 use std::collections::BTreeMap;
@@ -48,7 +49,7 @@ use crate::provision::ImageConfig;
 pub const MAX_BYTES: u64 = 64 << 30;
 /// Version of the flattening, in the cache file's name: a machinen that
 /// flattens differently does not take an older result for its own.
-pub(crate) const FLATTEN_FORMAT: &str = "f1";
+pub(crate) const FLATTEN_FORMAT: &str = "f2";
 /// Bound on a manifest, index or config blob (they are small JSON).
 const MAX_JSON: u64 = 4 << 20;
 
@@ -155,6 +156,50 @@ pub fn source_of(image: &Path) -> Result<Option<String>, Failure> {
             Some(r) => Some(registry::qualify(&r)?),
             None => None,
         },
+    })
+}
+
+/// What `images inspect` shows of an image.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Inspected {
+    /// As named.
+    pub image: String,
+    /// The container image it came from (`None` for a rootfs tarball).
+    pub source: Option<String>,
+    /// The rootfs tarball it boots from.
+    pub tarball: PathBuf,
+    /// Bytes of that tarball.
+    pub size_bytes: u64,
+    /// Its settings: command, entrypoint, env, working directory, user,
+    /// exposed ports, labels (all empty for an image without any).
+    pub config: ImageConfig,
+}
+
+/// The settings and origin of `image` (a tarball or a reference, pulled and
+/// converted now if it is not in the cache).
+pub fn inspect(paths: &Paths, image: &Path, progress: ProgressMode) -> crate::Result<Inspected> {
+    let source = source_of(image)?;
+    let tarball = resolve(paths, image, progress)?;
+    let size_bytes = match fs::metadata(&tarball) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(crate::image::ImageError::NotFound { path: tarball }.into())
+        }
+        Err(e) => {
+            return Err(
+                fail(ErrorCode::Io, format!("cannot read {}", tarball.display()))
+                    .source(e)
+                    .into(),
+            )
+        }
+    };
+    let config = crate::provision::config_of(paths, &tarball, progress)?.unwrap_or_default();
+    Ok(Inspected {
+        image: image.display().to_string(),
+        source,
+        tarball,
+        size_bytes,
+        config,
     })
 }
 
@@ -325,6 +370,10 @@ struct RunConfig {
     working_dir: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -697,12 +746,25 @@ fn run_config(c: &OciConfig, name: &str) -> Result<ImageConfig, Failure> {
             ))
         })?;
     }
+    // A port spelled some other way is left out rather than failing the
+    // image: it is information, not something the VM acts on.
+    let exposed_ports = rc
+        .and_then(|r| r.exposed_ports.as_ref())
+        .map(|m| {
+            m.keys()
+                .filter_map(|p| crate::provision::normalize_port(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    let labels = rc.and_then(|r| r.labels.clone()).unwrap_or_default();
     let config = ImageConfig {
         cmd: (!full.is_empty()).then_some(full),
         env,
         cwd,
         entrypoint,
         user,
+        exposed_ports,
+        labels,
         ..ImageConfig::default()
     };
     config.validate()?;

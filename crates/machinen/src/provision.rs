@@ -24,7 +24,7 @@
 //! ```
 
 mod config;
-mod copy;
+pub(crate) mod copy;
 mod export;
 
 use machinen_proto::timeouts;
@@ -40,7 +40,8 @@ use tokio::io::AsyncWrite;
 
 pub(crate) use config::tar_member as config_tar_member;
 pub use config::{
-    image_config, read_from_tarball, ImageConfig, IMAGE_CONFIG_PATH, IMAGE_CONFIG_VERSION,
+    image_config, normalize_port, read_from_tarball, ImageConfig, IMAGE_CONFIG_PATH,
+    IMAGE_CONFIG_VERSION,
 };
 pub use copy::{copy_into, CopySpec};
 pub use export::EXCLUDES;
@@ -71,6 +72,10 @@ pub struct ProvisionOptions {
     pub env: Vec<(String, String)>,
     /// Working directory to bake (created in the image); `None` keeps the base's.
     pub cwd: Option<String>,
+    /// The whole config to bake, in place of the base's merged with
+    /// `cmd`/`env`/`cwd` (which are then ignored): how `build` bakes what a
+    /// Dockerfile computed.
+    pub config: Option<ImageConfig>,
     /// Guest RAM for the install VM; `None` = the boot default.
     pub memory_mib: Option<u32>,
     pub cpus: u32,
@@ -94,6 +99,7 @@ impl Default for ProvisionOptions {
             cmd: None,
             env: Vec::new(),
             cwd: None,
+            config: None,
             memory_mib: None,
             cpus: 1,
             network: crate::spec::NetworkMode::default(),
@@ -333,7 +339,10 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         None => crate::assets::resolve(&paths)?.rootfs,
     };
     let base_config = config::image_config_in(&paths, &base, opts.progress)?.unwrap_or_default();
-    let baked = base_config.merged(opts.cmd.clone(), &opts.env, opts.cwd.clone());
+    let baked = match opts.config.clone() {
+        Some(c) => c,
+        None => base_config.merged(opts.cmd.clone(), &opts.env, opts.cwd.clone()),
+    };
     baked.validate().map_err(invalid)?;
 
     let name = format!("provision-{:06x}", rand::random::<u32>() & 0xff_ffff);
@@ -394,6 +403,15 @@ pub async fn provision(opts: ProvisionOptions) -> Result<ProvisionResult> {
         export_ms: timings.1,
         phases,
     })
+}
+
+/// The baked config of the rootfs tarball `tarball` (cached by content).
+pub(crate) fn config_of(
+    paths: &Paths,
+    tarball: &Path,
+    progress: ProgressMode,
+) -> Result<Option<ImageConfig>> {
+    config::image_config_in(paths, tarball, progress)
 }
 
 /// OUT must name a file in an existing directory.

@@ -151,6 +151,15 @@ error_codes! {
     // and a container or process it does not know
     ContainerSpecInvalid = "CONTAINER_SPEC_INVALID",
     ContainerNotFound = "CONTAINER_NOT_FOUND",
+    // a baked image could not be pushed to a registry (address, credentials,
+    // network)
+    ImagePushFailed = "IMAGE_PUSH_FAILED",
+    // `machinen build`: a Dockerfile that does not parse, an instruction or
+    // flag outside the supported subset, a COPY/ADD source missing from the
+    // build context or reaching outside it
+    BuildDockerfileInvalid = "BUILD_DOCKERFILE_INVALID",
+    BuildInstructionUnsupported = "BUILD_INSTRUCTION_UNSUPPORTED",
+    BuildContextInvalid = "BUILD_CONTEXT_INVALID",
 }
 
 impl ErrorCode {
@@ -175,6 +184,7 @@ impl ErrorCode {
                 | WaitTimeout
                 | ForkMemoryBackpressure
                 | ImagePullFailed
+                | ImagePushFailed
                 | BundleTransferFailed
         )
     }
@@ -205,6 +215,9 @@ impl ErrorCode {
             | NetworkPolicyInvalid
             | SignalInvalid
             | ContainerSpecInvalid
+            | BuildDockerfileInvalid
+            | BuildInstructionUnsupported
+            | BuildContextInvalid
             | MountPathEscape => 2,
             _ => 125,
         }

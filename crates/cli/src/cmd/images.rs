@@ -1,4 +1,4 @@
-//! `machinen images [rm IMAGE… | prune | export IMAGE TARGET]`
+//! `machinen images [rm IMAGE… | prune | export IMAGE TARGET | inspect IMAGE | push IMAGE REF]`
 
 use machinen::paths::Paths;
 use machinen::Result;
@@ -9,6 +9,11 @@ use crate::output::print_json;
 pub async fn run(a: ImagesArgs) -> Result<i32> {
     let paths = Paths::from_env()?;
     let json = a.json;
+    let progress = if json {
+        machinen::progress::ProgressMode::Quiet
+    } else {
+        machinen::progress::ProgressMode::Auto
+    };
     let work = move || -> Result<i32> {
         match a.action {
             None => {
@@ -50,8 +55,34 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                     crate::outln!("{} {}", exported.target, exported.manifest_digest);
                 }
             }
+            Some(ImagesAction::Inspect { image }) => {
+                let i = machinen::oci::inspect(&paths, &image, progress)?;
+                if json {
+                    print_json(&i);
+                } else {
+                    crate::outln!("image   {}", i.image);
+                    if let Some(s) = &i.source {
+                        crate::outln!("source  {s}");
+                    }
+                    crate::outln!(
+                        "rootfs  {} ({:.1} MiB)",
+                        i.tarball.display(),
+                        i.size_bytes as f64 / 1048576.0
+                    );
+                    print_config(&i.config);
+                }
+            }
+            Some(ImagesAction::Push { image, reference }) => {
+                let p = machinen::oci::push::push(&paths, &image, &reference, progress)?;
+                if json {
+                    print_json(&p);
+                } else {
+                    crate::outln!("{}@{}", p.reference, p.digest);
+                }
+            }
             Some(ImagesAction::Prune) => {
-                let freed = machinen::oci::cache::prune(&paths)?;
+                let freed =
+                    machinen::oci::cache::prune(&paths)? + machinen::build::prune_cache(&paths);
                 if json {
                     print_json(&serde_json::json!({ "freed_bytes": freed }));
                 } else {
@@ -83,6 +114,34 @@ pub fn export(
     };
     let tarball = machinen::oci::resolve(paths, image, machinen::progress::ProgressMode::Quiet)?;
     Ok(machinen::oci::export::export(&tarball, &t)?)
+}
+
+/// An image's settings, one per line (what `images inspect`, `build` and
+/// `provision` print).
+pub fn print_config(c: &machinen::provision::ImageConfig) {
+    let j = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_default();
+    match &c.cmd {
+        Some(cmd) => crate::outln!("  cmd         {}", j(cmd)),
+        None => crate::outln!("  cmd         (none: a command must be given at boot)"),
+    }
+    if let Some(ep) = &c.entrypoint {
+        crate::outln!("  entrypoint  {}", j(ep));
+    }
+    if let Some(cwd) = &c.cwd {
+        crate::outln!("  cwd         {cwd}");
+    }
+    if let Some(u) = &c.user {
+        crate::outln!("  user        {u}");
+    }
+    for (k, v) in &c.env {
+        crate::outln!("  env         {k}={v}");
+    }
+    if !c.exposed_ports.is_empty() {
+        crate::outln!("  ports       {}", c.exposed_ports.join(" "));
+    }
+    for (k, v) in &c.labels {
+        crate::outln!("  label       {k}={v}");
+    }
 }
 
 /// `sha256:` and the first 12 hex digits.

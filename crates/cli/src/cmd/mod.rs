@@ -4,6 +4,7 @@ mod agent_context;
 mod attach;
 mod balloon;
 mod boot;
+mod build;
 mod bundle;
 mod completion;
 mod cp;
@@ -55,6 +56,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Gc(a) => gc::run(a),
         Command::Install(a) => install::run(a).await,
         Command::Provision(a) => provision::run(a).await,
+        Command::Build(a) => build::run(a).await,
         Command::Feedback(a) => feedback::run(a),
         Command::Pull(a) => pull::run(a).await,
         Command::Push(a) => pull::push(a).await,

@@ -64,7 +64,7 @@ fn hook(steps: Vec<Step>, json: bool) -> InstallHook {
     })
 }
 
-async fn interrupted() -> &'static str {
+pub(crate) async fn interrupted() -> &'static str {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => {
@@ -109,6 +109,31 @@ fn print_human(r: &ProvisionResult) {
     }
 }
 
+/// Where a bake writes: OUT itself, or for a container image as OUT
+/// (`oci:…`, `docker-archive:…`) a tarball in the cache that is exported
+/// there and removed afterwards (the second value).
+pub(crate) fn bake_target(out: &std::path::Path) -> Result<(std::path::PathBuf, Option<String>)> {
+    let export_to = out
+        .to_str()
+        .and_then(machinen::oci::export::Target::parse)
+        .map(|_| out.to_string_lossy().into_owned());
+    let Some(target) = export_to else {
+        return Ok((out.to_path_buf(), None));
+    };
+    let paths = machinen::Paths::from_env()?;
+    std::fs::create_dir_all(&paths.cache).map_err(|e| {
+        machinen::error::fail(
+            machinen::ErrorCode::ProvisionOutputFailed,
+            "cannot create the cache",
+        )
+        .source(e)
+    })?;
+    let tarball = paths
+        .cache
+        .join(format!("bake-export-{}.tar.gz", std::process::id()));
+    Ok((tarball, Some(target)))
+}
+
 pub async fn run(a: ProvisionArgs) -> Result<i32> {
     let steps = steps(&a)?;
     let env = a
@@ -122,29 +147,7 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         (None, false) => Some(a.argv.clone()),
         (None, true) => None,
     };
-    // A container image as the output: the tarball is baked beside it and
-    // exported, then removed.
-    let export_to = a
-        .out
-        .to_str()
-        .and_then(machinen::oci::export::Target::parse)
-        .map(|_| a.out.to_string_lossy().into_owned());
-    let out = match &export_to {
-        Some(_) => {
-            let paths = machinen::Paths::from_env()?;
-            std::fs::create_dir_all(&paths.cache).map_err(|e| {
-                machinen::error::fail(
-                    machinen::ErrorCode::ProvisionOutputFailed,
-                    "cannot create the cache",
-                )
-                .source(e)
-            })?;
-            paths
-                .cache
-                .join(format!("provision-export-{}.tar.gz", std::process::id()))
-        }
-        None => a.out.clone(),
-    };
+    let (out, export_to) = bake_target(&a.out)?;
     let opts = ProvisionOptions {
         base: a.base.clone(),
         out: out.clone(),
@@ -156,6 +159,7 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         cmd,
         env,
         cwd: a.process.cwd.clone(),
+        config: None,
         memory_mib: a.memory,
         cpus: a.cpus,
         network: a

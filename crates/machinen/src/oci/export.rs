@@ -24,7 +24,7 @@ use crate::assets::fsutil;
 use crate::error::{fail, ErrorCode, Failure};
 use crate::provision::ImageConfig;
 
-const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const MEDIA_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -246,6 +246,17 @@ fn oci_config(config: &ImageConfig, diff_id: &str) -> serde_json::Value {
     }
     if let Some(user) = &config.user {
         run.insert("User".into(), json!(user));
+    }
+    if !config.exposed_ports.is_empty() {
+        let ports: serde_json::Map<String, serde_json::Value> = config
+            .exposed_ports
+            .iter()
+            .map(|p| (p.clone(), json!({})))
+            .collect();
+        run.insert("ExposedPorts".into(), ports.into());
+    }
+    if !config.labels.is_empty() {
+        run.insert("Labels".into(), json!(config.labels));
     }
     json!({
         "architecture": super::host_arch(),

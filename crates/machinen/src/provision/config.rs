@@ -54,6 +54,15 @@ pub struct ImageConfig {
     /// `NAME:GROUP` or `UID:GID`; root when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Ports the image's service listens on (an OCI image's
+    /// `ExposedPorts`, a Dockerfile's `EXPOSE`), as `PORT/PROTO`: shown by
+    /// `images inspect`, carried into exported images; publishing one is
+    /// still `-p`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+    /// Free-form metadata (an OCI image's `Labels`, a Dockerfile's `LABEL`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for ImageConfig {
@@ -65,6 +74,8 @@ impl Default for ImageConfig {
             cwd: None,
             entrypoint: None,
             user: None,
+            exposed_ports: Vec::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -84,6 +95,14 @@ impl ImageConfig {
                 ErrorCode::BootImageInvalid,
                 "the baked command is empty",
             ));
+        }
+        for p in &self.exposed_ports {
+            if normalize_port(p).as_deref() != Some(p.as_str()) {
+                return Err(fail(
+                    ErrorCode::BootImageInvalid,
+                    format!("exposed port {p:?} is not PORT/tcp, PORT/udp or PORT/sctp"),
+                ));
+            }
         }
         let probe = ExecOptions {
             rlimits: Vec::new(),
@@ -183,6 +202,36 @@ impl ImageConfig {
         })?;
         Ok(c)
     }
+}
+
+/// An exposed port as Docker spells it in an image config: `PORT/PROTO`
+/// (`80` → `80/tcp`, `53/UDP` → `53/udp`), or a range `LOW-HIGH/PROTO`;
+/// `None` when it is neither.
+pub fn normalize_port(p: &str) -> Option<String> {
+    let (ports, proto) = match p.split_once('/') {
+        Some((a, b)) => (a, b.to_ascii_lowercase()),
+        None => (p, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return None;
+    }
+    let num = |s: &str| -> Option<u16> {
+        (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u16>().ok())
+            .flatten()
+            .filter(|n| *n > 0)
+    };
+    let ports = match ports.split_once('-') {
+        Some((lo, hi)) => {
+            let (lo, hi) = (num(lo)?, num(hi)?);
+            if lo > hi {
+                return None;
+            }
+            format!("{lo}-{hi}")
+        }
+        None => num(ports)?.to_string(),
+    };
+    Some(format!("{ports}/{proto}"))
 }
 
 /// Whether a tar member name is the config file (`./etc/…`, `etc/…`, `/etc/…`).

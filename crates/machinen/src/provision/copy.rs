@@ -123,29 +123,41 @@ pub async fn copy_into(vm: &Vm, spec: &CopySpec) -> Result<()> {
     };
     let (dir, member) = plan(spec, host_meta.is_dir(), guest_is_dir);
 
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|source| ProvisionError::CopySource {
-            path: spec.host.clone(),
-            source,
-        })?;
-    theirs
-        .set_nonblocking(true)
-        .map_err(|source| ProvisionError::CopySource {
-            path: spec.host.clone(),
-            source,
-        })?;
-    let stdin =
-        tokio::net::UnixStream::from_std(theirs).map_err(|source| ProvisionError::CopySource {
-            path: spec.host.clone(),
-            source,
-        })?;
     let src = spec.host.clone();
-    let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        let w = io::BufWriter::with_capacity(1 << 20, ours);
+    tar_into_guest(vm, &dir, &[], &spec.host, &spec.guest, move |w| {
         write_tar(w, &src, member.as_deref())
+    })
+    .await
+}
+
+/// Unpack the tar `produce` writes (on a blocking thread) into the guest
+/// directory `dir` (created when missing) with GNU tar, as root; `flags`
+/// go to `tar -x` (e.g. `-z` for a gzip stream). `host` and `guest` name
+/// the copy in errors.
+pub(crate) async fn tar_into_guest<F>(
+    vm: &Vm,
+    dir: &str,
+    flags: &[&str],
+    host: &Path,
+    guest: &str,
+    produce: F,
+) -> Result<()>
+where
+    F: FnOnce(io::BufWriter<std::os::unix::net::UnixStream>) -> io::Result<()> + Send + 'static,
+{
+    let source_err = |source: io::Error| ProvisionError::CopySource {
+        path: host.to_path_buf(),
+        source,
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(source_err)?;
+    theirs.set_nonblocking(true).map_err(source_err)?;
+    let stdin = tokio::net::UnixStream::from_std(theirs).map_err(source_err)?;
+    let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        produce(io::BufWriter::with_capacity(1 << 20, ours))
     });
-    let script = r#"mkdir -p -- "$1" && cd -- "$1" && exec tar -x -p --no-overwrite-dir -f -"#;
-    let argv = ["sh", "-c", script, "sh", &dir].map(String::from).to_vec();
+    let script = r#"d=$1; shift; mkdir -p -- "$d" && cd -- "$d" && exec tar -x -p --no-overwrite-dir "$@" -f -"#;
+    let mut argv: Vec<String> = ["sh", "-c", script, "sh", dir].map(String::from).to_vec();
+    argv.extend(flags.iter().map(|f| f.to_string()));
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
     let status = vm
@@ -159,24 +171,20 @@ pub async fn copy_into(vm: &Vm, spec: &CopySpec) -> Result<()> {
             &mut stderr,
         )
         .await;
-    let produced = producer.await.map_err(|e| ProvisionError::CopySource {
-        path: spec.host.clone(),
-        source: io::Error::other(e),
-    })?;
+    let produced = producer
+        .await
+        .map_err(|e| source_err(io::Error::other(e)))?;
     let status = status?;
     if status.code != Some(0) {
         return Err(ProvisionError::CopyFailed {
-            host: spec.host.clone(),
-            guest: spec.guest.clone(),
+            host: host.to_path_buf(),
+            guest: guest.to_string(),
             status,
             stderr: crate::assets::tool::stderr_tail(&stderr),
         }
         .into());
     }
-    produced.map_err(|source| ProvisionError::CopySource {
-        path: spec.host.clone(),
-        source,
-    })?;
+    produced.map_err(source_err)?;
     Ok(())
 }
 
@@ -215,13 +223,43 @@ fn append<W: Write>(
     name: &Path,
     meta: &Metadata,
 ) -> io::Result<()> {
+    append_as(b, path, name, meta, &Attrs::default())
+}
+
+/// Who owns what a copy writes and with which mode (`COPY --chown`,
+/// `--chmod`); root with the host's modes by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Attrs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits for every file and directory copied.
+    pub mode: Option<u32>,
+}
+
+/// Append `path` (file, directory or symlink; not followed) as `name`.
+pub(crate) fn append_as<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &Path,
+    name: &Path,
+    meta: &Metadata,
+    attrs: &Attrs,
+) -> io::Result<()> {
     let mut h = tar::Header::new_gnu();
     h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_username("root")?;
-    h.set_groupname("root")?;
+    h.set_uid(attrs.uid.into());
+    h.set_gid(attrs.gid.into());
+    // GNU tar prefers names it finds in the guest over the ids; root's
+    // are everywhere, other ids go by number.
+    if attrs.uid == 0 {
+        h.set_username("root")?;
+    }
+    if attrs.gid == 0 {
+        h.set_groupname("root")?;
+    }
     let ft = meta.file_type();
+    if let Some(mode) = attrs.mode.filter(|_| !ft.is_symlink()) {
+        h.set_mode(mode & 0o7777);
+    }
     if ft.is_dir() {
         h.set_size(0);
         b.append_data(&mut h, name, io::empty())

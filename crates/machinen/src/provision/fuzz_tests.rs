@@ -26,6 +26,8 @@ fn sample() -> ImageConfig {
         cwd: Some("/app".into()),
         entrypoint: None,
         user: None,
+        exposed_ports: Vec::new(),
+        labels: Default::default(),
     }
 }
 

@@ -15,6 +15,8 @@ fn sample() -> ImageConfig {
         cwd: Some("/app".into()),
         entrypoint: None,
         user: None,
+        exposed_ports: vec!["8080/tcp".into()],
+        labels: BTreeMap::from([("team".to_string(), "a".to_string())]),
     }
 }
 
