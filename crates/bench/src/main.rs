@@ -6,6 +6,7 @@
 mod boot;
 mod chain;
 mod containerd;
+mod images;
 mod ctx;
 mod exec;
 mod fork;
@@ -80,6 +81,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "ctr run --rm IMAGE true: machinen's containerd shim next to runc and to machinen boot",
     ),
     (
+        "images",
+        "a ~200 MiB registry image: first boot (pull + unpack + boot) next to skopeo copy + a base boot; cached boot next to a base boot",
+    ),
+    (
         "reclaim",
         "host cost after the guest frees 1 GiB, with and without the balloon; idle VMs per 8 GiB",
     ),
@@ -109,7 +114,7 @@ struct Args {
     markdown_out: Option<PathBuf>,
     /// Run only these sections (repeatable or comma-separated): plain, boot,
     /// exec, ports, net, snapshot, fork, chain, transport, savevm, memory,
-    /// scale, mounts, reclaim, containerd.
+    /// scale, mounts, reclaim, containerd, images.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Guest RAM of every VM, MiB.
@@ -348,6 +353,7 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "mounts" => mounts::run(ctx, sec).await,
         "reclaim" => reclaim::run(ctx, sec).await,
         "containerd" => containerd::run_section(ctx, sec).await,
+        "images" => images::run_section(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

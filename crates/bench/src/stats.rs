@@ -193,6 +193,18 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
             "containerd.boot_cli_ms",
         ),
         (
+            "image_first_boot_over_tools",
+            "first boot of a registry image / skopeo copy + base boot",
+            "images.first_boot_ms",
+            "images.skopeo_plus_base_ms",
+        ),
+        (
+            "image_cached_boot_over_base",
+            "cached boot of a registry image / base boot (target <= 1.1)",
+            "images.cached_boot_ms",
+            "images.base_boot_ms",
+        ),
+        (
             "chain_disk_over_full_disk",
             "checkpoints on disk: chain / full bundles",
             "chain.chain_disk_mib",

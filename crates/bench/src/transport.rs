@@ -14,7 +14,7 @@ use machinen::progress::ProgressMode;
 use crate::ctx::{free_port, sh, stop, Ctx, SNAPSHOT_TIMEOUT};
 use crate::stats::{mib, ms, Section};
 
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -23,7 +23,7 @@ impl Drop for Server {
     }
 }
 
-fn start(dir: &Path) -> Result<(Server, String)> {
+pub(crate) fn start(dir: &Path) -> Result<(Server, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let config = dir.join("registry.yml");
     std::fs::write(
