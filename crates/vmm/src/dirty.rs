@@ -1,10 +1,16 @@
 //! Which pages of a VM's RAM file changed since the last checkpoint.
 //!
 //! At a checkpoint that holds the whole RAM the supervisor records a keyed
-//! BLAKE3 digest (64 bits, with a key of its own, so a guest cannot craft
-//! pages that collide) of every 4 KiB page; the next checkpoint, with the
-//! guest paused, hashes the RAM file again and writes only the pages whose
-//! digest differs, updating the record. Holes (never touched, or given back
+//! digest (64 bits of HighwayHash, a keyed pseudorandom function, with a
+//! random key of the supervisor's own that the guest never sees, so it
+//! cannot craft a page that collides with what a page held) of every
+//! 4 KiB page; the next checkpoint, with the guest paused, hashes the RAM
+//! file again and writes only the pages whose digest differs, updating
+//! the record. The hashing is the pause's largest part: HighwayHash (SIMD)
+//! hashes 4 KiB pages about 3.3× as fast as keyed BLAKE3 here (300 MiB on
+//! one core: 35 against 116 ms), which took a delta checkpoint's pause from
+//! 112-117 to 59-67 ms. (Reading the pages through a mapping instead of
+//! `pread` was slower: 67-77 ms, its page faults cost more than the copy.) Holes (never touched, or given back
 //! by the balloon) count as zero pages. The cost is one read of the memory
 //! the guest uses, at hashing speed, instead of a copy of it to disk.
 //!
@@ -23,16 +29,16 @@ const CHUNK: usize = 1 << 20;
 
 /// The digests of a RAM file's pages at the last checkpoint.
 pub struct PageHashes {
-    key: [u8; 32],
+    key: [u64; 4],
     zero: u64,
     hashes: Vec<u64>,
 }
 
-fn digest(key: &[u8; 32], page: &[u8]) -> u64 {
-    let h = blake3::keyed_hash(key, page);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h.as_bytes()[..8]);
-    u64::from_le_bytes(b)
+fn digest(key: &[u64; 4], page: &[u8]) -> u64 {
+    use highway::{HighwayHash, HighwayHasher, Key};
+    let mut h = HighwayHasher::new(Key(*key));
+    h.append(page);
+    h.finalize64()
 }
 
 /// Read `[off, end)` of `f` chunk by chunk, calling `each(page index, page)`.
@@ -72,7 +78,7 @@ fn page_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
 impl PageHashes {
     /// Record the pages of `file` (a RAM of `ram_bytes`) as they are now.
     pub fn of_file(file: &Path, ram_bytes: u64) -> std::io::Result<PageHashes> {
-        let key: [u8; 32] = rand::random();
+        let key: [u64; 4] = rand::random();
         let zero = digest(&key, &[0u8; PAGE as usize]);
         let mut hashes = vec![zero; (ram_bytes / PAGE) as usize];
         let f = File::open(file)?;
@@ -142,7 +148,7 @@ impl PageHashes {
 
 /// [`PageHashes::changed`] for the pages `first..first + hashes.len()`.
 fn scan(
-    key: &[u8; 32],
+    key: &[u64; 4],
     zero: u64,
     f: &File,
     out: &File,
