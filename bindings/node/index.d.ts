@@ -562,6 +562,68 @@ export interface ProvisionResult {
   phases: Phase[];
 }
 
+export interface ImageConfig {
+  version: number;
+  cmd?: string[];
+  entrypoint?: string[];
+  env: Record<string, string>;
+  cwd?: string;
+  user?: string;
+  exposedPorts?: string[];
+  labels?: Record<string, string>;
+}
+
+export interface BuildOptions {
+  /** The build context COPY and ADD read from (default "."). */
+  context?: string;
+  /** The Dockerfile (default: Dockerfile in the context). */
+  dockerfile?: string;
+  /** Where to write the image (.tar.gz); replaced atomically. */
+  out: string;
+  /** Values for ARG instructions. */
+  buildArgs?: Record<string, string | number | boolean | undefined>;
+  /** Build even when the build cache holds this build's result. */
+  noCache?: boolean;
+  memoryMib?: number;
+  cpus?: number;
+  network?: "nat" | "nat-host" | "none";
+  bootTimeoutMs?: number;
+  /** Aborting stops the build VM and writes no image. */
+  signal?: AbortSignal;
+}
+
+export interface BuildResult {
+  path: string;
+  sha256: string;
+  size: number;
+  config: ImageConfig;
+  /** What FROM named, and the tarball it resolved to. */
+  from: string;
+  base: string;
+  /** Steps run in the VM (0 when served from the cache). */
+  steps: number;
+  cached: boolean;
+  key: string;
+  unusedBuildArgs: string[];
+  elapsedMs: number;
+}
+
+export interface ImageInfo {
+  image: string;
+  /** The container image it came from; null for a rootfs tarball. */
+  source: string | null;
+  tarball: string;
+  sizeBytes: number;
+  config: ImageConfig;
+}
+
+export interface PushedImage {
+  reference: string;
+  digest: string;
+  uploadedBlobs: number;
+  uploadedBytes: number;
+}
+
 export interface GcResult {
   dryRun: boolean;
   removed: { id: string; name: string; reason: string; [k: string]: unknown }[];
@@ -573,6 +635,12 @@ export declare function attach(opts: AttachOptions | string): Promise<VmHandle>;
 export declare function list(opts?: { all?: boolean }): Promise<VmInfo[]>;
 export declare function restore(opts: RestoreOptions): Promise<VmHandle>;
 export declare function provision(opts: ProvisionOptions): Promise<ProvisionResult>;
+/** Bake a Dockerfile (`machinen build`); rejects with BUILD_* codes naming the line, or PROVISION_STEP_FAILED. */
+export declare function build(opts: BuildOptions): Promise<BuildResult>;
+/** An image's settings and origin (`machinen images inspect`). */
+export declare function inspectImage(image: string): Promise<ImageInfo>;
+/** Push an image to a registry as a container image (`machinen images push`); IMAGE_PUSH_FAILED when it cannot. */
+export declare function pushImage(image: string, reference: string): Promise<PushedImage>;
 export declare function runGc(opts?: { dryRun?: boolean }): Promise<GcResult>;
 /** The package's (and the library's) version. */
 export declare const version: string;

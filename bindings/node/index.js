@@ -124,7 +124,7 @@ function camel(v) {
   const out = {};
   for (const [k, val] of Object.entries(v)) {
     const key = k.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase());
-    out[key] = k === 'env' ? val : camel(val);
+    out[key] = k === 'env' || k === 'labels' ? val : camel(val);
   }
   return out;
 }
@@ -670,6 +670,44 @@ async function provision(opts) {
   }
 }
 
+/**
+ * Bake a Dockerfile into a rootfs tarball (`machinen build`): every RUN,
+ * COPY, ADD and WORKDIR runs in one real VM; unchanged inputs come from
+ * the build cache.
+ */
+async function build(opts) {
+  checkKeys(opts, ['context', 'dockerfile', 'out', 'buildArgs', 'noCache', 'memoryMib', 'cpus', 'network', 'bootTimeoutMs', 'signal'], 'build');
+  if (!opts || typeof opts.out !== 'string') {
+    throw invalid('build needs out', 'e.g. build({ context: ".", out: "./image.tar.gz" })', ErrorCode.BUILD_DOCKERFILE_INVALID);
+  }
+  const o = {
+    context: opts.context ?? '.',
+    dockerfile: opts.dockerfile,
+    out: opts.out,
+    buildArgs: opts.buildArgs === undefined ? undefined : toEnv(opts.buildArgs),
+    noCache: opts.noCache,
+    memoryMib: opts.memoryMib,
+    cpus: opts.cpus,
+    network: opts.network,
+    bootTimeoutMs: ms(opts.bootTimeoutMs, 'bootTimeoutMs'),
+  };
+  return camel(await call(opts.signal, (id) => native.build(o, id)));
+}
+
+/** An image's settings (command, env, cwd, user, exposed ports, labels) and origin. */
+async function inspectImage(image) {
+  if (typeof image !== 'string') throw invalid('inspectImage needs an image', 'e.g. inspectImage("./app.tar.gz")', ErrorCode.BOOT_ARGS_INVALID);
+  return camel(await call(undefined, () => native.inspectImage(image)));
+}
+
+/** Push an image to a registry (HOST[:PORT]/REPO[:TAG]) as a container image. */
+async function pushImage(image, reference) {
+  if (typeof image !== 'string' || typeof reference !== 'string') {
+    throw invalid('pushImage needs an image and a reference', 'e.g. pushImage("./app.tar.gz", "registry.example:5000/team/app:1")', ErrorCode.IMAGE_PUSH_FAILED);
+  }
+  return camel(await call(undefined, () => native.pushImage(image, reference)));
+}
+
 /** Clean up after VMs that crashed or whose supervisor died. */
 async function runGc(opts = {}) {
   checkKeys(opts, ['dryRun'], 'runGc');
@@ -681,6 +719,9 @@ exports.attach = attach;
 exports.list = list;
 exports.restore = restore;
 exports.provision = provision;
+exports.build = build;
+exports.inspectImage = inspectImage;
+exports.pushImage = pushImage;
 exports.runGc = runGc;
 exports.VmHandle = VmHandle;
 exports.ErrorCode = ErrorCode;

@@ -19,7 +19,7 @@ use napi_derive::napi;
 
 pub use cancel::{cancel, new_cancel, release_cancel};
 pub use handle::{attach, boot, restore, VmHandle};
-pub use provision::{provision_start, Provisioning};
+pub use provision::{build, inspect_image, provision_start, push_image, Provisioning};
 
 /// Prefix of the message of every error raised by the library: the rest is
 /// `{"code","message","causes","hint","retryable"}`.

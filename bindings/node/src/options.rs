@@ -242,7 +242,7 @@ fn ports(p: Option<Vec<String>>) -> Result<Vec<machinen::registry::PortForward>>
         .collect()
 }
 
-fn network(n: Option<String>) -> Result<machinen::spec::NetworkMode> {
+pub(crate) fn network(n: Option<String>) -> Result<machinen::spec::NetworkMode> {
     match n {
         None => Ok(Default::default()),
         Some(s) => s.parse().map_err(|_| {

@@ -122,3 +122,83 @@ impl Provisioning {
         to_value(&r)
     }
 }
+
+/// Options of `build()` (see `machinen build`).
+#[napi(object)]
+pub struct BuildOpts {
+    pub context: String,
+    pub dockerfile: Option<String>,
+    pub out: String,
+    pub build_args: Option<std::collections::HashMap<String, String>>,
+    pub no_cache: Option<bool>,
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub network: Option<String>,
+    pub boot_timeout_ms: Option<u32>,
+}
+
+/// Bake a Dockerfile into a rootfs tarball (as `machinen build --json`
+/// reports it). Steps' output is discarded; a failing RUN rejects with
+/// `PROVISION_STEP_FAILED`.
+#[napi]
+pub async fn build(opts: BuildOpts, cancel: Option<u32>) -> Result<serde_json::Value> {
+    let d = machinen::build::BuildOptions::default();
+    let mut build_args: Vec<(String, String)> =
+        opts.build_args.unwrap_or_default().into_iter().collect();
+    build_args.sort();
+    let lib = machinen::build::BuildOptions {
+        context: opts.context.into(),
+        dockerfile: opts.dockerfile.map(Into::into),
+        out: opts.out.into(),
+        build_args,
+        no_cache: opts.no_cache.unwrap_or(false),
+        memory_mib: opts.memory_mib,
+        cpus: opts.cpus.unwrap_or(d.cpus),
+        network: crate::options::network(opts.network)?,
+        boot_timeout: opts
+            .boot_timeout_ms
+            .map(|ms| std::time::Duration::from_millis(ms.into()))
+            .unwrap_or(d.boot_timeout),
+        progress: machinen::progress::ProgressMode::Quiet,
+        step_output: machinen::build::StepOutput::Discard,
+        show_steps: false,
+        on_phase: Default::default(),
+    };
+    let r = crate::cancel::cancellable(cancel, machinen::build::build(lib)).await?;
+    to_value(&r)
+}
+
+/// An image's settings and origin (`machinen images inspect --json`).
+#[napi]
+pub async fn inspect_image(image: String) -> Result<serde_json::Value> {
+    let r = tokio::task::spawn_blocking(move || {
+        let paths = machinen::Paths::from_env()?;
+        machinen::oci::inspect(
+            &paths,
+            std::path::Path::new(&image),
+            machinen::progress::ProgressMode::Quiet,
+        )
+    })
+    .await
+    .map_err(|e| napi::Error::from_reason(format!("the inspect task failed: {e}")))?
+    .map_err(js_error)?;
+    to_value(&r)
+}
+
+/// Push an image to a registry as a container image (`machinen images push --json`).
+#[napi]
+pub async fn push_image(image: String, reference: String) -> Result<serde_json::Value> {
+    let r = tokio::task::spawn_blocking(move || -> machinen::Result<_> {
+        let paths = machinen::Paths::from_env()?;
+        Ok(machinen::oci::push::push(
+            &paths,
+            std::path::Path::new(&image),
+            &reference,
+            machinen::progress::ProgressMode::Quiet,
+        )?)
+    })
+    .await
+    .map_err(|e| napi::Error::from_reason(format!("the push task failed: {e}")))?
+    .map_err(js_error)?;
+    to_value(&r)
+}

@@ -84,3 +84,39 @@ test('provision: an AbortSignal stops the bake, no image, no VM left', { timeout
   while ((await m.list()).length && Date.now() < end) await new Promise((r) => setTimeout(r, 250));
   assert.deepEqual(await m.list(), []);
 });
+
+test('build: a Dockerfile baked from JS, its settings inspected and run; refusals by code', { timeout: 300_000 }, async () => {
+  const { writeFileSync, mkdirSync } = await import('node:fs');
+  const work = mkdtempSync('/tmp/mnn-build-');
+  mkdirSync(join(work, 'app'));
+  writeFileSync(join(work, 'app', 'hello.sh'), 'echo "hello from $(pwd) as $MODE, $GREETING"\n');
+  writeFileSync(
+    join(work, 'Dockerfile'),
+    'FROM machinen:base\nARG GREETING=hi\nENV MODE=prod\nWORKDIR /srv\nCOPY app/ ./\nRUN echo "$GREETING" > greeting\nLABEL team=sandbox\nEXPOSE 8080\nCMD ["sh", "-c", "GREETING=$(cat greeting) sh hello.sh"]\n',
+  );
+  const out = join(work, 'app.tar.gz');
+  // noCache: an earlier run of this test left the same build in the cache.
+  const r = await m.build({ context: work, out, buildArgs: { GREETING: 'yo' }, network: 'none', noCache: true });
+  assert.equal(r.cached, false);
+  assert.equal(r.steps, 3);
+  assert.deepEqual(r.config.exposedPorts, ['8080/tcp']);
+  assert.deepEqual(r.config.labels, { team: 'sandbox' });
+  const again = await m.build({ context: work, out: join(work, 'again.tar.gz'), buildArgs: { GREETING: 'yo' } });
+  assert.equal(again.cached, true);
+  assert.equal(again.sha256, r.sha256);
+  const info = await m.inspectImage(out);
+  assert.equal(info.config.cwd, '/srv');
+  assert.equal(info.config.env.MODE, 'prod');
+  assert.equal(info.source, null);
+  const vm = await m.boot({ image: out, detached: true });
+  try {
+    const res = await vm.exec(info.config.cmd, { env: info.config.env, cwd: info.config.cwd });
+    assert.equal(res.stdout, 'hello from /srv as prod, yo\n');
+  } finally {
+    await vm.kill();
+  }
+  writeFileSync(join(work, 'Bad.Dockerfile'), 'FROM machinen:base\nHEALTHCHECK CMD true\n');
+  const e = await rejectsWith(m.build({ context: work, dockerfile: join(work, 'Bad.Dockerfile'), out }), 'BUILD_INSTRUCTION_UNSUPPORTED');
+  assert.match(e.message, /line 2/);
+  assert.deepEqual(await m.list(), []);
+});

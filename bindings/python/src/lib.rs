@@ -122,6 +122,47 @@ fn provision(py: Python<'_>, opts: &str) -> PyResult<String> {
     json(&run(py, machinen::provision(opts))?)
 }
 
+/// Bake a Dockerfile (options as JSON, see `options::build`); the result
+/// as JSON (`machinen build --json`).
+#[pyfunction]
+fn build(py: Python<'_>, opts: &str) -> PyResult<String> {
+    let opts = options::build(opts)?;
+    json(&run(py, machinen::build::build(opts))?)
+}
+
+/// An image's settings and origin as JSON (`machinen images inspect --json`).
+#[pyfunction]
+fn inspect_image(py: Python<'_>, image: String) -> PyResult<String> {
+    let r = py
+        .allow_threads(|| {
+            let paths = machinen::Paths::from_env()?;
+            machinen::oci::inspect(
+                &paths,
+                std::path::Path::new(&image),
+                machinen::progress::ProgressMode::Quiet,
+            )
+        })
+        .map_err(err)?;
+    json(&r)
+}
+
+/// Push an image to a registry; what was pushed as JSON.
+#[pyfunction]
+fn push_image(py: Python<'_>, image: String, reference: String) -> PyResult<String> {
+    let r = py
+        .allow_threads(|| -> machinen::Result<_> {
+            let paths = machinen::Paths::from_env()?;
+            Ok(machinen::oci::push::push(
+                &paths,
+                std::path::Path::new(&image),
+                &reference,
+                machinen::progress::ProgressMode::Quiet,
+            )?)
+        })
+        .map_err(err)?;
+    json(&r)
+}
+
 #[pyfunction]
 fn attach(py: Python<'_>, target: String) -> PyResult<NativeVm> {
     let vm = run(py, async move { machinen::attach(&target).await })?;
@@ -593,6 +634,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(restore, m)?)?;
     m.add_function(wrap_pyfunction!(attach, m)?)?;
     m.add_function(wrap_pyfunction!(provision, m)?)?;
+    m.add_function(wrap_pyfunction!(build, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_image, m)?)?;
+    m.add_function(wrap_pyfunction!(push_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_vms, m)?)?;
     m.add_function(wrap_pyfunction!(gc, m)?)?;
     m.add_class::<NativeVm>()?;

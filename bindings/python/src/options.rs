@@ -97,6 +97,49 @@ struct ProvisionArgs {
 
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
+struct BuildArgs {
+    context: String,
+    dockerfile: Option<String>,
+    out: String,
+    build_args: BTreeMap<String, String>,
+    no_cache: bool,
+    memory_mib: Option<u32>,
+    network: Option<String>,
+}
+
+/// `build()`'s options (JSON from the Python side).
+pub fn build(s: &str) -> PyResult<machinen::build::BuildOptions> {
+    let a: BuildArgs = parse("build", s, ErrorCode::BuildDockerfileInvalid)?;
+    let network = match a.network {
+        None => Default::default(),
+        Some(n) => n.parse().map_err(|_| {
+            invalid(
+                ErrorCode::BootArgsInvalid,
+                format!("unknown network mode {n:?}"),
+                "network is \"nat\" (the default), \"nat-host\" or \"none\"",
+            )
+        })?,
+    };
+    Ok(machinen::build::BuildOptions {
+        context: if a.context.is_empty() {
+            ".".into()
+        } else {
+            a.context.into()
+        },
+        dockerfile: a.dockerfile.map(Into::into),
+        out: a.out.into(),
+        build_args: a.build_args.into_iter().collect(),
+        no_cache: a.no_cache,
+        memory_mib: a.memory_mib,
+        network,
+        progress: machinen::progress::ProgressMode::Quiet,
+        step_output: machinen::build::StepOutput::Discard,
+        ..Default::default()
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
 struct ChangeArgs {
     egress: Option<String>,
     allow: Vec<String>,

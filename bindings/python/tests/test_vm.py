@@ -214,6 +214,31 @@ def test_provision_bakes_an_image_that_boots_with_its_steps_done(tmp_path: Path)
     assert e.value.code == ErrorCode.PROVISION_STEP_FAILED and "nope" in e.value.message
 
 
+def test_build_bakes_a_dockerfile_and_inspect_shows_its_settings(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "hello.sh").write_text('echo "hello from $(pwd) as $MODE"\n')
+    (tmp_path / "Dockerfile").write_text(
+        "FROM machinen:base\nENV MODE=prod\nWORKDIR /srv\nCOPY app/ ./\nARG WHO=py\n"
+        "RUN echo $WHO > who\nEXPOSE 53/udp\nLABEL team=py\nCMD [\"sh\", \"hello.sh\"]\n"
+    )
+    image = tmp_path / "built.tar.gz"
+    # no_cache: an earlier run of this test left the same build in the cache.
+    r = machinen.build(tmp_path, out=image, build_args={"WHO": "python"}, network="none", no_cache=True)
+    assert r["cached"] is False and r["steps"] == 3 and image.is_file()
+    assert r["config"]["exposed_ports"] == ["53/udp"] and r["config"]["labels"] == {"team": "py"}
+    assert machinen.build(tmp_path, out=tmp_path / "again.tar.gz", build_args={"WHO": "python"})["cached"] is True
+    info = machinen.inspect_image(image)
+    assert info["config"]["cwd"] == "/srv" and info["config"]["cmd"] == ["sh", "hello.sh"]
+    with machinen.boot(str(image), memory_mib=256) as v:
+        assert v.read_text("/srv/who") == "python\n"
+        out = v.exec(info["config"]["cmd"], env=info["config"]["env"], cwd=info["config"]["cwd"])
+        assert out.stdout == b"hello from /srv as prod\n"
+    (tmp_path / "Bad").write_text("FROM machinen:base\nSTOPSIGNAL SIGINT\n")
+    with pytest.raises(machinen.MachinenError) as e:
+        machinen.build(tmp_path, out=image, dockerfile=tmp_path / "Bad")
+    assert e.value.code == ErrorCode.BUILD_INSTRUCTION_UNSUPPORTED and "line 2" in e.value.message
+
+
 def test_async_boot_and_context_manager() -> None:
     async def main() -> str:
         async with await machinen.boot_async(name="py-async", memory_mib=256) as v:

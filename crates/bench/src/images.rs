@@ -47,7 +47,11 @@ fn make_image(dir: &Path, base: &Path, extra_mib: u32) -> Result<(String, u64)> 
     let extra = dir.join("extra");
     std::fs::create_dir_all(extra.join("opt"))?;
     run(Command::new("head")
-        .args(["-c", &format!("{}", u64::from(extra_mib) << 20), "/dev/urandom"])
+        .args([
+            "-c",
+            &format!("{}", u64::from(extra_mib) << 20),
+            "/dev/urandom",
+        ])
         .stdout(std::fs::File::create(extra.join("opt/payload.bin"))?))?;
     let extra_tar = dir.join("extra.tar");
     run(Command::new("tar")
@@ -168,7 +172,12 @@ pub async fn run_section(ctx: &Ctx, sec: &mut Section) -> Result<()> {
                 "ms",
                 v,
             ),
-            "skopeo" => sec.add("skopeo_copy_ms", "skopeo copy docker://REF oci:DIR", "ms", v),
+            "skopeo" => sec.add(
+                "skopeo_copy_ms",
+                "skopeo copy docker://REF oci:DIR",
+                "ms",
+                v,
+            ),
             "base" => sec.add("base_boot_ms", "boot -- true (the base, cached)", "ms", v),
             "tools" => sec.add(
                 "skopeo_plus_base_ms",
@@ -176,13 +185,13 @@ pub async fn run_section(ctx: &Ctx, sec: &mut Section) -> Result<()> {
                 "ms",
                 v,
             ),
-            "cached" => sec.add(
-                "cached_boot_ms",
-                "boot REF -- true, image cached",
-                "ms",
-                v,
+            "cached" => sec.add("cached_boot_ms", "boot REF -- true, image cached", "ms", v),
+            _ => sec.one(
+                "image_mib",
+                "image size (layers, uncompressed)",
+                "MiB",
+                v[0],
             ),
-            _ => sec.one("image_mib", "image size (layers, uncompressed)", "MiB", v[0]),
         }
     }
     Ok(())

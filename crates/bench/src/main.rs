@@ -6,11 +6,11 @@
 mod boot;
 mod chain;
 mod containerd;
-mod images;
 mod ctx;
 mod exec;
 mod fork;
 mod host;
+mod images;
 mod memory;
 mod mounts;
 mod net;

@@ -27,9 +27,12 @@ from ._vm import (
     Vm,
     attach,
     boot,
+    build,
     gc,
+    inspect_image,
     list_vms,
     provision,
+    push_image,
     restore,
 )
 from .errors import (
@@ -70,9 +73,12 @@ __all__ = [
     "attach_async",
     "boot",
     "boot_async",
+    "build",
     "gc",
+    "inspect_image",
     "list_vms",
     "provision",
+    "push_image",
     "restore",
     "restore_async",
 ]

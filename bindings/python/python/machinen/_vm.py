@@ -542,6 +542,49 @@ def provision(
 
 
 @_native_call
+def build(
+    context: Union[str, "os.PathLike[str]"] = ".",
+    *,
+    out: Union[str, "os.PathLike[str]"],
+    dockerfile: Optional[Union[str, "os.PathLike[str]"]] = None,
+    build_args: Optional[Mapping[str, str]] = None,
+    no_cache: bool = False,
+    memory_mib: Optional[int] = None,
+    network: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Bake the Dockerfile in ``context`` (or ``dockerfile``) into a rootfs
+    tarball at ``out``, as ``machinen build`` does: every RUN, COPY, ADD and
+    WORKDIR runs in one real VM; the image's settings come from CMD,
+    ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE and LABEL. Unchanged inputs come
+    from the build cache (``"cached": True``) unless ``no_cache``. Raises
+    ``BUILD_*`` codes naming the Dockerfile line, ``PROVISION_STEP_FAILED``
+    for a failing RUN. Returns the result as ``machinen build --json``
+    prints it."""
+    opts = json.dumps(dict(
+        context=os.fspath(context), out=os.fspath(out),
+        dockerfile=None if dockerfile is None else os.fspath(dockerfile),
+        build_args={str(k): str(v) for k, v in (build_args or {}).items()},
+        no_cache=no_cache, memory_mib=memory_mib, network=network,
+    ))
+    return dict(json.loads(_native.build(opts)))
+
+
+@_native_call
+def inspect_image(image: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+    """An image's settings (command, entrypoint, env, cwd, user, exposed
+    ports, labels) and where it came from, as ``machinen images inspect
+    --json`` prints them."""
+    return dict(json.loads(_native.inspect_image(os.fspath(image))))
+
+
+@_native_call
+def push_image(image: Union[str, "os.PathLike[str]"], reference: str) -> Dict[str, Any]:
+    """Push ``image`` to a registry as a container image
+    (``HOST[:PORT]/REPO[:TAG]``); ``IMAGE_PUSH_FAILED`` when it cannot."""
+    return dict(json.loads(_native.push_image(os.fspath(image), reference)))
+
+
+@_native_call
 def attach(target: Union[str, int]) -> Vm:
     """A live VM by name or supervisor pid, started by anyone (CLI, Node,
     another Python process). Leaving its ``with`` block does not stop it."""

@@ -68,8 +68,11 @@ fn a_dockerfile_builds_an_image_that_is_inspected_pushed_and_booted() {
         .arg("inner.txt"));
     let out = dir.path().join("app.tar.gz");
 
+    // --no-cache: an earlier run of this test left the same build in the
+    // (shared) build cache.
     let built = env.json(&[
         "build",
+        "--no-cache",
         "-t",
         s(&out),
         "--build-arg",
@@ -113,20 +116,28 @@ fn a_dockerfile_builds_an_image_that_is_inspected_pushed_and_booted() {
     ]);
     assert_eq!(cached["cached"], true, "{cached}");
     assert_eq!(cached["sha256"], built["sha256"]);
-    // A changed input is a new build.
+    // A changed input is a new build (a value no earlier run used).
+    let greeting = format!(
+        "GREETING=yo{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
     let other = env.json(&[
         "build",
         "-t",
         s(&again),
         "--build-arg",
-        "GREETING=yo",
+        &greeting,
         "--network",
         "none",
         "--json",
         s(&ctx),
     ]);
     assert_eq!(other["cached"], false);
-    assert!(env.run_ok(&["boot", s(&again)]).contains("yo from prod\n"));
+    let want = format!("{} from prod\n", &greeting["GREETING=".len()..]);
+    assert!(env.run_ok(&["boot", s(&again)]).contains(&want));
 
     // Refused before anything boots, naming the line.
     let refuse = |text: &str, code: &str, line: &str, exit: i32| {
