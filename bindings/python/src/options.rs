@@ -107,19 +107,24 @@ struct BuildArgs {
     network: Option<String>,
 }
 
-/// `build()`'s options (JSON from the Python side).
-pub fn build(s: &str) -> PyResult<machinen::build::BuildOptions> {
-    let a: BuildArgs = parse("build", s, ErrorCode::BuildDockerfileInvalid)?;
-    let network = match a.network {
-        None => Default::default(),
+/// A `network` option: `nat` (the default), `nat-host` or `none`.
+fn network_mode(n: Option<String>, code: ErrorCode) -> PyResult<machinen::spec::NetworkMode> {
+    match n {
+        None => Ok(Default::default()),
         Some(n) => n.parse().map_err(|_| {
             invalid(
-                ErrorCode::BootArgsInvalid,
+                code,
                 format!("unknown network mode {n:?}"),
                 "network is \"nat\" (the default), \"nat-host\" or \"none\"",
             )
-        })?,
-    };
+        }),
+    }
+}
+
+/// `build()`'s options (JSON from the Python side).
+pub fn build(s: &str) -> PyResult<machinen::build::BuildOptions> {
+    let a: BuildArgs = parse("build", s, ErrorCode::BuildDockerfileInvalid)?;
+    let network = network_mode(a.network, ErrorCode::BootArgsInvalid)?;
     Ok(machinen::build::BuildOptions {
         context: if a.context.is_empty() {
             ".".into()
@@ -211,16 +216,7 @@ fn egress_secrets(s: Vec<EgressSecretArg>) -> PyResult<Vec<machinen::network::Eg
 pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
     let a: BootArgs = parse("boot", s, ErrorCode::BootArgsInvalid)?;
     let d = machinen::BootOptions::default();
-    let network = match a.network {
-        None => Default::default(),
-        Some(n) => n.parse().map_err(|_| {
-            invalid(
-                ErrorCode::BootArgsInvalid,
-                format!("unknown network mode {n:?}"),
-                "network is \"nat\" (the default), \"nat-host\" or \"none\"",
-            )
-        })?,
-    };
+    let network = network_mode(a.network, ErrorCode::BootArgsInvalid)?;
     let disk_size = match a.disk_size {
         None => None,
         Some(s) => Some(machinen::hostfile::parse_size(&s).ok_or_else(|| {
@@ -314,16 +310,7 @@ pub fn fork(s: &str) -> PyResult<machinen::ForkOptions> {
 /// baked env and cwd), export.
 pub fn provision(s: &str) -> PyResult<machinen::ProvisionOptions> {
     let a: ProvisionArgs = parse("provision", s, ErrorCode::ProvisionArgsInvalid)?;
-    let network = match a.network {
-        None => Default::default(),
-        Some(n) => n.parse().map_err(|_| {
-            invalid(
-                ErrorCode::ProvisionArgsInvalid,
-                format!("unknown network mode {n:?}"),
-                "network is \"nat\" (the default) or \"nat-host\"",
-            )
-        })?,
-    };
+    let network = network_mode(a.network, ErrorCode::ProvisionArgsInvalid)?;
     let steps = a.run;
     let install: Option<machinen::provision::InstallHook> = (!steps.is_empty()).then(|| {
         let hook: machinen::provision::InstallHook = Box::new(move |vm, config| {

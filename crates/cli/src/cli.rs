@@ -833,23 +833,8 @@ pub struct ProvisionArgs {
     /// Where to write the image (.tar.gz; replaced atomically), or a container image: oci:DIR[:TAG] (an OCI image layout) or docker-archive:FILE[:REPO[:TAG]] (for docker/podman load), with the baked command, env, cwd and user as its config.
     #[arg(long = "out", short = 'o', value_name = "OUT.tar.gz")]
     pub out: PathBuf,
-    /// Memory of the install VM in MiB.
-    #[arg(long, short = 'm', value_name = "MIB")]
-    pub memory: Option<u32>,
-    /// Virtual CPUs of the install VM.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: u32,
-    /// The install VM's network: `nat` (outbound only), `nat-host` (also
-    /// the host's loopback, e.g. for a package proxy listening there) or
-    /// `none` (steps that only copy files and run local commands).
-    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
-    pub network: String,
-    /// Seconds to wait for the install VM to become ready.
-    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
-    pub boot_timeout: u64,
-    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
-    #[arg(long)]
-    pub timings: bool,
+    #[command(flatten)]
+    pub vm: BakeVmArgs,
     /// Print machine-readable JSON (step output goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -891,24 +876,41 @@ pub struct BuildArgs {
     /// Build even when the build cache holds this build's result.
     #[arg(long)]
     pub no_cache: bool,
-    /// Memory of the build VM in MiB.
-    #[arg(long, short = 'm', value_name = "MIB")]
-    pub memory: Option<u32>,
-    /// Virtual CPUs of the build VM.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: u32,
-    /// The build VM's network: `nat`, `nat-host` (also the host's loopback) or `none`.
-    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
-    pub network: String,
-    /// Seconds to wait for the build VM to become ready.
-    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
-    pub boot_timeout: u64,
-    /// Print where the time went, phase by phase, on stderr.
-    #[arg(long)]
-    pub timings: bool,
+    #[command(flatten)]
+    pub vm: BakeVmArgs,
     /// Print machine-readable JSON (step output goes to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// The VM a bake (`provision`, `build`) runs its steps in.
+#[derive(Debug, Args)]
+pub struct BakeVmArgs {
+    /// Memory of the VM the steps run in, in MiB.
+    #[arg(long, short = 'm', value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Virtual CPUs of the VM the steps run in.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// The steps' network: `nat` (outbound only), `nat-host` (also the
+    /// host's loopback, e.g. for a package proxy listening there) or
+    /// `none` (steps that only copy files and run local commands).
+    #[arg(long, default_value = "nat", value_name = "MODE", value_parser = ["nat", "nat-host", "none"])]
+    pub network: String,
+    /// Seconds to wait for the VM to become ready.
+    #[arg(long, default_value_t = timeouts::BOOT.as_secs(), value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// Print where the time went, phase by phase (image, engine start, guest boot, agent ready, …), on stderr as each ends; --json output has them as "phases".
+    #[arg(long)]
+    pub timings: bool,
+}
+
+impl BakeVmArgs {
+    pub fn network(&self) -> machinen::Result<machinen::spec::NetworkMode> {
+        self.network.parse().map_err(|e: String| {
+            machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e).into()
+        })
+    }
 }
 
 /// A `--run` or `--copy` value.

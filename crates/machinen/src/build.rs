@@ -768,35 +768,19 @@ async fn run(vm: &Vm, s: &Step, output: StepOutput) -> Result<()> {
     };
     match &s.action {
         Action::Run { exec } => {
-            let status = match output {
+            type Sink = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+            let (mut out, mut err): (Sink, Sink) = match output {
                 StepOutput::Inherit => {
-                    vm.exec_stream(
-                        exec.clone(),
-                        tokio::io::empty(),
-                        &mut tokio::io::stdout(),
-                        &mut tokio::io::stderr(),
-                    )
-                    .await?
+                    (Box::new(tokio::io::stdout()), Box::new(tokio::io::stderr()))
                 }
                 StepOutput::Stderr => {
-                    vm.exec_stream(
-                        exec.clone(),
-                        tokio::io::empty(),
-                        &mut tokio::io::stderr(),
-                        &mut tokio::io::stderr(),
-                    )
-                    .await?
+                    (Box::new(tokio::io::stderr()), Box::new(tokio::io::stderr()))
                 }
-                StepOutput::Discard => {
-                    vm.exec_stream(
-                        exec.clone(),
-                        tokio::io::empty(),
-                        &mut tokio::io::sink(),
-                        &mut tokio::io::sink(),
-                    )
-                    .await?
-                }
+                StepOutput::Discard => (Box::new(tokio::io::sink()), Box::new(tokio::io::sink())),
             };
+            let status = vm
+                .exec_stream(exec.clone(), tokio::io::empty(), &mut out, &mut err)
+                .await?;
             if status.code != Some(0) {
                 return Err(failed(status));
             }

@@ -63,13 +63,10 @@ pub async fn run(a: BuildArgs) -> Result<i32> {
         out: out.clone(),
         build_args,
         no_cache: a.no_cache,
-        memory_mib: a.memory,
-        cpus: a.cpus,
-        network: a
-            .network
-            .parse()
-            .map_err(|e: String| machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e))?,
-        boot_timeout: Duration::from_secs(a.boot_timeout),
+        memory_mib: a.vm.memory,
+        cpus: a.vm.cpus,
+        network: a.vm.network()?,
+        boot_timeout: Duration::from_secs(a.vm.boot_timeout),
         progress: if a.json {
             ProgressMode::Quiet
         } else {
@@ -81,7 +78,7 @@ pub async fn run(a: BuildArgs) -> Result<i32> {
             StepOutput::Inherit
         },
         show_steps: !a.json && std::io::stderr().is_terminal(),
-        on_phase: crate::output::phase_printer(a.timings),
+        on_phase: crate::output::phase_printer(a.vm.timings),
     };
     // Dropping the build on a signal removes its temp file and stops the
     // build VM (its supervisor sees the lifeline close).

@@ -160,19 +160,16 @@ pub async fn run(a: ProvisionArgs) -> Result<i32> {
         env,
         cwd: a.process.cwd.clone(),
         config: None,
-        memory_mib: a.memory,
-        cpus: a.cpus,
-        network: a
-            .network
-            .parse()
-            .map_err(|e: String| machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e))?,
-        boot_timeout: Duration::from_secs(a.boot_timeout),
+        memory_mib: a.vm.memory,
+        cpus: a.vm.cpus,
+        network: a.vm.network()?,
+        boot_timeout: Duration::from_secs(a.vm.boot_timeout),
         progress: if a.json {
             ProgressMode::Quiet
         } else {
             ProgressMode::Auto
         },
-        on_phase: crate::output::phase_printer(a.timings),
+        on_phase: crate::output::phase_printer(a.vm.timings),
     };
     // Dropping the bake on a signal removes its temp file and closes the
     // install VM's lifeline (its supervisor stops it): nothing is left.

@@ -181,11 +181,40 @@ fn split(line: usize, text: &str) -> Result<Instruction, Failure> {
     if rest.is_empty() && keyword != "RUN" {
         return Err(invalid(line, format!("{keyword} needs arguments")));
     }
+    // A heredoc (`RUN <<EOF`) would make the lines after it part of this
+    // instruction; refused here rather than misread as instructions.
+    if matches!(keyword.as_str(), "RUN" | "COPY" | "ADD") && has_heredoc(rest) {
+        return Err(unsupported(
+            line,
+            format!("{keyword} with a heredoc (<<EOF); put the script in a file and COPY it, or join the lines with \\"),
+        ));
+    }
     Ok(Instruction {
         line,
         keyword,
         flags,
         args: rest.to_string(),
+    })
+}
+
+/// Whether `s` holds a Dockerfile heredoc marker, a word starting with
+/// `<<WORD`, `<<-WORD`, `<<"WORD"` or `<<'WORD'` (a shell's `<<<`
+/// here-string is not one).
+fn has_heredoc(s: &str) -> bool {
+    let b = s.as_bytes();
+    (0..b.len().saturating_sub(2)).any(|i| {
+        // Only a word that starts with `<<` (as BuildKit reads them).
+        if &b[i..i + 2] != b"<<" || (i > 0 && !b[i - 1].is_ascii_whitespace()) {
+            return false;
+        }
+        let mut j = i + 2;
+        if b.get(j) == Some(&b'-') {
+            j += 1;
+        }
+        if matches!(b.get(j), Some(b'"' | b'\'')) {
+            j += 1;
+        }
+        matches!(b.get(j), Some(c) if c.is_ascii_alphabetic() || *c == b'_')
     })
 }
 
@@ -438,6 +467,19 @@ mod tests {
         let e = parse("FROM x\n\nFROBNICATE y\n").expect_err("refused");
         assert_eq!(e.code, ErrorCode::BuildDockerfileInvalid);
         assert!(e.message.contains("line 3") && e.message.contains("FROBNICATE"));
+        for text in [
+            "FROM x\nRUN <<EOF\necho hi\nEOF\n",
+            "FROM x\nCOPY <<-'X' /a\nhi\nX\n",
+        ] {
+            let e = parse(text).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::BuildInstructionUnsupported, "{text}");
+            assert!(
+                e.message.contains("line 2") && e.message.contains("heredoc"),
+                "{}",
+                e.message
+            );
+        }
+        assert!(parse("FROM x\nRUN cat <<< \"$x\" && echo a<<b\n").is_ok());
         let e = parse("# escape=`\nFROM x\n").expect_err("refused");
         assert_eq!(e.code, ErrorCode::BuildInstructionUnsupported);
         let e = parse("FROM x\nWORKDIR\n").expect_err("refused");
