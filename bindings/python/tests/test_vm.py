@@ -183,12 +183,15 @@ def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         bundle = tmp_path / "counter.snap"
+        # Read before: the source runs on while the call finishes (the
+        # bundle is hashed and synced after the guest resumes), so a count
+        # read after it may be well past the snapshot's.
+        before = count(src)
         report = src.snapshot(bundle)
         assert (bundle / "meta.json").is_file(), report
-        at_snapshot = count(src)
         with machinen.restore(bundle, name="py-counter-2") as back:
             first = count(back)
-            assert first >= at_snapshot - 1
+            assert first >= before >= 5, (first, before)
             time.sleep(1.0)
             assert count(back) > first, "the restored counter goes on"
             with back.fork(name="py-counter-3") as sibling:
