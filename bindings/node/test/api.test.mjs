@@ -2,10 +2,10 @@
 // declarations, error codes against the library, errors per family.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { m, pkgDir, rejectsWith } from './helpers.mjs';
+import { m, pkgDir, rejectsWith, scratch } from './helpers.mjs';
 
 const dts = readFileSync(join(pkgDir, 'index.d.ts'), 'utf8');
 
@@ -68,7 +68,7 @@ test('a missing VM: REGISTRY_NOT_FOUND with a hint', async () => {
 });
 
 test('a bad image: refused before any VM starts', async () => {
-  const dir = mkdtempSync('/tmp/mnn-img-');
+  const dir = scratch('img');
   const bogus = join(dir, 'not-an-image.tar.gz');
   writeFileSync(bogus, 'this is not a tarball');
   const e = await rejectsWith(m.boot({ image: bogus }), 'BOOT_IMAGE_INVALID');
@@ -78,7 +78,7 @@ test('a bad image: refused before any VM starts', async () => {
 });
 
 test('a corrupt bundle: RESTORE_BUNDLE_INVALID', async () => {
-  const dir = mkdtempSync('/tmp/mnn-bundle-');
+  const dir = scratch('bundle');
   await rejectsWith(m.restore({ snapDir: join(dir, 'missing') }), 'RESTORE_BUNDLE_INVALID');
   const bad = join(dir, 'bad');
   mkdirSync(bad);

@@ -3,11 +3,10 @@
 // fork; the count held in the guest's memory tells what really happened.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { m, rejectsWith, repoDir } from './helpers.mjs';
+import { m, rejectsWith, repoDir, scratch } from './helpers.mjs';
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -45,7 +44,7 @@ test('the quickstart example: provision, boot, snapshot, restore, fork', { timeo
 });
 
 test('provision: a throwing install hook fails the bake with it as the cause', { timeout: 300_000 }, async () => {
-  const work = mkdtempSync('/tmp/mnn-prov-');
+  const work = scratch('prov');
   const boom = new Error('the hook gave up');
   let sawVm = null;
   const e = await rejectsWith(
@@ -67,7 +66,7 @@ test('provision: a throwing install hook fails the bake with it as the cause', {
 
 test('provision: an AbortSignal stops the bake, no image, no VM left', { timeout: 300_000 }, async () => {
   const { existsSync } = await import('node:fs');
-  const work = mkdtempSync('/tmp/mnn-prov-');
+  const work = scratch('prov');
   const ac = new AbortController();
   const out = join(work, 'never.tar.gz');
   const p = m.provision({
@@ -87,7 +86,7 @@ test('provision: an AbortSignal stops the bake, no image, no VM left', { timeout
 
 test('build: a Dockerfile baked from JS, its settings inspected and run; refusals by code', { timeout: 300_000 }, async () => {
   const { writeFileSync, mkdirSync } = await import('node:fs');
-  const work = mkdtempSync('/tmp/mnn-build-');
+  const work = scratch('build');
   mkdirSync(join(work, 'app'));
   writeFileSync(join(work, 'app', 'hello.sh'), 'echo "hello from $(pwd) as $MODE, $GREETING"\n');
   writeFileSync(

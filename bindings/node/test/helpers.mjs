@@ -1,7 +1,8 @@
 // Shared by the tests: an isolated VM registry (so the tests neither see
 // nor disturb the user's VMs), the package, and the CLI next to it.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,6 +21,14 @@ export const m = require(join(pkgDir, 'index.js'));
 export const cliPath = [join(pkgDir, 'native', 'machinen'), join(repoDir, 'target', 'debug', 'machinen')].find((p) =>
   existsSync(p),
 );
+
+/** A scratch directory (`mnn-PREFIX-…` in the temp dir), removed when the
+ * test file's process exits: bundles and images in them take hundreds of MiB. */
+export function scratch(prefix) {
+  const dir = mkdtempSync(join(tmpdir(), `mnn-${prefix}-`));
+  process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
 
 /** Run the CLI against the same registry; returns {status, stdout, stderr}. */
 export function cli(...args) {

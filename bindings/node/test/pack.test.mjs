@@ -2,13 +2,13 @@
 // the supervisor, the guest agent and the CLI travel inside it.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { pkgDir } from './helpers.mjs';
+import { pkgDir, scratch } from './helpers.mjs';
 
 test('npm pack → npm install in another project → boot from it', { timeout: 600_000 }, () => {
-  const dest = mkdtempSync('/tmp/mnn-pack-');
+  const dest = scratch('pack');
   const [packed] = JSON.parse(
     execFileSync('npm', ['pack', '--json', '--pack-destination', dest], { cwd: pkgDir, encoding: 'utf8' }),
   );
@@ -18,7 +18,7 @@ test('npm pack → npm install in another project → boot from it', { timeout: 
   }
   assert.ok(!files.some((f) => f.startsWith('src/') || f.startsWith('test/')), files.join(', '));
 
-  const app = mkdtempSync('/tmp/mnn-app-');
+  const app = scratch('app');
   writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', private: true, type: 'module' }));
   execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', join(dest, packed.filename)], { cwd: app, stdio: 'pipe' });
   // Nothing of the repository on the way: the package's own binaries.

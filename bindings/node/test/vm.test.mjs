@@ -3,18 +3,17 @@
 // once), files, the terminal, and what the CLI sees of it.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { cli, cliJson, m, rejectsWith, until } from './helpers.mjs';
+import { cli, cliJson, m, rejectsWith, scratch, until } from './helpers.mjs';
 
 let vm;
 // A host directory the shared VM gets a copy of.
-const shared = mkdtempSync(join(tmpdir(), 'mnn-mount-'));
+const shared = scratch('mount');
 writeFileSync(join(shared, 'hello.txt'), 'from the host\n');
 // And one it shares live.
-const live = mkdtempSync(join(tmpdir(), 'mnn-live-'));
+const live = scratch('live');
 writeFileSync(join(live, 'host.txt'), 'host\n');
 
 before(async () => {
@@ -329,7 +328,7 @@ test('a throwing output callback gives the command up', async () => {
 });
 
 test('snapshot: checkpoints of a running VM are deltas over the last one unless full', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'mnn-chain-'));
+  const dir = scratch('chain');
   const src = await m.boot({ name: 'node-chain', memoryMib: 256 });
   try {
     await src.exec('echo one > /root/step');

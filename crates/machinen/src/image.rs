@@ -392,15 +392,62 @@ pub fn tarball_sha256(
 
 pub(crate) fn cached(dest: &Path, sha256: &str) -> Result<Option<CachedImage>, ImageError> {
     match fs::metadata(dest) {
-        Ok(m) => Ok(Some(CachedImage {
-            path: dest.to_path_buf(),
-            sha256: sha256.to_string(),
-            size: m.len(),
-            built: false,
-        })),
+        Ok(m) => {
+            // Its modification time says when it was last used: `images
+            // prune` spares what a boot under way is about to use.
+            let _ = fs::File::open(dest).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            Ok(Some(CachedImage {
+                path: dest.to_path_buf(),
+                sha256: sha256.to_string(),
+                size: m.len(),
+                built: false,
+            }))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(cache_io("read", dest)(e)),
     }
+}
+
+/// Remove the cached ext4 images (`<cache>/images/<sha256>.ext4`) that no
+/// VM in `in_use` boots from and that were not used within `grace` (a boot
+/// under way has just touched its image). A later boot or restore of the
+/// same tarball converts it again. Returns the disk space freed.
+pub fn prune_unused(
+    paths: &Paths,
+    in_use: &std::collections::BTreeSet<PathBuf>,
+    grace: std::time::Duration,
+) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let images = paths.cache.join("images");
+    let mut freed = 0;
+    for e in fs::read_dir(&images).into_iter().flatten().flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(sha) = name.strip_suffix(".ext4") else {
+            continue;
+        };
+        if sha.len() != 64 || in_use.contains(&path) {
+            continue;
+        }
+        let Ok(m) = e.metadata() else { continue };
+        let recent = m
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < grace);
+        if recent {
+            continue;
+        }
+        // Not while a conversion of the same content holds its lock.
+        let lock_path = images.join(format!("{sha}.lock"));
+        let Ok(Some(_lock)) = fsutil::try_lock_exclusive(&lock_path) else {
+            continue;
+        };
+        if fs::remove_file(&path).is_ok() {
+            freed += m.blocks() * 512;
+        }
+    }
+    freed
 }
 
 /// What an ext4 image built from a tarball looks like.

@@ -81,8 +81,7 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                 }
             }
             Some(ImagesAction::Prune) => {
-                let freed =
-                    machinen::oci::cache::prune(&paths)? + machinen::build::prune_cache(&paths);
+                let freed = machinen::oci::cache::prune_all(&paths)?;
                 if json {
                     print_json(&serde_json::json!({ "freed_bytes": freed }));
                 } else {

@@ -145,6 +145,21 @@ pub(crate) fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
     Ok(FileLock { _lock: lock })
 }
 
+/// [`lock_exclusive`] without waiting: `None` when another holds it.
+pub(crate) fn try_lock_exclusive(path: &Path) -> io::Result<Option<FileLock>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(FileLock { _lock: lock })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
+}
+
 /// sha256 (hex) and byte length of a file's content.
 pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
     let mut f = File::open(path)?;

@@ -332,3 +332,42 @@ fn scratch_of_an_interrupted_build_is_removed_by_the_next_build() {
         "another image's build is not ours to remove"
     );
 }
+
+#[test]
+fn prune_spares_images_in_use_or_used_lately_and_a_boot_converts_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = Paths::rooted(dir.path());
+    let tarball = dir.path().join("tiny.tar.gz");
+    tiny_rootfs_tar_gz(&tarball);
+    let img = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("build image");
+    let grace = std::time::Duration::from_secs(600);
+    let age = |secs: u64| {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+        fs::File::open(&img.path)
+            .and_then(|f| f.set_modified(t))
+            .expect("set mtime");
+    };
+    let none = std::collections::BTreeSet::new();
+    let using: std::collections::BTreeSet<PathBuf> = [img.path.clone()].into();
+
+    // Just built: within the grace period.
+    assert_eq!(prune_unused(&paths, &none, grace), 0);
+    assert!(img.path.exists());
+    // Old but a VM boots from it.
+    age(3600);
+    assert_eq!(prune_unused(&paths, &using, grace), 0);
+    assert!(img.path.exists());
+    // Old, then a boot finds it in the cache: that use makes it recent.
+    let again = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("cached");
+    assert!(!again.built);
+    assert_eq!(prune_unused(&paths, &none, grace), 0);
+    // Old and unused: removed; the next boot converts the tarball again.
+    age(3600);
+    assert!(prune_unused(&paths, &none, grace) > 0);
+    assert!(!img.path.exists());
+    let rebuilt = ensure_rootfs_image(&paths, &tarball, ProgressMode::Quiet).expect("rebuild");
+    assert!(rebuilt.built);
+    assert_eq!(rebuilt.path, img.path);
+    // The hash index and the baked-config records are not images.
+    assert!(paths.cache.join("images").join("hashes").is_dir());
+}

@@ -223,3 +223,22 @@ pub fn prune(paths: &Paths) -> Result<u64, Failure> {
     }
     Ok(freed)
 }
+
+/// `machinen images prune`: [`prune`], then the cached ext4 images no VM on
+/// this host boots from ([`crate::image::prune_unused`]) and the build
+/// cache. Returns the disk space freed.
+pub fn prune_all(paths: &Paths) -> Result<u64, Failure> {
+    let mut freed = prune(paths)?;
+    // Every VM directory counts, dead or alive (its disk names the image
+    // until `gc` removes it), and so does one whose boot is still writing it.
+    let in_use: BTreeSet<PathBuf> = fs::read_dir(&paths.registry)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| crate::spec::VmSpec::load(&e.path().join(crate::spec::files::SPEC)).ok())
+        .map(|s| s.base_image)
+        .collect();
+    freed += crate::image::prune_unused(paths, &in_use, PULL_GRACE);
+    freed += crate::build::prune_cache(paths);
+    Ok(freed)
+}
