@@ -114,6 +114,8 @@ pub enum Command {
     Images(ImagesArgs),
     /// Inspect snapshot bundles and their checkpoint chains: list, verify, flatten.
     Bundle(BundleArgs),
+    /// Native process images (the portable format: one process captured with ptrace and procfs): check whether this host can restore one, print the documents' JSON Schemas.
+    Image(ImageArgs),
 }
 
 impl Command {
@@ -148,6 +150,7 @@ impl Command {
             Command::Push(a) => a.json,
             Command::Images(a) => a.json,
             Command::Bundle(a) => a.json,
+            Command::Image(a) => a.json,
         }
     }
 }
@@ -654,6 +657,50 @@ pub struct ImagesArgs {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen image check ./proc.img                       the restore plan on this host, or why not
+  machinen image check ./proc.img --target-arch arm64   on another instruction set
+  machinen image check ./proc.img --json                the plan (steps, refusals) as JSON
+  machinen image schema threads                         a document's JSON Schema
+
+An image is a directory: native-process.json (the manifest), native-mappings.json,
+native-threads.json, native-resources.json, native-translation.json and native-memory.bin.
+A restore here supports one thread on the same instruction set, standard input/output/error
+only, stopped outside a system call or in a sleep or poll with a timeout; anything else is
+refused with a code from the image vocabulary (thread-state-unsupported, active-syscall, ...).
+Exit status: 0 restorable, 125 refused (BOOT_PORTABLE_UNSUPPORTED), 2 invalid (PORTABLE_IMAGE_INVALID).")]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub action: ImageAction,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// Read and validate an image, then print how this host would restore it, or the refusals that stop it.
+    Check {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The instruction set to restore on (default: this host's).
+        #[arg(long, value_name = "ARCH", value_parser = ["arm64", "amd64"])]
+        target_arch: Option<String>,
+        /// A thread blocked in nanosleep/clock_nanosleep: resume it with the time left, or refuse.
+        #[arg(long, value_name = "POLICY", default_value = "defer-target-resume", value_parser = ["defer-target-resume", "refuse"])]
+        sleep_policy: String,
+        /// A thread blocked in ppoll/poll with a timeout: resume it with the time left, or refuse.
+        #[arg(long, value_name = "POLICY", default_value = "defer-target-resume", value_parser = ["defer-target-resume", "refuse"])]
+        poll_policy: String,
+    },
+    /// Print the JSON Schema (draft 2020-12) of a document, or of all five.
+    Schema {
+        #[arg(value_name = "DOCUMENT", value_parser = ["manifest", "mappings", "threads", "resources", "translation"])]
+        document: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

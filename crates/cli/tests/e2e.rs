@@ -621,6 +621,8 @@ mod deadline;
 mod dirs;
 #[path = "e2e/hostile.rs"]
 mod hostile;
+#[path = "e2e/image.rs"]
+mod image;
 #[path = "e2e/isolation.rs"]
 mod isolation;
 #[path = "e2e/live_mounts.rs"]

@@ -29,6 +29,7 @@ pub mod oci;
 pub mod paths;
 pub mod phases;
 pub mod ports;
+pub mod procimage;
 pub mod progress;
 pub mod provision;
 pub mod pty;

@@ -160,6 +160,11 @@ error_codes! {
     BuildDockerfileInvalid = "BUILD_DOCKERFILE_INVALID",
     BuildInstructionUnsupported = "BUILD_INSTRUCTION_UNSUPPORTED",
     BuildContextInvalid = "BUILD_CONTEXT_INVALID",
+    // native process images (the portable engine): documents that are
+    // missing, malformed or inconsistent; an image this host cannot
+    // restore (the refusals say why, with the image vocabulary's codes)
+    PortableImageInvalid = "PORTABLE_IMAGE_INVALID",
+    BootPortableUnsupported = "BOOT_PORTABLE_UNSUPPORTED",
 }
 
 impl ErrorCode {
@@ -218,6 +223,7 @@ impl ErrorCode {
             | BuildDockerfileInvalid
             | BuildInstructionUnsupported
             | BuildContextInvalid
+            | PortableImageInvalid
             | MountPathEscape => 2,
             _ => 125,
         }

@@ -11,6 +11,7 @@ mod cp;
 mod exec;
 mod feedback;
 mod gc;
+mod image;
 mod images;
 mod install;
 mod kill;
@@ -62,5 +63,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Push(a) => pull::push(a).await,
         Command::Images(a) => images::run(a).await,
         Command::Bundle(a) => bundle::run(a).await,
+        Command::Image(a) => image::run(a),
     }
 }

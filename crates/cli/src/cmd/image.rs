@@ -1,0 +1,134 @@
+//! `machinen image check DIR` and `machinen image schema [DOCUMENT]`.
+
+use machinen::procimage::format::{self, Arch, CheckOptions, PlanStep, SyscallPolicy};
+use machinen::Result;
+
+use crate::cli::{ImageAction, ImageArgs};
+use crate::output::print_json;
+
+fn policy(s: &str) -> SyscallPolicy {
+    if s == "refuse" {
+        SyscallPolicy::Refuse
+    } else {
+        SyscallPolicy::DeferTargetResume
+    }
+}
+
+pub fn run(a: ImageArgs) -> Result<i32> {
+    match a.action {
+        ImageAction::Schema { document } => {
+            let all = format::schema::schemas();
+            let picked: Vec<_> = all
+                .into_iter()
+                .filter(|(n, _)| document.as_deref().is_none_or(|d| d == *n))
+                .collect();
+            let value = if picked.len() == 1 {
+                picked
+                    .into_iter()
+                    .map(|(_, s)| s)
+                    .next()
+                    .unwrap_or_default()
+            } else {
+                serde_json::Value::Object(
+                    picked
+                        .into_iter()
+                        .map(|(n, s)| (n.to_string(), s))
+                        .collect(),
+                )
+            };
+            crate::outln!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+            Ok(0)
+        }
+        ImageAction::Check {
+            dir,
+            target_arch,
+            sleep_policy,
+            poll_policy,
+        } => {
+            let opts = CheckOptions {
+                target_arch: target_arch.as_deref().and_then(|t| t.parse::<Arch>().ok()),
+                sleep_timer_policy: policy(&sleep_policy),
+                poll_timeout_policy: policy(&poll_policy),
+            };
+            let plan = machinen::procimage::check(&dir, opts)?;
+            if a.json {
+                print_json(&plan);
+                return Ok(if plan.restorable() {
+                    0
+                } else {
+                    machinen::ErrorCode::BootPortableUnsupported.exit_code()
+                });
+            }
+            crate::outln!(
+                "{}: {} ({}), captured on {}, to restore on {}",
+                dir.display(),
+                plan.exe,
+                plan.argv.join(" "),
+                plan.source_arch,
+                plan.target_arch
+            );
+            if !plan.restorable() {
+                // The error lists every refusal (code: why).
+                return Err(machinen::procimage::unsupported(&dir, &plan).into());
+            }
+            crate::outln!("restorable; the plan:");
+            for s in &plan.steps {
+                crate::outln!("  {}", describe(s));
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn describe(s: &PlanStep) -> String {
+    match s {
+        PlanStep::MapCaptured {
+            mapping,
+            start,
+            end,
+            perms,
+            memory_offset,
+            size_bytes,
+        } => {
+            format!("map {start}-{end} {perms} ({mapping}): {size_bytes} captured bytes from offset {memory_offset}")
+        }
+        PlanStep::MapFile {
+            mapping,
+            start,
+            end,
+            perms,
+            path,
+            offset,
+        } => {
+            format!("map {start}-{end} {perms} ({mapping}): {path} at offset {offset}")
+        }
+        PlanStep::MapZeroed {
+            mapping,
+            start,
+            end,
+            perms,
+        } => {
+            format!("map {start}-{end} {perms} ({mapping}): zeroed")
+        }
+        PlanStep::Omit { mapping, reason } => format!("leave out {mapping}: {reason}"),
+        PlanStep::InheritStdio { fds } => format!(
+            "inherit descriptors {} from the restorer",
+            fds.iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        PlanStep::SetRegisters { thread, arch } => {
+            format!("load thread {thread}'s {arch} registers")
+        }
+        PlanStep::Continue { thread } => format!("thread {thread} goes on where it stopped"),
+        PlanStep::ResumeWait {
+            thread, syscall, ..
+        } => {
+            format!("thread {thread} enters {syscall} again with the time that was left")
+        }
+    }
+}
