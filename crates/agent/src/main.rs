@@ -14,6 +14,7 @@
 //! machinen-agent                            # find the port by name in sysfs
 //! ```
 
+mod capture;
 mod cmdline;
 mod dirs;
 mod egress;
@@ -127,6 +128,12 @@ serves: on a unix socket (--listen, one session per connection), on a given
 port device (--port), or on the port found by name in /sys/class/virtio-ports.";
 
 fn host_main() -> i32 {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--capture") {
+        // A process of the guest captured as a native process image (run
+        // by the host through an exec of /proc/1/exe).
+        return capture::main(&argv[1..]);
+    }
     install_panic_hook();
     let mut transport = Transport::FindPort;
     let mut args = std::env::args_os().skip(1);

@@ -116,6 +116,8 @@ pub enum Command {
     Bundle(BundleArgs),
     /// Native process images (the portable format: one process captured with ptrace and procfs): check whether this host can restore one, print the documents' JSON Schemas.
     Image(ImageArgs),
+    /// Capture a process of a VM from outside (ptrace, procfs) as a native process image: registers, mappings and their writable memory, threads, descriptors, signal state, the system call it is in; it goes on running unless --kill.
+    Capture(CaptureArgs),
 }
 
 impl Command {
@@ -151,6 +153,7 @@ impl Command {
             Command::Images(a) => a.json,
             Command::Bundle(a) => a.json,
             Command::Image(a) => a.json,
+            Command::Capture(a) => a.json,
         }
     }
 }
@@ -677,6 +680,36 @@ pub struct ImageArgs {
     pub action: ImageAction,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen exec web -- sh -c 'sleep 600 & echo $!'      a process to capture (prints its pid)
+  machinen capture web 214 -o ./proc.img                  capture it; it goes on running
+  machinen image check ./proc.img                         how this host would restore it, or why not
+  machinen capture web 214 -o ./proc.img --kill           capture it and end it (to move it)
+
+The image holds the process's writable memory and its environment: treat it as you would a
+core dump. What a restore cannot bring back (more threads, sockets, other descriptors, installed
+signal handlers, system calls other than a sleep or poll) is recorded as refusals with the image
+vocabulary's codes; `image check` lists them. Capture runs in the guest: amd64 guests only.")]
+pub struct CaptureArgs {
+    /// VM name, id or pid.
+    pub target: String,
+    /// The process id in the guest.
+    pub pid: u32,
+    /// The image directory to create (must not exist).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Kill the process once it is captured.
+    #[arg(long)]
+    pub kill: bool,
+    /// Capture at most this much memory (bytes, or 512M, 2G; default 1G); larger mappings are recorded as refused.
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -58,3 +58,119 @@ pub fn unsupported(dir: &Path, plan: &Plan) -> Failure {
             .join("\n"),
     )
 }
+
+/// Options of [`capture`].
+#[derive(Debug, Clone, Default)]
+pub struct CaptureOptions {
+    /// Kill the process once captured (to move it); by default it goes on.
+    pub kill: bool,
+    /// Bound on the captured memory (default 1 GiB): larger mappings are
+    /// recorded as refused (`mapping-unreadable`).
+    pub max_bytes: Option<u64>,
+}
+
+/// What [`capture`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureReport {
+    pub dir: std::path::PathBuf,
+    pub pid: u32,
+    pub threads: u64,
+    pub mappings: u64,
+    pub memory_bytes: u64,
+    pub killed: bool,
+    /// The restore plan for this host (its refusals say what stops it).
+    pub plan: Plan,
+}
+
+/// Capture process `pid` of the VM as a native process image into `out`
+/// (a new directory): the guest agent traces it from outside (ptrace,
+/// procfs) into a scratch directory of the guest, which is copied out
+/// (confined and bounded like `cp`), removed, and validated here — the
+/// documents come from the guest and are not trusted.
+pub async fn capture(
+    vm: &crate::vm::Vm,
+    pid: u32,
+    out: &Path,
+    opts: CaptureOptions,
+) -> crate::error::Result<CaptureReport> {
+    if pid <= 1 {
+        return Err(fail(
+            ErrorCode::SnapshotPortableUnsupported,
+            format!("process {pid} is the guest's init (the agent); it cannot be captured"),
+        )
+        .into());
+    }
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(fail(
+            ErrorCode::FilesExists,
+            format!("{} exists; a capture writes a new directory", out.display()),
+        )
+        .hint("remove it first, or name a new destination")
+        .into());
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let scratch = format!("/var/tmp/.machinen-capture-{pid}-{nanos}");
+    let mut argv = vec![
+        "/proc/1/exe".to_string(),
+        "--capture".into(),
+        pid.to_string(),
+        scratch.clone(),
+    ];
+    if opts.kill {
+        argv.push("--kill".into());
+    }
+    if let Some(m) = opts.max_bytes {
+        argv.extend(["--max-bytes".into(), m.to_string()]);
+    }
+    let cleanup = || async {
+        let _ = vm
+            .exec(crate::vm::ExecOptions {
+                argv: vec!["rm".into(), "-rf".into(), scratch.clone()],
+                ..Default::default()
+            })
+            .await;
+    };
+    let done = vm
+        .exec(crate::vm::ExecOptions {
+            argv,
+            ..Default::default()
+        })
+        .await?;
+    if done.status.code != Some(0) {
+        cleanup().await;
+        let why = String::from_utf8_lossy(&done.stderr).trim().to_string();
+        return Err(fail(
+            ErrorCode::SnapshotPortableUnsupported,
+            format!("process {pid} could not be captured: {why}"),
+        )
+        .hint("`machinen exec VM -- ls /proc` lists the guest's processes")
+        .into());
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap_or_default();
+    let pulled = vm
+        .pull_dir(&scratch, out, crate::dirs::PullDirOptions::default())
+        .await;
+    cleanup().await;
+    pulled?;
+    let dir = out.to_path_buf();
+    let plan = crate::vm::blocking(move || Ok(check(&dir, CheckOptions::default())?)).await;
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(out);
+            return Err(e);
+        }
+    };
+    let n = |k: &str| summary[k].as_u64().unwrap_or(0);
+    Ok(CaptureReport {
+        dir: out.to_path_buf(),
+        pid,
+        threads: n("threads"),
+        mappings: n("mappings"),
+        memory_bytes: n("memoryBytes"),
+        killed: opts.kill,
+        plan,
+    })
+}

@@ -165,6 +165,9 @@ error_codes! {
     // restore (the refusals say why, with the image vocabulary's codes)
     PortableImageInvalid = "PORTABLE_IMAGE_INVALID",
     BootPortableUnsupported = "BOOT_PORTABLE_UNSUPPORTED",
+    // a process could not be captured (gone, a kernel thread, the agent,
+    // not traceable, its memory unreadable)
+    SnapshotPortableUnsupported = "SNAPSHOT_PORTABLE_UNSUPPORTED",
 }
 
 impl ErrorCode {

@@ -132,3 +132,58 @@ fn describe(s: &PlanStep) -> String {
         }
     }
 }
+
+/// `machinen capture TARGET PID -o DIR`.
+pub async fn capture(a: crate::cli::CaptureArgs) -> Result<i32> {
+    let max_bytes = match &a.max_bytes {
+        None => None,
+        Some(s) => Some(machinen::hostfile::parse_size(s).ok_or_else(|| {
+            machinen::error::fail(
+                machinen::ErrorCode::BootArgsInvalid,
+                format!("--max-bytes {s:?} is not a size"),
+            )
+            .hint("bytes, or with a unit: 512M, 2G")
+        })?),
+    };
+    let vm = machinen::vm::attach(&a.target).await?;
+    let r = machinen::procimage::capture(
+        &vm,
+        a.pid,
+        &a.out,
+        machinen::procimage::CaptureOptions {
+            kill: a.kill,
+            max_bytes,
+        },
+    )
+    .await?;
+    if a.json {
+        print_json(&r);
+        return Ok(0);
+    }
+    crate::outln!(
+        "captured process {} into {}: {} thread(s), {} mappings, {:.1} MiB of memory{}",
+        r.pid,
+        r.dir.display(),
+        r.threads,
+        r.mappings,
+        r.memory_bytes as f64 / 1048576.0,
+        if r.killed {
+            "; the process was killed"
+        } else {
+            ""
+        }
+    );
+    if r.plan.restorable() {
+        crate::outln!(
+            "restorable on {}: `machinen image check {}` shows the plan",
+            r.plan.target_arch,
+            r.dir.display()
+        );
+    } else {
+        crate::outln!("not restorable here ({} refusals):", r.plan.refusals.len());
+        for f in &r.plan.refusals {
+            crate::outln!("  {:<36} {}", f.code.as_str(), f.message);
+        }
+    }
+    Ok(0)
+}

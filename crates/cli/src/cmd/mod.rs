@@ -64,5 +64,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Images(a) => images::run(a).await,
         Command::Bundle(a) => bundle::run(a).await,
         Command::Image(a) => image::run(a),
+        Command::Capture(a) => image::capture(a).await,
     }
 }

@@ -121,3 +121,203 @@ fn image_check_prints_the_plan_the_refusals_or_what_is_invalid() {
         serde_json::from_slice(&machinen(&["image", "schema"]).stdout).expect("json");
     assert_eq!(all.as_object().expect("map").len(), 5);
 }
+
+/// Start `script` in the background in the guest, detached from the exec;
+/// returns its pid.
+fn spawn_in_guest(env: &super::Env, vm: &str, script: &str) -> String {
+    let out = env.run_ok(&[
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        &format!("setsid sh -c '{script}' </dev/null >/dev/null 2>&1 & echo $!"),
+    ]);
+    out.trim().to_string()
+}
+
+/// The pid of the first guest process whose command line starts with
+/// `prefix` (the shell above execs it, so usually the same pid).
+fn guest_pid(env: &super::Env, vm: &str, prefix: &str) -> String {
+    let scan = format!(
+        r#"for p in /proc/[0-9]*; do c=$(tr '\0' ' ' < $p/cmdline 2>/dev/null); case "$c" in "{prefix}"*) echo ${{p#/proc/}}; exit 0;; esac; done; exit 1"#
+    );
+    let mut pid = String::new();
+    super::wait_until(
+        "the process to start",
+        std::time::Duration::from_secs(30),
+        || {
+            let o = env.run(&["exec", vm, "--", "sh", "-c", &scan]);
+            pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            o.status.success() && !pid.is_empty()
+        },
+    );
+    pid
+}
+
+/// Wait until `test` (a shell condition) holds in the guest: a program
+/// has finished starting (its modules loaded, its socket or threads made).
+fn guest_ready(env: &super::Env, vm: &str, test: &str) {
+    super::wait_until(test, std::time::Duration::from_secs(60), || {
+        env.run(&["exec", vm, "--", "sh", "-c", test])
+            .status
+            .success()
+    });
+}
+
+fn codes_of(plan: &serde_json::Value) -> Vec<String> {
+    plan["refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .filter_map(|r| r["code"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn processes_are_captured_from_outside_checked_and_refused_with_the_seeds_codes() {
+    let env = super::Env::new();
+    env.run_ok(&["boot", "--name", "cap", "--detached"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+
+    // A sleeping single-threaded process with stdio only: restorable here,
+    // and it goes on running after the capture.
+    spawn_in_guest(&env, "cap", "exec sleep 600");
+    let pid = guest_pid(&env, "cap", "sleep 600");
+    let out = tmp.path().join("sleep.img");
+    let o = out.to_str().expect("utf-8");
+    let r = env.json(&["capture", "cap", &pid, "-o", o, "--json"]);
+    assert_eq!(r["threads"], 1, "{r}");
+    assert!(r["memory_bytes"].as_u64().expect("bytes") > 4096, "{r}");
+    assert_eq!(r["plan"]["refusals"], serde_json::json!([]), "{r}");
+    let steps = r["plan"]["steps"].as_array().expect("steps");
+    let last = steps.last().expect("a step");
+    assert_eq!(last["action"], "resume-wait", "{r}");
+    assert_eq!(last["syscall"], "clock_nanosleep", "{r}");
+    assert!(steps.iter().any(|s| s["action"] == "map-captured"), "{r}");
+    assert!(steps.iter().any(|s| s["action"] == "inherit-stdio"), "{r}");
+    // The documents are there and check on their own; the memory file holds
+    // exactly what the mappings say.
+    let check = machinen(&["image", "check", o, "--json"]);
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("native-process.json")).expect("manifest"))
+            .expect("json");
+    assert_eq!(
+        manifest["process"]["argv"],
+        serde_json::json!(["sleep", "600"])
+    );
+    assert_eq!(manifest["capture"]["pid"].to_string(), pid);
+    assert_eq!(
+        std::fs::metadata(out.join("native-memory.bin"))
+            .expect("memory")
+            .len(),
+        r["memory_bytes"].as_u64().expect("bytes")
+    );
+    // Still there, still asleep; no scratch left in the guest.
+    let state = env.run_ok(&[
+        "exec",
+        "cap",
+        "--",
+        "sh",
+        "-c",
+        &format!("grep State /proc/{pid}/status; ls -a /var/tmp"),
+    ]);
+    assert!(state.contains("S (sleeping)"), "{state}");
+    assert!(!state.contains(".machinen-capture"), "{state}");
+    // The destination must be new.
+    let again = env.run(&["capture", "cap", &pid, "-o", o]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("FILES_EXISTS"));
+
+    // An open socket.
+    spawn_in_guest(
+        &env,
+        "cap",
+        "exec perl -MIO::Socket::INET -e \"my \\$s = IO::Socket::INET->new(Listen => 1, LocalPort => 7777) or die; sleep 600\"",
+    );
+    let sock = guest_pid(&env, "cap", "perl -MIO::Socket::INET");
+    guest_ready(
+        &env,
+        "cap",
+        &format!("ls -l /proc/{sock}/fd | grep -q socket:"),
+    );
+    let so = tmp.path().join("sock.img");
+    let r = env.json(&[
+        "capture",
+        "cap",
+        &sock,
+        "-o",
+        so.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(
+        codes_of(&r["plan"]).contains(&"resource-kind-unsupported".to_string()),
+        "{r}"
+    );
+    assert_eq!(r["plan"]["steps"], serde_json::json!([]));
+    let human = machinen(&["image", "check", so.to_str().expect("utf-8")]);
+    assert_eq!(human.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&human.stderr).contains("resource-kind-unsupported"));
+
+    // Three threads.
+    spawn_in_guest(
+        &env,
+        "cap",
+        "exec perl -Mthreads -e \"threads->create(sub { sleep 600 }) for 1..2; sleep 600\"",
+    );
+    let thr = guest_pid(&env, "cap", "perl -Mthreads");
+    guest_ready(
+        &env,
+        "cap",
+        &format!("test $(ls /proc/{thr}/task | wc -l) = 3"),
+    );
+    let to = tmp.path().join("threads.img");
+    let r = env.json(&[
+        "capture",
+        "cap",
+        &thr,
+        "-o",
+        to.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert_eq!(r["threads"], 3, "{r}");
+    assert!(
+        codes_of(&r["plan"]).contains(&"thread-state-unsupported".to_string()),
+        "{r}"
+    );
+
+    // --kill ends the process once captured.
+    let ko = tmp.path().join("killed.img");
+    let r = env.json(&[
+        "capture",
+        "cap",
+        &pid,
+        "-o",
+        ko.to_str().expect("utf-8"),
+        "--kill",
+        "--json",
+    ]);
+    assert_eq!(r["killed"], true);
+    super::wait_until(
+        "the captured process to end",
+        std::time::Duration::from_secs(20),
+        || {
+            env.run(&["exec", "cap", "--", "test", "-e", &format!("/proc/{pid}")])
+                .status
+                .code()
+                == Some(1)
+        },
+    );
+
+    // What cannot be captured: the agent, a process that is not there.
+    for bad in ["1", "999999"] {
+        let p = tmp.path().join(format!("bad-{bad}.img"));
+        let o = env.run(&["capture", "cap", bad, "-o", p.to_str().expect("utf-8")]);
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("SNAPSHOT_PORTABLE_UNSUPPORTED"),
+            "{o:?}"
+        );
+        assert!(!p.exists());
+    }
+    env.run_ok(&["stop", "cap"]);
+}
