@@ -1402,15 +1402,27 @@ impl Vm {
     async fn crash_cause(&self) -> Option<String> {
         let reg = Registry::new(Paths::from_env().ok()?.registry);
         let deadline = tokio::time::Instant::now() + timeouts::CRASH_CAUSE;
-        loop {
+        let read = || {
             let (reg, id) = (reg.clone(), self.info.id.clone());
-            let entry = tokio::task::spawn_blocking(move || {
-                reg.entries().ok()?.into_iter().find(|e| e.id == id)
-            })
-            .await
-            .ok()??;
-            if entry.state == machinen_proto::VmState::Crashed || !entry.is_live() {
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    reg.entries().ok()?.into_iter().find(|e| e.id == id)
+                })
+                .await
+                .ok()?
+            }
+        };
+        loop {
+            let entry = read().await?;
+            if entry.state == machinen_proto::VmState::Crashed {
                 return Some(entry.death_cause());
+            }
+            if !entry.is_live() {
+                // It may have recorded its cause and exited between the
+                // read and the liveness check: what it wrote before dying
+                // is in the entry now.
+                let last = read().await.unwrap_or(entry);
+                return Some(last.death_cause());
             }
             if tokio::time::Instant::now() >= deadline {
                 return None;
