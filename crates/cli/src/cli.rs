@@ -743,8 +743,12 @@ pub enum ImagesAction {
         #[arg(value_name = "IMAGE", required = true)]
         names: Vec<String>,
     },
-    /// Remove pulled blobs no remaining reference needs, converted images (boots convert again; bundles of such VMs then restore with --image), the ext4 images no VM on this host boots from (a later boot or restore converts its tarball again) and the build cache; what was used in the last 10 minutes stays (a pull or boot may be using it).
-    Prune,
+    /// Remove pulled blobs no remaining reference needs, converted images (boots convert again; bundles of such VMs then restore with --image), the ext4 images no VM on this host boots from (a later boot or restore converts its tarball again) and the build cache; what was used in the last 10 minutes stays (a pull or boot may be using it) unless --all.
+    Prune {
+        /// Also what was used in the last 10 minutes (only when no pull, build or boot is under way).
+        #[arg(long)]
+        all: bool,
+    },
     /// Write an image (a rootfs tarball such as `provision` makes, or any image reference machinen boots) as a container image: oci:DIR[:TAG] (an OCI image layout, created or given one more tag; TAG defaults to latest) or docker-archive:FILE[:REPO[:TAG]] (for `docker load`, `podman load`, `ctr images import`). Its baked command, env, working directory and user become the image's config.
     Export {
         #[arg(value_name = "IMAGE")]

@@ -80,8 +80,13 @@ pub async fn run(a: ImagesArgs) -> Result<i32> {
                     crate::outln!("{}@{}", p.reference, p.digest);
                 }
             }
-            Some(ImagesAction::Prune) => {
-                let freed = machinen::oci::cache::prune_all(&paths)?;
+            Some(ImagesAction::Prune { all }) => {
+                let grace = if all {
+                    std::time::Duration::ZERO
+                } else {
+                    machinen::oci::cache::PULL_GRACE
+                };
+                let freed = machinen::oci::cache::prune_all(&paths, grace)?;
                 if json {
                     print_json(&serde_json::json!({ "freed_bytes": freed }));
                 } else {

@@ -12,7 +12,7 @@ use crate::error::{fail, ErrorCode, Failure};
 use crate::paths::Paths;
 
 /// Blobs younger than this are never pruned (a pull may be under way).
-const PULL_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+pub const PULL_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A registry image that was pulled.
 #[derive(Debug, Clone, Serialize)]
@@ -158,7 +158,7 @@ pub fn remove(paths: &Paths, names: &[String]) -> Result<Vec<String>, Failure> {
 /// (a later boot converts again), except what is younger than
 /// [`PULL_GRACE`]: a pull or a boot may be using it. Returns the bytes
 /// freed.
-pub fn prune(paths: &Paths) -> Result<u64, Failure> {
+pub fn prune(paths: &Paths, grace: std::time::Duration) -> Result<u64, Failure> {
     let store = registry::store(paths);
     let _lock = registry::lock_store(&store)?;
     // What the named references reach: their manifests (an index's
@@ -207,7 +207,7 @@ pub fn prune(paths: &Paths) -> Result<u64, Failure> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age < PULL_GRACE);
+            .is_none_or(|age| age < grace);
         if !recent && !keep.contains(&format!("sha256:{name}")) {
             freed += e.metadata().map(|m| m.len()).unwrap_or(0);
             let _ = fs::remove_file(e.path());
@@ -215,7 +215,7 @@ pub fn prune(paths: &Paths) -> Result<u64, Failure> {
     }
     let now = crate::registry::now_ms();
     for c in list(paths).converted {
-        if now.saturating_sub(c.converted_at_ms) < PULL_GRACE.as_millis() as u64 {
+        if now.saturating_sub(c.converted_at_ms) < grace.as_millis() as u64 {
             continue;
         }
         freed += c.size_bytes;
@@ -226,9 +226,11 @@ pub fn prune(paths: &Paths) -> Result<u64, Failure> {
 
 /// `machinen images prune`: [`prune`], then the cached ext4 images no VM on
 /// this host boots from ([`crate::image::prune_unused`]) and the build
-/// cache. Returns the disk space freed.
-pub fn prune_all(paths: &Paths) -> Result<u64, Failure> {
-    let mut freed = prune(paths)?;
+/// cache, sparing what was used within `grace` ([`PULL_GRACE`] unless the
+/// caller knows no pull, build or boot is under way). Returns the disk
+/// space freed.
+pub fn prune_all(paths: &Paths, grace: std::time::Duration) -> Result<u64, Failure> {
+    let mut freed = prune(paths, grace)?;
     // Every VM directory counts, dead or alive (its disk names the image
     // until `gc` removes it), and so does one whose boot is still writing it.
     let in_use: BTreeSet<PathBuf> = fs::read_dir(&paths.registry)
@@ -238,7 +240,7 @@ pub fn prune_all(paths: &Paths) -> Result<u64, Failure> {
         .filter_map(|e| crate::spec::VmSpec::load(&e.path().join(crate::spec::files::SPEC)).ok())
         .map(|s| s.base_image)
         .collect();
-    freed += crate::image::prune_unused(paths, &in_use, PULL_GRACE);
+    freed += crate::image::prune_unused(paths, &in_use, grace);
     freed += crate::build::prune_cache(paths);
     Ok(freed)
 }
