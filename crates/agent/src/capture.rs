@@ -353,30 +353,6 @@ fn refusals(list: Vec<img::Refusal>) -> img::Refusals {
     }
 }
 
-/// RFC 3339 (UTC) of now, without a date library.
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 fn write_json<T: serde::Serialize>(dir: &Path, name: &str, v: &T) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(v).map_err(|e| format!("{name}: {e}"))?;
     let mut f = fs::File::create(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
@@ -784,7 +760,7 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
             method: img::CaptureMethod,
             source_arch: img::Arch::host().unwrap_or(img::Arch::Amd64),
             pid: Some(pid as u32),
-            captured_at: Some(now_rfc3339()),
+            captured_at: Some(machinen_proto::rfc3339::now()),
         },
         target: img::Target {
             mode: img::CrossIsaMode,
@@ -898,12 +874,5 @@ mod tests {
         assert!(interrupted_call((-512i64) as u64));
         assert!(!interrupted_call((-4i64) as u64));
         assert!(!interrupted_call(0));
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
     }
 }

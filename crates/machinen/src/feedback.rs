@@ -59,7 +59,7 @@ pub fn record_to(file: &Path, text: &str) -> Result<Feedback> {
     }
     let time_ms = crate::registry::now_ms();
     let note = Feedback {
-        time: rfc3339(time_ms / 1000),
+        time: machinen_proto::rfc3339::format(time_ms / 1000),
         time_ms,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         text: text.to_owned(),
@@ -113,38 +113,9 @@ pub fn list() -> Result<Vec<Feedback>> {
     list_from(&path()?)
 }
 
-/// `secs` since the epoch as RFC 3339 UTC (days to civil date: Howard
-/// Hinnant's algorithm).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_format() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_796_222_001), "2026-12-02T14:33:21Z");
-    }
 
     #[test]
     fn notes_append_and_list_concurrently() {

@@ -122,6 +122,7 @@ pub mod egress;
 pub mod env;
 pub mod exclude;
 pub mod netpolicy;
+pub mod rfc3339;
 pub mod split;
 pub mod timeouts;
 pub mod tree;

@@ -134,25 +134,25 @@ pub(crate) struct FileLock {
 }
 
 pub(crate) fn lock_exclusive(path: &Path) -> io::Result<FileLock> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let f = open_lock_file(path)?;
     let lock =
         Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))?;
     Ok(FileLock { _lock: lock })
 }
 
-/// [`lock_exclusive`] without waiting: `None` when another holds it.
-pub(crate) fn try_lock_exclusive(path: &Path) -> io::Result<Option<FileLock>> {
-    let f = OpenOptions::new()
+/// A lock file, created when missing (its content is never used).
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)?;
+        .open(path)
+}
+
+/// [`lock_exclusive`] without waiting: `None` when another holds it.
+pub(crate) fn try_lock_exclusive(path: &Path) -> io::Result<Option<FileLock>> {
+    let f = open_lock_file(path)?;
     match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(FileLock { _lock: lock })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
