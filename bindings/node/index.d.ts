@@ -503,6 +503,8 @@ export declare class VmHandle {
   status(): Promise<{ state: string; supervisorPid: number; qemuPid: number | null; [k: string]: unknown }>;
   /** The VM's memory: its ceiling, the guest's view (null when its agent did not answer) and what it costs the host. */
   memoryStats(): Promise<MemoryStats>;
+  /** Capture process `pid` of the guest as a native process image in `out` (a new directory). */
+  captureProcess(pid: number, out: string, opts?: { kill?: boolean; maxBytes?: number }): Promise<ProcessCapture>;
   /** Throws `BALLOON_UNAVAILABLE` for a restore mapping its bundle's RAM privately. */
   balloon(): Promise<BalloonReport>;
   /** `bytes` between 128 MiB and the ceiling (`BALLOON_TARGET_INVALID`), or `'max'`. */
@@ -642,6 +644,33 @@ export declare function provision(opts: ProvisionOptions): Promise<ProvisionResu
 export declare function build(opts: BuildOptions): Promise<BuildResult>;
 /** An image's settings and origin (`machinen images inspect`). */
 export declare function inspectImage(image: string): Promise<ImageInfo>;
+/** One reason a native process image cannot be restored: a code of the image vocabulary (`thread-state-unsupported`, …). */
+export interface ProcessImageRefusal {
+  code: string;
+  message: string;
+  detail?: Record<string, unknown>;
+}
+/** How a native process image would be restored (`steps`), or why not (`refusals`). */
+export interface ProcessImagePlan {
+  sourceArch: 'arm64' | 'amd64';
+  targetArch: 'arm64' | 'amd64';
+  exe: string;
+  argv: string[];
+  steps: Array<{ action: string; [key: string]: unknown }>;
+  refusals: ProcessImageRefusal[];
+}
+/** `vm.captureProcess()`. */
+export interface ProcessCapture {
+  dir: string;
+  pid: number;
+  threads: number;
+  mappings: number;
+  memoryBytes: number;
+  killed: boolean;
+  plan: ProcessImagePlan;
+}
+/** How this host (or `targetArch`) would restore the native process image in `dir`. */
+export declare function checkProcessImage(dir: string, opts?: { targetArch?: 'arm64' | 'amd64' }): Promise<ProcessImagePlan>;
 /** Push an image to a registry as a container image (`machinen images push`); IMAGE_PUSH_FAILED when it cannot. */
 export declare function pushImage(image: string, reference: string): Promise<PushedImage>;
 export declare function runGc(opts?: { dryRun?: boolean }): Promise<GcResult>;

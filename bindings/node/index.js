@@ -240,6 +240,14 @@ class VmHandle {
     return call(undefined, () => this._h.status()).then(camel);
   }
 
+  /** Capture process `pid` of the guest as a native process image in the new directory `out` (`machinen capture`): `{ dir, pid, threads, mappings, memoryBytes, killed, plan }`, where `plan` is how this host would restore it (`steps`) or why not (`refusals`, each `{ code, message }` with the image vocabulary's codes). The process goes on unless `kill`; `maxBytes` bounds the captured memory (default 1 GiB). Throws `SNAPSHOT_PORTABLE_UNSUPPORTED` for the agent or a process that is gone, `FILES_EXISTS` when `out` exists. */
+  async captureProcess(pid, out, opts = {}) {
+    checkKeys(opts, ['kill', 'maxBytes'], 'captureProcess');
+    if (!Number.isInteger(pid) || pid < 1) throw invalid('captureProcess needs a guest pid', 'e.g. vm.captureProcess(214, "./proc.img")');
+    if (typeof out !== 'string') throw invalid('captureProcess needs a destination directory', 'e.g. vm.captureProcess(214, "./proc.img")');
+    return call(undefined, () => this._h.captureProcess(pid, out, opts.kill === true, opts.maxBytes ?? null)).then(camel);
+  }
+
   /** Memory: `ceilingBytes`, the guest's view (`guest`: totalBytes, availableBytes, usedBytes, cachedBytes, freeBytes; null if its agent did not answer) and the host's cost (`host`: qemuRssBytes, qemuPssBytes, supervisorPssBytes, ramFile, ramFileBytes). */
   async memoryStats() {
     return call(undefined, () => this._h.memoryStats()).then(camel);
@@ -695,6 +703,13 @@ async function build(opts) {
 }
 
 /** An image's settings (command, env, cwd, user, exposed ports, labels) and origin. */
+/** How this host (or `targetArch`) would restore the native process image in `dir`: `{ sourceArch, targetArch, exe, argv, steps, refusals }` (`machinen image check --json`); refusals are data. Throws `PORTABLE_IMAGE_INVALID` (naming every problem) for documents that are missing, malformed or inconsistent. */
+async function checkProcessImage(dir, opts = {}) {
+  checkKeys(opts, ['targetArch'], 'checkProcessImage');
+  if (typeof dir !== 'string') throw invalid('checkProcessImage needs a directory', 'e.g. checkProcessImage("./proc.img")');
+  return call(undefined, () => native.checkProcessImage(dir, opts.targetArch ?? null));
+}
+
 async function inspectImage(image) {
   if (typeof image !== 'string') throw invalid('inspectImage needs an image', 'e.g. inspectImage("./app.tar.gz")', ErrorCode.BOOT_ARGS_INVALID);
   return camel(await call(undefined, () => native.inspectImage(image)));
@@ -721,6 +736,7 @@ exports.restore = restore;
 exports.provision = provision;
 exports.build = build;
 exports.inspectImage = inspectImage;
+exports.checkProcessImage = checkProcessImage;
 exports.pushImage = pushImage;
 exports.runGc = runGc;
 exports.VmHandle = VmHandle;

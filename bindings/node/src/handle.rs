@@ -164,6 +164,26 @@ impl VmHandle {
         to_value(&s)
     }
 
+    /// Capture process `pid` of the guest as a native process image in
+    /// `out` (`machinen capture --json`).
+    #[napi]
+    pub async fn capture_process(
+        &self,
+        pid: u32,
+        out: String,
+        kill: bool,
+        max_bytes: Option<i64>,
+    ) -> Result<serde_json::Value> {
+        let opts = machinen::procimage::CaptureOptions {
+            kill,
+            max_bytes: max_bytes.map(|b| b.max(0) as u64),
+        };
+        let r = machinen::procimage::capture(&self.vm, pid, std::path::Path::new(&out), opts)
+            .await
+            .map_err(js_error)?;
+        to_value(&r)
+    }
+
     /// The VM's memory: ceiling, the guest's view, the host's cost.
     #[napi]
     pub async fn memory_stats(&self) -> Result<serde_json::Value> {

@@ -19,7 +19,9 @@ use napi_derive::napi;
 
 pub use cancel::{cancel, new_cancel, release_cancel};
 pub use handle::{attach, boot, restore, VmHandle};
-pub use provision::{build, inspect_image, provision_start, push_image, Provisioning};
+pub use provision::{
+    build, check_process_image, inspect_image, provision_start, push_image, Provisioning,
+};
 
 /// Prefix of the message of every error raised by the library: the rest is
 /// `{"code","message","causes","hint","retryable"}`.

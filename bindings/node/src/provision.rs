@@ -185,6 +185,41 @@ pub async fn inspect_image(image: String) -> Result<serde_json::Value> {
     to_value(&r)
 }
 
+/// How this host would restore a native process image, or why not
+/// (`machinen image check --json`; refusals are data, not an error).
+#[napi]
+pub async fn check_process_image(
+    dir: String,
+    target_arch: Option<String>,
+) -> Result<serde_json::Value> {
+    let target = match target_arch.as_deref() {
+        None => None,
+        Some(a) => Some(
+            a.parse::<machinen::procimage::format::Arch>()
+                .map_err(|e| {
+                    js_error(
+                        machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e)
+                            .hint("arm64 or amd64")
+                            .into(),
+                    )
+                })?,
+        ),
+    };
+    let r = tokio::task::spawn_blocking(move || {
+        machinen::procimage::check(
+            std::path::Path::new(&dir),
+            machinen::procimage::format::CheckOptions {
+                target_arch: target,
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .map_err(|e| napi::Error::from_reason(format!("the check task failed: {e}")))?
+    .map_err(|e| js_error(e.into()))?;
+    to_value(&r)
+}
+
 /// Push an image to a registry as a container image (`machinen images push --json`).
 #[napi]
 pub async fn push_image(image: String, reference: String) -> Result<serde_json::Value> {

@@ -66,6 +66,26 @@ test('memoryStats: the guest\'s view and the host\'s cost', async () => {
   assert.ok(s.host.qemuPssBytes > 0 && s.host.supervisorPssBytes > 0, JSON.stringify(s.host));
 });
 
+test('captureProcess and checkProcessImage: a sleeping process is restorable, threads are refused', async () => {
+  const pid = Number((await vm.exec("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!")).stdout.trim());
+  await until(async () => (await vm.exec(`tr '\\0' ' ' < /proc/${pid}/cmdline`)).stdout.startsWith('sleep 600'), 20000, 'sleep to start');
+  const dir = join(scratch('capture'), 'sleep.img');
+  const c = await vm.captureProcess(pid, dir);
+  assert.equal(c.threads, 1);
+  assert.ok(c.memoryBytes > 4096);
+  assert.deepEqual(c.plan.refusals, []);
+  assert.equal(c.plan.steps.at(-1).action, 'resume-wait');
+  assert.equal((await m.checkProcessImage(dir)).refusals.length, 0);
+  const arm = await m.checkProcessImage(dir, { targetArch: 'arm64' });
+  assert.equal(arm.refusals[0].code, 'architecture-pair-unsupported');
+  await rejectsWith(m.checkProcessImage(join(dir, 'native-memory.bin')), 'PORTABLE_IMAGE_INVALID');
+  await rejectsWith(vm.captureProcess(pid, dir), 'FILES_EXISTS');
+  await rejectsWith(vm.captureProcess(1, join(dir, '..', 'agent.img')), 'SNAPSHOT_PORTABLE_UNSUPPORTED');
+  const killed = await vm.captureProcess(pid, join(dir, '..', 'killed.img'), { kill: true });
+  assert.equal(killed.killed, true);
+  await until(async () => (await vm.exec(`test -e /proc/${pid}; echo $?`)).stdout.trim() === '1', 20000, 'the process to end');
+});
+
 test('balloon: the guest keeps less of its ceiling, then all of it again', async () => {
   const mib = 1024 * 1024;
   const before = await vm.balloon();

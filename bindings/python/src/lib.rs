@@ -146,6 +146,42 @@ fn inspect_image(py: Python<'_>, image: String) -> PyResult<String> {
     json(&r)
 }
 
+/// How this host (or `target_arch`) would restore the native process image
+/// in `dir`, as JSON (`machinen image check --json`; refusals are data).
+#[pyfunction]
+#[pyo3(signature = (dir, target_arch=None))]
+fn check_process_image(
+    py: Python<'_>,
+    dir: String,
+    target_arch: Option<String>,
+) -> PyResult<String> {
+    let target = match target_arch.as_deref() {
+        None => None,
+        Some(a) => Some(
+            a.parse::<machinen::procimage::format::Arch>()
+                .map_err(|e| {
+                    err(
+                        machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e)
+                            .hint("arm64 or amd64")
+                            .into(),
+                    )
+                })?,
+        ),
+    };
+    let r = py
+        .allow_threads(|| {
+            machinen::procimage::check(
+                std::path::Path::new(&dir),
+                machinen::procimage::format::CheckOptions {
+                    target_arch: target,
+                    ..Default::default()
+                },
+            )
+        })
+        .map_err(|e| err(e.into()))?;
+    json(&r)
+}
+
 /// Push an image to a registry; what was pushed as JSON.
 #[pyfunction]
 fn push_image(py: Python<'_>, image: String, reference: String) -> PyResult<String> {
@@ -452,6 +488,24 @@ impl NativeVm {
         Ok(v.to_string())
     }
 
+    /// Capture process `pid` of the guest as a native process image in
+    /// `out`; the report as JSON (`machinen capture --json`).
+    #[pyo3(signature = (pid, out, kill=false, max_bytes=None))]
+    fn capture_process(
+        &self,
+        py: Python<'_>,
+        pid: u32,
+        out: String,
+        kill: bool,
+        max_bytes: Option<u64>,
+    ) -> PyResult<String> {
+        let vm = self.vm.clone();
+        let opts = machinen::procimage::CaptureOptions { kill, max_bytes };
+        json(&run(py, async move {
+            machinen::procimage::capture(&vm, pid, std::path::Path::new(&out), opts).await
+        })?)
+    }
+
     fn memory_stats(&self, py: Python<'_>) -> PyResult<String> {
         let vm = self.vm.clone();
         json(&run(py, async move { vm.memory_stats().await })?)
@@ -636,6 +690,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(provision, m)?)?;
     m.add_function(wrap_pyfunction!(build, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_image, m)?)?;
+    m.add_function(wrap_pyfunction!(check_process_image, m)?)?;
     m.add_function(wrap_pyfunction!(push_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_vms, m)?)?;
     m.add_function(wrap_pyfunction!(gc, m)?)?;

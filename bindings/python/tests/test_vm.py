@@ -87,6 +87,29 @@ def test_directory_trees_go_both_ways(vm: machinen.Vm, tmp_path: Path) -> None:
     assert (back / "a" / "b" / "f.txt").read_text() == "deep\n"
 
 
+def test_a_captured_process_is_checked_and_refusals_carry_the_image_codes(
+        vm: machinen.Vm, tmp_path: Path) -> None:
+    pid = int(vm.exec("setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").text.strip())
+    for _ in range(200):
+        if vm.exec(f"tr '\\0' ' ' < /proc/{pid}/cmdline").text.startswith("sleep 600"):
+            break
+        time.sleep(0.1)
+    c = vm.capture_process(pid, tmp_path / "sleep.img")
+    assert c["threads"] == 1 and c["memory_bytes"] > 4096
+    assert c["plan"]["refusals"] == []
+    assert c["plan"]["steps"][-1]["action"] == "resume-wait"
+    assert machinen.check_process_image(tmp_path / "sleep.img")["refusals"] == []
+    arm = machinen.check_process_image(tmp_path / "sleep.img", target_arch="arm64")
+    assert arm["refusals"][0]["code"] == "architecture-pair-unsupported"
+    with pytest.raises(machinen.MachinenError) as e:
+        machinen.check_process_image(tmp_path)
+    assert e.value.code == machinen.ErrorCode.PORTABLE_IMAGE_INVALID
+    with pytest.raises(machinen.MachinenError) as e:
+        vm.capture_process(1, tmp_path / "agent.img")
+    assert e.value.code == machinen.ErrorCode.SNAPSHOT_PORTABLE_UNSUPPORTED
+    assert vm.capture_process(pid, tmp_path / "killed.img", kill=True)["killed"] is True
+
+
 def test_mounts_copy_a_host_directory_in(tmp_path: Path) -> None:
     (tmp_path / "hello.txt").write_text("from the host\n")
     with machinen.boot(name="py-mounts", memory_mib=256, mounts=[f"{tmp_path}:/work"]) as v:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, AsyncIterator, Callable, Dict, Optional, TypeVar
+import os
+from typing import Any, AsyncIterator, Callable, Dict, Optional, TypeVar, Union
 
 from . import _vm
 from ._vm import Command, ExecResult, OutputChunk, Vm
@@ -152,6 +153,11 @@ class AsyncVm:
     async def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """See :meth:`Vm.wait`."""
         return await _thread(self.sync.wait, timeout)
+
+    async def capture_process(self, pid: int, out: Union[str, "os.PathLike[str]"], *,
+                              kill: bool = False, max_bytes: Optional[int] = None) -> Dict[str, Any]:
+        """See :meth:`Vm.capture_process`."""
+        return await _thread(self.sync.capture_process, pid, out, kill=kill, max_bytes=max_bytes)
 
     async def memory_stats(self) -> Dict[str, Any]:
         """See :meth:`Vm.memory_stats`."""

@@ -391,6 +391,16 @@ class Vm:
         return dict(json.loads(self._n.wait(timeout)))
 
     @_native_call
+    def capture_process(self, pid: int, out: Union[str, "os.PathLike[str]"], *,
+                        kill: bool = False, max_bytes: Optional[int] = None) -> Dict[str, Any]:
+        """Capture process ``pid`` of the guest as a native process image in
+        the new directory ``out`` (``machinen capture``): ``dir``, ``pid``,
+        ``threads``, ``mappings``, ``memory_bytes``, ``killed`` and ``plan``
+        (how this host would restore it: ``steps``, or ``refusals`` with the
+        image vocabulary's codes). The process goes on unless ``kill``."""
+        return dict(json.loads(self._n.capture_process(pid, os.fspath(out), kill, max_bytes)))
+
+    @_native_call
     def memory_stats(self) -> Dict[str, Any]:
         """Its memory: ceiling, the guest's view, the host's cost, traffic."""
         return dict(json.loads(self._n.memory_stats()))
@@ -567,6 +577,17 @@ def build(
         no_cache=no_cache, memory_mib=memory_mib, network=network,
     ))
     return dict(json.loads(_native.build(opts)))
+
+
+@_native_call
+def check_process_image(dir: Union[str, "os.PathLike[str]"], *,
+                        target_arch: Optional[str] = None) -> Dict[str, Any]:
+    """How this host (or ``target_arch``: ``"arm64"``, ``"amd64"``) would
+    restore the native process image in ``dir``: ``steps``, or ``refusals``
+    (``machinen image check --json``). Raises ``MachinenError`` with
+    ``PORTABLE_IMAGE_INVALID`` for documents that are missing, malformed or
+    inconsistent."""
+    return dict(json.loads(_native.check_process_image(os.fspath(dir), target_arch)))
 
 
 @_native_call
