@@ -342,6 +342,43 @@ fn parse_maps(text: &str) -> Vec<MapLine> {
         .collect()
 }
 
+/// Files larger than this are not hashed (a restore then trusts the path).
+const MAX_HASHED_FILE: u64 = 256 << 20;
+
+/// The sha256 of a mapped file (once per path), so that a restore can tell
+/// the same file from another one at that path.
+pub(crate) fn file_sha256(
+    path: &str,
+    cache: &mut BTreeMap<String, Option<String>>,
+) -> Option<String> {
+    if let Some(h) = cache.get(path) {
+        return h.clone();
+    }
+    let h = sha256_of(Path::new(path));
+    cache.insert(path.to_string(), h.clone());
+    h
+}
+
+pub(crate) fn sha256_of(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let f = fs::File::open(path).ok()?;
+    if f.metadata().ok()?.len() > MAX_HASHED_FILE {
+        return None;
+    }
+    let mut h = sha2::Sha256::new();
+    let mut r = std::io::BufReader::new(f.take(MAX_HASHED_FILE));
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn refusal(code: img::RefusalCode, msg: impl Into<String>) -> img::Refusal {
     img::Refusal::new(code, msg)
 }
@@ -442,6 +479,7 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
     let mut written = 0u64;
     let mut mappings = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut hashes = BTreeMap::new();
     for (i, m) in maps.iter().enumerate() {
         let [r, w, x, s] = m.perms;
         let perms = img::Permissions {
@@ -544,7 +582,7 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
                 path: m.path.clone(),
                 offset: m.offset,
                 build_id: None,
-                sha256: None,
+                sha256: file_sha256(&m.path, &mut hashes),
             }),
             captured,
             target,

@@ -26,6 +26,8 @@ mod forward;
 mod growfs;
 mod init;
 mod log;
+#[cfg(target_arch = "x86_64")]
+mod materialize;
 mod mounts;
 mod net;
 mod port;
@@ -133,6 +135,16 @@ fn host_main() -> i32 {
         // A process of the guest captured as a native process image (run
         // by the host through an exec of /proc/1/exe).
         return capture::main(&argv[1..]);
+    }
+    if argv.first().map(String::as_str) == Some("--materialize") {
+        // A native process image brought back as a process of this guest.
+        #[cfg(target_arch = "x86_64")]
+        return materialize::main(&argv[1..]);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            eprintln!("materialize: built for amd64 guests only");
+            return 125;
+        }
     }
     install_panic_hook();
     let mut transport = Transport::FindPort;

@@ -118,6 +118,8 @@ pub enum Command {
     Image(ImageArgs),
     /// Capture a process of a VM from outside (ptrace, procfs) as a native process image: registers, mappings and their writable memory, threads, descriptors, signal state, the system call it is in; it goes on running unless --kill.
     Capture(CaptureArgs),
+    /// Bring a native process image back as a process of a VM (same instruction set; one thread, stdio, outside a system call or in a sleep or poll); its output streams here and its exit status is this command's.
+    Materialize(MaterializeArgs),
 }
 
 impl Command {
@@ -154,6 +156,7 @@ impl Command {
             Command::Bundle(a) => a.json,
             Command::Image(a) => a.json,
             Command::Capture(a) => a.json,
+            Command::Materialize(_) => false,
         }
     }
 }
@@ -711,6 +714,24 @@ pub struct CaptureArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen capture web 214 -o ./proc.img --kill     on one VM (or host)
+  machinen materialize other ./proc.img             the process goes on in another VM
+
+The image is checked first (`machinen image check`); a refused one is BOOT_PORTABLE_UNSUPPORTED
+and nothing is copied. The process gets the command's standard input, output and error; a thread
+that was in a sleep or poll waits again for the time it asked for (an upper bound of what was left).
+Not restored: rseq registration, signal handlers (an image with handlers is refused), credentials
+(the process runs as root), descriptors past 2.")]
+pub struct MaterializeArgs {
+    /// VM name, id or pid.
+    pub target: String,
+    /// The image directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

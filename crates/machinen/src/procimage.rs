@@ -174,3 +174,64 @@ pub async fn capture(
         plan,
     })
 }
+
+/// Bring the native process image in `dir` back as a process of the VM
+/// (same instruction set, the plan's subset): the image is checked here,
+/// copied into a scratch directory of the guest, where the agent's
+/// restorer rebuilds the process under ptrace (its memory, registers, a
+/// sleep or poll entered again for the time it asked for) and waits for
+/// it; its output streams to `stdout`/`stderr` and its exit status is
+/// returned, as for an exec. Refused with `BOOT_PORTABLE_UNSUPPORTED` (each
+/// refusal named) before anything is copied when the plan says no.
+pub async fn materialize<O, E>(
+    vm: &crate::vm::Vm,
+    dir: &Path,
+    stdout: &mut O,
+    stderr: &mut E,
+) -> crate::error::Result<machinen_proto::ExitStatus>
+where
+    O: tokio::io::AsyncWrite + Unpin,
+    E: tokio::io::AsyncWrite + Unpin,
+{
+    let d = dir.to_path_buf();
+    let plan = crate::vm::blocking(move || Ok(check(&d, CheckOptions::default())?)).await?;
+    if !plan.restorable() {
+        return Err(unsupported(dir, &plan).into());
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let scratch = format!("/var/tmp/.machinen-materialize-{nanos}");
+    let cleanup = || async {
+        let _ = vm
+            .exec(crate::vm::ExecOptions {
+                argv: vec!["rm".into(), "-rf".into(), scratch.clone()],
+                ..Default::default()
+            })
+            .await;
+    };
+    if let Err(e) = vm
+        .push_dir(dir, &scratch, crate::dirs::PushDirOptions::default())
+        .await
+    {
+        cleanup().await;
+        return Err(e);
+    }
+    let status = vm
+        .exec_stream(
+            crate::vm::ExecOptions {
+                argv: vec![
+                    "/proc/1/exe".into(),
+                    "--materialize".into(),
+                    scratch.clone(),
+                ],
+                ..Default::default()
+            },
+            tokio::io::empty(),
+            stdout,
+            stderr,
+        )
+        .await;
+    cleanup().await;
+    status
+}

@@ -187,3 +187,12 @@ pub async fn capture(a: crate::cli::CaptureArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `machinen materialize TARGET DIR`: exits with the process's status.
+pub async fn materialize(a: crate::cli::MaterializeArgs) -> Result<i32> {
+    let vm = machinen::vm::attach(&a.target).await?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let status = machinen::procimage::materialize(&vm, &a.dir, &mut stdout, &mut stderr).await?;
+    Ok(status.shell_code())
+}

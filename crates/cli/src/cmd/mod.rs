@@ -65,5 +65,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Bundle(a) => bundle::run(a).await,
         Command::Image(a) => image::run(a),
         Command::Capture(a) => image::capture(a).await,
+        Command::Materialize(a) => image::materialize(a).await,
     }
 }

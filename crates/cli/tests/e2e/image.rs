@@ -309,6 +309,77 @@ fn processes_are_captured_from_outside_checked_and_refused_with_the_seeds_codes(
         },
     );
 
+    // Capture, then materialize in another VM: a static C program that
+    // counts in memory, says it started, sleeps 6 s, prints the count and
+    // exits 5. Captured (and killed) in its sleep, brought back elsewhere,
+    // it sleeps again, prints the count it had and exits 5.
+    let src = tmp.path().join("counter.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <time.h>\nstatic volatile long counter;\n\
+         int main(void) { for (int i = 0; i < 3; i++) counter += 7; printf(\"started\\n\"); fflush(stdout);\n\
+         struct timespec ts = {6, 0}; nanosleep(&ts, NULL); printf(\"counter=%ld\\n\", counter); return 5; }\n",
+    )
+    .expect("source");
+    let bin = tmp.path().join("counter");
+    let cc = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("cc (gcc and the static C library, libc6-dev)");
+    assert!(cc.status.success(), "{cc:?}");
+    let b = bin.to_str().expect("utf-8");
+    env.run_ok(&["cp", b, "cap:/usr/local/bin/counter"]);
+    spawn_in_guest(&env, "cap", "exec /usr/local/bin/counter >/tmp/counter.out");
+    let cpid = guest_pid(&env, "cap", "/usr/local/bin/counter");
+    guest_ready(&env, "cap", "grep -q started /tmp/counter.out");
+    let co = tmp.path().join("counter.img");
+    let c = co.to_str().expect("utf-8");
+    let r = env.json(&["capture", "cap", &cpid, "-o", c, "--kill", "--json"]);
+    assert_eq!(r["plan"]["refusals"], serde_json::json!([]), "{r}");
+    env.run_ok(&["boot", "--name", "mat", "--detached"]);
+    // The process maps its code from its file: the other VM has it too.
+    env.run_ok(&["cp", b, "mat:/usr/local/bin/counter"]);
+    let t0 = std::time::Instant::now();
+    let m = env.run(&["materialize", "mat", c]);
+    let took = t0.elapsed();
+    assert_eq!(m.status.code(), Some(5), "{m:?}");
+    assert_eq!(String::from_utf8_lossy(&m.stdout), "counter=21\n", "{m:?}");
+    // It waited again for the time it asked for (6 s, an upper bound).
+    assert!(took >= std::time::Duration::from_secs(5), "{took:?}");
+    let left = env.run_ok(&["exec", "mat", "--", "ls", "-a", "/var/tmp"]);
+    assert!(!left.contains(".machinen-materialize"), "{left}");
+    // Another file at the process's path, or none: refused with the
+    // vocabulary's codes, nothing runs.
+    env.run_ok(&[
+        "exec",
+        "mat",
+        "--",
+        "sh",
+        "-c",
+        "echo >> /usr/local/bin/counter",
+    ]);
+    let other = env.run(&["materialize", "mat", c]);
+    assert_eq!(other.status.code(), Some(125), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("target-build-mismatch"),
+        "{other:?}"
+    );
+    env.run_ok(&["exec", "mat", "--", "rm", "/usr/local/bin/counter"]);
+    let gone = env.run(&["materialize", "mat", c]);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("target-module-file-missing"),
+        "{gone:?}"
+    );
+    // A refused image is not even copied.
+    let refused = env.run(&["materialize", "mat", to.to_str().expect("utf-8")]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("BOOT_PORTABLE_UNSUPPORTED"),
+        "{refused:?}"
+    );
+    env.run_ok(&["stop", "mat"]);
+
     // What cannot be captured: the agent, a process that is not there.
     for bad in ["1", "999999"] {
         let p = tmp.path().join(format!("bad-{bad}.img"));
