@@ -360,7 +360,7 @@ fn a_live_mount_keeps_an_open_file_across_snapshot_restore_and_fork_and_remaps()
     sh(
         &env,
         "src",
-        "nohup sh -c 'exec 3>>/work/held.log; i=0; while true; do echo $i >&3; i=$((i+1)); sleep 0.1; done' >/dev/null 2>&1 &",
+        "nohup sh -c 'exec 3>>/work/held.log; i=0; while true; do echo $i >&3; i=$((i+1)); sleep 0.1 3>&-; done' >/dev/null 2>&1 &",
     );
     wait_until("the writer", Duration::from_secs(20), || lines(&log) >= 3);
 
