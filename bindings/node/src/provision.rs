@@ -192,27 +192,8 @@ pub async fn check_process_image(
     dir: String,
     target_arch: Option<String>,
 ) -> Result<serde_json::Value> {
-    let target = match target_arch.as_deref() {
-        None => None,
-        Some(a) => Some(
-            a.parse::<machinen::procimage::format::Arch>()
-                .map_err(|e| {
-                    js_error(
-                        machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e)
-                            .hint("arm64 or amd64")
-                            .into(),
-                    )
-                })?,
-        ),
-    };
     let r = tokio::task::spawn_blocking(move || {
-        machinen::procimage::check(
-            std::path::Path::new(&dir),
-            machinen::procimage::format::CheckOptions {
-                target_arch: target,
-                ..Default::default()
-            },
-        )
+        machinen::procimage::check_named(std::path::Path::new(&dir), target_arch.as_deref())
     })
     .await
     .map_err(|e| napi::Error::from_reason(format!("the check task failed: {e}")))?

@@ -155,28 +155,9 @@ fn check_process_image(
     dir: String,
     target_arch: Option<String>,
 ) -> PyResult<String> {
-    let target = match target_arch.as_deref() {
-        None => None,
-        Some(a) => Some(
-            a.parse::<machinen::procimage::format::Arch>()
-                .map_err(|e| {
-                    err(
-                        machinen::error::fail(machinen::ErrorCode::BootArgsInvalid, e)
-                            .hint("arm64 or amd64")
-                            .into(),
-                    )
-                })?,
-        ),
-    };
     let r = py
         .allow_threads(|| {
-            machinen::procimage::check(
-                std::path::Path::new(&dir),
-                machinen::procimage::format::CheckOptions {
-                    target_arch: target,
-                    ..Default::default()
-                },
-            )
+            machinen::procimage::check_named(std::path::Path::new(&dir), target_arch.as_deref())
         })
         .map_err(|e| err(e.into()))?;
     json(&r)

@@ -229,8 +229,21 @@ fn interrupted_call(rax: u64) -> bool {
     (-516..=-512).contains(&(rax as i64))
 }
 
+/// What one read of a stopped thread's registers gives.
+struct Stopped {
+    regs: img::Registers,
+    rip: u64,
+    rsp: u64,
+    /// The thread pointer (`fs_base`).
+    tp: u64,
+    orig_rax: u64,
+    rax: u64,
+    /// The six system call argument registers, in the ABI's order.
+    args: [u64; 6],
+}
+
 #[cfg(target_arch = "x86_64")]
-fn registers(tid: i32) -> Result<(img::Registers, u64, u64), String> {
+fn registers(tid: i32) -> Result<Stopped, String> {
     let r = ptrace::getregs(Pid::from_raw(tid))
         .map_err(|e| format!("registers of thread {tid}: {e}"))?;
     let regs = img::Registers::Amd64(Box::new(img::Amd64Registers {
@@ -255,48 +268,41 @@ fn registers(tid: i32) -> Result<(img::Registers, u64, u64), String> {
         fs_base: hex(r.fs_base),
         gs_base: hex(r.gs_base),
     }));
-    Ok((regs, r.orig_rax, r.rax))
+    Ok(Stopped {
+        regs,
+        rip: r.rip,
+        rsp: r.rsp,
+        tp: r.fs_base,
+        orig_rax: r.orig_rax,
+        rax: r.rax,
+        args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9],
+    })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn registers(_tid: i32) -> Result<(img::Registers, u64, u64), String> {
+fn registers(_tid: i32) -> Result<Stopped, String> {
     Err("capturing on this instruction set is not built yet (amd64 only)".into())
 }
 
-fn syscall_args(tid: i32) -> Option<Vec<String>> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let r = ptrace::getregs(Pid::from_raw(tid)).ok()?;
-        Some(
-            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]
-                .into_iter()
-                .map(hex)
-                .collect(),
-        )
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = tid;
-        None
-    }
+/// A thread's rseq registration (`PTRACE_GET_RSEQ_CONFIGURATION`).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct RseqConfig {
+    pub pointer: u64,
+    pub size: u32,
+    pub signature: u32,
+    pub flags: u32,
+    pad: u32,
 }
 
-/// Whether the thread has a registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION).
-fn rseq(tid: i32) -> img::RseqState {
-    #[repr(C)]
-    #[derive(Default)]
-    struct RseqConfig {
-        pointer: u64,
-        size: u32,
-        signature: u32,
-        flags: u32,
-        pad: u32,
-    }
+/// The rseq registration of `tid` (a thread we trace and have stopped);
+/// `None` when the kernel cannot say.
+pub(crate) fn rseq_config(tid: i32) -> Option<RseqConfig> {
     const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
     let mut c = RseqConfig::default();
     // SAFETY: the request writes at most `size_of::<RseqConfig>()` bytes
     // (the size passed as `addr`) into `c`, which lives across the call;
-    // `tid` is a thread we have seized and stopped.
+    // `tid` is a thread the caller traces and has stopped.
     let n = unsafe {
         libc::ptrace(
             PTRACE_GET_RSEQ_CONFIGURATION,
@@ -305,10 +311,15 @@ fn rseq(tid: i32) -> img::RseqState {
             &mut c as *mut RseqConfig,
         )
     };
-    match (n, c.pointer) {
-        (n, _) if n < 0 => img::RseqState::Unsupported,
-        (_, 0) => img::RseqState::Absent,
-        _ => img::RseqState::Captured,
+    (n >= 0).then_some(c)
+}
+
+/// Whether the thread has a registered rseq area.
+fn rseq(tid: i32) -> img::RseqState {
+    match rseq_config(tid) {
+        None => img::RseqState::Unsupported,
+        Some(c) if c.pointer == 0 => img::RseqState::Absent,
+        Some(_) => img::RseqState::Captured,
     }
 }
 
@@ -602,13 +613,16 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
     let mut code_locations = Vec::new();
     let mut translations = Vec::new();
     for (i, &tid) in seized.tids.iter().enumerate() {
-        let (regs, orig_rax, rax) = registers(tid)?;
-        let (rip, rsp, tp) = match &regs {
-            img::Registers::Amd64(a) => (a.rip.clone(), a.rsp.clone(), a.fs_base.clone()),
-            img::Registers::Arm64(a) => (a.pc.clone(), a.sp.clone(), "0x0".into()),
-        };
-        let rip_v = u64::from_str_radix(rip.trim_start_matches("0x"), 16).unwrap_or(0);
-        let rsp_v = u64::from_str_radix(rsp.trim_start_matches("0x"), 16).unwrap_or(0);
+        let Stopped {
+            regs,
+            rip: rip_v,
+            rsp: rsp_v,
+            tp,
+            orig_rax,
+            rax,
+            args,
+        } = registers(tid)?;
+        let (rip, rsp) = (hex(rip_v), hex(rsp_v));
         let in_call = (orig_rax as i64) >= 0 && interrupted_call(rax);
         let syscall = if orig_rax == 219 {
             img::SyscallState {
@@ -624,7 +638,7 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
                 state: img::SyscallPosition::InsideSyscall,
                 number: Some(orig_rax),
                 name: syscall_name(orig_rax).map(String::from),
-                arguments: syscall_args(tid),
+                arguments: Some(args.into_iter().map(hex).collect()),
                 stack_pointer: Some(rsp.clone()),
                 instruction_pointer: Some(rip.clone()),
             }
@@ -699,7 +713,7 @@ fn capture(pid: i32, dir: &Path, kill: bool, max_bytes: u64) -> Result<String, S
                 },
             },
             tls: img::Tls {
-                thread_pointer: tp,
+                thread_pointer: hex(tp),
                 rseq: img::Rseq {
                     state: rseq(tid),
                     refusal: None,

@@ -44,9 +44,7 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 fn hexv(s: &str) -> Result<u64, String> {
-    s.strip_prefix("0x")
-        .and_then(|d| u64::from_str_radix(d, 16).ok())
-        .ok_or_else(|| format!("{s:?} is not a hex value"))
+    img::parse_hex(s).ok_or_else(|| format!("{s:?} is not a hex value"))
 }
 
 fn prot(perms: &str) -> i32 {
@@ -290,27 +288,7 @@ fn rebuild(
 
     // The child's rseq area would otherwise be written by the kernel into
     // whatever the image maps there.
-    #[repr(C)]
-    #[derive(Default)]
-    struct RseqConfig {
-        pointer: u64,
-        size: u32,
-        signature: u32,
-        flags: u32,
-        pad: u32,
-    }
-    let mut rc = RseqConfig::default();
-    // SAFETY: the request writes at most size_of::<RseqConfig>() bytes into
-    // `rc`, which outlives the call; `pid` is our stopped tracee.
-    let n = unsafe {
-        libc::ptrace(
-            0x420f,
-            pid.as_raw(),
-            std::mem::size_of::<RseqConfig>(),
-            &mut rc as *mut RseqConfig,
-        )
-    };
-    if n >= 0 && rc.pointer != 0 {
+    if let Some(rc) = crate::capture::rseq_config(pid.as_raw()).filter(|c| c.pointer != 0) {
         c.call_ok(
             "unregistering the child's rseq",
             libc::SYS_rseq,

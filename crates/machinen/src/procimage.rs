@@ -36,6 +36,26 @@ pub fn check(dir: &Path, opts: CheckOptions) -> Result<Plan, Failure> {
     Ok(machinen_procimage::check(&image, opts))
 }
 
+/// [`check`] for `target_arch` given by name (`arm64`, `amd64`; `None`:
+/// this host's), the default wait policies: what the bindings offer. An
+/// unknown name is `BOOT_ARGS_INVALID`.
+pub fn check_named(dir: &Path, target_arch: Option<&str>) -> Result<Plan, Failure> {
+    let target_arch = match target_arch {
+        None => None,
+        Some(a) => Some(
+            a.parse::<format::Arch>()
+                .map_err(|e| fail(ErrorCode::BootArgsInvalid, e).hint("arm64 or amd64"))?,
+        ),
+    };
+    check(
+        dir,
+        CheckOptions {
+            target_arch,
+            ..Default::default()
+        },
+    )
+}
+
 /// The error for a plan with refusals: `BOOT_PORTABLE_UNSUPPORTED`, its
 /// codes in the message, each refusal in the hint.
 pub fn unsupported(dir: &Path, plan: &Plan) -> Failure {
@@ -57,6 +77,26 @@ pub fn unsupported(dir: &Path, plan: &Plan) -> Failure {
             .collect::<Vec<_>>()
             .join("\n"),
     )
+}
+
+/// A fresh scratch path in the guest for `what` (`/var/tmp/.machinen-…`):
+/// the image is there only while the agent writes or reads it.
+fn guest_scratch(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("/var/tmp/.machinen-{what}-{nanos}")
+}
+
+/// Remove a scratch path in the guest (best effort: the guest's `/var/tmp`
+/// is its own).
+async fn remove_in_guest(vm: &crate::vm::Vm, path: &str) {
+    let _ = vm
+        .exec(crate::vm::ExecOptions {
+            argv: vec!["rm".into(), "-rf".into(), path.to_string()],
+            ..Default::default()
+        })
+        .await;
 }
 
 /// Options of [`capture`].
@@ -108,10 +148,7 @@ pub async fn capture(
         .hint("remove it first, or name a new destination")
         .into());
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let scratch = format!("/var/tmp/.machinen-capture-{pid}-{nanos}");
+    let scratch = guest_scratch(&format!("capture-{pid}"));
     let mut argv = vec![
         "/proc/1/exe".to_string(),
         "--capture".into(),
@@ -124,14 +161,7 @@ pub async fn capture(
     if let Some(m) = opts.max_bytes {
         argv.extend(["--max-bytes".into(), m.to_string()]);
     }
-    let cleanup = || async {
-        let _ = vm
-            .exec(crate::vm::ExecOptions {
-                argv: vec!["rm".into(), "-rf".into(), scratch.clone()],
-                ..Default::default()
-            })
-            .await;
-    };
+    let cleanup = || remove_in_guest(vm, &scratch);
     let done = vm
         .exec(crate::vm::ExecOptions {
             argv,
@@ -198,18 +228,8 @@ where
     if !plan.restorable() {
         return Err(unsupported(dir, &plan).into());
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let scratch = format!("/var/tmp/.machinen-materialize-{nanos}");
-    let cleanup = || async {
-        let _ = vm
-            .exec(crate::vm::ExecOptions {
-                argv: vec!["rm".into(), "-rf".into(), scratch.clone()],
-                ..Default::default()
-            })
-            .await;
-    };
+    let scratch = guest_scratch("materialize");
+    let cleanup = || remove_in_guest(vm, &scratch);
     if let Err(e) = vm
         .push_dir(dir, &scratch, crate::dirs::PushDirOptions::default())
         .await

@@ -41,7 +41,7 @@ mod validate;
 pub use docs::*;
 pub use plan::{check, CheckOptions, Plan, PlanStep, SyscallClass, SyscallPolicy};
 pub use refusal::{RefusalCode, REFUSAL_CODES, VOCABULARY_VERSION};
-pub use validate::{read_dir, validate, Image, Invalid, MAX_DOCUMENT_BYTES};
+pub use validate::{parse_hex, read_dir, validate, Image, Invalid, MAX_DOCUMENT_BYTES};
 
 /// `formatVersion` of every document.
 pub const FORMAT_VERSION: u32 = 1;

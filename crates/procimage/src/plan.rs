@@ -18,7 +18,7 @@ use crate::docs::{
     SyscallPosition, Thread,
 };
 use crate::refusal::RefusalCode;
-use crate::validate::{hex, Image};
+use crate::validate::{parse_hex, Image};
 
 /// What to do with a thread blocked in a timed wait.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -373,7 +373,7 @@ pub fn check(image: &Image, opts: CheckOptions) -> Plan {
                 "its rseq registration was not captured",
             ));
         }
-        if hex(&t.tls.thread_pointer) == Some(0) && source == Arch::Amd64 {
+        if parse_hex(&t.tls.thread_pointer) == Some(0) && source == Arch::Amd64 {
             refusals.push(refuse(
                 RefusalCode::TlsStateUnsupported,
                 &at,

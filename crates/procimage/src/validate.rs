@@ -150,7 +150,7 @@ pub fn read_dir(dir: &Path) -> Result<Image, Invalid> {
 
 /// A 64-bit address or register value as the documents write them:
 /// `0x` and 1 to 16 hex digits.
-pub(crate) fn hex(s: &str) -> Option<u64> {
+pub fn parse_hex(s: &str) -> Option<u64> {
     let digits = s.strip_prefix("0x")?;
     if digits.is_empty() || digits.len() > 16 {
         return None;
@@ -195,7 +195,7 @@ fn registers_ok(r: &Registers, at: &str, errors: &mut Vec<String>) {
         ],
     };
     for (name, v) in values {
-        if hex(v).is_none() {
+        if parse_hex(v).is_none() {
             errors.push(format!(
                 "{at}: register {name} {v:?} is not a 0x-prefixed 64-bit hex value"
             ));
@@ -247,7 +247,8 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
         } else if by_id.insert(&mp.id, mp).is_some() {
             errors.push(format!("{at}: duplicate id"));
         }
-        let (Some(start), Some(end)) = (hex(&mp.source_start), hex(&mp.source_end)) else {
+        let (Some(start), Some(end)) = (parse_hex(&mp.source_start), parse_hex(&mp.source_end))
+        else {
             errors.push(format!(
                 "{at}: sourceStart/sourceEnd are not 0x-prefixed 64-bit hex values"
             ));
@@ -286,7 +287,7 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
             }
         }
         if let Some(t) = &mp.target.target_start {
-            if hex(t).is_none() {
+            if parse_hex(t).is_none() {
                 errors.push(format!(
                     "{at}: target.targetStart {t:?} is not a hex address"
                 ));
@@ -319,7 +320,7 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
         }
         registers_ok(&t.source_registers, &at, &mut errors);
         if let Some(args) = &t.syscall.arguments {
-            if args.len() > 6 || args.iter().any(|a| hex(a).is_none()) {
+            if args.len() > 6 || args.iter().any(|a| parse_hex(a).is_none()) {
                 errors.push(format!(
                     "{at}: syscall.arguments must be at most 6 hex values"
                 ));
@@ -329,11 +330,11 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
             ("stackPointer", &t.syscall.stack_pointer),
             ("instructionPointer", &t.syscall.instruction_pointer),
         ] {
-            if v.as_deref().is_some_and(|v| hex(v).is_none()) {
+            if v.as_deref().is_some_and(|v| parse_hex(v).is_none()) {
                 errors.push(format!("{at}: syscall.{name} is not a hex value"));
             }
         }
-        if hex(&t.tls.thread_pointer).is_none() {
+        if parse_hex(&t.tls.thread_pointer).is_none() {
             errors.push(format!("{at}: tls.threadPointer is not a hex value"));
         }
     }
@@ -354,15 +355,18 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
 
     for (i, c) in tr.code_locations.iter().enumerate() {
         let at = format!("native-translation.json: code location {i} ({:?})", c.id);
-        match (by_id.get(c.source_mapping.as_str()), hex(&c.source_address)) {
+        match (
+            by_id.get(c.source_mapping.as_str()),
+            parse_hex(&c.source_address),
+        ) {
             (None, _) => errors.push(format!(
                 "{at}: sourceMapping {:?} names no mapping",
                 c.source_mapping
             )),
             (_, None) => errors.push(format!("{at}: sourceAddress is not a hex value")),
             (Some(mp), Some(a)) => {
-                let inside = hex(&mp.source_start)
-                    .zip(hex(&mp.source_end))
+                let inside = parse_hex(&mp.source_start)
+                    .zip(parse_hex(&mp.source_end))
                     .is_some_and(|(s, e)| (s..e).contains(&a));
                 if !inside {
                     errors.push(format!(
@@ -405,8 +409,10 @@ pub fn validate(docs: &Documents, memory_bytes: u64) -> Vec<String> {
                 }
             }
         }
-        if hex(&r.source_value).is_none()
-            || r.target_value.as_deref().is_some_and(|v| hex(v).is_none())
+        if parse_hex(&r.source_value).is_none()
+            || r.target_value
+                .as_deref()
+                .is_some_and(|v| parse_hex(v).is_none())
         {
             errors.push(format!("{at}: values must be hex"));
         }
