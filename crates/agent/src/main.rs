@@ -16,6 +16,7 @@
 
 mod capture;
 mod cmdline;
+mod criu;
 mod dirs;
 mod egress;
 mod exec;
@@ -135,6 +136,10 @@ fn host_main() -> i32 {
         // A process of the guest captured as a native process image (run
         // by the host through an exec of /proc/1/exe).
         return capture::main(&argv[1..]);
+    }
+    if argv.first().map(String::as_str) == Some("--criu") {
+        // CRIU run from the tree the host staged (`machinen criu`).
+        return criu::main(&argv[1..]);
     }
     if argv.first().map(String::as_str) == Some("--materialize") {
         // A native process image brought back as a process of this guest.

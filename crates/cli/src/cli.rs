@@ -120,6 +120,8 @@ pub enum Command {
     Capture(CaptureArgs),
     /// Bring a native process image back as a process of a VM (same instruction set; one thread, stdio, outside a system call or in a sleep or poll); its output streams here and its exit status is this command's.
     Materialize(MaterializeArgs),
+    /// Run CRIU in a VM (checkpoint/restore of process trees): `machinen criu TARGET -- dump -t PID -D DIR`; needs `install --criu`.
+    Criu(CriuArgs),
 }
 
 impl Command {
@@ -157,6 +159,7 @@ impl Command {
             Command::Image(a) => a.json,
             Command::Capture(a) => a.json,
             Command::Materialize(_) => false,
+            Command::Criu(_) => false,
         }
     }
 }
@@ -734,6 +737,27 @@ pub struct MaterializeArgs {
     pub dir: PathBuf,
 }
 
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  machinen install --criu                                  once: CRIU and the modules it needs
+  machinen criu web -- check                               can CRIU work in this guest?
+  machinen criu web -- dump -t 214 -D /var/tmp/ck --shell-job
+  machinen cp -r web:/var/tmp/ck ./ck                      move the images
+  machinen cp -r ./ck other:/var/tmp/ck
+  machinen criu other -- restore -D /var/tmp/ck -d --shell-job
+
+CRIU runs as the guest's root with Debian's criu package, staged once per VM in /run/machinen-criu
+(tmpfs); the modules it probes for (nf_tables, socket diagnostics) are loaded first. A tree dumped in
+one VM restores in another VM booted from the same image, whatever its CPU count, memory size or
+accelerator; files it has open must be there too. CRIU's exit status is passed through.")]
+pub struct CriuArgs {
+    /// VM name, id or pid.
+    pub target: String,
+    /// CRIU's arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CRIU ARGS")]
+    pub args: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ImageAction {
     /// Read and validate an image, then print how this host would restore it, or the refusals that stop it.
@@ -903,6 +927,9 @@ pub struct InstallArgs {
     /// Fetch and rebuild even when already installed.
     #[arg(long)]
     pub force: bool,
+    /// Also fetch CRIU for the guest (Debian's criu package and its libraries, through apt) and the kernel modules it needs, for `machinen criu`.
+    #[arg(long)]
+    pub criu: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,

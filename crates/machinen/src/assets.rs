@@ -15,6 +15,7 @@
 //! the host's own sources. machinen names no archive host itself.
 
 pub(crate) mod apt;
+pub mod criu;
 pub(crate) mod fsutil;
 mod kernel;
 mod rootfs;

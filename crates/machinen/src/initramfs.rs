@@ -19,7 +19,7 @@
 //! emulated, which costs more than QEMU reading a few more MiB from the host.
 
 mod cpio;
-mod modules;
+pub(crate) mod modules;
 
 pub(crate) use modules::generate_modules_dep;
 

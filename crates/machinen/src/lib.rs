@@ -12,6 +12,7 @@ pub mod binaries;
 pub mod build;
 pub mod bundle;
 pub mod chain;
+pub mod criu;
 pub mod dirs;
 pub mod error;
 pub mod exec_events;

@@ -168,6 +168,9 @@ error_codes! {
     // a process could not be captured (gone, a kernel thread, the agent,
     // not traceable, its memory unreadable)
     SnapshotPortableUnsupported = "SNAPSHOT_PORTABLE_UNSUPPORTED",
+    // CRIU (the process-level engine) is not installed for this kernel, or
+    // could not be staged in the guest
+    SnapshotCriuUnavailable = "SNAPSHOT_CRIU_UNAVAILABLE",
 }
 
 impl ErrorCode {

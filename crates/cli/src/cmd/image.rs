@@ -196,3 +196,13 @@ pub async fn materialize(a: crate::cli::MaterializeArgs) -> Result<i32> {
     let status = machinen::procimage::materialize(&vm, &a.dir, &mut stdout, &mut stderr).await?;
     Ok(status.shell_code())
 }
+
+/// `machinen criu TARGET -- ARGS…`: exits with CRIU's status.
+pub async fn criu(a: crate::cli::CriuArgs) -> Result<i32> {
+    let paths = machinen::Paths::from_env()?;
+    let vm = machinen::vm::attach(&a.target).await?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let status = machinen::criu::run(&vm, &paths, &a.args, &mut stdout, &mut stderr).await?;
+    Ok(status.shell_code())
+}

@@ -18,11 +18,33 @@ pub async fn run(a: InstallArgs) -> Result<i32> {
             ProgressMode::Auto
         },
     };
-    let report = tokio::task::spawn_blocking(move || assets::install(&paths, &opts))
-        .await
-        .map_err(|e| fail(ErrorCode::Io, "the install task failed").source(e))??;
+    let criu = a.criu;
+    let (report, criu) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let report = assets::install(&paths, &opts)?;
+        let criu = if !criu {
+            None
+        } else if let (false, Some(c)) = (
+            opts.force,
+            assets::criu::installed(&paths.assets, &report.assets),
+        ) {
+            Some(c)
+        } else {
+            Some(assets::criu::install(
+                &paths.assets,
+                &report.assets,
+                opts.progress,
+            )?)
+        };
+        Ok((report, criu))
+    })
+    .await
+    .map_err(|e| fail(ErrorCode::Io, "the install task failed").source(e))??;
     if a.json {
-        print_json(&report);
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(c) = &criu {
+            v["criu"] = serde_json::to_value(c).unwrap_or_default();
+        }
+        print_json(&v);
     } else if report.already_installed {
         crate::outln!(
             "already installed: kernel {} and base rootfs in {}",
@@ -40,6 +62,14 @@ pub async fn run(a: InstallArgs) -> Result<i32> {
             report.assets.kernel_version,
             report.assets.rootfs.display(),
             report.elapsed_ms as f64 / 1000.0
+        );
+    }
+    if let (Some(c), false) = (&criu, a.json) {
+        crate::outln!(
+            "CRIU {} for the guest in {} (modules: {})",
+            c.version,
+            c.dir.display(),
+            c.modules.join(", ")
         );
     }
     Ok(0)

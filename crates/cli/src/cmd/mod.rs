@@ -66,5 +66,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         Command::Image(a) => image::run(a),
         Command::Capture(a) => image::capture(a).await,
         Command::Materialize(a) => image::materialize(a).await,
+        Command::Criu(a) => image::criu(a).await,
     }
 }

@@ -1,0 +1,105 @@
+//! CRIU inside a VM (`machinen criu TARGET -- ARGS…`): the tree `machinen
+//! install --criu` fetched ([`crate::assets::criu`]) is staged once per VM
+//! in `/run/machinen-criu` (the guest's tmpfs: nothing lands on its disk),
+//! and the agent's CRIU mode (`/proc/1/exe --criu`) loads the kernel
+//! modules CRIU probes for and runs it. This is the process-level engine's
+//! foundation: a process tree dumped in one VM can be restored in another
+//! VM of the same image, whatever its CPU count, memory or accelerator.
+
+use std::path::Path;
+
+use crate::error::{fail, ErrorCode, Result};
+
+/// Where the tree is staged in the guest.
+pub const GUEST_DIR: &str = "/run/machinen-criu";
+const GUEST_MARKER: &str = "/run/machinen-criu/criu.json";
+
+/// The installed CRIU for this host's assets, or `SNAPSHOT_CRIU_UNAVAILABLE`.
+pub fn installed(paths: &crate::Paths) -> Result<crate::assets::criu::CriuInstall> {
+    let assets = crate::assets::resolve(paths)?;
+    crate::assets::criu::installed(&paths.assets, &assets).ok_or_else(|| {
+        fail(
+            ErrorCode::SnapshotCriuUnavailable,
+            format!(
+                "CRIU is not installed for kernel {} in {}",
+                assets.kernel_version,
+                paths.assets.display()
+            ),
+        )
+        .hint("run `machinen install --criu` (fetches Debian's criu package through apt)")
+        .into()
+    })
+}
+
+async fn guest_marker(vm: &crate::vm::Vm) -> Option<Vec<u8>> {
+    let out = vm
+        .exec(crate::vm::ExecOptions {
+            argv: vec!["cat".into(), GUEST_MARKER.into()],
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    (out.status.code == Some(0)).then_some(out.stdout)
+}
+
+/// Stage the CRIU tree in the VM unless the same one is there.
+pub async fn stage(vm: &crate::vm::Vm, dir: &Path) -> Result<()> {
+    let marker = dir.join("criu.json");
+    let want = tokio::fs::read(&marker)
+        .await
+        .map_err(|e| fail(ErrorCode::Io, format!("cannot read {}", marker.display())).source(e))?;
+    if guest_marker(vm).await.as_deref() == Some(want.as_slice()) {
+        return Ok(());
+    }
+    let tmp = format!("{GUEST_DIR}.new");
+    let sh = |script: String| crate::vm::ExecOptions {
+        argv: vec!["sh".into(), "-c".into(), script],
+        ..Default::default()
+    };
+    vm.exec(sh(format!("rm -rf {tmp}"))).await?;
+    vm.push_dir(dir, &tmp, crate::dirs::PushDirOptions::default())
+        .await?;
+    let done = vm
+        .exec(sh(format!("rm -rf {GUEST_DIR} && mv {tmp} {GUEST_DIR}")))
+        .await?;
+    if done.status.code != Some(0) {
+        return Err(fail(
+            ErrorCode::SnapshotCriuUnavailable,
+            format!(
+                "could not stage CRIU in the guest: {}",
+                String::from_utf8_lossy(&done.stderr).trim()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Run `criu ARGS…` in the VM (staging it first); its output streams to
+/// `stdout`/`stderr` and its exit status is returned, as for an exec.
+pub async fn run<O, E>(
+    vm: &crate::vm::Vm,
+    paths: &crate::Paths,
+    args: &[String],
+    stdout: &mut O,
+    stderr: &mut E,
+) -> Result<machinen_proto::ExitStatus>
+where
+    O: tokio::io::AsyncWrite + Unpin,
+    E: tokio::io::AsyncWrite + Unpin,
+{
+    let criu = installed(paths)?;
+    stage(vm, &criu.dir).await?;
+    let mut argv = vec!["/proc/1/exe".to_string(), "--criu".into(), GUEST_DIR.into()];
+    argv.extend(args.iter().cloned());
+    vm.exec_stream(
+        crate::vm::ExecOptions {
+            argv,
+            ..Default::default()
+        },
+        tokio::io::empty(),
+        stdout,
+        stderr,
+    )
+    .await
+}
