@@ -392,3 +392,144 @@ fn processes_are_captured_from_outside_checked_and_refused_with_the_seeds_codes(
     }
     env.run_ok(&["stop", "cap"]);
 }
+
+/// The counter a test reads in `vm` (0 when not written yet).
+fn count_in(env: &super::Env, vm: &str) -> u64 {
+    let o = env.run(&[
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/count 2>/dev/null || echo 0",
+    ]);
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn criu_moves_a_process_tree_to_a_vm_of_another_size_and_it_goes_on_counting() {
+    let env = super::Env::new();
+    // Idempotent: fetches CRIU through apt once, then only checks.
+    let inst = env.json(&["install", "--criu", "--json"]);
+    assert!(
+        inst["criu"]["modules"]
+            .as_array()
+            .expect("modules")
+            .iter()
+            .any(|m| m == "nf_tables"),
+        "{inst}"
+    );
+    env.run_ok(&["boot", "--name", "src", "--detached"]);
+    env.run_ok(&[
+        "boot",
+        "--name",
+        "dst",
+        "--cpus",
+        "2",
+        "--memory",
+        "1024",
+        "--detached",
+    ]);
+    // CRIU's own probe of the guest kernel passes (modules loaded first).
+    let check = env.run(&["criu", "src", "--", "check"]);
+    assert!(
+        check.status.success() && String::from_utf8_lossy(&check.stdout).contains("Looks good"),
+        "{check:?}"
+    );
+    // A shell counting in its own memory, writing the count out.
+    let pid = spawn_in_guest(
+        &env,
+        "src",
+        r#"i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"#,
+    );
+    super::wait_until(
+        "the count to reach 30",
+        std::time::Duration::from_secs(60),
+        || count_in(&env, "src") >= 30,
+    );
+    env.run_ok(&["exec", "src", "--", "mkdir", "-p", "/var/tmp/ck"]);
+    let dump = env.run(&[
+        "criu",
+        "src",
+        "--",
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        "/var/tmp/ck",
+        "-o",
+        "dump.log",
+    ]);
+    assert!(dump.status.success(), "{dump:?}");
+    // Dumped and ended: the count stands still in the source.
+    let at_dump = count_in(&env, "src");
+    assert!(at_dump >= 30, "{at_dump}");
+    let alive = |vm: &str| {
+        env.run(&["exec", vm, "--", "sh", "-c", &format!("kill -0 {pid}")])
+            .status
+            .code()
+    };
+    assert_eq!(alive("src"), Some(1), "the dumped process still runs");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(count_in(&env, "src"), at_dump);
+
+    // The images move through the host into a VM with twice the CPUs and
+    // memory; the count file there starts at 0.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let host = tmp.path().join("ck");
+    let h = host.to_str().expect("utf-8");
+    env.run_ok(&["cp", "-r", "src:/var/tmp/ck", h]);
+    assert!(host.join("dump.log").is_file());
+    env.run_ok(&["cp", "-r", h, "dst:/var/tmp/ck"]);
+    env.run_ok(&["exec", "dst", "--", "sh", "-c", "echo 0 > /tmp/count"]);
+    let restore = env.run(&[
+        "criu",
+        "dst",
+        "--",
+        "restore",
+        "-D",
+        "/var/tmp/ck",
+        "-d",
+        "-o",
+        "restore.log",
+    ]);
+    assert!(restore.status.success(), "{restore:?}");
+    // Same pid, and the count goes on from where it stood (a counter
+    // started afresh would write 1, 2, …).
+    assert_eq!(alive("dst"), Some(0), "no process {pid} after the restore");
+    let mut first = 0;
+    super::wait_until(
+        "the restored counter to write",
+        std::time::Duration::from_secs(30),
+        || {
+            first = count_in(&env, "dst");
+            first != 0
+        },
+    );
+    assert!(
+        first > at_dump,
+        "restored count {first}, dumped at {at_dump}"
+    );
+    super::wait_until(
+        "the restored counter to go on",
+        std::time::Duration::from_secs(30),
+        || count_in(&env, "dst") > first + 3,
+    );
+    // CRIU's failures come back as its exit status, its messages on stderr.
+    let bad = env.run(&[
+        "criu",
+        "dst",
+        "--",
+        "dump",
+        "-t",
+        "999999",
+        "-D",
+        "/var/tmp/ck",
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    env.run_ok(&["stop", "src"]);
+    env.run_ok(&["stop", "dst"]);
+}
