@@ -506,6 +506,12 @@ export declare class VmHandle {
   memoryStats(): Promise<MemoryStats>;
   /** Capture process `pid` of the guest as a native process image in `out` (a new directory). */
   captureProcess(pid: number, out: string, opts?: { kill?: boolean; maxBytes?: number }): Promise<ProcessCapture>;
+  /**
+   * Run CRIU in the guest (`machinen criu`; needs `machinen install --criu`):
+   * e.g. `["dump", "-t", "214", "-D", "/var/tmp/ck"]`. CRIU's failures are its
+   * exit code and stderr; `SNAPSHOT_CRIU_UNAVAILABLE` when CRIU is not installed.
+   */
+  criu(args: string[]): Promise<ExecResult>;
   /** Throws `BALLOON_UNAVAILABLE` for a restore mapping its bundle's RAM privately. */
   balloon(): Promise<BalloonReport>;
   /** `bytes` between 128 MiB and the ceiling (`BALLOON_TARGET_INVALID`), or `'max'`. */

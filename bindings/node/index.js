@@ -241,6 +241,13 @@ class VmHandle {
   }
 
   /** Capture process `pid` of the guest as a native process image in the new directory `out` (`machinen capture`): `{ dir, pid, threads, mappings, memoryBytes, killed, plan }`, where `plan` is how this host would restore it (`steps`) or why not (`refusals`, each `{ code, message }` with the image vocabulary's codes). The process goes on unless `kill`; `maxBytes` bounds the captured memory (default 1 GiB). Throws `SNAPSHOT_PORTABLE_UNSUPPORTED` for the agent or a process that is gone, `FILES_EXISTS` when `out` exists. */
+  async criu(args) {
+    if (!Array.isArray(args) || args.length === 0 || !args.every((a) => typeof a === 'string')) {
+      throw invalid('criu needs CRIU\'s arguments as an array of strings', 'e.g. vm.criu(["dump", "-t", "214", "-D", "/var/tmp/ck"])');
+    }
+    return call(undefined, () => this._h.criu(args)).then(camel);
+  }
+
   async captureProcess(pid, out, opts = {}) {
     checkKeys(opts, ['kill', 'maxBytes'], 'captureProcess');
     if (!Number.isInteger(pid) || pid < 1) throw invalid('captureProcess needs a guest pid', 'e.g. vm.captureProcess(214, "./proc.img")');

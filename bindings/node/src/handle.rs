@@ -184,6 +184,16 @@ impl VmHandle {
         to_value(&r)
     }
 
+    /// Run CRIU in the guest (`machinen criu`): its exit status and output.
+    #[napi]
+    pub async fn criu(&self, args: Vec<String>) -> Result<serde_json::Value> {
+        let paths = machinen::Paths::from_env().map_err(|e| js_error(e.into()))?;
+        let r = machinen::criu::output(&self.vm, &paths, &args)
+            .await
+            .map_err(js_error)?;
+        to_value(&r)
+    }
+
     /// The VM's memory: ceiling, the guest's view, the host's cost.
     #[napi]
     pub async fn memory_stats(&self) -> Result<serde_json::Value> {

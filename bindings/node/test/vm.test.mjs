@@ -86,6 +86,26 @@ test('captureProcess and checkProcessImage: a sleeping process is restorable, th
   await until(async () => (await vm.exec(`test -e /proc/${pid}; echo $?`)).stdout.trim() === '1', 20000, 'the process to end');
 });
 
+test('criu: a process dumped in the guest comes back with its memory', async () => {
+  assert.match((await vm.criu(['check'])).stdout, /Looks good/);
+  const pid = Number((await vm.exec("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/node-count; sleep 0.2; done' </dev/null >/dev/null 2>&1 & echo $!")).stdout.trim());
+  const count = async () => Number((await vm.exec('cat /tmp/node-count 2>/dev/null || echo 0')).stdout.trim());
+  await until(async () => (await count()) >= 10, 30000, 'the count to reach 10');
+  await vm.exec('rm -rf /var/tmp/node-ck && mkdir -p /var/tmp/node-ck');
+  const dump = await vm.criu(['dump', '-t', String(pid), '-D', '/var/tmp/node-ck']);
+  assert.equal(dump.exitCode, 0, dump.stderr);
+  const at = await count();
+  await vm.exec('echo 0 > /tmp/node-count');
+  const restore = await vm.criu(['restore', '-D', '/var/tmp/node-ck', '-d']);
+  assert.equal(restore.exitCode, 0, restore.stderr);
+  await until(async () => (await count()) > at, 30000, 'the restored count to go on');
+  await vm.exec(`kill ${pid}; rm -rf /var/tmp/node-ck /tmp/node-count`);
+  const bad = await vm.criu(['dump', '-t', '999999', '-D', '/var/tmp']);
+  assert.equal(bad.exitCode, 1);
+  assert.match(bad.stderr, /999999|Error/);
+  await assert.rejects(() => vm.criu('check'), /array of strings/);
+});
+
 test('balloon: the guest keeps less of its ceiling, then all of it again', async () => {
   const mib = 1024 * 1024;
   const before = await vm.balloon();

@@ -487,6 +487,15 @@ impl NativeVm {
         })?)
     }
 
+    /// Run CRIU in the guest (`machinen criu`); exit code and output as JSON.
+    fn criu(&self, py: Python<'_>, args: Vec<String>) -> PyResult<String> {
+        let vm = self.vm.clone();
+        json(&run(py, async move {
+            let paths = machinen::Paths::from_env()?;
+            machinen::criu::output(&vm, &paths, &args).await
+        })?)
+    }
+
     fn memory_stats(&self, py: Python<'_>) -> PyResult<String> {
         let vm = self.vm.clone();
         json(&run(py, async move { vm.memory_stats().await })?)

@@ -110,6 +110,41 @@ def test_a_captured_process_is_checked_and_refusals_carry_the_image_codes(
     assert vm.capture_process(pid, tmp_path / "killed.img", kill=True)["killed"] is True
 
 
+def test_criu_dumps_and_restores_a_process_in_the_guest(vm: machinen.Vm) -> None:
+    assert "Looks good" in vm.criu(["check"])["stdout"]
+    pid = str(
+        int(
+            vm.exec(
+                "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/py-count; sleep 0.2; done'"
+                " </dev/null >/dev/null 2>&1 & echo $!"
+            ).stdout.strip()
+        )
+    )
+
+    def count() -> int:
+        return int(vm.exec("cat /tmp/py-count 2>/dev/null || echo 0").stdout.strip() or 0)
+
+    deadline = time.time() + 30
+    while count() < 10:
+        assert time.time() < deadline, "the count did not reach 10"
+        time.sleep(0.2)
+    vm.exec("rm -rf /var/tmp/py-ck && mkdir -p /var/tmp/py-ck", check=True)
+    dump = vm.criu(["dump", "-t", pid, "-D", "/var/tmp/py-ck"])
+    assert dump["exit_code"] == 0, dump["stderr"]
+    at = count()
+    vm.exec("echo 0 > /tmp/py-count", check=True)
+    restore = vm.criu(["restore", "-D", "/var/tmp/py-ck", "-d"])
+    assert restore["exit_code"] == 0, restore["stderr"]
+    deadline = time.time() + 30
+    while count() <= at:
+        assert time.time() < deadline, "the restored count did not go on"
+        time.sleep(0.2)
+    vm.exec(f"kill {pid}; rm -rf /var/tmp/py-ck /tmp/py-count")
+    assert vm.criu(["dump", "-t", "999999", "-D", "/var/tmp"])["exit_code"] == 1
+    with pytest.raises(TypeError):
+        vm.criu("check")
+
+
 def test_mounts_copy_a_host_directory_in(tmp_path: Path) -> None:
     (tmp_path / "hello.txt").write_text("from the host\n")
     with machinen.boot(name="py-mounts", memory_mib=256, mounts=[f"{tmp_path}:/work"]) as v:

@@ -51,7 +51,11 @@ pub async fn stage(vm: &crate::vm::Vm, dir: &Path) -> Result<()> {
     if guest_marker(vm).await.as_deref() == Some(want.as_slice()) {
         return Ok(());
     }
-    let tmp = format!("{GUEST_DIR}.new");
+    // A name of its own: two stagings at once do not share a scratch tree.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = format!("{GUEST_DIR}.new-{nanos}");
     let sh = |script: String| crate::vm::ExecOptions {
         argv: vec!["sh".into(), "-c".into(), script],
         ..Default::default()
@@ -102,4 +106,29 @@ where
         stderr,
     )
     .await
+}
+
+/// What [`output`] collected: CRIU's exit status (128 + N when killed by
+/// signal N) and its output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CriuOutput {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// [`run`], collecting the output (for the bindings).
+pub async fn output(
+    vm: &crate::vm::Vm,
+    paths: &crate::Paths,
+    args: &[String],
+) -> Result<CriuOutput> {
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let status = run(vm, paths, args, &mut stdout, &mut stderr).await?;
+    Ok(CriuOutput {
+        exit_code: status.shell_code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
 }

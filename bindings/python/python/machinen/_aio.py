@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from typing import Any, AsyncIterator, Callable, Dict, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, TypeVar, Union
 
 from . import _vm
 from ._vm import Command, ExecResult, OutputChunk, Vm
@@ -158,6 +158,10 @@ class AsyncVm:
                               kill: bool = False, max_bytes: Optional[int] = None) -> Dict[str, Any]:
         """See :meth:`Vm.capture_process`."""
         return await _thread(self.sync.capture_process, pid, out, kill=kill, max_bytes=max_bytes)
+
+    async def criu(self, args: List[str]) -> Dict[str, Any]:
+        """See :meth:`Vm.criu`."""
+        return await _thread(self.sync.criu, args)
 
     async def memory_stats(self) -> Dict[str, Any]:
         """See :meth:`Vm.memory_stats`."""

@@ -401,6 +401,16 @@ class Vm:
         return dict(json.loads(self._n.capture_process(pid, os.fspath(out), kill, max_bytes)))
 
     @_native_call
+    def criu(self, args: List[str]) -> Dict[str, Any]:
+        """Run CRIU in the guest (``machinen criu``; needs ``machinen install
+        --criu``), e.g. ``["dump", "-t", "214", "-D", "/var/tmp/ck"]``:
+        ``exit_code``, ``stdout``, ``stderr``. CRIU's failures are its exit
+        code; ``SNAPSHOT_CRIU_UNAVAILABLE`` when CRIU is not installed."""
+        if isinstance(args, str) or not all(isinstance(a, str) for a in args) or not args:
+            raise TypeError("criu needs CRIU's arguments as a list of strings")
+        return dict(json.loads(self._n.criu(list(args))))
+
+    @_native_call
     def memory_stats(self) -> Dict[str, Any]:
         """Its memory: ceiling, the guest's view, the host's cost, traffic."""
         return dict(json.loads(self._n.memory_stats()))

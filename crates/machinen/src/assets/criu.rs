@@ -143,20 +143,8 @@ pub fn install(
         .prefix(".criu-")
         .tempdir_in(assets_dir)
         .map_err(io_err("create a scratch directory in", assets_dir))?;
-    let apt_get = need(tool::APT_GET)?;
-    let mut cmd = tool::command(apt_get);
-    cmd.current_dir(work.path()).args(["-q", "download"]);
-    if tool::is_root() {
-        cmd.args(["-o", "APT::Sandbox::User=root"]);
-    }
-    cmd.args(&packages);
-    tool::run(&mut cmd).map_err(|source| InstallError::FetchFailed {
-        what: format!(
-            "download {}",
-            packages.iter().cloned().collect::<Vec<_>>().join(" ")
-        ),
-        source,
-    })?;
+    let names: Vec<&str> = packages.iter().map(String::as_str).collect();
+    super::kernel::download_all(&names, work.path())?;
     let dpkg_deb = need(tool::DPKG_DEB)?;
     let stage = work.path().join("criu");
     let root = stage.join("root");

@@ -192,6 +192,11 @@ fn apt_update(progress: ProgressMode) -> Result<(), InstallError> {
 }
 
 fn download(package: &str, into: &Path) -> Result<(), InstallError> {
+    download_all(&[package], into)
+}
+
+/// `apt-get download` the packages into `into` (no root needed).
+pub(super) fn download_all(packages: &[&str], into: &Path) -> Result<(), InstallError> {
     let apt_get = need(tool::APT_GET)?;
     let mut cmd = tool::command(apt_get);
     cmd.current_dir(into).args(["-q", "download"]);
@@ -201,9 +206,9 @@ fn download(package: &str, into: &Path) -> Result<(), InstallError> {
         // anyway, with a warning. Say so up front instead.
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
-    cmd.arg(package);
+    cmd.args(packages);
     tool::run(&mut cmd).map_err(|source| InstallError::FetchFailed {
-        what: format!("download {package}"),
+        what: format!("download {}", packages.join(" ")),
         source,
     })?;
     Ok(())
