@@ -24,6 +24,7 @@ const SECTIONS: &[&str] = &[
     "mounts",
     "reclaim",
     "containerd",
+    "criu",
 ];
 
 #[test]
