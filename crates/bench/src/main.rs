@@ -6,7 +6,6 @@
 mod boot;
 mod chain;
 mod containerd;
-mod criu;
 mod ctx;
 mod exec;
 mod fork;
@@ -84,10 +83,6 @@ const SECTIONS: &[(&str, &str)] = &[
     (
         "images",
         "a ~200 MiB registry image: first boot (pull + unpack + boot) next to skopeo copy + a base boot; cached boot next to a base boot",
-    ),
-    (
-        "criu",
-        "a process moved into another VM: CRIU (dump, images through the host, restore) next to a whole-VM snapshot and restore",
     ),
     (
         "reclaim",
@@ -359,7 +354,6 @@ async fn run_section(ctx: &Ctx, name: &str, sec: &mut Section) -> anyhow::Result
         "reclaim" => reclaim::run(ctx, sec).await,
         "containerd" => containerd::run_section(ctx, sec).await,
         "images" => images::run_section(ctx, sec).await,
-        "criu" => criu::run(ctx, sec).await,
         other => anyhow::bail!("unknown section {other}"),
     }
 }

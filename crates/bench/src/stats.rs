@@ -139,12 +139,6 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
     let median = |k: &str| rows.iter().find(|r| r.key == k).map(|r| r.summary.median);
     let defs: &[(&str, &str, &str, &str)] = &[
         (
-            "criu_move_over_vmstate_move",
-            "a process into another VM: CRIU move / whole-VM snapshot + restore",
-            "criu.move_criu_ms",
-            "criu.move_vmstate_ms",
-        ),
-        (
             "boot_base_over_plain",
             "cold boot (base) / plain QEMU boot to init",
             "boot.cold_base_ms",

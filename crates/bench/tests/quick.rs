@@ -24,7 +24,6 @@ const SECTIONS: &[&str] = &[
     "mounts",
     "reclaim",
     "containerd",
-    "criu",
 ];
 
 #[test]
