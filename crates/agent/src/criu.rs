@@ -56,14 +56,12 @@ pub fn main(argv: &[String]) -> i32 {
         return 125;
     }
     let root = dir.join("root");
-    let err = std::process::Command::new(root.join("usr/sbin/criu"))
+    let criu = root.join("usr/sbin/criu");
+    let err = std::process::Command::new(&criu)
         .args(&argv[1..])
         .env("LD_LIBRARY_PATH", library_path(&root))
         .exec();
-    eprintln!(
-        "criu: cannot run {}: {err}",
-        root.join("usr/sbin/criu").display()
-    );
+    eprintln!("criu: cannot run {}: {err}", criu.display());
     126
 }
 

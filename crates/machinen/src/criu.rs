@@ -12,7 +12,6 @@ use crate::error::{fail, ErrorCode, Result};
 
 /// Where the tree is staged in the guest.
 pub const GUEST_DIR: &str = "/run/machinen-criu";
-const GUEST_MARKER: &str = "/run/machinen-criu/criu.json";
 
 /// The installed CRIU for this host's assets, or `SNAPSHOT_CRIU_UNAVAILABLE`.
 pub fn installed(paths: &crate::Paths) -> Result<crate::assets::criu::CriuInstall> {
@@ -34,7 +33,10 @@ pub fn installed(paths: &crate::Paths) -> Result<crate::assets::criu::CriuInstal
 async fn guest_marker(vm: &crate::vm::Vm) -> Option<Vec<u8>> {
     let out = vm
         .exec(crate::vm::ExecOptions {
-            argv: vec!["cat".into(), GUEST_MARKER.into()],
+            argv: vec![
+                "cat".into(),
+                format!("{GUEST_DIR}/{}", crate::assets::criu::MARKER),
+            ],
             ..Default::default()
         })
         .await
@@ -44,7 +46,7 @@ async fn guest_marker(vm: &crate::vm::Vm) -> Option<Vec<u8>> {
 
 /// Stage the CRIU tree in the VM unless the same one is there.
 pub async fn stage(vm: &crate::vm::Vm, dir: &Path) -> Result<()> {
-    let marker = dir.join("criu.json");
+    let marker = dir.join(crate::assets::criu::MARKER);
     let want = tokio::fs::read(&marker)
         .await
         .map_err(|e| fail(ErrorCode::Io, format!("cannot read {}", marker.display())).source(e))?;
@@ -60,7 +62,6 @@ pub async fn stage(vm: &crate::vm::Vm, dir: &Path) -> Result<()> {
         argv: vec!["sh".into(), "-c".into(), script],
         ..Default::default()
     };
-    vm.exec(sh(format!("rm -rf {tmp}"))).await?;
     vm.push_dir(dir, &tmp, crate::dirs::PushDirOptions::default())
         .await?;
     let done = vm

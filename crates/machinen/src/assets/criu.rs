@@ -29,7 +29,8 @@ use crate::progress::ProgressMode;
 
 /// The directory under the assets.
 pub const CRIU_DIR: &str = "criu";
-const MARKER: &str = "criu.json";
+/// The marker, written last.
+pub(crate) const MARKER: &str = "criu.json";
 /// Kernel modules CRIU needs beyond what the guest loads at boot.
 pub(crate) const MODULES: &[&str] = &[
     "nf_tables",
