@@ -285,6 +285,8 @@ impl BootOpts {
             })
             .collect();
         Ok(machinen::BootOptions {
+            cpu_model: None,
+            criu_resume: None,
             main_stdin: false,
             rlimits: Vec::new(),
             image: path(self.image),

@@ -228,6 +228,8 @@ pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
         })?),
     };
     Ok(machinen::BootOptions {
+        cpu_model: None,
+        criu_resume: None,
         image: a.image.map(PathBuf::from),
         name: a.name,
         hostname: a.hostname,

@@ -15,6 +15,7 @@
 //! ```
 
 mod capture;
+mod checkpoint;
 mod cmdline;
 mod criu;
 mod dirs;

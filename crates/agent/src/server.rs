@@ -130,6 +130,12 @@ where
         Frame::Request(Request::SignalMain { signal, group }) => {
             crate::service::signal(s, ctx.main.clone(), signal, group).await
         }
+        Frame::Request(Request::CriuDump(req)) => {
+            crate::checkpoint::serve_dump(s, ctx.main.clone(), req).await
+        }
+        Frame::Request(Request::CriuRestore(req)) => {
+            crate::checkpoint::serve_restore(s, ctx.main.clone(), req).await
+        }
         Frame::Request(Request::Poweroff) => {
             debug!("poweroff requested");
             let _ = send(&mut s, &Frame::Response(Response::Stopping)).await;

@@ -108,6 +108,9 @@ pub struct MainSlot {
     /// The host installed secrets (see `MainRequest::after_secrets`).
     secrets: std::sync::atomic::AtomicBool,
     secrets_set: Notify,
+    /// The pid of a main command CRIU is dumping (0: none): its end is the
+    /// dump's doing, not an exit to report; a restore adopts it again.
+    checkpointing: std::sync::atomic::AtomicU32,
 }
 
 impl MainSlot {
@@ -117,7 +120,7 @@ impl MainSlot {
     }
 
     /// The main command's pid while it runs.
-    fn running_pid(&self) -> Option<u32> {
+    pub(crate) fn running_pid(&self) -> Option<u32> {
         self.lock()
             .as_ref()
             .filter(|m| m.exit.is_none())
@@ -158,12 +161,79 @@ impl MainSlot {
         }
     }
 
-    fn finish(&self, status: ExitStatus) {
-        if let Some(m) = self.lock().as_mut() {
+    fn finish(&self, pid: u32, status: ExitStatus) {
+        if let Some(m) = self.lock().as_mut().filter(|m| m.pid == pid) {
+            if self.checkpointing.load(std::sync::atomic::Ordering::SeqCst) == pid {
+                debug!("main command pid {pid} ended by its CRIU dump; its output goes on after a restore");
+                return;
+            }
             m.exit = Some(status);
         }
         self.changed.notify_waiters();
     }
+
+    /// CRIU is about to dump the main command `pid`: its end is not an exit.
+    pub(crate) fn begin_checkpoint(&self, pid: u32) {
+        self.checkpointing
+            .store(pid, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The dump failed and the process runs on (CRIU resumed it), or it
+    /// went on running (`--leave-running`).
+    pub(crate) fn end_checkpoint(&self) {
+        self.checkpointing
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Make the restored `pid` the main command. A main command this guest
+    /// dumped keeps its ring and numbering (a keep-alive checkpoint); else
+    /// the numbering starts at `first_seq` (the bundle's log ends there).
+    /// `MAIN_ALREADY_RUNNING` when another one runs.
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        pid: u32,
+        io: Adopted,
+        first_seq: u64,
+    ) -> Result<(), WireError> {
+        {
+            let mut guard = self.lock();
+            let dumped = self.checkpointing.load(std::sync::atomic::Ordering::SeqCst);
+            match guard.as_mut() {
+                Some(m) if m.exit.is_none() && m.pid != dumped => {
+                    return Err(WireError {
+                        code: code::ALREADY_RUNNING.into(),
+                        message: format!("this VM's main command already runs (pid {})", m.pid),
+                    });
+                }
+                Some(m) if m.pid == dumped && m.exit.is_none() => m.pid = pid,
+                _ => {
+                    *guard = Some(Main {
+                        pid,
+                        records: VecDeque::new(),
+                        bytes: 0,
+                        next_seq: first_seq,
+                        exit: None,
+                    })
+                }
+            }
+            self.checkpointing
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Ok(mut g) = self.stdin.try_lock() {
+            *g = io.stdin;
+        }
+        tokio::spawn(collect(self.clone(), io.stdout, io.stderr, io.exit, pid));
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+/// A restored main command's ends, as the agent holds them.
+pub(crate) struct Adopted {
+    pub(crate) stdout: BoxRead,
+    pub(crate) stderr: Option<BoxRead>,
+    pub(crate) stdin: Option<tokio::net::unix::pipe::Sender>,
+    pub(crate) exit: oneshot::Receiver<ExitStatus>,
 }
 
 fn wire_error(code: &str, message: impl Into<String>) -> Frame {
@@ -249,7 +319,7 @@ async fn collect(
     loop {
         if let Some(st) = status {
             if out.is_none() && err.is_none() {
-                slot.finish(st);
+                slot.finish(pid, st);
                 return;
             }
         }
@@ -275,7 +345,7 @@ async fn collect(
             _ = idle_wait => {
                 if let Some(st) = status {
                     debug!("main command pid {pid}: output still open after its exit; not waiting for it");
-                    slot.finish(st);
+                    slot.finish(pid, st);
                     return;
                 }
             }

@@ -200,6 +200,9 @@ pub struct BootArgs {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cpus: u32,
+    /// The CPU model the guest sees (QEMU's `-cpu`: Nehalem, qemu64,+ssse3, …) instead of the accelerator's own (`max` under TCG, `host` under KVM/HVF). A process a CRIU bundle holds resumes on a model with the features of the one it was dumped on, or more.
+    #[arg(long, value_name = "MODEL")]
+    pub cpu_model: Option<String>,
     /// Network: `nat` (outbound only: the host's loopback services and
     /// other VMs' published ports stay out of reach) or `nat-host` (also
     /// maps the gateway 10.0.2.2 to the host's 127.0.0.1: the guest reaches
@@ -320,9 +323,15 @@ pub struct SnapshotArgs {
     /// Bundle directory to create (must not exist).
     #[arg(value_name = "OUT_DIR")]
     pub out: PathBuf,
-    /// Keep the VM running after the snapshot.
-    #[arg(long)]
+    /// Keep the VM running after the snapshot (with --engine criu: the tree is restored in place and runs on).
+    #[arg(long, visible_alias = "leave-running")]
     pub keep_alive: bool,
+    /// What the bundle holds: `vmstate`, the whole VM (memory, devices, disk), resumed exactly but only by the same QEMU, accelerator and CPU model; or `criu`, the VM's workload (its main command's process tree, or --pid's) dumped with CRIU plus its disk, which a fresh VM of the same image resumes on any accelerator, CPU model or QEMU, with other memory and CPUs. Default: $MACHINEN_SNAPSHOT_ENGINE, else vmstate.
+    #[arg(long, value_name = "ENGINE", value_parser = ["vmstate", "criu"])]
+    pub engine: Option<String>,
+    /// With --engine criu: the root of the process tree to dump, a guest pid (default: the VM's main command).
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
     /// Write a self-contained bundle. Without it, a VM that has a checkpoint
     /// (or was restored from a bundle that is still there, unchanged) gets a
     /// delta: only the disk blocks and RAM pages written since.
@@ -365,6 +374,15 @@ pub struct RestoreArgs {
     /// Return once the VM is ready and leave it running.
     #[arg(long, short = 'd', visible_alias = "detach")]
     pub detached: bool,
+    /// CRIU bundles only: the new VM's memory ceiling in MiB (default: the source's).
+    #[arg(long, short = 'm', value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// CRIU bundles only: the new VM's virtual CPUs (default: the source's).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// CRIU bundles only: the CPU model the new VM shows (default: the accelerator's own).
+    #[arg(long, value_name = "MODEL")]
+    pub cpu_model: Option<String>,
     /// Reset TCP connections the guest had at snapshot time.
     #[arg(long)]
     pub tcp_reset: bool,

@@ -615,6 +615,8 @@ mod build;
 mod chain;
 #[path = "e2e/containerd.rs"]
 mod containerd;
+#[path = "e2e/criu.rs"]
+mod criu;
 #[path = "e2e/deadline.rs"]
 mod deadline;
 #[path = "e2e/dirs.rs"]

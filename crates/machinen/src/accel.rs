@@ -196,9 +196,39 @@ pub fn check_nested(requested: Option<&str>) -> Result<(), crate::Failure> {
     nested_support(&NestedHost::read(requested))
 }
 
+/// Refuse a CPU model QEMU's `-cpu` could read as more than a model name
+/// and its feature flags (`Nehalem`, `qemu64,+ssse3`). QEMU itself
+/// refuses a model it does not know, when the VM starts.
+pub fn check_cpu_model(model: &str) -> Result<(), crate::Failure> {
+    let ok = !model.is_empty()
+        && model.len() <= 128
+        && model.as_bytes()[0].is_ascii_alphanumeric()
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+=,".contains(&b));
+    if ok {
+        return Ok(());
+    }
+    Err(crate::error::fail(
+        crate::ErrorCode::BootArgsInvalid,
+        format!("{model:?} is not a CPU model"),
+    )
+    .hint("a QEMU CPU model name, optionally with feature flags (Nehalem, qemu64,+ssse3); `qemu-system-x86_64 -cpu help` lists them"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_models_are_names_and_flags_only() {
+        for good in ["max", "Nehalem-v2", "qemu64,+ssse3,-avx", "host"] {
+            assert!(check_cpu_model(good).is_ok(), "{good}");
+        }
+        for bad in ["", ",max", "max -device x", "max;rm", &"a".repeat(129)] {
+            assert!(check_cpu_model(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_nested_probe_names_what_is_missing() {

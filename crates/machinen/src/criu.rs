@@ -10,6 +10,12 @@ use std::path::Path;
 
 use crate::error::{fail, ErrorCode, Result};
 
+mod engine;
+pub(crate) use engine::resume_disk;
+pub use engine::{
+    check_bundle, is_bundle, restore, snapshot, CriuMeta, CriuReport, Resume, SnapshotOptions,
+};
+
 /// Where the tree is staged in the guest.
 pub const GUEST_DIR: &str = "/run/machinen-criu";
 

@@ -195,7 +195,9 @@ pub fn qemu_args(spec: &VmSpec, host: &QemuHost) -> Vec<String> {
             other => other.as_str().into(),
         },
         "-cpu".into(),
-        host.cpu_model.clone(),
+        spec.cpu_model
+            .clone()
+            .unwrap_or_else(|| host.cpu_model.clone()),
         "-m".into(),
         format!("{}M", spec.memory_mib),
         // Always a backend named "ram": the RAM block's name must match

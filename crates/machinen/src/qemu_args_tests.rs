@@ -38,6 +38,7 @@ fn spec() -> VmSpec {
         live_mounts: None,
         image_source: None,
         balloon: false,
+        cpu_model: None,
     }
 }
 

@@ -78,6 +78,12 @@ pub struct RestoreOptions {
     /// and new ones. A secret of the bundle left out keeps its placeholder
     /// in the guest, and requests that need it are refused.
     pub egress_secrets: Vec<crate::network::EgressSecret>,
+    /// CRIU bundles only (a whole-VM bundle resumes the machine it holds):
+    /// the new VM's memory ceiling, CPU count and CPU model instead of the
+    /// source's (memory and CPUs) and the accelerator's own model.
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub cpu_model: Option<String>,
 }
 
 impl RestoreOptions {
@@ -100,6 +106,9 @@ impl RestoreOptions {
             chain_link: true,
             net_policy: None,
             egress_secrets: Vec::new(),
+            memory_mib: None,
+            cpus: None,
+            cpu_model: None,
         }
     }
 }
@@ -164,7 +173,7 @@ impl Vm {
         keep_alive: bool,
         timeout: Duration,
     ) -> Result<SnapshotReport> {
-        self.snapshot_to(out, keep_alive, timeout, false, false)
+        self.snapshot_to(out, keep_alive, timeout, false, false, false)
             .await
     }
 
@@ -178,26 +187,28 @@ impl Vm {
         timeout: Duration,
         full: bool,
     ) -> Result<SnapshotReport> {
-        self.snapshot_to(out, keep_alive, timeout, false, full)
+        self.snapshot_to(out, keep_alive, timeout, false, full, false)
             .await
     }
 
     /// [`Vm::snapshot`], or with `scratch` a fork's temporary bundle (see
-    /// `SnapshotRequest::scratch`).
-    async fn snapshot_to(
+    /// `SnapshotRequest::scratch`), or with `disk_only` the CRIU engine's
+    /// disk and log into the existing directory `out`.
+    pub(crate) async fn snapshot_to(
         &self,
         out: &Path,
         keep_alive: bool,
         timeout: Duration,
         scratch: bool,
         full: bool,
+        disk_only: bool,
     ) -> Result<SnapshotReport> {
         let out = if out.is_absolute() {
             out.to_path_buf()
         } else {
             std::env::current_dir()?.join(out)
         };
-        if out.exists() {
+        if out.exists() && !disk_only {
             return Err(bundle::BundleError::Exists { path: out }.into());
         }
         let timeout = if timeout.is_zero() {
@@ -211,6 +222,7 @@ impl Vm {
             timeout_ms: timeout.as_millis() as u64,
             scratch,
             full,
+            disk_only,
         };
         let mut s = self.connect().await?;
         proto::send(&mut s, &Frame::Request(Request::Snapshot(req)))
@@ -352,7 +364,14 @@ impl Vm {
         // A kept bundle (`out_dir`) is a real one; a temporary one is read
         // once, here, and needs no digests or fsync.
         let snap = self
-            .snapshot_to(&bundle_dir, true, DEFAULT_SNAPSHOT_TIMEOUT, !kept, false)
+            .snapshot_to(
+                &bundle_dir,
+                true,
+                DEFAULT_SNAPSHOT_TIMEOUT,
+                !kept,
+                false,
+                false,
+            )
             .await?;
         for p in &snap.phases {
             opts.on_phase.emit(&crate::phases::Phase {
@@ -476,6 +495,20 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         .source(e)
         .hint("pass the directory that `machinen snapshot` wrote")
     })?;
+    if crate::criu::is_bundle(&bundle_dir) {
+        return crate::criu::restore(opts, bundle_dir).await;
+    }
+    if opts.memory_mib.is_some() || opts.cpus.is_some() || opts.cpu_model.is_some() {
+        return Err(fail(
+            ErrorCode::RestoreBundleIncompatible,
+            format!(
+                "{} is a whole-VM bundle: it resumes with the memory, CPUs and CPU model it was taken with",
+                bundle_dir.display()
+            ),
+        )
+        .hint("drop --memory/--cpus/--cpu-model, or snapshot with --engine criu to move the workload into a VM of another shape")
+        .into());
+    }
     // meta.json is checked now (QEMU is started from it); the large files
     // are checked below while QEMU loads the state, the guest paused.
     let (manifest, meta) = if opts.verify {
@@ -863,6 +896,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }),
         live_mounts,
         balloon: meta.balloon,
+        cpu_model: None,
     };
     let launch = Launch {
         name: opts.name.clone(),

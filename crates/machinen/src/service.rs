@@ -61,6 +61,11 @@ pub struct MainSpec {
     /// Its stdin stays open for [`Vm::main_stdin`] writers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    /// A VM booted to resume a CRIU bundle's main command: the supervisor
+    /// does not start it but waits for the agent to adopt the restored
+    /// process (see [`crate::criu::restore`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
 }
 
 /// What the registry entry says about the main command.

@@ -117,6 +117,9 @@ pub struct VmSpec {
     /// match the migration stream).
     #[serde(default)]
     pub balloon: bool,
+    /// The QEMU CPU model (`-cpu`) when not the accelerator's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 /// How to resume a VM from a bundle.

@@ -114,6 +114,12 @@ pub struct BootOptions {
     /// guest's touched pages stay the host's until the VM ends (and its
     /// page allocator does no reporting work).
     pub balloon: bool,
+    /// The CPU model QEMU shows the guest (`-cpu`, e.g. `Nehalem`,
+    /// `qemu64`), instead of the accelerator's own (`max` under TCG,
+    /// `host` under KVM/HVF).
+    pub cpu_model: Option<String>,
+    /// Resume a CRIU bundle's workload (set by [`crate::criu::restore`]).
+    pub criu_resume: Option<crate::criu::Resume>,
 }
 
 impl Default for BootOptions {
@@ -148,6 +154,8 @@ impl Default for BootOptions {
             mount_upper_size: None,
             live_mounts: Vec::new(),
             balloon: true,
+            cpu_model: None,
+            criu_resume: None,
         }
     }
 }
@@ -441,6 +449,9 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     if let Some(size) = opts.disk_size {
         image::check_disk_size(size, None)?;
     }
+    if let Some(m) = &opts.cpu_model {
+        crate::accel::check_cpu_model(m)?;
+    }
     if !opts.cmd.is_empty() {
         validate_exec(&ExecOptions {
             rlimits: opts.rlimits.clone(),
@@ -491,6 +502,23 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
     };
     if let Some(size) = opts.disk_size {
         image::check_disk_size(size, Some(img.size))?;
+    }
+    if let Some(r) = opts
+        .criu_resume
+        .as_ref()
+        .filter(|r| r.image_sha256 != img.sha256)
+    {
+        return Err(fail(
+            ErrorCode::RestoreImageMismatch,
+            format!(
+                "the bundle's disk was made over image {}; {} is {}",
+                r.image_sha256,
+                tarball.display(),
+                img.sha256
+            ),
+        )
+        .hint("pass the image the snapshotted VM booted (--image)")
+        .into());
     }
     let initrd = {
         let (paths, assets, agent) = (paths.clone(), assets.clone(), binaries::agent()?);
@@ -560,6 +588,7 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
             after_secrets: !opts.secrets.is_empty(),
             rlimits: opts.rlimits.clone(),
             stdin: opts.main_stdin,
+            adopt: opts.criu_resume.is_some(),
         }),
         mounts: lower.as_ref().map(|l| crate::mounts::MountsDisk {
             mounts: mounts.clone(),
@@ -569,17 +598,23 @@ pub async fn boot(opts: BootOptions) -> Result<Vm> {
         }),
         live_mounts,
         balloon: opts.balloon,
+        cpu_model: opts.cpu_model.clone(),
     };
     // Child processes (qemu-img): on the blocking pool.
     let overlay = {
         let (base, disk, size) = (img.path.clone(), spec.disk.clone(), opts.disk_size);
+        let resume = opts.criu_resume.clone();
+        let log = spec.path_in(files::MAIN_LOG);
         let layer = spec
             .mounts
             .as_ref()
             .zip(lower.as_ref())
             .map(|(m, l)| (l.path.clone(), m.layer.clone(), l.size + upper_size));
         blocking(move || {
-            image::create_overlay_sized(&base, &disk, size)?;
+            match &resume {
+                Some(r) => crate::criu::resume_disk(r, &disk, &log)?,
+                None => image::create_overlay_sized(&base, &disk, size)?,
+            }
             if let Some((lower, layer, size)) = layer {
                 image::create_overlay_sized(&lower, &layer, Some(size))?;
             }

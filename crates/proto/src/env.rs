@@ -17,6 +17,8 @@ pub const CACHE_DIR: &str = "MACHINEN_CACHE_DIR";
 pub const REGISTRY_DIR: &str = "MACHINEN_REGISTRY_DIR";
 /// Accelerator override.
 pub const ACCEL: &str = "MACHINEN_ACCEL";
+/// The engine `snapshot` uses without `--engine`.
+pub const SNAPSHOT_ENGINE: &str = "MACHINEN_SNAPSHOT_ENGINE";
 /// The supervisor binary.
 pub const VMM: &str = "MACHINEN_VMM";
 /// The static guest agent binary.
@@ -115,6 +117,11 @@ pub const ALL: &[Var] = &[
         "one directory per VM (0700, private to its owner)",
     ),
     user(ACCEL, "probed", "`kvm`, `hvf` or `tcg`"),
+    user(
+        SNAPSHOT_ENGINE,
+        "`vmstate`",
+        "what `snapshot` writes without `--engine`: `vmstate` (the whole VM) or `criu` (its process tree and disk)",
+    ),
     user(
         VMM,
         "found next to `machinen`",

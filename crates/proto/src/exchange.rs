@@ -6,8 +6,8 @@
 
 use crate::netpolicy::{NetReport, PolicyChange};
 use crate::{
-    BalloonReport, FixupReport, FixupRequest, Request, Response, Secret, SnapshotReport,
-    SnapshotRequest, VmStatus,
+    BalloonReport, CriuDumpRequest, CriuDumped, CriuRestoreRequest, FixupReport, FixupRequest,
+    Request, Response, Secret, SnapshotReport, SnapshotRequest, VmStatus,
 };
 
 /// A request whose answer is one [`Response`] of a known kind.
@@ -111,6 +111,16 @@ exchange!(
     /// Hand the supervisor the values of the VM's egress secrets.
     SetEgressSecrets { secrets: Vec<Secret> } => Request::EgressSecrets { secrets },
     "handing over egress secrets", Response::EgressSecretsSet { count } => u32 = count
+);
+exchange!(
+    /// Dump a process tree with CRIU in the guest.
+    CriuDump { req: CriuDumpRequest } => Request::CriuDump(req),
+    "dumping the process tree with CRIU", Response::CriuDumped(r) => CriuDumped = r
+);
+exchange!(
+    /// Restore a process tree with CRIU in the guest: its root's pid.
+    CriuRestore { req: CriuRestoreRequest } => Request::CriuRestore(req),
+    "restoring the process tree with CRIU", Response::CriuRestored { pid } => u32 = pid
 );
 
 #[cfg(test)]

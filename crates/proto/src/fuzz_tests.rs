@@ -173,6 +173,7 @@ fn request() -> impl Strategy<Value = Request> {
                 timeout_ms,
                 scratch,
                 full: !scratch,
+                disk_only: keep_alive && !scratch,
             })
         },
     );

@@ -91,6 +91,16 @@
 //! agent -> host : Response(MainSignalled { pid }) | Error { code: MAIN_NOT_RUNNING, .. }
 //! ```
 //!
+//! The CRIU engine (agent link, forwarded from the control link; the host
+//! staged CRIU and, for a restore, the images in guest directories first):
+//!
+//! ```text
+//! host -> agent : Request(CriuDump { criu, images, pid, leave_running })
+//! agent -> host : Response(CriuDumped { pid, comm, main, stdio }) | Error { code: SNAPSHOT_DUMP_FAILED, .. }
+//! host -> agent : Request(CriuRestore { criu, images, main, tcp_close, first_seq })
+//! agent -> host : Response(CriuRestored { pid }) | Error { code: RESTORE_BUNDLE_INCOMPATIBLE, .. }
+//! ```
+//!
 //! Secrets: `Request(Secrets { secrets })` → `Response(SecretsSet)`;
 //! `Request(WipeSecrets)` → `Response(SecretsWiped)` (before a snapshot).
 //!
@@ -541,6 +551,16 @@ pub enum Request {
         #[serde(default)]
         group: bool,
     },
+    /// Dump a process tree with CRIU (agent link, forwarded from the
+    /// control link). Answered with `Response(CriuDumped(..))`, or
+    /// `Error(SNAPSHOT_DUMP_FAILED)` naming the process and CRIU's reason,
+    /// or `Error(MAIN_NOT_RUNNING)` without a pid and a main command.
+    CriuDump(CriuDumpRequest),
+    /// Restore a tree CRIU dumped (agent link, forwarded from the control
+    /// link). Answered with `Response(CriuRestored { pid })`, or
+    /// `Error(RESTORE_BUNDLE_INCOMPATIBLE)` with CRIU's reason, or
+    /// `Error(MAIN_ALREADY_RUNNING)` when adopting beside a live main command.
+    CriuRestore(CriuRestoreRequest),
     /// Read the balloon (control link), and with `target_bytes` set the
     /// memory the guest may use (the ceiling deflates it fully). Answered
     /// with `Response(Balloon(..))` at once; the guest inflates or deflates
@@ -618,6 +638,12 @@ pub enum Response {
     },
     /// `SignalMain` delivered the signal to this guest pid.
     MainSignalled {
+        pid: u32,
+    },
+    /// A `CriuDump` completed.
+    CriuDumped(CriuDumped),
+    /// A `CriuRestore` completed: the restored tree's root.
+    CriuRestored {
         pid: u32,
     },
     /// The balloon's state (after a `Balloon` request).
@@ -733,6 +759,64 @@ pub struct SnapshotRequest {
     /// a delta over (`snapshot --full`).
     #[serde(default)]
     pub full: bool,
+    /// The CRIU engine's part: only the disk (its layers merged into one
+    /// `rootdisk.qcow2`) and the main command's log are written, into
+    /// `out`, an existing directory; the guest is paused for the copy only,
+    /// and the VM runs on whatever `keep_alive` says (the client ends it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_only: bool,
+}
+
+/// Dump a process tree with CRIU (`/proc/1/exe --criu`), into a guest
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CriuDumpRequest {
+    /// Where the host staged CRIU (`machinen::criu::GUEST_DIR`).
+    pub criu: String,
+    /// Guest directory for the images (created; must not hold a dump).
+    pub images: String,
+    /// The tree's root; `None`: the main command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The tree runs on after the dump (else CRIU ends it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leave_running: bool,
+}
+
+/// What a `CriuDump` captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CriuDumped {
+    pub pid: u32,
+    /// The process's name (`/proc/PID/comm`).
+    pub comm: String,
+    /// The tree is the VM's main command.
+    pub main: bool,
+    /// What its descriptors 0, 1 and 2 were (`pipe:[INODE]`, a path, …):
+    /// a restore hands the main command's pipes to the agent by these.
+    pub stdio: Vec<String>,
+}
+
+/// Restore a process tree from CRIU images in a guest directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CriuRestoreRequest {
+    pub criu: String,
+    pub images: String,
+    /// Adopt the restored tree as the VM's main command: its descriptors
+    /// that were these pipes (`CriuDumped::stdio`) become fresh pipes of
+    /// the agent's, its output goes to the main command's ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<Vec<String>>,
+    /// Keep the main command's stdin open for `MainStdin` writers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// Established TCP connections come back closed (CRIU's
+    /// `--tcp-close`) instead of repaired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp_close: bool,
+    /// The number of the main command's first output record here (its
+    /// log goes on from the bundle's).
+    #[serde(default)]
+    pub first_seq: u64,
 }
 
 /// A completed snapshot.
@@ -1115,7 +1199,29 @@ mod tests {
                 timeout_ms: 9,
                 scratch: true,
                 full: false,
+                disk_only: true,
             })),
+            Frame::Request(Request::CriuDump(CriuDumpRequest {
+                criu: "/run/c".into(),
+                images: "/run/i".into(),
+                pid: Some(42),
+                leave_running: true,
+            })),
+            Frame::Response(Response::CriuDumped(CriuDumped {
+                pid: 42,
+                comm: "sh".into(),
+                main: true,
+                stdio: vec!["pipe:[1]".into(), "/dev/null".into()],
+            })),
+            Frame::Request(Request::CriuRestore(CriuRestoreRequest {
+                criu: "/run/c".into(),
+                images: "/run/i".into(),
+                main: Some(vec!["pipe:[1]".into()]),
+                stdin: true,
+                tcp_close: true,
+                first_seq: 7,
+            })),
+            Frame::Response(Response::CriuRestored { pid: 42 }),
             Frame::Response(Response::Connected),
             Frame::Request(Request::StartMain(MainRequest {
                 stdin: true,

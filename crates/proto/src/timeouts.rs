@@ -243,6 +243,21 @@ pub const LOG_FOLLOW_POLL: Duration = millis(200);
 /// agent stream failed (the session is being re-established).
 pub const MAIN_REATTACH: Duration = millis(500);
 
+/// Agent: bound on a CRIU dump (the tree frozen and its memory written to
+/// the guest's tmpfs; CRIU is killed past it and the tree resumed).
+pub const CRIU_DUMP: Duration = secs(300);
+
+/// Agent: bound on a CRIU restore (CRIU is killed past it).
+pub const CRIU_RESTORE: Duration = secs(300);
+
+/// The host's wait for a CRIU request's answer: the agent's own bound plus
+/// slack for the answer to arrive.
+pub const CRIU_ANSWER: Duration = secs(330);
+
+/// Supervisor: how long a VM booted to adopt a restored main command waits
+/// for the agent to have one (the host stages CRIU and the images first).
+pub const MAIN_ADOPT: Duration = secs(900);
+
 /// Supervisor: bound on the agent's answer to `StartMain`.
 pub const MAIN_START: Duration = secs(10);
 

@@ -150,6 +150,7 @@ mod tests {
             live_mounts: None,
             image_source: None,
             balloon,
+            cpu_model: None,
         }
     }
 

@@ -200,6 +200,8 @@ async fn handle(mut conn: UnixStream, shared: Arc<Shared>) -> anyhow::Result<()>
             | Request::Secrets { .. }
             | Request::SignalMain { .. }
             | Request::MainStdin
+            | Request::CriuDump(_)
+            | Request::CriuRestore(_)
             | Request::WipeSecrets),
         ) => {
             let agent = shared.agent.lock().await.clone();

@@ -72,11 +72,15 @@ pub async fn run(spec: VmSpec, shared: Arc<Shared>) {
     let mut next = tokio::task::spawn_blocking(move || svc::next_seq(&dir))
         .await
         .unwrap_or(0);
-    let status = if spec.restore.is_none() {
+    let status = if main.adopt {
+        // The host restores it with CRIU once the guest is ready.
+        let until = tokio::time::Instant::now() + timeouts::MAIN_ADOPT;
+        follow(&shared, &mut log, &mut next, Some(until)).await
+    } else if spec.restore.is_none() {
         match start(&shared, &main).await {
             Ok(pid) => {
                 tracing::info!("main command started, pid {pid}: {:?}", main.argv);
-                follow(&shared, &mut log, &mut next).await
+                follow(&shared, &mut log, &mut next, None).await
             }
             Err((code, message)) => {
                 // As a shell reports it: 127 not found, 126 cannot run.
@@ -98,7 +102,7 @@ pub async fn run(spec: VmSpec, shared: Arc<Shared>) {
             }
         }
     } else {
-        follow(&shared, &mut log, &mut next).await
+        follow(&shared, &mut log, &mut next, None).await
     };
     let Some(status) = status else {
         return;
@@ -165,11 +169,19 @@ async fn start(shared: &Shared, main: &MainSpec) -> Result<u32, (String, String)
 
 /// Follow the main command, re-attaching after a lost session, until it
 /// exits (its status) or the agent has none (`None`: a restored guest that
-/// never ran one).
-async fn follow(shared: &Shared, log: &mut Log, next: &mut u64) -> Option<ExitStatus> {
+/// never ran one; with `adopt_until`, one that has none yet by then).
+async fn follow(
+    shared: &Shared,
+    log: &mut Log,
+    next: &mut u64,
+    adopt_until: Option<tokio::time::Instant>,
+) -> Option<ExitStatus> {
     loop {
         match attach_once(shared, log, next).await {
             Attach::Exited(st) => return Some(st),
+            Attach::None if adopt_until.is_some_and(|t| tokio::time::Instant::now() < t) => {
+                tokio::time::sleep(timeouts::MAIN_REATTACH).await;
+            }
             Attach::None => return None,
             Attach::Lost(why) => {
                 tracing::debug!("main command stream lost ({why}); re-attaching");

@@ -188,6 +188,9 @@ pub async fn take<M: Machine>(
             "the guest agent is not connected",
         )
     })?;
+    if req.disk_only {
+        return take_disk(machine, &agent, spec, chain, &out, t0, deadline).await;
+    }
     // The marker names the temp bundle before it exists, so a crash at any
     // point leaves gc a way to find it.
     let marker = spec.path_in(PARTIAL_MARKER);
@@ -239,6 +242,97 @@ pub async fn take<M: Machine>(
             Err(e)
         }
     }
+}
+
+/// The CRIU engine's share of a snapshot (`SnapshotRequest::disk_only`):
+/// the guest's filesystems flushed, then, with the guest paused for the
+/// copies only, the disk's top layer and the main command's log copied
+/// into `out` (the client's bundle being built); layers below the top are
+/// merged with it after the guest runs again (they are read-only). The
+/// client removes `out` on failure; the guest always runs on here.
+async fn take_disk<M: Machine>(
+    machine: &M,
+    agent: &AgentSession,
+    spec: &VmSpec,
+    chain: &Chain,
+    out: &std::path::Path,
+    t0: Instant,
+    deadline: Instant,
+) -> Result<SnapshotReport, StartError> {
+    let timeout = deadline.saturating_duration_since(t0);
+    if !out.is_dir() {
+        return Err(err(
+            ErrorCode::SnapshotDumpFailed,
+            format!("{} is not a directory", out.display()),
+        ));
+    }
+    let Some(wait) = left(deadline, timeouts::QUIESCE) else {
+        return Err(late(timeout, "flushing guest filesystems"));
+    };
+    agent.request(Request::Quiesce, wait).await.map_err(|e| {
+        err(
+            ErrorCode::SnapshotDumpFailed,
+            format!("flushing guest filesystems failed: {e}"),
+        )
+    })?;
+    machine
+        .pause()
+        .await
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
+    let paused_at = Instant::now();
+    let merge = !chain.below.is_empty();
+    let top_dst = out.join(if merge { TOP_PARTIAL } else { bundle::DISK });
+    let mut copies = vec![(chain.top.clone(), top_dst.clone(), "disk layer")];
+    if let Some(log) = crate::service::log_for_bundle(spec) {
+        copies.push((log, out.join(bundle::MAIN_LOG), "main command's log"));
+    }
+    let copied = async {
+        for (src, dst, what) in copies {
+            tokio::task::spawn_blocking(move || {
+                bundle::sparse_copy_until(&src, &dst, Some(deadline))
+            })
+            .await
+            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+            .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
+        }
+        Ok::<(), StartError>(())
+    }
+    .await;
+    if let Err(e) = machine.resume().await {
+        tracing::error!("resuming after the disk copy failed: {e}");
+    }
+    let paused_ms = paused_at.elapsed().as_millis() as u64;
+    copied?;
+    if merge {
+        let mut layers = chain.below.clone();
+        layers.push(top_dst.clone());
+        let dst = out.join(bundle::DISK);
+        tokio::task::spawn_blocking(move || {
+            let r = machinen::chain::flatten_disk(&layers, &dst);
+            let _ = std::fs::remove_file(&top_dst);
+            r.map(drop)
+        })
+        .await
+        .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+        .map_err(|e| {
+            err(
+                ErrorCode::SnapshotDumpFailed,
+                format!("merging the disk layers failed: {e}"),
+            )
+        })?;
+    }
+    let dir = out.to_path_buf();
+    let (bytes, disk_bytes) = tokio::task::spawn_blocking(move || bundle::dir_usage(&dir))
+        .await
+        .unwrap_or_default();
+    Ok(SnapshotReport {
+        out: out.display().to_string(),
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+        paused_ms,
+        bytes,
+        disk_bytes,
+        phases: Vec::new(),
+    })
 }
 
 /// The snapshot's bound: `timeout_ms`, or the default for 0.
@@ -592,7 +686,10 @@ impl<M: Machine> Phases<'_, M> {
             snapped_at_ms: registry::now_ms(),
             guest_arch: machinen::paths::debian_arch().into(),
             accel: caps.accel.as_str().into(),
-            cpu_model: caps.cpu_model.clone(),
+            cpu_model: spec
+                .cpu_model
+                .clone()
+                .unwrap_or_else(|| caps.cpu_model.clone()),
             memory_mib: spec.memory_mib,
             cpus: spec.cpus,
             kernel: KernelIdentity {

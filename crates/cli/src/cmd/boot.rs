@@ -122,6 +122,8 @@ pub async fn run(a: BootArgs) -> Result<i32> {
         name: a.name.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
+        cpu_model: a.cpu_model.clone(),
+        criu_resume: None,
         network: a
             .network
             .parse()

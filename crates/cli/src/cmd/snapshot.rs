@@ -17,7 +17,99 @@ fn ports(publish: &[String]) -> Result<Vec<machinen::registry::PortForward>> {
         .collect::<Result<Vec<_>, _>>()?)
 }
 
+/// `--engine`, else `$MACHINEN_SNAPSHOT_ENGINE`, else vmstate: whether it
+/// is CRIU.
+fn criu_engine(a: &SnapshotArgs) -> Result<bool> {
+    let env = std::env::var(machinen_proto::env::SNAPSHOT_ENGINE).ok();
+    let (engine, from) = match (&a.engine, &env) {
+        (Some(e), _) => (e.as_str(), "--engine"),
+        (None, Some(e)) if !e.is_empty() => (e.as_str(), machinen_proto::env::SNAPSHOT_ENGINE),
+        _ => ("vmstate", ""),
+    };
+    let criu = match engine {
+        "criu" => true,
+        "vmstate" => false,
+        "portable" => {
+            return Err(fail(
+                ErrorCode::SnapshotPortableUnsupported,
+                format!(
+                    "{from}: the portable engine captures one process, with `machinen capture`"
+                ),
+            )
+            .hint("`machinen capture TARGET PID -o DIR`, then `machinen materialize`")
+            .into())
+        }
+        other => {
+            return Err(fail(
+                ErrorCode::BootArgsInvalid,
+                format!("{from}: {other:?} is not a snapshot engine"),
+            )
+            .hint("vmstate (the whole VM) or criu (its process tree and disk)")
+            .into())
+        }
+    };
+    if !criu && a.pid.is_some() {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "--pid names the process tree of a CRIU snapshot: add --engine criu",
+        )
+        .into());
+    }
+    if criu && a.full {
+        return Err(fail(
+            ErrorCode::BootArgsInvalid,
+            "--full is for whole-VM snapshots: a CRIU bundle is always self-contained",
+        )
+        .into());
+    }
+    Ok(criu)
+}
+
+async fn run_criu(a: SnapshotArgs, vm: Vm, out: std::path::PathBuf) -> Result<i32> {
+    let step = if a.json {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Auto
+    }
+    .step(format!("dumping {}'s process tree with CRIU", vm.name()));
+    let paths = machinen::Paths::from_env()?;
+    let report = machinen::criu::snapshot(
+        &vm,
+        &paths,
+        &machinen::criu::SnapshotOptions {
+            out,
+            keep_alive: a.keep_alive,
+            pid: a.pid,
+            timeout: Duration::from_secs(a.timeout),
+        },
+    )
+    .await?;
+    step.done(format!("CRIU snapshot of {} written", vm.name()));
+    if a.json {
+        print_json(&report);
+    } else {
+        crate::outln!(
+            "{} -> {} (process {} {}; {:.1} MiB, {:.1} MiB on disk, {:.1} MiB of CRIU images) in {} ms{}",
+            vm.name(),
+            report.out.display(),
+            report.pid,
+            report.comm,
+            report.bytes as f64 / 1048576.0,
+            report.disk_bytes as f64 / 1048576.0,
+            report.images_bytes as f64 / 1048576.0,
+            report.elapsed_ms,
+            if a.keep_alive {
+                "; it runs on"
+            } else {
+                "; the VM has stopped"
+            }
+        );
+    }
+    Ok(0)
+}
+
 pub async fn run(a: SnapshotArgs) -> Result<i32> {
+    let criu = criu_engine(&a)?;
     let vm = machinen::attach(&a.target).await?;
     let out = if a.out.is_absolute() {
         a.out.clone()
@@ -47,6 +139,9 @@ pub async fn run(a: SnapshotArgs) -> Result<i32> {
             );
         }
         return Ok(0);
+    }
+    if criu {
+        return run_criu(a, vm, out).await;
     }
     let step = if a.json {
         ProgressMode::Quiet
@@ -191,6 +286,25 @@ fn need_command_or_detach(cmd: &[String], detached: bool) -> Result<()> {
 }
 
 pub async fn restore(a: RestoreArgs) -> Result<i32> {
+    if a.dry_run && machinen::criu::is_bundle(&a.bundle) {
+        let b = a.bundle.clone();
+        let meta = tokio::task::spawn_blocking(move || machinen::criu::check_bundle(&b))
+            .await
+            .map_err(|e| fail(ErrorCode::Io, "bundle check failed").source(e))??;
+        if a.json {
+            print_json(&serde_json::json!({"dry_run": true, "bundle": a.bundle, "meta": meta}));
+        } else {
+            crate::outln!(
+                "{} is a valid CRIU bundle of {:?} (process {} {}) taken at {} ms; a fresh VM of its image resumes it",
+                a.bundle.display(),
+                meta.source_name,
+                meta.pid,
+                meta.comm,
+                meta.snapped_at_ms
+            );
+        }
+        return Ok(0);
+    }
     if a.dry_run {
         let meta = machinen::restore::check_bundle(&a.bundle).await?;
         if a.json {
@@ -214,6 +328,9 @@ pub async fn restore(a: RestoreArgs) -> Result<i32> {
     o.boot_timeout = Duration::from_secs(a.boot_timeout);
     o.reset_tcp = a.tcp_reset;
     o.own_ram = a.own_ram;
+    o.memory_mib = a.memory;
+    o.cpus = a.cpus;
+    o.cpu_model = a.cpu_model.clone();
     o.live_mounts = live_mounts(&a.live_mounts)?;
     o.free_memory_threshold = a.free_memory_threshold.parse()?;
     o.net_policy = a

@@ -97,6 +97,7 @@ fn spec(root: &Path, restore: bool) -> VmSpec {
         live_mounts: None,
         image_source: None,
         balloon: false,
+        cpu_model: None,
     }
 }
 
@@ -256,6 +257,7 @@ fn snapshot(out: &Path, keep_alive: bool, timeout_ms: u64) -> Request {
         timeout_ms,
         scratch: false,
         full: false,
+        disk_only: false,
     })
 }
 
