@@ -259,6 +259,8 @@ export interface BootOptions {
   /** Guest RAM ceiling in MiB (default `min(host RAM / 2, 4096)`, at least 512). */
   memoryMib?: number;
   cpus?: number;
+  /** The CPU model the guest sees (QEMU's `-cpu`: `"Nehalem"`, `"qemu64,+ssse3"`); default: the accelerator's own (`max` under TCG). */
+  cpuModel?: string;
   /** `"nat"` (default: outbound, not the host's loopback), `"nat-host"` (the host's loopback too) or `"none"` (no network device; exec, files and port forwards still work). */
   network?: "nat" | "nat-host" | "none";
   /** Keep running after this process exits (reattach with `attach()`). */
@@ -318,6 +320,10 @@ export interface RestoreOptions {
    * `machinen push`: pulled into the cache first.
    */
   snapDir: string;
+  /** CRIU bundles only (a vmstate bundle refuses them with `RESTORE_BUNDLE_INCOMPATIBLE`): the new VM's memory ceiling and CPUs (default: the source's) and CPU model (default: the accelerator's own; it must have the features of the one the tree was dumped on). */
+  memoryMib?: number;
+  cpus?: number;
+  cpuModel?: string;
   name?: string;
   /** The rootfs tarball, when not where the bundle recorded it (its sha256 must match). */
   image?: string;
@@ -418,11 +424,25 @@ export interface WriteFileOptions {
   append?: boolean;
 }
 
+export type SnapshotEngine = "criu" | "vmstate" | "portable";
+
 export interface SnapshotOptions {
   /** Where to write the bundle; must not exist. */
   outDir: string;
-  /** `false`: the VM stops once the bundle is complete. Default true. */
+  /** `false`: the VM stops once the bundle is complete. Default true (vmstate), false (criu: with true the tree is restored in place and runs on). */
   leaveRunning?: boolean;
+  /**
+   * What the bundle holds (default: `$MACHINEN_SNAPSHOT_ENGINE`, else
+   * `"vmstate"`): the whole VM, or with `"criu"` the VM's process tree (the
+   * main command, or `pid`'s) dumped with CRIU plus its disk, which
+   * `restore()` resumes in a fresh VM of the same image on another
+   * accelerator, CPU model, memory size or CPU count. CRIU's refusals are
+   * `SNAPSHOT_DUMP_FAILED` naming the process and reason. `"portable"`
+   * throws `SNAPSHOT_PORTABLE_UNSUPPORTED` (use `vm.capture()`).
+   */
+  engine?: SnapshotEngine;
+  /** criu only: the root of the tree to dump (a guest pid). */
+  pid?: number;
   /**
    * A self-contained bundle. Default: a VM that has a checkpoint (or was
    * restored from a bundle that is still in place, unchanged) gets a delta
@@ -451,7 +471,13 @@ export interface SnapshotResult {
   pausedMs: number;
   bytes: number;
   diskBytes: number;
-  phases: Phase[];
+  /** vmstate only. */
+  phases?: Phase[];
+  /** criu only: `"criu"`, the dumped tree's root and name, the CRIU images' bytes. */
+  engine?: "criu";
+  pid?: number;
+  comm?: string;
+  imagesBytes?: number;
 }
 
 export interface VmInfo {

@@ -444,13 +444,33 @@ class VmHandle {
    * Write a snapshot bundle to `outDir`. The VM keeps running (as with the
    * reference's vmstate engine) unless `leaveRunning: false`. A VM that has
    * a checkpoint (or was restored from a bundle still in place) gets a
-   * delta over it unless `full: true`.
+   * delta over it unless `full: true`. `engine: "criu"` (default:
+   * `$MACHINEN_SNAPSHOT_ENGINE`, else `"vmstate"`) writes the VM's process
+   * tree (the main command, or `pid`'s) and disk instead, which `restore`
+   * resumes in a fresh VM of the same image; it stops the VM unless
+   * `leaveRunning: true`.
    */
   async snapshot(opts) {
-    checkKeys(opts, ['outDir', 'leaveRunning', 'full', 'timeoutMs', 'signal', 'onLog'], 'snapshot');
+    checkKeys(opts, ['outDir', 'leaveRunning', 'full', 'timeoutMs', 'engine', 'pid', 'signal', 'onLog'], 'snapshot');
     if (!opts || typeof opts.outDir !== 'string') throw invalid('snapshot needs outDir', 'e.g. vm.snapshot({ outDir: "./snap" })');
-    const keep = opts.leaveRunning ?? true;
+    const engine = opts.engine ?? (process.env.MACHINEN_SNAPSHOT_ENGINE || 'vmstate');
+    if (engine === 'portable') {
+      throw invalid('the portable engine captures one process', 'vm.capture(pid, out), then materialize', ErrorCode.SNAPSHOT_PORTABLE_UNSUPPORTED);
+    }
+    if (engine !== 'vmstate' && engine !== 'criu') throw invalid(`engine ${JSON.stringify(engine)} is not "vmstate" or "criu"`, 'e.g. vm.snapshot({ outDir: "./snap", engine: "criu" })');
+    if (opts.pid !== undefined && (engine !== 'criu' || !Number.isInteger(opts.pid) || opts.pid < 1)) {
+      throw invalid('pid names the process tree of a criu snapshot (a positive integer)', 'e.g. vm.snapshot({ outDir: "./snap", engine: "criu", pid: 84 })');
+    }
     const started = Date.now();
+    if (engine === 'criu') {
+      if (opts.full !== undefined) throw invalid('full is for vmstate snapshots: a criu bundle is always self-contained', 'drop full');
+      const keepCriu = opts.leaveRunning ?? false;
+      const r = camel(
+        await call(opts.signal, (id) => this._h.snapshotCriu(opts.outDir, keepCriu, opts.pid, ms(opts.timeoutMs, 'timeoutMs'), id)),
+      );
+      return { ...r, outDir: r.out };
+    }
+    const keep = opts.leaveRunning ?? true;
     const r = camel(
       await call(opts.signal, (id) => this._h.snapshot(opts.outDir, keep, ms(opts.timeoutMs, 'timeoutMs'), id, opts.full === true)),
     );
@@ -499,7 +519,7 @@ class VmHandle {
 const BOOT_KEYS = [
   'image', 'cmd', 'name', 'hostname', 'memoryMib', 'cpus', 'network', 'detached', 'bootTimeoutMs', 'accel', 'debug',
   'ports', 'secrets', 'diskSize', 'nested', 'env', 'cwd', 'keepAliveOnExit', 'signal', 'onLog',
-  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy', 'egressSecrets',
+  'mount', 'mountDiskUpperSizeBytes', 'balloon', 'liveMounts', 'user', 'netPolicy', 'egressSecrets', 'cpuModel',
 ];
 
 /** `netPolicy`: `{ egress?: "allow" | "deny", allow?: string[], deny?: string[] }`. */
@@ -572,6 +592,7 @@ async function boot(opts = {}) {
     hostname: opts.hostname,
     memoryMib: opts.memoryMib,
     cpus: opts.cpus,
+    cpuModel: opts.cpuModel,
     network: opts.network,
     detached: opts.detached,
     bootTimeoutMs: ms(opts.bootTimeoutMs, 'bootTimeoutMs'),
@@ -612,7 +633,7 @@ async function list(opts = {}) {
 
 /** Restore a snapshot bundle into a new VM. */
 async function restore(opts) {
-  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'egressSecrets', 'signal', 'onLog'], 'restore');
+  checkKeys(opts, ['snapDir', 'name', 'image', 'ports', 'detached', 'bootTimeoutMs', 'resetTcp', 'verify', 'ownRam', 'freeMemoryThreshold', 'liveMounts', 'netPolicy', 'egressSecrets', 'memoryMib', 'cpus', 'cpuModel', 'signal', 'onLog'], 'restore');
   if (!opts || typeof opts.snapDir !== 'string') throw invalid('restore needs snapDir', 'e.g. restore({ snapDir: "./snap" })', ErrorCode.RESTORE_BUNDLE_INVALID);
   const o = {
     bundle: opts.snapDir,
@@ -628,6 +649,9 @@ async function restore(opts) {
     liveMounts: toLiveMounts(opts.liveMounts),
     netPolicy: toNetPolicy(opts.netPolicy),
     egressSecrets: toEgressSecrets(opts.egressSecrets),
+    memoryMib: opts.memoryMib,
+    cpus: opts.cpus,
+    cpuModel: opts.cpuModel,
   };
   return new VmHandle(await call(opts.signal, (id) => native.restore(o, id)));
 }

@@ -339,6 +339,34 @@ impl VmHandle {
         to_value(&report)
     }
 
+    /// Write a CRIU bundle of the VM's process tree (the main command, or
+    /// `pid`'s) and disk to `out`; the VM stops afterwards unless
+    /// `keep_alive` (the tree is then restored in place).
+    #[napi]
+    pub async fn snapshot_criu(
+        &self,
+        out: String,
+        keep_alive: bool,
+        pid: Option<u32>,
+        timeout_ms: Option<u32>,
+        cancel: Option<u32>,
+    ) -> Result<serde_json::Value> {
+        let paths = machinen::Paths::from_env().map_err(|e| js_error(e.into()))?;
+        let opts = machinen::criu::SnapshotOptions {
+            out: out.into(),
+            keep_alive,
+            pid,
+            timeout: timeout_ms
+                .map(|t| Duration::from_millis(t.into()))
+                .unwrap_or_default(),
+        };
+        let report = cancellable(cancel, machinen::criu::snapshot(&self.vm, &paths, &opts)).await?;
+        if !keep_alive {
+            self.release();
+        }
+        to_value(&report)
+    }
+
     /// A sibling VM that shares this one's past (the source keeps running).
     #[napi]
     pub async fn fork(&self, opts: ForkOpts, cancel: Option<u32>) -> Result<VmHandle> {

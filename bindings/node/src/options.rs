@@ -20,6 +20,8 @@ pub struct BootOpts {
     pub hostname: Option<String>,
     pub memory_mib: Option<u32>,
     pub cpus: Option<u32>,
+    /// The CPU model the guest sees (QEMU's `-cpu`).
+    pub cpu_model: Option<String>,
     /// `nat` (default), `nat-host` or `none`.
     pub network: Option<String>,
     pub detached: Option<bool>,
@@ -181,6 +183,10 @@ pub struct RestoreOpts {
     pub net_policy: Option<NetPolicyOpt>,
     /// Values for the bundle's egress secrets (bundles never hold them).
     pub egress_secrets: Option<Vec<EgressSecretOpt>>,
+    /// CRIU bundles only: the new VM's memory, CPUs and CPU model.
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub cpu_model: Option<String>,
 }
 
 #[napi(object)]
@@ -285,7 +291,7 @@ impl BootOpts {
             })
             .collect();
         Ok(machinen::BootOptions {
-            cpu_model: None,
+            cpu_model: self.cpu_model,
             criu_resume: None,
             main_stdin: false,
             rlimits: Vec::new(),
@@ -358,6 +364,9 @@ impl RestoreOpts {
         o.net_policy = self.net_policy.map(NetPolicyOpt::into_lib).transpose()?;
         o.egress_secrets = egress_secrets(self.egress_secrets)?;
         o.progress = machinen::progress::ProgressMode::Quiet;
+        o.memory_mib = self.memory_mib;
+        o.cpus = self.cpus;
+        o.cpu_model = self.cpu_model;
         Ok(o)
     }
 }

@@ -315,6 +315,40 @@ test('a service VM: its main command runs, wait() reports its exit', async () =>
   }
 });
 
+test('snapshot engine criu: a service moves into a VM of another size and CPU model, its log goes on', async () => {
+  const counts = (text) => [...text.matchAll(/^n=(\d+)$/gm)].map((x) => Number(x[1]));
+  const svc = await m.boot({
+    name: 'node-criu-src',
+    memoryMib: 512,
+    cpuModel: 'Nehalem',
+    cmd: 'i=0; while true; do i=$((i+1)); echo n=$i; sleep 0.2; done',
+  });
+  let moved;
+  try {
+    await until(() => counts(cli('logs', 'node-criu-src').stdout).length >= 5, 60_000, 'the service to count');
+    const out = join(scratch('criu'), 'bundle');
+    await assert.rejects(() => svc.snapshot({ outDir: out, engine: 'bogus' }), /not "vmstate" or "criu"/);
+    await assert.rejects(() => svc.snapshot({ outDir: out, pid: 5 }), /criu snapshot/);
+    await rejectsWith(svc.snapshot({ outDir: out, engine: 'portable' }), 'SNAPSHOT_PORTABLE_UNSUPPORTED');
+    const r = await svc.snapshot({ outDir: out, engine: 'criu' });
+    assert.equal(r.engine, 'criu');
+    assert.equal(r.outDir, out);
+    assert.ok(r.pid > 1 && r.imagesBytes > 0, JSON.stringify(r));
+    const logged = counts(cli('logs', 'node-criu-src').stdout);
+    moved = await m.restore({ snapDir: out, name: 'node-criu-dst', memoryMib: 768, cpus: 2, cpuModel: 'max' });
+    const cpu = await moved.exec('grep -m1 "model name" /proc/cpuinfo; nproc');
+    assert.doesNotMatch(cpu.stdout, /Nehalem/);
+    assert.match(cpu.stdout, /^2$/m);
+    await until(() => counts(cli('logs', 'node-criu-dst').stdout).length > logged.length + 3, 60_000, 'the moved service to count on');
+    const all = counts(cli('logs', 'node-criu-dst').stdout);
+    assert.deepEqual(all, all.map((_, i) => i + 1), 'every count once, in order');
+  } finally {
+    await moved?.kill().catch(() => {});
+    await svc.kill().catch(() => {});
+    cli('gc');
+  }
+});
+
 test('network: a policy set on the running VM refuses at once, is counted, and shows in ls', async () => {
   const open = await vm.network();
   assert.equal(open.policy.egress, 'allow');

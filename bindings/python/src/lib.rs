@@ -429,6 +429,33 @@ impl NativeVm {
         json(&report)
     }
 
+    /// The CRIU engine's snapshot (see `machinen::criu::snapshot`).
+    #[pyo3(signature = (out, keep_alive, pid=None, timeout=None))]
+    fn snapshot_criu(
+        &self,
+        py: Python<'_>,
+        out: String,
+        keep_alive: bool,
+        pid: Option<u32>,
+        timeout: Option<f64>,
+    ) -> PyResult<String> {
+        let opts = machinen::criu::SnapshotOptions {
+            out: out.into(),
+            keep_alive,
+            pid,
+            timeout: options::secs(timeout)?.unwrap_or_default(),
+        };
+        let vm = self.vm.clone();
+        let report = run(py, async move {
+            let paths = machinen::Paths::from_env()?;
+            machinen::criu::snapshot(&vm, &paths, &opts).await
+        })?;
+        if !keep_alive {
+            self.release();
+        }
+        json(&report)
+    }
+
     fn fork(&self, py: Python<'_>, opts: &str) -> PyResult<NativeVm> {
         let opts = options::fork(opts)?;
         let keep = !opts.detached;

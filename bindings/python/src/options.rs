@@ -36,6 +36,7 @@ struct BootArgs {
     hostname: Option<String>,
     memory_mib: Option<u32>,
     cpus: Option<u32>,
+    cpu_model: Option<String>,
     network: Option<String>,
     detached: bool,
     boot_timeout: Option<f64>,
@@ -67,6 +68,10 @@ struct RestoreArgs {
     own_ram: bool,
     net_policy: Option<Policy>,
     egress_secrets: Vec<EgressSecretArg>,
+    /// CRIU bundles only.
+    memory_mib: Option<u32>,
+    cpus: Option<u32>,
+    cpu_model: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -228,7 +233,7 @@ pub fn boot(s: &str) -> PyResult<machinen::BootOptions> {
         })?),
     };
     Ok(machinen::BootOptions {
-        cpu_model: None,
+        cpu_model: a.cpu_model,
         criu_resume: None,
         image: a.image.map(PathBuf::from),
         name: a.name,
@@ -290,6 +295,9 @@ pub fn restore(s: &str) -> PyResult<machinen::RestoreOptions> {
     o.net_policy = policy(a.net_policy)?;
     o.egress_secrets = egress_secrets(a.egress_secrets)?;
     o.progress = machinen::progress::ProgressMode::Quiet;
+    o.memory_mib = a.memory_mib;
+    o.cpus = a.cpus;
+    o.cpu_model = a.cpu_model;
     Ok(o)
 }
 

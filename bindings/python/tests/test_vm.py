@@ -263,6 +263,48 @@ def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
         assert e.value.code.value.startswith("SNAPSHOT_"), e.value
 
 
+def test_criu_engine_moves_the_counter_into_a_vm_of_another_shape(tmp_path: Path) -> None:
+    counter = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+    src = machinen.boot(name="py-criu-src", memory_mib=512, cpu_model="Nehalem", cmd=counter)
+    try:
+        def count(v: machinen.Vm) -> int:
+            try:
+                return int(v.read_text("/root/count").strip() or 0)
+            except machinen.FilesError:
+                return 0  # not written yet
+
+        deadline = time.monotonic() + 60
+        while count(src) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        bundle = tmp_path / "counter.criu"
+        with pytest.raises(ValueError):
+            src.snapshot(bundle, engine="bogus")
+        with pytest.raises(ValueError):
+            src.snapshot(bundle, pid=5)
+        with pytest.raises(machinen.MachinenError) as p:
+            src.snapshot(bundle, engine="portable")
+        assert p.value.code == ErrorCode.SNAPSHOT_PORTABLE_UNSUPPORTED
+        report = src.snapshot(bundle, engine="criu")
+        assert report["engine"] == "criu" and report["pid"] > 1, report
+        assert (bundle / "img" / "inventory.img").is_file()
+        with machinen.restore(bundle, name="py-criu-dst", memory_mib=768, cpus=2,
+                              cpu_model="max") as back:
+            assert back.exec("nproc").text.strip() == "2"
+            assert "Nehalem" not in back.exec("grep -m1 'model name' /proc/cpuinfo").text
+            first = count(back)
+            assert first >= 5, first
+            deadline = time.monotonic() + 30
+            while count(back) <= first + 3:
+                assert time.monotonic() < deadline, "the moved counter goes on"
+                time.sleep(0.2)
+    finally:
+        try:
+            src.kill()
+        except machinen.MachinenError:
+            pass  # stopped by the snapshot
+
+
 def test_provision_bakes_an_image_that_boots_with_its_steps_done(tmp_path: Path) -> None:
     image = tmp_path / "baked.tar.gz"
     r = machinen.provision(image, run=["echo baked > /etc/baked", "mkdir -p /srv/app"],

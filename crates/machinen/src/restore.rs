@@ -113,6 +113,20 @@ impl RestoreOptions {
     }
 }
 
+/// The CPU model a whole-VM bundle resumes on: the one its VM was booted
+/// with (`boot --cpu-model`), which QEMU can show under any accelerator of
+/// the same kind; else the accelerator's own, which is all a bundle of a
+/// VM that named none can be checked against.
+fn cpu_model_for(meta: &bundle::BundleMeta, accel: accel::Accel) -> String {
+    let chosen = !["max", "host"].contains(&meta.cpu_model.as_str())
+        && accel::check_cpu_model(&meta.cpu_model).is_ok();
+    if chosen {
+        meta.cpu_model.clone()
+    } else {
+        accel.cpu_model().to_string()
+    }
+}
+
 /// Options for `Vm::fork`.
 #[derive(Debug, Clone, Default)]
 pub struct ForkOptions {
@@ -465,7 +479,7 @@ pub async fn check_bundle(path: &Path) -> Result<BundleMeta> {
         &meta,
         crate::paths::debian_arch(),
         accel.as_str(),
-        accel.cpu_model(),
+        &cpu_model_for(&meta, accel),
     )?;
     Ok(meta)
 }
@@ -531,7 +545,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         &meta,
         crate::paths::debian_arch(),
         accel.as_str(),
-        accel.cpu_model(),
+        &cpu_model_for(&meta, accel),
     )?;
     let assets = assets::resolve(&paths)?;
     if assets.kernel_version != meta.kernel.version {
@@ -896,7 +910,7 @@ pub async fn restore(opts: RestoreOptions) -> Result<Vm> {
         }),
         live_mounts,
         balloon: meta.balloon,
-        cpu_model: None,
+        cpu_model: Some(cpu_model_for(&meta, accel)).filter(|m| m != accel.cpu_model()),
     };
     let launch = Launch {
         name: opts.name.clone(),

@@ -348,13 +348,35 @@ class Vm:
         return int(e), int(b)
 
     @_native_call
-    def snapshot(self, out_dir: Union[str, "os.PathLike[str]"], *, keep_alive: bool = True,
-                 full: bool = False, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def snapshot(self, out_dir: Union[str, "os.PathLike[str]"], *,
+                 keep_alive: Optional[bool] = None, full: bool = False,
+                 timeout: Optional[float] = None, engine: Optional[str] = None,
+                 pid: Optional[int] = None) -> Dict[str, Any]:
         """Freeze the VM into a bundle directory (which must not exist).
-        With ``keep_alive`` (the default here) the VM goes on afterwards;
-        otherwise it stops once the bundle is complete. A VM with a
-        checkpoint writes a delta over it unless ``full``."""
-        return dict(json.loads(self._n.snapshot(os.fspath(out_dir), keep_alive, full, timeout)))
+        With ``keep_alive`` (the default here for the whole-VM engine) the
+        VM goes on afterwards; otherwise it stops once the bundle is
+        complete. A VM with a checkpoint writes a delta over it unless
+        ``full``. ``engine="criu"`` (default: ``$MACHINEN_SNAPSHOT_ENGINE``,
+        else ``"vmstate"``) writes the VM's process tree (the main command,
+        or ``pid``'s) and disk instead, which ``restore`` resumes in a fresh
+        VM of the same image; it stops the VM unless ``keep_alive=True``
+        (the tree is then restored in place)."""
+        engine = engine or os.environ.get("MACHINEN_SNAPSHOT_ENGINE") or "vmstate"
+        if engine == "portable":
+            raise MachinenError(ErrorCode.SNAPSHOT_PORTABLE_UNSUPPORTED,
+                                "the portable engine captures one process: use capture_process")
+        if engine not in ("vmstate", "criu"):
+            raise ValueError(f"engine {engine!r} is not 'vmstate' or 'criu'")
+        if pid is not None and (engine != "criu" or isinstance(pid, bool)
+                                or not isinstance(pid, int) or pid < 1):
+            raise ValueError("pid names the process tree of a criu snapshot (a positive int)")
+        if engine == "criu":
+            if full:
+                raise ValueError("full is for vmstate snapshots: a criu bundle is self-contained")
+            keep = bool(keep_alive) if keep_alive is not None else False
+            return dict(json.loads(self._n.snapshot_criu(os.fspath(out_dir), keep, pid, timeout)))
+        keep = True if keep_alive is None else bool(keep_alive)
+        return dict(json.loads(self._n.snapshot(os.fspath(out_dir), keep, full, timeout)))
 
     @_native_call
     def fork(self, *, name: Optional[str] = None, out_dir: Optional[str] = None,
@@ -478,6 +500,7 @@ def boot(
     hostname: Optional[str] = None,
     memory_mib: Optional[int] = None,
     cpus: Optional[int] = None,
+    cpu_model: Optional[str] = None,
     network: Optional[str] = None,
     detached: bool = False,
     boot_timeout: Optional[float] = None,
@@ -502,7 +525,7 @@ def boot(
     The options are the CLI's ``boot`` flags (see ``machinen boot --help``)."""
     opts = _boot_opts(dict(
         image=image, name=name, hostname=hostname, memory_mib=memory_mib, cpus=cpus,
-        network=network,
+        cpu_model=cpu_model, network=network,
         detached=detached, boot_timeout=boot_timeout, ports=ports, secrets=secrets,
         cmd=cmd, env=env, cwd=cwd, user=user, keep_alive_on_exit=keep_alive_on_exit,
         disk_size=disk_size, net_policy=dict(net_policy) if net_policy else None,
@@ -525,13 +548,19 @@ def restore(
     own_ram: bool = False,
     net_policy: Optional[Mapping[str, Any]] = None,
     egress_secrets: Optional[Sequence[Mapping[str, Any]]] = None,
+    memory_mib: Optional[int] = None,
+    cpus: Optional[int] = None,
+    cpu_model: Optional[str] = None,
 ) -> Vm:
     """Resume a snapshot bundle (a directory, or a registry reference)
-    where it was frozen."""
+    where it was frozen. A CRIU bundle (``snapshot(engine="criu")``) is
+    resumed in a fresh VM of its image, with ``memory_mib``, ``cpus`` and
+    ``cpu_model`` if given (a whole-VM bundle refuses them)."""
     opts = _boot_opts(dict(
         bundle=os.fspath(bundle), name=name, detached=detached, ports=ports,
         boot_timeout=boot_timeout, reset_tcp=reset_tcp, own_ram=own_ram,
         net_policy=dict(net_policy) if net_policy else None, egress_secrets=egress_secrets,
+        memory_mib=memory_mib, cpus=cpus, cpu_model=cpu_model,
     ))
     return Vm(_native.restore(opts), detached)
 
