@@ -81,8 +81,25 @@ fn reason(log: &Path, printed: &str) -> String {
 }
 
 /// Run CRIU (through the agent's CRIU mode) with `fds` as its descriptors
-/// 3, 4, …; its exit status and what it printed, or why it did not run.
+/// 3, 4, …; on failure, why (from its `log`, else what it printed).
 async fn run_criu(
+    criu_dir: &str,
+    args: Vec<String>,
+    fds: Vec<OwnedFd>,
+    bound: std::time::Duration,
+    log: &Path,
+) -> Result<(), String> {
+    match run_criu_status(criu_dir, args, fds, bound).await? {
+        (0, _) => Ok(()),
+        (code, printed) => Err(format!(
+            "{} (CRIU exit status {code})",
+            reason(log, &printed)
+        )),
+    }
+}
+
+/// [`run_criu`]'s exit status and output, or why CRIU did not run.
+async fn run_criu_status(
     criu_dir: &str,
     args: Vec<String>,
     fds: Vec<OwnedFd>,
@@ -256,16 +273,15 @@ async fn dump(slot: &MainSlot, req: CriuDumpRequest) -> Result<CriuDumped, WireE
         slot.begin_checkpoint(pid);
     }
     debug!("criu dump of pid {pid} ({name}) into {}", req.images);
-    let ran = run_criu(&req.criu, args, Vec::new(), timeouts::CRIU_DUMP).await;
-    let failed = match ran {
-        Ok((0, _)) => None,
-        Ok((code, printed)) => Some(format!(
-            "{} (CRIU exit status {code})",
-            reason(&dir.join("dump.log"), &printed)
-        )),
-        Err(e) => Some(e),
-    };
-    if let Some(why) = failed {
+    let ran = run_criu(
+        &req.criu,
+        args,
+        Vec::new(),
+        timeouts::CRIU_DUMP,
+        &dir.join("dump.log"),
+    )
+    .await;
+    if let Err(why) = ran {
         // CRIU resumes the tree when a dump fails.
         slot.end_checkpoint();
         return Err(wire(
@@ -347,16 +363,8 @@ async fn restore(slot: &Arc<MainSlot>, req: CriuRestoreRequest) -> Result<u32, W
         ours = (Some(in_w), Some(out_r), Some(err_r));
     }
     debug!("criu restore from {}", req.images);
-    let ran = run_criu(&req.criu, args, fds, timeouts::CRIU_RESTORE).await;
-    let failed = match ran {
-        Ok((0, _)) => None,
-        Ok((code, printed)) => Some(format!(
-            "{} (CRIU exit status {code})",
-            reason(&dir.join("restore.log"), &printed)
-        )),
-        Err(e) => Some(e),
-    };
-    if let Some(why) = failed {
+    let log = dir.join("restore.log");
+    if let Err(why) = run_criu(&req.criu, args, fds, timeouts::CRIU_RESTORE, &log).await {
         return Err(wire(
             ErrorCode::RestoreBundleIncompatible,
             format!("CRIU could not restore the process tree here: {why}"),

@@ -27,7 +27,6 @@ fn library_path(root: &Path) -> String {
 }
 
 fn load_modules(dir: &Path) -> Result<(), String> {
-    use nix::kmod::{finit_module, ModuleInitFlags};
     let list = dir.join("modules.load");
     let text = std::fs::read_to_string(&list).map_err(|e| format!("{}: {e}", list.display()))?;
     for rel in crate::init::parse_modules_load(&text) {
@@ -35,12 +34,7 @@ fn load_modules(dir: &Path) -> Result<(), String> {
         if rel.is_absolute() || rel.components().any(|c| c.as_os_str() == "..") {
             return Err(format!("{}: {} is outside", list.display(), rel.display()));
         }
-        let path = dir.join(&rel);
-        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        match finit_module(&file, c"", ModuleInitFlags::empty()) {
-            Ok(()) | Err(nix::Error::EEXIST) => {}
-            Err(e) => return Err(format!("loading {}: {e}", path.display())),
-        }
+        crate::init::load_module(&dir.join(&rel))?;
     }
     Ok(())
 }

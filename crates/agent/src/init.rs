@@ -130,20 +130,21 @@ pub fn parse_modules_load(text: &str) -> Vec<PathBuf> {
 /// missing driver shows up as a missing device later, with a clearer
 /// message).
 pub fn load_modules(list: &[PathBuf]) {
-    use nix::kmod::{finit_module, ModuleInitFlags};
     for path in list {
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                error!("module {}: {e}", path.display());
-                continue;
-            }
-        };
-        match finit_module(&file, c"", ModuleInitFlags::empty()) {
+        match load_module(path) {
             Ok(()) => debug!("loaded {}", path.display()),
-            Err(nix::Error::EEXIST) => debug!("{} already loaded", path.display()),
-            Err(e) => error!("loading module {}: {e}", path.display()),
+            Err(e) => error!("{e}"),
         }
+    }
+}
+
+/// Load one kernel module file; one that is loaded already is fine.
+pub(crate) fn load_module(path: &Path) -> Result<(), String> {
+    use nix::kmod::{finit_module, ModuleInitFlags};
+    let file = std::fs::File::open(path).map_err(|e| format!("module {}: {e}", path.display()))?;
+    match finit_module(&file, c"", ModuleInitFlags::empty()) {
+        Ok(()) | Err(nix::Error::EEXIST) => Ok(()),
+        Err(e) => Err(format!("loading module {}: {e}", path.display())),
     }
 }
 

@@ -132,22 +132,13 @@ fn wanted_modules(
     modules_dir: &Path,
     kernel_version: &str,
 ) -> Result<Vec<modules::Module>, ImageError> {
-    let unreadable = |path: PathBuf| {
-        move |source| ImageError::ModulesUnreadable {
+    let (dep, builtin) = modules::read_tables(modules_dir).map_err(|(path, source)| {
+        ImageError::ModulesUnreadable {
             kernel_version: kernel_version.to_string(),
             path,
             source,
         }
-    };
-    let dep_path = modules_dir.join("modules.dep");
-    let dep = fs::read_to_string(&dep_path).map_err(unreadable(dep_path.clone()))?;
-    let builtin_path = modules_dir.join("modules.builtin");
-    let builtin = match fs::read_to_string(&builtin_path) {
-        Ok(t) => t,
-        // A kernel with everything modular has nothing built in.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(unreadable(builtin_path)(e)),
-    };
+    })?;
     modules::resolve(&dep, &builtin, modules::WANTED, modules::REQUIRED).map_err(
         |modules::ResolveError::RequiredMissing(module)| ImageError::RequiredModuleMissing {
             kernel_version: kernel_version.to_string(),

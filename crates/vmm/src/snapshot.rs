@@ -286,18 +286,7 @@ async fn take_disk<M: Machine>(
     if let Some(log) = crate::service::log_for_bundle(spec) {
         copies.push((log, out.join(bundle::MAIN_LOG), "main command's log"));
     }
-    let copied = async {
-        for (src, dst, what) in copies {
-            tokio::task::spawn_blocking(move || {
-                bundle::sparse_copy_until(&src, &dst, Some(deadline))
-            })
-            .await
-            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-            .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
-        }
-        Ok::<(), StartError>(())
-    }
-    .await;
+    let copied = copy_all(copies, deadline, timeout).await;
     if let Err(e) = machine.resume().await {
         tracing::error!("resuming after the disk copy failed: {e}");
     }
@@ -333,6 +322,22 @@ async fn take_disk<M: Machine>(
         disk_bytes,
         phases: Vec::new(),
     })
+}
+
+/// Sparse copies of `(source, destination, what)`, in order, off the
+/// runtime's threads, bounded by `deadline`.
+async fn copy_all(
+    copies: Vec<(PathBuf, PathBuf, &'static str)>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), StartError> {
+    for (src, dst, what) in copies {
+        tokio::task::spawn_blocking(move || bundle::sparse_copy_until(&src, &dst, Some(deadline)))
+            .await
+            .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
+            .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
+    }
+    Ok(())
 }
 
 /// The snapshot's bound: `timeout_ms`, or the default for 0.
@@ -523,14 +528,7 @@ impl<M: Machine> Phases<'_, M> {
             if let Some(log) = crate::service::log_for_bundle(spec) {
                 copies.push((log, builder.path(bundle::MAIN_LOG), "main command's log"));
             }
-            for (src, dst, what) in copies {
-                tokio::task::spawn_blocking(move || {
-                    bundle::sparse_copy_until(&src, &dst, Some(deadline))
-                })
-                .await
-                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?
-                .map_err(|e| bundle_err(timeout, &format!("copying the {what}"), e))?;
-            }
+            copy_all(copies, deadline, timeout).await?;
             clock.mark("copies");
             Ok::<(), StartError>(())
         }

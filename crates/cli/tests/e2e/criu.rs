@@ -60,15 +60,11 @@ fn criu_engine_moves_the_counter_service_to_another_cpu_model_and_memory_and_it_
     let sleeper = sleeper.trim();
     assert!(!sleeper.is_empty(), "no sleeper found");
     let refused_out = tmp.path().join("refused");
-    let refused = env.run(&[
-        "snapshot",
-        "svc",
-        refused_out.to_str().expect("utf-8"),
-        "--engine",
-        "criu",
-        "--pid",
-        sleeper,
-    ]);
+    let snapshot_of = |pid: &str| {
+        let out = refused_out.to_str().expect("utf-8");
+        env.run(&["snapshot", "svc", out, "--engine", "criu", "--pid", pid])
+    };
+    let refused = snapshot_of(sleeper);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
         err.contains("SNAPSHOT_DUMP_FAILED")
@@ -78,15 +74,7 @@ fn criu_engine_moves_the_counter_service_to_another_cpu_model_and_memory_and_it_
     );
     assert!(!refused_out.exists());
     for bad in ["1", "999999"] {
-        let o = env.run(&[
-            "snapshot",
-            "svc",
-            refused_out.to_str().expect("utf-8"),
-            "--engine",
-            "criu",
-            "--pid",
-            bad,
-        ]);
+        let o = snapshot_of(bad);
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("SNAPSHOT_DUMP_FAILED"),
             "{o:?}"

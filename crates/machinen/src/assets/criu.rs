@@ -218,12 +218,7 @@ fn stage_modules(assets: &Assets, stage: &Path) -> Result<Vec<String>, InstallEr
         .modules_root
         .join("lib/modules")
         .join(&assets.kernel_version);
-    let read = |name: &str| {
-        let p = mdir.join(name);
-        fs::read_to_string(&p).map_err(io_err("read", &p))
-    };
-    let dep = read("modules.dep")?;
-    let builtin = read("modules.builtin").unwrap_or_default();
+    let (dep, builtin) = modules::read_tables(&mdir).map_err(|(p, e)| io_err("read", &p)(e))?;
     let list = modules::resolve(&dep, &builtin, MODULES, &[]).map_err(
         |modules::ResolveError::RequiredMissing(m)| InstallError::KernelPackageInvalid {
             package: assets.kernel_version.clone(),

@@ -271,6 +271,21 @@ pub(crate) enum ResolveError {
     RequiredMissing(String),
 }
 
+/// The `modules.dep` and `modules.builtin` of a kernel's module directory
+/// (a kernel with everything modular has no `modules.builtin`), or the file
+/// that could not be read and why.
+pub(crate) fn read_tables(dir: &Path) -> Result<(String, String), (PathBuf, io::Error)> {
+    let dep_path = dir.join("modules.dep");
+    let dep = fs::read_to_string(&dep_path).map_err(|e| (dep_path, e))?;
+    let builtin_path = dir.join("modules.builtin");
+    let builtin = match fs::read_to_string(&builtin_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err((builtin_path, e)),
+    };
+    Ok((dep, builtin))
+}
+
 /// The modules to load, dependencies first, from `modules.dep` text and
 /// `modules.builtin` text: wanted modules that are built into the kernel are
 /// skipped, missing optional ones are skipped with a warning, a missing
