@@ -27,6 +27,8 @@ pub fn bundle_main(spec: &VmSpec) -> Option<MainSpec> {
     spec.main.clone().map(|mut m| {
         m.env.clear();
         m.cwd = None;
+        // A restored guest runs it already, however it got there.
+        m.adopt = false;
         m
     })
 }

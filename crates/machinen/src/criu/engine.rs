@@ -63,6 +63,12 @@ pub struct CriuMeta {
     pub cpus: u32,
     pub snapped_at_ms: u64,
     pub network: NetworkMode,
+    /// The egress policy in force at the snapshot's start.
+    #[serde(
+        default,
+        skip_serializing_if = "machinen_proto::netpolicy::NetPolicy::is_default"
+    )]
+    pub net_policy: machinen_proto::netpolicy::NetPolicy,
     /// The tree's root, as CRIU restores it (the same pid).
     pub pid: u32,
     pub comm: String,
@@ -362,6 +368,22 @@ pub async fn snapshot(vm: &Vm, paths: &crate::Paths, o: &SnapshotOptions) -> Res
         })
     })
     .await?;
+    if spec.mounts.is_some() || spec.live_mounts.is_some() {
+        return Err(fail(
+            ErrorCode::SnapshotDumpFailed,
+            format!(
+                "{} has host directories mounted: a CRIU bundle carries the root disk only",
+                vm.name()
+            ),
+        )
+        .hint("snapshot it with the whole-VM engine (--engine vmstate), which keeps its mounts")
+        .into());
+    }
+    let net_policy = vm
+        .network()
+        .await
+        .map(|r| r.policy)
+        .unwrap_or_else(|_| spec.net_policy.clone());
     let criu = super::installed(paths)?;
     super::stage(vm, &criu.dir).await?;
     let marker: serde_json::Value =
@@ -446,6 +468,7 @@ pub async fn snapshot(vm: &Vm, paths: &crate::Paths, o: &SnapshotOptions) -> Res
         cpus: spec.cpus,
         snapped_at_ms: crate::registry::now_ms(),
         network: spec.network,
+        net_policy,
         pid: dumped.pid,
         comm: dumped.comm.clone(),
         stdio: dumped.stdio.clone(),
@@ -524,6 +547,17 @@ pub async fn restore(o: crate::RestoreOptions, bundle_dir: PathBuf) -> Result<Vm
     let paths = crate::Paths::from_env()?;
     let dir = bundle_dir.clone();
     let meta = crate::vm::blocking(move || check_bundle(&dir)).await?;
+    if !o.live_mounts.is_empty() || o.own_ram {
+        return Err(fail(
+            ErrorCode::RestoreBundleIncompatible,
+            format!(
+                "{} is a CRIU bundle: it has no live mounts to serve elsewhere and no RAM to own",
+                bundle_dir.display()
+            ),
+        )
+        .hint("drop --mount-live and --own-ram")
+        .into());
+    }
     let criu = super::installed(&paths)?;
     let main_log = bundle_dir.join(bundle::MAIN_LOG);
     let image = o
@@ -542,7 +576,10 @@ pub async fn restore(o: crate::RestoreOptions, bundle_dir: PathBuf) -> Result<Vm
         cpus: o.cpus.unwrap_or(meta.cpus),
         cpu_model: o.cpu_model.clone(),
         network: meta.network,
-        net_policy: o.net_policy.clone().unwrap_or_default(),
+        net_policy: o
+            .net_policy
+            .clone()
+            .unwrap_or_else(|| meta.net_policy.clone()),
         egress_secrets: o.egress_secrets.clone(),
         detached: o.detached,
         boot_timeout: o.boot_timeout,
@@ -636,6 +673,7 @@ mod tests {
             cpus: 1,
             snapped_at_ms: 1,
             network: NetworkMode::default(),
+            net_policy: Default::default(),
             pid: 84,
             comm: "sh".into(),
             stdio: vec!["pipe:[1]".into()],
