@@ -311,6 +311,34 @@ where
     answer(s, frame).await;
 }
 
+/// The highest pid among the dumped processes in `images`, 0 if none.
+fn top_pid(images: &Path) -> u32 {
+    let names = std::fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok());
+    machinen_proto::criu_top_pid(names)
+}
+
+/// CRIU gives every process its dumped pid back: make the kernel hand out
+/// pids above them from now on, so that nothing started meanwhile (CRIU
+/// itself, the agent's threads) takes one. Pids in use are skipped by the
+/// kernel whatever the counter says, so moving it back is harmless too.
+fn reserve_pids(images: &Path) {
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let top = top_pid(images);
+    let now: u32 = std::fs::read_to_string(LAST_PID)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if top > now {
+        if let Err(e) = std::fs::write(LAST_PID, top.to_string()) {
+            debug!("{LAST_PID}: {e}");
+        }
+    }
+}
+
 fn pipe_pair() -> Result<(OwnedFd, OwnedFd), WireError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| wire(ErrorCode::RestoreBundleIncompatible, format!("pipe: {e}")))
@@ -362,6 +390,7 @@ async fn restore(slot: &Arc<MainSlot>, req: CriuRestoreRequest) -> Result<u32, W
         fds = vec![in_r, out_w, err_w];
         ours = (Some(in_w), Some(out_r), Some(err_r));
     }
+    reserve_pids(dir);
     debug!("criu restore from {}", req.images);
     let log = dir.join("restore.log");
     if let Err(why) = run_criu(&req.criu, args, fds, timeouts::CRIU_RESTORE, &log).await {
@@ -426,6 +455,24 @@ mod tests {
         ] {
             assert!(!is_pipe_key(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_top_pid_is_read_from_the_core_images() {
+        let d = std::env::temp_dir().join(format!("ckpt-pids-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("test io");
+        assert_eq!(top_pid(&d), 0);
+        for f in [
+            "core-84.img",
+            "core-118.img",
+            "core-x.img",
+            "mm-900.img",
+            "core-7.img",
+        ] {
+            std::fs::write(d.join(f), b"").expect("test io");
+        }
+        assert_eq!(top_pid(&d), 118);
+        std::fs::remove_dir_all(&d).expect("test io");
     }
 
     #[test]

@@ -796,6 +796,23 @@ pub struct CriuDumped {
     pub stdio: Vec<String>,
 }
 
+/// The highest pid among the processes CRIU dumped into a directory, from
+/// its file names (`core-PID.img`); 0 when there is none. CRIU gives every
+/// process its pid back, so a restore keeps new pids above this one.
+pub fn criu_top_pid<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> u32 {
+    names
+        .into_iter()
+        .filter_map(|n| {
+            n.as_ref()
+                .strip_prefix("core-")?
+                .strip_suffix(".img")?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Restore a process tree from CRIU images in a guest directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct CriuRestoreRequest {

@@ -277,6 +277,16 @@ pub(crate) fn resume_disk(r: &Resume, disk: &Path, log: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The highest pid among a bundle's dumped processes, 0 if none.
+fn top_pid(images: &Path) -> u32 {
+    let names = std::fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok());
+    machinen_proto::criu_top_pid(names)
+}
+
 fn scratch_name(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -597,8 +607,20 @@ pub async fn restore(o: crate::RestoreOptions, bundle_dir: PathBuf) -> Result<Vm
         }),
         ..Default::default()
     };
+    let top = top_pid(&bundle_dir.join(IMG));
     let vm = crate::vm::boot(opts).await?;
     let resumed = async {
+        // Before anything else runs in the guest: its next pids above the
+        // dumped ones, which CRIU gives back (the agent checks again).
+        if top > 0 {
+            let last = "/proc/sys/kernel/ns_last_pid";
+            let script = format!("[ \"$(cat {last})\" -lt {top} ] && echo {top} > {last}; true");
+            vm.exec(crate::vm::ExecOptions {
+                argv: vec!["sh".into(), "-c".into(), script],
+                ..Default::default()
+            })
+            .await?;
+        }
         super::stage(&vm, &criu.dir).await?;
         let guest = scratch_name("restore");
         vm.push_dir(
