@@ -438,6 +438,20 @@ impl<M: Machine> Phases<'_, M> {
         // the pause is only for what changed meanwhile, whatever the
         // memory ceiling or the VM's history.
         let live = spec.ram_file.is_none();
+        // A delta's scan of the RAM, readied while the guest still runs.
+        if let (true, Some(ram), Some(mut record)) = (
+            plan.ram_delta,
+            spec.ram_file.clone(),
+            chain.ram_record.take(),
+        ) {
+            let back = tokio::task::spawn_blocking(move || {
+                record.prepare(&ram);
+                record
+            })
+            .await;
+            chain.ram_record = back.ok();
+            clock.mark("ram-map");
+        }
         if !live {
             if let Err(e) = machine.pause().await {
                 return abandon(builder, err(ErrorCode::SnapshotDumpFailed, e.to_string())).await;
