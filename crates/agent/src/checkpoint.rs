@@ -311,15 +311,7 @@ where
     answer(s, frame).await;
 }
 
-/// The highest pid among the dumped processes in `images`, 0 if none.
-fn top_pid(images: &Path) -> u32 {
-    let names = std::fs::read_dir(images)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok());
-    machinen_proto::criu_top_pid(names)
-}
+use machinen_proto::criu_top_pid_in as top_pid;
 
 /// CRIU gives every process its dumped pid back: make the kernel hand out
 /// pids above them from now on, so that nothing started meanwhile (CRIU

@@ -813,6 +813,16 @@ pub fn criu_top_pid<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> u32 {
         .unwrap_or(0)
 }
 
+/// [`criu_top_pid`] of the files in `dir` (0 when it cannot be read).
+pub fn criu_top_pid_in(dir: &std::path::Path) -> u32 {
+    let names = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok());
+    criu_top_pid(names)
+}
+
 /// Restore a process tree from CRIU images in a guest directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct CriuRestoreRequest {

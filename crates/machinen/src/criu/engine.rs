@@ -277,15 +277,7 @@ pub(crate) fn resume_disk(r: &Resume, disk: &Path, log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The highest pid among a bundle's dumped processes, 0 if none.
-fn top_pid(images: &Path) -> u32 {
-    let names = std::fs::read_dir(images)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok());
-    machinen_proto::criu_top_pid(names)
-}
+use machinen_proto::criu_top_pid_in as top_pid;
 
 fn scratch_name(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -518,7 +510,6 @@ pub async fn snapshot(vm: &Vm, paths: &crate::Paths, o: &SnapshotOptions) -> Res
     }
     let o2 = out.clone();
     let (bytes, disk_bytes) = crate::vm::blocking(move || Ok(bundle::dir_usage(&o2))).await?;
-    let _ = disk;
     Ok(CriuReport {
         out,
         engine: ENGINE,
