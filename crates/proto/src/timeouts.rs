@@ -227,6 +227,10 @@ pub const CRNG_WARN: Duration = secs(1);
 /// migration status, the root block device, the guest's link.
 pub const STATE_POLL: Duration = millis(10);
 
+/// The first poll of a wait that often ends within milliseconds (a paused
+/// machine-state save): later polls double up to [`STATE_POLL`].
+pub const STATE_POLL_FIRST: Duration = millis(1);
+
 /// Poll for processes to be gone (a supervisor, the guest's other
 /// processes at power-off).
 pub const EXIT_POLL: Duration = millis(20);
@@ -321,6 +325,7 @@ mod tests {
         assert!(HANGUP_GRACE + DRAIN_IDLE < GRACEFUL_STOP);
         // Polls are much finer than the waits they serve.
         assert!(STATE_POLL * 10 <= QMP_COMMAND && EXIT_POLL * 10 <= SUPERVISOR_EXIT);
+        assert!(STATE_POLL_FIRST < STATE_POLL);
         assert!(SLOW_POLL * 10 <= CRASH_CAUSE && SLOW_POLL * 10 <= PORT_WAIT_WARN);
         // A half-created VM is not taken for debris while it may still boot.
         assert!(REGISTRY_CLAIM_GRACE >= BOOT);

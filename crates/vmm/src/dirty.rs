@@ -1,29 +1,37 @@
 //! Which pages of a VM's RAM file changed since the last checkpoint.
 //!
 //! At a checkpoint that holds the whole RAM the supervisor records a keyed
-//! digest (64 bits of HighwayHash, a keyed pseudorandom function, with a
-//! random key of the supervisor's own that the guest never sees, so it
-//! cannot craft a page that collides with what a page held) of every
-//! 4 KiB page; the next checkpoint, with the guest paused, hashes the RAM
-//! file again and writes only the pages whose digest differs, updating
-//! the record. The hashing is the pause's largest part: HighwayHash (SIMD)
-//! hashes 4 KiB pages about 3.3× as fast as keyed BLAKE3 here (300 MiB on
-//! one core: 35 against 116 ms), which took a delta checkpoint's pause from
-//! 112-117 to 59-67 ms. The pages are read through a read-only mapping of
-//! the RAM file whose page tables [`PageHashes::prepare`] fills while the
-//! guest still runs (`MADV_POPULATE_READ` over the file's data): the paused
-//! scan then neither copies the memory (`pread`) nor takes a page fault per
-//! page (a mapping populated at pause time was slower than `pread`: 67-77
-//! ms). The mapping lives for one checkpoint, so that the pages do not
-//! count as the supervisor's between checkpoints. Holes (never touched, or
-//! given back by the balloon) count as zero pages. The cost is one read of
-//! the memory the guest uses, at hashing speed, instead of a copy of it to
-//! disk.
+//! digest of every 4 KiB page: 64 bits of XXH3 with a random 192-byte
+//! secret of the supervisor's own, which the guest never sees. The next
+//! checkpoint, with the guest paused, hashes the RAM file again and writes
+//! only the pages whose digest differs, updating the record. The hashing
+//! is the pause's largest part, so its speed is the pause: 300 MiB of
+//! 4 KiB pages on one core here take 25-29 ms with XXH3, 75 ms with
+//! HighwayHash and 116 ms with keyed BLAKE3 (docs/performance.md has what
+//! each did to a delta checkpoint's pause).
+//!
+//! XXH3 is not a pseudorandom function, and it need not be one here: a
+//! page whose new content collides with its old digest is left out of the
+//! delta, so the restored VM shows what that page held at the parent. Only
+//! the guest writes its RAM, so a guest that crafted such a collision
+//! (blind: it knows neither the secret nor the digests) could only make its
+//! own snapshot show content it could have written itself. Chance
+//! collisions, at 2^-64 per changed page, are far rarer than memory errors.
+//!
+//! The pages are read through a read-only mapping of the RAM file whose
+//! page tables [`PageHashes::prepare`] fills while the guest still runs
+//! (`MADV_POPULATE_READ` over the file's data): the paused scan then
+//! neither copies the memory (`pread`) nor takes a page fault per page (a
+//! mapping populated at pause time was slower than `pread`). The mapping
+//! lives for one checkpoint, so that the pages do not count as the
+//! supervisor's between checkpoints. Holes (never touched, or given back by
+//! the balloon) count as zero pages. The cost is one read of the memory the
+//! guest uses, at hashing speed, instead of a copy of it to disk.
 //!
 //! Content comparison needs nothing from the kernel (soft-dirty bits, which
 //! would spare the read, are not built into every kernel) and misses
 //! nothing: a page is left out only when its content is what the parent
-//! holds.
+//! holds (or collides with it, as above).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,7 +43,7 @@ const CHUNK: usize = 1 << 20;
 
 /// The digests of a RAM file's pages at the last checkpoint.
 pub struct PageHashes {
-    key: [u64; 4],
+    key: Box<Key>,
     zero: u64,
     hashes: Vec<u64>,
     /// The RAM file mapped for the next scan ([`PageHashes::prepare`]).
@@ -111,11 +119,15 @@ impl Drop for Mapped {
     }
 }
 
-fn digest(key: &[u64; 4], page: &[u8]) -> u64 {
-    use highway::{HighwayHash, HighwayHasher, Key};
-    let mut h = HighwayHasher::new(Key(*key));
-    h.append(page);
-    h.finalize64()
+/// The digests' secret: longer than XXH3's minimum (136 bytes), so that
+/// keyed hashing cannot fail.
+type Key = [u8; 192];
+
+fn digest(key: &Key, page: &[u8]) -> u64 {
+    // Cannot fail: the secret is longer than the minimum. Were it to, every
+    // page would differ from its record and be written: a full delta, never
+    // a missed page.
+    twox_hash::XxHash3_64::oneshot_with_secret(key, page).unwrap_or_else(|_| rand::random())
 }
 
 /// Read `[off, end)` of `f` chunk by chunk, calling `each(page index, page)`.
@@ -155,7 +167,8 @@ fn page_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
 impl PageHashes {
     /// Record the pages of `file` (a RAM of `ram_bytes`) as they are now.
     pub fn of_file(file: &Path, ram_bytes: u64) -> std::io::Result<PageHashes> {
-        let key: [u64; 4] = rand::random();
+        let mut key: Box<Key> = Box::new([0; 192]);
+        rand::Rng::fill(&mut rand::thread_rng(), &mut key[..]);
         let zero = digest(&key, &[0u8; PAGE as usize]);
         let mut hashes = vec![zero; (ram_bytes / PAGE) as usize];
         let f = File::open(file)?;
@@ -207,7 +220,6 @@ impl PageHashes {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, 4) as u64;
-        let per = pages.div_ceil(workers).max(1);
         let (key, zero) = (&self.key, self.zero);
         // Used for this scan only (see `prepare`).
         let mapped = self.mapped.take();
@@ -215,10 +227,10 @@ impl PageHashes {
         let mut parts: Vec<(u64, &mut [u64])> = Vec::new();
         let mut rest: &mut [u64] = &mut self.hashes;
         let mut first = 0;
-        while !rest.is_empty() {
-            let (a, b) = rest.split_at_mut((per as usize).min(rest.len()));
+        for end in split_by_data(&extents, pages, workers) {
+            let (a, b) = rest.split_at_mut((end - first) as usize);
             parts.push((first, a));
-            first += per;
+            first = end;
             rest = b;
         }
         let results: Vec<std::io::Result<Vec<(u64, u64)>>> = std::thread::scope(|s| {
@@ -250,11 +262,41 @@ impl PageHashes {
     }
 }
 
+/// Where to cut `0..pages` into at most `workers` ranges holding about as
+/// much data each (the hashing is the work; holes cost nearly nothing, and
+/// a guest's data is rarely spread evenly over its RAM): the ranges' ends,
+/// increasing, the last `pages`.
+fn split_by_data(extents: &[(u64, u64)], pages: u64, workers: u64) -> Vec<u64> {
+    let data: u64 = extents.iter().map(|(a, b)| (b - a) / PAGE).sum();
+    let share = data.div_ceil(workers.max(1)).max(1);
+    let mut ends = Vec::new();
+    let mut taken = 0;
+    for &(a, b) in extents {
+        let (a, b) = (a / PAGE, (b / PAGE).min(pages));
+        let mut at = a;
+        while at < b {
+            let want = share * (ends.len() as u64 + 1);
+            let step = want.saturating_sub(taken).min(b - at);
+            if step == 0 {
+                break;
+            }
+            at += step;
+            taken += step;
+            if taken >= want && ends.len() + 1 < workers as usize && at < pages {
+                ends.push(at);
+            }
+        }
+    }
+    ends.push(pages);
+    ends.dedup();
+    ends
+}
+
 /// [`PageHashes::changed`] for the pages `first..first + hashes.len()`,
 /// read from `mapped` when there is one, else from `f`.
 #[allow(clippy::too_many_arguments)]
 fn scan(
-    key: &[u64; 4],
+    key: &Key,
     zero: u64,
     f: &File,
     mapped: Option<&Mapped>,
@@ -316,6 +358,25 @@ fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scan_is_split_by_data_not_by_pages() {
+        let p = PAGE;
+        // All data in the last quarter: two workers each get half of it.
+        assert_eq!(split_by_data(&[(300 * p, 400 * p)], 400, 2), vec![350, 400]);
+        // Two extents of 10 and 30 pages: the cut falls in the second.
+        assert_eq!(
+            split_by_data(&[(0, 10 * p), (50 * p, 80 * p)], 100, 2),
+            vec![60, 100]
+        );
+        // No data, one worker, more workers than pages: always one range
+        // at least, ending at `pages`.
+        assert_eq!(split_by_data(&[], 100, 4), vec![100]);
+        assert_eq!(split_by_data(&[(0, 100 * p)], 100, 1), vec![100]);
+        assert_eq!(split_by_data(&[(0, 3 * p)], 3, 4), vec![1, 2, 3]);
+        // Data up to the very end: no empty last range.
+        assert_eq!(split_by_data(&[(0, 4 * p)], 4, 2), vec![2, 4]);
+    }
 
     #[test]
     fn changed_pages_are_found_written_and_recorded() {

@@ -459,6 +459,27 @@ impl<M: Machine> Phases<'_, M> {
             clock.mark("pause");
         }
         let mut paused_at = Instant::now();
+        // A delta's RAM scan is the pause's longest part and touches only
+        // the RAM file, which nothing writes while the guest is paused:
+        // it runs on its own threads beside the state and the copies.
+        let ram_scan = if plan.ram_delta {
+            let ram = spec.ram_file.clone().unwrap_or_default();
+            let (dst, list) = (builder.path(bundle::RAM), builder.path(bundle::RAM_PAGES));
+            let bytes = u64::from(spec.memory_mib) << 20;
+            // The record changes with the pages it finds: it is kept only
+            // once the bundle is complete.
+            let record = chain.ram_record.take();
+            Some(tokio::task::spawn_blocking(move || {
+                let mut record = record;
+                let r = match record.as_mut() {
+                    Some(rec) => ram_delta(rec, &ram, bytes, &dst, &list),
+                    None => Err(std::io::Error::other("no record of the RAM")),
+                };
+                (record, r)
+            }))
+        } else {
+            None
+        };
         let mut updated_record = None;
         let saved = async {
             // QEMU writes the state through `cat > file`, which keeps the mode
@@ -503,33 +524,6 @@ impl<M: Machine> Phases<'_, M> {
             if let Some(ram) = spec.ram_file.as_ref().filter(|_| !plan.ram_delta) {
                 copies.push((ram.clone(), builder.path(bundle::RAM), "guest RAM"));
             }
-            if plan.ram_delta {
-                let ram = spec.ram_file.clone().unwrap_or_default();
-                let (dst, list) = (builder.path(bundle::RAM), builder.path(bundle::RAM_PAGES));
-                let bytes = u64::from(spec.memory_mib) << 20;
-                // The record changes with the pages it finds: it is kept
-                // only once the bundle is complete.
-                let record = chain.ram_record.take();
-                let (record, r) = tokio::task::spawn_blocking(move || {
-                    let mut record = record;
-                    let r = match record.as_mut() {
-                        Some(rec) => ram_delta(rec, &ram, bytes, &dst, &list),
-                        None => Err(std::io::Error::other("no record of the RAM")),
-                    };
-                    (record, r)
-                })
-                .await
-                .map_err(|e| err(ErrorCode::SnapshotDumpFailed, e.to_string()))?;
-                r.map_err(|e| {
-                    err(
-                        ErrorCode::SnapshotDumpFailed,
-                        format!(
-                            "copying the RAM pages changed since the last checkpoint failed: {e}"
-                        ),
-                    )
-                })?;
-                updated_record = record;
-            }
             if let Some(m) = &spec.mounts {
                 copies.push((
                     m.layer.clone(),
@@ -547,6 +541,25 @@ impl<M: Machine> Phases<'_, M> {
             Ok::<(), StartError>(())
         }
         .await;
+        // Joined even when the rest failed: the bundle is abandoned only
+        // once nothing writes into it.
+        if let Some(scan) = ram_scan {
+            let scanned = match scan.await {
+                Ok((record, Ok(()))) => {
+                    updated_record = record;
+                    clock.mark("ram-delta");
+                    Ok(())
+                }
+                Ok((_, Err(e))) => Err(err(
+                    ErrorCode::SnapshotDumpFailed,
+                    format!("copying the RAM pages changed since the last checkpoint failed: {e}"),
+                )),
+                Err(e) => Err(err(ErrorCode::SnapshotDumpFailed, e.to_string())),
+            };
+            if let (Ok(()), Err(e)) = (&saved, scanned) {
+                return abandon(builder, e).await;
+            }
+        }
         if let Err(e) = saved {
             return abandon(builder, e).await;
         }

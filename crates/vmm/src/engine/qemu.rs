@@ -381,6 +381,10 @@ impl QemuMachine {
         use qapi::qmp::MigrationStatus as S;
         let started = Instant::now();
         let mut paused_at: Option<Instant> = None;
+        // A paused save of device state ends within milliseconds: poll
+        // finely at first so the guest is not kept paused for the poll,
+        // then back off to the usual pace for a long copy.
+        let mut poll = timeouts::STATE_POLL_FIRST;
         loop {
             let info = self
                 .qmp(
@@ -420,7 +424,8 @@ impl QemuMachine {
                 self.pause().await?;
                 paused_at = Some(Instant::now());
             }
-            tokio::time::sleep(timeouts::STATE_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(timeouts::STATE_POLL);
         }
     }
 
