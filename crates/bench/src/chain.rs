@@ -1,7 +1,9 @@
 //! Checkpoint chains: a VM with N MiB touched takes keep-alive checkpoints
 //! with ~1 MiB changed between them, as a chain of deltas and as full
 //! (`--full`) bundles, side by side: on-disk size, time and pause of each,
-//! and restore to ready from the chain's tip against a full bundle.
+//! and restore to ready from the chain's tip against a full bundle. The
+//! chain is taken on up to three fresh VMs, so that checkpoint 1 (one per
+//! chain) has a median; the full bundles and the restores use the last.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,13 +24,118 @@ fn on_disk(dir: &std::path::Path) -> u64 {
 
 pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
     let n = ctx.cfg.touched_mib;
-    let mut opts = ctx.boot_options("chain");
-    opts.memory_mib = Some(ctx.cfg.memory_mib.max(n * 2 + 256));
-    let vm = machinen::boot(opts).await.context("booting the chain VM")?;
-    let r = series(ctx, &vm, sec, n).await;
-    stop(vm).await?;
-    let (tip, full) = r?;
+    // Checkpoint 1 is one sample per chain, and it varies most (a copy of
+    // the touched RAM into a page cache that is clean or still writing
+    // back): several chains, each on a fresh VM, give it a median.
+    let chains = if ctx.cfg.quick {
+        1
+    } else {
+        ctx.cfg.runs.clamp(1, CHAINS)
+    };
+    let mut s = Samples::default();
+    let mut kept = None;
+    for c in 0..chains {
+        let mut opts = ctx.boot_options(&format!("chain-{c}"));
+        opts.memory_mib = Some(ctx.cfg.memory_mib.max(n * 2 + 256));
+        let vm = machinen::boot(opts).await.context("booting the chain VM")?;
+        let last = c + 1 == chains;
+        let r = series(ctx, &vm, &mut s, n, c, last).await;
+        stop(vm).await?;
+        let chain = r?;
+        // Only the last chain is restored: the others' bundles go.
+        for d in kept.replace(chain).unwrap_or_default() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    s.report(sec, n);
+    let (tip, full) = (
+        kept.and_then(|c| c.last().cloned())
+            .context("no checkpoint")?,
+        s.last_full.clone().context("no full checkpoint")?,
+    );
     restores(ctx, sec, &tip, &full).await
+}
+
+/// Chains at most (with enough runs).
+const CHAINS: usize = 3;
+
+/// The series' samples across chains.
+#[derive(Default)]
+struct Samples {
+    first_elapsed: Vec<f64>,
+    first_paused: Vec<f64>,
+    first_disk: Vec<f64>,
+    delta_elapsed: Vec<f64>,
+    delta_paused: Vec<f64>,
+    full_elapsed: Vec<f64>,
+    full_paused: Vec<f64>,
+    chain_disk: Option<(usize, f64)>,
+    full_disk: Option<f64>,
+    last_full: Option<PathBuf>,
+}
+
+impl Samples {
+    fn report(&mut self, sec: &mut Section, n: u32) {
+        let take = std::mem::take;
+        sec.add(
+            "first_elapsed_ms",
+            &format!("checkpoint 1 (full), {n} MiB touched: request to bundle"),
+            "ms",
+            take(&mut self.first_elapsed),
+        );
+        sec.add(
+            "first_paused_ms",
+            "checkpoint 1 (full): guest paused",
+            "ms",
+            take(&mut self.first_paused),
+        );
+        sec.add(
+            "first_disk_mib",
+            "checkpoint 1 (full): on disk",
+            "MiB",
+            take(&mut self.first_disk),
+        );
+        sec.add(
+            "delta_elapsed_ms",
+            "checkpoints 2.. (deltas, ~1 MiB changed): request to bundle",
+            "ms",
+            take(&mut self.delta_elapsed),
+        );
+        sec.add(
+            "delta_paused_ms",
+            "checkpoints 2.. (deltas): guest paused",
+            "ms",
+            take(&mut self.delta_paused),
+        );
+        sec.add(
+            "full_elapsed_ms",
+            "checkpoints with --full (~1 MiB changed): request to bundle",
+            "ms",
+            take(&mut self.full_elapsed),
+        );
+        sec.add(
+            "full_paused_ms",
+            "checkpoints with --full: guest paused",
+            "ms",
+            take(&mut self.full_paused),
+        );
+        if let Some((count, v)) = self.chain_disk {
+            sec.one(
+                "chain_disk_mib",
+                &format!("{count} checkpoints as a chain: on disk"),
+                "MiB",
+                v,
+            );
+            if let Some(v) = self.full_disk {
+                sec.one(
+                    "full_disk_mib",
+                    &format!("{count} checkpoints as full bundles: on disk"),
+                    "MiB",
+                    v,
+                );
+            }
+        }
+    }
 }
 
 /// One checkpoint after ~1 MiB of change: (elapsed ms, paused ms, bundle).
@@ -42,90 +149,48 @@ async fn checkpoint(vm: &Vm, out: PathBuf, full: bool) -> Result<(f64, f64, Path
     Ok((ms(t), rep.paused_ms as f64, out))
 }
 
-/// The chain, then the full bundles; returns the chain's tip and the last
-/// full bundle.
-async fn series(ctx: &Ctx, vm: &Vm, sec: &mut Section, n: u32) -> Result<(PathBuf, PathBuf)> {
+/// Chain `c`; on the `last`, the full bundles too. Returns the chain's tip.
+async fn series(
+    ctx: &Ctx,
+    vm: &Vm,
+    s: &mut Samples,
+    n: u32,
+    c: usize,
+    last: bool,
+) -> Result<Vec<PathBuf>> {
     sh(vm, &format!("head -c {n}M /dev/urandom > /dev/shm/blob")).await?;
     let count = if ctx.cfg.quick { 3 } else { CHECKPOINTS };
-    let (mut next_elapsed, mut next_paused, mut chain) = (Vec::new(), Vec::new(), Vec::new());
+    let mut chain = Vec::new();
     for i in 0..count {
-        let (e, p, out) = checkpoint(vm, ctx.path(&format!("chain-{i}")), false).await?;
+        let (e, p, out) = checkpoint(vm, ctx.path(&format!("chain{c}-{i}")), false).await?;
         if i == 0 {
-            sec.one(
-                "first_elapsed_ms",
-                &format!("checkpoint 1 (full), {n} MiB touched: request to bundle"),
-                "ms",
-                e,
-            );
-            sec.one(
-                "first_paused_ms",
-                "checkpoint 1 (full): guest paused",
-                "ms",
-                p,
-            );
-            sec.one(
-                "first_disk_mib",
-                "checkpoint 1 (full): on disk",
-                "MiB",
-                mib(on_disk(&out)),
-            );
+            s.first_elapsed.push(e);
+            s.first_paused.push(p);
+            s.first_disk.push(mib(on_disk(&out)));
         } else {
-            next_elapsed.push(e);
-            next_paused.push(p);
+            s.delta_elapsed.push(e);
+            s.delta_paused.push(p);
         }
         chain.push(out);
     }
-    sec.add(
-        "delta_elapsed_ms",
-        "checkpoints 2.. (deltas, ~1 MiB changed): request to bundle",
-        "ms",
-        next_elapsed,
-    );
-    sec.add(
-        "delta_paused_ms",
-        "checkpoints 2.. (deltas): guest paused",
-        "ms",
-        next_paused,
-    );
-    let (mut full_elapsed, mut full_paused, mut fulls) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..count {
-        let (e, p, out) = checkpoint(vm, ctx.path(&format!("full-{i}")), true).await?;
-        full_elapsed.push(e);
-        full_paused.push(p);
-        fulls.push(out);
-    }
-    sec.add(
-        "full_elapsed_ms",
-        "checkpoints with --full (~1 MiB changed): request to bundle",
-        "ms",
-        full_elapsed,
-    );
-    sec.add(
-        "full_paused_ms",
-        "checkpoints with --full: guest paused",
-        "ms",
-        full_paused,
-    );
     let total = |l: &[PathBuf]| mib(l.iter().map(|d| on_disk(d)).sum());
-    sec.one(
-        "chain_disk_mib",
-        &format!("{count} checkpoints as a chain: on disk"),
-        "MiB",
-        total(&chain),
-    );
-    sec.one(
-        "full_disk_mib",
-        &format!("{count} checkpoints as full bundles: on disk"),
-        "MiB",
-        total(&fulls),
-    );
-    // Keep the tip's chain and the last full bundle for the restores.
-    for d in &fulls[..fulls.len() - 1] {
-        let _ = std::fs::remove_dir_all(d);
+    s.chain_disk = Some((count, total(&chain)));
+    if last {
+        let mut fulls = Vec::new();
+        for i in 0..count {
+            let (e, p, out) = checkpoint(vm, ctx.path(&format!("full-{i}")), true).await?;
+            s.full_elapsed.push(e);
+            s.full_paused.push(p);
+            fulls.push(out);
+        }
+        s.full_disk = Some(total(&fulls));
+        // Keep the last full bundle for the restores.
+        for d in &fulls[..fulls.len() - 1] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        s.last_full = fulls.last().cloned();
     }
-    let tip = chain.last().context("no checkpoint")?.clone();
-    let full = fulls.last().context("no full checkpoint")?.clone();
-    Ok((tip, full))
+    Ok(chain)
 }
 
 async fn restores(ctx: &Ctx, sec: &mut Section, tip: &PathBuf, full: &PathBuf) -> Result<()> {

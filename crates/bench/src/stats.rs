@@ -224,13 +224,13 @@ pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
         ),
         (
             "delta_paused_over_full",
-            "checkpoint pause: delta / --full, same VM (n=9 vs 10)",
+            "checkpoint pause: delta / --full",
             "chain.delta_paused_ms",
             "chain.full_paused_ms",
         ),
         (
             "delta_elapsed_over_full",
-            "checkpoint time: delta / --full, same VM",
+            "checkpoint time: delta / --full",
             "chain.delta_elapsed_ms",
             "chain.full_elapsed_ms",
         ),
