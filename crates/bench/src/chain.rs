@@ -47,12 +47,12 @@ pub async fn run(ctx: &Ctx, sec: &mut Section) -> Result<()> {
             let _ = std::fs::remove_dir_all(d);
         }
     }
+    let full = s.last_full.take();
     s.report(sec, n);
-    let (tip, full) = (
-        kept.and_then(|c| c.last().cloned())
-            .context("no checkpoint")?,
-        s.last_full.clone().context("no full checkpoint")?,
-    );
+    let tip = kept
+        .and_then(|c| c.last().cloned())
+        .context("no checkpoint")?;
+    let full = full.context("no full checkpoint")?;
     restores(ctx, sec, &tip, &full).await
 }
 
@@ -75,64 +75,60 @@ struct Samples {
 }
 
 impl Samples {
-    fn report(&mut self, sec: &mut Section, n: u32) {
-        let take = std::mem::take;
-        sec.add(
-            "first_elapsed_ms",
-            &format!("checkpoint 1 (full), {n} MiB touched: request to bundle"),
-            "ms",
-            take(&mut self.first_elapsed),
-        );
-        sec.add(
-            "first_paused_ms",
-            "checkpoint 1 (full): guest paused",
-            "ms",
-            take(&mut self.first_paused),
-        );
-        sec.add(
-            "first_disk_mib",
-            "checkpoint 1 (full): on disk",
-            "MiB",
-            take(&mut self.first_disk),
-        );
-        sec.add(
-            "delta_elapsed_ms",
-            "checkpoints 2.. (deltas, ~1 MiB changed): request to bundle",
-            "ms",
-            take(&mut self.delta_elapsed),
-        );
-        sec.add(
-            "delta_paused_ms",
-            "checkpoints 2.. (deltas): guest paused",
-            "ms",
-            take(&mut self.delta_paused),
-        );
-        sec.add(
-            "full_elapsed_ms",
-            "checkpoints with --full (~1 MiB changed): request to bundle",
-            "ms",
-            take(&mut self.full_elapsed),
-        );
-        sec.add(
-            "full_paused_ms",
-            "checkpoints with --full: guest paused",
-            "ms",
-            take(&mut self.full_paused),
-        );
-        if let Some((count, v)) = self.chain_disk {
-            sec.one(
-                "chain_disk_mib",
-                &format!("{count} checkpoints as a chain: on disk"),
+    /// The rows, each over every chain's samples.
+    fn report(self, sec: &mut Section, n: u32) {
+        let rows = [
+            (
+                "first_elapsed_ms",
+                format!("checkpoint 1 (full), {n} MiB touched: request to bundle"),
+                "ms",
+                self.first_elapsed,
+            ),
+            (
+                "first_paused_ms",
+                "checkpoint 1 (full): guest paused".into(),
+                "ms",
+                self.first_paused,
+            ),
+            (
+                "first_disk_mib",
+                "checkpoint 1 (full): on disk".into(),
                 "MiB",
-                v,
-            );
+                self.first_disk,
+            ),
+            (
+                "delta_elapsed_ms",
+                "checkpoints 2.. (deltas, ~1 MiB changed): request to bundle".into(),
+                "ms",
+                self.delta_elapsed,
+            ),
+            (
+                "delta_paused_ms",
+                "checkpoints 2.. (deltas): guest paused".into(),
+                "ms",
+                self.delta_paused,
+            ),
+            (
+                "full_elapsed_ms",
+                "checkpoints with --full (~1 MiB changed): request to bundle".into(),
+                "ms",
+                self.full_elapsed,
+            ),
+            (
+                "full_paused_ms",
+                "checkpoints with --full: guest paused".into(),
+                "ms",
+                self.full_paused,
+            ),
+        ];
+        for (key, label, unit, samples) in rows {
+            sec.add(key, &label, unit, samples);
+        }
+        if let Some((count, v)) = self.chain_disk {
+            let label = |what: &str| format!("{count} checkpoints as {what}: on disk");
+            sec.one("chain_disk_mib", &label("a chain"), "MiB", v);
             if let Some(v) = self.full_disk {
-                sec.one(
-                    "full_disk_mib",
-                    &format!("{count} checkpoints as full bundles: on disk"),
-                    "MiB",
-                    v,
-                );
+                sec.one("full_disk_mib", &label("full bundles"), "MiB", v);
             }
         }
     }
@@ -149,7 +145,8 @@ async fn checkpoint(vm: &Vm, out: PathBuf, full: bool) -> Result<(f64, f64, Path
     Ok((ms(t), rep.paused_ms as f64, out))
 }
 
-/// Chain `c`; on the `last`, the full bundles too. Returns the chain's tip.
+/// Chain `c`; on the `last`, the full bundles too. Returns the chain's
+/// bundles, the tip last.
 async fn series(
     ctx: &Ctx,
     vm: &Vm,
