@@ -228,7 +228,10 @@ def test_ctrl_c_during_a_long_exec_leaves_nothing_behind() -> None:
 
 
 def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
-    counter = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+    # The count is renamed into place so that a read (or a dump) never
+    # meets the file truncated and not yet written.
+    counter = ("i=0; while true; do i=$((i+1)); echo $i > /root/count.new;"
+               " mv /root/count.new /root/count; sleep 0.2; done")
     with machinen.boot(name="py-counter", memory_mib=256, cmd=counter) as src:
         def count(v: machinen.Vm) -> int:
             try:
@@ -264,7 +267,10 @@ def test_snapshot_restore_and_fork_of_the_counter(tmp_path: Path) -> None:
 
 
 def test_criu_engine_moves_the_counter_into_a_vm_of_another_shape(tmp_path: Path) -> None:
-    counter = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+    # The count is renamed into place so that a read (or a dump) never
+    # meets the file truncated and not yet written.
+    counter = ("i=0; while true; do i=$((i+1)); echo $i > /root/count.new;"
+               " mv /root/count.new /root/count; sleep 0.2; done")
     src = machinen.boot(name="py-criu-src", memory_mib=512, cpu_model="Nehalem", cmd=counter)
     try:
         def count(v: machinen.Vm) -> int:
