@@ -41,14 +41,16 @@ fn a_vm_handed_off_through_a_registry_continues_and_its_next_checkpoint_uploads_
     let ins = ["--insecure-registry", reg.addr.as_str()];
     let local = |n: &str| dir.path().join(n);
 
-    // Host A: state on disk, in RAM, and a process counting in memory.
+    // Host A: state on disk, in RAM, and a process counting in memory (its
+    // count renamed into place: a read never meets it half-written).
     a.run_ok(&["boot", "--name", "src", "--detached"]);
     sh(
         &a,
         "src",
         "echo disk1 > /root/step; echo ram1 > /dev/shm/step; \
          head -c 30000000 /dev/urandom > /dev/shm/blob; \
-         nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.2; done' \
+         nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; \
+         mv /dev/shm/count.new /dev/shm/count; sleep 0.2; done' \
          >/dev/null 2>&1 &",
     );
     a.run_ok(&["snapshot", "src", s(&local("c1")), "--keep-alive"]);
