@@ -103,6 +103,8 @@ fn criu_engine_moves_the_counter_service_to_another_cpu_model_and_memory_and_it_
     let b = bundle.to_str().expect("utf-8");
     let snap = env.json(&["snapshot", "svc", b, "--engine", "criu", "--json"]);
     assert_eq!(snap["engine"], "criu", "{snap}");
+    // Above the pids a fresh VM of another shape uses for its own boot.
+    assert!(snap["pid"].as_u64() > Some(10_000), "{snap}");
     assert!(bundle.join("img").join("inventory.img").is_file());
     assert!(bundle.join("rootdisk.qcow2").is_file());
     let ls = env.run_ok(&["ls"]);
