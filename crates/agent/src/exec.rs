@@ -207,6 +207,38 @@ fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
+/// The lowest pid a process the agent starts gets, main command or exec
+/// (or half the kernel's `pid_max`, if that is lower). CRIU gives a moved
+/// tree its pids back, and the VM it moves into has used the low ones for
+/// its own boot: more CPUs mean more per-CPU kernel threads, so a process
+/// started right after boot would meet its pid taken there. From here, no
+/// fresh VM of any shape has reached yet; the agent's own helpers in the
+/// target have ended before CRIU restores.
+pub const PID_FLOOR: u32 = 10_000;
+
+/// Where the kernel's pid counter should move before a spawn, if anywhere.
+fn pid_floor(last: u32, pid_max: u32) -> Option<u32> {
+    let floor = PID_FLOOR.min(pid_max / 2);
+    (last < floor).then_some(floor)
+}
+
+/// Moves the pid counter up to [`PID_FLOOR`]; pids in use are skipped by
+/// the kernel whatever the counter says, so a race with another fork is
+/// harmless. Best effort: a kernel without the knob starts the process at
+/// whatever pid comes next.
+fn raise_pid_floor() {
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let read = |p: &str| -> Option<u32> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let (Some(last), Some(max)) = (read(LAST_PID), read("/proc/sys/kernel/pid_max")) else {
+        return;
+    };
+    if let Some(floor) = pid_floor(last, max) {
+        if let Err(e) = std::fs::write(LAST_PID, floor.to_string()) {
+            debug!("{LAST_PID}: {e}");
+        }
+    }
+}
+
 pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireError> {
     let Some(argv0) = req.argv.first() else {
         return Err(wire_error(code::SPAWN_FAILED, "empty argv: nothing to run"));
@@ -350,6 +382,7 @@ pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireEr
             });
         }
     }
+    raise_pid_floor();
     let (mut child, exit) = Reaper::global().spawn(&mut cmd).map_err(spawn_err)?;
     // The Command still holds our copies of the pty slave: close them now, or
     // the master never sees the end of the child's output.
@@ -709,6 +742,17 @@ async fn pump_output<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spawned_processes_start_above_the_pid_floor_never_below_the_counter() {
+        assert_eq!(pid_floor(120, 32_768), Some(PID_FLOOR));
+        assert_eq!(pid_floor(120, 4_194_304), Some(PID_FLOOR));
+        assert_eq!(pid_floor(PID_FLOOR, 32_768), None);
+        assert_eq!(pid_floor(25_000, 32_768), None, "never moved back");
+        // A small pid_max keeps half its range for the VM's own processes.
+        assert_eq!(pid_floor(120, 4_096), Some(2_048));
+        assert_eq!(pid_floor(3_000, 4_096), None);
+    }
 
     #[test]
     fn env_defaults_and_overrides() {

@@ -34,13 +34,6 @@ use crate::log::debug;
 /// Output the agent keeps for the host, in bytes (the newest records).
 pub const RING_BYTES: usize = 1 << 20;
 
-/// The lowest pid a main command gets (or half the kernel's `pid_max`, if
-/// that is lower). CRIU gives a moved tree its pids back, and the VM it
-/// moves into has used the low ones for its own boot: more CPUs mean more
-/// per-CPU kernel threads, so a tree started right after boot would meet
-/// them taken. From here, no fresh VM of any shape has reached yet.
-pub const MAIN_PID_FLOOR: u32 = 10_000;
-
 /// Most record bytes one attach turn takes out of the ring before writing
 /// them (so the lock is never held across a write).
 const BATCH_BYTES: usize = 256 * 1024;
@@ -250,30 +243,6 @@ fn wire_error(code: &str, message: impl Into<String>) -> Frame {
     })
 }
 
-/// Where the kernel's pid counter should move before a main command
-/// starts, if anywhere: see [`MAIN_PID_FLOOR`].
-fn pid_floor(last: u32, pid_max: u32) -> Option<u32> {
-    let floor = MAIN_PID_FLOOR.min(pid_max / 2);
-    (last < floor).then_some(floor)
-}
-
-/// Moves the pid counter up to [`MAIN_PID_FLOOR`]; pids in use are skipped
-/// by the kernel whatever the counter says, so a race with another fork
-/// is harmless. Best effort: a kernel without the knob starts the command
-/// at whatever pid comes next.
-fn raise_pid_floor() {
-    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
-    let read = |p: &str| -> Option<u32> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
-    let (Some(last), Some(max)) = (read(LAST_PID), read("/proc/sys/kernel/pid_max")) else {
-        return;
-    };
-    if let Some(floor) = pid_floor(last, max) {
-        if let Err(e) = std::fs::write(LAST_PID, floor.to_string()) {
-            debug!("{LAST_PID}: {e}");
-        }
-    }
-}
-
 /// `StartMain`: spawn the command and start collecting its output.
 pub async fn start<S>(mut s: S, slot: Arc<MainSlot>, main: MainRequest, hostname: &str)
 where
@@ -299,7 +268,6 @@ where
                 format!("this VM's main command already runs (pid {pid})"),
             ),
             None => {
-                raise_pid_floor();
                 match exec::spawn(&req, hostname) {
                     Err(e) => Frame::Error(e),
                     Ok(sp) => {
@@ -546,17 +514,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_main_command_starts_above_the_pid_floor_never_below_the_counter() {
-        assert_eq!(pid_floor(120, 32_768), Some(MAIN_PID_FLOOR));
-        assert_eq!(pid_floor(120, 4_194_304), Some(MAIN_PID_FLOOR));
-        assert_eq!(pid_floor(MAIN_PID_FLOOR, 32_768), None);
-        assert_eq!(pid_floor(25_000, 32_768), None, "never moved back");
-        // A small pid_max keeps half its range for the VM's own processes.
-        assert_eq!(pid_floor(120, 4_096), Some(2_048));
-        assert_eq!(pid_floor(3_000, 4_096), None);
-    }
 
     #[test]
     fn the_ring_keeps_the_newest_records_and_numbers_them() {

@@ -445,6 +445,8 @@ fn criu_moves_a_process_tree_to_a_vm_of_another_size_and_it_goes_on_counting() {
         "src",
         r#"i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"#,
     );
+    // Above the pids the bigger VM's boot takes (more CPUs, more threads).
+    assert!(pid.parse::<u32>().is_ok_and(|p| p > 10_000), "pid {pid}");
     super::wait_until(
         "the count to reach 30",
         std::time::Duration::from_secs(60),
