@@ -315,20 +315,9 @@ use machinen_proto::criu_top_pid_in as top_pid;
 
 /// CRIU gives every process its dumped pid back: make the kernel hand out
 /// pids above them from now on, so that nothing started meanwhile (CRIU
-/// itself, the agent's threads) takes one. Pids in use are skipped by the
-/// kernel whatever the counter says, so moving it back is harmless too.
+/// itself, the agent's threads) takes one.
 fn reserve_pids(images: &Path) {
-    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
-    let top = top_pid(images);
-    let now: u32 = std::fs::read_to_string(LAST_PID)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if top > now {
-        if let Err(e) = std::fs::write(LAST_PID, top.to_string()) {
-            debug!("{LAST_PID}: {e}");
-        }
-    }
+    crate::exec::raise_pid_counter(top_pid(images));
 }
 
 fn pipe_pair() -> Result<(OwnedFd, OwnedFd), WireError> {

@@ -216,24 +216,23 @@ fn open_pty(winsize: Option<WinSize>) -> io::Result<(OwnedFd, OwnedFd)> {
 /// target have ended before CRIU restores.
 pub const PID_FLOOR: u32 = 10_000;
 
-/// Where the kernel's pid counter should move before a spawn, if anywhere.
-fn pid_floor(last: u32, pid_max: u32) -> Option<u32> {
-    let floor = PID_FLOOR.min(pid_max / 2);
-    (last < floor).then_some(floor)
+/// The floor on a kernel whose pids end at `pid_max`.
+fn pid_floor(pid_max: u32) -> u32 {
+    PID_FLOOR.min(pid_max / 2)
 }
 
-/// Moves the pid counter up to [`PID_FLOOR`]; pids in use are skipped by
-/// the kernel whatever the counter says, so a race with another fork is
-/// harmless. Best effort: a kernel without the knob starts the process at
-/// whatever pid comes next.
-fn raise_pid_floor() {
+fn read_u32(path: &str) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Makes the kernel hand out pids above `to` from now on, unless its
+/// counter is past it already. Pids in use are skipped whatever the counter
+/// says, so a race with another fork is harmless. Best effort: without the
+/// knob, pids come as they come.
+pub(crate) fn raise_pid_counter(to: u32) {
     const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
-    let read = |p: &str| -> Option<u32> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
-    let (Some(last), Some(max)) = (read(LAST_PID), read("/proc/sys/kernel/pid_max")) else {
-        return;
-    };
-    if let Some(floor) = pid_floor(last, max) {
-        if let Err(e) = std::fs::write(LAST_PID, floor.to_string()) {
+    if read_u32(LAST_PID).is_some_and(|last| last < to) {
+        if let Err(e) = std::fs::write(LAST_PID, to.to_string()) {
             debug!("{LAST_PID}: {e}");
         }
     }
@@ -382,7 +381,9 @@ pub(crate) fn spawn(req: &ExecRequest, hostname: &str) -> Result<Spawned, WireEr
             });
         }
     }
-    raise_pid_floor();
+    if let Some(max) = read_u32("/proc/sys/kernel/pid_max") {
+        raise_pid_counter(pid_floor(max));
+    }
     let (mut child, exit) = Reaper::global().spawn(&mut cmd).map_err(spawn_err)?;
     // The Command still holds our copies of the pty slave: close them now, or
     // the master never sees the end of the child's output.
@@ -744,14 +745,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spawned_processes_start_above_the_pid_floor_never_below_the_counter() {
-        assert_eq!(pid_floor(120, 32_768), Some(PID_FLOOR));
-        assert_eq!(pid_floor(120, 4_194_304), Some(PID_FLOOR));
-        assert_eq!(pid_floor(PID_FLOOR, 32_768), None);
-        assert_eq!(pid_floor(25_000, 32_768), None, "never moved back");
-        // A small pid_max keeps half its range for the VM's own processes.
-        assert_eq!(pid_floor(120, 4_096), Some(2_048));
-        assert_eq!(pid_floor(3_000, 4_096), None);
+    fn the_pid_floor_keeps_half_of_a_small_pid_range_for_the_vm() {
+        assert_eq!(pid_floor(32_768), PID_FLOOR);
+        assert_eq!(pid_floor(4_194_304), PID_FLOOR);
+        assert_eq!(pid_floor(4_096), 2_048);
     }
 
     #[test]
